@@ -1,0 +1,36 @@
+# driftline — the two commands are `make demo` and `make test`; both run `make setup` first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test bench infra-up infra-down clean
+
+setup: $(STAMP)
+	@$(BIN)/driftline infra install
+
+# Reinstall when the package definition changes.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/driftline demo elec2
+
+test: setup
+	$(BIN)/pytest -q -ra
+
+bench: setup
+	$(BIN)/driftline bench
+
+infra-up: setup
+	$(BIN)/driftline infra up
+
+infra-down:
+	$(BIN)/driftline infra down
+
+clean:
+	-$(BIN)/driftline infra down
+	rm -rf .driftline reports

@@ -1,0 +1,8 @@
+"""driftline: real-time online machine learning as event-driven services.
+
+One sub-package per service (ingestion, features, learner, drift, prediction), `shared` for the
+contracts every service imports (settings, topics, Avro codec, Redis keys, metrics), `infra` for
+the local Kafka and Redis, `replay` and `bench` for the commands that drive the whole loop.
+"""
+
+__version__ = "0.1.0"

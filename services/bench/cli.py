@@ -1,0 +1,38 @@
+"""`driftline bench [NAME...]`: the benchmarks, each writing `reports/bench/NAME.json`.
+
+Benchmarks are where speed and memory targets are checked (never in timed tests). Each one
+starts what it needs (its own Kafka, Redis and services on free ports), measures, and stops it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+BENCHMARKS = ("ingest", "pipeline", "predict", "drift")
+console = Console()
+
+
+def bench(
+    names: list[str] = typer.Argument(None, help=f"which of {', '.join(BENCHMARKS)} (default: all)"),
+    out: Path = typer.Option(Path("reports/bench"), help="folder for the JSON results"),
+    quick: bool = typer.Option(False, help="smaller runs, for a smoke test"),
+) -> None:
+    """Run the benchmarks and write their JSON results."""
+    chosen = names or list(BENCHMARKS)
+    unknown = [n for n in chosen if n not in BENCHMARKS]
+    if unknown:
+        raise typer.BadParameter(f"unknown benchmark(s) {unknown}; choose from {BENCHMARKS}")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in chosen:
+        module = importlib.import_module(f"driftline.bench.{name}")
+        console.rule(f"bench {name}")
+        result = module.run(out_dir=out, quick=quick)
+        path = out / f"{name}.json"
+        path.write_text(json.dumps(result, indent=2))
+        console.print_json(json.dumps(result))
+        console.print(f"[green]wrote {path}[/]")

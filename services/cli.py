@@ -1,0 +1,32 @@
+"""The `driftline` command line: infra, serve, replay, demo, bench, retrain, models.
+
+Each command is a thin shell over a function of its service's package; heavy imports happen
+inside the commands so that `driftline --help` is instant.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from .bench.cli import bench
+from .drift.cli import retrain
+from .infra.cli import infra_app
+from .replay.cli import demo, replay
+from .serve import serve
+
+app = typer.Typer(
+    name="driftline",
+    help="Real-time online machine learning: Kafka, Redis, river, drift detection, hot-swapped models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(infra_app, name="infra")
+app.command()(serve)
+app.command()(replay)
+app.command()(demo)
+app.command()(bench)
+app.command()(retrain)
+
+if __name__ == "__main__":
+    app()

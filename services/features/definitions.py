@@ -1,0 +1,172 @@
+"""Feature definitions: how an event and its entity's state become the vector a model sees.
+
+This is the one function both the features service (training) and the prediction service
+(serving) call, so what is served is what was learned from. It must never read anything but the
+entity state it is given: the state *before* the event (point-in-time correct, no label leakage).
+
+    >>> fs = load_feature_set("default")
+    >>> state = {}
+    >>> x = fs.vector(state, {"price": 1.0}, ts=0.0)     # from the state before the event
+    >>> fs.apply_event(state, {"price": 1.0}, ts=0.0)     # then the event updates the state
+
+Definitions are data: `default`, `raw` (the event's fields alone) or a TOML/YAML file with the keys
+of `FeatureSpec`. The entity state is a flat dict of floats and strings, stored as a Redis hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+State = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What to compute. Field lists take names, or ["*"] for every field of the event."""
+
+    name: str = "default"
+    fields: bool = True  # the event's own fields
+    count: bool = False  # how many events the entity had before this one
+    since_last: bool = False  # seconds since the entity's previous event
+    delta: list[str] = field(default_factory=list)  # value minus the entity's previous value
+    ewm_alphas: list[float] = field(default_factory=list)  # exponentially weighted mean/variance
+    ewm_fields: list[str] = field(default_factory=list)
+    ewm_outputs: list[str] = field(default_factory=lambda: ["mean", "dev", "z"])  # of mean, std, dev, z
+    last_label: bool = False  # the entity's last known label (numeric, or one-hot per class)
+
+
+PRESETS: dict[str, FeatureSpec] = {
+    "raw": FeatureSpec(name="raw"),
+    "default": FeatureSpec(
+        name="default",
+        count=True,
+        since_last=True,
+        delta=["*"],
+        ewm_alphas=[0.5, 0.04],
+        ewm_fields=["*"],
+        ewm_outputs=["dev", "z"],
+        last_label=True,
+    ),
+}
+
+
+def _pick(names: list[str], fields: dict[str, float]) -> list[str]:
+    return sorted(fields) if names == ["*"] else [n for n in names if n in fields]
+
+
+class FeatureSet:
+    """A compiled FeatureSpec: `vector` reads the state, `apply_event`/`apply_label` update it."""
+
+    def __init__(self, spec: FeatureSpec) -> None:
+        self.spec = spec
+        digest = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:8]
+        self.name = f"{spec.name}@{digest}"
+
+    @property
+    def stateful(self) -> bool:
+        s = self.spec
+        return bool(s.count or s.since_last or s.delta or s.ewm_alphas or s.last_label)
+
+    def vector(self, state: State, fields: dict[str, float], ts: float) -> dict[str, float]:
+        """The features of an event, from the entity's state before it."""
+        s = self.spec
+        x: dict[str, float] = dict(fields) if s.fields else {}
+        n = float(state.get("n", 0))
+        if s.count:
+            x["_count"] = math.log1p(n)
+        if s.since_last:
+            last_ts = state.get("ts")
+            x["_since_last"] = max(0.0, ts - float(last_ts)) if last_ts is not None else 0.0
+        for f in _pick(s.delta, fields):
+            prev = state.get(f"prev:{f}")
+            x[f"{f}_delta"] = fields[f] - float(prev) if prev is not None else 0.0
+        for alpha in s.ewm_alphas:
+            for f in _pick(s.ewm_fields, fields):
+                mean = state.get(f"ewm:{alpha}:{f}")
+                var = float(state.get(f"ewv:{alpha}:{f}", 0.0))
+                mean_f = float(mean) if mean is not None else fields[f]
+                std = math.sqrt(max(var, 0.0))
+                dev = fields[f] - mean_f
+                outs = s.ewm_outputs
+                if "mean" in outs:
+                    x[f"{f}_ewm{alpha}"] = mean_f
+                if "std" in outs:
+                    x[f"{f}_ewstd{alpha}"] = std
+                if "dev" in outs:
+                    x[f"{f}_dev{alpha}"] = dev
+                if "z" in outs:
+                    x[f"{f}_z{alpha}"] = dev / std if std > 1e-9 else 0.0
+        if s.last_label:
+            x.update(self._label_features(state.get("label")))
+        return x
+
+    @staticmethod
+    def _label_features(label: Any) -> dict[str, float]:
+        if label is None:
+            return {"_last_label_known": 0.0}
+        try:
+            value = float(label)
+            if math.isfinite(value):
+                return {"_last_label_known": 1.0, "_last_label": value}
+        except (TypeError, ValueError):
+            pass
+        return {"_last_label_known": 1.0, f"_last_label={label}": 1.0}
+
+    def apply_event(self, state: State, fields: dict[str, float], ts: float) -> None:
+        """Fold an event into its entity's state (after its vector was taken)."""
+        s = self.spec
+        state["n"] = int(state.get("n", 0)) + 1
+        state["ts"] = ts
+        for f in _pick(s.delta, fields):
+            state[f"prev:{f}"] = fields[f]
+        for alpha in s.ewm_alphas:
+            for f in _pick(s.ewm_fields, fields):
+                mean = state.get(f"ewm:{alpha}:{f}")
+                if mean is None:
+                    state[f"ewm:{alpha}:{f}"] = fields[f]
+                    state[f"ewv:{alpha}:{f}"] = 0.0
+                    continue
+                # West's incremental exponentially weighted mean and variance.
+                mean = float(mean)
+                var = float(state.get(f"ewv:{alpha}:{f}", 0.0))
+                diff = fields[f] - mean
+                incr = alpha * diff
+                state[f"ewm:{alpha}:{f}"] = mean + incr
+                state[f"ewv:{alpha}:{f}"] = (1 - alpha) * (var + diff * incr)
+
+    def apply_label(self, state: State, label: str, event_ts: float) -> bool:
+        """Record a label as the entity's last known one, unless a label of a later event is
+        already known (labels may arrive out of order). Idempotent. Returns whether it changed."""
+        if not self.spec.last_label:
+            return False
+        known_ts = state.get("label_ts")
+        if known_ts is not None and float(known_ts) > event_ts:
+            return False
+        state["label"] = label
+        state["label_ts"] = event_ts
+        return True
+
+
+def load_feature_set(spec: str = "default") -> FeatureSet:
+    """`default`, `raw`, or the path of a TOML/YAML file with FeatureSpec's keys."""
+    if spec in PRESETS:
+        return FeatureSet(PRESETS[spec])
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"feature set {spec!r}: not 'default', 'raw' or a readable file")
+    text = path.read_text()
+    data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    data = data.get("features", data)
+    unknown = set(data) - set(FeatureSpec.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"feature set {spec!r}: unknown keys {sorted(unknown)}")
+    data.setdefault("name", path.stem)
+    return FeatureSet(FeatureSpec(**data))

@@ -1,0 +1,319 @@
+"""The local stack: a real single-node Kafka (KRaft) from Maven Central jars and Debian's Redis.
+
+    >>> up(settings)        # install if needed, start both, wait until they answer, create topics
+    >>> status(settings)    # what runs where
+    >>> down(settings)      # stop what `up` started; nothing is left listening
+
+State, logs and pids live under `settings.home` (`.driftline/`); the broker jars are cached once
+per machine under `settings.cache_dir`. `up` never touches a process it did not start: a port
+taken by someone else is a clear error, not a hang.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..shared.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+KAFKA_POM = REPO / "infra" / "kafka" / "pom.xml"
+KAFKA_TEMPLATE = REPO / "infra" / "kafka" / "server.properties.template"
+KAFKA_LOG4J = REPO / "infra" / "kafka" / "log4j.properties"
+REDIS_CONF = REPO / "infra" / "redis" / "redis.conf"
+
+
+class InfraError(RuntimeError):
+    """Something the operator must fix (a port taken, a tool missing); the message says what."""
+
+
+def kafka_version() -> str:
+    """The one pinned broker version: `kafka.version` in infra/kafka/pom.xml."""
+    match = re.search(r"<kafka.version>([^<]+)</kafka.version>", KAFKA_POM.read_text())
+    assert match, "infra/kafka/pom.xml has no <kafka.version>"
+    return match.group(1)
+
+
+def port_open(host: str, port: int, timeout: float = 0.3) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        return s.connect_ex((host, port)) == 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child (we started it, it died) still answers kill(0).
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+@dataclass
+class Component:
+    """One local server process: where its files are and how to tell whether it runs."""
+
+    name: str
+    settings: Settings
+
+    @property
+    def dir(self) -> Path:
+        return self.settings.home / self.name
+
+    @property
+    def pid_path(self) -> Path:
+        return self.settings.home / "run" / f"{self.name}.pid"
+
+    @property
+    def log_path(self) -> Path:
+        return self.settings.home / "logs" / f"{self.name}.log"
+
+    def pid(self) -> int | None:
+        try:
+            return int(self.pid_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def running(self) -> bool:
+        return pid_alive(self.pid())
+
+    def _spawn(self, argv: list[str], cwd: Path | None = None) -> subprocess.Popen:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.pid_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+        self.pid_path.write_text(str(proc.pid))
+        return proc
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        pid = self.pid()
+        if not pid_alive(pid):
+            self.pid_path.unlink(missing_ok=True)
+            return False
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            while pid_alive(pid):
+                time.sleep(0.05)
+        try:  # reap it if it is our child (tests start the stack in-process)
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        self.pid_path.unlink(missing_ok=True)
+        return True
+
+
+class Kafka(Component):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__("kafka", settings)
+
+    @property
+    def libs(self) -> Path:
+        return self.settings.cache_dir / f"kafka-{kafka_version()}" / "libs"
+
+    def installed(self) -> bool:
+        return (self.libs.parent / ".complete").exists()
+
+    def install(self) -> None:
+        """Resolve the broker jars from Maven Central once (cached per machine)."""
+        if self.installed():
+            return
+        if shutil.which("java") is None or shutil.which("mvn") is None:
+            raise InfraError("the Kafka broker needs Java 17+ and Maven on PATH (Debian: openjdk-17-jre-headless maven)")
+        tmp = self.libs.parent / "libs.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(
+            ["mvn", "-q", "-B", "-f", str(KAFKA_POM), "dependency:copy-dependencies", f"-DoutputDirectory={tmp}"],
+            capture_output=True, text=True,
+        )
+        if result.returncode != 0:
+            raise InfraError(f"could not fetch the Kafka {kafka_version()} jars:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+        shutil.rmtree(self.libs, ignore_errors=True)
+        tmp.rename(self.libs)
+        (self.libs.parent / ".complete").write_text(kafka_version())
+
+    def _java(self, main: str, *args: str) -> list[str]:
+        return [
+            "java", "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+            f"-Dlog4j.configuration=file:{KAFKA_LOG4J}", f"-Dkafka.logs.dir={self.settings.home / 'logs'}",
+            "-cp", f"{self.libs}/*", main, *args,
+        ]
+
+    def start(self) -> None:
+        host, port = self.settings.kafka_host_port
+        config = self.dir / "server.properties"
+        data = self.dir / "data"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        controller_port = self._controller_port(host, port, config)
+        config.write_text(KAFKA_TEMPLATE.read_text().format(
+            host=host, port=port, controller_port=controller_port, data_dir=data.resolve()))
+        if not (data / "meta.properties").exists():
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            fmt = subprocess.run(self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)),
+                                 capture_output=True, text=True)
+            if fmt.returncode != 0:
+                raise InfraError(f"formatting the KRaft storage failed:\n{fmt.stdout}{fmt.stderr}")
+        self._spawn(self._java("kafka.Kafka", str(config)))
+
+    def _controller_port(self, host: str, port: int, config: Path) -> int:
+        # Keep the controller port of an existing data dir (the quorum remembers it).
+        if config.exists():
+            match = re.search(r"CONTROLLER://[^:]+:(\d+)", config.read_text())
+            if match and not port_open(host, int(match.group(1))):
+                return int(match.group(1))
+        candidate = port + 1
+        return candidate if not port_open(host, candidate) else free_port(host)
+
+    def ready(self) -> bool:
+        from confluent_kafka.admin import AdminClient
+
+        host, port = self.settings.kafka_host_port
+        if not port_open(host, port):
+            return False
+        try:
+            meta = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap}).list_topics(timeout=2)
+            return bool(meta.brokers)
+        except Exception:
+            return False
+
+
+class Redis(Component):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__("redis", settings)
+
+    def installed(self) -> bool:
+        return shutil.which("redis-server") is not None
+
+    def install(self) -> None:
+        if self.installed():
+            return
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            raise InfraError("redis-server is missing: install Debian's package (apt-get install redis-server)")
+        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "redis-server"]):
+            subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+    def start(self) -> None:
+        host, port = self.settings.redis_host_port
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._spawn([
+            shutil.which("redis-server") or "redis-server", str(REDIS_CONF),
+            "--bind", host, "--port", str(port), "--dir", str(self.dir.resolve()),
+            "--pidfile", "",  # we keep our own pid file
+        ])
+
+    def ready(self) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis.from_url(self.settings.redis_url, socket_timeout=1).ping())
+        except Exception:
+            return False
+
+
+def components(settings: Settings) -> list[Component]:
+    return [Kafka(settings), Redis(settings)]
+
+
+def install(settings: Settings) -> None:
+    """Fetch what the stack needs: the broker jars (once), redis-server (Debian's package)."""
+    for component in components(settings):
+        component.install()
+
+
+def _wait(component: Component, timeout: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if component.ready():
+            return time.monotonic() - started
+        if not component.running():
+            raise InfraError(f"{component.name} exited while starting; last lines of {component.log_path}:\n"
+                             f"{component.log_tail()}")
+        time.sleep(0.1)
+    raise InfraError(f"{component.name} did not answer within {timeout:.0f}s; see {component.log_path}")
+
+
+def up(settings: Settings, timeout: float = 90.0, create_topics: bool = True) -> dict[str, float]:
+    """Start Kafka and Redis (each unless already ours and running), wait until they answer, and
+    create every topic. Returns the seconds each took to become ready."""
+    install(settings)
+    endpoints = {"kafka": settings.kafka_host_port, "redis": settings.redis_host_port}
+    started: list[Component] = []
+    for component in components(settings):
+        host, port = endpoints[component.name]
+        if component.running():
+            continue
+        if port_open(host, port):
+            raise InfraError(f"{component.name}: {host}:{port} is already taken by a process driftline did not "
+                             f"start; stop it or choose another port "
+                             f"(DRIFTLINE_{'KAFKA_BOOTSTRAP' if component.name == 'kafka' else 'REDIS_URL'})")
+        component.start()
+        started.append(component)
+    timings = {}
+    for component in components(settings):
+        timings[component.name] = _wait(component, timeout) if component in started else 0.0
+    if create_topics:
+        from ..shared.kafka import ensure_topics
+
+        t0 = time.monotonic()
+        ensure_topics(settings)
+        timings["topics"] = time.monotonic() - t0
+    return timings
+
+
+def down(settings: Settings) -> list[str]:
+    """Stop every service `serve all` left, then Redis and Kafka. Returns what was stopped."""
+    from ..serve import stop_services
+
+    stopped = stop_services()
+    for component in reversed(components(settings)):
+        if component.stop():
+            stopped.append(component.name)
+    return stopped
+
+
+def status(settings: Settings) -> dict[str, dict]:
+    out = {}
+    for component, (host, port) in zip(components(settings), (settings.kafka_host_port, settings.redis_host_port)):
+        out[component.name] = {
+            "address": f"{host}:{port}",
+            "pid": component.pid() if component.running() else None,
+            "running": component.running(),
+            "answers": component.ready(),
+            "installed": component.installed(),
+            "log": str(component.log_path),
+        }
+    out["kafka"]["version"] = kafka_version()
+    return out

@@ -1,0 +1,131 @@
+"""`driftline serve SERVICE|all`: run one service in this process, or all five as child processes.
+
+With `all`, each service runs as its own process (as it would in production) and its pid is
+written under `<home>/run/`; Ctrl-C or SIGTERM stops them all. `driftline infra down` also stops
+services that `serve all` left behind.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from enum import Enum
+
+import typer
+from rich.console import Console
+
+from .shared.settings import get_settings
+
+SERVICES = ("ingestion", "features", "learner", "drift", "prediction")
+console = Console(stderr=True)
+
+
+class ServiceName(str, Enum):
+    ingestion = "ingestion"
+    features = "features"
+    learner = "learner"
+    drift = "drift"
+    prediction = "prediction"
+    all = "all"
+
+
+def serve(service: ServiceName = typer.Argument(..., help="a service, or 'all'")) -> None:
+    """Run a service (or all five) on the host and ports the settings name."""
+    settings = get_settings()
+    if service is ServiceName.all:
+        serve_all()
+        return
+    from .shared.runtime import configure_logging
+
+    configure_logging(settings)
+    module = importlib.import_module(f"driftline.{service.value}.service")
+    module.serve(settings)
+
+
+def pid_file(service: str):
+    settings = get_settings()
+    run_dir = settings.home / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir / f"{service}.pid"
+
+
+def start_service(service: str, env: dict[str, str] | None = None, log_path=None) -> subprocess.Popen:
+    """Start `driftline serve SERVICE` as a child process (logs to a file under <home>/logs)."""
+    settings = get_settings()
+    logs = settings.home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    out = open(log_path or logs / f"{service}.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "driftline.cli", "serve", service],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+    pid_file(service).write_text(str(proc.pid))
+    return proc
+
+
+def wait_healthy(services: tuple[str, ...] | list[str], timeout: float = 60.0, procs: dict | None = None) -> None:
+    """Wait until every service answers GET /health with 200."""
+    import httpx
+
+    settings = get_settings()
+    deadline = time.monotonic() + timeout
+    pending = list(services)
+    while pending:
+        name = pending[0]
+        if procs and procs[name].poll() is not None:
+            raise RuntimeError(f"{name} exited with {procs[name].returncode}; see {settings.home}/logs/{name}.log")
+        try:
+            r = httpx.get(f"http://{settings.host}:{settings.port_of(name)}/health", timeout=1.0)
+            if r.status_code == 200:
+                pending.pop(0)
+                continue
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} did not become healthy in {timeout:.0f}s; see {settings.home}/logs/{name}.log")
+        time.sleep(0.2)
+
+
+def stop_services(services=SERVICES, timeout: float = 15.0) -> list[str]:
+    """Stop services started by `serve all` (SIGTERM, then SIGKILL). Returns those stopped."""
+    stopped = []
+    for name in services:
+        path = pid_file(name)
+        if not path.exists():
+            continue
+        try:
+            pid = int(path.read_text())
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                os.kill(pid, 0)
+                time.sleep(0.1)
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+        path.unlink(missing_ok=True)
+        stopped.append(name)
+    return stopped
+
+
+def serve_all() -> None:
+    procs = {name: start_service(name) for name in SERVICES}
+    try:
+        wait_healthy(SERVICES, procs=procs)
+        console.print("[green]all five services are up[/]; Ctrl-C stops them")
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        while all(p.poll() is None for p in procs.values()):
+            time.sleep(0.5)
+        dead = [n for n, p in procs.items() if p.poll() is not None]
+        console.print(f"[red]{', '.join(dead)} exited[/]; stopping the others")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_services()

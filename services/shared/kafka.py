@@ -1,0 +1,123 @@
+"""Kafka clients configured the one way driftline uses them (confluent-kafka).
+
+Producers are idempotent with acks=all and small linger for batching; consumers never auto-commit
+(each service commits after its side effects are durable). Topic creation is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from .settings import Settings
+from .topics import SPEC_BY_NAME, Topics
+
+log = logging.getLogger(__name__)
+
+
+def producer(settings: Settings, **overrides) -> Producer:
+    config = {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "batch.num.messages": 10_000,
+        "compression.type": "lz4",
+        "queue.buffering.max.messages": 500_000,
+        "message.max.bytes": 2_000_000,
+    }
+    config.update(overrides)
+    return Producer(config)
+
+
+def consumer(settings: Settings, group: str, **overrides) -> Consumer:
+    config = {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "group.id": group,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "enable.partition.eof": False,
+        "fetch.wait.max.ms": 20,
+        "session.timeout.ms": 10_000,
+        "heartbeat.interval.ms": 1_000,
+        "max.poll.interval.ms": 300_000,
+        "isolation.level": "read_committed",
+    }
+    config.update(overrides)
+    return Consumer(config)
+
+
+def admin(settings: Settings) -> AdminClient:
+    return AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+
+
+def produce(p: Producer, topic: str, value: bytes, key: str | bytes | None = None, **kwargs) -> None:
+    """Produce, waiting for room when the local queue is full instead of failing."""
+    while True:
+        try:
+            p.produce(topic, value=value, key=key, **kwargs)
+            return
+        except BufferError:
+            p.poll(0.05)
+
+
+def ensure_topics(settings: Settings, namespace: str | None = None, timeout: float = 30.0) -> list[str]:
+    """Create every topic of DESIGN.md in the namespace; existing ones are left as they are.
+    Returns the topics that were created now."""
+    topics = Topics(settings.namespace if namespace is None else namespace)
+    client = admin(settings)
+    existing = set(client.list_topics(timeout=timeout).topics)
+    wanted = [
+        NewTopic(name, num_partitions=topics.spec(name).partitions, replication_factor=1)
+        for name in topics.all()
+        if name not in existing
+    ]
+    created = []
+    if wanted:
+        for name, future in client.create_topics(wanted, operation_timeout=timeout).items():
+            try:
+                future.result()
+                created.append(name)
+            except KafkaException as exc:
+                if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
+                    raise
+    # Metadata propagates asynchronously; wait until the broker lists them all.
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if set(topics.all()) <= set(client.list_topics(timeout=timeout).topics):
+            break
+        time.sleep(0.1)
+    return created
+
+
+def partitions_of(settings: Settings, topic: str) -> list[TopicPartition]:
+    meta = admin(settings).list_topics(topic, timeout=10).topics[topic]
+    return [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+
+
+def lag_of(c: Consumer, assignment: Iterable[TopicPartition] | None = None) -> list[tuple[str, int, int]]:
+    """(topic, partition, lag) for each assigned partition: high watermark minus position."""
+    out = []
+    parts = list(assignment if assignment is not None else c.assignment())
+    if not parts:
+        return out
+    for tp in c.position(parts):
+        try:
+            _low, high = c.get_watermark_offsets(tp, timeout=1.0, cached=False)
+        except KafkaException:
+            continue
+        pos = tp.offset if tp.offset >= 0 else high
+        out.append((tp.topic, tp.partition, max(0, high - pos)))
+    return out
+
+
+def base_topic(name: str) -> str:
+    """DESIGN.md name of a topic (without a namespace) when it is one of ours."""
+    for spec_name in SPEC_BY_NAME:
+        if name == spec_name or name.endswith("." + spec_name):
+            return spec_name
+    return name

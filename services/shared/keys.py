@@ -1,0 +1,67 @@
+"""The Redis key layout, defined once.
+
+Every key starts with `dl:` plus the namespace, and carries a hash tag (`{...}`) so that a
+clustered Redis keeps what must change together in one slot: an entity's state by entity id, an
+event's snapshot by event id, a model's registry, checkpoint and buffer by model name.
+
+    >>> Keys("").entity("meter-7")
+    'dl:ent:{meter-7}'
+    >>> Keys("t1").snapshot("e-1")
+    'dl:t1:snap:{e-1}'
+"""
+
+from __future__ import annotations
+
+
+class Keys:
+    def __init__(self, namespace: str = "") -> None:
+        self.prefix = f"dl:{namespace}:" if namespace else "dl:"
+
+    # -- features: per-entity state and per-event snapshots ---------------------------------
+    def entity(self, entity_id: str) -> str:
+        """Hash: the entity's online state (counts, last values, EWMs, last label, offsets)."""
+        return f"{self.prefix}ent:{{{entity_id}}}"
+
+    def snapshot(self, event_id: str) -> str:
+        """Hash: the feature vector an event was scored with (+ its prediction), kept with a TTL
+        until its label comes."""
+        return f"{self.prefix}snap:{{{event_id}}}"
+
+    # -- ingestion: de-duplication ---------------------------------------------------------
+    def seen_event(self, event_id: str) -> str:
+        return f"{self.prefix}seen:ev:{{{event_id}}}"
+
+    def seen_label(self, event_id: str) -> str:
+        return f"{self.prefix}seen:lb:{{{event_id}}}"
+
+    # -- learner and registry: one hash tag per model ----------------------------------------
+    def _model(self, model: str, what: str) -> str:
+        return f"{self.prefix}model:{{{model}}}:{what}"
+
+    def registry_versions(self, model: str) -> str:
+        """Hash: version -> lineage JSON."""
+        return self._model(model, "versions")
+
+    def registry_artifact(self, model: str, version: int) -> str:
+        """String: the signed model artifact of one version."""
+        return self._model(model, f"artifact:{version}")
+
+    def registry_seq(self, model: str) -> str:
+        return self._model(model, "seq")
+
+    def registry_roles(self, model: str) -> str:
+        """Hash: champion -> version, challenger -> version."""
+        return self._model(model, "roles")
+
+    def checkpoint(self, model: str) -> str:
+        return self._model(model, "checkpoint")
+
+    def lease(self, model: str) -> str:
+        return self._model(model, "lease")
+
+    def example_buffer(self, model: str) -> str:
+        """List: the last W labelled examples, for warm-starting a challenger."""
+        return self._model(model, "buffer")
+
+    def drift_state(self, model: str) -> str:
+        return self._model(model, "drift")

@@ -1,0 +1,101 @@
+"""Every Prometheus metric driftline exports, defined once (names start with `driftline_`).
+
+Labels are bounded: service, topic (DESIGN.md's name, without namespace), reason codes from a
+fixed set, model name, model version (one live series per active version; retired versions are
+removed), role (champion | challenger). The README's metric table lists these same objects.
+
+    >>> MESSAGES_IN.labels(service="ingestion", topic="events").inc()
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+# -- pipeline ------------------------------------------------------------------------------
+MESSAGES_IN = Counter(
+    "driftline_messages_in_total", "Messages consumed from Kafka or received over HTTP.", ["service", "topic"]
+)
+MESSAGES_OUT = Counter("driftline_messages_out_total", "Messages produced to Kafka.", ["service", "topic"])
+DEAD_LETTERS = Counter(
+    "driftline_dead_letters_total", "Inputs sent to a DLQ, by reason code.", ["service", "topic", "reason"]
+)
+DUPLICATES = Counter(
+    "driftline_duplicates_total", "Inputs dropped as already seen (same event_id).", ["service", "topic"]
+)
+PROCESSING_SECONDS = Histogram(
+    "driftline_processing_seconds",
+    "Time to process one consumed batch, by stage.",
+    ["service", "stage"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "driftline_batch_size", "Messages per processed batch.", ["service"],
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000),
+)
+CONSUMER_LAG = Gauge(
+    "driftline_consumer_lag", "High watermark minus the consumer's position.", ["service", "topic", "partition"]
+)
+REDIS_SECONDS = Histogram(
+    "driftline_redis_seconds", "Redis round-trip time, by operation.", ["service", "op"], buckets=REDIS_BUCKETS
+)
+END_TO_END_SECONDS = Histogram(
+    "driftline_event_to_prediction_seconds",
+    "From the event's publication by its producer to its prediction by the learner.",
+    buckets=LATENCY_BUCKETS,
+)
+
+# -- learning ------------------------------------------------------------------------------
+EXAMPLES_LEARNED = Counter(
+    "driftline_examples_learned_total", "Labels learned, by model and role.", ["model", "role"]
+)
+PREDICTIONS = Counter(
+    "driftline_predictions_total", "Predictions made, by service, model and role.", ["service", "model", "role"]
+)
+ACCURACY = Gauge(
+    "driftline_model_accuracy", "Prequential accuracy since the version was created.", ["model", "version", "role"]
+)
+WINDOW_ACCURACY = Gauge(
+    "driftline_model_window_accuracy", "Prequential accuracy over the last window of examples.",
+    ["model", "version", "role"],
+)
+LOG_LOSS = Gauge("driftline_model_log_loss", "Prequential log loss since the version was created.",
+                 ["model", "version", "role"])
+MODEL_VERSION = Gauge("driftline_model_version", "Version currently in each role (0 = none).", ["model", "role"])
+CHECKPOINTS = Counter("driftline_checkpoints_total", "Learner checkpoints written.", ["model"])
+MODEL_UPDATES = Counter("driftline_model_updates_total", "model.updates published.", ["model"])
+
+# -- drift and retraining ------------------------------------------------------------------
+DRIFT_EVENTS = Counter(
+    "driftline_drift_events_total", "Drift alarms, by kind, level and detector.", ["model", "kind", "level", "detector"]
+)
+RETRAIN_REQUESTS = Counter("driftline_retrain_requests_total", "Retrain requests, by reason.", ["model", "reason"])
+RETRAINS_SUPPRESSED = Counter(
+    "driftline_retrains_suppressed_total", "Retrain triggers held back by the cooldown.", ["model", "reason"]
+)
+MODEL_SWAPS = Counter("driftline_model_swaps_total", "Champion changes, by reason.", ["model", "reason"])
+CHALLENGERS_DROPPED = Counter(
+    "driftline_challengers_dropped_total", "Challengers dropped without winning.", ["model"]
+)
+ERROR_RATE = Gauge("driftline_drift_error_rate", "Error rate the drift detector sees.", ["model", "version"])
+
+# -- serving and HTTP ----------------------------------------------------------------------
+HTTP_REQUESTS = Counter(
+    "driftline_http_requests_total", "HTTP requests, by route and status.", ["service", "route", "method", "status"]
+)
+HTTP_SECONDS = Histogram(
+    "driftline_http_request_seconds", "HTTP request latency, by route.", ["service", "route"],
+    buckets=LATENCY_BUCKETS,
+)
+SERVING_VERSION = Gauge("driftline_serving_model_version", "Champion version this replica serves.", ["model"])
+MODEL_READY = Gauge("driftline_model_ready", "1 when the service has a model and its dependencies answer.",
+                    ["service"])
+PREDICTION_LOG_DROPPED = Counter(
+    "driftline_prediction_log_dropped_total", "Served predictions that could not be logged to Kafka.", ["reason"]
+)
+SWAP_SECONDS = Histogram(
+    "driftline_swap_seconds", "From a model.swaps/model.updates message to the new model serving.",
+    buckets=LATENCY_BUCKETS,
+)

@@ -1,0 +1,223 @@
+"""How a driftline service runs: a FastAPI app (GET /health, GET /metrics, HTTP metrics) and, for
+the stream services, one worker thread running the consume loop.
+
+    worker = MyWorker(settings)                  # a StreamWorker subclass: handle(batch)
+    app = service_app("features", worker=worker)
+    run_app(app, settings.ports.features, settings)
+
+The loop is the same everywhere: consume a batch -> handle it (decode, do the one thing, encode,
+produce) -> wait for the produced messages -> commit. A worker that dies makes /health answer 503,
+so a supervisor restarts the process; input never crashes it (bad input is the DLQ's business).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from confluent_kafka import Consumer, Message, Producer
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import kafka, metrics
+from .kafka import base_topic
+from .settings import Settings
+from .topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class StreamWorker:
+    """Base of the stream services' consume loops. Subclasses set `service` and implement
+    `input_topics()` and `handle(messages)`; `tick()` runs between batches for timers."""
+
+    service = "worker"
+    batch_size = 1000
+    poll_timeout_s = 0.2
+    lag_every_s = 5.0
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.namespace)
+        self.producer: Producer = kafka.producer(settings)
+        self.consumer: Consumer | None = None
+        self.error: BaseException | None = None
+        self.started_at = time.time()
+        self.batches = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_lag = 0.0
+
+    # -- to implement ----------------------------------------------------------------------
+    def input_topics(self) -> list[str]:
+        raise NotImplementedError
+
+    def handle(self, messages: list[Message]) -> None:
+        raise NotImplementedError
+
+    def tick(self) -> None:
+        """Periodic work between batches (timers, pending joins)."""
+
+    def open_consumer(self) -> Consumer:
+        c = kafka.consumer(self.settings, self.topics.group(self.service))
+        c.subscribe(self.input_topics())
+        return c
+
+    def commit(self) -> None:
+        assert self.consumer is not None
+        self.consumer.commit(asynchronous=False)
+
+    def close(self) -> None:
+        """Last words on a clean stop (a final checkpoint, say)."""
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> None:
+        self.consumer = self.open_consumer()
+        try:
+            while not self._stop.is_set():
+                messages = self.consumer.consume(num_messages=self.batch_size, timeout=self.poll_timeout_s)
+                good = [m for m in messages if m.error() is None]
+                for m in messages:
+                    if m.error() is not None:
+                        log.warning("%s: consumer error %s", self.service, m.error())
+                if good:
+                    self._count_in(good)
+                    started = time.perf_counter()
+                    self.handle(good)
+                    self.producer.flush()
+                    self.commit()
+                    metrics.PROCESSING_SECONDS.labels(self.service, "batch").observe(time.perf_counter() - started)
+                    metrics.BATCH_SIZE.labels(self.service).observe(len(good))
+                    self.batches += 1
+                self.tick()
+                self._export_lag()
+            self.close()
+        finally:
+            self.producer.flush(10)
+            self.consumer.close()
+
+    def _count_in(self, messages: list[Message]) -> None:
+        counts: dict[str, int] = {}
+        for m in messages:
+            counts[m.topic()] = counts.get(m.topic(), 0) + 1
+        for topic, n in counts.items():
+            metrics.MESSAGES_IN.labels(self.service, base_topic(topic)).inc(n)
+
+    def _export_lag(self) -> None:
+        now = time.monotonic()
+        if now - self._last_lag < self.lag_every_s or self.consumer is None:
+            return
+        self._last_lag = now
+        try:
+            for topic, partition, lag in kafka.lag_of(self.consumer):
+                metrics.CONSUMER_LAG.labels(self.service, base_topic(topic), str(partition)).set(lag)
+        except Exception:  # lag is best effort; never let it stop the loop
+            log.debug("lag export failed", exc_info=True)
+
+    def produce(self, topic: str, value: bytes, key: str | bytes | None = None) -> None:
+        kafka.produce(self.producer, topic, value, key)
+        metrics.MESSAGES_OUT.labels(self.service, base_topic(topic)).inc()
+
+    # -- thread control ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._guarded_run, name=f"{self.service}-loop", daemon=True)
+        self._thread.start()
+
+    def _guarded_run(self) -> None:
+        try:
+            self.run()
+        except BaseException as exc:  # recorded for /health; the supervisor restarts us
+            self.error = exc
+            log.exception("%s worker died", self.service)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def health(self) -> dict[str, Any]:
+        return {"worker_alive": self.alive, "batches": self.batches,
+                "error": repr(self.error) if self.error else None}
+
+
+def service_app(
+    service: str,
+    worker: StreamWorker | None = None,
+    title: str | None = None,
+    on_start: Callable[[], None] | None = None,
+    on_stop: Callable[[], None] | None = None,
+    **fastapi_kwargs: Any,
+) -> FastAPI:
+    """A FastAPI app with /health, /metrics and HTTP metrics; starts and stops the worker."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        if on_start:
+            on_start()
+        if worker is not None:
+            worker.start()
+        yield
+        if worker is not None:
+            worker.stop()
+        if on_stop:
+            on_stop()
+
+    app = FastAPI(title=title or f"driftline {service}", lifespan=lifespan, **fastapi_kwargs)
+    app.state.worker = worker
+
+    @app.middleware("http")
+    async def http_metrics(request: Request, call_next):
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            path = getattr(route, "path", "unmatched")  # the template, never the raw path
+            metrics.HTTP_REQUESTS.labels(service, path, request.method, str(status)).inc()
+            metrics.HTTP_SECONDS.labels(service, path).observe(time.perf_counter() - started)
+
+    @app.get("/health", tags=["ops"], summary="Is the process alive and its loop running?")
+    def health() -> JSONResponse:
+        body: dict[str, Any] = {"service": service, "status": "ok"}
+        if worker is not None:
+            body.update(worker.health())
+            if not worker.alive:
+                body["status"] = "worker stopped"
+                return JSONResponse(body, status_code=503)
+        return JSONResponse(body)
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def run_app(app: FastAPI, port: int, settings: Settings, workers: int = 1, factory: str | None = None) -> None:
+    """Serve `app` with uvicorn on the settings' host (`factory` import string when workers > 1)."""
+    import uvicorn
+
+    if workers > 1 and factory:
+        uvicorn.run(factory, factory=True, host=settings.host, port=port, workers=workers,
+                    log_level=settings.log_level.lower(), access_log=False)
+    else:
+        uvicorn.run(app, host=settings.host, port=port, log_level=settings.log_level.lower(), access_log=False)
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )

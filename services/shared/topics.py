@@ -1,0 +1,87 @@
+"""The Kafka topics of DESIGN.md, defined once: name, record schema, partitions, key.
+
+    >>> topics = Topics("")            # the default namespace: DESIGN.md's names as they are
+    >>> topics.events_valid
+    'events.valid'
+    >>> Topics("t1").features          # a namespace prefixes every topic (tests, tenants)
+    't1.features'
+
+Keys are the entity id wherever the record has one, so one entity stays on one partition. The
+model-level topics (outcomes, drift.events, retrain.requests, model.swaps, model.updates) have one
+partition: one active learner writes them, and their consumers need them in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    schema: str  # Avro record name in schemas/
+    partitions: int
+    key: str  # what the message key holds
+
+
+STREAM_PARTITIONS = 6
+
+TOPIC_SPECS: tuple[TopicSpec, ...] = (
+    TopicSpec("events", "Event", STREAM_PARTITIONS, "entity_id"),
+    TopicSpec("labels", "Label", STREAM_PARTITIONS, "event_id"),
+    TopicSpec("events.valid", "Event", STREAM_PARTITIONS, "entity_id"),
+    TopicSpec("labels.valid", "Label", STREAM_PARTITIONS, "event_id"),
+    TopicSpec("events.dlq", "DeadLetter", 3, "original key"),
+    TopicSpec("labels.dlq", "DeadLetter", 3, "original key"),
+    TopicSpec("features", "FeatureVector", STREAM_PARTITIONS, "entity_id"),
+    TopicSpec("predictions", "Prediction", STREAM_PARTITIONS, "entity_id"),
+    TopicSpec("outcomes", "Outcome", 1, "entity_id"),
+    TopicSpec("drift.events", "DriftEvent", 1, "model name"),
+    TopicSpec("retrain.requests", "RetrainRequest", 1, "model name"),
+    TopicSpec("model.swaps", "ModelSwap", 1, "model name"),
+    TopicSpec("model.updates", "ModelUpdate", 1, "model name"),
+)
+SPEC_BY_NAME = {spec.name: spec for spec in TOPIC_SPECS}
+
+
+class Topics:
+    """Topic names as they are on the broker, for one namespace."""
+
+    def __init__(self, namespace: str = "") -> None:
+        self.namespace = namespace
+        for spec in TOPIC_SPECS:
+            setattr(self, spec.name.replace(".", "_"), self.name(spec.name))
+
+    def name(self, base: str) -> str:
+        return f"{self.namespace}.{base}" if self.namespace else base
+
+    def base(self, full: str) -> str:
+        """The DESIGN.md name of a broker topic (drops the namespace)."""
+        prefix = f"{self.namespace}." if self.namespace else ""
+        return full[len(prefix):] if prefix and full.startswith(prefix) else full
+
+    def spec(self, full: str) -> TopicSpec:
+        return SPEC_BY_NAME[self.base(full)]
+
+    def all(self) -> list[str]:
+        return [self.name(spec.name) for spec in TOPIC_SPECS]
+
+    def group(self, service: str, suffix: str = "") -> str:
+        """Consumer group id of a service in this namespace."""
+        parts = ["driftline", self.namespace, service, suffix]
+        return ".".join(p for p in parts if p)
+
+    # Declared for type checkers and readers; set in __init__.
+    events: str
+    labels: str
+    events_valid: str
+    labels_valid: str
+    events_dlq: str
+    labels_dlq: str
+    features: str
+    predictions: str
+    outcomes: str
+    drift_events: str
+    retrain_requests: str
+    model_swaps: str
+    model_updates: str
