@@ -1,0 +1,58 @@
+"""`report.png`: windowed prequential accuracy over the stream, with the known drift positions
+shaded, detected drift events as red lines and model swaps as green triangles.
+
+    >>> plot_report(report, Path("reports/demo/report.png"))
+
+Headless (matplotlib's Agg backend); reads only the report dict.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def plot_report(report: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pq = report["prequential"]
+    windows = pq["windows"]
+    fig, ax = plt.subplots(figsize=(10, 4.2), dpi=110)
+    ends = [w["end"] for w in windows]
+    accs = [w["accuracy"] for w in windows]
+    ax.plot(ends, accs, marker="o", markersize=2.5, linewidth=1.2, color="#1f77b4",
+            label=f"accuracy per {pq.get('window', 1000):,} examples")
+    ax.axhline(pq["accuracy"], color="#1f77b4", linestyle=":", linewidth=1,
+               label=f"overall {pq['accuracy']:.3f}")
+    width = max(int(report.get("drift_width") or 0), 0)
+    for i, p in enumerate(report.get("known_drift_positions", [])):
+        half = max(width / 2, 150)
+        ax.axvspan(p - half, p + half, color="orange", alpha=0.25, label="known drift" if i == 0 else None)
+    for i, d in enumerate(report.get("drift_events", [])):
+        ax.axvline(d["position"], color="red", linewidth=1, alpha=0.8,
+                   label=f"drift detected ({d.get('kind')})" if i == 0 else None)
+    swaps = report.get("model_swaps", [])
+    if swaps:
+        ax.scatter([s["position"] for s in swaps], [1.0] * len(swaps), marker="v", color="green", s=50,
+                   zorder=5, label="model swap")
+        for s in swaps:
+            ax.annotate(f"v{s['to_version']}", (s["position"], 1.0), textcoords="offset points", xytext=(3, -12),
+                        fontsize=7, color="green")
+    ax.set_xlim(0, max(ends[-1] if ends else 1, 1))
+    low = min(accs) if accs else 0.0
+    ax.set_ylim(max(0.0, min(low, pq["accuracy"]) - 0.05), 1.03)
+    ax.set_xlabel("labelled examples (stream order)")
+    ax.set_ylabel("prequential accuracy")
+    ax.set_title(f"{report['dataset']} · {report['model']} · features {report.get('features')} · "
+                 f"label delay {report['label_delay']}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8, ncol=3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
