@@ -1,0 +1,191 @@
+"""Concept-drift detection on a model's 0/1 errors, reacting only when the error rate went UP.
+
+River's detectors alarm on any change of the mean: ADWIN fires just as readily when a model gets
+*better* (a young tree learning, a new champion settling in), and a retrain or reset on every alarm
+is harmful (on a stationary stream it can cost 15 points of accuracy). So `ConceptMonitor` keeps
+its own short error history and, on each alarm, measures the error rate before and after the
+change point; only an increase of at least `min_error_increase` counts as concept drift.
+
+    >>> monitor = ConceptMonitor("ADWIN", {}, min_error_increase=0.02)
+    >>> alarms = [monitor.update(i >= 2000 and i % 2 == 0 or i % 10 == 0) for i in range(3000)]
+    >>> [(a.position, a.direction) for a in alarms if a][0][1]
+    'up'
+
+It must never raise on odd input (anything truthy is an error) and never keep unbounded memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from river import drift
+
+DETECTORS = ("ADWIN", "PageHinkley", "KSWIN", "DDM", "HDDM_A", "HDDM_W")
+# Detectors with a warning zone (river's binary detectors); the others only have a drift level.
+WARNING_DETECTORS = ("DDM", "HDDM_A", "HDDM_W")
+Z_UP = 3.0  # z-score a rise of the error rate needs to count as "up"
+# Integer-valued parameters, so that a TOML/env float (e.g. 100.0) still builds the detector.
+_INT_PARAMS = {"clock", "max_buckets", "min_window_length", "grace_period", "min_instances", "window_size",
+               "stat_size", "warm_start", "seed"}
+
+
+def make_detector(name: str, params: dict[str, Any] | None = None):
+    """A fresh river detector by its config name, e.g. `make_detector("DDM", {"warm_start": 50})`."""
+    params = {k: int(v) if k in _INT_PARAMS else v for k, v in (params or {}).items()}
+    if name == "ADWIN":
+        return drift.ADWIN(**params)
+    if name == "PageHinkley":
+        return drift.PageHinkley(**params)
+    if name == "KSWIN":
+        params.setdefault("seed", 42)  # reproducible alarms
+        return drift.KSWIN(**params)
+    if name == "DDM":
+        return drift.binary.DDM(**params)
+    if name == "HDDM_A":
+        return drift.binary.HDDMA(**params)
+    if name == "HDDM_W":
+        return drift.binary.HDDMW(**params)
+    raise ValueError(f"unknown drift detector {name!r}; choose from {', '.join(DETECTORS)}")
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """One detector alarm with its evidence. `direction` is up | down | flat."""
+
+    level: str  # warning | drift
+    position: int  # index of the error that raised it (0-based, since the monitor started)
+    error_before: float
+    error_after: float
+    direction: str
+    recent: int  # how many errors the "after" rate is measured on
+
+
+class ConceptMonitor:
+    """A river detector on one model version's errors plus the "did the error go up?" gate.
+
+    `update(error)` returns an `Alarm` when the detector enters its warning zone or detects drift
+    (warnings only for DDM/HDDM), otherwise None. The caller acts only on `direction == "up"`.
+    """
+
+    def __init__(
+        self,
+        detector: str = "ADWIN",
+        params: dict[str, Any] | None = None,
+        min_error_increase: float = 0.02,
+        history: int = 5000,
+        recent: int = 200,
+        min_side: int = 30,
+        warmup: int = 200,
+    ) -> None:
+        self.name = detector
+        self.params = dict(params or {})
+        self.detector = make_detector(detector, self.params)
+        self.min_error_increase = min_error_increase
+        self.errors: deque[int] = deque(maxlen=history)  # bounded: the last `history` errors
+        self.recent = recent  # the "after" window of detectors that do not say where the change was
+        self.min_side = min_side
+        self.warmup = warmup  # alarms on the first errors of a version are noise, not drift
+        self.n = 0  # errors seen
+        self.segment_start = 0  # first position of the current regime (after the last change)
+        self.warning_since: int | None = None
+        self.total_errors = 0
+
+    @property
+    def error_rate(self) -> float:
+        """Error rate of the current regime, over at most the last `recent` errors."""
+        k = min(len(self.errors), max(self.recent, 1), self.n - self.segment_start)
+        return self._mean_last(k, 0) if k > 0 else 0.0
+
+    def update(self, error: Any) -> Alarm | None:
+        x = 1 if error else 0
+        position = self.n
+        self.n += 1
+        self.errors.append(x)
+        self.total_errors += x
+        width_before = getattr(self.detector, "width", None) if self.name == "ADWIN" else None
+        self.detector.update(x if self.name in ("ADWIN", "PageHinkley", "KSWIN") else bool(x))
+        if self.detector.drift_detected:
+            self.warning_since = None
+            if self.n <= self.warmup:
+                self.segment_start = self.n  # too early to judge: start the regime afresh
+                return None
+            return self._alarm("drift", position, width_before)
+        warning = bool(getattr(self.detector, "warning_detected", False)) and self.n > self.warmup
+        if warning and self.warning_since is None:
+            self.warning_since = position
+            return self._alarm("warning", position, None)
+        if not warning:
+            self.warning_since = None
+        return None
+
+    # -- evidence -----------------------------------------------------------------------------
+    def _alarm(self, level: str, position: int, width_before: int | None) -> Alarm:
+        # The current regime: since the last change (or, for ADWIN, its window before this update),
+        # within the bounded history.
+        span = self.n - self.segment_start
+        if width_before is not None:
+            span = min(span, int(width_before) + 1)
+        span = min(span, len(self.errors))
+        cut, before, after = change_point(list(itertools.islice(self.errors, len(self.errors) - span, None)),
+                                          self.min_side)
+        recent = span - cut
+        delta = after - before
+        # "Up" needs a material rise (min_error_increase) that is also no fluke of a short window:
+        # a one-sided two-proportion z-test at Z_UP on the split (sensitive detectors such as HDDM_W
+        # otherwise alarm on noise over a few dozen errors).
+        pooled = (before * cut + after * recent) / max(1, span)
+        se = math.sqrt(max(pooled * (1 - pooled), 1e-12) * (1 / max(cut, 1) + 1 / max(recent, 1)))
+        if delta >= self.min_error_increase and delta / se >= Z_UP:
+            direction = "up"
+        else:
+            direction = "down" if delta < 0 else "flat"
+        if level == "drift":
+            self.segment_start = self.n - recent  # the new regime starts at the change point
+        return Alarm(level, position, round(before, 6), round(after, 6), direction, recent)
+
+    def _mean_last(self, k: int, skip: int) -> float:
+        """Mean of `k` errors ending `skip` errors before the newest."""
+        if k <= 0:
+            return 0.0
+        end = len(self.errors) - skip
+        start = max(0, end - k)
+        window = itertools.islice(self.errors, start, end)
+        return sum(window) / max(1, end - start)
+
+
+def change_point(errors: list[int], min_side: int = 30) -> tuple[int, float, float]:
+    """The most likely single change of mean in `errors`: (cut, mean before, mean after).
+
+    Maximises n1 * n2 / n * (m1 - m2) ** 2 over cuts leaving at least `min_side` on each side
+    (the likelihood-ratio split of a Gaussian mean change). Detectors say *that* the mean changed,
+    mostly not *where*; ADWIN, for one, may keep pre-change errors in its shrunk window.
+
+        >>> change_point([0] * 100 + [1] * 50)
+        (100, 0.0, 1.0)
+    """
+    n = len(errors)
+    if n < 2 * min_side:
+        half = n // 2
+        if half == 0:
+            return 0, 0.0, float(errors[0]) if errors else 0.0
+        left, right = errors[:half], errors[half:]
+        return half, sum(left) / len(left), sum(right) / len(right)
+    total = sum(errors)
+    prefix = 0
+    best, best_cut = -1.0, min_side
+    for i, x in enumerate(errors[: n - min_side], start=1):
+        prefix += x
+        if i < min_side:
+            continue
+        m1 = prefix / i
+        m2 = (total - prefix) / (n - i)
+        score = i * (n - i) / n * (m1 - m2) ** 2
+        if score > best:
+            best, best_cut = score, i
+    before = sum(errors[:best_cut]) / best_cut
+    after = sum(errors[best_cut:]) / (n - best_cut)
+    return best_cut, before, after
