@@ -1,4 +1,5 @@
-"""`driftline infra up|down|status|install`: the local Kafka and Redis."""
+"""`driftline infra up|down|status|install|topics`: the local Kafka and Redis (and, when asked,
+Prometheus)."""
 
 from __future__ import annotations
 
@@ -17,19 +18,24 @@ console = Console()
 
 @infra_app.command()
 def install() -> None:
-    """Fetch the broker jars (once, cached) and install redis-server if it is missing."""
-    with console.status("fetching the Kafka broker jars and checking redis-server"):
+    """Fetch the broker jars (once, cached) and install redis-server and prometheus if missing."""
+    with console.status("fetching the Kafka broker jars and checking redis-server and prometheus"):
         stack.install(get_settings())
-    console.print(f"[green]Kafka {stack.kafka_version()} jars and redis-server are in place[/]")
+    console.print(f"[green]Kafka {stack.kafka_version()} jars, redis-server and prometheus are in place[/]")
 
 
 @infra_app.command()
-def up() -> None:
+def up(
+    with_prometheus: bool = typer.Option(
+        False, "--with-prometheus",
+        help="also run Debian's Prometheus (DRIFTLINE_PROMETHEUS_PORT) scraping the five services, with the alert rules",
+    ),
+) -> None:
     """Start Kafka and Redis on the configured host:ports and create every topic."""
     settings = get_settings()
     try:
-        with console.status("starting Kafka and Redis"):
-            timings = stack.up(settings)
+        with console.status("starting Kafka and Redis" + (" and Prometheus" if with_prometheus else "")):
+            timings = stack.up(settings, with_prometheus=with_prometheus)
     except stack.InfraError as exc:
         console.print(f"[red]infra up failed:[/] {exc}")
         raise typer.Exit(1) from None
@@ -37,11 +43,28 @@ def up() -> None:
         what = "already running" if seconds == 0.0 and name != "topics" else f"ready in {seconds:.1f}s"
         console.print(f"  {name}: {what}")
     console.print(f"[green]up[/]: Kafka {settings.kafka_bootstrap}, Redis {settings.redis_url}")
+    if with_prometheus:
+        console.print(f"[green]Prometheus[/]: {stack.Prometheus(settings).url} (alerts: /alerts)")
+
+
+@infra_app.command()
+def topics() -> None:
+    """Create every topic on the configured broker (one that runs already, e.g. in compose)."""
+    from ..shared.kafka import ensure_topics
+
+    settings = get_settings()
+    try:
+        created = ensure_topics(settings)
+    except Exception as exc:  # the broker is not there or refuses: say so, no traceback
+        console.print(f"[red]creating topics on {settings.kafka_bootstrap} failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"topics on {settings.kafka_bootstrap}: created {len(created)}"
+                  + (f" ({', '.join(created)})" if created else "; all existed"))
 
 
 @infra_app.command()
 def down() -> None:
-    """Stop the services, Redis and Kafka that driftline started."""
+    """Stop the services, Prometheus, Redis and Kafka that driftline started."""
     stopped = stack.down(get_settings())
     console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
 

@@ -1,6 +1,7 @@
 """The local stack: a real single-node Kafka (KRaft) from Maven Central jars and Debian's Redis.
 
     >>> up(settings)        # install if needed, start both, wait until they answer, create topics
+    >>> up(settings, with_prometheus=True)   # and Debian's Prometheus scraping the five services
     >>> status(settings)    # what runs where
     >>> down(settings)      # stop what `up` started; nothing is left listening
 
@@ -30,6 +31,7 @@ KAFKA_POM = REPO / "infra" / "kafka" / "pom.xml"
 KAFKA_TEMPLATE = REPO / "infra" / "kafka" / "server.properties.template"
 KAFKA_LOG4J = REPO / "infra" / "kafka" / "log4j.properties"
 REDIS_CONF = REPO / "infra" / "redis" / "redis.conf"
+PROMETHEUS_CONFIG = REPO / "infra" / "prometheus" / "prometheus.yml"
 
 
 class InfraError(RuntimeError):
@@ -243,13 +245,92 @@ class Redis(Component):
             return False
 
 
+class Prometheus(Component):
+    """Debian's Prometheus scraping the local services; started only by `up --with-prometheus`.
+
+    Its config is infra/prometheus/prometheus.yml rendered with the settings' host and service
+    ports (rules from infra/prometheus/ as they are); its data lives under `<home>/prometheus/`.
+    `interval` overrides the scrape and rule-evaluation interval (tests use "1s").
+    """
+
+    def __init__(self, settings: Settings, interval: str | None = None) -> None:
+        super().__init__("prometheus", settings)
+        self.interval = interval
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.settings.host, self.settings.prometheus_port
+
+    @property
+    def url(self) -> str:
+        return f"http://{_connect_host(self.settings.host)}:{self.settings.prometheus_port}"
+
+    def installed(self) -> bool:
+        return shutil.which("prometheus") is not None
+
+    def install(self) -> None:
+        _apt_install("prometheus", self.installed)
+
+    def render_config(self) -> Path:
+        """Write the local config with this stack's targets; returns its path."""
+        import yaml
+
+        config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+        scrape_host = _connect_host(self.settings.host)
+        if self.interval:
+            config["global"]["scrape_interval"] = config["global"]["evaluation_interval"] = self.interval
+        config["rule_files"] = [str((PROMETHEUS_CONFIG.parent / rule).resolve()) for rule in config["rule_files"]]
+        for job in config["scrape_configs"]:
+            for target in job["static_configs"]:
+                service = target.get("labels", {}).get("service")
+                port = self.settings.port_of(service) if service else self.settings.prometheus_port
+                target["targets"] = [f"{scrape_host}:{port}"]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / "prometheus.yml"
+        path.write_text("# Rendered by driftline from infra/prometheus/prometheus.yml; edit that one.\n"
+                        + yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    def start(self) -> None:
+        config = self.render_config()
+        host, port = self.address
+        self._spawn([
+            shutil.which("prometheus") or "prometheus", f"--config.file={config.resolve()}",
+            f"--storage.tsdb.path={(self.dir / 'data').resolve()}", f"--web.listen-address={host}:{port}",
+            "--storage.tsdb.retention.time=7d", "--web.enable-lifecycle",
+        ])
+
+    def ready(self) -> bool:
+        import httpx
+
+        try:
+            return httpx.get(f"{self.url}/-/ready", timeout=1.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+
+def _connect_host(host: str) -> str:
+    """Where to reach a server that listens on `host` (a wildcard address means this machine)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def _apt_install(package: str, installed) -> None:
+    if installed():
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise InfraError(f"{package} is missing: install Debian's package (apt-get install {package})")
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package]):
+        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
 def components(settings: Settings) -> list[Component]:
     return [Kafka(settings), Redis(settings)]
 
 
 def install(settings: Settings) -> None:
-    """Fetch what the stack needs: the broker jars (once), redis-server (Debian's package)."""
-    for component in components(settings):
+    """Fetch what the stack needs: the broker jars (once), redis-server and prometheus (Debian's
+    packages; Prometheus runs only with `up --with-prometheus`, and in the observability tests)."""
+    for component in [*components(settings), Prometheus(settings)]:
         component.install()
 
 
@@ -265,24 +346,28 @@ def _wait(component: Component, timeout: float) -> float:
     raise InfraError(f"{component.name} did not answer within {timeout:.0f}s; see {component.log_path}")
 
 
-def up(settings: Settings, timeout: float = 90.0, create_topics: bool = True) -> dict[str, float]:
-    """Start Kafka and Redis (each unless already ours and running), wait until they answer, and
-    create every topic. Returns the seconds each took to become ready."""
-    install(settings)
-    endpoints = {"kafka": settings.kafka_host_port, "redis": settings.redis_host_port}
+def up(settings: Settings, timeout: float = 90.0, create_topics: bool = True,
+       with_prometheus: bool = False) -> dict[str, float]:
+    """Start Kafka and Redis (each unless already ours and running), and Prometheus when asked,
+    wait until they answer, and create every topic. Returns the seconds each took to become ready."""
+    wanted = [*components(settings), *([Prometheus(settings)] if with_prometheus else [])]
+    for component in wanted:
+        component.install()
+    endpoints = {"kafka": settings.kafka_host_port, "redis": settings.redis_host_port,
+                 "prometheus": (_connect_host(settings.host), settings.prometheus_port)}
+    settings_name = {"kafka": "KAFKA_BOOTSTRAP", "redis": "REDIS_URL", "prometheus": "PROMETHEUS_PORT"}
     started: list[Component] = []
-    for component in components(settings):
+    for component in wanted:
         host, port = endpoints[component.name]
         if component.running():
             continue
         if port_open(host, port):
             raise InfraError(f"{component.name}: {host}:{port} is already taken by a process driftline did not "
-                             f"start; stop it or choose another port "
-                             f"(DRIFTLINE_{'KAFKA_BOOTSTRAP' if component.name == 'kafka' else 'REDIS_URL'})")
+                             f"start; stop it or choose another port (DRIFTLINE_{settings_name[component.name]})")
         component.start()
         started.append(component)
     timings = {}
-    for component in components(settings):
+    for component in wanted:
         timings[component.name] = _wait(component, timeout) if component in started else 0.0
     if create_topics:
         from ..shared.kafka import ensure_topics
@@ -298,7 +383,7 @@ def down(settings: Settings) -> list[str]:
     from ..serve import stop_services
 
     stopped = stop_services()
-    for component in reversed(components(settings)):
+    for component in [Prometheus(settings), *reversed(components(settings))]:
         if component.stop():
             stopped.append(component.name)
     return stopped
@@ -316,4 +401,14 @@ def status(settings: Settings) -> dict[str, dict]:
             "log": str(component.log_path),
         }
     out["kafka"]["version"] = kafka_version()
+    prometheus = Prometheus(settings)
+    host, port = prometheus.address
+    out["prometheus"] = {
+        "address": f"{host}:{port}",
+        "pid": prometheus.pid() if prometheus.running() else None,
+        "running": prometheus.running(),
+        "answers": prometheus.running() and prometheus.ready(),
+        "installed": prometheus.installed(),
+        "log": str(prometheus.log_path),
+    }
     return out

@@ -124,6 +124,7 @@ class Settings(BaseSettings):
         Path.home() / ".cache" / "driftline", description="downloaded broker jars, shared by every clone"
     )
     host: str = "127.0.0.1"
+    prometheus_port: int = Field(9090, description="`driftline infra up --with-prometheus` listens here (on host)")
     admin_token: SecretStr | None = None
     model_key: SecretStr = SecretStr("driftline-dev-key-change-me")
     log_level: str = "INFO"
