@@ -25,6 +25,12 @@ DEAD_LETTERS = Counter(
 DUPLICATES = Counter(
     "driftline_duplicates_total", "Inputs dropped as already seen (same event_id).", ["service", "topic"]
 )
+INGESTED = Counter(
+    "driftline_ingested_total",
+    "Inputs the ingestion service decided on, by door (kafka|http), topic (events|labels) and outcome "
+    "(valid|dead_letter|duplicate); received = the sum over outcomes.",
+    ["door", "topic", "outcome"],
+)
 PROCESSING_SECONDS = Histogram(
     "driftline_processing_seconds",
     "Time to process one consumed batch, by stage.",

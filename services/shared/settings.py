@@ -44,6 +44,10 @@ class Ports(BaseModel):
 class IngestionSettings(BaseModel):
     max_event_bytes: int = Field(64 * 1024, description="larger Avro payloads go to the DLQ")
     max_fields: int = Field(512, description="more fields than this is an invalid event")
+    max_id_chars: int = Field(256, description="longer event ids, entity ids, field names or labels are invalid")
+    max_dead_letter_bytes: int = Field(
+        512 * 1024, description="a dead letter keeps at most this much of the original payload (the rest is cut)"
+    )
     max_http_body_bytes: int = Field(4 * 1024 * 1024, description="larger HTTP bodies get 413")
     max_http_items: int = Field(10_000, description="largest JSON array accepted by POST")
     dedup_ttl_s: int = Field(24 * 3600, description="how long an event_id is remembered")

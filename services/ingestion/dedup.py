@@ -1,0 +1,71 @@
+"""First-seen test of event ids, in Redis: a re-sent or redelivered input is published once.
+
+Each input claims its id with `SET seen-key marker NX GET EX ttl` (Redis >= 7.0), all claims of a
+batch in ONE pipelined round trip. The marker names the input (topic:partition:offset on the
+Kafka door, a request id and index on the HTTP door), so
+
+- the first input with an id wins (`SET` happens, the old value is nil);
+- a later input with the same id, in the same batch or a later one, is a duplicate;
+- the SAME input seen again (the process died after claiming but before committing, and Kafka
+  redelivers the batch) finds its own marker and is published again instead of being lost.
+
+Ids are remembered for `ingestion.dedup_ttl_s`: memory stays bounded, and an id re-sent after
+that is new again. This module never decides validity; it only answers "is this one the first?".
+
+    >>> dedup = Dedup(redis.Redis(), Keys(""), ttl_s=3600)
+    >>> dedup.claim([Claim(Keys("").seen_event("e1"), "events:0:17")])
+    [True]
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import redis
+
+from ..shared import metrics
+from ..shared.keys import Keys
+
+# Undo a claim only if it is still ours (a failed HTTP delivery must not block the client's retry).
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    key: str  # Keys.seen_event(id) or Keys.seen_label(id)
+    marker: str  # who claims it: the same input always sends the same marker
+
+
+class Dedup:
+    def __init__(self, client: redis.Redis, keys: Keys, ttl_s: int, service: str = "ingestion") -> None:
+        self.client = client
+        self.keys = keys
+        self.ttl_s = ttl_s
+        self._seconds = metrics.REDIS_SECONDS.labels(service, "dedup")
+        self._release = client.register_script(_RELEASE)
+
+    def claim(self, claims: list[Claim]) -> list[bool]:
+        """For each claim in order: True when this input owns its id (first, or itself again)."""
+        if not claims:
+            return []
+        started = time.perf_counter()
+        pipe = self.client.pipeline(transaction=False)
+        for c in claims:
+            pipe.set(c.key, c.marker, nx=True, get=True, ex=self.ttl_s)
+        previous = pipe.execute()
+        self._seconds.observe(time.perf_counter() - started)
+        # bytes from a plain client, str from one with decode_responses
+        return [old is None or old == c.marker or old == c.marker.encode() for c, old in zip(claims, previous)]
+
+    def release(self, claims: list[Claim]) -> None:
+        """Forget claims that are still ours (their input was not delivered after all)."""
+        if not claims:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for c in claims:
+            self._release(keys=[c.key], args=[c.marker], client=pipe)
+        pipe.execute()

@@ -1,0 +1,228 @@
+"""The ingestion service: the one way into the pipeline, through two doors.
+
+- Kafka door: consumes `events` and `labels` (Avro, from producers).
+- HTTP door: `POST /v1/events` and `POST /v1/labels` (JSON; see `api.py`).
+
+Both doors apply the same rules (`validate.py`) and the same first-seen test (`dedup.py`), and
+publish to the same topics: valid events to `events.valid` (key entity_id, `published_ms` set from
+the Kafka timestamp or the HTTP arrival), valid labels to `labels.valid` (key event_id), anything
+else to `events.dlq` / `labels.dlq` as a DeadLetter with the reason and the original bytes.
+
+    driftline serve ingestion        # port settings.ports.ingestion (8001)
+
+It must never drop an input silently nor crash on one: every input ends in exactly one of valid /
+dead letter / duplicate, and `driftline_ingested_total{door,topic,outcome}` adds up to what came in.
+Inputs are published in the order they were consumed, so per-partition order is kept downstream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, Message, Producer
+from fastapi import FastAPI
+
+from ..shared import kafka, metrics
+from ..shared.codec import get_codec
+from ..shared.keys import Keys
+from ..shared.runtime import StreamWorker, run_app, service_app
+from ..shared.settings import Settings
+from ..shared.topics import Topics
+from . import validate
+from .dedup import Claim, Dedup
+from .validate import Rejection
+
+log = logging.getLogger(__name__)
+SERVICE = "ingestion"
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One kind of input and where it goes: events or labels."""
+
+    name: str  # DESIGN.md base name of the source topic, also the metric label
+    record: str  # Avro record name
+    source: str  # broker topic names
+    valid: str
+    dlq: str
+    seen: Callable[[str], str]  # Redis key of the first-seen claim
+    check_avro: Callable[..., Any]
+    check_json: Callable[..., Any]
+
+
+@dataclass(slots=True)
+class Decision:
+    """What becomes of one input: `claim` is set for a valid one (value = the record to publish),
+    None for a rejected one (value = its DeadLetter)."""
+
+    stream: Stream
+    value: bytes
+    key: str | bytes | None
+    claim: Claim | None
+    reason: str | None = None
+    detail: str = ""
+
+
+class Ingestor:
+    """Decides on inputs from either door and publishes them; the logic both doors share."""
+
+    def __init__(self, settings: Settings, producer: Producer, client: redis.Redis) -> None:
+        self.limits = settings.ingestion
+        self.producer = producer
+        self.codec = get_codec()
+        topics, keys = Topics(settings.namespace), Keys(settings.namespace)
+        self.dedup = Dedup(client, keys, self.limits.dedup_ttl_s, SERVICE)
+        self.events = Stream("events", "Event", topics.events, topics.events_valid, topics.events_dlq,
+                             keys.seen_event, validate.check_event_avro, validate.check_event_json)
+        self.labels = Stream("labels", "Label", topics.labels, topics.labels_valid, topics.labels_dlq,
+                             keys.seen_label, validate.check_label_avro, validate.check_label_json)
+        self.by_topic = {s.source: s for s in (self.events, self.labels)}
+        self.by_name = {s.name: s for s in (self.events, self.labels)}
+
+    # -- deciding ---------------------------------------------------------------------------
+    def decide_message(self, m: Message, now: float) -> Decision:
+        """One Kafka message -> a Decision. Valid labels pass on their original bytes; valid
+        events are re-encoded with `published_ms` from the message's timestamp."""
+        stream = self.by_topic[m.topic()]
+        blob = m.value()
+        checked = stream.check_avro(blob, self.limits, now)
+        if isinstance(checked, Rejection):
+            return self.dead(stream, checked, blob or b"", m.key(), m.topic(), m.partition(), m.offset(), now)
+        marker = f"{m.partition()}:{m.offset()}"  # the same message is the same claimant after a crash
+        if stream is self.labels:
+            return Decision(stream, blob, checked["event_id"], Claim(stream.seen(checked["event_id"]), marker))
+        kind, ts_ms = m.timestamp()
+        if kind != TIMESTAMP_NOT_AVAILABLE and ts_ms > 0:
+            checked["published_ms"] = ts_ms
+        elif checked["published_ms"] is None:
+            checked["published_ms"] = int(now * 1000)
+        value = self.codec.encode("Event", checked)
+        return Decision(stream, value, checked["entity_id"], Claim(stream.seen(checked["event_id"]), marker))
+
+    def decide_item(self, stream: Stream, item: Any, marker: str, now: float) -> Decision:
+        """One JSON item from the HTTP door -> a Decision (its DeadLetter payload is the item's JSON)."""
+        checked = stream.check_json(item, self.limits, now)
+        if not isinstance(checked, Rejection):
+            if stream is self.events:
+                checked["published_ms"] = int(now * 1000)
+            blob = validate.to_avro(stream.record, checked, self.limits)
+            if not isinstance(blob, Rejection):
+                key = checked["entity_id"] if stream is self.events else checked["event_id"]
+                return Decision(stream, blob, key, Claim(stream.seen(checked["event_id"]), marker))
+            checked = blob
+        return self.dead(stream, checked, json_bytes(item), None, f"http:/v1/{stream.name}", None, None, now)
+
+    def dead(self, stream: Stream, why: Rejection, payload: bytes, key: bytes | str | None, source: str,
+             partition: int | None, offset: int | None, now: float) -> Decision:
+        detail = why.detail
+        cap = self.limits.max_dead_letter_bytes
+        if len(payload) > cap:  # the DLQ must stay publishable; say what was cut
+            detail += f" (payload cut to its first {cap} of {len(payload)} bytes)"
+            payload = payload[:cap]
+        if isinstance(key, str):
+            key = key.encode("utf-8", "replace")
+        letter = {"source_topic": source, "reason": why.reason, "detail": detail, "service": SERVICE,
+                  "key": key, "payload": payload, "partition": partition, "offset": offset, "ts": now}
+        return Decision(stream, self.codec.encode("DeadLetter", letter), key, None, why.reason, detail)
+
+    # -- publishing -------------------------------------------------------------------------
+    def publish(self, decisions: list[Decision], door: str,
+                on_delivery: Callable[[int, KafkaError | None], None] | None = None) -> list[str]:
+        """Claim the valid ones' ids (one Redis round trip), produce valid ones and dead letters in
+        input order, count. Returns each input's outcome: valid | dead_letter | duplicate.
+        The caller flushes the producer (and learns of failed deliveries through `on_delivery`)."""
+        owned = iter(self.dedup.claim([d.claim for d in decisions if d.claim is not None]))
+        outcomes: list[str] = []
+        counts: Counter[tuple[Stream, str, str | None]] = Counter()
+        for i, d in enumerate(decisions):
+            if d.claim is None:
+                outcome, topic = "dead_letter", d.stream.dlq
+            elif next(owned):
+                outcome, topic = "valid", d.stream.valid
+            else:
+                outcome, topic = "duplicate", None
+            outcomes.append(outcome)
+            counts[(d.stream, outcome, d.reason)] += 1
+            if topic is not None:
+                callback = None if on_delivery is None else (lambda err, _msg, i=i: on_delivery(i, err))
+                kafka.produce(self.producer, topic, d.value, d.key, on_delivery=callback)
+        self.count(counts, door)
+        return outcomes
+
+    @staticmethod
+    def count(counts: Counter, door: str) -> None:
+        for (stream, outcome, reason), n in counts.items():
+            metrics.INGESTED.labels(door, stream.name, outcome).inc(n)
+            if outcome == "valid":
+                metrics.MESSAGES_OUT.labels(SERVICE, kafka.base_topic(stream.valid)).inc(n)
+            elif outcome == "dead_letter":
+                metrics.MESSAGES_OUT.labels(SERVICE, kafka.base_topic(stream.dlq)).inc(n)
+                metrics.DEAD_LETTERS.labels(SERVICE, stream.name, reason).inc(n)
+            else:
+                metrics.DUPLICATES.labels(SERVICE, stream.name).inc(n)
+
+
+def json_bytes(item: Any) -> bytes:
+    """An item's JSON text as it will be kept in the DLQ (never raises)."""
+    try:
+        return json.dumps(item, ensure_ascii=True, separators=(",", ":")).encode()
+    except (ValueError, TypeError, RecursionError):
+        return repr(item).encode("utf-8", "replace")
+
+
+class IngestionWorker(StreamWorker):
+    """The Kafka door: consume -> decide (validate) -> claim ids -> produce -> (run) flush -> commit."""
+
+    service = SERVICE
+
+    def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
+        super().__init__(settings)
+        self.batch_size = settings.ingestion.batch_size
+        self.ingestor = Ingestor(settings, self.producer, client or redis.Redis.from_url(settings.redis_url))
+        self.undelivered: list[KafkaError] = []
+
+    def input_topics(self) -> list[str]:
+        return [self.topics.events, self.topics.labels]
+
+    def handle(self, messages: list[Message]) -> None:
+        now = time.time()
+        decisions = [self.ingestor.decide_message(m, now) for m in messages]
+        self.ingestor.publish(decisions, "kafka", on_delivery=self._delivered)
+
+    def _delivered(self, _index: int, err: KafkaError | None) -> None:
+        if err is not None:
+            self.undelivered.append(err)
+
+    def commit(self) -> None:
+        # Never commit past an input whose output Kafka refused: stop instead; after the restart
+        # Kafka redelivers the batch, and dedup's marker lets the same messages through again.
+        if self.undelivered:
+            raise RuntimeError(f"{len(self.undelivered)} messages not delivered, e.g. {self.undelivered[0]}")
+        super().commit()
+
+
+def build_app(settings: Settings) -> FastAPI:
+    """The ingestion process: the Kafka door's worker and the HTTP door on one FastAPI app."""
+    from .api import HttpDoor, router
+
+    client = redis.Redis.from_url(settings.redis_url)
+    worker = IngestionWorker(settings, client)
+    door = HttpDoor(settings, client)
+    app = service_app(
+        SERVICE, worker=worker, title="driftline ingestion", on_stop=door.close,
+        description="Validates events and labels from producers (Kafka or HTTP), drops duplicates, "
+                    "and publishes them to events.valid / labels.valid; the rest goes to the DLQs with a reason.",
+    )
+    app.include_router(router(door))
+    return app
+
+
+def serve(settings: Settings) -> None:
+    run_app(build_app(settings), settings.ports.ingestion, settings)
