@@ -1,0 +1,290 @@
+"""`driftline bench ingest`: how fast events go through ingestion -> features on this machine.
+
+It starts its own Kafka and Redis (free ports, a temporary home) and the two services as their
+own processes (`driftline serve ingestion|features`, as in production), then measures:
+
+1. throughput: N Avro events (quick 20,000, full 200,000) published to `events` as fast as the
+   producer goes; events/s from the first publish to the last FeatureVector seen on `features`;
+2. latency: events published at a fixed rate (2,000 ev/s for 10 s; quick 5 s); for each, the time
+   from its publication to its FeatureVector on `features` (p50, p95, p99, max).
+
+    >>> result = run(Path("reports/bench"), quick=True)
+    >>> result["throughput_events_per_s"], result["latency_ms"]["p99"]
+
+It also reports the CPU seconds each process used, to show where the time goes. It stops
+everything it started, also when it fails or is interrupted, and never touches a running stack.
+Without a features service (`driftline.features.service`), it measures up to `events.valid`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from confluent_kafka import OFFSET_END, Consumer, TopicPartition
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..infra import stack
+from ..shared import kafka
+from ..shared.codec import get_codec
+from ..shared.settings import Ports, Settings, settings_env
+from ..shared.topics import Topics
+
+AIM_EVENTS_PER_S = 10_000
+ENTITIES = 1_000
+FIELDS = ("price", "demand", "transfer", "vicprice", "vicdemand", "period")
+console = Console()
+
+
+def run(out_dir: Path, quick: bool) -> dict:
+    n = 20_000 if quick else 200_000
+    rate, seconds = 2_000, (5 if quick else 10)
+    with BenchStack() as bench:
+        bench.warm_up()
+        result = {"services": bench.services, "sink_topic": bench.sink_topic, "cores": os.cpu_count(),
+                  "entities": ENTITIES, "fields": len(FIELDS)}
+        result.update(bench.throughput(n))
+        result.update(bench.latency(rate, seconds))
+    result["aim_events_per_s"] = AIM_EVENTS_PER_S
+    result["met_aim"] = result["complete"] and result["throughput_events_per_s"] >= AIM_EVENTS_PER_S
+    return result
+
+
+def make_events(prefix: str, n: int, t0: float) -> list[tuple[str, str, bytes]]:
+    """(event_id, key, Avro bytes) of n events over ENTITIES entities, encoded before the clock runs."""
+    codec = get_codec()
+    rng = np.random.default_rng(7)
+    values = rng.random((n, len(FIELDS)))
+    out = []
+    for i in range(n):
+        entity = f"ent-{i % ENTITIES}"
+        event_id = f"{prefix}{i}"
+        record = {"event_id": event_id, "entity_id": entity, "ts": t0 + i * 1e-3,
+                  "fields": dict(zip(FIELDS, values[i].tolist())), "published_ms": None}
+        out.append((event_id, entity, codec.encode("Event", record)))
+    return out
+
+
+class Sink:
+    """Counts the messages arriving on the sink topic (from its end at start) in a thread; when
+    `timing` is on, records the arrival time of each event id for the latency phase."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self.consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "bench-sink",
+                                  "enable.auto.commit": False, "fetch.wait.max.ms": 5,
+                                  "fetch.min.bytes": 1})
+        self.consumer.assign([TopicPartition(tp.topic, tp.partition, OFFSET_END)
+                              for tp in kafka.partitions_of(settings, topic)])
+        self.count = 0
+        self.last_at = 0.0
+        self.timing = False
+        self.arrivals: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-sink", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        codec = get_codec()
+        while not self._stop.is_set():
+            messages = self.consumer.consume(10_000, timeout=0.1)
+            now = time.time()
+            good = [m for m in messages if m.error() is None]
+            if not good:
+                continue
+            if self.timing:
+                for m in good:
+                    self.arrivals[codec.decode(m.value())["event_id"]] = now
+            self.count += len(good)
+            self.last_at = now
+
+    def reset(self, timing: bool = False) -> None:
+        self.count, self.last_at, self.timing = 0, 0.0, timing
+        self.arrivals = {}
+
+    def wait_for(self, n: int, timeout: float, progress: Progress | None = None, task=None) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.count < n and time.monotonic() < deadline:
+            if progress is not None:
+                progress.update(task, completed=self.count)
+            time.sleep(0.05)
+        if progress is not None:
+            progress.update(task, completed=self.count)
+        return self.count >= n
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.consumer.close()
+
+
+class BenchStack:
+    """Kafka, Redis and the services on free ports under a temporary home; stopped on exit."""
+
+    def __init__(self) -> None:
+        self.home = Path(tempfile.mkdtemp(prefix="driftline-bench-"))
+        self.settings = Settings(
+            kafka_bootstrap=f"127.0.0.1:{stack.free_port()}", redis_url=f"redis://127.0.0.1:{stack.free_port()}/0",
+            home=self.home, ports=Ports(**{name: stack.free_port() for name in Ports.model_fields}),
+            log_level="WARNING",
+        )
+        self.topics = Topics(self.settings.namespace)
+        has_features = importlib.util.find_spec("driftline.features.service") is not None
+        self.services = ["ingestion", "features"] if has_features else ["ingestion"]
+        self.sink_topic = "features" if has_features else "events.valid"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.failed = False
+
+    def __enter__(self) -> "BenchStack":
+        try:
+            with console.status("starting Kafka and Redis"):
+                stack.up(self.settings)
+            env = {**os.environ, **settings_env(self.settings)}
+            logs = self.home / "logs"
+            for name in self.services:
+                with open(logs / f"{name}.log", "ab") as log:
+                    self.procs[name] = subprocess.Popen(
+                        [sys.executable, "-m", "driftline.cli", "serve", name], stdout=log, stderr=subprocess.STDOUT,
+                        env=env, start_new_session=True)
+            with console.status(f"starting {' and '.join(self.services)}"):
+                for name in self.services:
+                    self._wait_healthy(name)
+            self.producer = kafka.producer(self.settings)
+            self.sink = Sink(self.settings, self.topics.name(self.sink_topic))
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def __exit__(self, exc_type, *_exc) -> None:
+        if exc_type is not None:
+            self.failed = True
+        if hasattr(self, "sink"):
+            self.sink.close()
+        for name, proc in self.procs.items():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        stack.down(self.settings)
+        if self.failed:
+            console.print(f"[red]bench failed; logs kept in {self.home / 'logs'}[/]")
+        else:
+            shutil.rmtree(self.home, ignore_errors=True)
+
+    def _wait_healthy(self, name: str, timeout: float = 120.0) -> None:
+        url = f"http://{self.settings.host}:{self.settings.port_of(name)}/health"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.procs[name].poll() is not None:
+                raise RuntimeError(f"{name} exited with {self.procs[name].returncode}; see {self.home / 'logs'}")
+            try:
+                if httpx.get(url, timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{name} not healthy in {timeout:.0f}s; see {self.home / 'logs'}")
+
+    # -- phases ------------------------------------------------------------------------------
+    def warm_up(self, n: int = 500) -> None:
+        """Consumer groups assigned, connections open, code paths warm: then the clock may run."""
+        with console.status("warming up"):
+            for _, key, blob in make_events("w-", n, time.time() - 3600):
+                kafka.produce(self.producer, self.topics.events, blob, key)
+            self.producer.flush(30)
+            if not self.sink.wait_for(n, timeout=120):
+                raise TimeoutError(f"warm-up: {self.sink.count} of {n} events came through; see {self.home / 'logs'}")
+        self.sink.reset()
+
+    def throughput(self, n: int) -> dict:
+        events = make_events("t-", n, time.time() - 600)
+        cpu_before = self.cpu_seconds()
+        self.sink.reset()
+        with _progress() as progress:
+            sent = progress.add_task("published", total=n)
+            through = progress.add_task(f"on {self.sink_topic}", total=n)
+            started = time.time()
+            for i, (_, key, blob) in enumerate(events):
+                kafka.produce(self.producer, self.topics.events, blob, key)
+                if i % 5_000 == 0:
+                    self.producer.poll(0)
+                    progress.update(sent, completed=i)
+                    progress.update(through, completed=self.sink.count)
+            self.producer.flush(60)
+            published = time.time()
+            progress.update(sent, completed=n)
+            complete = self.sink.wait_for(n, timeout=max(120.0, n / 500), progress=progress, task=through)
+        wall = (self.sink.last_at or time.time()) - started
+        cpu = {k: round(v - cpu_before.get(k, 0.0), 2) for k, v in self.cpu_seconds().items()}
+        return {"events": n, "complete": complete, "events_through": self.sink.count, "wall_s": round(wall, 3),
+                "publish_s": round(published - started, 3),
+                "throughput_events_per_s": round(self.sink.count / wall, 1) if wall > 0 else 0.0,
+                "cpu_s_during_throughput": cpu}
+
+    def latency(self, rate: int, seconds: float) -> dict:
+        n = int(rate * seconds)
+        events = make_events("l-", n, time.time())
+        published: dict[str, float] = {}
+        self.sink.reset(timing=True)
+        with _progress() as progress:
+            sent = progress.add_task(f"at {rate:,} ev/s", total=n)
+            through = progress.add_task(f"on {self.sink_topic}", total=n)
+            started = time.time()
+            for i, (event_id, key, blob) in enumerate(events):
+                delay = started + i / rate - time.time()
+                if delay > 0:
+                    self.producer.poll(delay)  # serve delivery reports while waiting for the slot
+                published[event_id] = time.time()
+                kafka.produce(self.producer, self.topics.events, blob, key)
+                if i % 200 == 0:
+                    progress.update(sent, completed=i)
+                    progress.update(through, completed=self.sink.count)
+            self.producer.flush(30)
+            achieved = n / (time.time() - started)
+            progress.update(sent, completed=n)
+            self.sink.wait_for(n, timeout=60, progress=progress, task=through)
+        arrivals = dict(self.sink.arrivals)
+        ms = np.array([(arrivals[e] - t) * 1000 for e, t in published.items() if e in arrivals])
+        if not len(ms):
+            return {"latency_rate_eps": rate, "latency_events": 0, "latency_ms": None}
+        return {"latency_rate_eps": rate, "latency_achieved_rate_eps": round(achieved, 1),
+                "latency_seconds": seconds, "latency_events": int(len(ms)), "latency_lost": n - int(len(ms)),
+                "latency_ms": {q: round(float(np.percentile(ms, p)), 1)
+                               for q, p in (("p50", 50), ("p95", 95), ("p99", 99))} | {
+                                  "max": round(float(ms.max()), 1)}}
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) of each process of the stack so far."""
+        pids = {name: p.pid for name, p in self.procs.items()}
+        for component in stack.components(self.settings):
+            pids[component.name] = component.pid()
+        pids["bench"] = os.getpid()
+        tick = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for name, pid in pids.items():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                out[name] = (int(fields[11]) + int(fields[12])) / tick
+            except (OSError, TypeError, IndexError, ValueError):
+                continue
+        return out
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description:>18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console)
