@@ -148,10 +148,17 @@ class FeatureStore:
 
     # -- writes -------------------------------------------------------------------------------
     def queue_snapshots(self, pipe, vectors: Iterable[Mapping[str, Any]]) -> None:
-        for fv in vectors:
-            key = self.keys.snapshot(fv["event_id"])
-            pipe.hset(key, SNAPSHOT_FIELD, self.codec.encode("FeatureVector", dict(fv)))
-            pipe.expire(key, self.snapshot_ttl_s)
+        self.queue_snapshot_blobs(pipe, ((fv["event_id"], self.codec.encode("FeatureVector", dict(fv)))
+                                         for fv in vectors))
+
+    def queue_snapshot_blobs(self, pipe, blobs: Iterable[tuple[str, bytes]]) -> None:
+        """(event_id, encoded FeatureVector) pairs: the service encodes each vector once, for
+        Redis and Kafka alike."""
+        ttl = self.snapshot_ttl_s
+        for event_id, blob in blobs:
+            key = self.keys.snapshot(event_id)
+            pipe.hset(key, SNAPSHOT_FIELD, blob)
+            pipe.expire(key, ttl)
 
     def queue_states(self, pipe, states: Mapping[str, State]) -> None:
         """One HSET per entity with every field (offsets included): atomic per key. Label fields

@@ -1,0 +1,374 @@
+"""The features service: events.valid + labels.valid -> entity state in Redis -> `features`.
+
+For each event it computes the feature vector from its entity's state *before* the event, keeps
+that vector in Redis under the event id (with a TTL, for the label's join), publishes it to
+`features` (key entity_id), and folds the event into the state. A label updates its entity's last
+known label. It must never let a label reach a vector of an event that came before the label, nor
+fold the same event into a state twice.
+
+    driftline serve features            # port settings.ports.features: /health, /metrics
+
+How a batch goes (`FeaturesWorker.handle`):
+1. decode; bad bytes go to events.dlq / labels.dlq with the reason (nothing crashes the loop);
+2. `ReorderBuffer`: events and labels are merged by event time. A label with ts <= an event's ts
+   is applied before that event's vector; each side waits at most `max_reorder_wait_ms` for the
+   other (then goes ahead), and each partition stays in offset order;
+3. one pipelined Redis read: the states of the batch's entities and the snapshots of the events
+   that the batch's labels refer to (when the event is not in the batch itself);
+4. in Python, in merged order: vector from the state, then `apply_event`; labels `apply_label`;
+5. one pipelined Redis write: snapshots (with TTL), then each entity's state with its last applied
+   offset in one HSET (atomic per key; keys are hash-tagged per entity, so cluster-ready), then the
+   labels through a one-key script that keeps the label of the latest event;
+6. produce the vectors, flush, commit the offsets up to the first item still waiting.
+
+Idempotence: an event at an offset <= its entity's `_off` was applied before a crash; it is not
+applied again, its vector is re-published from its snapshot. Labels are idempotent by design.
+
+The feature set comes from `settings.features.set`: `default`, `raw`, or a TOML/YAML file with the
+keys of `FeatureSpec` (see `example.toml` next to this file):
+- `name` (str): shown in every FeatureVector's `feature_set` with a hash of the definitions;
+- `fields` (bool): the event's own fields;  `count` (bool): log(1 + events seen before);
+- `since_last` (bool): seconds since the entity's previous event;
+- `delta` (list): fields (or ["*"]) whose change from the previous event is a feature;
+- `ewm_alphas` (list of float), `ewm_fields` (list), `ewm_outputs` (of "mean", "std", "dev", "z"):
+  exponentially weighted statistics of the chosen fields, one set per alpha;
+- `last_label` (bool): the entity's last known label (numeric, or one-hot for text classes).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from confluent_kafka import Consumer, Message, TopicPartition
+
+from ..shared import kafka, metrics
+from ..shared.codec import DecodeError, get_codec
+from ..shared.keys import Keys
+from ..shared.runtime import StreamWorker, run_app, service_app
+from ..shared.settings import Settings
+from .definitions import FeatureSet, load_feature_set
+from .store import OFFSET_FIELD, PARTITION_FIELD, FeatureStore
+
+log = logging.getLogger(__name__)
+SERVICE = "features"
+
+# Merge order at equal event time: labels first (a label with ts <= the event's ts is applied
+# before the event's vector), then events. Bad messages never wait (they only hold their offset).
+BAD, LABEL, EVENT = 0, 1, 2
+
+
+@dataclass
+class Item:
+    kind: int
+    ts: float
+    topic: str
+    partition: int
+    offset: int
+    value: Any  # the decoded record, or the Message for a BAD item
+    received: float = 0.0  # monotonic seconds
+    seq: int = 0
+    reason: str = ""
+
+    @property
+    def tp(self) -> tuple[str, int]:
+        return (self.topic, self.partition)
+
+
+@dataclass
+class ReorderBuffer:
+    """Merges per-partition queues by event time, with a bounded wait for the other stream.
+
+    An item goes when every partition of the other stream that has shown anything has shown an
+    item at or after its time (so nothing earlier can still come from it, as far as partitions
+    keep their own time order), or when it has waited `wait_s` and the consumer is caught up, or
+    when more than `cap` items wait. Each partition goes in offset order, which keeps every
+    entity's events in offset order.
+
+        >>> buf = ReorderBuffer(wait_s=0.2)
+        >>> buf.add(Item(EVENT, 10.0, "events.valid", 0, 0, {}))
+        >>> buf.pop_ready(now=0.0)            # waits: no label at or after ts 10 yet
+        []
+    """
+
+    wait_s: float
+    cap: int = 20_000
+    queues: dict[tuple[str, int], deque[Item]] = field(default_factory=dict)
+    latest: dict[tuple[str, int], tuple[int, float]] = field(default_factory=dict)  # tp -> (kind, max ts seen)
+    done: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset to commit
+    pending: int = 0
+    _seq: int = 0
+
+    def add(self, item: Item) -> None:
+        q = self.queues.setdefault(item.tp, deque())
+        if item.kind == BAD:  # released right after whatever precedes it in its partition
+            item.ts = q[-1].ts if q else -math.inf
+        else:
+            _kind, seen = self.latest.get(item.tp, (item.kind, -math.inf))
+            self.latest[item.tp] = (item.kind, max(seen, item.ts))
+        self._seq += 1
+        item.seq = self._seq
+        q.append(item)
+        self.pending += 1
+
+    def mark(self, kind: int) -> float:
+        """How far in time every partition of a stream has got (-inf before it showed anything)."""
+        return min((ts for k, ts in self.latest.values() if k == kind), default=-math.inf)
+
+    def pop_ready(self, now: float, expire: bool = True) -> list[Item]:
+        """The items that may go now, in merged order."""
+        heap = [(q[0].ts, q[0].kind, q[0].seq, tp) for tp, q in self.queues.items() if q]
+        heapq.heapify(heap)
+        marks = {LABEL: self.mark(EVENT), EVENT: self.mark(LABEL)}  # what each kind waits for
+        out: list[Item] = []
+        while heap:
+            tp = heap[0][3]
+            q = self.queues[tp]
+            head = q[0]
+            if not (head.kind == BAD or head.ts <= marks[head.kind] or self.pending > self.cap
+                    or (expire and now - head.received >= self.wait_s)):
+                break  # everything after it in time waits too
+            item = q.popleft()
+            self.pending -= 1
+            self.done[tp] = item.offset + 1
+            out.append(item)
+            if q:
+                heapq.heapreplace(heap, (q[0].ts, q[0].kind, q[0].seq, tp))
+            else:
+                heapq.heappop(heap)
+        return out
+
+    def commit_offsets(self) -> dict[tuple[str, int], int]:
+        """Per partition, the offset up to which everything is processed."""
+        return {tp: (self.queues[tp][0].offset if self.queues.get(tp) else nxt) for tp, nxt in self.done.items()}
+
+    def drop(self, tps: list[tuple[str, int]]) -> None:
+        """Forget partitions this consumer lost (their new owner starts from the committed offset)."""
+        for tp in tps:
+            self.pending -= len(self.queues.pop(tp, ()))
+            self.latest.pop(tp, None)
+            self.done.pop(tp, None)
+
+
+class FeaturesWorker(StreamWorker):
+    service = SERVICE
+
+    def __init__(self, settings: Settings, feature_set: FeatureSet | None = None) -> None:
+        super().__init__(settings)
+        self.batch_size = settings.features.batch_size
+        self.codec = get_codec()
+        self.feature_set = feature_set or load_feature_set(settings.features.set)
+        self.redis = redis.Redis.from_url(settings.redis_url)
+        self.store = FeatureStore(self.redis, Keys(settings.namespace), self.feature_set,
+                                  settings.features.snapshot_ttl_s, service=SERVICE)
+        self.buffer = ReorderBuffer(wait_s=settings.features.max_reorder_wait_ms / 1000.0,
+                                    cap=max(20 * self.batch_size, 1000))
+        self._last_batch = 0  # messages the last consume gave: a full batch means a backlog
+        self._committed: dict[tuple[str, int], int] = {}
+        self._paused: set[tuple[str, int]] = set()
+        # A partition with this many items waiting is paused, so that the consumer fetches the
+        # other stream instead of buffering one (librdkafka hands out a partition in big chunks).
+        self.max_waiting_per_partition = self.batch_size
+        self.counts = {"events": 0, "labels": 0, "redelivered": 0, "labels_unmatched": 0, "dead_letters": 0}
+
+    def input_topics(self) -> list[str]:
+        return [self.topics.events_valid, self.topics.labels_valid]
+
+    def open_consumer(self) -> Consumer:
+        c = kafka.consumer(self.settings, self.topics.group(self.service))
+        c.subscribe(self.input_topics(), on_revoke=self._on_revoke)
+        return c
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        self.buffer.drop(tps)
+        paused = [TopicPartition(*tp) for tp in tps if tp in self._paused]
+        if paused:  # a pause outlives a rebalance in librdkafka; never hand one on
+            consumer.resume(paused)
+        for tp in tps:
+            self._committed.pop(tp, None)
+            self._paused.discard(tp)
+
+    def flow_control(self) -> None:
+        """Pause partitions whose items wait for the other stream; resume them once drained.
+        On resume, librdkafka fetches again from the last message it handed us."""
+        assert self.consumer is not None
+        limit = self.max_waiting_per_partition
+        pause = [tp for tp, q in self.buffer.queues.items() if len(q) > limit and tp not in self._paused]
+        resume = [tp for tp in self._paused if len(self.buffer.queues.get(tp, ())) <= limit // 2]
+        if pause:
+            self.consumer.pause([TopicPartition(*tp) for tp in pause])
+            self._paused.update(pause)
+        if resume:
+            self.consumer.resume([TopicPartition(*tp) for tp in resume])
+            self._paused.difference_update(resume)
+
+    # -- the loop: consume -> decode -> merge -> read, compute, write -> produce -> commit -----
+    def handle(self, messages: list[Message]) -> None:
+        self._last_batch = len(messages)
+        with _stage("decode"):
+            now = time.monotonic()
+            for m in messages:
+                self.buffer.add(self.decode(m, now))
+        self.process(self.buffer.pop_ready(time.monotonic(), expire=self.caught_up))
+        self.flow_control()
+
+    def tick(self) -> None:
+        """Between batches: let items go whose wait is over, then flush and commit them."""
+        if self.buffer.pending:
+            items = self.buffer.pop_ready(time.monotonic(), expire=self.caught_up)
+            if items:
+                self.process(items)
+                self.producer.flush()
+                self.commit()
+            self.flow_control()
+        self._last_batch = 0
+
+    @property
+    def caught_up(self) -> bool:
+        """Waits may expire only when the consumer has nothing more to give: while a backlog is
+        read, the other stream's items are still on their way, however long that takes."""
+        return self._last_batch < self.batch_size
+
+    def commit(self) -> None:
+        assert self.consumer is not None
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self.buffer.commit_offsets().items()
+                   if self._committed.get((t, p)) != o]
+        if offsets:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+            for tp in offsets:
+                self._committed[(tp.topic, tp.partition)] = tp.offset
+
+    def decode(self, m: Message, now: float) -> Item:
+        is_event = m.topic() == self.topics.events_valid
+        try:
+            value = self.codec.decode(m.value(), expect="Event" if is_event else "Label")
+        except DecodeError as exc:
+            return Item(BAD, 0.0, m.topic(), m.partition(), m.offset(), m, now, reason=exc.reason)
+        return Item(EVENT if is_event else LABEL, value["ts"], m.topic(), m.partition(), m.offset(), value, now)
+
+    def process(self, items: list[Item]) -> None:
+        if not items:
+            return
+        fs = self.feature_set
+        events = [i.value for i in items if i.kind == EVENT]
+        in_batch = {e["event_id"]: (e["entity_id"], e["ts"]) for e in events}
+        wanted = [i.value["event_id"] for i in items if i.kind == LABEL and i.value["event_id"] not in in_batch]
+        with _stage("read"):
+            entity_ids = [e["entity_id"] for e in events] if fs.stateful else []
+            states, snapshots = self.store.read_batch(entity_ids, wanted if fs.spec.last_label else ())
+        with _stage("compute"):
+            vectors, dirty, redelivered = [], set(), []
+            labels: dict[str, tuple[str, float]] = {}  # entity -> its latest label in the batch
+            for item in items:
+                if item.kind == EVENT:
+                    ev = item.value
+                    state = states.get(ev["entity_id"], {})
+                    if _applied(state, item):
+                        redelivered.append(ev["event_id"])
+                        continue
+                    vectors.append(self.vector_of(ev, fs.vector(state, ev["fields"], ev["ts"])))
+                    if fs.stateful:
+                        fs.apply_event(state, ev["fields"], ev["ts"])
+                        state[OFFSET_FIELD], state[PARTITION_FIELD] = item.offset, item.partition
+                        dirty.add(ev["entity_id"])
+                elif item.kind == LABEL and fs.spec.last_label:  # else labels change nothing here
+                    where = self.locate(item.value["event_id"], in_batch, snapshots)
+                    if where is None:
+                        self.counts["labels_unmatched"] += 1  # the learner dead-letters it
+                        continue
+                    entity_id, event_ts = where
+                    if entity_id in states:
+                        fs.apply_label(states[entity_id], item.value["label"], event_ts)
+                    if entity_id not in labels or event_ts >= labels[entity_id][1]:
+                        labels[entity_id] = (item.value["label"], event_ts)
+                    self.counts["labels"] += 1
+            blobs = [self.codec.encode("FeatureVector", fv) for fv in vectors]
+        with _stage("write"):
+            pipe = self.redis.pipeline(transaction=False)
+            # snapshots before states: a state's `_off` then implies its events' snapshots exist
+            self.store.queue_snapshot_blobs(pipe, ((fv["event_id"], b) for fv, b in zip(vectors, blobs)))
+            self.store.queue_states(pipe, {e: states[e] for e in dirty})
+            for entity_id, (label, event_ts) in labels.items():
+                self.store.queue_label(pipe, entity_id, label, event_ts)
+            self.store.execute(pipe, "write_batch")
+        if redelivered:
+            recovered = self.recover(redelivered)
+            vectors += recovered
+            blobs += [self.codec.encode("FeatureVector", fv) for fv in recovered]
+        with _stage("produce"):
+            for fv, blob in zip(vectors, blobs):
+                self.produce(self.topics.features, blob, key=fv["entity_id"])
+            for item in items:
+                if item.kind == BAD:
+                    self.dead_letter(item)
+        self.counts["events"] += len(events)
+
+    def vector_of(self, ev: dict, features: dict[str, float]) -> dict:
+        return {"event_id": ev["event_id"], "entity_id": ev["entity_id"], "ts": ev["ts"], "features": features,
+                "feature_set": self.feature_set.name, "published_ms": ev.get("published_ms")}
+
+    @staticmethod
+    def locate(event_id: str, in_batch: dict, snapshots: dict) -> tuple[str, float] | None:
+        """The entity and event time a label belongs to: from this batch, else the snapshot."""
+        if event_id in in_batch:
+            return in_batch[event_id]
+        fv = snapshots.get(event_id)
+        return (fv["entity_id"], fv["ts"]) if fv else None
+
+    def recover(self, event_ids: list[str]) -> list[dict]:
+        """Vectors of events applied before a crash: re-published exactly as first computed."""
+        self.counts["redelivered"] += len(event_ids)
+        found = self.store.read_snapshots(event_ids)
+        missing = len(event_ids) - len(found)
+        if missing:  # expired: the state moved on, so an exact vector can no longer be made
+            log.warning("%d redelivered events have no snapshot left; not re-published", missing)
+        return [found[e] for e in event_ids if e in found]
+
+    def dead_letter(self, item: Item) -> None:
+        m: Message = item.value
+        dlq = self.topics.events_dlq if m.topic() == self.topics.events_valid else self.topics.labels_dlq
+        self.produce(dlq, self.codec.encode("DeadLetter", {
+            "source_topic": m.topic(), "reason": item.reason, "detail": f"not a valid record on {m.topic()}",
+            "service": SERVICE, "key": m.key(), "payload": m.value() or b"", "partition": m.partition(),
+            "offset": m.offset(), "ts": time.time(),
+        }), key=m.key())
+        metrics.DEAD_LETTERS.labels(SERVICE, kafka.base_topic(dlq), item.reason).inc()
+        self.counts["dead_letters"] += 1
+
+    def health(self) -> dict[str, Any]:
+        return {**super().health(), "feature_set": self.feature_set.name, "waiting": self.buffer.pending,
+                **self.counts}
+
+    def close(self) -> None:
+        self.redis.close()
+
+
+def _applied(state: dict, item: Item) -> bool:
+    """Was this event already folded into the state (a redelivery after a crash)?"""
+    return state.get(PARTITION_FIELD) == item.partition and state.get(OFFSET_FIELD, -1) >= item.offset
+
+
+class _stage:
+    """Times one stage of a batch into driftline_processing_seconds{service="features",stage}."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        self.started = time.perf_counter()
+
+    def __exit__(self, *_exc) -> None:
+        metrics.PROCESSING_SECONDS.labels(SERVICE, self.name).observe(time.perf_counter() - self.started)
+
+
+def serve(settings: Settings) -> None:
+    """`driftline serve features`: the worker loop plus /health and /metrics."""
+    worker = FeaturesWorker(settings)
+    run_app(service_app(SERVICE, worker=worker, title="driftline features"), settings.ports.features, settings)
