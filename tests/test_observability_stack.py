@@ -1,6 +1,7 @@
 """`driftline infra up --with-prometheus` runs Debian's Prometheus next to the local Kafka and
 Redis, scraping the five services at the settings' ports with the alert rules loaded; `status`
-shows it and `down` stops it."""
+shows it and `down` stops it. `driftline infra topics` (compose's one-shot step) creates the
+topics on a broker that runs already."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import pytest
 from driftline.infra import stack
 from driftline.serve import SERVICES
 from driftline.shared.settings import Ports, Settings, settings_env
+
+from conftest import make_settings
 
 
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess:
@@ -77,3 +80,18 @@ def test_infra_up_with_prometheus_scrapes_the_services_and_down_stops_it(own_sta
     after = json.loads(cli(own_stack, "infra", "status", "--json").stdout)["components"]
     assert after["prometheus"]["running"] is False
 
+
+
+def test_infra_topics_creates_every_topic_on_a_running_broker_once(infra, tmp_path):
+    """What compose's one-shot `topics` step runs: against a broker it did not start."""
+    from confluent_kafka.admin import AdminClient
+
+    from driftline.shared.topics import TOPIC_SPECS, Topics
+
+    s = make_settings(infra, tmp_path)  # a fresh namespace: none of its topics exist yet
+    first = cli(s, "infra", "topics").stdout
+    assert f"created {len(TOPIC_SPECS)}" in first
+    topics = AdminClient({"bootstrap.servers": s.kafka_bootstrap}).list_topics(timeout=10).topics
+    for spec in TOPIC_SPECS:
+        assert len(topics[Topics(s.namespace).name(spec.name)].partitions) == spec.partitions
+    assert "created 0; all existed" in cli(s, "infra", "topics").stdout
