@@ -200,8 +200,9 @@ class BenchStack:
         raise TimeoutError(f"{name} not healthy in {timeout:.0f}s; see {self.home / 'logs'}")
 
     # -- phases ------------------------------------------------------------------------------
-    def warm_up(self, n: int = 500) -> None:
-        """Consumer groups assigned, connections open, code paths warm: then the clock may run."""
+    def warm_up(self, n: int = 5_000) -> None:
+        """Consumer groups assigned, connections open, the broker's JIT and the code paths warm:
+        then the clock may run."""
         with console.status("warming up"):
             for _, key, blob in make_events("w-", n, time.time() - 3600):
                 kafka.produce(self.producer, self.topics.events, blob, key)
