@@ -1,0 +1,477 @@
+"""`replay()`: publish a dataset as events plus delayed labels through Kafka, wait until the
+running pipeline has accounted for every label, and write the report.
+
+    >>> report = replay(settings, load("elec2"), limit=5000, label_delay=100, report_dir=Path("reports/x"))
+    >>> report["prequential"]["accuracy"]
+
+The replay talks to the pipeline only through its public doors: Avro `Event`s on `events`
+(key = entity id) and `Label`s on `labels` (key = event id), exactly what a producer would send.
+It then reads the pipeline's answers: `outcomes` (role champion), `events.dlq`, `labels.dlq`,
+`events.valid` (to count valid events), `drift.events` and `model.swaps`, from the offsets they
+had when the replay began. It never reads or writes a service's state, and it never starts one.
+
+Time: event i has ts = START + i seconds; the label of event i is published right after event
+i+N (N = label delay) with ts = ts(i+N) + 1 ms, so the features service's ordered merge applies it
+after event i+N's vector and before event i+N+1's.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
+
+from ..shared import kafka
+from ..shared.codec import DecodeError, get_codec
+from ..shared.settings import Settings
+from ..shared.topics import Topics
+from .datasets import Dataset
+
+START_TS = 1_700_000_000.0  # a fixed past instant: reports and features are reproducible
+STEP_S = 1.0
+LABEL_EPSILON_S = 1e-3
+PIPELINE = ("ingestion", "features", "learner")  # what a replay needs; drift is optional
+
+
+class ReplayStalled(RuntimeError):
+    """The pipeline stopped accounting for labels before every one came back; the message says
+    what is missing and which service looks stuck."""
+
+
+def event_ts(i: int) -> float:
+    return START_TS + i * STEP_S
+
+
+def label_ts(i: int, delay: int) -> float:
+    return event_ts(i + delay) + LABEL_EPSILON_S
+
+
+def schedule(n: int, delay: int) -> Iterator[tuple[str, int]]:
+    """The publication order: ("event", i) then, right after event i+delay, ("label", i); the
+    labels of the last `delay` events follow the last event.
+
+    >>> list(schedule(3, 1))
+    [('event', 0), ('event', 1), ('label', 0), ('event', 2), ('label', 1), ('label', 2)]
+    """
+    for i in range(n):
+        yield "event", i
+        if i - delay >= 0:
+            yield "label", i - delay
+    for j in range(max(n - delay, 0), n):
+        yield "label", j
+
+
+@dataclass
+class Collected:
+    """What the pipeline answered, as the collector thread saw it."""
+
+    outcomes: list[dict] = field(default_factory=list)
+    challenger_outcomes: int = 0
+    labels_dlq: list[dict] = field(default_factory=list)
+    events_dlq: list[dict] = field(default_factory=list)
+    events_valid: int = 0
+    drift: list[dict] = field(default_factory=list)
+    swaps: list[dict] = field(default_factory=list)
+    accounted: set[str] = field(default_factory=set)  # event ids whose label is learned or dead
+    last_learned_s: float | None = None
+    last_progress: float = field(default_factory=time.monotonic)
+
+
+class Collector(threading.Thread):
+    """Reads the pipeline's output topics from where they stood before the replay, keeping only
+    this replay's records (its event ids share the run prefix)."""
+
+    def __init__(self, settings: Settings, run_prefix: str) -> None:
+        super().__init__(name="replay-collector", daemon=True)
+        self.settings = settings
+        self.topics = Topics(settings.namespace)
+        self.prefix = run_prefix
+        self.codec = get_codec()
+        self.data = Collected()
+        self.lock = threading.Lock()
+        self._halt = threading.Event()
+        self.error: BaseException | None = None
+        self.consumer: Consumer = kafka.consumer(settings, f"driftline.replay.{uuid.uuid4().hex[:8]}")
+        t = self.topics
+        self.handlers = {
+            t.outcomes: self._outcome, t.labels_dlq: self._label_dlq, t.events_dlq: self._event_dlq,
+            t.events_valid: self._event_valid, t.drift_events: self._drift, t.model_swaps: self._swap,
+        }
+        # Pin the start now (before anything is published): the high watermark of every partition.
+        parts = []
+        for topic in self.handlers:
+            for tp in kafka.partitions_of(settings, topic):
+                _low, high = self.consumer.get_watermark_offsets(tp, timeout=10)
+                parts.append(TopicPartition(topic, tp.partition, high if high >= 0 else OFFSET_END))
+        self.consumer.assign(parts)
+
+    def run(self) -> None:
+        try:
+            while not self._halt.is_set():
+                for msg in self.consumer.consume(1000, 0.2):
+                    if msg.error():
+                        continue
+                    self.handlers[msg.topic()](msg)
+        except BaseException as exc:  # surfaced by the waiting thread
+            self.error = exc
+        finally:
+            self.consumer.close()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(10)
+
+    def snapshot(self) -> Collected:
+        with self.lock:
+            return self.data
+
+    # -- one small handler per topic ---------------------------------------------------------
+    def _mine(self, event_id: str | None) -> bool:
+        return bool(event_id) and event_id.startswith(self.prefix)
+
+    def _decode(self, msg, expect: str) -> dict | None:
+        try:
+            return self.codec.decode(msg.value(), expect=expect)
+        except DecodeError:
+            return None
+
+    def _outcome(self, msg) -> None:
+        o = self._decode(msg, "Outcome")
+        if not o or not self._mine(o["event_id"]):
+            return
+        with self.lock:
+            if o["role"] != "champion":
+                self.data.challenger_outcomes += 1
+                return
+            self.data.outcomes.append(o)
+            self.data.accounted.add(o["event_id"])
+            self.data.last_learned_s = msg.timestamp()[1] / 1000.0
+            self.data.last_progress = time.monotonic()
+
+    def _dead_id(self, msg, record: str) -> tuple[dict | None, str | None]:
+        dl = self._decode(msg, "DeadLetter")
+        if dl is None:
+            return None, None
+        original = None
+        try:
+            original = self.codec.decode(dl["payload"], expect=record)
+        except DecodeError:
+            pass
+        event_id = original["event_id"] if original else None
+        if event_id is None and record == "Label" and dl.get("key"):
+            event_id = bytes(dl["key"]).decode(errors="replace")
+        return dl, event_id
+
+    def _label_dlq(self, msg) -> None:
+        dl, event_id = self._dead_id(msg, "Label")
+        if dl is None or not self._mine(event_id):
+            return
+        with self.lock:
+            self.data.labels_dlq.append({"event_id": event_id, "reason": dl["reason"], "detail": dl["detail"],
+                                         "service": dl["service"]})
+            self.data.accounted.add(event_id)
+            self.data.last_progress = time.monotonic()
+
+    def _event_dlq(self, msg) -> None:
+        dl, event_id = self._dead_id(msg, "Event")
+        if dl is None or not self._mine(event_id):
+            return
+        with self.lock:
+            self.data.events_dlq.append({"event_id": event_id, "reason": dl["reason"], "detail": dl["detail"],
+                                         "service": dl["service"]})
+            # Its label can never be learned: count it as accounted for now rather than wait for
+            # the learner's grace period to dead-letter it too.
+            self.data.accounted.add(event_id)
+            self.data.last_progress = time.monotonic()
+
+    def _event_valid(self, msg) -> None:
+        e = self._decode(msg, "Event")
+        if e and self._mine(e["event_id"]):
+            with self.lock:
+                self.data.events_valid += 1
+
+    def _drift(self, msg) -> None:
+        d = self._decode(msg, "DriftEvent")
+        if d:
+            with self.lock:
+                self.data.drift.append(d)
+
+    def _swap(self, msg) -> None:
+        s = self._decode(msg, "ModelSwap")
+        if s:
+            with self.lock:
+                self.data.swaps.append(s)
+
+
+class RateLimiter:
+    """At most `rate` events per second on average (0 = as fast as it goes)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.t0 = time.monotonic()
+
+    def wait(self, i: int) -> None:
+        if self.rate <= 0:
+            return
+        ahead = self.t0 + i / self.rate - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+def replay(
+    settings: Settings,
+    dataset: Dataset,
+    *,
+    limit: int | None = None,
+    rate: float = 0.0,
+    label_delay: int = 0,
+    model: str | None = None,
+    features: str | None = None,
+    report_dir: Path | None = Path("reports/replay"),
+    stall_timeout_s: float = 60.0,
+    progress: bool = True,
+    console=None,
+    keep_outcomes: bool = False,
+) -> dict[str, Any]:
+    """Publish, wait for every label to be accounted for, build (and write) the report.
+    With `keep_outcomes`, `report["_outcomes"]` holds the champion outcomes as they came
+    (tests use it to prove nothing was learned twice); it is never written to report.json.
+
+    Raises ReplayStalled when nothing new comes back for `stall_timeout_s` seconds while labels
+    are still missing."""
+    from rich.console import Console
+
+    from .plot import plot_report
+    from .report import build_report, summary_table, write_report
+
+    console = console or Console(stderr=True)
+    if label_delay < 0:
+        raise ValueError("--label-delay must be >= 0")
+    topics = Topics(settings.namespace)
+    kafka.ensure_topics(settings)
+    run_id = uuid.uuid4().hex[:8]
+    prefix = f"{run_id}-"
+    rows = list(_take(dataset.rows(), limit))
+    n = len(rows)
+    expected_model = model or settings.learner.model
+    expected_features = features or settings.features.set
+
+    collector = Collector(settings, prefix)
+    collector.start()
+    codec = get_codec()
+    producer = kafka.producer(settings)
+    limiter = RateLimiter(rate)
+    t_first = None
+    with _progress(console, progress) as bar:
+        sent_task = bar.add_task("publish", total=n)
+        learned_task = bar.add_task("learned", total=n)
+        events_sent = labels_sent = 0
+        for kind, i in schedule(n, label_delay):
+            fields, label, entity = rows[i]
+            entity = f"{run_id}/{entity}"  # each replay's entities start with a fresh state
+            if kind == "event":
+                limiter.wait(i)
+                value = codec.encode("Event", {"event_id": f"{prefix}{i}", "entity_id": entity,
+                                               "ts": event_ts(i), "fields": fields, "published_ms": None})
+                if t_first is None:
+                    t_first = time.time()
+                kafka.produce(producer, topics.events, value, key=entity)
+                events_sent += 1
+            else:
+                value = codec.encode("Label", {"event_id": f"{prefix}{i}", "label": label,
+                                               "ts": label_ts(i, label_delay)})
+                kafka.produce(producer, topics.labels, value, key=f"{prefix}{i}")
+                labels_sent += 1
+            if (events_sent + labels_sent) % 500 == 0:
+                producer.poll(0)
+                bar.update(sent_task, completed=events_sent)
+                bar.update(learned_task, completed=len(collector.data.accounted))
+        remaining = producer.flush(60)
+        if remaining:
+            collector.stop()
+            raise ReplayStalled(f"{remaining} messages could not be delivered to Kafka at {settings.kafka_bootstrap}")
+        publish_s = time.time() - (t_first or time.time())
+        bar.update(sent_task, completed=events_sent)
+        with collector.lock:  # the stall clock starts when publishing ends
+            collector.data.last_progress = max(collector.data.last_progress, time.monotonic())
+        try:
+            _wait_accounted(settings, collector, labels_sent, stall_timeout_s, bar, learned_task)
+        finally:
+            _wait_for_drift_service(settings, collector)
+            collector.stop()
+    data = collector.data
+    meta = {
+        "dataset": dataset.name, "dataset_size": dataset.size, "drift_positions": list(dataset.drift_positions),
+        "drift_width": dataset.drift_width, "events_sent": events_sent, "events_valid": data.events_valid,
+        "labels_sent": labels_sent, "label_delay": label_delay, "model_spec": expected_model,
+        "features": expected_features, "rate": rate, "namespace": settings.namespace, "run_id": run_id,
+        "t_first_published": t_first, "t_last_learned": data.last_learned_s, "publish_s": round(publish_s, 3),
+        "started_at": t_first,
+        "checks": check_pipeline(settings, expected_model, expected_features, data.outcomes, console),
+    }
+    report = build_report(meta, data.outcomes, drift=data.drift, swaps=data.swaps, events_dlq=data.events_dlq,
+                          labels_dlq=data.labels_dlq, window=settings.learner.window)
+    if report_dir is not None:
+        path = write_report(report, report_dir)
+        plot_report(report, Path(report_dir) / "report.png")
+        report["_paths"] = {"json": str(path), "png": str(Path(report_dir) / "report.png")}
+    if keep_outcomes:
+        report["_outcomes"] = list(data.outcomes)
+    if progress:
+        console.print(summary_table(report))
+        if report_dir is not None:
+            console.print(f"[green]wrote[/] {report['_paths']['json']} and {report['_paths']['png']}")
+    return report
+
+
+def _take(rows: Iterator, limit: int | None):
+    for i, row in enumerate(rows):
+        if limit is not None and i >= limit:
+            return
+        yield row
+
+
+def _progress(console, enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, disable=not enabled)
+
+
+def _wait_accounted(settings, collector: Collector, labels_sent: int, stall_timeout_s: float, bar, task) -> None:
+    while True:
+        if collector.error is not None:
+            raise RuntimeError(f"the replay's collector failed: {collector.error!r}") from collector.error
+        with collector.lock:
+            done = len(collector.data.accounted)
+            idle = time.monotonic() - collector.data.last_progress
+        bar.update(task, completed=done)
+        if done >= labels_sent:
+            return
+        if idle > stall_timeout_s:
+            with collector.lock:
+                accounted = set(collector.data.accounted)
+            raise ReplayStalled(diagnose(settings, collector.prefix, labels_sent, accounted, idle))
+        time.sleep(0.1)
+
+
+def _wait_for_drift_service(settings: Settings, collector: Collector, timeout_s: float = 10.0) -> None:
+    """Give a running drift service the moment it needs to read the last outcomes, so that its
+    events make the report; a drift service that is not there is not waited for."""
+    topics = Topics(settings.namespace)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        lag = group_lag(settings, topics.group("drift"), [topics.outcomes])
+        if lag is None or lag == 0:
+            break
+        time.sleep(0.2)
+    time.sleep(0.3)  # its last drift event / swap is produced after it commits its input
+
+
+def group_lag(settings: Settings, group: str, topic_names: list[str]) -> int | None:
+    """Messages a consumer group has not committed on these topics; None if it never committed."""
+    c = kafka.consumer(settings, group)
+    try:
+        parts = [tp for t in topic_names for tp in kafka.partitions_of(settings, t)]
+        committed = c.committed(parts, timeout=5)
+        if all(tp.offset < 0 for tp in committed):
+            return None
+        lag = 0
+        for tp in committed:
+            _low, high = c.get_watermark_offsets(tp, timeout=5)
+            lag += max(0, high - max(tp.offset, 0))
+        return lag
+    except KafkaException:
+        return None
+    finally:
+        c.close()
+
+
+def diagnose(settings: Settings, prefix: str, labels_sent: int, accounted: set[str], idle_s: float) -> str:
+    """Say what is missing and which service looks stuck: who does not answer /health, whose
+    consumer group has a backlog (or never consumed)."""
+    import httpx
+
+    missing = sorted((i for i in range(labels_sent) if f"{prefix}{i}" not in accounted))
+    topics = Topics(settings.namespace)
+    lines = [
+        f"the pipeline stalled: {len(missing):,} of {labels_sent:,} labels were neither learned nor dead-lettered "
+        f"after {idle_s:.0f} s without progress (first missing: event ids "
+        f"{', '.join(f'{prefix}{i}' for i in missing[:5])}).",
+    ]
+    inputs = {
+        "ingestion": [topics.events, topics.labels],
+        "features": [topics.events_valid, topics.labels_valid],
+        "learner": [topics.features, topics.labels_valid],
+    }
+    suspects = []
+    for service in PIPELINE:
+        url = f"http://{settings.host}:{settings.port_of(service)}/health"
+        try:
+            code = httpx.get(url, timeout=2.0).status_code
+            health = "healthy" if code == 200 else f"unhealthy (GET /health -> {code})"
+        except httpx.HTTPError:
+            health = f"not answering on {url}"
+        lag = group_lag(settings, topics.group(service), inputs[service])
+        backlog = ("no committed offsets on its input topics" if lag is None else f"{lag:,} messages behind on "
+                   f"{', '.join(topics.base(t) for t in inputs[service])}")
+        lines.append(f"  {service:<10} {health}; {backlog}")
+        if health != "healthy" or lag:
+            suspects.append(service)
+    if suspects:
+        lines.append(f"looks stuck: {suspects[0]} (see its log; `driftline serve {suspects[0]}` runs it).")
+    return "\n".join(lines)
+
+
+def check_pipeline(settings: Settings, model: str, features: str, outcomes: list[dict], console) -> dict[str, Any]:
+    """`--model` and `--features` cannot change running services: compare them with what the
+    learner's champion was built from (registry) and what the features service computed (the
+    snapshot of an event of this replay), and warn when they differ."""
+    import redis
+
+    from ..features.definitions import load_feature_set
+    from ..shared.keys import Keys
+    from ..shared.registry import ModelRegistry
+
+    checks: dict[str, Any] = {}
+    client = redis.Redis.from_url(settings.redis_url)
+    keys = Keys(settings.namespace)
+    try:
+        registry = ModelRegistry(client, keys, settings.learner.model_name, settings.model_key.get_secret_value().encode())
+        champion = registry.champion()
+        running = registry.meta(champion).get("spec") if champion is not None else None
+        checks["learner_model"] = running
+        checks["model_matches"] = None if running is None else _same_spec(running, model)
+    except Exception as exc:  # a report is still worth writing
+        checks["learner_model"] = f"unknown ({exc.__class__.__name__})"
+        checks["model_matches"] = None
+    try:
+        wanted = load_feature_set(features).name
+        running = None
+        for o in outcomes[:1]:
+            blob = client.hget(keys.snapshot(o["event_id"]), "fv")
+            running = get_codec().decode(blob, expect="FeatureVector")["feature_set"] if blob else None
+        checks["features_running"] = running
+        checks["features_match"] = None if running is None else running == wanted
+    except Exception as exc:
+        checks["features_running"] = f"unknown ({exc.__class__.__name__})"
+        checks["features_match"] = None
+    finally:
+        client.close()
+    if checks.get("model_matches") is False:
+        console.print(f"[yellow]warning:[/] the learner runs {checks['learner_model']!r}, not {model!r}; "
+                      "restart it with DRIFTLINE_LEARNER__MODEL to replay another model")
+    if checks.get("features_match") is False:
+        console.print(f"[yellow]warning:[/] the features service computes {checks['features_running']!r}, not "
+                      f"{features!r}; restart it with DRIFTLINE_FEATURES__SET")
+    return checks
+
+
+def _same_spec(a: str, b: str) -> bool:
+    return "".join(a.split()) == "".join(b.split())

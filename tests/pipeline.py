@@ -1,0 +1,47 @@
+"""Helpers for end-to-end tests: start a test's pipeline, replay a dataset through it, get the report.
+
+    from pipeline import start_pipeline, replay_report
+
+    def test_something(settings, run_service):
+        procs = start_pipeline(run_service, model="tree.HoeffdingTreeClassifier()", features="raw")
+        report = replay_report(settings, "sea-abrupt", label_delay=0)
+        assert report["drift_events"]
+
+The services are real `driftline serve NAME` processes on the test's own namespace and ports
+(the `run_service` fixture stops them after the test); the replay goes through Kafka like any
+producer. `report["_outcomes"]` holds the champion outcomes as they came (for duplicate checks).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from driftline.replay.datasets import Dataset, load
+from driftline.replay.publish import replay
+
+PIPELINE = ("ingestion", "features", "learner")
+ALL = ("ingestion", "features", "learner", "drift", "prediction")
+
+
+def start_pipeline(run_service, services=PIPELINE, model: str | None = None, features: str | None = None,
+                   timeout: float = 120.0, **env) -> dict:
+    """Start these services (in parallel, then wait for each /health). `model` and `features`
+    set DRIFTLINE_LEARNER__MODEL / DRIFTLINE_FEATURES__SET; other keywords are env overrides."""
+    if model is not None:
+        env["DRIFTLINE_LEARNER__MODEL"] = model
+    if features is not None:
+        env["DRIFTLINE_FEATURES__SET"] = features
+    procs = {name: run_service(name, wait=False, **env) for name in services}
+    for proc in procs.values():
+        proc.wait_healthy(timeout)
+    return procs
+
+
+def replay_report(settings, dataset: str | Dataset, *, limit: int | None = None, label_delay: int = 0,
+                  rate: float = 0.0, model: str | None = None, features: str | None = None,
+                  report_dir: Path | None = None, stall_timeout_s: float = 60.0, **dataset_options) -> dict:
+    """Replay through the running pipeline and return the report dict (written to `report_dir`
+    too, when given). `model`/`features` are only report metadata (and checked)."""
+    ds = load(dataset, **dataset_options) if isinstance(dataset, str) else dataset
+    return replay(settings, ds, limit=limit, rate=rate, label_delay=label_delay, model=model, features=features,
+                  report_dir=report_dir, stall_timeout_s=stall_timeout_s, progress=False, keep_outcomes=True)
