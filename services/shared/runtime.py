@@ -200,9 +200,24 @@ def service_app(
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
     def prometheus_metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(metrics_registry()), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def metrics_registry():
+    """What /metrics exports: this process's metrics or, when a service runs several worker processes
+    (prometheus_client's multiprocess mode, PROMETHEUS_MULTIPROC_DIR set before they start), the
+    sum over all of them."""
+    import os
+
+    from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
+
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return registry
 
 
 def run_app(app: FastAPI, port: int, settings: Settings, workers: int = 1, factory: str | None = None) -> None:

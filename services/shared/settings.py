@@ -105,6 +105,7 @@ class PredictionSettings(BaseModel):
     max_batch: int = 1000
     max_body_bytes: int = 1024 * 1024
     log_queue: int = Field(100_000, description="predictions waiting for Kafka before they are counted as lost")
+    log_timeout_ms: int = Field(10_000, description="a prediction Kafka has not taken by then is dropped (counted)")
     workers: int = 1
 
 

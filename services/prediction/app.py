@@ -1,0 +1,168 @@
+"""The prediction service's HTTP API (port 8000): thin routes over `Predictor`.
+
+    POST /v1/predict                  {"entity_id", "fields", "event_id"?, "ts"?} -> {"event_id", "prediction", "proba", "model_version"}
+    POST /v1/predict/batch            {"items": [...]} -> {"items": [...], "model_version"} (one version for all)
+    GET  /v1/models                   champion, challenger, what this worker serves, versions with lineage
+    POST /v1/models/rollback          admin: back to the champion's parent (or {"version": n})
+    POST /v1/models/{version}/promote admin: make a version the champion
+    GET  /health /ready /metrics      alive / model loaded and Redis and Kafka answer / Prometheus
+
+Admin routes need `Authorization: Bearer $DRIFTLINE_ADMIN_TOKEN` (constant-time compare); with no
+token configured they are closed (403), never open. Client input never causes a 5xx: a body over
+`prediction.max_body_bytes` is 413 before it is parsed, anything that does not fit the schema
+(including NaN/Infinity, which Python's json accepts) is 422 naming the field. 503 means the
+service itself cannot answer yet (no model, Redis down) and says why.
+
+`create_app()` is also the uvicorn factory for several workers
+(`driftline.prediction.app:create_app`): each worker builds its own `Predictor`, follower and log.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from typing import Any
+
+import redis
+from fastapi import Body, Depends, FastAPI, HTTPException, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from ..shared.runtime import service_app
+from ..shared.settings import Settings, get_settings
+from .middleware import BodyLimit
+from .models import NonFiniteOutput
+from .predictor import AdminError, NotReady, Predictor
+from .schemas import (
+    BatchRequest,
+    BatchResponse,
+    ErrorResponse,
+    ModelsResponse,
+    PredictRequest,
+    PredictResponse,
+    ReadyResponse,
+    RollbackRequest,
+    SwapResponse,
+)
+
+SERVICE = "prediction"
+bearer = HTTPBearer(auto_error=False, description="the admin token (DRIFTLINE_ADMIN_TOKEN)")
+
+PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorResponse, "description": "body larger than prediction.max_body_bytes"},
+    422: {"model": ErrorResponse, "description": "input that does not fit the schema; `loc` names the field"},
+    503: {"model": ErrorResponse, "description": "no model loaded yet, or the feature store does not answer"},
+}
+ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "no `Authorization: Bearer` header"},
+    403: {"model": ErrorResponse, "description": "wrong token, or no admin token configured (routes closed)"},
+    404: {"model": ErrorResponse, "description": "no such version"},
+    409: {"model": ErrorResponse, "description": "nothing to roll back to, or the version's artifact was refused"},
+}
+
+
+def validation_error(loc: tuple, msg: str, kind: str) -> RequestValidationError:
+    return RequestValidationError([{"loc": loc, "msg": msg, "type": kind}])
+
+
+def admin_guard(settings: Settings):
+    """The dependency of admin routes: the configured token, compared in constant time."""
+    token = settings.admin_token.get_secret_value().encode() if settings.admin_token else b""
+
+    def require_admin(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if not token:
+            raise HTTPException(403, "admin routes are closed: no admin token is configured "
+                                     "(set DRIFTLINE_ADMIN_TOKEN to open them)")
+        if creds is None:
+            raise HTTPException(401, "admin route: send 'Authorization: Bearer <admin token>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(creds.credentials.encode(), token):
+            raise HTTPException(403, "wrong admin token")
+
+    return require_admin
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    predictor = Predictor(settings)
+    app = service_app(
+        SERVICE,
+        title="driftline prediction",
+        description="Online predictions from the champion model, hot-swapped without a restart.",
+        on_start=predictor.start,
+        on_stop=predictor.stop,
+    )
+    app.state.predictor = predictor
+    app.add_middleware(BodyLimit, max_bytes=settings.prediction.max_body_bytes, service=SERVICE)
+    require_admin = admin_guard(settings)
+    max_batch = settings.prediction.max_batch
+
+    # -- errors: what went wrong, never a 5xx for client input ---------------------------------
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Only loc/msg/type: the offending input may be NaN, which JSON cannot carry back.
+        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+                  for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(NonFiniteOutput)
+    async def non_finite(_request: Request, exc: NonFiniteOutput) -> JSONResponse:
+        return JSONResponse({"detail": [{"loc": ["body", "fields"], "msg": f"{exc} (values far out of range?)",
+                                         "type": "non_finite_output"}]}, status_code=422)
+
+    @app.exception_handler(NotReady)
+    async def not_ready(_request: Request, exc: NotReady) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503)
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_down(_request: Request, exc: redis.RedisError) -> JSONResponse:
+        return JSONResponse({"detail": f"Redis does not answer: {exc}"}, status_code=503)
+
+    @app.exception_handler(AdminError)
+    async def admin_error(_request: Request, exc: AdminError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    # -- predictions ---------------------------------------------------------------------------
+    @app.post("/v1/predict", response_model=PredictResponse, responses=PREDICT_ERRORS, tags=["predict"],
+              summary="Predict for one event with the champion")
+    def predict(req: PredictRequest) -> dict[str, Any]:
+        return predictor.predict(req)
+
+    @app.post("/v1/predict/batch", response_model=BatchResponse, responses=PREDICT_ERRORS, tags=["predict"],
+              summary="Predict for many events, all with one model version")
+    def predict_batch(batch: BatchRequest) -> dict[str, Any]:
+        if len(batch.items) > max_batch:
+            raise validation_error(("body", "items"), f"at most {max_batch} items per batch "
+                                   f"(prediction.max_batch), got {len(batch.items)}", "too_long")
+        items, version = predictor.predict_batch(batch.items)
+        return {"items": items, "model_version": version}
+
+    # -- models --------------------------------------------------------------------------------
+    @app.get("/v1/models", response_model=ModelsResponse, tags=["models"],
+             summary="Champion, challenger, this worker's version, every version with its lineage")
+    def models() -> dict[str, Any]:
+        return {**predictor.models(), "worker": os.getpid()}
+
+    @app.post("/v1/models/rollback", response_model=SwapResponse, responses=ADMIN_ERRORS, tags=["models"],
+              summary="Admin: make the champion's parent (or a given version) the champion",
+              dependencies=[Depends(require_admin)])
+    def rollback(body: RollbackRequest | None = Body(None)) -> dict[str, Any]:
+        return predictor.rollback(body.version if body else None)
+
+    @app.post("/v1/models/{version}/promote", response_model=SwapResponse, responses=ADMIN_ERRORS,
+              tags=["models"], summary="Admin: make this version the champion",
+              dependencies=[Depends(require_admin)])
+    def promote(version: int = Path(..., ge=1, le=2**31 - 1)) -> dict[str, Any]:
+        return predictor.promote(version)
+
+    # -- readiness -----------------------------------------------------------------------------
+    @app.get("/ready", response_model=ReadyResponse, tags=["ops"], responses={503: {"model": ReadyResponse}},
+             summary="200 once a model is loaded and Redis and Kafka answer; 503 with the reasons before")
+    def ready() -> JSONResponse:
+        ok, reasons = predictor.readiness()
+        served = predictor.holder.current
+        body = {"ready": ok, "model_version": served.version if served else None, "reasons": reasons}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    return app

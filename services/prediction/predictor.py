@@ -1,0 +1,254 @@
+"""What the prediction service does, as plain functions on one `Predictor` (the routes only call these).
+
+A prediction: grab the serving (model, version) pair once -> one Redis round trip for the entity
+state through `FeatureStore.vector` (the same `FeatureSet.vector` the features service uses, so
+what is served is what is learned) -> score with the champion -> answer with that version.
+
+With an `event_id`, the request joins the learning loop: the vector (`fv`) and the prediction
+(`p.champion`) are written to the event's snapshot hash with the snapshot TTL, exactly as the
+features service and the learner write them, so a later label for that id is learned from what
+was served; and the Prediction is logged to `predictions` (source "prediction") in the background.
+
+Such requests do NOT update the entity's state. The `events` topic is the single writer of entity
+state: the features service folds each event in once, in partition order, with offsets that make
+redelivery idempotent. A second writer here would count an event twice when the application also
+publishes it (as it must, for the learner to see it), would race the features service on the same
+hash without any order, and would make state depend on which replica answered. Applications that
+want an event to count publish it to `events` (or POST /v1/events) as usual.
+
+Admin actions (rollback, promote) write the registry role, swap this worker at once, and publish
+`model.swaps` so every other replica and worker follows.
+
+It must never load a model on the request path, never wait for Kafka to answer a request, and
+never turn client input into a 5xx.
+
+    >>> p = Predictor(settings); p.start()
+    >>> p.predict(PredictRequest(entity_id="meter-7", fields={"price": 0.3}))
+    {'event_id': '...', 'prediction': '1', 'proba': {...}, 'model_version': 1}
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+import redis
+
+from ..features.definitions import load_feature_set
+from ..features.store import FeatureStore
+from ..shared import kafka, metrics
+from ..shared.codec import get_codec
+from ..shared.keys import Keys
+from ..shared.registry import ModelRegistry, TamperedArtifact, UnknownVersion
+from ..shared.settings import Settings
+from ..shared.topics import Topics
+from .follower import ModelFollower
+from .logger import PredictionLog
+from .models import ModelHolder, ServingModel, score
+from .schemas import PredictRequest
+from .swaps import publish_swap
+
+log = logging.getLogger(__name__)
+SERVICE = "prediction"
+ROLE = "champion"
+PREDICTION_FIELD = f"p.{ROLE}"
+
+
+class NotReady(RuntimeError):
+    """No model to answer with yet, or the feature store does not answer (503)."""
+
+
+class AdminError(RuntimeError):
+    """An admin request that cannot be done as asked; `status` is the HTTP status."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class Predictor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.model_name = settings.learner.model_name
+        self.keys = Keys(settings.namespace)
+        self.topics = Topics(settings.namespace)
+        self.codec = get_codec()
+        # Short timeouts: a Redis that stalls must turn into a quick 503, not a pile of hung requests.
+        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=1.0,
+                                          health_check_interval=30)
+        self.feature_set = load_feature_set(settings.features.set)
+        self.store = FeatureStore(self.redis, self.keys, self.feature_set, settings.features.snapshot_ttl_s,
+                                  service=SERVICE)
+        self.registry = ModelRegistry(self.redis, self.keys, self.model_name,
+                                      settings.model_key.get_secret_value().encode())
+        self.holder = ModelHolder(self.model_name)
+        self.plog = PredictionLog(settings)
+        self.follower = ModelFollower(settings, self.holder, self.registry)
+        self._swap_producer = kafka.producer(settings, **{"message.timeout.ms": 10_000, "logger": log})
+        self._predictions = metrics.PREDICTIONS.labels(SERVICE, self.model_name, ROLE)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        try:
+            self.holder.sync_champion(self.registry)
+        except redis.RedisError as exc:  # the follower retries; /ready says why meanwhile
+            log.warning("could not read the registry at start (%s); will follow it", exc)
+        self.plog.start()
+        self.follower.start()
+
+    def stop(self) -> None:
+        self.follower.stop()
+        self.plog.stop()
+        self._swap_producer.flush(5)
+        self.redis.close()
+
+    # -- predictions --------------------------------------------------------------------------
+    def serving(self) -> ServingModel:
+        served = self.holder.current  # read once: this request's model and version, whatever swaps next
+        if served is None:
+            raise NotReady(f"no model to serve yet: the registry has no champion for model {self.model_name!r}")
+        return served
+
+    def predict(self, req: PredictRequest) -> dict[str, Any]:
+        served = self.serving()
+        ts = req.ts if req.ts is not None else time.time()
+        try:
+            x = self.store.vector(req.entity_id, req.fields, ts)
+        except redis.RedisError as exc:
+            raise NotReady(f"feature store (Redis) does not answer: {exc}") from None
+        answer = self._answer(served, req, x, ts)
+        if req.event_id is not None:
+            self._join_learning_loop([(req, x, ts, answer)], served)
+        return answer
+
+    def predict_batch(self, reqs: list[PredictRequest]) -> tuple[list[dict[str, Any]], int]:
+        """Every item scored by the same version; entity states in one round trip."""
+        served = self.serving()
+        now = time.time()
+        try:
+            states = self.store.read_states(r.entity_id for r in reqs)
+        except redis.RedisError as exc:
+            raise NotReady(f"feature store (Redis) does not answer: {exc}") from None
+        answers, joined = [], []
+        for req in reqs:
+            ts = req.ts if req.ts is not None else now
+            x = self.feature_set.vector(states[req.entity_id], req.fields, ts)
+            answer = self._answer(served, req, x, ts)
+            answers.append(answer)
+            if req.event_id is not None:
+                joined.append((req, x, ts, answer))
+        if joined:
+            self._join_learning_loop(joined, served)
+        return answers, served.version
+
+    def _answer(self, served: ServingModel, req: PredictRequest, x: dict[str, float], ts: float) -> dict[str, Any]:
+        prediction, proba = score(served.model, x)
+        self._predictions.inc()
+        return {"event_id": req.event_id or uuid.uuid4().hex, "prediction": prediction, "proba": proba,
+                "model_version": served.version}
+
+    def _join_learning_loop(self, joined: list, served: ServingModel) -> None:
+        """Keep each event's vector and prediction for its label (one round trip), then log the
+        predictions in the background."""
+        now_ms = int(time.time() * 1000)
+        vectors, records = [], []
+        for req, x, ts, answer in joined:
+            vectors.append({"event_id": req.event_id, "entity_id": req.entity_id, "ts": ts, "features": x,
+                            "feature_set": self.feature_set.name, "published_ms": now_ms})
+            records.append({"event_id": req.event_id, "entity_id": req.entity_id, "ts": ts,
+                            "model": self.model_name, "model_version": served.version, "role": ROLE,
+                            "y_pred": answer["prediction"], "proba": answer["proba"], "source": SERVICE,
+                            "published_ms": now_ms})
+        pipe = self.redis.pipeline(transaction=False)
+        self.store.queue_snapshots(pipe, vectors)
+        for record in records:  # after queue_snapshots' EXPIRE: HSET keeps the key's TTL
+            pipe.hset(self.keys.snapshot(record["event_id"]), PREDICTION_FIELD,
+                      self.codec.encode("Prediction", record))
+        try:
+            self.store.execute(pipe, "write_snapshots")
+        except redis.RedisError as exc:
+            raise NotReady(f"feature store (Redis) does not answer: {exc}") from None
+        for record in records:
+            self.plog.log(record, key=record["entity_id"])
+
+    # -- readiness ----------------------------------------------------------------------------
+    def readiness(self) -> tuple[bool, list[str]]:
+        reasons = []
+        if self.holder.current is None:
+            reasons.append(f"no model loaded: the registry has no (loadable) champion for {self.model_name!r}")
+        try:
+            self.redis.ping()
+        except redis.RedisError as exc:
+            reasons.append(f"redis does not answer: {exc}")
+        try:
+            self.plog.producer.list_topics(self.topics.predictions, timeout=1.0)
+        except Exception as exc:  # KafkaException, or a timeout
+            reasons.append(f"kafka does not answer: {exc}")
+        else:
+            if not self.follower.assigned:
+                reasons.append("not following model.swaps / model.updates yet")
+        ready = not reasons
+        metrics.MODEL_READY.labels(SERVICE).set(1 if ready else 0)
+        return ready, reasons
+
+    # -- the registry view and admin actions --------------------------------------------------
+    def models(self) -> dict[str, Any]:
+        served = self.holder.current
+        return {
+            "model": self.model_name,
+            "champion": self.registry.champion(),
+            "challenger": self.registry.challenger(),
+            "serving": served.version if served else None,
+            "serving_revision": served.revision if served else None,
+            "refused": {str(v): why for v, why in self.holder.refused.items()},
+            "versions": self.registry.versions(),
+        }
+
+    def rollback(self, version: int | None) -> dict[str, Any]:
+        """Make `version` (default: the champion's parent) the champion."""
+        champion = self.registry.champion()
+        if version is None:
+            if champion is None:
+                raise AdminError(409, "there is no champion to roll back from")
+            parent = self.registry.meta(champion).get("parent")
+            if parent is None:
+                raise AdminError(409, f"champion version {champion} has no parent to roll back to; name a version")
+            version = int(parent)
+        return self._make_champion(version, champion, "rollback")
+
+    def promote(self, version: int) -> dict[str, Any]:
+        champion = self.registry.champion()
+        result = self._make_champion(version, champion, "manual")
+        if self.registry.challenger() == version:
+            self.registry.set_role("challenger", None)  # it no longer shadows: it serves
+        return result
+
+    def _make_champion(self, version: int, from_version: int | None, reason: str) -> dict[str, Any]:
+        try:
+            self.registry.load(version)  # the signature is checked before it can become anyone's champion
+        except UnknownVersion:
+            raise AdminError(404, f"model {self.model_name!r} has no version {version}") from None
+        except TamperedArtifact as exc:
+            raise AdminError(409, f"version {version} is refused: {exc}") from None
+        self.registry.set_role(ROLE, version)
+        self.holder.load(self.registry, version)  # this worker at once; the others by model.swaps
+        metrics.MODEL_SWAPS.labels(self.model_name, reason).inc()
+        published = self._publish_swap(from_version, version, reason)
+        return {"model": self.model_name, "from_version": from_version, "to_version": version,
+                "reason": reason, "published": published}
+
+    def _publish_swap(self, from_version: int | None, to_version: int, reason: str) -> bool:
+        position = 0
+        if from_version is not None:
+            try:  # best effort: how far the outgoing champion had learned
+                position = int(self.registry.meta(from_version).get("examples_seen", 0))
+            except UnknownVersion:
+                pass
+        published = publish_swap(self._swap_producer, self.topics, model=self.model_name,
+                                 from_version=from_version, to_version=to_version, reason=reason, position=position)
+        if published:
+            metrics.MESSAGES_OUT.labels(SERVICE, "model.swaps").inc()
+        return published

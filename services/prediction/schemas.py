@@ -1,0 +1,125 @@
+"""Request and response models of the prediction API; they are also its OpenAPI documentation.
+
+Numbers must be finite JSON numbers: Python's `json` accepts the non-standard literals `NaN` and
+`Infinity` (and turns `1e999` into infinity), so the models refuse non-finite values explicitly
+(422 naming the field). Strings are never coerced to numbers, nor booleans.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Id = Annotated[str, Field(min_length=1, max_length=256)]
+MAX_FIELDS = 1024
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"entity_id": "meter-7", "fields": {"nswprice": 0.056, "vicdemand": 0.42}},
+                {"entity_id": "meter-7", "fields": {"nswprice": 0.061}, "event_id": "ev-1001",
+                 "ts": 1700000000.0},
+            ]
+        },
+    )
+
+    entity_id: Id = Field(description="whose online state to read (an unknown entity has an empty state)")
+    fields: dict[Annotated[str, Field(max_length=256)], FiniteFloat] = Field(
+        max_length=MAX_FIELDS, description="the event's numeric fields"
+    )
+    event_id: Id | None = Field(
+        None,
+        description="give it to join the learning loop: the vector and prediction are kept for this "
+        "event's later label, and the prediction is logged to the `predictions` topic",
+    )
+    ts: FiniteFloat | None = Field(None, description="event time, epoch seconds (default: now)")
+
+
+class PredictResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"event_id": "ev-1001", "prediction": "1", "proba": {"0": 0.31, "1": 0.69},
+                          "model_version": 3}]
+        }
+    )
+
+    event_id: str = Field(description="the request's event_id, or one generated for it")
+    prediction: str | None = Field(description="most probable label; null before the model has seen any")
+    proba: dict[str, float] = Field(description="probability of each label")
+    model_version: int = Field(description="the version that made this prediction")
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"items": [{"entity_id": "a", "fields": {"x": 1.0}},
+                                                   {"entity_id": "b", "fields": {"x": 2.5}}]}]},
+    )
+
+    items: list[PredictRequest] = Field(description="at most `prediction.max_batch` requests")
+
+
+class BatchResponse(BaseModel):
+    items: list[PredictResponse] = Field(description="one answer per item, in order, all from one model version")
+    model_version: int
+
+
+class VersionInfo(BaseModel):
+    """A registry version and its lineage (extra lineage fields pass through)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    version: int
+    parent: int | None = None
+    reason: str | None = None
+    drift_id: str | None = None
+    spec: str | None = None
+    created_at: float | None = None
+    updated_at: float | None = None
+    examples_seen: int = 0
+    revision: int = 0
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelsResponse(BaseModel):
+    model: str = Field(description="model name")
+    champion: int | None = Field(description="the registry's champion version")
+    challenger: int | None = Field(description="the registry's challenger version, if one is shadowing")
+    serving: int | None = Field(description="the version this worker serves now")
+    serving_revision: int | None = None
+    worker: int = Field(description="process id of the worker that answered (several uvicorn workers)")
+    refused: dict[str, str] = Field(default_factory=dict,
+                                    description="versions whose artifact this worker refused, and why")
+    versions: list[VersionInfo] = Field(description="every version, oldest first, with lineage")
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{}, {"version": 2}]})
+
+    version: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="the version to go back to (default: the champion's parent)"
+    )
+
+
+class SwapResponse(BaseModel):
+    model: str
+    from_version: int | None
+    to_version: int
+    reason: str = Field(description="rollback | manual")
+    published: bool = Field(description="whether model.swaps took the message (other replicas follow it; "
+                            "if not, they catch up from the registry within seconds)")
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    model_version: int | None
+    reasons: list[str] = Field(description="what is missing, when not ready")
+
+
+class ErrorResponse(BaseModel):
+    detail: Any

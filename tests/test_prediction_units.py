@@ -1,0 +1,112 @@
+"""Pure pieces of the prediction service, without Kafka or Redis: scoring and label mapping, the
+body-size guard, the admin guard and the serving reference."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from fastapi import HTTPException
+from fastapi.security import HTTPAuthorizationCredentials
+from pydantic import SecretStr
+from river import linear_model, tree
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from driftline.prediction.app import admin_guard
+from driftline.prediction.middleware import BodyLimit
+from driftline.prediction.models import ModelHolder, NonFiniteOutput, ServingModel, score
+from driftline.shared.settings import Settings
+
+
+def test_score_gives_string_labels_and_the_argmax_as_prediction():
+    model = linear_model.LogisticRegression()
+    for _ in range(20):
+        model.learn_one({"a": 1.0}, True)
+        model.learn_one({"a": -1.0}, False)
+    prediction, proba = score(model, {"a": 2.0})
+    assert set(proba) == {"0", "1"}  # bools come back as the label strings "0"/"1"
+    assert prediction == "1" and proba["1"] > 0.5
+
+
+def test_a_model_that_knows_no_label_yet_predicts_none():
+    assert score(tree.HoeffdingTreeClassifier(), {"a": 1.0}) == (None, {})
+
+
+def test_non_finite_probabilities_are_refused_not_served():
+    class Broken:
+        def predict_proba_one(self, x):
+            return {True: float("nan"), False: float("nan")}
+
+    with pytest.raises(NonFiniteOutput):
+        score(Broken(), {"a": 1.0})
+
+
+def test_a_swap_replaces_the_whole_pair_a_request_grabbed_keeps_its_own():
+    holder = ModelHolder("m")
+    holder.swap(ServingModel(model="old", version=1, revision=0))
+    grabbed = holder.current
+    holder.swap(ServingModel(model="new", version=2, revision=0))
+    assert (grabbed.model, grabbed.version) == ("old", 1)
+    assert (holder.current.model, holder.current.version) == ("new", 2)
+
+
+def _echo_app(limit: int) -> BodyLimit:
+    async def echo(request: Request) -> JSONResponse:
+        return JSONResponse({"size": len(await request.body())})
+
+    return BodyLimit(Starlette(routes=[Route("/", echo, methods=["POST"])]), max_bytes=limit, service="test")
+
+
+def _post(app, **kwargs) -> httpx.Response:
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await c.post("/", **kwargs)
+
+    return asyncio.run(go())
+
+
+def test_body_limit_refuses_a_declared_length_over_the_limit_and_passes_one_at_the_limit():
+    app = _echo_app(100)
+    assert _post(app, content=b"x" * 101).status_code == 413
+    r = _post(app, content=b"x" * 100)
+    assert r.status_code == 200 and r.json() == {"size": 100}
+
+
+def test_body_limit_counts_a_streamed_body_without_content_length():
+    app = _echo_app(100)
+
+    async def stream():
+        for _ in range(5):
+            yield b"y" * 30
+
+    assert _post(app, content=stream()).status_code == 413
+
+    async def small():
+        for _ in range(3):
+            yield b"y" * 30
+
+    assert _post(app, content=small()).json() == {"size": 90}
+
+
+def test_body_limit_refuses_a_content_length_that_is_not_a_number():
+    assert _post(_echo_app(100), content=b"{}", headers={"content-length": "lots"}).status_code == 400
+
+
+def test_admin_guard_closed_without_token_401_without_header_403_on_a_wrong_token():
+    def status(token, creds):
+        guard = admin_guard(Settings(admin_token=SecretStr(token) if token else None))
+        try:
+            guard(HTTPAuthorizationCredentials(scheme="Bearer", credentials=creds) if creds else None)
+        except HTTPException as exc:
+            return exc.status_code
+        return 200
+
+    assert status(None, "anything") == 403
+    assert status("", "") == 403
+    assert status("t0k", None) == 401
+    assert status("t0k", "t0K") == 403
+    assert status("t0k", "t0k") == 200
