@@ -1,0 +1,212 @@
+"""`driftline bench drift`: how the drift policy and the champion/challenger rule behave on streams
+with a known drift (and on stationary ones), next to the same model never retrained and to river's
+HoeffdingAdaptiveTreeClassifier (HAT), all in-process.
+
+What runs: IN-PROCESS, not through Kafka. Each stream is replayed with label delay 0 through the
+same code the services run -- `drift.policy.RetrainPolicy` (detector, error-went-up gate, cooldown)
+fed with the champion's errors, and the learner's pieces (`learner.spec.parse_model`,
+`learner.champion.Contest`, warm start on the last `warm_start` examples) for challengers, shadowing
+and promotion -- so the figures do not depend on the machine's load. The end-to-end tests
+(tests/test_drift_e2e.py) check the same behaviour through the real services.
+
+    >>> result = run(Path("reports/bench"), quick=True)     # JSON + drift.md table + drift.png
+
+Per (stream, model): detection delay, false alarms (concept drift alarms before the drift),
+examples from the drift to the first promotion, accuracy over the 10,000 examples after the drift
+for driftline / never retrained / HAT; on stationary streams the overall accuracies and alarms.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from ..drift.policy import RetrainPolicy
+from ..learner.champion import Contest
+from ..learner.labels import argmax, proba_to_text, to_river
+from ..learner.spec import parse_model
+from ..replay.datasets import load
+from ..shared.settings import DriftSettings, LearnerSettings
+
+TREE = "tree.HoeffdingTreeClassifier()"
+LOGREG = "preprocessing.StandardScaler() | linear_model.LogisticRegression()"
+HAT = "tree.HoeffdingAdaptiveTreeClassifier()"
+DRIFTING = ("agrawal-abrupt", "sea-abrupt", "agrawal-gradual")
+STATIONARY = ("agrawal-stationary", "sea-stationary")
+AFTER = 10_000
+
+
+def predict(model, x) -> str | None:
+    return argmax(proba_to_text(model.predict_proba_one(x)))
+
+
+def prequential_hits(dataset: str, spec: str) -> list[int]:
+    """1/0 per example for a model that is never retrained (test-then-train)."""
+    model = parse_model(spec)
+    hits = []
+    for x, y, _ in load(dataset).rows():
+        hits.append(int(predict(model, x) == y))
+        model.learn_one(x, to_river(y))
+    return hits
+
+
+def simulate(dataset: str, spec: str, drift: DriftSettings | None = None,
+             learner: LearnerSettings | None = None) -> dict[str, Any]:
+    """The champion's hits with driftline's policy and promotion rule, plus what happened."""
+    drift = drift or DriftSettings()
+    learner = learner or LearnerSettings()
+    policy = RetrainPolicy(drift, model="bench", clock=lambda: 0.0)
+    champion, version, challenger, contest = parse_model(spec), 1, None, None
+    policy.swap(version)
+    buffer: deque = deque(maxlen=max(1, learner.warm_start))
+    hits, alarms, requests, swaps, dropped = [], [], [], [], []
+    for position, (x, y, _) in enumerate(load(dataset).rows()):
+        y_pred = predict(champion, x)
+        hit = y_pred == y
+        hits.append(int(hit))
+        challenger_hit = predict(challenger, x) == y if challenger is not None else None
+        for action in policy.observe(position, hit, version):
+            if action.kind == "drift":
+                alarms.append({k: action.record[k] for k in ("position", "level", "error_before", "error_after")})
+            elif action.kind == "retrain":
+                requests.append(position)
+                if challenger is None:
+                    challenger = parse_model(spec)
+                    for bx, by in buffer:
+                        challenger.learn_one(bx, to_river(by))
+                    contest = Contest(learner.promote_after, learner.promote_margin, learner.max_shadow)
+        yr = to_river(y)
+        champion.learn_one(x, yr)
+        if challenger is not None:
+            challenger.learn_one(x, yr)
+        buffer.append((x, y))
+        if contest is not None and challenger_hit is not None:
+            contest.record(hit, challenger_hit)
+            verdict = contest.verdict()
+            if verdict == "promote":
+                champion, version, challenger, contest = challenger, version + 1, None, None
+                policy.swap(version)
+                swaps.append(position)
+            elif verdict == "drop":
+                challenger, contest = None, None
+                dropped.append(position)
+    return {"hits": hits, "alarms": alarms, "requests": requests, "swaps": swaps, "dropped": dropped}
+
+
+def mean(xs) -> float:
+    xs = list(xs)
+    return round(sum(xs) / len(xs), 4) if xs else 0.0
+
+
+def evaluate(dataset: str, spec: str, hat_hits: list[int] | None = None) -> dict[str, Any]:
+    ds = load(dataset)
+    started = time.perf_counter()
+    sim = simulate(dataset, spec)
+    never = prequential_hits(dataset, spec)
+    hat = hat_hits if hat_hits is not None else prequential_hits(dataset, HAT)
+    concept = [a for a in sim["alarms"] if a["level"] == "drift"]
+    row: dict[str, Any] = {"dataset": dataset, "model": spec, "examples": len(sim["hits"]),
+                           "alarms": [a["position"] for a in concept], "retrain_requests": sim["requests"],
+                           "swaps": sim["swaps"], "challengers_dropped": sim["dropped"]}
+    if ds.drift_positions:
+        at = ds.drift_positions[0]
+        start = at - ds.drift_width // 2  # a gradual drift starts half its width early
+        after = [a["position"] for a in concept if a["position"] >= start]
+        later_swaps = [s for s in sim["swaps"] if s >= start]
+        window = slice(at, at + AFTER)
+        row.update({
+            "drift_at": at,
+            "detection_delay": after[0] - at if after else None,
+            "false_alarms": sum(1 for a in concept if a["position"] < start),
+            "examples_to_swap": later_swaps[0] - at if later_swaps else None,
+            "accuracy_after": mean(sim["hits"][window]),
+            "accuracy_after_never_retrained": mean(never[window]),
+            "accuracy_after_hat": mean(hat[window]),
+            "accuracy_before": mean(sim["hits"][max(0, at - AFTER):at]),
+        })
+    else:
+        row.update({
+            "false_alarms": len(concept),
+            "accuracy": mean(sim["hits"]),
+            "accuracy_never_retrained": mean(never),
+            "accuracy_hat": mean(hat),
+        })
+    row["wall_s"] = round(time.perf_counter() - started, 1)
+    row["_curves"] = {"driftline": sim["hits"], "never": never, "hat": hat}
+    return row
+
+
+def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
+    datasets = ("agrawal-abrupt", "sea-stationary") if quick else DRIFTING + STATIONARY
+    models = (TREE,) if quick else (TREE, LOGREG)
+    rows = []
+    for dataset in datasets:
+        hat = prequential_hits(dataset, HAT)  # the same for both models
+        for spec in models:
+            rows.append(evaluate(dataset, spec, hat))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(rows)
+    (out_dir / "drift.md").write_text(table + "\n")
+    plot(rows, out_dir / "drift.png")
+    print(table)
+    settings = DriftSettings()
+    return {
+        "mode": "in-process: drift.policy.RetrainPolicy + learner Contest/warm start (not through Kafka)",
+        "detector": settings.detector, "cooldown": settings.cooldown,
+        "min_error_increase": settings.min_error_increase,
+        "learner": {k: getattr(LearnerSettings(), k) for k in ("warm_start", "promote_after", "promote_margin",
+                                                                 "max_shadow")},
+        "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
+        "table": str(out_dir / "drift.md"), "plot": str(out_dir / "drift.png"),
+    }
+
+
+def short(spec: str) -> str:
+    return "HoeffdingTree" if spec == TREE else "LogReg" if spec == LOGREG else spec
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| stream | model | delay | false alarms | to swap | acc. after (driftline / never / HAT) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "drift_at" in r:
+            acc = f"{r['accuracy_after']:.3f} / {r['accuracy_after_never_retrained']:.3f} / {r['accuracy_after_hat']:.3f}"
+            lines.append(f"| {r['dataset']} | {short(r['model'])} | {r['detection_delay']} | {r['false_alarms']} | "
+                         f"{r['examples_to_swap']} | {acc} |")
+        else:
+            acc = f"{r['accuracy']:.3f} / {r['accuracy_never_retrained']:.3f} / {r['accuracy_hat']:.3f} (whole stream)"
+            lines.append(f"| {r['dataset']} | {short(r['model'])} | - | {r['false_alarms']} | "
+                         f"{r['swaps'][0] if r['swaps'] else '-'} | {acc} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, window: int = 500) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 1, figsize=(10, 2.3 * len(rows)), dpi=100, sharex=True, squeeze=False)
+    for ax, r in zip(axes[:, 0], rows):
+        for name, color in (("driftline", "#1f77b4"), ("never", "#7f7f7f"), ("hat", "#2ca02c")):
+            hits = r["_curves"][name]
+            xs = list(range(window, len(hits) + 1, window))
+            ax.plot(xs, [sum(hits[x - window:x]) / window for x in xs], color=color, linewidth=1.1,
+                    label={"driftline": "driftline", "never": "never retrained", "hat": "HAT"}[name])
+        if r.get("drift_at") is not None:
+            ax.axvline(r["drift_at"], color="orange", linewidth=3, alpha=0.4)
+        for a in r["alarms"]:
+            ax.axvline(a, color="red", linewidth=0.8)
+        for s in r["swaps"]:
+            ax.scatter([s], [1.0], marker="v", color="green", s=30, zorder=5)
+        ax.set_title(f"{r['dataset']} — {short(r['model'])}", fontsize=9)
+        ax.set_ylim(0.3, 1.02)
+        ax.set_ylabel("accuracy")
+    axes[0, 0].legend(loc="lower left", fontsize=7)
+    axes[-1, 0].set_xlabel(f"examples (accuracy per {window})")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
