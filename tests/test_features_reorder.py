@@ -41,6 +41,16 @@ def test_an_item_waits_for_every_partition_of_the_other_stream_to_pass_its_time(
     assert order(buf.pop_ready(now=0.0)) == [("L", 20.0)]
 
 
+def test_a_partition_known_to_hold_data_holds_the_other_stream_until_it_shows_some():
+    buf = ReorderBuffer(wait_s=10)
+    buf.expect((EV, 3), EVENT)  # assigned, with unread events
+    buf.add(ev(30.0, partition=0))
+    buf.add(lb(20.0))
+    assert buf.pop_ready(now=0.0) == []
+    buf.add(ev(25.0, partition=3))
+    assert order(buf.pop_ready(now=0.0)) == [("L", 20.0)]
+
+
 def test_a_label_at_the_same_time_as_an_event_goes_first():
     buf = ReorderBuffer(wait_s=10)
     buf.add(ev(5.0))

@@ -62,48 +62,80 @@ def _pick(names: list[str], fields: dict[str, float]) -> list[str]:
     return sorted(fields) if names == ["*"] else [n for n in names if n in fields]
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """The state keys and feature names for one set of field names, built once (hot path)."""
+
+    deltas: list[tuple[str, str, str]]  # field, state key of its previous value, feature name
+    ewms: list[tuple[float, str, str, str, tuple[str | None, str | None, str | None, str | None]]]
+    # alpha, field, mean key, variance key, names of (mean, std, dev, z) features or None
+
+
 class FeatureSet:
     """A compiled FeatureSpec: `vector` reads the state, `apply_event`/`apply_label` update it."""
+
+    _MAX_PLANS = 1024
 
     def __init__(self, spec: FeatureSpec) -> None:
         self.spec = spec
         digest = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:8]
         self.name = f"{spec.name}@{digest}"
+        self._plans: dict[tuple[str, ...], _Plan] = {}
 
     @property
     def stateful(self) -> bool:
         s = self.spec
         return bool(s.count or s.since_last or s.delta or s.ewm_alphas or s.last_label)
 
+    def _plan(self, fields: dict[str, float]) -> _Plan:
+        names = tuple(fields)
+        plan = self._plans.get(names)
+        if plan is None:
+            s, outs = self.spec, self.spec.ewm_outputs
+            plan = _Plan(
+                deltas=[(f, f"prev:{f}", f"{f}_delta") for f in _pick(s.delta, fields)],
+                ewms=[
+                    (alpha, f, f"ewm:{alpha}:{f}", f"ewv:{alpha}:{f}", (
+                        f"{f}_ewm{alpha}" if "mean" in outs else None,
+                        f"{f}_ewstd{alpha}" if "std" in outs else None,
+                        f"{f}_dev{alpha}" if "dev" in outs else None,
+                        f"{f}_z{alpha}" if "z" in outs else None,
+                    ))
+                    for alpha in s.ewm_alphas for f in _pick(s.ewm_fields, fields)
+                ],
+            )
+            if len(self._plans) >= self._MAX_PLANS:  # events with ever-new field names
+                self._plans.clear()
+            self._plans[names] = plan
+        return plan
+
     def vector(self, state: State, fields: dict[str, float], ts: float) -> dict[str, float]:
         """The features of an event, from the entity's state before it."""
         s = self.spec
+        plan = self._plan(fields)
         x: dict[str, float] = dict(fields) if s.fields else {}
-        n = float(state.get("n", 0))
         if s.count:
-            x["_count"] = math.log1p(n)
+            x["_count"] = math.log1p(float(state.get("n", 0)))
         if s.since_last:
             last_ts = state.get("ts")
             x["_since_last"] = max(0.0, ts - float(last_ts)) if last_ts is not None else 0.0
-        for f in _pick(s.delta, fields):
-            prev = state.get(f"prev:{f}")
-            x[f"{f}_delta"] = fields[f] - float(prev) if prev is not None else 0.0
-        for alpha in s.ewm_alphas:
-            for f in _pick(s.ewm_fields, fields):
-                mean = state.get(f"ewm:{alpha}:{f}")
-                var = float(state.get(f"ewv:{alpha}:{f}", 0.0))
-                mean_f = float(mean) if mean is not None else fields[f]
-                std = math.sqrt(max(var, 0.0))
-                dev = fields[f] - mean_f
-                outs = s.ewm_outputs
-                if "mean" in outs:
-                    x[f"{f}_ewm{alpha}"] = mean_f
-                if "std" in outs:
-                    x[f"{f}_ewstd{alpha}"] = std
-                if "dev" in outs:
-                    x[f"{f}_dev{alpha}"] = dev
-                if "z" in outs:
-                    x[f"{f}_z{alpha}"] = dev / std if std > 1e-9 else 0.0
+        for f, prev_key, name in plan.deltas:
+            prev = state.get(prev_key)
+            x[name] = fields[f] - float(prev) if prev is not None else 0.0
+        for _alpha, f, mean_key, var_key, (mean_name, std_name, dev_name, z_name) in plan.ewms:
+            mean = state.get(mean_key)
+            value = fields[f]
+            mean_f = float(mean) if mean is not None else value
+            std = math.sqrt(max(float(state.get(var_key, 0.0)), 0.0))
+            dev = value - mean_f
+            if mean_name:
+                x[mean_name] = mean_f
+            if std_name:
+                x[std_name] = std
+            if dev_name:
+                x[dev_name] = dev
+            if z_name:
+                x[z_name] = dev / std if std > 1e-9 else 0.0
         if s.last_label:
             x.update(self._label_features(state.get("label")))
         return x
@@ -122,25 +154,25 @@ class FeatureSet:
 
     def apply_event(self, state: State, fields: dict[str, float], ts: float) -> None:
         """Fold an event into its entity's state (after its vector was taken)."""
-        s = self.spec
+        plan = self._plan(fields)
         state["n"] = int(state.get("n", 0)) + 1
         state["ts"] = ts
-        for f in _pick(s.delta, fields):
-            state[f"prev:{f}"] = fields[f]
-        for alpha in s.ewm_alphas:
-            for f in _pick(s.ewm_fields, fields):
-                mean = state.get(f"ewm:{alpha}:{f}")
-                if mean is None:
-                    state[f"ewm:{alpha}:{f}"] = fields[f]
-                    state[f"ewv:{alpha}:{f}"] = 0.0
-                    continue
-                # West's incremental exponentially weighted mean and variance.
-                mean = float(mean)
-                var = float(state.get(f"ewv:{alpha}:{f}", 0.0))
-                diff = fields[f] - mean
-                incr = alpha * diff
-                state[f"ewm:{alpha}:{f}"] = mean + incr
-                state[f"ewv:{alpha}:{f}"] = (1 - alpha) * (var + diff * incr)
+        for f, prev_key, _name in plan.deltas:
+            state[prev_key] = fields[f]
+        for alpha, f, mean_key, var_key, _names in plan.ewms:
+            mean = state.get(mean_key)
+            value = fields[f]
+            if mean is None:
+                state[mean_key] = value
+                state[var_key] = 0.0
+                continue
+            # West's incremental exponentially weighted mean and variance.
+            mean = float(mean)
+            var = float(state.get(var_key, 0.0))
+            diff = value - mean
+            incr = alpha * diff
+            state[mean_key] = mean + incr
+            state[var_key] = (1 - alpha) * (var + diff * incr)
 
     def apply_label(self, state: State, label: str, event_ts: float) -> bool:
         """Record a label as the entity's last known one, unless a label of a later event is

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from ..shared import kafka, metrics
 from ..shared.codec import DecodeError, get_codec
@@ -117,6 +117,11 @@ class ReorderBuffer:
         q.append(item)
         self.pending += 1
 
+    def expect(self, tp: tuple[str, int], kind: int) -> None:
+        """A newly assigned partition that holds unread data: the other stream waits for it too
+        (an empty one does not, or an idle partition would hold everything up)."""
+        self.latest.setdefault(tp, (kind, -math.inf))
+
     def mark(self, kind: int) -> float:
         """How far in time every partition of a stream has got (-inf before it showed anything)."""
         return min((ts for k, ts in self.latest.values() if k == kind), default=-math.inf)
@@ -172,6 +177,7 @@ class FeaturesWorker(StreamWorker):
         self._last_batch = 0  # messages the last consume gave: a full batch means a backlog
         self._committed: dict[tuple[str, int], int] = {}
         self._paused: set[tuple[str, int]] = set()
+        self._assigned: list[tuple[str, int]] = []
         # A partition with this many items waiting is paused, so that the consumer fetches the
         # other stream instead of buffering one (librdkafka hands out a partition in big chunks).
         self.max_waiting_per_partition = self.batch_size
@@ -182,8 +188,26 @@ class FeaturesWorker(StreamWorker):
 
     def open_consumer(self) -> Consumer:
         c = kafka.consumer(self.settings, self.topics.group(self.service))
-        c.subscribe(self.input_topics(), on_revoke=self._on_revoke)
+        c.subscribe(self.input_topics(), on_assign=self._on_assign, on_revoke=self._on_revoke)
         return c
+
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned.extend((p.topic, p.partition) for p in partitions)
+
+    def expect_assigned(self) -> None:
+        """Tell the merge which new partitions still hold data (asked once per assignment)."""
+        if not self._assigned or self.consumer is None:
+            return
+        tps, self._assigned = self._assigned, []
+        try:
+            committed = self.consumer.committed([TopicPartition(*tp) for tp in tps], timeout=10)
+            for tp in committed:
+                low, high = self.consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=5)
+                if (tp.offset if tp.offset >= 0 else low) < high:
+                    kind = EVENT if tp.topic == self.topics.events_valid else LABEL
+                    self.buffer.expect((tp.topic, tp.partition), kind)
+        except KafkaException:  # best effort: without it, the bounded wait still applies
+            log.warning("could not read the new partitions' offsets", exc_info=True)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
@@ -212,6 +236,7 @@ class FeaturesWorker(StreamWorker):
     # -- the loop: consume -> decode -> merge -> read, compute, write -> produce -> commit -----
     def handle(self, messages: list[Message]) -> None:
         self._last_batch = len(messages)
+        self.expect_assigned()
         with _stage("decode"):
             now = time.monotonic()
             for m in messages:
