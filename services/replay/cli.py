@@ -45,7 +45,7 @@ def demo(
     dataset: str = typer.Argument("elec2", help=DATASET_HELP),
     limit: int = typer.Option(None, help="publish at most N rows"),
     rate: float = typer.Option(0.0, help="events per second (0 = as fast as it goes)"),
-    label_delay: int = typer.Option(0, help="the label of event i is published right after event i+N"),
+    label_delay: int = typer.Option(100, help="the label of event i is published right after event i+N"),
     model: str = typer.Option(None, help="river model spec for the learner (default: settings)"),
     features: str = typer.Option(None, help="default|raw|PATH (default: settings)"),
     report: Path = typer.Option(Path("reports/demo"), help="folder for report.json and report.png"),

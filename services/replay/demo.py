@@ -4,7 +4,8 @@
 
 Starts the local Kafka and Redis (unless they already run), starts the five services with the
 chosen model and features, replays the dataset, writes the report, and stops everything it
-started, also on Ctrl-C, SIGTERM or failure. Each demo runs in a namespace of its own
+started, also on Ctrl-C, SIGTERM or failure. Labels come 100 events late by default (delayed
+feedback, as in production; `--label-delay 0` shows the last-label feature at its best). Each demo runs in a namespace of its own
 (`demo-<id>`: its own topics, consumer groups and Redis keys), so a second demo starts from a
 fresh model instead of the first one's; the namespace is deleted at the end unless `keep`.
 It never stops a Kafka, Redis or service that it did not start.
@@ -49,7 +50,7 @@ def demo(
     *,
     limit: int | None = None,
     rate: float = 0.0,
-    label_delay: int = 0,
+    label_delay: int = 100,
     model: str | None = None,
     features: str | None = None,
     report_dir: Path = Path("reports/demo"),

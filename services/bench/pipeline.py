@@ -1,0 +1,280 @@
+"""`driftline bench pipeline`: the whole loop (events + labels through ingestion, features and the
+learner) against river's own in-process loop, the latency to a prediction, and the quality figure.
+
+    >>> result = run(Path("reports/bench"), quick=True)
+    >>> result["throughput"]["logreg"]["ratio"], result["latency_ms"]["p99"], result["quality"]["accuracy"]
+
+It starts its own Kafka and Redis (free ports, a temporary home); each phase gets a fresh
+namespace and its own ingestion, features and learner processes (`driftline serve NAME`, as in
+production) with the model and features it needs, and replays Elec2 through them with
+`driftline replay`'s code. Phases:
+
+1. throughput, per model (StandardScaler | LogisticRegression, ARFClassifier): raw features,
+   label delay 100, as fast as it goes; examples learned per second from the first event published
+   to the last label learned, next to river's predict_proba_one + learn_one loop on the same rows
+   in this process, in this run, as a ratio;
+2. latency: events at 1,000 ev/s (labels 100 behind); for each event, the time from its
+   publication (`published_ms`, the producer's Kafka timestamp) to its prediction arriving on
+   `predictions` (p50, p95, p99);
+3. quality: Elec2 with the default features and label delay 0, prequential accuracy of the
+   default model (quick: the first 10,000 rows).
+
+Not a test: nothing here asserts. Stops everything it started, also on failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+from confluent_kafka import OFFSET_END, TopicPartition
+from rich.console import Console
+
+from ..infra import stack
+from ..replay.datasets import load
+from ..replay.publish import replay
+from ..shared import kafka
+from ..shared.codec import get_codec
+from ..shared.settings import DEFAULT_MODEL, Ports, Settings, settings_env
+from ..shared.topics import Topics
+
+MODELS = {"logreg": DEFAULT_MODEL, "arf": "forest.ARFClassifier(seed=42)"}
+AIM_RATIO = {"logreg": 0.10, "arf": 0.8}
+AIM_QUALITY = 0.89
+SERVICES = ("ingestion", "features", "learner")
+THROUGHPUT_DELAY = 100
+console = Console(stderr=True)
+
+
+def run(out_dir: Path, quick: bool) -> dict:
+    rows = {"logreg": 5_000 if quick else 20_000, "arf": 3_000 if quick else 10_000}
+    latency_s = 5 if quick else 15
+    quality_rows = 10_000 if quick else None
+    result: dict = {"quick": quick, "cores": os.cpu_count(), "label_delay_throughput": THROUGHPUT_DELAY}
+    with BenchStack() as bench:
+        result["throughput"] = {}
+        for name, spec in MODELS.items():
+            console.rule(f"throughput: {name}")
+            in_process = in_process_rate(spec, rows[name])
+            report = bench.replay(spec, "raw", limit=rows[name], label_delay=THROUGHPUT_DELAY)
+            pipeline = report["throughput_events_per_s"]
+            result["throughput"][name] = {
+                "model": spec, "rows": rows[name], "pipeline_events_per_s": pipeline,
+                "in_process_events_per_s": round(in_process, 1),
+                "ratio": round(pipeline / in_process, 3) if in_process else None,
+                "aim_ratio": AIM_RATIO[name], "wall_s": report["wall_s"],
+                "accuracy_pipeline": round(report["prequential"]["accuracy"], 4),
+                "examples_learned": report["examples_learned"],
+            }
+        console.rule("latency at 1,000 ev/s")
+        result["latency"] = bench.latency(rate=1000, seconds=latency_s)
+        console.rule("quality: Elec2, default features, label delay 0")
+        report = bench.replay(DEFAULT_MODEL, "default", limit=quality_rows, label_delay=0)
+        result["quality"] = {"dataset": "elec2", "rows": report["examples_learned"], "features": "default",
+                             "model": DEFAULT_MODEL, "label_delay": 0,
+                             "accuracy": round(report["prequential"]["accuracy"], 4), "aim": AIM_QUALITY,
+                             "wall_s": report["wall_s"], "events_per_s": report["throughput_events_per_s"]}
+    plot(result, Path(out_dir) / "pipeline.png")
+    result["plot"] = str(Path(out_dir) / "pipeline.png")
+    return result
+
+
+def in_process_rate(spec: str, n: int) -> float:
+    """river alone: predict_proba_one + learn_one per row (what the learner does per example),
+    Elec2's first n rows, labels as the learner gives them to river."""
+    from ..learner.spec import parse_model
+
+    rows = [(fields, int(label)) for fields, label, _ in _take(load("elec2").rows(), n)]
+    model = parse_model(spec)
+    started = time.perf_counter()
+    for x, y in rows:
+        model.predict_proba_one(x)
+        model.learn_one(x, y)
+    return n / (time.perf_counter() - started)
+
+
+class BenchStack:
+    """Kafka and Redis on free ports under a temporary home, for the whole bench; a phase starts
+    its own services in a fresh namespace. Everything is stopped on exit."""
+
+    def __init__(self) -> None:
+        self.home = Path(tempfile.mkdtemp(prefix="driftline-bench-pipeline-"))
+        self.settings = Settings(
+            kafka_bootstrap=f"127.0.0.1:{stack.free_port()}", redis_url=f"redis://127.0.0.1:{stack.free_port()}/0",
+            home=self.home, log_level="WARNING",
+        )
+        self.procs: list[subprocess.Popen] = []
+        self.failed = False
+
+    def __enter__(self) -> "BenchStack":
+        with console.status("starting Kafka and Redis"):
+            stack.up(self.settings, create_topics=False)
+        return self
+
+    def __exit__(self, exc_type, *_exc) -> None:
+        self.stop_services()
+        for component in reversed(stack.components(self.settings)):
+            component.stop()  # only this bench's own Kafka and Redis (never `serve all`'s services)
+        if exc_type is not None:
+            console.print(f"[red]bench failed; logs kept in {self.home / 'logs'}[/]")
+        else:
+            shutil.rmtree(self.home, ignore_errors=True)
+
+    def start(self, model: str, features: str) -> Settings:
+        """A fresh namespace with the pipeline's three services running the given model/features."""
+        settings = self.settings.model_copy(update={
+            "namespace": f"bench-{uuid.uuid4().hex[:6]}",
+            "ports": Ports(**{name: stack.free_port() for name in Ports.model_fields}),
+        })
+        kafka.ensure_topics(settings)
+        env = {**os.environ, **settings_env(settings), "DRIFTLINE_LEARNER__MODEL": model,
+               "DRIFTLINE_FEATURES__SET": features}
+        logs = self.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for name in SERVICES:
+            with open(logs / f"{settings.namespace}-{name}.log", "ab") as log:
+                self.procs.append(subprocess.Popen([sys.executable, "-m", "driftline.cli", "serve", name],
+                                                   stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                   start_new_session=True))
+        with console.status(f"starting {', '.join(SERVICES)}"):
+            _wait_healthy(settings, self.procs[-len(SERVICES):], logs)
+        return settings
+
+    def stop_services(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs = []
+
+    def replay(self, model: str, features: str, limit: int | None, label_delay: int, rate: float = 0.0) -> dict:
+        settings = self.start(model, features)
+        try:
+            return replay(settings, load("elec2"), limit=limit, label_delay=label_delay, rate=rate, model=model,
+                          features=features, report_dir=None, stall_timeout_s=120, console=console)
+        finally:
+            self.stop_services()
+
+    def latency(self, rate: int, seconds: float) -> dict:
+        settings = self.start(DEFAULT_MODEL, "raw")
+        sink = PredictionSink(settings)
+        try:
+            report = replay(settings, load("elec2"), limit=int(rate * seconds), label_delay=THROUGHPUT_DELAY,
+                            rate=rate, model=DEFAULT_MODEL, features="raw", report_dir=None, stall_timeout_s=120,
+                            console=console)
+            time.sleep(1.0)
+        finally:
+            sink.close()
+            self.stop_services()
+        ms = np.array(sink.latencies_ms)
+        out = {"rate_eps": rate, "seconds": seconds, "events": int(rate * seconds), "predictions": int(len(ms)),
+               "measured_from": "Event.published_ms (producer's Kafka timestamp) to arrival on predictions",
+               "replay_wall_s": report["wall_s"]}
+        if len(ms):
+            out["latency_ms"] = {q: round(float(np.percentile(ms, p)), 1) for q, p in
+                                 (("p50", 50), ("p95", 95), ("p99", 99))} | {"max": round(float(ms.max()), 1)}
+        return out
+
+
+class PredictionSink:
+    """Reads `predictions` from its end in a thread: arrival time minus the event's published_ms."""
+
+    def __init__(self, settings: Settings) -> None:
+        topic = Topics(settings.namespace).predictions
+        self.consumer = kafka.consumer(settings, f"bench-latency-{uuid.uuid4().hex[:6]}",
+                                       **{"fetch.wait.max.ms": 5, "fetch.min.bytes": 1})
+        self.consumer.assign([TopicPartition(topic, tp.partition, OFFSET_END)
+                              for tp in kafka.partitions_of(settings, topic)])
+        self.latencies_ms: list[float] = []
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        codec = get_codec()
+        while not self._halt.is_set():
+            for m in self.consumer.consume(1000, 0.1):
+                now_ms = time.time() * 1000
+                if m.error():
+                    continue
+                p = codec.decode(m.value(), expect="Prediction")
+                if p["role"] == "champion" and p.get("published_ms"):
+                    self.latencies_ms.append(now_ms - p["published_ms"])
+
+    def close(self) -> None:
+        self._halt.set()
+        self._thread.join(5)
+        self.consumer.close()
+
+
+def _wait_healthy(settings: Settings, procs: list[subprocess.Popen], logs: Path, timeout: float = 180.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    for name, proc in zip(SERVICES, procs):
+        url = f"http://{settings.host}:{settings.port_of(name)}/health"
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see {logs}")
+            try:
+                if httpx.get(url, timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} not healthy in {timeout:.0f}s; see {logs}")
+            time.sleep(0.2)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
+    names = list(result["throughput"])
+    pipe = [result["throughput"][n]["pipeline_events_per_s"] for n in names]
+    local = [result["throughput"][n]["in_process_events_per_s"] for n in names]
+    x = np.arange(len(names))
+    ax1.bar(x - 0.2, local, 0.4, label="river in-process")
+    ax1.bar(x + 0.2, pipe, 0.4, label="driftline pipeline")
+    for i, n in enumerate(names):
+        ax1.annotate(f"{result['throughput'][n]['ratio']:.2f}x", (x[i] + 0.2, pipe[i]), ha="center",
+                     va="bottom", fontsize=8)
+    ax1.set_xticks(x, names)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("examples / s")
+    ax1.set_title("whole loop vs in-process", fontsize=10)
+    ax1.legend(fontsize=8)
+    lat = result["latency"].get("latency_ms") or {}
+    keys = [k for k in ("p50", "p95", "p99", "max") if k in lat]
+    ax2.bar(keys, [lat[k] for k in keys], color="#2ca02c")
+    ax2.set_ylabel("ms")
+    ax2.set_title(f"publish -> prediction at {result['latency']['rate_eps']:,} ev/s; "
+                  f"quality {result['quality']['accuracy']:.3f}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _take(rows, n):
+    for i, row in enumerate(rows):
+        if i >= n:
+            return
+        yield row
