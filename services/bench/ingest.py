@@ -82,7 +82,7 @@ class Sink:
 
     def __init__(self, settings: Settings, topic: str) -> None:
         self.consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "bench-sink",
-                                  "enable.auto.commit": False, "fetch.wait.max.ms": 5,
+                                  "enable.auto.commit": False, "fetch.wait.max.ms": 100,  # a long poll: data answers it at once
                                   "fetch.min.bytes": 1})
         self.consumer.assign([TopicPartition(tp.topic, tp.partition, OFFSET_END)
                               for tp in kafka.partitions_of(settings, topic)])
@@ -161,6 +161,9 @@ class BenchStack:
                     self._wait_healthy(name)
             self.producer = kafka.producer(self.settings)
             self.sink = Sink(self.settings, self.topics.name(self.sink_topic))
+            # events.valid too: the ingestion stage alone (first publish -> last events.valid)
+            self.valid_sink = Sink(self.settings, self.topics.events_valid) if self.sink_topic != "events.valid" \
+                else self.sink
         except BaseException:
             self.__exit__(*sys.exc_info())
             raise
@@ -169,8 +172,8 @@ class BenchStack:
     def __exit__(self, exc_type, *_exc) -> None:
         if exc_type is not None:
             self.failed = True
-        if hasattr(self, "sink"):
-            self.sink.close()
+        for sink in {getattr(self, "sink", None), getattr(self, "valid_sink", None)} - {None}:
+            sink.close()
         for name, proc in self.procs.items():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -215,6 +218,7 @@ class BenchStack:
         events = make_events("t-", n, time.time() - 600)
         cpu_before = self.cpu_seconds()
         self.sink.reset()
+        self.valid_sink.reset()
         with _progress() as progress:
             sent = progress.add_task("published", total=n)
             through = progress.add_task(f"on {self.sink_topic}", total=n)
@@ -230,10 +234,13 @@ class BenchStack:
             progress.update(sent, completed=n)
             complete = self.sink.wait_for(n, timeout=max(120.0, n / 500), progress=progress, task=through)
         wall = (self.sink.last_at or time.time()) - started
+        self.valid_sink.wait_for(n, timeout=10)
+        valid_wall = (self.valid_sink.last_at or time.time()) - started
         cpu = {k: round(v - cpu_before.get(k, 0.0), 2) for k, v in self.cpu_seconds().items()}
         return {"events": n, "complete": complete, "events_through": self.sink.count, "wall_s": round(wall, 3),
                 "publish_s": round(published - started, 3),
                 "throughput_events_per_s": round(self.sink.count / wall, 1) if wall > 0 else 0.0,
+                "ingestion_stage_events_per_s": round(self.valid_sink.count / valid_wall, 1) if valid_wall > 0 else 0.0,
                 "cpu_s_during_throughput": cpu}
 
     def latency(self, rate: int, seconds: float) -> dict:

@@ -89,7 +89,7 @@ class Ingestor:
     # -- deciding ---------------------------------------------------------------------------
     def decide_message(self, m: Message, now: float) -> Decision:
         """One Kafka message -> a Decision. Valid labels pass on their original bytes; valid
-        events are re-encoded with `published_ms` from the message's timestamp."""
+        events get `published_ms` from the message's timestamp (the producer's clock)."""
         stream = self.by_topic[m.topic()]
         blob = m.value()
         checked = stream.check_avro(blob, self.limits, now)
@@ -99,11 +99,9 @@ class Ingestor:
         if stream is self.labels:
             return Decision(stream, blob, checked["event_id"], Claim(stream.seen(checked["event_id"]), marker))
         kind, ts_ms = m.timestamp()
-        if kind != TIMESTAMP_NOT_AVAILABLE and ts_ms > 0:
-            checked["published_ms"] = ts_ms
-        elif checked["published_ms"] is None:
-            checked["published_ms"] = int(now * 1000)
-        value = self.codec.encode("Event", checked)
+        if kind == TIMESTAMP_NOT_AVAILABLE or ts_ms <= 0:
+            ts_ms = checked["published_ms"] or int(now * 1000)
+        value = stamp_published_ms(blob, checked["published_ms"], ts_ms)
         return Decision(stream, value, checked["entity_id"], Claim(stream.seen(checked["event_id"]), marker))
 
     def decide_item(self, stream: Stream, item: Any, marker: str, now: float) -> Decision:
@@ -167,6 +165,41 @@ class Ingestor:
                 metrics.DEAD_LETTERS.labels(SERVICE, stream.name, reason).inc(n)
             else:
                 metrics.DUPLICATES.labels(SERVICE, stream.name).inc(n)
+
+
+def _published_ms_is_last() -> bool:
+    last = get_codec().by_name["Event"].parsed["fields"][-1]
+    return last["name"] == "published_ms" and last["type"] == ["null", "long"]
+
+
+PUBLISHED_MS_IS_LAST = _published_ms_is_last()
+
+
+def _zigzag_varint(n: int) -> bytes:
+    n = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def stamp_published_ms(blob: bytes, old: int | None, ts_ms: int) -> bytes:
+    """An Avro Event's bytes with `published_ms` = ts_ms, without decoding and encoding it again
+    (the hot path): published_ms is Event's last field, so it is the tail of the message, a union
+    branch (0 = null, 2 = long) and, for a long, its zigzag varint.
+
+        >>> codec = get_codec()
+        >>> e = {"event_id": "e", "entity_id": "m", "ts": 0.0, "fields": {}, "published_ms": None}
+        >>> stamp_published_ms(codec.encode("Event", e), None, 17) == codec.encode("Event", {**e, "published_ms": 17})
+        True
+    """
+    if not PUBLISHED_MS_IS_LAST:  # the schema changed shape: do it the slow, sure way
+        record = get_codec().decode(blob, expect="Event")
+        return get_codec().encode("Event", {**record, "published_ms": ts_ms})
+    tail = 1 if old is None else 1 + len(_zigzag_varint(old))
+    return blob[:-tail] + b"\x02" + _zigzag_varint(ts_ms)
 
 
 def json_bytes(item: Any) -> bytes:
