@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 
 import httpx
 import pytest
@@ -30,18 +31,17 @@ def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def own_stack(tmp_path, infra_settings):
-    """A private stack on fresh ports (the CLI under test starts it), stopped whatever happens."""
-    s = Settings(
-        kafka_bootstrap=f"127.0.0.1:{stack.free_port()}",
-        redis_url=f"redis://127.0.0.1:{stack.free_port()}/0",
-        home=tmp_path / "home",
-        cache_dir=infra_settings.cache_dir,
-        prometheus_port=stack.free_port(),
-        ports=Ports(**{name: stack.free_port() for name in Ports.model_fields}),
-    )
+def on_session_stack(infra, tmp_path):
+    """The session's running Kafka and Redis (same home, so `up` finds them running and leaves
+    them be), a fresh namespace, free service and Prometheus ports. Whatever Prometheus the test
+    starts there is stopped after it (the session's `down` would stop it too)."""
+    s = infra.model_copy(update={
+        "namespace": f"obs{uuid.uuid4().hex[:8]}",
+        "prometheus_port": stack.free_port(),
+        "ports": Ports(**{name: stack.free_port() for name in Ports.model_fields}),
+    })
     yield s
-    stack.down(s)
+    stack.Prometheus(s).stop()
 
 
 def _driftline_targets(url: str, timeout: float = 20.0) -> dict[str, str]:
@@ -55,31 +55,43 @@ def _driftline_targets(url: str, timeout: float = 20.0) -> dict[str, str]:
         time.sleep(0.2)
 
 
-def test_infra_up_with_prometheus_scrapes_the_services_and_down_stops_it(own_stack):
-    cli(own_stack, "infra", "up")  # Prometheus is opt-in: a plain `up` does not start it
-    before = json.loads(cli(own_stack, "infra", "status", "--json").stdout)["components"]
-    assert before["kafka"]["running"] and before["prometheus"]["running"] is False
-    assert not stack.port_open("127.0.0.1", own_stack.prometheus_port)
+def test_infra_up_with_prometheus_scrapes_the_services_at_the_settings_ports(on_session_stack):
+    s = on_session_stack
+    out = cli(s, "infra", "up").stdout  # Prometheus is opt-in: a plain `up` does not start it
+    assert "kafka: already running" in out
+    assert stack.status(s)["prometheus"]["running"] is False
+    assert not stack.port_open("127.0.0.1", s.prometheus_port)
 
-    out = cli(own_stack, "infra", "up", "--with-prometheus").stdout  # adds it to the running stack
-    url = f"http://127.0.0.1:{own_stack.prometheus_port}"
-    assert url in out
-    status = json.loads(cli(own_stack, "infra", "status", "--json").stdout)["components"]
+    out = cli(s, "infra", "up", "--with-prometheus").stdout  # added to the running stack
+    url = f"http://127.0.0.1:{s.prometheus_port}"
+    assert url in out and "prometheus: ready in" in out
+    status = json.loads(cli(s, "infra", "status", "--json").stdout)["components"]
     assert status["prometheus"]["running"] and status["prometheus"]["answers"]
-    assert status["prometheus"]["address"] == f"127.0.0.1:{own_stack.prometheus_port}"
+    assert status["prometheus"]["address"] == f"127.0.0.1:{s.prometheus_port}"
 
     scraped = _driftline_targets(url)
-    assert scraped == {name: f"http://127.0.0.1:{own_stack.port_of(name)}/metrics" for name in SERVICES}
+    assert scraped == {name: f"http://127.0.0.1:{s.port_of(name)}/metrics" for name in SERVICES}
     groups = httpx.get(f"{url}/api/v1/rules", timeout=5).json()["data"]["groups"]
     alerts = {rule["name"] for group in groups for rule in group["rules"] if rule["type"] == "alerting"}
     assert {"ConceptDriftDetected", "ServiceDown", "NoModelReady"} <= alerts
-    assert (own_stack.home / "prometheus" / "data").is_dir()  # its data lives under the home
+    assert (s.home / "prometheus" / "data").is_dir()  # its data lives under the home
 
-    assert "prometheus" in cli(own_stack, "infra", "down").stdout
-    assert not stack.port_open("127.0.0.1", own_stack.prometheus_port)
-    after = json.loads(cli(own_stack, "infra", "status", "--json").stdout)["components"]
-    assert after["prometheus"]["running"] is False
 
+def test_infra_down_stops_prometheus(tmp_path):
+    s = Settings(home=tmp_path / "home", prometheus_port=stack.free_port(),
+                 kafka_bootstrap=f"127.0.0.1:{stack.free_port()}", redis_url=f"redis://127.0.0.1:{stack.free_port()}/0")
+    prom = stack.Prometheus(s)
+    prom.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not prom.ready():
+            assert prom.running() and time.monotonic() < deadline, prom.log_tail()
+            time.sleep(0.2)
+        assert "prometheus" in cli(s, "infra", "down").stdout
+        assert not stack.port_open("127.0.0.1", s.prometheus_port)
+        assert stack.status(s)["prometheus"]["running"] is False
+    finally:
+        prom.stop()
 
 
 def test_infra_topics_creates_every_topic_on_a_running_broker_once(infra, tmp_path):
