@@ -93,7 +93,7 @@ def alert_rules() -> list[dict]:
     return [rule for group in rules["groups"] for rule in group["rules"] if "alert" in rule]
 
 
-def as_instant_query(expr: str) -> str:
+def as_prometheus_query(expr: str) -> str:
     """A dashboard query as Prometheus evaluates it: Grafana's variables filled in
     ($__rate_interval as a scrape-independent window, every model)."""
     expr = expr.replace("$__rate_interval", "15s")

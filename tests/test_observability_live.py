@@ -25,7 +25,7 @@ from driftline.shared.topics import Topics
 from pipeline import replay_report, start_pipeline
 from test_observability_config import (
     alert_rules,
-    as_instant_query,
+    as_prometheus_query,
     dashboard_queries,
     metric_names,
     without_threshold,
@@ -155,7 +155,7 @@ def test_every_dashboard_query_and_alert_returns_data_from_prometheus_during_a_d
     side_traffic(settings, procs["prediction"].url)  # with a model by now: 200s, version served
 
     # Every dashboard query (panels, annotations, variables) over the replay, as Grafana asks it.
-    queries = [(f"{board}: {what}", as_instant_query(expr)) for board, what, expr in dashboard_queries()]
+    queries = [(f"{board}: {what}", as_prometheus_query(expr)) for board, what, expr in dashboard_queries()]
     queries += [(f"rules.yml: alert {rule['alert']}", without_threshold(rule["expr"])) for rule in alert_rules()]
 
     def empty() -> list[tuple[str, str]]:
