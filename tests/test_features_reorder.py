@@ -69,19 +69,25 @@ def test_labels_sent_before_their_events_still_merge_by_event_time():
     assert order(buf.pop_ready(now=20.0)) == [("L", 3.5), ("E", 4.0)]
 
 
-def test_the_wait_is_bounded_but_not_while_the_consumer_is_behind():
+def test_the_wait_is_bounded_but_not_while_what_it_waits_for_is_still_unread():
     buf = ReorderBuffer(wait_s=0.2)
+    buf.add(lb(3.0, partition=1))
     buf.add(ev(10.0, received=1.0))
-    assert buf.pop_ready(now=1.1) == []
-    assert buf.pop_ready(now=1.3, expire=False) == []  # a backlog may still hold the label
-    assert order(buf.pop_ready(now=1.3)) == [("E", 10.0)]
+    assert order(buf.pop_ready(now=1.1)) == [("L", 3.0)]
+    # label partition 1 (at 3.0) still holds unread labels: they may be before 10
+    assert buf.pop_ready(now=1.3, lagging={(LB, 1)}) == []
+    buf.add(lb(4.0, partition=1, offset=1))
+    buf.expect((LB, 2), LABEL)
+    # partition 2 was assigned with unread data; partition 1 was read to the end: still wait for 2
+    assert order(buf.pop_ready(now=1.3, lagging={(LB, 2)})) == [("L", 4.0)]
+    assert order(buf.pop_ready(now=1.3, lagging={(EV, 0)})) == [("E", 10.0)]  # its own backlog is no reason
 
 
 def test_too_many_waiting_items_go_ahead_anyway():
     buf = ReorderBuffer(wait_s=100, cap=3)
     for i in range(5):
         buf.add(ev(float(i), offset=i))
-    assert order(buf.pop_ready(now=0.0, expire=False)) == [("E", 0.0), ("E", 1.0)]
+    assert order(buf.pop_ready(now=0.0)) == [("E", 0.0), ("E", 1.0)]
     assert buf.pending == 3
 
 

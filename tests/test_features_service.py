@@ -205,7 +205,7 @@ def expected_states(fs: FeatureSet, events, labels) -> dict[str, dict]:
 
 def test_kill_9_mid_stream_then_restart_gives_the_state_of_an_uninterrupted_run(settings, redis_client,
                                                                                  run_service):
-    n_events, n_entities, delay = 12_000, 16, 3
+    n_events, n_entities, delay = 8_000, 16, 3
     events = [event(f"k{i}", f"ent{i % n_entities}", 1000.0 + i, x=math.sin(i), y=float(i % 7)) for i in range(n_events)]
     labels = [label(f"k{i}", str(i % 2), 1000.0 + i + delay + 1e-3) for i in range(n_events - delay)]
     publish(settings, events=events, labels=labels)

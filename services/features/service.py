@@ -87,8 +87,9 @@ class ReorderBuffer:
 
     An item goes when every partition of the other stream that has shown anything has shown an
     item at or after its time (so nothing earlier can still come from it, as far as partitions
-    keep their own time order), or when it has waited `wait_s` and the consumer is caught up, or
-    when more than `cap` items wait. Each partition goes in offset order, which keeps every
+    keep their own time order); or when it has waited `wait_s` and none of the partitions it
+    waits for is `lagging` (holds unread data in the broker: that data is on its way, however
+    long a backlog takes to read); or when more than `cap` items wait. Each partition goes in offset order, which keeps every
     entity's events in offset order.
 
         >>> buf = ReorderBuffer(wait_s=0.2)
@@ -126,18 +127,23 @@ class ReorderBuffer:
         """How far in time every partition of a stream has got (-inf before it showed anything)."""
         return min((ts for k, ts in self.latest.values() if k == kind), default=-math.inf)
 
-    def pop_ready(self, now: float, expire: bool = True) -> list[Item]:
+    def pop_ready(self, now: float, lagging: frozenset | set = frozenset()) -> list[Item]:
         """The items that may go now, in merged order."""
         heap = [(q[0].ts, q[0].kind, q[0].seq, tp) for tp, q in self.queues.items() if q]
         heapq.heapify(heap)
         marks = {LABEL: self.mark(EVENT), EVENT: self.mark(LABEL)}  # what each kind waits for
+        behind = {LABEL: [], EVENT: []}  # per kind, the times of the other kind's lagging partitions
+        for tp in lagging:
+            if tp in self.latest:
+                kind, ts = self.latest[tp]
+                behind[LABEL if kind == EVENT else EVENT].append(ts)
         out: list[Item] = []
         while heap:
             tp = heap[0][3]
             q = self.queues[tp]
             head = q[0]
             if not (head.kind == BAD or head.ts <= marks[head.kind] or self.pending > self.cap
-                    or (expire and now - head.received >= self.wait_s)):
+                    or (now - head.received >= self.wait_s and all(ts >= head.ts for ts in behind[head.kind]))):
                 break  # everything after it in time waits too
             item = q.popleft()
             self.pending -= 1
@@ -174,7 +180,8 @@ class FeaturesWorker(StreamWorker):
                                   settings.features.snapshot_ttl_s, service=SERVICE)
         self.buffer = ReorderBuffer(wait_s=settings.features.max_reorder_wait_ms / 1000.0,
                                     cap=max(20 * self.batch_size, 1000))
-        self._last_batch = 0  # messages the last consume gave: a full batch means a backlog
+        self._positions: dict[tuple[str, int], int] = {}  # next offset to read, per partition
+        self._highs: dict[tuple[str, int], int] = {}  # the broker's high watermark, as last known
         self._committed: dict[tuple[str, int], int] = {}
         self._paused: set[tuple[str, int]] = set()
         self._assigned: list[tuple[str, int]] = []
@@ -203,7 +210,10 @@ class FeaturesWorker(StreamWorker):
             committed = self.consumer.committed([TopicPartition(*tp) for tp in tps], timeout=10)
             for tp in committed:
                 low, high = self.consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=5)
-                if (tp.offset if tp.offset >= 0 else low) < high:
+                start = tp.offset if tp.offset >= 0 else low
+                self._positions.setdefault((tp.topic, tp.partition), start)
+                self._highs[(tp.topic, tp.partition)] = high
+                if start < high:
                     kind = EVENT if tp.topic == self.topics.events_valid else LABEL
                     self.buffer.expect((tp.topic, tp.partition), kind)
         except KafkaException:  # best effort: without it, the bounded wait still applies
@@ -218,6 +228,8 @@ class FeaturesWorker(StreamWorker):
         for tp in tps:
             self._committed.pop(tp, None)
             self._paused.discard(tp)
+            self._positions.pop(tp, None)
+            self._highs.pop(tp, None)
 
     def flow_control(self) -> None:
         """Pause partitions whose items wait for the other stream; resume them once drained.
@@ -235,31 +247,41 @@ class FeaturesWorker(StreamWorker):
 
     # -- the loop: consume -> decode -> merge -> read, compute, write -> produce -> commit -----
     def handle(self, messages: list[Message]) -> None:
-        self._last_batch = len(messages)
         self.expect_assigned()
         with _stage("decode"):
             now = time.monotonic()
             for m in messages:
                 self.buffer.add(self.decode(m, now))
-        self.process(self.buffer.pop_ready(time.monotonic(), expire=self.caught_up))
+                self._positions[(m.topic(), m.partition())] = m.offset() + 1
+        self.process(self.buffer.pop_ready(time.monotonic(), self.lagging()))
         self.flow_control()
 
     def tick(self) -> None:
         """Between batches: let items go whose wait is over, then flush and commit them."""
+        self.expect_assigned()
         if self.buffer.pending:
-            items = self.buffer.pop_ready(time.monotonic(), expire=self.caught_up)
+            items = self.buffer.pop_ready(time.monotonic(), self.lagging())
             if items:
                 self.process(items)
                 self.producer.flush()
                 self.commit()
             self.flow_control()
-        self._last_batch = 0
 
-    @property
-    def caught_up(self) -> bool:
-        """Waits may expire only when the consumer has nothing more to give: while a backlog is
-        read, the other stream's items are still on their way, however long that takes."""
-        return self._last_batch < self.batch_size
+    def lagging(self) -> set[tuple[str, int]]:
+        """Partitions with unread data in the broker (librdkafka's cached high watermarks: no
+        round trip). Items that wait for them do not give up waiting: their data is coming."""
+        assert self.consumer is not None
+        out = set()
+        for tp, pos in self._positions.items():
+            try:
+                _low, high = self.consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
+            except KafkaException:
+                high = None
+            if high is not None and high > self._highs.get(tp, -1):
+                self._highs[tp] = high
+            if pos < self._highs.get(tp, -1):
+                out.add(tp)
+        return out
 
     def commit(self) -> None:
         assert self.consumer is not None
