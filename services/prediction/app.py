@@ -24,7 +24,7 @@ import os
 from typing import Any
 
 import redis
-from fastapi import Body, Depends, FastAPI, HTTPException, Path, Request
+from fastapi import Body, Depends, FastAPI, HTTPException, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -62,6 +62,13 @@ ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _printable(part: Any) -> Any:
+    """A loc part or message that JSON can carry back (a field name may be a lone surrogate)."""
+    if isinstance(part, int):
+        return part
+    return str(part).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def validation_error(loc: tuple, msg: str, kind: str) -> RequestValidationError:
     return RequestValidationError([{"loc": loc, "msg": msg, "type": kind}])
 
@@ -97,13 +104,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.prediction.max_body_bytes, service=SERVICE)
     require_admin = admin_guard(settings)
     max_batch = settings.prediction.max_batch
+    worker = str(os.getpid())
 
     # -- errors: what went wrong, never a 5xx for client input ---------------------------------
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         # Only loc/msg/type: the offending input may be NaN, which JSON cannot carry back.
-        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-                  for e in exc.errors()]
+        detail = [{"loc": [_printable(part) for part in e.get("loc", ())], "msg": _printable(e.get("msg", "")),
+                   "type": str(e.get("type", ""))} for e in exc.errors()]
         return JSONResponse({"detail": detail}, status_code=422)
 
     @app.exception_handler(NonFiniteOutput)
@@ -124,14 +132,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
 
     # -- predictions ---------------------------------------------------------------------------
+    # Plain `def`: FastAPI runs them on its thread pool, so requests overlap their Redis round
+    # trips (an `async def` calling the sync client inline would serialize them: throughput would
+    # fall to 1/RTT as soon as Redis is slow to be scheduled). The header names the worker
+    # process, so a client can tell the uvicorn workers apart.
     @app.post("/v1/predict", response_model=PredictResponse, responses=PREDICT_ERRORS, tags=["predict"],
               summary="Predict for one event with the champion")
-    def predict(req: PredictRequest) -> dict[str, Any]:
+    def predict(req: PredictRequest, response: Response) -> dict[str, Any]:
+        response.headers["x-driftline-worker"] = worker
         return predictor.predict(req)
 
     @app.post("/v1/predict/batch", response_model=BatchResponse, responses=PREDICT_ERRORS, tags=["predict"],
               summary="Predict for many events, all with one model version")
-    def predict_batch(batch: BatchRequest) -> dict[str, Any]:
+    def predict_batch(batch: BatchRequest, response: Response) -> dict[str, Any]:
+        response.headers["x-driftline-worker"] = worker
         if len(batch.items) > max_batch:
             raise validation_error(("body", "items"), f"at most {max_batch} items per batch "
                                    f"(prediction.max_batch), got {len(batch.items)}", "too_long")

@@ -9,10 +9,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _utf8(value: str) -> str:
+    # JSON may carry lone surrogates ("\ud800"); they cannot become a Redis key or an Avro string.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid UTF-8 text (lone surrogate)") from None
+    return value
+
 
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-Id = Annotated[str, Field(min_length=1, max_length=256)]
+Id = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_utf8)]
+FieldName = Annotated[str, Field(max_length=256), AfterValidator(_utf8)]
 MAX_FIELDS = 1024
 
 
@@ -29,7 +40,7 @@ class PredictRequest(BaseModel):
     )
 
     entity_id: Id = Field(description="whose online state to read (an unknown entity has an empty state)")
-    fields: dict[Annotated[str, Field(max_length=256)], FiniteFloat] = Field(
+    fields: dict[FieldName, FiniteFloat] = Field(
         max_length=MAX_FIELDS, description="the event's numeric fields"
     )
     event_id: Id | None = Field(

@@ -1,0 +1,265 @@
+"""`driftline bench predict`: how fast the prediction service answers, and how fast a swap lands.
+
+It starts its own Kafka and Redis (free ports, a temporary home), registers a river model trained
+on default-feature vectors, writes online state for a few hundred entities (so every request does
+the real Redis read), and runs `driftline serve prediction` as a subprocess. Then:
+
+- load with `wrk` (Debian's package; POST bodies from a small lua script) at 16 and 64
+  connections against `POST /v1/predict`, and against the same server's `GET /health` as the
+  ceiling: requests/s, p50 and p99 latency (`wrk --latency`), and the ratio predict/health;
+- the time a swap takes to reach every uvicorn worker: register a new version, make it champion,
+  publish `model.swaps`, then poll the workers' `driftline_serving_model_version` gauges (one per
+  process in multiprocess mode) until every worker serves the new version.
+
+Aims (issue 6): p99 <= 5 ms at 16 connections, predict >= 0.6 of /health's throughput. It measures
+and reports; it never asserts. Everything it starts is stopped at the end.
+
+    >>> result = run(Path("reports/bench"), quick=True)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+from ..features.definitions import load_feature_set
+from ..features.store import FeatureStore
+from ..infra import stack
+from ..prediction.swaps import publish_swap
+from ..shared import kafka
+from ..shared.keys import Keys
+from ..shared.registry import ModelRegistry
+from ..shared.settings import Ports, PredictionSettings, Settings, settings_env
+from ..shared.topics import Topics
+
+FIELDS = ("nswprice", "nswdemand", "vicprice", "vicdemand", "transfer", "period")
+ENTITIES = 200
+AIM_P99_MS = 5.0
+AIM_RATIO = 0.6
+
+LUA = """
+-- POST /v1/predict with bodies cycling over entities that have online state
+local bodies = %s
+local i = 0
+request = function()
+  i = (i %% #bodies) + 1
+  return wrk.format("POST", "/v1/predict", {["Content-Type"] = "application/json"}, bodies[i])
+end
+"""
+
+
+def toy_model(seed: int, n: int = 500):
+    """A StandardScaler | LogisticRegression trained on default-feature vectors of random events."""
+    from river import linear_model, preprocessing
+
+    fs = load_feature_set("default")
+    rng = random.Random(seed)
+    model = preprocessing.StandardScaler() | linear_model.LogisticRegression()
+    for _ in range(n):
+        fields = {f: rng.random() for f in FIELDS}
+        model.learn_one(fs.vector({}, fields, 0.0), int(fields["nswprice"] > fields["vicprice"]))
+    return model
+
+
+def seed_entities(settings: Settings, client: redis.Redis) -> list[dict[str, Any]]:
+    """Online state for ENTITIES entities (written as the features service writes it); returns
+    request bodies for them."""
+    fs = load_feature_set(settings.features.set)
+    store = FeatureStore(client, Keys(settings.namespace), fs, settings.features.snapshot_ttl_s)
+    rng = random.Random(1)
+    states, bodies = {}, []
+    for e in range(ENTITIES):
+        state: dict[str, Any] = {}
+        for t in range(5):
+            fs.apply_event(state, {f: rng.random() for f in FIELDS}, ts=1000.0 + t)
+        states[f"meter-{e}"] = state
+        bodies.append({"entity_id": f"meter-{e}", "fields": {f: round(rng.random(), 4) for f in FIELDS}})
+    store.write_states(states)
+    return bodies
+
+
+# -- wrk ------------------------------------------------------------------------------------
+def _seconds(value: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value).groups()
+    return float(number) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
+
+
+def parse_wrk(output: str) -> dict[str, Any]:
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
+    lat = {p: _seconds(v) for p, v in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)", output, re.M)}
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    errors = re.search(r"Socket errors:.*", output)
+    return {
+        "requests_per_s": round(rps, 1),
+        "p50_ms": round(lat["50"] * 1000, 3),
+        "p90_ms": round(lat["90"] * 1000, 3),
+        "p99_ms": round(lat["99"] * 1000, 3),
+        "requests": int(re.search(r"(\d+) requests in", output).group(1)),
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": errors.group(0) if errors else None,
+    }
+
+
+def wrk(url: str, connections: int, seconds: float, script: Path | None = None) -> dict[str, Any]:
+    threads = min(2, connections)
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "5s"]
+    if script is not None:
+        argv += ["-s", str(script)]
+    out = subprocess.run(argv + [url], capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
+    return parse_wrk(out)
+
+
+# -- the service ----------------------------------------------------------------------------
+def start_service(settings: Settings, log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, **settings_env(settings)}
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "driftline.cli", "serve", "prediction"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def stop_service(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"bench predict: timed out waiting for {what}")
+
+
+def swap_metric(url: str) -> tuple[float, float]:
+    """(sum, count) of driftline_swap_seconds over every worker (multiprocess /metrics)."""
+    text = httpx.get(url + "/metrics", timeout=5).text
+    total = re.search(r"^driftline_swap_seconds_sum (\S+)$", text, re.M)
+    count = re.search(r"^driftline_swap_seconds_count (\S+)$", text, re.M)
+    return (float(total.group(1)) if total else 0.0, float(count.group(1)) if count else 0.0)
+
+
+def serving_versions(url: str) -> dict[str, int]:
+    """{worker pid: version it serves}, from one GET /metrics: with several workers, prometheus'
+    multiprocess mode keeps `driftline_serving_model_version` per process (a `pid` label)."""
+    text = httpx.get(url + "/metrics", timeout=5).text
+    out = {}
+    for labels, value in re.findall(r"^driftline_serving_model_version\{([^}]*)\} (\S+)$", text, re.M):
+        pid = re.search(r'pid="(\d+)"', labels)
+        out[pid.group(1) if pid else "main"] = int(float(value))
+    return out
+
+
+def swap_reach(settings: Settings, registry: ModelRegistry, url: str, workers: int, rounds: int) -> dict[str, Any]:
+    """Seconds from a model.swaps message (in Kafka) until every worker serves the new version
+    (polled every 20 ms from the workers' own gauges), and the workers' own swap time
+    (driftline_swap_seconds: message timestamp to new model serving, mean over workers); a
+    request to /v1/predict confirms that the new version answers."""
+    producer = kafka.producer(settings)
+    topics = Topics(settings.namespace)
+    reach = []
+    sum0, count0 = swap_metric(url)
+    for r in range(rounds):
+        previous = registry.champion()
+        version = registry.register(toy_model(seed=100 + r), spec="bench", reason="manual", parent=previous)
+        registry.set_role("champion", version)
+        publish_swap(producer, topics, model=registry.model, from_version=previous, to_version=version,
+                     reason="manual")
+        sent = time.monotonic()
+        while time.monotonic() - sent < 30:
+            seen = serving_versions(url)
+            if len(seen) >= workers and all(v == version for v in seen.values()):
+                reach.append(round(time.monotonic() - sent, 4))
+                break
+            time.sleep(0.02)
+        else:
+            reach.append(None)
+        probe = {"entity_id": "meter-0", "fields": {f: 0.5 for f in FIELDS}}
+        assert httpx.post(url + "/v1/predict", json=probe, timeout=5).json()["model_version"] == version
+        time.sleep(0.3)
+    sum1, count1 = swap_metric(url)
+    per_worker = (sum1 - sum0) / (count1 - count0) if count1 > count0 else None
+    return {"to_every_worker_s": reach, "worker_swap_mean_s": round(per_worker, 4) if per_worker else None,
+            "worker_swaps": int(count1 - count0)}
+
+
+def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
+    seconds = 3 if quick else 10
+    workers = 2
+    home = Path(tempfile.mkdtemp(prefix="driftline-bench-predict-"))
+    infra = Settings()
+    settings = Settings(
+        kafka_bootstrap=f"127.0.0.1:{stack.free_port()}",
+        redis_url=f"redis://127.0.0.1:{stack.free_port()}/0",
+        namespace="bench",
+        home=home,
+        cache_dir=infra.cache_dir,
+        ports=Ports(**{name: stack.free_port() for name in Ports.model_fields}),
+        prediction=PredictionSettings(workers=workers),
+        log_level="WARNING",
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    proc = None
+    result: dict[str, Any] = {"workers": workers, "duration_s": seconds, "cpus": os.cpu_count()}
+    try:
+        stack.up(settings)
+        client = redis.Redis.from_url(settings.redis_url)
+        registry = ModelRegistry(client, Keys(settings.namespace), settings.learner.model_name,
+                                 settings.model_key.get_secret_value().encode())
+        registry.set_role("champion", registry.register(toy_model(seed=1), spec="bench", reason="initial"))
+        bodies = seed_entities(settings, client)
+        script = home / "predict.lua"
+        script.write_text(LUA % ("{" + ", ".join(json.dumps(json.dumps(b)) for b in bodies) + "}"))
+
+        proc = start_service(settings, home / "prediction.log")
+        url = f"http://{settings.host}:{settings.ports.prediction}"
+        wait_until(lambda: httpx.get(url + "/ready", timeout=2).status_code == 200, 120, "/ready")
+        wait_until(lambda: len(serving_versions(url)) == workers, 60, "every worker serving")
+        check = httpx.post(url + "/v1/predict", json=bodies[0], timeout=5)
+        assert check.status_code == 200, check.text
+
+        wrk(url + "/v1/predict", 16, 2, script)  # warm-up: connections, caches, JIT-free but lazy imports
+        result["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
+        for connections in (16, 64):
+            predict = wrk(url + "/v1/predict", connections, seconds, script)
+            health = wrk(url + "/health", connections, seconds)
+            result[f"c{connections}"] = {
+                "predict": predict,
+                "health": health,
+                "ratio": round(predict["requests_per_s"] / health["requests_per_s"], 3),
+            }
+        result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+        result["swap"] = swap_reach(settings, registry, url, workers, rounds=3 if quick else 5)
+        c16 = result["c16"]
+        result["aims"] = {
+            f"p99_ms_at_16_le_{AIM_P99_MS}": c16["predict"]["p99_ms"] <= AIM_P99_MS,
+            f"ratio_at_16_ge_{AIM_RATIO}": c16["ratio"] >= AIM_RATIO,
+        }
+        client.close()
+    finally:
+        if proc is not None:
+            stop_service(proc)
+        stack.down(settings)
+        shutil.rmtree(home, ignore_errors=True)
+    return result
