@@ -178,8 +178,9 @@ class FeaturesWorker(StreamWorker):
         self.redis = redis.Redis.from_url(settings.redis_url)
         self.store = FeatureStore(self.redis, Keys(settings.namespace), self.feature_set,
                                   settings.features.snapshot_ttl_s, service=SERVICE)
-        self.buffer = ReorderBuffer(wait_s=settings.features.max_reorder_wait_ms / 1000.0,
-                                    cap=max(20 * self.batch_size, 1000))
+        # A feature set without the last label has nothing to wait for: events go at once.
+        wait_s = settings.features.max_reorder_wait_ms / 1000.0 if self.feature_set.spec.last_label else 0.0
+        self.buffer = ReorderBuffer(wait_s=wait_s, cap=max(20 * self.batch_size, 1000))
         self._positions: dict[tuple[str, int], int] = {}  # next offset to read, per partition
         self._highs: dict[tuple[str, int], int] = {}  # the broker's high watermark, as last known
         self._committed: dict[tuple[str, int], int] = {}
@@ -191,6 +192,8 @@ class FeaturesWorker(StreamWorker):
         self.counts = {"events": 0, "labels": 0, "redelivered": 0, "labels_unmatched": 0, "dead_letters": 0}
 
     def input_topics(self) -> list[str]:
+        if not self.feature_set.spec.last_label:
+            return [self.topics.events_valid]
         return [self.topics.events_valid, self.topics.labels_valid]
 
     def open_consumer(self) -> Consumer:
@@ -386,7 +389,7 @@ class FeaturesWorker(StreamWorker):
             "service": SERVICE, "key": m.key(), "payload": m.value() or b"", "partition": m.partition(),
             "offset": m.offset(), "ts": time.time(),
         }), key=m.key())
-        metrics.DEAD_LETTERS.labels(SERVICE, kafka.base_topic(dlq), item.reason).inc()
+        metrics.DEAD_LETTERS.labels(SERVICE, kafka.base_topic(m.topic()), item.reason).inc()
         self.counts["dead_letters"] += 1
 
     def health(self) -> dict[str, Any]:
