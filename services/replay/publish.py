@@ -10,6 +10,9 @@ It then reads the pipeline's answers: `outcomes` (role champion), `events.dlq`, 
 `events.valid` (to count valid events), `drift.events` and `model.swaps`, from the offsets they
 had when the replay began. It never reads or writes a service's state, and it never starts one.
 
+Ids: event i of a replay is `<run id>-<i>` and its entity `<run id>/<entity>`, so that replays into
+one namespace never share entity state or collide in ingestion's de-duplication.
+
 Time: event i has ts = START + i seconds; the label of event i is published right after event
 i+N (N = label delay) with ts = ts(i+N) + 1 ms, so the features service's ordered merge applies it
 after event i+N's vector and before event i+N+1's.
@@ -253,58 +256,28 @@ def replay(
     console = console or Console(stderr=True)
     if label_delay < 0:
         raise ValueError("--label-delay must be >= 0")
-    topics = Topics(settings.namespace)
     kafka.ensure_topics(settings)
     run_id = uuid.uuid4().hex[:8]
-    prefix = f"{run_id}-"
     rows = list(_take(dataset.rows(), limit))
     n = len(rows)
     expected_model = model or settings.learner.model
     expected_features = features or settings.features.set
 
-    collector = Collector(settings, prefix)
+    collector = Collector(settings, f"{run_id}-")
     collector.start()
-    codec = get_codec()
-    producer = kafka.producer(settings)
-    limiter = RateLimiter(rate)
-    t_first = None
-    with _progress(console, progress) as bar:
-        sent_task = bar.add_task("publish", total=n)
-        learned_task = bar.add_task("learned", total=n)
-        events_sent = labels_sent = 0
-        for kind, i in schedule(n, label_delay):
-            fields, label, entity = rows[i]
-            entity = f"{run_id}/{entity}"  # each replay's entities start with a fresh state
-            if kind == "event":
-                limiter.wait(i)
-                value = codec.encode("Event", {"event_id": f"{prefix}{i}", "entity_id": entity,
-                                               "ts": event_ts(i), "fields": fields, "published_ms": None})
-                if t_first is None:
-                    t_first = time.time()
-                kafka.produce(producer, topics.events, value, key=entity)
-                events_sent += 1
-            else:
-                value = codec.encode("Label", {"event_id": f"{prefix}{i}", "label": label,
-                                               "ts": label_ts(i, label_delay)})
-                kafka.produce(producer, topics.labels, value, key=f"{prefix}{i}")
-                labels_sent += 1
-            if (events_sent + labels_sent) % 500 == 0:
-                producer.poll(0)
-                bar.update(sent_task, completed=events_sent)
-                bar.update(learned_task, completed=len(collector.data.accounted))
-        remaining = producer.flush(60)
-        if remaining:
-            collector.stop()
-            raise ReplayStalled(f"{remaining} messages could not be delivered to Kafka at {settings.kafka_bootstrap}")
-        publish_s = time.time() - (t_first or time.time())
-        bar.update(sent_task, completed=events_sent)
-        with collector.lock:  # the stall clock starts when publishing ends
-            collector.data.last_progress = max(collector.data.last_progress, time.monotonic())
-        try:
+    try:
+        with _progress(console, progress) as bar:
+            sent_task = bar.add_task("publish", total=n)
+            learned_task = bar.add_task("learned", total=n)
+            events_sent, labels_sent, t_first = _publish(settings, rows, run_id, label_delay, rate, collector, bar,
+                                                         sent_task, learned_task)
+            publish_s = time.time() - (t_first or time.time())
+            with collector.lock:  # the stall clock starts when publishing ends
+                collector.data.last_progress = max(collector.data.last_progress, time.monotonic())
             _wait_accounted(settings, collector, labels_sent, stall_timeout_s, bar, learned_task)
-        finally:
             _wait_for_drift_service(settings, collector)
-            collector.stop()
+    finally:
+        collector.stop()  # also on Ctrl-C: no thread left polling a broker that goes away
     data = collector.data
     meta = {
         "dataset": dataset.name, "dataset_size": dataset.size, "drift_positions": list(dataset.drift_positions),
@@ -328,6 +301,43 @@ def replay(
         if report_dir is not None:
             console.print(f"[green]wrote[/] {report['_paths']['json']} and {report['_paths']['png']}")
     return report
+
+
+def _publish(settings: Settings, rows: list, run_id: str, label_delay: int, rate: float, collector: Collector,
+             bar, sent_task, learned_task) -> tuple[int, int, float | None]:
+    """Events and labels in `schedule` order through the `events` and `labels` doors."""
+    topics = Topics(settings.namespace)
+    codec = get_codec()
+    producer = kafka.producer(settings)
+    limiter = RateLimiter(rate)
+    prefix = f"{run_id}-"
+    t_first = None
+    events_sent = labels_sent = 0
+    for kind, i in schedule(len(rows), label_delay):
+        fields, label, entity = rows[i]
+        entity = f"{run_id}/{entity}"  # each replay's entities start with a fresh state
+        if kind == "event":
+            limiter.wait(i)
+            value = codec.encode("Event", {"event_id": f"{prefix}{i}", "entity_id": entity,
+                                           "ts": event_ts(i), "fields": fields, "published_ms": None})
+            if t_first is None:
+                t_first = time.time()
+            kafka.produce(producer, topics.events, value, key=entity)
+            events_sent += 1
+        else:
+            value = codec.encode("Label", {"event_id": f"{prefix}{i}", "label": label,
+                                           "ts": label_ts(i, label_delay)})
+            kafka.produce(producer, topics.labels, value, key=f"{prefix}{i}")
+            labels_sent += 1
+        if (events_sent + labels_sent) % 500 == 0:
+            producer.poll(0)
+            bar.update(sent_task, completed=events_sent)
+            bar.update(learned_task, completed=len(collector.data.accounted))
+    remaining = producer.flush(60)
+    if remaining:
+        raise ReplayStalled(f"{remaining} messages could not be delivered to Kafka at {settings.kafka_bootstrap}")
+    bar.update(sent_task, completed=events_sent)
+    return events_sent, labels_sent, t_first
 
 
 def _take(rows: Iterator, limit: int | None):
