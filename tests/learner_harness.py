@@ -41,7 +41,7 @@ class Driver:
         self.store = FeatureStore(redis_client, self.keys, load_feature_set("raw"),
                                   settings.features.snapshot_ttl_s)
 
-    def send(self, rows, entities: int = 3, labels: bool = True, snapshot: bool = True) -> None:
+    def send(self, rows, entities: int = 3, labels: bool = True, snapshot: bool = True, publish: bool = True) -> None:
         """Events i (snapshot + features) each followed by its label (label delay 0)."""
         vectors = []
         for event_id, fields, _ in rows:
@@ -51,6 +51,8 @@ class Driver:
         if snapshot:
             self.store.save_snapshots(vectors)
         for fv, (event_id, _, label) in zip(vectors, rows):
+            if not publish:
+                continue
             kafka.produce(self.producer, self.topics.features, self.codec.encode("FeatureVector", fv),
                           fv["entity_id"])
             if labels:
@@ -87,7 +89,7 @@ def read_all(settings, topic: str, record: str, until=None, timeout: float = 60.
                 quiet_since = time.monotonic()
             if until is not None and until(out):
                 return out
-            if until is None and time.monotonic() - quiet_since > 1.0:
+            if until is None and time.monotonic() - quiet_since > (1.5 if out else 10.0):
                 return out
         if until is not None:
             raise TimeoutError(f"{topic}: condition not met in {timeout}s with {len(out)} records")

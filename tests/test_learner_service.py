@@ -14,9 +14,9 @@ from driftline.infra import stack
 from driftline.learner.labels import argmax, proba_to_text, to_river
 from driftline.shared.keys import Keys
 from driftline.shared.registry import ModelRegistry, TamperedArtifact
-from driftline.shared.settings import Ports
+from driftline.shared.settings import FeatureSettings, Ports
 
-from learner_harness import Driver, champion_outcomes, make_rows, read_all, status, wait_for
+from learner_harness import T0, Driver, champion_outcomes, make_rows, read_all, status, wait_for
 
 
 def registry_of(settings, redis_client) -> ModelRegistry:
@@ -47,7 +47,10 @@ def test_learner_learns_each_label_once_and_dead_letters_unknown_events(settings
     rows = make_rows(400)
     driver.send(rows)
     driver.label("never-seen", "1", 1.0)
-    driver.send(make_rows(1, start=400), snapshot=False)  # published, but its snapshot is gone (expired)
+    expired = Driver(settings.model_copy(update={"features": FeatureSettings(snapshot_ttl_s=1)}), redis_client)
+    expired.send(make_rows(1, start=400), labels=False, publish=False)  # a snapshot that expires...
+    time.sleep(1.5)
+    driver.label("e400", "1", T0 + 400.001)  # ...before its label comes
 
     outcomes = read_all(settings, driver.topics.outcomes, "Outcome", until=lambda o: len(o) >= 400)
     assert_once(outcomes, 400)
@@ -61,8 +64,8 @@ def test_learner_learns_each_label_once_and_dead_letters_unknown_events(settings
     assert {d["key"] for d in dead} == {b"never-seen", b"e400"}
     assert all(d["reason"] == "unknown_event" and "snapshot" in d["detail"] for d in dead)
 
-    predictions = read_all(settings, driver.topics.predictions, "Prediction", until=lambda p: len(p) >= 401)
-    assert len({p["event_id"] for p in predictions}) == 401 and {p["source"] for p in predictions} == {"learner"}
+    predictions = read_all(settings, driver.topics.predictions, "Prediction", until=lambda p: len(p) >= 400)
+    assert len({p["event_id"] for p in predictions}) == 400 and {p["source"] for p in predictions} == {"learner"}
     assert redis_client.hexists(driver.keys.snapshot("e0"), "p.champion")
     reg = registry_of(settings, redis_client)
     assert reg.champion() == 1 and reg.meta(1)["reason"] == "initial"
@@ -82,22 +85,22 @@ def test_kill9_mid_stream_then_restart_learns_every_label_exactly_once(settings,
     learner = run_service("learner", DRIFTLINE_LEARNER__CHECKPOINT_EVERY="100000",
                           DRIFTLINE_LEARNER__CHECKPOINT_INTERVAL_S="3600")
     driver = Driver(settings, redis_client)
-    rows = make_rows(2400, seed=11)
-    driver.send(rows[:600])
-    read_all(settings, driver.topics.outcomes, "Outcome", until=lambda o: len(o) >= 600)
+    rows = make_rows(1500, seed=11)
+    driver.send(rows[:500])
+    read_all(settings, driver.topics.outcomes, "Outcome", until=lambda o: len(o) >= 500)
     learner.kill9()
     learner.restart()
-    driver.send(rows[600:])
+    driver.send(rows[500:])
     time.sleep(0.3)
     learner.kill9()  # this time somewhere in the middle of the stream
     learner.restart()
-    outcomes = read_all(settings, driver.topics.outcomes, "Outcome", until=lambda o: len(o) >= 2400)
+    read_all(settings, driver.topics.outcomes, "Outcome", until=lambda o: len(o) >= 1500)
     time.sleep(1.0)
     outcomes = read_all(settings, driver.topics.outcomes, "Outcome")
-    assert_once(outcomes, 2400)
+    assert_once(outcomes, 1500)
     assert {o["event_id"] for o in outcomes} == {r[0] for r in rows}
-    live = wait_for(lambda: (s := status(learner)["live"])["champion"]["examples"] == 2400 and s)
-    assert live["position"] == 2400
+    live = wait_for(lambda: (s := status(learner)["live"])["champion"]["examples"] == 1500 and s)
+    assert live["position"] == 1500
     accuracy = sum(o["y_true"] == o["y_pred"] for o in outcomes) / len(outcomes)
     assert abs(accuracy - in_process_accuracy(rows)) < 0.02, (accuracy, in_process_accuracy(rows))
 
@@ -109,15 +112,15 @@ def test_standby_takes_over_and_a_tampered_checkpoint_is_refused(settings, redis
     second = run_service("learner", settings_override=standby_settings, **fast)
     assert httpx.get(second.url + "/health").json()["state"] == "standby"
     driver = Driver(settings, redis_client)
-    rows = make_rows(600, seed=3)
-    driver.send(rows[:300])
-    read_all(settings, driver.topics.outcomes, "Outcome", until=lambda o: len(o) >= 300)
+    rows = make_rows(400, seed=3)
+    driver.send(rows[:200])
+    read_all(settings, driver.topics.outcomes, "Outcome", until=lambda o: len(o) >= 200)
     first.kill9()
     wait_for(lambda: httpx.get(second.url + "/health").json()["state"] == "active", what="standby takes over")
-    driver.send(rows[300:])
-    read_all(settings, driver.topics.outcomes, "Outcome", until=lambda o: len(o) >= 600)
+    driver.send(rows[200:])
+    read_all(settings, driver.topics.outcomes, "Outcome", until=lambda o: len(o) >= 400)
     time.sleep(1.0)
-    assert_once(read_all(settings, driver.topics.outcomes, "Outcome"), 600)
+    assert_once(read_all(settings, driver.topics.outcomes, "Outcome"), 400)
 
     second.stop()  # clean stop: final checkpoint
     key = Keys(settings.namespace).checkpoint("default")

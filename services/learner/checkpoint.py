@@ -25,7 +25,7 @@ import uuid
 from typing import Any
 
 import redis
-from confluent_kafka import OFFSET_END, TopicPartition
+from confluent_kafka import TopicPartition
 
 from driftline.shared import kafka
 from driftline.shared.codec import DecodeError, get_codec
@@ -167,4 +167,3 @@ def high_watermark(settings: Settings, c, topic: str) -> int:
     return high
 
 
-__all__ = ["Lease", "save_checkpoint", "load_checkpoint", "outcomes_since", "high_watermark", "OFFSET_END"]

@@ -23,7 +23,7 @@ import json
 import logging
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any
 
 import redis
@@ -47,6 +47,9 @@ from .spec import describe, parse_model
 
 log = logging.getLogger(__name__)
 SERVICE = "learner"
+MAX_HELD_EVENTS = 50_000  # events held for their older labels, at most
+EVENT_PATIENCE_S = 10.0  # an event waits this long at most for labels.valid to catch up
+RECENT_EVENTS = 50_000  # scored events kept in memory for their labels (older: read from Redis)
 
 # Write fields into an event's snapshot only while it exists (never recreate an expired one without
 # its TTL). ARGV[1] = 'nx' keeps a prediction made earlier (at event time) over a re-scored one.
@@ -78,7 +81,9 @@ class LearnerWorker(StreamWorker):
         self.lease = Lease(self.r, self.keys.lease(self.name), self.cfg.lease_ttl_s)
         self._snap_set = self.r.register_script(_SNAP_SET)
         self.hold_s = settings.features.max_reorder_wait_ms / 1000
+        self.patience = max(5 * self.hold_s, self.cfg.label_grace_s / 3)
         self.state = "standby"
+        self._out: dict[str, Any] = {}
         self.reset_session()
 
     # -- session state: everything a checkpoint holds, plus recovery bookkeeping ---------------
@@ -95,7 +100,9 @@ class LearnerWorker(StreamWorker):
         self.base_position = 0
         self.replay: deque[str] = deque()  # labels to re-learn first, in their published order
         self.suppress: set[tuple[str, str]] = set()  # (event_id, role) outcomes already published
-        self.held_features: list[dict] = []
+        self.held_features: list[dict] = []  # events read, not yet scored (waiting for older labels)
+        self.label_clock = float("-inf")  # latest label ts read
+        self.label_partitions: list[TopicPartition] = []
         self.held_control: list[tuple[str, dict]] = []
         self.replay_deadline = 0.0
         self.dirty = False
@@ -105,7 +112,34 @@ class LearnerWorker(StreamWorker):
         self.since_update = 0
         self.last_update = time.monotonic()
         self.next_retry = 0.0
+        self.last_feature_at = 0.0
+        self.recent: OrderedDict[str, dict] = OrderedDict()  # scored events whose label has not come
+        self.learned_ids: OrderedDict[str, None] = OrderedDict()  # to drop a label delivered twice
+        self.rescore_below: dict[tuple[str, int], int] = {}  # offsets consumed before this session
+        self.buffer: list[str] = []  # examples for the warm-start buffer, pushed once per batch
         self.pipe = None
+
+    def produce(self, topic: str, value: bytes, key: str | bytes | None = None) -> None:
+        kafka.produce(self.producer, topic, value, key)
+        counter = self._out.get(topic)
+        if counter is None:  # label lookups cost more than the produce itself; do them once
+            counter = self._out[topic] = metrics.MESSAGES_OUT.labels(SERVICE, base_topic(topic))
+        counter.inc()
+
+    def _export_lag(self) -> None:
+        """Lag from the watermarks the fetches already brought back (no broker round trips)."""
+        now = time.monotonic()
+        if now - self._last_lag < self.lag_every_s or self.consumer is None:
+            return
+        self._last_lag = now
+        try:
+            for tp in self.consumer.position(self.consumer.assignment()):
+                _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                if high >= 0 and tp.offset >= 0:
+                    metrics.CONSUMER_LAG.labels(SERVICE, base_topic(tp.topic), str(tp.partition)).set(
+                        max(0, high - tp.offset))
+        except Exception:  # lag is best effort; never let it stop the loop
+            log.debug("lag export failed", exc_info=True)
 
     def input_topics(self) -> list[str]:
         t = self.topics
@@ -161,32 +195,64 @@ class LearnerWorker(StreamWorker):
             for tp in kafka.partitions_of(self.settings, topic):
                 offset = self.offsets.get((topic, tp.partition), OFFSET_BEGINNING)
                 parts.append(TopicPartition(topic, tp.partition, offset))
+                if topic == self.topics.features:  # events up to here may have been scored before
+                    _low, high = c.get_watermark_offsets(tp, timeout=10.0, cached=False)
+                    self.rescore_below[(topic, tp.partition)] = high
         c.assign(parts)
+        self.label_partitions = [tp for tp in parts if tp.topic == self.topics.labels_valid]
         return c
 
     def handle(self, messages: list[Message]) -> None:
         features, labels, control = self.decode(messages)
         self.waiting.extend(labels)
+        self.label_clock = max([self.label_clock] + [lb["ts"] for lb in labels])
         self.held_features.extend(features)
         self.held_control.extend(control)
         self.pipe = self.r.pipeline(transaction=False)
         if self.replay:
             self.catch_up()
         if not self.replay:
-            batch, self.held_features = sorted(self.held_features, key=lambda f: f["ts"]), []
-            self.step(batch)
+            self.step(self.release_features())
             control, self.held_control = self.held_control, []
             for kind, value in control:
                 self.on_control(kind, value)
         self.flush_batch()
 
+    def release_features(self) -> list[dict]:
+        """The held events that may be scored now, in ts order: those whose labels-so-far are all
+        in (a label at or after their ts has been read, or labels.valid is read to its end), so
+        that an event is never scored by a model missing a label older than it. Kafka does not
+        order two topics; without this a backlog of events would be scored before its labels."""
+        if not self.held_features:
+            return []
+        held = sorted(self.held_features, key=lambda f: f["ts"])
+        now = time.time()
+        if self.labels_caught_up():
+            cut = len(held)
+        else:
+            cut = 0
+            while cut < len(held) and (held[cut]["ts"] <= self.label_clock
+                                          or now - held[cut]["_seen"] >= EVENT_PATIENCE_S):
+                cut += 1
+            cut = max(cut, len(held) - MAX_HELD_EVENTS)  # bounded memory: the oldest go anyway
+        self.held_features = held[cut:]
+        return held[:cut]
+
+    def labels_caught_up(self) -> bool:
+        """Has every labels.valid partition been read up to its high watermark (as last fetched)?"""
+        for tp in self.label_partitions:
+            low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            if high < 0:
+                return False  # not fetched yet
+            if self.offsets.get((tp.topic, tp.partition), max(low, tp.offset)) < high:
+                return False
+        return True
+
     def tick(self) -> None:
         now = time.monotonic()
-        if self.waiting and not self.replay and now >= self.next_retry:
-            self.next_retry = now + 0.1  # labels past their hold, or whose event may have come
-            self.pipe = self.r.pipeline(transaction=False)
-            self.step([])
-            self.flush_batch()
+        if (self.waiting or self.held_features) and not self.replay and now >= self.next_retry:
+            self.next_retry = now + 0.05  # labels past their hold, events whose labels are all in
+            self.handle([])
         if self.replay and now > self.replay_deadline:
             log.error("learner %s: %d published outcomes never came back to be re-learned; giving up the "
                       "ordered replay (their labels will be learned as they come)", self.name, len(self.replay))
@@ -210,7 +276,9 @@ class LearnerWorker(StreamWorker):
             self.dirty = True
             try:
                 if topic == "features":
-                    features.append(self.codec.decode(m.value(), expect="FeatureVector"))
+                    fv = self.codec.decode(m.value(), expect="FeatureVector")
+                    fv.update(_tp=(m.topic(), m.partition()), _offset=m.offset(), _seen=now)
+                    features.append(fv)
                 elif topic == "labels.valid":
                     label = self.codec.decode(m.value(), expect="Label")
                     label.update(_seen=now, _raw=m.value(), _key=m.key(), _part=m.partition(), _off=m.offset())
@@ -231,29 +299,45 @@ class LearnerWorker(StreamWorker):
     def step(self, features: list[dict]) -> None:
         """Walk `features` (sorted by ts); before scoring each, learn the waiting labels whose ts is
         not after it (the replay's point-in-time rule); after the walk, labels that waited past
-        the hold are learned too. Labels whose event has no snapshot yet keep waiting."""
+        the hold are learned too. Labels whose event has no snapshot (or no prediction of ours)
+        yet keep waiting."""
         horizon = max([self.clock] + [f["ts"] for f in features])
         now = time.time()
-        due = [lb for lb in self.waiting if lb["ts"] <= horizon or now - lb["_seen"] >= self.hold_s]
+        if features:
+            self.last_feature_at = now
+        # A label later than every event seen waits for the events before it; it is released early
+        # only when the features stream has been quiet for the hold (the end of a replay, an idle
+        # hour), or after a third of the grace (a producer whose label clock runs ahead).
+        idle = now - self.last_feature_at >= self.hold_s
+        due = [lb for lb in self.waiting if lb["ts"] <= horizon or now - lb["_seen"] >= self.patience
+               or (idle and now - lb["_seen"] >= self.hold_s)]
         if not due and not features:
             return
-        snaps = self.fetch(features, due)
-        in_batch: dict[str, dict] = {}  # event_id -> {"fv", "p.champion", "p.challenger"} scored now
+        stored = self.fetch([f for f in features if self.maybe_scored(f)],
+                            [lb for lb in due if lb["event_id"] not in self.recent and lb.get("_retry", 0) <= now])
         due.sort(key=lambda lb: lb["ts"])
         learned: set[int] = set()
         i = 0
         for f in features:
             while i < len(due) and due[i]["ts"] <= f["ts"]:
-                if self.learn(due[i], snaps, in_batch):
+                if self.learn(due[i], stored):
                     learned.add(id(due[i]))
                 i += 1
-            in_batch[f["event_id"]] = self.score(f, snaps.get(f["event_id"], {}))
+            self.score(f, stored.get(f["event_id"], {}))
             self.clock = max(self.clock, f["ts"])
         for lb in due[i:]:
-            if self.learn(lb, snaps, in_batch):
+            if self.learn(lb, stored):
                 learned.add(id(lb))
+        for lb in due:
+            if id(lb) not in learned and lb["event_id"] in stored:
+                lb["_retry"] = now + 0.5  # looked it up in Redis and it was not there: not again at once
         self.waiting = [lb for lb in self.waiting if id(lb) not in learned]
         self.expire_waiting(now)
+
+    def maybe_scored(self, fv: dict) -> bool:
+        """Was this event perhaps scored already (by the learner before a restart)? Then its stored
+        prediction, made at event time, is kept."""
+        return fv["_offset"] < self.rescore_below.get(fv["_tp"], 0)
 
     def catch_up(self) -> None:
         """After a crash: re-learn the labels whose outcomes were already published, in that order."""
@@ -265,10 +349,10 @@ class LearnerWorker(StreamWorker):
             ready.append(by_id[event_id])
         if not ready:
             return
-        snaps = self.fetch([], ready)
+        stored = self.fetch([], [lb for lb in ready if lb["event_id"] not in self.recent])
         learned = set()
         for lb in ready:
-            if not self.learn(lb, snaps, {}, replaying=True):
+            if not self.learn(lb, stored):
                 break
             learned.add(id(lb))
             self.replay.popleft()
@@ -277,39 +361,36 @@ class LearnerWorker(StreamWorker):
             log.info("learner %s: caught up after restart at position %d", self.name, self.position)
 
     def fetch(self, features: list[dict], labels: list[dict]) -> dict[str, dict]:
-        """Snapshots of the events in one pipelined round trip: stored predictions of the events
-        to score (kept if already there), `fv` + predictions + learned marker of labelled ones."""
+        """Snapshots from Redis in one pipelined round trip: the stored predictions of events that
+        may have been scored before, `fv` + predictions of labelled events we do not hold in memory."""
         pipe = self.r.pipeline(transaction=False)
         ids = []
         for f in features:
             pipe.hmget(self.keys.snapshot(f["event_id"]), "p.champion", "p.challenger")
-            ids.append((f["event_id"], False))
+            ids.append(f["event_id"])
         for lb in labels:
-            pipe.hmget(self.keys.snapshot(lb["event_id"]), "p.champion", "p.challenger", "fv", "learned")
-            ids.append((lb["event_id"], True))
+            pipe.hmget(self.keys.snapshot(lb["event_id"]), "p.champion", "p.challenger", "fv")
+            ids.append(lb["event_id"])
+        if not ids:
+            return {}
         started = time.perf_counter()
-        results = pipe.execute() if ids else []
+        results = pipe.execute()
         metrics.REDIS_SECONDS.labels(SERVICE, "fetch").observe(time.perf_counter() - started)
         snaps: dict[str, dict] = {}
-        for (event_id, labelled), values in zip(ids, results):
+        for event_id, values in zip(ids, results):
             snap = snaps.setdefault(event_id, {})
-            for field, raw in zip(("p.champion", "p.challenger", "fv", "learned"), values):
+            for field, raw in zip(("p.champion", "p.challenger", "fv"), values):
                 if raw is None:
                     continue
                 try:
-                    if field == "fv":
-                        snap[field] = self.codec.decode(raw, expect="FeatureVector")
-                    elif field == "learned":
-                        snap[field] = raw.decode()
-                    else:
-                        snap[field] = self.codec.decode(raw, expect="Prediction")
+                    snap[field] = self.codec.decode(raw, expect="FeatureVector" if field == "fv" else "Prediction")
                 except DecodeError as exc:
                     log.error("learner: snapshot %s field %s does not decode: %s", event_id, field, exc)
         return snaps
 
-    def score(self, fv: dict, stored: dict) -> dict:
-        """Predictions for one event by each model; a prediction already stored (made at event time
-        before a crash, or by the prediction service) is kept and not published again."""
+    def score(self, fv: dict, stored: dict) -> None:
+        """Predictions for one event by each model, kept in memory for its label; a prediction
+        already stored (made at event time before a crash) is kept and not published again."""
         out: dict[str, Any] = {"fv": fv}
         fields: list[str] = []
         if fv.get("published_ms"):
@@ -329,20 +410,21 @@ class LearnerWorker(StreamWorker):
             out[field] = p
             fields += [field, blob]
             self.produce(self.topics.predictions, blob, fv["entity_id"])
-            metrics.PREDICTIONS.labels(SERVICE, self.name, slot.role).inc()
+            self.count("predictions", slot.role)
         if fields:
             self._snap_set(keys=[self.keys.snapshot(fv["event_id"])], args=["nx", *fields], client=self.pipe)
-        return out
+        self.recent[fv["event_id"]] = out
+        while len(self.recent) > RECENT_EVENTS:
+            self.recent.popitem(last=False)  # older ones are read back from their snapshot
 
-    def learn(self, label: dict, snaps: dict, in_batch: dict, replaying: bool = False) -> bool:
+    def learn(self, label: dict, stored: dict) -> bool:
         """Join a label with its event, emit outcomes, learn once. False = not ready (keeps waiting)."""
         event_id = label["event_id"]
-        snap = {**snaps.get(event_id, {}), **in_batch.get(event_id, {})}
+        snap = self.recent.get(event_id) or stored.get(event_id, {})
         fv = snap.get("fv")
         if fv is None or ("p.champion" not in snap and time.time() - label["_seen"] < self.cfg.label_grace_s):
             return False  # the event is still on its way through features (or to our scoring)
-        marker = snap.get("learned")
-        if marker and not replaying and self.already_learned(marker):
+        if event_id in self.learned_ids:
             metrics.DUPLICATES.labels(SERVICE, "labels.valid").inc()
             return True
         x, y_true = fv["features"], label["label"]
@@ -361,12 +443,13 @@ class LearnerWorker(StreamWorker):
         for slot in (self.champion, self.challenger):
             if slot is not None:
                 slot.learn(x, y_true)
-                metrics.EXAMPLES_LEARNED.labels(self.name, slot.role).inc()
-        self._snap_set(keys=[self.keys.snapshot(event_id)], args=["set", "learned", f"{self.sid}:{self.position}"],
-                       client=self.pipe)
+                self.count("learned", slot.role)
+        self.recent.pop(event_id, None)
+        self.learned_ids[event_id] = None
+        if len(self.learned_ids) > RECENT_EVENTS:
+            self.learned_ids.popitem(last=False)
         if self.cfg.warm_start > 0:
-            self.pipe.lpush(self.keys.example_buffer(self.name),
-                            json.dumps({"p": self.position, "x": x, "y": y_true}))
+            self.buffer.append(json.dumps({"p": self.position, "x": x, "y": y_true}))
         self.position += 1
         self.since_checkpoint += 1
         self.since_update += 1
@@ -380,11 +463,13 @@ class LearnerWorker(StreamWorker):
                 self.drop_challenger()
         return True
 
-    def already_learned(self, marker: str) -> bool:
-        sid, _, pos = marker.partition(":")
-        # Learned in this session, or before the checkpoint we restored: a duplicate. Learned after
-        # that checkpoint by a learner that then crashed: that learning was lost with it.
-        return sid == self.sid or int(pos or 0) < self.base_position
+    def count(self, what: str, role: str) -> None:
+        child = self._out.get((what, role))
+        if child is None:
+            metric = metrics.PREDICTIONS.labels(SERVICE, self.name, role) if what == "predictions" \
+                else metrics.EXAMPLES_LEARNED.labels(self.name, role)
+            child = self._out[(what, role)] = metric
+        child.inc()
 
     def emit_outcome(self, fv: dict, label: dict, p: dict, role: str) -> None:
         if (fv["event_id"], role) in self.suppress:
@@ -417,8 +502,11 @@ class LearnerWorker(StreamWorker):
     def flush_batch(self) -> None:
         if self.pipe is None:
             return
-        if self.cfg.warm_start > 0:
-            self.pipe.ltrim(self.keys.example_buffer(self.name), 0, self.cfg.warm_start - 1)
+        if self.buffer:
+            key = self.keys.example_buffer(self.name)
+            self.pipe.lpush(key, *self.buffer)
+            self.pipe.ltrim(key, 0, self.cfg.warm_start - 1)
+            self.buffer = []
         started = time.perf_counter()
         self.pipe.execute()
         metrics.REDIS_SECONDS.labels(SERVICE, "write").observe(time.perf_counter() - started)
@@ -565,7 +653,7 @@ class LearnerWorker(StreamWorker):
 
     # -- checkpoint and restore ----------------------------------------------------------------
     def checkpoint(self, force: bool = False) -> bool:
-        if self.replay or self.held_features or self.held_control or self.champion is None:
+        if self.replay or self.champion is None:
             return False  # mid-recovery: offsets are ahead of what has been applied
         if not (force or self.dirty or self.checkpoint_now):
             return False
@@ -577,6 +665,7 @@ class LearnerWorker(StreamWorker):
             "offsets": dict(self.offsets), "outcomes_offset": high_watermark(self.settings, self.consumer,
                                                                               self.topics.outcomes),
             "waiting": self.waiting, "position": self.position, "clock": self.clock,
+            "held_features": self.held_features, "held_control": self.held_control, "label_clock": self.label_clock,
         }
         if not save_checkpoint(self.r, self.keys, self.name, self.lease, state, self.signing_key):
             log.error("learner %s: lease lost; checkpoint refused", self.name)
@@ -596,6 +685,8 @@ class LearnerWorker(StreamWorker):
         self.offsets, self.waiting = state["offsets"], state["waiting"]
         self.position = self.base_position = state["position"]
         self.clock = state["clock"]
+        self.held_features, self.held_control = state["held_features"], state["held_control"]
+        self.label_clock = state["label_clock"]
         self.trim_example_buffer()
         published = outcomes_since(self.settings, self.topics.outcomes, state["outcomes_offset"], self.name)
         self.suppress = {(o["event_id"], o["role"]) for o in published}
