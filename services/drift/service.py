@@ -188,7 +188,7 @@ def check_admin(settings: Settings, authorization: str | None) -> None:
     if not authorization or not authorization.startswith("Bearer "):
         raise HTTPException(401, "admin route: send Authorization: Bearer <DRIFTLINE_ADMIN_TOKEN>",
                             headers={"WWW-Authenticate": "Bearer"})
-    if settings.admin_token is None:
+    if settings.admin_token is None or not settings.admin_token.get_secret_value():
         raise HTTPException(403, "admin routes are closed: no DRIFTLINE_ADMIN_TOKEN is configured")
     given = authorization[len("Bearer "):].strip().encode()
     if not hmac.compare_digest(given, settings.admin_token.get_secret_value().encode()):
