@@ -73,7 +73,9 @@ def test_csv_replay_with_text_columns_and_entities_learns_every_label(settings, 
     path = tmp_path / "tx.csv"
     path.write_text("\n".join(lines) + "\n")
     start_pipeline(run_service, model="tree.HoeffdingTreeClassifier()", features="default")
-    report = replay_report(settings, f"csv:{path}", target="fraud", entity="shop", label_delay=5)
+    # --model names a model the learner does not run: the replay warns and reports what ran.
+    report = replay_report(settings, f"csv:{path}", target="fraud", entity="shop", label_delay=5, model=LOGREG)
+    assert report["checks"]["model_matches"] is False and report["model"] == "HoeffdingTreeClassifier"
     assert report["dataset"] == f"csv:{path}" and report["events_sent"] == report["labels_sent"] == 600
     assert report["events_valid"] == 600 and report["events_dlq"] == report["labels_dlq"] == 0
     assert report["examples_learned"] == 600 and report["checks"]["features_match"] is True

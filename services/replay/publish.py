@@ -288,6 +288,9 @@ def replay(
         "started_at": t_first,
         "checks": check_pipeline(settings, expected_model, expected_features, data.outcomes, console),
     }
+    # The report names what actually ran, when the registry knows it.
+    if meta["checks"].get("model_matches") is False:
+        meta["model_spec"] = meta["checks"]["learner_model"]
     report = build_report(meta, data.outcomes, drift=data.drift, swaps=data.swaps, events_dlq=data.events_dlq,
                           labels_dlq=data.labels_dlq, window=settings.learner.window)
     if report_dir is not None:
