@@ -1,5 +1,6 @@
 """`report.png`: windowed prequential accuracy over the stream, with the known drift positions
-shaded, detected drift events as red lines and model swaps as green triangles.
+shaded, concept drift events as red lines, data drift events as grey ticks, model swaps as green
+triangles.
 
     >>> plot_report(report, Path("reports/demo/report.png"))
 
@@ -31,9 +32,14 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
     for i, p in enumerate(report.get("known_drift_positions", [])):
         half = max(width / 2, 150)
         ax.axvspan(p - half, p + half, color="orange", alpha=0.25, label="known drift" if i == 0 else None)
-    for i, d in enumerate(report.get("drift_events", [])):
-        ax.axvline(d["position"], color="red", linewidth=1, alpha=0.8,
-                   label=f"drift detected ({d.get('kind')})" if i == 0 else None)
+    drift = report.get("drift_events", [])
+    concept = sorted({d["position"] for d in drift if d.get("kind") != "data"})
+    data = sorted({d["position"] for d in drift if d.get("kind") == "data"})
+    for i, p in enumerate(concept):
+        ax.axvline(p, color="red", linewidth=1.2, alpha=0.85, label="concept drift detected" if i == 0 else None)
+    if data:  # per-feature alarms: short grey ticks along the bottom, so they do not hide the curve
+        ax.plot(data, [0.0] * len(data), linestyle="none", marker="|", markersize=14, color="grey",
+                transform=ax.get_xaxis_transform(), label="data drift (a feature)")
     swaps = report.get("model_swaps", [])
     if swaps:
         ax.scatter([s["position"] for s in swaps], [1.0] * len(swaps), marker="v", color="green", s=50,
