@@ -11,8 +11,10 @@ fold the same event into a state twice.
 How a batch goes (`FeaturesWorker.handle`):
 1. decode; bad bytes go to events.dlq / labels.dlq with the reason (nothing crashes the loop);
 2. `ReorderBuffer`: events and labels are merged by event time. A label with ts <= an event's ts
-   is applied before that event's vector; each side waits at most `max_reorder_wait_ms` for the
-   other (then goes ahead), and each partition stays in offset order;
+   is applied before that event's vector; each side waits for the other's partitions to pass its
+   time, but at most `max_reorder_wait_ms` once they hold nothing unread (a backlog is read, not
+   skipped); each partition stays in offset order; a partition far ahead is paused meanwhile.
+   A feature set without `last_label` does not read labels.valid and waits for nothing;
 3. one pipelined Redis read: the states of the batch's entities and the snapshots of the events
    that the batch's labels refer to (when the event is not in the batch itself);
 4. in Python, in merged order: vector from the state, then `apply_event`; labels `apply_label`;
