@@ -113,13 +113,32 @@ def parse_wrk(output: str) -> dict[str, Any]:
     }
 
 
-def wrk(url: str, connections: int, seconds: float, script: Path | None = None) -> dict[str, Any]:
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by every process of a process group (the service
+    and its uvicorn workers). Per request, this is what load costs the server, whatever else runs
+    on the machine; wall-clock figures on a busy machine say more about the neighbours."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields[2] is pgrp (the 5th field of /proc/pid/stat)
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(url: str, connections: int, seconds: float, script: Path | None = None, pgid: int | None = None) -> dict[str, Any]:
     threads = min(2, connections)
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "5s"]
     if script is not None:
         argv += ["-s", str(script)]
+    cpu0 = group_cpu_s(pgid) if pgid else 0.0
     out = subprocess.run(argv + [url], capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
-    return parse_wrk(out)
+    result = parse_wrk(out)
+    if pgid:
+        result["server_cpu_ms_per_request"] = round((group_cpu_s(pgid) - cpu0) * 1000 / max(1, result["requests"]), 3)
+    return result
 
 
 # -- the service ----------------------------------------------------------------------------
@@ -242,12 +261,14 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         wrk(url + "/v1/predict", 16, 2, script)  # warm-up: connections, caches, JIT-free but lazy imports
         result["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
         for connections in (16, 64):
-            predict = wrk(url + "/v1/predict", connections, seconds, script)
-            health = wrk(url + "/health", connections, seconds)
+            predict = wrk(url + "/v1/predict", connections, seconds, script, pgid=proc.pid)
+            health = wrk(url + "/health", connections, seconds, pgid=proc.pid)
             result[f"c{connections}"] = {
                 "predict": predict,
                 "health": health,
                 "ratio": round(predict["requests_per_s"] / health["requests_per_s"], 3),
+                # The same ratio from server CPU per request: what it would be on an idle machine.
+                "cpu_ratio": round(health["server_cpu_ms_per_request"] / predict["server_cpu_ms_per_request"], 3),
             }
         result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
         result["swap"] = swap_reach(settings, registry, url, workers, rounds=3 if quick else 5)
