@@ -189,7 +189,9 @@ class LearnerWorker(StreamWorker):
             self.consumer = None
 
     def open_consumer(self):
-        c = kafka.consumer(self.settings, self.topics.group(SERVICE, self.name))
+        # The group id is the service's (lag tools read its offsets); the learner's position is the
+        # checkpoint's, never the group's.
+        c = kafka.consumer(self.settings, self.topics.group(SERVICE))
         parts = []
         for topic in self.input_topics():
             for tp in kafka.partitions_of(self.settings, topic):
@@ -671,6 +673,11 @@ class LearnerWorker(StreamWorker):
             log.error("learner %s: lease lost; checkpoint refused", self.name)
             return False
         metrics.CHECKPOINTS.labels(self.name).inc()
+        try:  # for lag tools only (kafka-consumer-groups, the replay's stall report): never read back
+            self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in self.offsets.items()],
+                                 asynchronous=True)
+        except Exception:
+            log.debug("offset commit for lag tools failed", exc_info=True)
         self.dirty = self.checkpoint_now = False
         self.since_checkpoint = 0
         self.last_checkpoint = time.monotonic()
