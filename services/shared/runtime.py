@@ -80,7 +80,7 @@ class StreamWorker:
         self.consumer = self.open_consumer()
         try:
             while not self._stop.is_set():
-                messages = self.consumer.consume(num_messages=self.batch_size, timeout=self.poll_timeout_s)
+                messages = self.next_batch()
                 good = [m for m in messages if m.error() is None]
                 for m in messages:
                     if m.error() is not None:
@@ -100,6 +100,18 @@ class StreamWorker:
         finally:
             self.producer.flush(10)
             self.consumer.close()
+
+    def next_batch(self) -> list[Message]:
+        """Up to batch_size messages: wait at most poll_timeout_s for the first, then take what is
+        already fetched without waiting. (consume() alone waits out its whole timeout whenever
+        fewer than batch_size messages are there, which adds that much latency at low rates.)"""
+        assert self.consumer is not None
+        first = self.consumer.poll(self.poll_timeout_s)
+        if first is None:
+            return []
+        if self.batch_size <= 1:
+            return [first]
+        return [first, *self.consumer.consume(num_messages=self.batch_size - 1, timeout=0)]
 
     def _count_in(self, messages: list[Message]) -> None:
         counts: dict[str, int] = {}
