@@ -26,7 +26,7 @@ SAMPLES = {
                 "position": 41, "ts": 1.7e9},
     "DriftEvent": {"drift_id": "d-1", "model": "default", "model_version": 3, "kind": "concept",
                    "level": "drift", "detector": "ADWIN", "feature": None, "position": 1200,
-                   "error_before": 0.1, "error_after": 0.4, "ts": 1.7e9},
+                   "error_before": 0.1, "error_after": 0.4, "statistic": None, "ts": 1.7e9},
     "RetrainRequest": {"request_id": "r-1", "model": "default", "reason": "concept_drift", "drift_id": "d-1",
                        "model_version": 3, "position": 1200, "ts": 1.7e9},
     "ModelSwap": {"model": "default", "from_version": 3, "to_version": 4, "reason": "promotion",
