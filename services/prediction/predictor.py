@@ -30,6 +30,7 @@ never turn client input into a 5xx.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from typing import Any
@@ -98,8 +99,21 @@ class Predictor:
             log.warning("could not read the registry at start (%s); will follow it", exc)
         self.plog.start()
         self.follower.start()
+        # driftline_model_ready must be true for Prometheus even when nobody probes /ready
+        # (compose health-checks /health); refresh it off the request path.
+        self._ready_stop = threading.Event()
+        threading.Thread(target=self._refresh_ready, name="ready-gauge", daemon=True).start()
+
+    def _refresh_ready(self, every_s: float = 2.0) -> None:
+        while not self._ready_stop.wait(every_s):
+            try:
+                self.readiness()
+            except Exception:  # the gauge is best effort; /ready answers for itself
+                log.debug("readiness refresh failed", exc_info=True)
 
     def stop(self) -> None:
+        if hasattr(self, "_ready_stop"):
+            self._ready_stop.set()
         self.follower.stop()
         self.plog.stop()
         self._swap_producer.flush(5)

@@ -85,10 +85,15 @@ def ensure_topics(settings: Settings, namespace: str | None = None, timeout: flo
             except KafkaException as exc:
                 if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
                     raise
-    # Metadata propagates asynchronously; wait until the broker lists them all.
+    # Metadata propagates asynchronously: wait until the broker lists them all and every
+    # partition has a leader (a loaded broker lists a topic before its leaders are elected, and
+    # producing then fails with NOT_LEADER).
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if set(topics.all()) <= set(client.list_topics(timeout=timeout).topics):
+        listed = client.list_topics(timeout=timeout).topics
+        if all(name in listed and listed[name].partitions
+               and all(p.leader >= 0 for p in listed[name].partitions.values())
+               for name in topics.all()):
             break
         time.sleep(0.1)
     return created
