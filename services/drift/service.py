@@ -24,7 +24,7 @@ from confluent_kafka import Message
 from fastapi import Body, FastAPI, Header, HTTPException
 from pydantic import BaseModel, Field
 
-from ..shared import metrics
+from ..shared import kafka, metrics
 from ..shared.codec import DecodeError, get_codec
 from ..shared.kafka import base_topic
 from ..shared.keys import Keys
@@ -62,7 +62,11 @@ class DriftWorker(StreamWorker):
 
     def open_consumer(self):
         self.load_state()
-        return super().open_consumer()
+        # A small prefetch: with librdkafka's default (100k messages per partition) an outcome would
+        # queue behind a whole backlog of the features firehose and drift would be noticed late.
+        c = kafka.consumer(self.settings, self.topics.group(self.service), **{"queued.min.messages": 2000})
+        c.subscribe(self.input_topics())
+        return c
 
     # -- the loop: decode -> decide -> publish (the base class flushes, then commit() saves) ------
     def handle(self, messages: list[Message]) -> None:
