@@ -72,6 +72,7 @@ class LearnerWorker(StreamWorker):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
+        self.control = None  # the control-plane consumer (retrain.requests, model.swaps)
         self.cfg = settings.learner
         self.name = self.cfg.model_name
         self.spec = self.cfg.model
@@ -145,7 +146,14 @@ class LearnerWorker(StreamWorker):
 
     def input_topics(self) -> list[str]:
         t = self.topics
-        return [t.features, t.labels_valid, t.retrain_requests, t.model_swaps]
+        return [t.features, t.labels_valid]
+
+    def control_topics(self) -> list[str]:
+        # Read by a consumer of their own: in one consumer, librdkafka's prefetch queue would put a
+        # retrain request behind megabytes of backlog, and the challenger would start after the
+        # stream it should adapt to has passed.
+        t = self.topics
+        return [t.retrain_requests, t.model_swaps]
 
     # -- the lease loop: standby until it holds the lease, then one active session -------------
     def run(self) -> None:
@@ -165,12 +173,14 @@ class LearnerWorker(StreamWorker):
     def session(self) -> None:
         self.reset_session()
         self.restore()
-        self.consumer = self.open_consumer()
+        self.consumer = self.open_consumer(self.input_topics())
+        self.control = self.open_consumer(self.control_topics())
         self.state = "active"
         try:
             while not self._stop.is_set() and not self.lease.lost.is_set():
+                control = self.control.consume(num_messages=100, timeout=0)
                 messages = self.consumer.consume(num_messages=self.batch_size, timeout=self.poll_timeout_s)
-                good = [m for m in messages if m.error() is None]
+                good = [m for m in control + messages if m.error() is None]
                 if good:
                     self._count_in(good)
                     started = time.perf_counter()
@@ -188,14 +198,15 @@ class LearnerWorker(StreamWorker):
         finally:
             self.producer.flush(10)
             self.consumer.close()
-            self.consumer = None
+            self.control.close()
+            self.consumer = self.control = None
 
-    def open_consumer(self):
+    def open_consumer(self, topics: list[str]):
         # The group id is the service's (lag tools read its offsets); the learner's position is the
         # checkpoint's, never the group's.
         c = kafka.consumer(self.settings, self.topics.group(SERVICE))
         parts = []
-        for topic in self.input_topics():
+        for topic in topics:
             for tp in kafka.partitions_of(self.settings, topic):
                 offset = self.offsets.get((topic, tp.partition), OFFSET_BEGINNING)
                 parts.append(TopicPartition(topic, tp.partition, offset))
@@ -203,7 +214,8 @@ class LearnerWorker(StreamWorker):
                     _low, high = c.get_watermark_offsets(tp, timeout=10.0, cached=False)
                     self.rescore_below[(topic, tp.partition)] = high
         c.assign(parts)
-        self.label_partitions = [tp for tp in parts if tp.topic == self.topics.labels_valid]
+        if self.topics.labels_valid in topics:
+            self.label_partitions = [tp for tp in parts if tp.topic == self.topics.labels_valid]
         return c
 
     def handle(self, messages: list[Message]) -> None:
@@ -485,9 +497,15 @@ class LearnerWorker(StreamWorker):
         self.produce(self.topics.outcomes, self.codec.encode("Outcome", o), fv["entity_id"])
 
     def expire_waiting(self, now: float) -> None:
+        # Wall time alone is no proof the event is lost: behind a features backlog its vector may be
+        # minutes away. A label gives up after its grace only once the features stream has gone
+        # quiet for as long, or event time on it has moved past the label's own ts by the grace
+        # (its event, older than the label, would have been scored by then).
+        grace = self.cfg.label_grace_s
+        features_idle = now - self.last_feature_at >= grace
         keep = []
         for lb in self.waiting:
-            if now - lb["_seen"] >= self.cfg.label_grace_s:
+            if now - lb["_seen"] >= grace and (features_idle or self.clock >= lb["ts"] + grace):
                 self.dead_letter(lb["_raw"], lb["_key"], lb["_part"], lb["_off"], "unknown_event",
                                  f"no feature snapshot for event {lb['event_id']!r} after {self.cfg.label_grace_s:g}s: "
                                  f"the event is unknown, or its snapshot expired "
@@ -542,7 +560,7 @@ class LearnerWorker(StreamWorker):
             examples = int(meta.get("examples_seen", 0))
         else:
             model = parse_model(self.spec)
-            warm = self.warm_examples()
+            warm = self.warm_examples(req.get("since_position"))
             for x, y in warm:
                 model.learn_one(x, to_river(y))
             examples = len(warm)
@@ -558,12 +576,16 @@ class LearnerWorker(StreamWorker):
                  req["reason"], examples, self.champion.version)
         self.checkpoint_now = True
 
-    def warm_examples(self) -> list[tuple[dict, str]]:
+    def warm_examples(self, since_position: int | None = None) -> list[tuple[dict, str]]:
+        """The last `warm_start` labelled examples, oldest first; with `since_position` (the drift's
+        estimated change point) only those of the new regime: a tree warm-started on pre-drift
+        examples first learns the concept it is meant to replace."""
         if self.cfg.warm_start <= 0:
             return []
         raw = self.r.lrange(self.keys.example_buffer(self.name), 0, self.cfg.warm_start - 1)
         examples = [json.loads(r) for r in reversed(raw)]  # oldest first
-        return [(e["x"], e["y"]) for e in examples if e["p"] < self.position]
+        since = since_position if since_position is not None else -1
+        return [(e["x"], e["y"]) for e in examples if since <= e["p"] < self.position]
 
     def promote(self) -> None:
         old, new = self.champion, self.challenger
