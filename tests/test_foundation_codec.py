@@ -28,7 +28,7 @@ SAMPLES = {
                    "level": "drift", "detector": "ADWIN", "feature": None, "position": 1200,
                    "error_before": 0.1, "error_after": 0.4, "statistic": None, "ts": 1.7e9},
     "RetrainRequest": {"request_id": "r-1", "model": "default", "reason": "concept_drift", "drift_id": "d-1",
-                       "model_version": 3, "position": 1200, "ts": 1.7e9},
+                       "model_version": 3, "position": 1200, "since_position": 1100, "ts": 1.7e9},
     "ModelSwap": {"model": "default", "from_version": 3, "to_version": 4, "reason": "promotion",
                   "position": 1700, "ts": 1.7e9},
     "ModelUpdate": {"model": "default", "version": 4, "examples_seen": 2000, "revision": 7, "ts": 1.7e9},

@@ -152,7 +152,10 @@ class RetrainPolicy:
                                   error_before=alarm.error_before, error_after=alarm.error_after)
         actions = [Action("drift", event)]
         if alarm.level == "drift":
-            actions += self._automatic("concept_drift", drift_id=event["drift_id"])
+            # The monitor knows where the error rate changed: the challenger should warm-start on
+            # the new regime only, not on the pre-drift examples that fill the last W.
+            since = max(self.position - alarm.recent + 1, 0)
+            actions += self._automatic("concept_drift", drift_id=event["drift_id"], since_position=since)
         return actions
 
     def _check_performance(self) -> list[Action]:
@@ -168,16 +171,16 @@ class RetrainPolicy:
         self.performance_armed_at = self.position + self.accuracy.maxlen
         return self._automatic("performance")
 
-    def _automatic(self, reason: str, drift_id: str | None = None) -> list[Action]:
+    def _automatic(self, reason: str, drift_id: str | None = None, since_position: int | None = None) -> list[Action]:
         if self.cooling_down():
             return [Action("suppressed", {"reason": reason, "drift_id": drift_id})]
         self.last_retrain = max(self.position, 0)
-        return [Action("retrain", self._request(reason, drift_id))]
+        return [Action("retrain", self._request(reason, drift_id, since_position))]
 
     # -- records ----------------------------------------------------------------------------------
-    def _request(self, reason: str, drift_id: str | None = None) -> dict[str, Any]:
+    def _request(self, reason: str, drift_id: str | None = None, since_position: int | None = None) -> dict[str, Any]:
         return retrain_request(self.model, reason, version=self.version, position=self.position,
-                               drift_id=drift_id, ts=self.clock())
+                               drift_id=drift_id, ts=self.clock(), since_position=since_position)
 
     def _drift_event(self, kind: str, level: str, detector: str, *, feature: str | None = None,
                      error_before: float | None = None, error_after: float | None = None,
@@ -235,7 +238,8 @@ class RetrainPolicy:
 
 
 def retrain_request(model: str, reason: str, *, version: int | None, position: int,
-                    drift_id: str | None = None, ts: float | None = None) -> dict[str, Any]:
+                    drift_id: str | None = None, ts: float | None = None,
+                    since_position: int | None = None) -> dict[str, Any]:
     """A RetrainRequest record (schemas/RetrainRequest.avsc)."""
     if reason not in REASONS:
         raise ValueError(f"unknown retrain reason {reason!r}; choose from {', '.join(REASONS)}")
@@ -246,5 +250,6 @@ def retrain_request(model: str, reason: str, *, version: int | None, position: i
         "drift_id": drift_id,
         "model_version": version,
         "position": max(int(position), 0),
+        "since_position": since_position,
         "ts": time.time() if ts is None else ts,
     }
