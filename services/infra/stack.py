@@ -183,7 +183,9 @@ class Kafka(Component):
         config.write_text(KAFKA_TEMPLATE.read_text().format(
             host=host, port=port, controller_port=controller_port, data_dir=data.resolve()))
         if not (data / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = "-"
+            while cluster_id.startswith("-"):  # the storage tool would read a leading '-' as an option
+                cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             fmt = subprocess.run(self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)),
                                  capture_output=True, text=True)
             if fmt.returncode != 0:
