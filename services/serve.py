@@ -18,7 +18,7 @@ from enum import Enum
 import typer
 from rich.console import Console
 
-from .shared.settings import get_settings
+from .shared.settings import Settings, get_settings, settings_env
 
 SERVICES = ("ingestion", "features", "learner", "drift", "prediction")
 console = Console(stderr=True)
@@ -46,16 +46,20 @@ def serve(service: ServiceName = typer.Argument(..., help="a service, or 'all'")
     module.serve(settings)
 
 
-def pid_file(service: str):
-    settings = get_settings()
+def pid_file(service: str, settings: Settings | None = None):
+    settings = settings or get_settings()
     run_dir = settings.home / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir / f"{service}.pid"
 
 
-def start_service(service: str, env: dict[str, str] | None = None, log_path=None) -> subprocess.Popen:
-    """Start `driftline serve SERVICE` as a child process (logs to a file under <home>/logs)."""
-    settings = get_settings()
+def start_service(service: str, env: dict[str, str] | None = None, log_path=None,
+                  settings: Settings | None = None) -> subprocess.Popen:
+    """Start `driftline serve SERVICE` as a child process (logs to a file under <home>/logs).
+    With `settings`, the child runs with exactly those (its DRIFTLINE_* environment)."""
+    if settings is not None:
+        env = {**settings_env(settings), **(env or {})}
+    settings = settings or get_settings()
     logs = settings.home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     out = open(log_path or logs / f"{service}.log", "ab")
@@ -66,15 +70,16 @@ def start_service(service: str, env: dict[str, str] | None = None, log_path=None
         env={**os.environ, **(env or {})},
         start_new_session=True,
     )
-    pid_file(service).write_text(str(proc.pid))
+    pid_file(service, settings).write_text(str(proc.pid))
     return proc
 
 
-def wait_healthy(services: tuple[str, ...] | list[str], timeout: float = 60.0, procs: dict | None = None) -> None:
-    """Wait until every service answers GET /health with 200."""
+def wait_healthy(services: tuple[str, ...] | list[str], timeout: float = 60.0, procs: dict | None = None,
+                 settings: Settings | None = None) -> None:
+    """Wait until every service answers GET /health with 200 (a child that exits fails at once)."""
     import httpx
 
-    settings = get_settings()
+    settings = settings or get_settings()
     deadline = time.monotonic() + timeout
     pending = list(services)
     while pending:
@@ -93,11 +98,22 @@ def wait_healthy(services: tuple[str, ...] | list[str], timeout: float = 60.0, p
         time.sleep(0.2)
 
 
-def stop_services(services=SERVICES, timeout: float = 15.0) -> list[str]:
-    """Stop services started by `serve all` (SIGTERM, then SIGKILL). Returns those stopped."""
+def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """Stop a child started by `start_service` (its whole session): SIGTERM, then SIGKILL."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def stop_services(services=SERVICES, timeout: float = 15.0, settings: Settings | None = None) -> list[str]:
+    """Stop services started by `serve all` under this home (SIGTERM, then SIGKILL). Returns those stopped."""
     stopped = []
     for name in services:
-        path = pid_file(name)
+        path = pid_file(name, settings)
         if not path.exists():
             continue
         try:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,16 +31,16 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 from confluent_kafka import OFFSET_END, Consumer, TopicPartition
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from .. import serve
 from ..infra import stack
 from ..shared import kafka
 from ..shared.codec import get_codec
-from ..shared.settings import Ports, Settings, settings_env
+from ..shared.settings import Ports, Settings
 from ..shared.topics import Topics
 
 AIM_EVENTS_PER_S = 10_000
@@ -155,16 +154,11 @@ class BenchStack:
         try:
             with console.status("starting Kafka and Redis"):
                 stack.up(self.settings)
-            env = {**os.environ, **settings_env(self.settings)}
             logs = self.home / "logs"
             for name in self.services:
-                with open(logs / f"{name}.log", "ab") as log:
-                    self.procs[name] = subprocess.Popen(
-                        [sys.executable, "-m", "driftline.cli", "serve", name], stdout=log, stderr=subprocess.STDOUT,
-                        env=env, start_new_session=True)
+                self.procs[name] = serve.start_service(name, log_path=logs / f"{name}.log", settings=self.settings)
             with console.status(f"starting {' and '.join(self.services)}"):
-                for name in self.services:
-                    self._wait_healthy(name)
+                serve.wait_healthy(self.services, timeout=120, procs=self.procs, settings=self.settings)
             self.producer = kafka.producer(self.settings)
             self.sink = Sink(self.settings, self.topics.name(self.sink_topic))
             # events.valid too: the ingestion stage alone (first publish -> last events.valid)
@@ -180,33 +174,13 @@ class BenchStack:
             self.failed = True
         for sink in {getattr(self, "sink", None), getattr(self, "valid_sink", None)} - {None}:
             sink.close()
-        for name, proc in self.procs.items():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+        for proc in self.procs.values():
+            serve.stop_process(proc)
         stack.down(self.settings)
         if self.failed:
             console.print(f"[red]bench failed; logs kept in {self.home / 'logs'}[/]")
         else:
             shutil.rmtree(self.home, ignore_errors=True)
-
-    def _wait_healthy(self, name: str, timeout: float = 120.0) -> None:
-        url = f"http://{self.settings.host}:{self.settings.port_of(name)}/health"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.procs[name].poll() is not None:
-                raise RuntimeError(f"{name} exited with {self.procs[name].returncode}; see {self.home / 'logs'}")
-            try:
-                if httpx.get(url, timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{name} not healthy in {timeout:.0f}s; see {self.home / 'logs'}")
 
     # -- phases ------------------------------------------------------------------------------
     def warm_up(self, n: int = 5_000) -> None:

@@ -28,7 +28,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -39,12 +38,13 @@ import numpy as np
 from confluent_kafka import OFFSET_END, TopicPartition
 from rich.console import Console
 
+from .. import serve
 from ..infra import stack
 from ..replay.datasets import load
 from ..replay.publish import replay
 from ..shared import kafka
 from ..shared.codec import get_codec
-from ..shared.settings import DEFAULT_MODEL, Ports, Settings, settings_env
+from ..shared.settings import DEFAULT_MODEL, Ports, Settings
 from ..shared.topics import Topics
 
 MODELS = {"logreg": DEFAULT_MODEL, "arf": "forest.ARFClassifier(seed=42)"}
@@ -136,17 +136,14 @@ class BenchStack:
             "ports": Ports(**{name: stack.free_port() for name in Ports.model_fields}),
         })
         kafka.ensure_topics(settings)
-        env = {**os.environ, **settings_env(settings), "DRIFTLINE_LEARNER__MODEL": model,
-               "DRIFTLINE_FEATURES__SET": features}
+        env = {"DRIFTLINE_LEARNER__MODEL": model, "DRIFTLINE_FEATURES__SET": features}
         logs = self.home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        for name in SERVICES:
-            with open(logs / f"{settings.namespace}-{name}.log", "ab") as log:
-                self.procs.append(subprocess.Popen([sys.executable, "-m", "driftline.cli", "serve", name],
-                                                   stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                   start_new_session=True))
+        started = {name: serve.start_service(name, env=env, log_path=logs / f"{settings.namespace}-{name}.log",
+                                             settings=settings) for name in SERVICES}
+        self.procs.extend(started.values())
         with console.status(f"starting {', '.join(SERVICES)}"):
-            _wait_healthy(settings, self.procs[-len(SERVICES):], logs)
+            serve.wait_healthy(SERVICES, timeout=180, procs=started, settings=settings)
         return settings
 
     def stop_services(self) -> None:
@@ -219,25 +216,6 @@ class PredictionSink:
         self._halt.set()
         self._thread.join(5)
         self.consumer.close()
-
-
-def _wait_healthy(settings: Settings, procs: list[subprocess.Popen], logs: Path, timeout: float = 180.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    for name, proc in zip(SERVICES, procs):
-        url = f"http://{settings.host}:{settings.port_of(name)}/health"
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}; see {logs}")
-            try:
-                if httpx.get(url, timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{name} not healthy in {timeout:.0f}s; see {logs}")
-            time.sleep(0.2)
 
 
 def plot(result: dict, path: Path) -> None:

@@ -24,9 +24,7 @@ import os
 import random
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,12 +35,13 @@ import redis
 
 from ..features.definitions import load_feature_set
 from ..features.store import FeatureStore
+from .. import serve
 from ..infra import stack
 from ..prediction.swaps import publish_swap
 from ..shared import kafka
 from ..shared.keys import Keys
 from ..shared.registry import ModelRegistry
-from ..shared.settings import Ports, PredictionSettings, Settings, settings_env
+from ..shared.settings import Ports, PredictionSettings, Settings
 from ..shared.topics import Topics
 
 FIELDS = ("nswprice", "nswdemand", "vicprice", "vicdemand", "transfer", "period")
@@ -142,23 +141,6 @@ def wrk(url: str, connections: int, seconds: float, script: Path | None = None, 
 
 
 # -- the service ----------------------------------------------------------------------------
-def start_service(settings: Settings, log_path: Path) -> subprocess.Popen:
-    env = {**os.environ, **settings_env(settings)}
-    with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "driftline.cli", "serve", "prediction"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def stop_service(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def wait_until(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -251,7 +233,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         script = home / "predict.lua"
         script.write_text(LUA % ("{" + ", ".join(json.dumps(json.dumps(b)) for b in bodies) + "}"))
 
-        proc = start_service(settings, home / "prediction.log")
+        proc = serve.start_service("prediction", log_path=home / "prediction.log", settings=settings)
         url = f"http://{settings.host}:{settings.ports.prediction}"
         wait_until(lambda: httpx.get(url + "/ready", timeout=2).status_code == 200, 120, "/ready")
         wait_until(lambda: len(serving_versions(url)) == workers, 60, "every worker serving")
@@ -280,7 +262,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         client.close()
     finally:
         if proc is not None:
-            stop_service(proc)
+            serve.stop_process(proc)
         stack.down(settings)
         shutil.rmtree(home, ignore_errors=True)
     return result

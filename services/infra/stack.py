@@ -384,7 +384,7 @@ def down(settings: Settings) -> list[str]:
     """Stop every service `serve all` left, then Redis and Kafka. Returns what was stopped."""
     from ..serve import stop_services
 
-    stopped = stop_services()
+    stopped = stop_services(settings=settings)
     for component in [Prometheus(settings), *reversed(components(settings))]:
         if component.stop():
             stopped.append(component.name)
