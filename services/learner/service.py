@@ -105,6 +105,7 @@ class LearnerWorker(StreamWorker):
         self.suppress: set[tuple[str, str]] = set()  # (event_id, role) outcomes already published
         self.held_features: list[dict] = []  # events read, not yet scored (waiting for older labels)
         self.label_clock = float("-inf")  # latest label ts read
+        self.label_ts_by_partition: dict[int, float] = {}  # latest label ts read, per labels.valid partition
         self.label_partitions: list[TopicPartition] = []
         self.held_control: list[tuple[str, dict]] = []
         self.replay_deadline = 0.0
@@ -222,6 +223,9 @@ class LearnerWorker(StreamWorker):
         features, labels, control = self.decode(messages)
         self.waiting.extend(labels)
         self.label_clock = max([self.label_clock] + [lb["ts"] for lb in labels])
+        for lb in labels:
+            part = lb["_part"]
+            self.label_ts_by_partition[part] = max(self.label_ts_by_partition.get(part, lb["ts"]), lb["ts"])
         self.held_features.extend(features)
         self.held_control.extend(control)
         self.pipe = self.r.pipeline(transaction=False)
@@ -243,26 +247,30 @@ class LearnerWorker(StreamWorker):
             return []
         held = sorted(self.held_features, key=lambda f: f["ts"])
         now = time.time()
-        if self.labels_caught_up():
+        watermark = self.label_watermark()
+        if watermark == float("inf"):
             cut = len(held)
         else:
             cut = 0
-            while cut < len(held) and (held[cut]["ts"] <= self.label_clock
+            while cut < len(held) and (held[cut]["ts"] <= watermark
                                           or now - held[cut]["_seen"] >= EVENT_PATIENCE_S):
                 cut += 1
             cut = max(cut, len(held) - MAX_HELD_EVENTS)  # bounded memory: the oldest go anyway
         self.held_features = held[cut:]
         return held[:cut]
 
-    def labels_caught_up(self) -> bool:
-        """Has every labels.valid partition been read up to its high watermark (as last fetched)?"""
+    def label_watermark(self) -> float:
+        """Event time up to which every labels.valid partition has been read (a partition read to
+        its end counts as +inf). The max over partitions would let a fast partition release events
+        while a slow one still holds older labels: learning would then follow fetch timing, not
+        the stream's order."""
+        mark = float("inf")
         for tp in self.label_partitions:
             low, high = self.consumer.get_watermark_offsets(tp, cached=True)
-            if high < 0:
-                return False  # not fetched yet
-            if self.offsets.get((tp.topic, tp.partition), max(low, tp.offset)) < high:
-                return False
-        return True
+            if high >= 0 and self.offsets.get((tp.topic, tp.partition), max(low, tp.offset)) >= high:
+                continue
+            mark = min(mark, self.label_ts_by_partition.get(tp.partition, float("-inf")))
+        return mark
 
     def tick(self) -> None:
         now = time.monotonic()
@@ -692,6 +700,7 @@ class LearnerWorker(StreamWorker):
                                                                               self.topics.outcomes),
             "waiting": self.waiting, "position": self.position, "clock": self.clock,
             "held_features": self.held_features, "held_control": self.held_control, "label_clock": self.label_clock,
+            "label_ts_by_partition": self.label_ts_by_partition,
         }
         if not save_checkpoint(self.r, self.keys, self.name, self.lease, state, self.signing_key):
             log.error("learner %s: lease lost; checkpoint refused", self.name)
@@ -718,6 +727,7 @@ class LearnerWorker(StreamWorker):
         self.clock = state["clock"]
         self.held_features, self.held_control = state["held_features"], state["held_control"]
         self.label_clock = state["label_clock"]
+        self.label_ts_by_partition = state.get("label_ts_by_partition", {})
         self.trim_example_buffer()
         published = outcomes_since(self.settings, self.topics.outcomes, state["outcomes_offset"], self.name)
         self.suppress = {(o["event_id"], o["role"]) for o in published}
