@@ -130,21 +130,6 @@ class LearnerWorker(StreamWorker):
             counter = self._out[topic] = metrics.MESSAGES_OUT.labels(SERVICE, base_topic(topic))
         counter.inc()
 
-    def _export_lag(self) -> None:
-        """Lag from the watermarks the fetches already brought back (no broker round trips)."""
-        now = time.monotonic()
-        if now - self._last_lag < self.lag_every_s or self.consumer is None:
-            return
-        self._last_lag = now
-        try:
-            for tp in self.consumer.position(self.consumer.assignment()):
-                _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
-                if high >= 0 and tp.offset >= 0:
-                    metrics.CONSUMER_LAG.labels(SERVICE, base_topic(tp.topic), str(tp.partition)).set(
-                        max(0, high - tp.offset))
-        except Exception:  # lag is best effort; never let it stop the loop
-            log.debug("lag export failed", exc_info=True)
-
     def input_topics(self) -> list[str]:
         t = self.topics
         return [t.features, t.labels_valid]

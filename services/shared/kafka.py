@@ -105,15 +105,17 @@ def partitions_of(settings: Settings, topic: str) -> list[TopicPartition]:
 
 
 def lag_of(c: Consumer, assignment: Iterable[TopicPartition] | None = None) -> list[tuple[str, int, int]]:
-    """(topic, partition, lag) for each assigned partition: high watermark minus position."""
+    """(topic, partition, lag) for each assigned partition: high watermark minus position.
+
+    Uses the watermarks the consumer's own fetches brought back (no broker round trip per
+    partition); a partition not fetched yet is left out."""
     out = []
     parts = list(assignment if assignment is not None else c.assignment())
     if not parts:
         return out
     for tp in c.position(parts):
-        try:
-            _low, high = c.get_watermark_offsets(tp, timeout=1.0, cached=False)
-        except KafkaException:
+        _low, high = c.get_watermark_offsets(tp, cached=True)
+        if high < 0:
             continue
         pos = tp.offset if tp.offset >= 0 else high
         out.append((tp.topic, tp.partition, max(0, high - pos)))
