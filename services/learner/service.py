@@ -107,6 +107,9 @@ class LearnerWorker(StreamWorker):
         self.label_clock = float("-inf")  # latest label ts read
         self.label_ts_by_partition: dict[int, float] = {}  # latest label ts read, per labels.valid partition
         self.label_partitions: list[TopicPartition] = []
+        self.label_seen_at: dict[int, float] = {}  # wall time of the latest label read, per partition
+        self.features_arrived_at = 0.0  # wall time of the latest features message read
+        self.features_resumed_at = 0.0  # when features came back after a quiet spell (or first came)
         self.held_control: list[tuple[str, dict]] = []
         self.replay_deadline = 0.0
         self.dirty = False
@@ -207,10 +210,16 @@ class LearnerWorker(StreamWorker):
     def handle(self, messages: list[Message]) -> None:
         features, labels, control = self.decode(messages)
         self.waiting.extend(labels)
+        now = time.time()
+        if features:
+            if now - self.features_arrived_at >= self.cfg.label_idle_s:
+                self.features_resumed_at = now  # a stream (re)starts: its labels get time to show up
+            self.features_arrived_at = now
         self.label_clock = max([self.label_clock] + [lb["ts"] for lb in labels])
         for lb in labels:
             part = lb["_part"]
             self.label_ts_by_partition[part] = max(self.label_ts_by_partition.get(part, lb["ts"]), lb["ts"])
+            self.label_seen_at[part] = now
         self.held_features.extend(features)
         self.held_control.extend(control)
         self.pipe = self.r.pipeline(transaction=False)
@@ -245,14 +254,22 @@ class LearnerWorker(StreamWorker):
         return held[:cut]
 
     def label_watermark(self) -> float:
-        """Event time up to which every labels.valid partition has been read (a partition read to
-        its end counts as +inf). The max over partitions would let a fast partition release events
-        while a slow one still holds older labels: learning would then follow fetch timing, not
-        the stream's order."""
+        """Event time up to which every labels.valid partition has been read. The min over
+        partitions, not the max: a fast partition must not release events while a slow one still
+        holds older labels, or learning would follow fetch timing instead of the stream's order.
+
+        A partition read to its end counts as +inf only once it has also been *idle*: no label
+        from it for `label_idle_s`, counted from when the features stream (re)started. Being at
+        the end alone proves nothing while labels are still on their way through ingestion (at a
+        replay's start they trail the events by seconds), and is true for a moment after every
+        fetch. This is Flink's source idleness, for the same reason."""
         mark = float("inf")
+        now = time.time()
         for tp in self.label_partitions:
             low, high = self.consumer.get_watermark_offsets(tp, cached=True)
-            if high >= 0 and self.offsets.get((tp.topic, tp.partition), max(low, tp.offset)) >= high:
+            at_end = high >= 0 and self.offsets.get((tp.topic, tp.partition), max(low, tp.offset)) >= high
+            quiet_since = max(self.label_seen_at.get(tp.partition, 0.0), self.features_resumed_at)
+            if at_end and now - quiet_since >= self.cfg.label_idle_s:
                 continue
             mark = min(mark, self.label_ts_by_partition.get(tp.partition, float("-inf")))
         return mark

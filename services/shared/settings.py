@@ -76,6 +76,9 @@ class LearnerSettings(BaseModel):
         30.0, description="how long a label waits for its event's vector before it is dead-lettered"
     )
     window: int = Field(1000, description="examples per prequential accuracy window")
+    label_idle_s: float = Field(
+        3.0, description="a labels.valid partition with no new label for this long stops holding events back"
+    )
     lease_ttl_s: float = Field(5.0, description="a standby takes over this long after the active learner dies")
     warm_start: int = Field(2000, description="challenger warm-up on the last W labelled examples (0 = fresh)")
     promote_after: int = Field(500, description="shared examples before a challenger may be promoted")
