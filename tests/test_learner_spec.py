@@ -80,15 +80,49 @@ def test_prequential_counts_accuracy_window_and_log_loss():
     assert stats.log_loss == pytest.approx((0.6931471805599453 + 1.3862943611198906) / 2)
 
 
-def test_the_contest_promotes_a_clear_winner_and_drops_a_useless_challenger():
-    contest = Contest(promote_after=4, margin=0.25, max_shadow=6)
+def test_the_margin_rule_promotes_a_clear_winner_and_drops_a_useless_challenger():
+    contest = Contest("margin", promote_after=4, window=4, margin=0.25, max_shadow=6)
     for _ in range(3):
         contest.record(champion_hit=False, challenger_hit=True)
     assert contest.verdict() is None  # not enough shared examples yet
     contest.record(champion_hit=False, challenger_hit=True)
     assert contest.verdict() == "promote"
 
-    tie = Contest(promote_after=4, margin=0.25, max_shadow=6)
+    tie = Contest("margin", promote_after=4, window=4, margin=0.25, max_shadow=6)
     for i in range(6):
         tie.record(champion_hit=True, challenger_hit=i % 2 == 0)
         assert tie.verdict() == (None if i < 5 else "drop")
+
+
+def test_mcnemar_promotes_only_when_the_disagreements_are_conclusive():
+    # 10 wins to 2 on the disagreements: one-sided exact p = 0.019, not enough at 0.99 confidence.
+    contest = Contest("mcnemar", promote_after=20, window=100, margin=0.0, max_shadow=1000, confidence=0.99)
+    for i in range(60):
+        contest.record(champion_hit=True, challenger_hit=True)
+    for i in range(10):
+        contest.record(champion_hit=False, challenger_hit=True)
+    for i in range(2):
+        contest.record(champion_hit=True, challenger_hit=False)
+    assert contest.p_value() == pytest.approx(0.01928711, abs=1e-6)
+    assert contest.verdict() is None
+    for i in range(6):  # 16 to 2: p = 0.00066
+        contest.record(champion_hit=False, challenger_hit=True)
+    assert contest.verdict() == "promote"
+    evidence = contest.evidence()
+    assert (evidence["challenger_wins"], evidence["champion_wins"]) == (16, 2)
+
+    # The same lead in accuracy with many more disagreements both ways is noise, not a win.
+    noisy = Contest("mcnemar", promote_after=20, window=100, margin=0.0, max_shadow=1000, confidence=0.99)
+    for i in range(100):
+        noisy.record(champion_hit=i % 2 == 0, challenger_hit=i % 2 == 1 or i % 10 == 0)
+    assert noisy.challenger_accuracy > noisy.champion_accuracy and noisy.verdict() is None
+
+
+def test_the_window_forgets_the_challengers_early_mistakes():
+    contest = Contest("mcnemar", promote_after=10, window=50, margin=0.01, max_shadow=10_000)
+    for _ in range(200):  # a fresh challenger loses at first...
+        contest.record(champion_hit=True, challenger_hit=False)
+    assert contest.verdict() is None
+    for _ in range(50):  # ...then the world changes and it wins every disagreement
+        contest.record(champion_hit=False, challenger_hit=True)
+    assert contest.verdict() == "promote"

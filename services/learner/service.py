@@ -41,7 +41,7 @@ from driftline.shared.runtime import StreamWorker, configure_logging, run_app, s
 from driftline.shared.settings import Settings
 from driftline.shared.topics import Topics
 
-from .champion import Contest, Slot
+from .champion import Contest, Slot, predict
 from .labels import to_river
 from .checkpoint import Lease, high_watermark, load_checkpoint, outcomes_since, save_checkpoint
 from .prequential import Prequential
@@ -120,6 +120,7 @@ class LearnerWorker(StreamWorker):
         self.last_update = time.monotonic()
         self.next_retry = 0.0
         self.last_feature_at = 0.0
+        self.warned_patience = 0.0
         self.recent: OrderedDict[str, dict] = OrderedDict()  # scored events whose label has not come
         self.learned_ids: OrderedDict[str, None] = OrderedDict()  # to drop a label delivered twice
         self.rescore_below: dict[tuple[str, int], int] = {}  # offsets consumed before this session
@@ -226,10 +227,12 @@ class LearnerWorker(StreamWorker):
         if self.replay:
             self.catch_up()
         if not self.replay:
-            self.step(self.release_features())
+            # Control first: a retrain request read now must not wait for the batch's hundreds of
+            # examples (the old champion would go on answering them).
             control, self.held_control = self.held_control, []
             for kind, value in control:
                 self.on_control(kind, value)
+            self.step(self.release_features())
         self.flush_batch()
 
     def release_features(self) -> list[dict]:
@@ -250,6 +253,11 @@ class LearnerWorker(StreamWorker):
                                           or now - held[cut]["_seen"] >= EVENT_PATIENCE_S):
                 cut += 1
             cut = max(cut, len(held) - MAX_HELD_EVENTS)  # bounded memory: the oldest go anyway
+            if cut and held[cut - 1]["ts"] > watermark and now - self.warned_patience >= 60:
+                self.warned_patience = now  # once a minute: it says labels.valid lags, not a per-event fault
+                log.warning("learner %s: %d events scored before older labels arrived (labels.valid is more "
+                            "than %gs behind features): learning order now follows arrival", self.name, cut,
+                            EVENT_PATIENCE_S)
         self.held_features = held[cut:]
         return held[:cut]
 
@@ -475,7 +483,8 @@ class LearnerWorker(StreamWorker):
         if len(self.learned_ids) > RECENT_EVENTS:
             self.learned_ids.popitem(last=False)
         if self.cfg.warm_start > 0:
-            self.buffer.append(json.dumps({"p": self.position, "x": x, "y": y_true}))
+            # With the champion's hit: a late challenger replays these test-then-train against it.
+            self.buffer.append(json.dumps({"p": self.position, "x": x, "y": y_true, "h": results.get("champion")}))
         self.position += 1
         self.since_checkpoint += 1
         self.since_update += 1
@@ -568,10 +577,17 @@ class LearnerWorker(StreamWorker):
         if version is not None:  # registered by a learner that crashed before its checkpoint
             model, meta = self.registry.load(version)
             examples = int(meta.get("examples_seen", 0))
+            contest = Contest.from_settings(self.cfg)  # its warm-up record was not kept: start afresh
         else:
             model = parse_model(self.spec)
             warm = self.warm_examples(req.get("since_position"))
-            for x, y in warm:
+            contest = Contest.from_settings(self.cfg)
+            for x, y, champion_hit in warm:
+                # Test-then-train, as if the challenger had shadowed since the change point: the
+                # request reaches us a batch or more after the drift, and this way that delay costs
+                # no evidence, only the examples the old champion answered meanwhile.
+                if champion_hit is not None:
+                    contest.record(champion_hit, predict(model, x) == y)
                 model.learn_one(x, to_river(y))
             examples = len(warm)
             version = self.registry.register(
@@ -581,21 +597,24 @@ class LearnerWorker(StreamWorker):
                                    requested_at=req.get("position"))
         self.registry.set_role("challenger", version)
         self.challenger = Slot("challenger", version, model, Prequential(self.cfg.window), examples=examples)
-        self.contest = Contest(self.cfg.promote_after, self.cfg.promote_margin, self.cfg.max_shadow)
-        log.info("learner %s: challenger v%d (%s, warm start %d) shadows champion v%d", self.name, version,
-                 req["reason"], examples, self.champion.version)
+        self.contest = contest
+        log.info("learner %s: challenger v%d (%s, warm start %d, %d shadowed in replay) shadows champion v%d",
+                 self.name, version, req["reason"], examples, contest.shared, self.champion.version)
         self.checkpoint_now = True
+        if contest.verdict() == "promote":  # the replayed evidence is already conclusive
+            self.promote()
 
-    def warm_examples(self, since_position: int | None = None) -> list[tuple[dict, str]]:
+    def warm_examples(self, since_position: int | None = None) -> list[tuple[dict, str, bool | None]]:
         """The last `warm_start` labelled examples, oldest first; with `since_position` (the drift's
         estimated change point) only those of the new regime: a tree warm-started on pre-drift
         examples first learns the concept it is meant to replace."""
         if self.cfg.warm_start <= 0:
             return []
         raw = self.r.lrange(self.keys.example_buffer(self.name), 0, self.cfg.warm_start - 1)
-        examples = [json.loads(r) for r in reversed(raw)]  # oldest first
+        pending = [json.loads(r) for r in self.buffer]  # learned in this batch, not pushed yet
+        examples = ([json.loads(r) for r in reversed(raw)] + pending)[-self.cfg.warm_start:]  # oldest first
         since = since_position if since_position is not None else -1
-        return [(e["x"], e["y"]) for e in examples if since <= e["p"] < self.position]
+        return [(e["x"], e["y"], e.get("h")) for e in examples if since <= e["p"] < self.position]
 
     def promote(self) -> None:
         old, new = self.champion, self.challenger
@@ -623,8 +642,9 @@ class LearnerWorker(StreamWorker):
         slot, evidence = self.challenger, self.contest.evidence()
         self.retire_gauges(slot)
         self.registry.annotate(slot.version, dropped_at=self.position, contest=evidence,
-                               drop_reason=f"did not beat the champion by {self.cfg.promote_margin:g} "
-                                           f"within {self.cfg.max_shadow} shared examples",
+                               drop_reason=f"did not beat the champion ({self.cfg.promotion_rule}, margin "
+                                           f"{self.cfg.promote_margin:g}) within {self.cfg.max_shadow} shared "
+                                           f"examples",
                                metrics=slot.stats.as_dict())
         self.registry.set_role("challenger", None)
         self.challenger, self.contest = None, None
@@ -657,7 +677,7 @@ class LearnerWorker(StreamWorker):
             new = Slot("champion", target, model, Prequential(self.cfg.window),
                        examples=int(meta.get("examples_seen", 0)), revision=int(meta.get("revision", 0)))
             if self.contest is not None:  # compare the challenger with the new champion from scratch
-                self.contest = Contest(self.cfg.promote_after, self.cfg.promote_margin, self.cfg.max_shadow)
+                self.contest = Contest.from_settings(self.cfg)
         old = self.champion
         self.registry.update(old.version, old.model, examples_seen=old.examples, metrics=old.stats.as_dict())
         self.retire_gauges(old)

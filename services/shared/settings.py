@@ -81,8 +81,13 @@ class LearnerSettings(BaseModel):
     )
     lease_ttl_s: float = Field(5.0, description="a standby takes over this long after the active learner dies")
     warm_start: int = Field(2000, description="challenger warm-up on the last W labelled examples (0 = fresh)")
-    promote_after: int = Field(500, description="shared examples before a challenger may be promoted")
+    promotion_rule: Literal["mcnemar", "margin"] = Field(
+        "mcnemar", description="mcnemar: exact test on the examples where the two disagree; margin: accuracy lead alone"
+    )
+    promote_after: int = Field(200, description="shared examples before a challenger may be promoted")
+    promote_window: int = Field(500, description="the contest compares the last K shared examples")
     promote_margin: float = Field(0.01, description="accuracy the challenger must win by")
+    promote_confidence: float = Field(0.99, description="mcnemar: one-sided confidence that the challenger is better")
     max_shadow: int = Field(5000, description="a challenger that has not won after this many is dropped")
 
 
