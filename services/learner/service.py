@@ -343,8 +343,9 @@ class LearnerWorker(StreamWorker):
         # only when the features stream has been quiet for the hold (the end of a replay, an idle
         # hour), or after a third of the grace (a producer whose label clock runs ahead).
         idle = now - self.last_feature_at >= self.hold_s
-        due = [lb for lb in self.waiting if lb["ts"] <= horizon or now - lb["_seen"] >= self.patience
-               or (idle and now - lb["_seen"] >= self.hold_s)]
+        held = {f["event_id"] for f in self.held_features}  # their labels wait for them, however long
+        due = [lb for lb in self.waiting if lb["event_id"] not in held and (
+            lb["ts"] <= horizon or now - lb["_seen"] >= self.patience or (idle and now - lb["_seen"] >= self.hold_s))]
         if not due and not features:
             return
         stored = self.fetch([f for f in features if self.maybe_scored(f)],
@@ -522,9 +523,11 @@ class LearnerWorker(StreamWorker):
         # (its event, older than the label, would have been scored by then).
         grace = self.cfg.label_grace_s
         features_idle = now - self.last_feature_at >= grace
+        held = {f["event_id"] for f in self.held_features}  # here, waiting for older labels: not lost
         keep = []
         for lb in self.waiting:
-            if now - lb["_seen"] >= grace and (features_idle or self.clock >= lb["ts"] + grace):
+            if lb["event_id"] not in held and now - lb["_seen"] >= grace and (
+                    features_idle or self.clock >= lb["ts"] + grace):
                 self.dead_letter(lb["_raw"], lb["_key"], lb["_part"], lb["_off"], "unknown_event",
                                  f"no feature snapshot for event {lb['event_id']!r} after {self.cfg.label_grace_s:g}s: "
                                  f"the event is unknown, or its snapshot expired "
@@ -564,6 +567,13 @@ class LearnerWorker(StreamWorker):
             self.follow_swap(value)
 
     def start_challenger(self, req: dict) -> None:
+        asked_of = req.get("model_version")
+        if req["reason"] != "demand" and asked_of is not None and asked_of != self.champion.version:
+            # Drift seen in the errors of a champion that has been replaced since: the new one is
+            # watched from scratch, and a challenger against it would be built on stale evidence.
+            log.info("learner %s: retrain request %s (%s) about v%s ignored: v%d is the champion now", self.name,
+                     req["request_id"], req["reason"], asked_of, self.champion.version)
+            return
         if self.challenger is not None:
             log.info("learner %s: retrain request %s (%s) ignored: challenger v%d is still shadowing",
                      self.name, req["request_id"], req["reason"], self.challenger.version)
