@@ -63,10 +63,12 @@ class Driver:
         kafka.produce(self.producer, self.topics.labels_valid,
                       self.codec.encode("Label", {"event_id": event_id, "label": label, "ts": ts}), event_id)
 
-    def retrain(self, reason: str = "concept_drift", drift_id: str | None = "d-1") -> str:
+    def retrain(self, reason: str = "concept_drift", drift_id: str | None = "d-1", model_version: int | None = None,
+                since_position: int | None = None) -> str:
         request_id = uuid.uuid4().hex
         req = {"request_id": request_id, "model": self.settings.learner.model_name, "reason": reason,
-               "drift_id": drift_id, "model_version": None, "position": 0, "ts": time.time()}
+               "drift_id": drift_id, "model_version": model_version, "position": 0, "since_position": since_position,
+               "ts": time.time()}
         kafka.produce(self.producer, self.topics.retrain_requests, self.codec.encode("RetrainRequest", req), "m")
         self.producer.flush(10)
         return request_id

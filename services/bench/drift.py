@@ -66,7 +66,7 @@ def simulate(dataset: str, spec: str, drift: DriftSettings | None = None,
     policy = RetrainPolicy(drift, model="bench", clock=lambda: 0.0)
     champion, version, challenger, contest = parse_model(spec), 1, None, None
     policy.swap(version)
-    buffer: deque = deque(maxlen=max(1, learner.warm_start))  # (position, x, y, champion hit)
+    buffer: deque = deque(maxlen=max(1, learner.warm_start))  # (position, x, y, champion hit, its version)
     hits, alarms, requests, swaps, dropped = [], [], [], [], []
     for position, (x, y, _) in enumerate(load(dataset).rows()):
         y_pred = predict(champion, x)
@@ -81,9 +81,10 @@ def simulate(dataset: str, spec: str, drift: DriftSettings | None = None,
                 if challenger is None:  # as the learner does: warm start test-then-train since the change
                     challenger, contest = parse_model(spec), Contest.from_settings(learner)
                     since = action.record.get("since_position")
-                    for bp, bx, by, bhit in buffer:
+                    for bp, bx, by, bhit, bversion in buffer:
                         if since is None or bp >= since:
-                            contest.record(bhit, predict(challenger, bx) == by)
+                            if bversion == version:
+                                contest.record(bhit, predict(challenger, bx) == by)
                             challenger.learn_one(bx, to_river(by))
                     if contest.verdict() == "promote":
                         champion, version, challenger, contest = challenger, version + 1, None, None
@@ -94,7 +95,7 @@ def simulate(dataset: str, spec: str, drift: DriftSettings | None = None,
         champion.learn_one(x, yr)
         if challenger is not None:
             challenger.learn_one(x, yr)
-        buffer.append((position, x, y, hit))
+        buffer.append((position, x, y, hit, version))
         if contest is not None and challenger_hit is not None:
             contest.record(hit, challenger_hit)
             verdict = contest.verdict()

@@ -485,7 +485,8 @@ class LearnerWorker(StreamWorker):
             self.learned_ids.popitem(last=False)
         if self.cfg.warm_start > 0:
             # With the champion's hit: a late challenger replays these test-then-train against it.
-            self.buffer.append(json.dumps({"p": self.position, "x": x, "y": y_true, "h": results.get("champion")}))
+            self.buffer.append(json.dumps({"p": self.position, "x": x, "y": y_true, "h": results.get("champion"),
+                                           "v": self.champion.version}))
         self.position += 1
         self.since_checkpoint += 1
         self.since_update += 1
@@ -592,11 +593,11 @@ class LearnerWorker(StreamWorker):
             model = parse_model(self.spec)
             warm = self.warm_examples(req.get("since_position"))
             contest = Contest.from_settings(self.cfg)
-            for x, y, champion_hit in warm:
+            for x, y, champion_hit, version_then in warm:
                 # Test-then-train, as if the challenger had shadowed since the change point: the
                 # request reaches us a batch or more after the drift, and this way that delay costs
                 # no evidence, only the examples the old champion answered meanwhile.
-                if champion_hit is not None:
+                if champion_hit is not None and version_then == self.champion.version:  # this champion's answers only
                     contest.record(champion_hit, predict(model, x) == y)
                 model.learn_one(x, to_river(y))
             examples = len(warm)
@@ -614,7 +615,7 @@ class LearnerWorker(StreamWorker):
         if contest.verdict() == "promote":  # the replayed evidence is already conclusive
             self.promote()
 
-    def warm_examples(self, since_position: int | None = None) -> list[tuple[dict, str, bool | None]]:
+    def warm_examples(self, since_position: int | None = None) -> list[tuple[dict, str, bool | None, int | None]]:
         """The last `warm_start` labelled examples, oldest first; with `since_position` (the drift's
         estimated change point) only those of the new regime: a tree warm-started on pre-drift
         examples first learns the concept it is meant to replace."""
@@ -624,7 +625,7 @@ class LearnerWorker(StreamWorker):
         pending = [json.loads(r) for r in self.buffer]  # learned in this batch, not pushed yet
         examples = ([json.loads(r) for r in reversed(raw)] + pending)[-self.cfg.warm_start:]  # oldest first
         since = since_position if since_position is not None else -1
-        return [(e["x"], e["y"], e.get("h")) for e in examples if since <= e["p"] < self.position]
+        return [(e["x"], e["y"], e.get("h"), e.get("v")) for e in examples if since <= e["p"] < self.position]
 
     def promote(self) -> None:
         old, new = self.champion, self.challenger
