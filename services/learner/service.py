@@ -7,11 +7,15 @@ takes over from the last checkpoint when the active one stops renewing. The acti
 all partitions of `features`, `labels.valid`, `retrain.requests` and `model.swaps` from the offsets
 of its checkpoint (never group-managed offsets: the checkpoint *is* the commit), and per batch:
 
-    decode -> events wait for the labels older than them, labels for the events older than them
-    (Kafka does not order two topics) -> walk the events in ts order: learn the labels due before
-    each one (join with the event's `fv` and `p.<role>`, from memory or its Redis snapshot), then
-    score it -> control (retrain, swaps) -> one Redis pipeline + produce -> checkpoint every N
-    labels / T seconds
+    decode -> control (retrain, swaps) -> events wait for the labels older than them, labels for
+    the events older than them (Kafka does not order two topics) -> walk the events in ts order:
+    learn the labels due before each one (join with the event's `fv` and `p.<role>`, from memory or
+    its Redis snapshot), then score it -> one Redis pipeline + produce -> checkpoint every N labels
+    / T seconds
+
+A retrain request builds a challenger warm-started on the labels since the drift's change point,
+replayed test-then-train against the champion's recorded answers, so the contest (champion.py)
+has its evidence at once however late the request came; it may promote on the spot.
 
 It must never learn a label twice nor skip one: offsets, models, waiting labels and counters are
 checkpointed together, and after a crash the outcomes already published since the checkpoint are
