@@ -4,6 +4,7 @@ and retrain requests (pure logic; no Kafka, no Redis)."""
 from __future__ import annotations
 
 import pickle
+import math
 import random
 
 import pytest
@@ -149,6 +150,16 @@ def test_data_drift_monitor_alarms_once_on_a_shift_and_never_when_stationary():
     shifted = [a for _ in range(5000) for a in monitor.update({"g": rng.gauss(1.5, 1), "k": float(rng.randint(0, 3))})]
     assert [a.feature for a in shifted] == ["g"]
     assert psi([10, 10], [10, 10]) == 0.0
+
+
+def test_counters_and_time_since_features_are_left_out_of_data_drift_by_default():
+    # A per-entity event count only grows: against its first window its PSI is huge on every check.
+    def alarms(monitor):
+        return {a.feature for i in range(6000) for a in monitor.update(
+            {"_count": math.log1p(i), "_since_last": float(i % 7), "x": float(i % 10)})}
+
+    assert alarms(DataDriftMonitor(window=500, threshold=0.25, ignore=())) == {"_count"}
+    assert alarms(DataDriftMonitor(window=500, threshold=0.25, ignore=DriftSettings().data_drift_ignore)) == set()
 
 
 # -- versions, swaps, restarts ----------------------------------------------------------------------

@@ -18,6 +18,7 @@ is one bisect over ~12 edges. It never raises on odd values: NaN and infinities 
 from __future__ import annotations
 
 import bisect
+import fnmatch
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -102,12 +103,17 @@ class FeatureDrift:
 
 
 class DataDriftMonitor:
-    """One `FeatureDrift` per feature name (at most `max_features`)."""
+    """One `FeatureDrift` per feature name (at most `max_features`), except the names matching an
+    `ignore` pattern (fnmatch): a counter or a time-since feature moves by construction, and its
+    PSI would cry drift on every window."""
 
-    def __init__(self, window: int = 1000, threshold: float = 0.25, max_features: int = 256) -> None:
+    def __init__(self, window: int = 1000, threshold: float = 0.25, max_features: int = 256,
+                 ignore: tuple[str, ...] | list[str] = ()) -> None:
         self.window = window
         self.threshold = threshold
         self.max_features = max_features
+        self.ignore = tuple(ignore)
+        self.ignored: set[str] = set()
         self.features: dict[str, FeatureDrift] = {}
 
     def update(self, values: dict[str, float]) -> list[DataAlarm]:
@@ -117,6 +123,11 @@ class DataDriftMonitor:
                 continue
             fd = self.features.get(name)
             if fd is None:
+                if name in self.ignored:
+                    continue
+                if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.ignore):
+                    self.ignored.add(name)
+                    continue
                 if len(self.features) >= self.max_features:
                     continue
                 fd = self.features[name] = FeatureDrift(self.window, self.threshold)

@@ -47,7 +47,8 @@ class DriftWorker(StreamWorker):
         self.codec = get_codec()
         self.model = settings.learner.model_name
         self.policy = RetrainPolicy(settings.drift, self.model)
-        self.data = DataDriftMonitor(settings.drift.data_drift_window, settings.drift.data_drift_psi)
+        self.data = DataDriftMonitor(settings.drift.data_drift_window, settings.drift.data_drift_psi,
+                                     ignore=settings.drift.data_drift_ignore)
         self.redis = redis.Redis.from_url(settings.redis_url)
         self.keys = Keys(settings.namespace)
         self.signing_key = settings.model_key.get_secret_value().encode()

@@ -103,6 +103,10 @@ class DriftSettings(BaseModel):
     data_drift_sample: int = Field(10, description="look at one features message in N (the topic is the firehose)")
     data_drift_window: int = Field(1000, description="values per feature in the reference and the recent window")
     data_drift_psi: float = Field(0.25, description="PSI between reference and recent window that counts as data drift")
+    data_drift_ignore: list[str] = Field(
+        default_factory=lambda: ["_count", "_since_last"],
+        description="features (fnmatch patterns) left out of data drift: counters and time-since move by construction",
+    )
     on_schedule_s: float = Field(0.0, description="retrain every T seconds (0 = off)")
     on_new_data: int = Field(0, description="retrain every N labels (0 = off)")
     on_accuracy_below: float = Field(0.0, description="retrain when rolling accuracy drops under this (0 = off)")
