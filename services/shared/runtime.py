@@ -89,7 +89,8 @@ class StreamWorker:
                     self._count_in(good)
                     started = time.perf_counter()
                     self.handle(good)
-                    self.producer.flush()
+                    if not self.flush_until_stopped():
+                        break  # stopping with messages unacknowledged: do not commit past them
                     self.commit()
                     metrics.PROCESSING_SECONDS.labels(self.service, "batch").observe(time.perf_counter() - started)
                     metrics.BATCH_SIZE.labels(self.service).observe(len(good))
@@ -100,6 +101,16 @@ class StreamWorker:
         finally:
             self.producer.flush(10)
             self.consumer.close()
+
+    def flush_until_stopped(self) -> bool:
+        """Wait for the broker to acknowledge what the batch produced (commit only after that), a
+        second at a time so that a stop is still heard while Kafka is away. False = stopped first."""
+        while self.producer.flush(1.0) > 0:
+            if self._stop.is_set():
+                log.error("%s: stopping with %d messages not acknowledged by Kafka; their inputs are not "
+                          "committed and will be read again", self.service, len(self.producer))
+                return False
+        return True
 
     def next_batch(self) -> list[Message]:
         """Up to batch_size messages: wait at most poll_timeout_s for the first, then take what is
