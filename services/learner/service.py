@@ -125,6 +125,7 @@ class LearnerWorker(StreamWorker):
         self.next_retry = 0.0
         self.last_feature_at = 0.0
         self.warned_patience = 0.0
+        self.learned_ts = float("-inf")  # latest label ts learned: the order check
         self.recent: OrderedDict[str, dict] = OrderedDict()  # scored events whose label has not come
         self.learned_ids: OrderedDict[str, None] = OrderedDict()  # to drop a label delivered twice
         self.rescore_below: dict[tuple[str, int], int] = {}  # offsets consumed before this session
@@ -467,6 +468,9 @@ class LearnerWorker(StreamWorker):
             metrics.DUPLICATES.labels(SERVICE, "labels.valid").inc()
             return True
         x, y_true = fv["features"], label["label"]
+        if label["ts"] < self.learned_ts:
+            metrics.LABELS_OUT_OF_ORDER.labels(self.name).inc()
+        self.learned_ts = max(self.learned_ts, label["ts"])
         results = {}
         for slot in (self.champion, self.challenger):
             if slot is None:

@@ -57,6 +57,11 @@ END_TO_END_SECONDS = Histogram(
 EXAMPLES_LEARNED = Counter(
     "driftline_examples_learned_total", "Labels learned, by model and role.", ["model", "role"]
 )
+LABELS_OUT_OF_ORDER = Counter(
+    "driftline_labels_out_of_order_total",
+    "Labels learned after one with a later ts: the learning order left the stream's (labels.valid lagged features by more than the learner waits).",
+    ["model"],
+)
 PREDICTIONS = Counter(
     "driftline_predictions_total", "Predictions made, by service, model and role.", ["service", "model", "role"]
 )
