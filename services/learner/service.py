@@ -348,9 +348,14 @@ class LearnerWorker(StreamWorker):
         # only when the features stream has been quiet for the hold (the end of a replay, an idle
         # hour), or after a third of the grace (a producer whose label clock runs ahead).
         idle = now - self.last_feature_at >= self.hold_s
+        # A label whose ts runs ahead of its (already scored) event waits a third of the grace at
+        # most. One whose event has not been scored waits for it while the features stream flows:
+        # behind a features backlog its vector may be many seconds away, and re-reading every such
+        # label from Redis on every batch would only deepen the backlog.
         held = {f["event_id"] for f in self.held_features}  # their labels wait for them, however long
         due = [lb for lb in self.waiting if lb["event_id"] not in held and (
-            lb["ts"] <= horizon or now - lb["_seen"] >= self.patience or (idle and now - lb["_seen"] >= self.hold_s))]
+            lb["ts"] <= horizon or (idle and now - lb["_seen"] >= self.hold_s)
+            or (lb["event_id"] in self.recent and now - lb["_seen"] >= self.patience) or self.overdue(lb, now))]
         if not due and not features:
             return
         stored = self.fetch([f for f in features if self.maybe_scored(f)],
@@ -462,7 +467,7 @@ class LearnerWorker(StreamWorker):
         event_id = label["event_id"]
         snap = self.recent.get(event_id) or stored.get(event_id, {})
         fv = snap.get("fv")
-        if fv is None or ("p.champion" not in snap and time.time() - label["_seen"] < self.cfg.label_grace_s):
+        if fv is None or ("p.champion" not in snap and not self.overdue(label, time.time())):
             return False  # the event is still on its way through features (or to our scoring)
         if event_id in self.learned_ids:
             metrics.DUPLICATES.labels(SERVICE, "labels.valid").inc()
@@ -525,18 +530,22 @@ class LearnerWorker(StreamWorker):
              "proba": p["proba"], "position": self.position, "ts": fv["ts"]}
         self.produce(self.topics.outcomes, self.codec.encode("Outcome", o), fv["entity_id"])
 
-    def expire_waiting(self, now: float) -> None:
-        # Wall time alone is no proof the event is lost: behind a features backlog its vector may be
-        # minutes away. A label gives up after its grace only once the features stream has gone
-        # quiet for as long, or event time on it has moved past the label's own ts by the grace
-        # (its event, older than the label, would have been scored by then).
+    def overdue(self, label: dict, now: float) -> bool:
+        """Has this label waited its grace *and* could its event no longer be on its way? Wall time
+        alone is no proof: behind a features backlog the event's vector may be minutes away. Only
+        once the features stream has gone quiet for as long, or event time on it has moved past the
+        label's own ts by the grace (its event, older than the label, would have been scored by
+        then), does the label stop waiting: learned from the event's snapshot, scored now, if
+        Redis has it, dead-lettered if not."""
         grace = self.cfg.label_grace_s
-        features_idle = now - self.last_feature_at >= grace
+        return now - label["_seen"] >= grace and (now - self.last_feature_at >= grace
+                                                  or self.clock >= label["ts"] + grace)
+
+    def expire_waiting(self, now: float) -> None:
         held = {f["event_id"] for f in self.held_features}  # here, waiting for older labels: not lost
         keep = []
         for lb in self.waiting:
-            if lb["event_id"] not in held and now - lb["_seen"] >= grace and (
-                    features_idle or self.clock >= lb["ts"] + grace):
+            if lb["event_id"] not in held and self.overdue(lb, now):
                 self.dead_letter(lb["_raw"], lb["_key"], lb["_part"], lb["_off"], "unknown_event",
                                  f"no feature snapshot for event {lb['event_id']!r} after {self.cfg.label_grace_s:g}s: "
                                  f"the event is unknown, or its snapshot expired "
