@@ -80,6 +80,11 @@ class Contest:
         return cls(cfg.promotion_rule, cfg.promote_after, cfg.promote_window, cfg.promote_margin, cfg.max_shadow,
                    cfg.promote_confidence)
 
+    def __setstate__(self, state: dict) -> None:
+        # A contest checkpointed before the rule existed: the margin rule over `promote_after`.
+        self.__dict__.update({"rule": "margin", "window": state.get("promote_after", 500), "confidence": 0.99})
+        self.__dict__.update(state)
+
     def record(self, champion_hit: bool, challenger_hit: bool) -> None:
         self.shared += 1
         self.recent.append((int(champion_hit), int(challenger_hit)))
