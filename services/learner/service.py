@@ -377,7 +377,7 @@ class LearnerWorker(StreamWorker):
             if id(lb) not in learned and lb["event_id"] in stored:
                 lb["_retry"] = now + 0.5  # looked it up in Redis and it was not there: not again at once
         self.waiting = [lb for lb in self.waiting if id(lb) not in learned]
-        self.expire_waiting(now)
+        self.expire_waiting(now, held)
 
     def maybe_scored(self, fv: dict) -> bool:
         """Was this event perhaps scored already (by the learner before a restart)? Then its stored
@@ -541,8 +541,9 @@ class LearnerWorker(StreamWorker):
         return now - label["_seen"] >= grace and (now - self.last_feature_at >= grace
                                                   or self.clock >= label["ts"] + grace)
 
-    def expire_waiting(self, now: float) -> None:
-        held = {f["event_id"] for f in self.held_features}  # here, waiting for older labels: not lost
+    def expire_waiting(self, now: float, held: set[str]) -> None:
+        """Dead-letter the overdue labels; those of `held` events (here, waiting for older labels)
+        are not lost."""
         keep = []
         for lb in self.waiting:
             if lb["event_id"] not in held and self.overdue(lb, now):
