@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
+
 from driftline.replay.datasets import Dataset, load
 from driftline.replay.publish import replay
 
@@ -45,3 +47,13 @@ def replay_report(settings, dataset: str | Dataset, *, limit: int | None = None,
     ds = load(dataset, **dataset_options) if isinstance(dataset, str) else dataset
     return replay(settings, ds, limit=limit, rate=rate, label_delay=label_delay, model=model, features=features,
                   report_dir=report_dir, stall_timeout_s=stall_timeout_s, progress=False, keep_outcomes=True)
+
+
+def metric(service, name: str, **labels) -> float:
+    """The sum of a metric's samples on a running service's /metrics that carry these labels."""
+    text = httpx.get(service.url + "/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total

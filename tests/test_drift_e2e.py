@@ -7,9 +7,8 @@ both computed here in-process on the same rows. On a stationary stream driftline
 
 from __future__ import annotations
 
-import httpx
 import pytest
-from pipeline import replay_report, start_pipeline
+from pipeline import metric, replay_report, start_pipeline
 
 from driftline.bench.drift import TREE, hat_hits, prequential_hits
 from driftline.replay.datasets import load
@@ -39,13 +38,6 @@ def by_row(report) -> tuple[list[int], list[int]]:
     return hits, [row_of(o) for o in ordered]
 
 
-def out_of_order(learner) -> float:
-    """Labels the learner learned out of the stream's order (its own metric, for the evidence)."""
-    text = httpx.get(learner.url + "/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("driftline_labels_out_of_order_total{"))
-
-
 def mean(xs) -> float:
     return sum(xs) / len(xs)
 
@@ -68,7 +60,7 @@ def test_abrupt_drift_is_detected_and_a_retrained_tree_is_swapped_in(settings, r
     swaps = [(rows_after(rows, at, s["position"]), s["position"]) for s in report["model_swaps"]
              if s["reason"] == "promotion"]
     seen = (f"concept drift alarms {concept}, promotions {swaps} as (post-drift rows learned, learner position); "
-            f"labels learned out of order: {out_of_order(procs['learner']):g}")
+            f"labels learned out of order: {metric(procs['learner'], 'driftline_labels_out_of_order_total'):g}")
     window = slice(at, at + AFTER)
     ours = mean(hits[window])
     never = mean(prequential_hits(dataset, TREE)[window])
@@ -94,6 +86,6 @@ def test_a_stationary_stream_is_no_worse_than_never_retraining(settings, run_ser
     ours = mean(by_row(report)[0])
     never = mean(prequential_hits("agrawal-stationary", TREE, limit=STATIONARY_ROWS))
     evidence = (f"agrawal-stationary: driftline {ours:.4f}, never retrained {never:.4f}, swaps {report['model_swaps']}, "
-                f"labels learned out of order {out_of_order(procs['learner']):g}")
+                f"labels learned out of order {metric(procs['learner'], 'driftline_labels_out_of_order_total'):g}")
     print(evidence)
     assert ours >= never - 0.01, evidence

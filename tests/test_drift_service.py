@@ -12,6 +12,7 @@ import uuid
 
 import httpx
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from pipeline import metric
 
 from driftline.shared import kafka
 from driftline.shared.codec import get_codec
@@ -84,15 +85,6 @@ def wait_position(service, position: int, timeout: float = 60.0) -> dict:
             return state
         time.sleep(0.2)
     raise TimeoutError(f"drift service stuck at {state}:\n{service.log_tail()}")
-
-
-def metric(service, name: str, **labels) -> float:
-    text = httpx.get(service.url + "/metrics", timeout=2).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_only_a_rising_error_rate_raises_a_concept_drift_near_the_change_and_one_retrain(settings, run_service):

@@ -86,18 +86,14 @@ def simulate(dataset: str, spec: str, drift: DriftSettings | None = None,
                             if bversion == version:
                                 contest.record(bhit, predict(challenger, bx) == by)
                             challenger.learn_one(bx, to_river(by))
-                    if contest.verdict() == "promote":
-                        champion, version, challenger, contest = challenger, version + 1, None, None
-                        challenger_hit = None
-                        policy.swap(version)
-                        swaps.append(position)
         yr = to_river(y)
         champion.learn_one(x, yr)
         if challenger is not None:
             challenger.learn_one(x, yr)
         buffer.append((position, x, y, hit, version))
-        if contest is not None and challenger_hit is not None:
-            contest.record(hit, challenger_hit)
+        if contest is not None:  # a challenger made on this row may already win on its replayed record
+            if challenger_hit is not None:
+                contest.record(hit, challenger_hit)
             verdict = contest.verdict()
             if verdict == "promote":
                 champion, version, challenger, contest = challenger, version + 1, None, None
