@@ -35,9 +35,9 @@ import org.apache.kafka.common.serialization.StringSerializer;
  *
  * <pre>
  *   encode EVENT.avsc LABEL.avsc N PREFIX FLIP_AT BASE_TS        -> "E hex" / "L hex" lines
- *   decode SCHEMA.avsc                 (hex lines on stdin)      -> one record (toString) a line
+ *   decode SCHEMA.avsc...       ("Name hex" lines on stdin)      -> one record (toString) a line
  *   produce BOOTSTRAP EVENT.avsc LABEL.avsc EVENTS LABELS N PREFIX FLIP_AT BASE_TS
- *   consume BOOTSTRAP SCHEMA.avsc TOPIC COUNT TIMEOUT_S GROUP    -> one record a line
+ *   consume BOOTSTRAP TIMEOUT_S GROUP COUNT TOPIC=SCHEMA.avsc... -> "topic TAB record" a line
  * </pre>
  *
  * Event i: entity "ent-(i%5)", ts BASE_TS+i, fields x=((37i)%100)/100, y=((11i)%13)/13; its
@@ -119,7 +119,11 @@ public final class Interop {
   }
 
   static void decode(String[] a) throws Exception {
-    BinaryMessageDecoder<GenericRecord> dec = new BinaryMessageDecoder<>(GenericData.get(), schema(a[1]));
+    Map<String, BinaryMessageDecoder<GenericRecord>> decoders = new HashMap<>();
+    for (int i = 1; i < a.length; i++) {
+      Schema s = schema(a[i]);
+      decoders.put(s.getName(), new BinaryMessageDecoder<>(GenericData.get(), s));
+    }
     HexFormat hex = HexFormat.of();
     BufferedReader in = new BufferedReader(new InputStreamReader(System.in, StandardCharsets.UTF_8));
     String line;
@@ -127,8 +131,9 @@ public final class Interop {
       if (line.isBlank()) {
         continue;
       }
+      String[] parts = line.trim().split(" ", 2);
       try {
-        System.out.println(dec.decode(hex.parseHex(line.trim())));
+        System.out.println(decoders.get(parts[0]).decode(hex.parseHex(parts[1])));
       } catch (Exception e) {
         System.out.println("ERROR " + e.getClass().getSimpleName() + ": " + e.getMessage());
       }
@@ -166,29 +171,36 @@ public final class Interop {
   }
 
   static void consume(String[] a) throws Exception {
-    BinaryMessageDecoder<GenericRecord> dec = new BinaryMessageDecoder<>(GenericData.get(), schema(a[2]));
+    long deadline = System.nanoTime() + (long) (Double.parseDouble(a[2]) * 1e9);
     int count = Integer.parseInt(a[4]);
-    long deadline = System.nanoTime() + (long) (Double.parseDouble(a[5]) * 1e9);
+    Map<String, BinaryMessageDecoder<GenericRecord>> decoders = new HashMap<>();
+    for (int i = 5; i < a.length; i++) {
+      String[] pair = a[i].split("=", 2);
+      decoders.put(pair[0], new BinaryMessageDecoder<>(GenericData.get(), schema(pair[1])));
+    }
     Properties p = new Properties();
     p.put("bootstrap.servers", a[1]);
-    p.put("group.id", a[6]);
+    p.put("group.id", a[3]);
     p.put("auto.offset.reset", "earliest");
     p.put("enable.auto.commit", "false");
     int seen = 0;
+    StringBuilder out = new StringBuilder();
     try (KafkaConsumer<String, byte[]> consumer =
         new KafkaConsumer<>(p, new StringDeserializer(), new ByteArrayDeserializer())) {
-      consumer.subscribe(Collections.singletonList(a[3]));
+      consumer.subscribe(new ArrayList<>(decoders.keySet()));
       while (seen < count && System.nanoTime() < deadline) {
         for (ConsumerRecord<String, byte[]> r : consumer.poll(Duration.ofMillis(200))) {
+          out.append(r.topic()).append('\t');
           try {
-            System.out.println(dec.decode(r.value()));
+            out.append(decoders.get(r.topic()).decode(r.value()));
           } catch (Exception e) {
-            System.out.println("ERROR " + e.getClass().getSimpleName() + ": " + e.getMessage());
+            out.append("ERROR ").append(e.getClass().getSimpleName()).append(": ").append(e.getMessage());
           }
+          out.append('\n');
           seen++;
         }
       }
     }
-    System.out.flush();
+    System.out.print(out);
   }
 }
