@@ -89,3 +89,17 @@ def test_the_consumer_keeps_what_it_refuses(settings):
             assert time.monotonic() < deadline
             assert c.poll(0.5) == []
     assert c.refused[0][0] == "predictions" and c.refused[0][3] == "not_avro"
+
+
+def test_the_readme_python_snippet_publishes_through_the_client(settings):
+    from test_interop_java import readme_block
+
+    source = readme_block("python", "from driftline.client import")
+    producing = source.split("\nwith Consumer")[0]  # the consuming half loops for ever
+    exec(producing.replace('Producer("127.0.0.1:9092")',
+                           f'Producer("{settings.kafka_bootstrap}", namespace="{settings.namespace}")'), {})
+    with Consumer("events", "labels", group="readme", settings=settings) as c:
+        got = {m.topic: m.value for m in drain(c, lambda ms: len(ms) >= 2, 30)}
+    assert got["events"]["fields"] == {"load": 0.42, "temp": 17.5}
+    assert got["labels"] == {"event_id": got["events"]["event_id"], "label": "1", "ts": got["labels"]["ts"]}
+    assert "with Consumer(" in source

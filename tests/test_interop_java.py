@@ -8,6 +8,9 @@ outcomes, drift events and model swaps that driftline's real services write."""
 from __future__ import annotations
 
 import io
+import os
+import re
+import subprocess
 import time
 
 import avro.io
@@ -128,3 +131,29 @@ def test_a_java_producer_feeds_the_real_services_and_a_java_consumer_reads_their
         java_side = sorted(theirs[topic], key=ident)
         assert len(mine) == len(java_side), topic
         assert all(close(a, b) for a, b in zip(mine, java_side)), topic
+
+
+def readme_block(language: str, containing: str) -> str:
+    readme = (SCHEMAS_DIR.parent / "README.md").read_text()
+    blocks = [b for b in re.findall(rf"```{language}\n(.*?)```", readme, flags=re.S) if containing in b]
+    assert len(blocks) == 1, f"one {language} block with {containing!r} in the README"
+    return blocks[0]
+
+
+def test_the_readme_java_snippet_publishes_an_event_that_driftline_reads(java, settings, tmp_path):
+    source = readme_block("java", "BinaryMessageEncoder")
+    source = (source.replace('"127.0.0.1:9092"', f'"{settings.kafka_bootstrap}"')
+              .replace('"events"', f'"{settings.namespace}.events"')
+              .replace('"schemas/Event.avsc"', f'"{schema_path("Event")}"'))
+    (tmp_path / "Publish.java").write_text(source)
+    classpath = f"{tmp_path}{os.pathsep}{java.home / 'lib' / '*'}"
+    subprocess.run(["javac", "-d", str(tmp_path), "-cp", classpath, str(tmp_path / "Publish.java")],
+                   check=True, capture_output=True, timeout=120)
+    subprocess.run(["java", "-cp", classpath, "Publish"], check=True, capture_output=True, timeout=120)
+    with Consumer("events", group="readme", settings=settings) as consumer:
+        deadline, got = time.monotonic() + 30, []
+        while not got:
+            assert time.monotonic() < deadline and not consumer.refused, consumer.refused
+            got = consumer.poll(0.5)
+    assert got[0].key == "meter-7"
+    assert got[0].value["event_id"] == "e-1" and got[0].value["fields"] == {"load": 0.42, "temp": 17.5}
