@@ -38,6 +38,7 @@ import org.apache.kafka.common.serialization.StringSerializer;
  *   decode SCHEMA.avsc...       ("Name hex" lines on stdin)      -> one record (toString) a line
  *   produce BOOTSTRAP EVENT.avsc LABEL.avsc EVENTS LABELS N PREFIX FLIP_AT BASE_TS
  *   consume BOOTSTRAP TIMEOUT_S GROUP COUNT TOPIC=SCHEMA.avsc... -> "topic TAB record" a line
+ *       (at least COUNT records, then until the topics are quiet for a second)
  * </pre>
  *
  * Event i: entity "ent-(i%5)", ts BASE_TS+i, fields x=((37i)%100)/100, y=((11i)%13)/13; its
@@ -188,8 +189,11 @@ public final class Interop {
     try (KafkaConsumer<String, byte[]> consumer =
         new KafkaConsumer<>(p, new StringDeserializer(), new ByteArrayDeserializer())) {
       consumer.subscribe(new ArrayList<>(decoders.keySet()));
-      while (seen < count && System.nanoTime() < deadline) {
+      long lastMessage = System.nanoTime();
+      // At least COUNT messages, then on until the topics have been quiet for a second.
+      while (System.nanoTime() < deadline && (seen < count || System.nanoTime() - lastMessage < 1_000_000_000L)) {
         for (ConsumerRecord<String, byte[]> r : consumer.poll(Duration.ofMillis(200))) {
+          lastMessage = System.nanoTime();
           out.append(r.topic()).append('\t');
           try {
             out.append(decoders.get(r.topic()).decode(r.value()));
