@@ -144,3 +144,16 @@ def test_ingestion_passes_an_older_version_on_as_the_current_one(tmp_path, setti
     assert decision.claim is not None
     assert v2.is_current(decision.value)
     assert v2.decode(decision.value, expect="Event") == {**EVENT, "channel": "web", "published_ms": 1_700_000_000_123}
+
+
+def test_ingestion_dead_letters_an_incompatible_version_with_the_reason(tmp_path, settings, redis_client, monkeypatch):
+    v2 = AvroCodec(evolve(tmp_path, "Label", add_field({"name": "source", "type": "string"})))
+    monkeypatch.setattr(validate, "get_codec", lambda: v2)
+    ingestor = Ingestor(settings, kafka.producer(settings), redis_client)
+    ingestor.codec = v2
+    old = get_codec().encode("Label", LABEL)
+    decision = ingestor.decide_message(FakeMessage(ingestor.labels.source, old, b"e-1"), 1.7e9)
+    assert decision.claim is None and decision.reason == "incompatible_schema"
+    letter = v2.decode(decision.value, expect="DeadLetter")
+    assert letter["reason"] == "incompatible_schema" and "source" in letter["detail"]
+    assert letter["payload"] == old  # the original bytes, for a replay after a fix
