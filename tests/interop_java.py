@@ -50,10 +50,13 @@ class JavaReference:
                 raise RuntimeError(f"the Java interop tests need {tool} (a JDK 17 and Maven; .ci/run installs them)")
         home.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix="interop-", dir=home.parent))
-        subprocess.run(["mvn", "-q", "-B", "-f", str(PROJECT / "pom.xml"), "dependency:copy-dependencies",
-                        f"-DoutputDirectory={tmp / 'lib'}"], check=True, capture_output=True, timeout=600)
-        subprocess.run(["javac", "-d", str(tmp / "classes"), "-cp", str(tmp / "lib" / "*"), *map(str, sources)],
-                       check=True, capture_output=True, timeout=300)
+        for step in (["mvn", "-q", "-B", "-f", str(PROJECT / "pom.xml"), "dependency:copy-dependencies",
+                      f"-DoutputDirectory={tmp / 'lib'}"],
+                     ["javac", "-d", str(tmp / "classes"), "-cp", str(tmp / "lib" / "*"), *map(str, sources)]):
+            done = subprocess.run(step, capture_output=True, text=True, timeout=600)
+            if done.returncode != 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise RuntimeError(f"{step[0]} failed ({done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
         (tmp / "built").touch()
         try:
             tmp.rename(home)
