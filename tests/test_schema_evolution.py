@@ -14,7 +14,7 @@ from driftline.ingestion import validate
 from driftline.ingestion.service import Ingestor
 from driftline.shared import kafka
 from driftline.shared.codec import SCHEMAS_DIR, AvroCodec, DecodeError, get_codec
-from driftline.shared.schemas import load_current, load_history, problems
+from driftline.shared.schemas import fingerprint_of, load_current, load_history, problems
 
 LABEL = {"event_id": "e-1", "label": "1", "ts": 1.7e9}
 EVENT = {"event_id": "e-1", "entity_id": "m-7", "ts": 1.7e9, "fields": {"a": 1.5}, "published_ms": None}
@@ -33,8 +33,10 @@ def evolve(tmp_path: Path, name: str, change) -> Path:
     raw = json.loads((root / f"{name}.avsc").read_text())
     new = change(json.loads(json.dumps(raw)))
     (root / f"{name}.avsc").write_text(json.dumps(new))
-    versions = load_history(root)[name]
-    (root / "history" / name / f"{versions[-1].version + 1}.avsc").write_text(json.dumps(new))
+    version = load_history(root)[name][-1].version + 1
+    (root / "history" / name / f"{version}.avsc").write_text(json.dumps(new))
+    with open(root / "history" / "RELEASED", "a") as released:
+        released.write(f"{name} {version} {fingerprint_of(new).hex()}\n")
     return root
 
 
@@ -99,6 +101,24 @@ def test_a_changed_schema_that_was_not_added_to_the_history_fails_the_check(tmp_
     raw["doc"] = "reworded"
     (root / "Label.avsc").write_text(json.dumps(raw))
     assert problems(root) == []
+
+
+def test_a_released_version_edited_in_place_or_removed_or_not_listed_fails_the_check(tmp_path):
+    root = tmp_path / "schemas"
+    shutil.copytree(SCHEMAS_DIR, root)
+    for path in (root / "Label.avsc", root / "history" / "Label" / "1.avsc"):  # "just fix version 1"
+        raw = json.loads(path.read_text())
+        raw["fields"].append({"name": "source", "type": "string", "default": "x"})
+        path.write_text(json.dumps(raw))
+    found = problems(root)
+    assert len(found) == 1 and "Label/1.avsc changed after its release" in found[0]
+
+    root = evolve(tmp_path / "two", "Label", add_field({"name": "source", "type": "string", "default": "x"}))
+    (root / "history" / "RELEASED").write_text((SCHEMAS_DIR / "history" / "RELEASED").read_text())
+    assert [p.split(":")[0] for p in problems(root)] == ["schemas/history/Label/2.avsc is not in schemas/history/RELEASED"]
+
+    (root / "history" / "Event" / "1.avsc").unlink()
+    assert any("Event version 1 was released but" in p for p in problems(root))
 
 
 def test_a_writer_version_that_is_not_in_the_history_is_refused_as_unknown(tmp_path):

@@ -4,6 +4,7 @@ says which writer versions the current reader can read.
     schemas/Event.avsc                 the current version: what driftline writes and reads into
     schemas/history/Event/1.avsc       every released version, numbered from 1; the highest one is
     schemas/history/Event/2.avsc       the current version, identical to schemas/Event.avsc
+    schemas/history/RELEASED           each released version's fingerprint: released files never change
 
     >>> history = load_history()
     >>> [v.version for v in history["Label"]][:1]
@@ -129,4 +130,28 @@ def problems(schemas_dir: Path = SCHEMAS_DIR) -> list[str]:
                 out.append(f"{name}: the current version cannot read version {v.version}: {why}")
     for name in sorted(set(history) - set(current)):
         out.append(f"schemas/history/{name}/ has no current schemas/{name}.avsc")
+    return out + _unreleased_or_changed(schemas_dir, history)
+
+
+def _unreleased_or_changed(schemas_dir: Path, history: dict[str, list[SchemaVersion]]) -> list[str]:
+    """Released versions never change and never go: schemas/history/RELEASED lists each one with its
+    fingerprint, and every history file must match its line."""
+    listed: dict[tuple[str, int], str] = {}
+    for line in (schemas_dir / "history" / "RELEASED").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version, fp = line.split()
+            listed[(name, int(version))] = fp
+    files = {(name, v.version): fingerprint_of(v.raw).hex() for name, versions in history.items() for v in versions}
+    out = []
+    for (name, version), fp in sorted(listed.items()):
+        if (name, version) not in files:
+            out.append(f"{name} version {version} was released but schemas/history/{name}/{version}.avsc is gone: "
+                       f"restore it (released versions are kept for ever)")
+        elif files[(name, version)] != fp:
+            out.append(f"schemas/history/{name}/{version}.avsc changed after its release (fingerprint "
+                       f"{files[(name, version)]}, released as {fp}): restore it and add the change as a new version")
+    for (name, version), fp in sorted(files.items()):
+        if (name, version) not in listed:
+            out.append(f"schemas/history/{name}/{version}.avsc is not in schemas/history/RELEASED: "
+                       f"add the line `{name} {version} {fp}`")
     return out
