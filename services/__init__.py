@@ -5,4 +5,4 @@ contracts every service imports (settings, topics, Avro codec, Redis keys, metri
 the local Kafka and Redis, `replay` and `bench` for the commands that drive the whole loop.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # 0.2: the Avro fingerprint in the spec's byte order (README, "Upgrading from 0.1")

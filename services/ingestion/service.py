@@ -96,12 +96,17 @@ class Ingestor:
         if isinstance(checked, Rejection):
             return self.dead(stream, checked, blob or b"", m.key(), m.topic(), m.partition(), m.offset(), now)
         marker = f"{m.partition()}:{m.offset()}"  # the same message is the same claimant after a crash
+        current = self.codec.is_current(blob)  # an older schema version's record is re-encoded as the current one
         if stream is self.labels:
-            return Decision(stream, blob, checked["event_id"], Claim(stream.seen(checked["event_id"]), marker))
+            value = blob if current else self.codec.encode("Label", checked)
+            return Decision(stream, value, checked["event_id"], Claim(stream.seen(checked["event_id"]), marker))
         kind, ts_ms = m.timestamp()
         if kind == TIMESTAMP_NOT_AVAILABLE or ts_ms <= 0:
             ts_ms = checked["published_ms"] or int(now * 1000)
-        value = stamp_published_ms(blob, checked["published_ms"], ts_ms)
+        if current:
+            value = stamp_published_ms(blob, checked["published_ms"], ts_ms)
+        else:
+            value = self.codec.encode("Event", {**checked, "published_ms": ts_ms})
         return Decision(stream, value, checked["entity_id"], Claim(stream.seen(checked["event_id"]), marker))
 
     def decide_item(self, stream: Stream, item: Any, marker: str, now: float) -> Decision:

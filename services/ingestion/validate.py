@@ -28,7 +28,8 @@ Record = dict[str, Any]
 REASONS: dict[str, str] = {
     # the bytes themselves (Avro door; codec.DecodeError reasons)
     "not_avro": "not an Avro single-object message (no C3 01 header, or empty)",
-    "unknown_schema": "an Avro schema fingerprint that is not one of schemas/",
+    "unknown_schema": "an Avro writer schema fingerprint that is no version in schemas/history/",
+    "incompatible_schema": "a known older schema version that the current one cannot read (Avro's resolution rules)",
     "wrong_schema": "a record of another type than the topic carries (a Label on events, say)",
     "corrupt_avro": "the header is ours but the body does not decode",
     "oversized": "larger than ingestion.max_event_bytes",

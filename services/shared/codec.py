@@ -1,14 +1,23 @@
 """The one Avro codec every service uses.
 
-Each message is Avro single-object encoded: the two magic bytes C3 01, the 8-byte little-endian
-CRC-64-AVRO fingerprint of the writer schema's canonical form, then the binary body. A consumer
-looks the fingerprint up among the schemas in `schemas/` and refuses what it does not know, or what
-is not the record it expects, instead of misreading it.
+Each message is Avro single-object encoded exactly as the Avro specification defines it: the two
+magic bytes C3 01, the 8-byte little-endian CRC-64-AVRO fingerprint of the writer schema's parsing
+canonical form, then the binary body; so Java's `BinaryMessageEncoder`/`BinaryMessageDecoder` and
+any other Avro library read and write driftline's topics.
 
     >>> codec = get_codec()
     >>> blob = codec.encode("Label", {"event_id": "e1", "label": "1", "ts": 0.0})
+    >>> blob[:10].hex()        # magic, then Label's fingerprint as the spec orders its bytes
+    'c30192bb930573dee98c'
     >>> codec.decode(blob, expect="Label")["label"]
     '1'
+
+Writing always uses the current schema (`schemas/<Name>.avsc`). Reading looks the writer's
+fingerprint up among every released version (`schemas/history/<Name>/<n>.avsc`, see `schemas.py`)
+and resolves an older version to the current one with Avro's rules (fastavro, given both schemas):
+the caller always gets a record of the current shape. A fingerprint that is none of them, a record
+of another type, or a version the current one cannot read is refused with a reason code
+(`DecodeError.reason`) for the DLQ, never misread.
 
 Schemas are parsed once, at first use; encoding and decoding are fastavro's schemaless reader and
 writer, which is the hot path of every service.
@@ -17,19 +26,21 @@ writer, which is the hot path of every service.
 from __future__ import annotations
 
 import io
-import json
-import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import fastavro
-from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "schemas"
+from .schemas import SCHEMAS_DIR, fingerprint_of, incompatibility, load_current, load_history
+
+__all__ = ["SCHEMAS_DIR", "MAGIC", "HEADER_LEN", "DecodeError", "RecordType", "AvroCodec", "get_codec"]
+
 MAGIC = b"\xc3\x01"
 HEADER_LEN = len(MAGIC) + 8
+# DecodeError reasons, for DLQs and metrics.
+REASONS = ("not_avro", "unknown_schema", "wrong_schema", "incompatible_schema", "corrupt_avro")
 
 
 class DecodeError(ValueError):
@@ -43,23 +54,37 @@ class DecodeError(ValueError):
 
 @dataclass(frozen=True)
 class RecordType:
+    """One version of one record schema: the current one (what we write) or an older writer."""
+
     name: str
+    version: int
     parsed: Any
-    fingerprint: bytes  # 8 bytes, little-endian, as on the wire
+    fingerprint: bytes  # 8 bytes, exactly as on the wire after C3 01
+    current: bool
+    incompatible: str | None = None  # why the current version cannot read this one, if it cannot
 
 
 class AvroCodec:
     def __init__(self, schemas_dir: Path = SCHEMAS_DIR) -> None:
         self.by_name: dict[str, RecordType] = {}
         self.by_fingerprint: dict[bytes, RecordType] = {}
-        for path in sorted(schemas_dir.glob("*.avsc")):
-            raw = json.loads(path.read_text())
-            parsed = fastavro.parse_schema(raw)
-            canonical = to_parsing_canonical_form(raw)
-            fp = int(fingerprint(canonical, "CRC-64-AVRO"), 16).to_bytes(8, "little")
-            record = RecordType(raw["name"], parsed, fp)
-            self.by_name[record.name] = record
-            self.by_fingerprint[fp] = record
+        current = load_current(schemas_dir)
+        history = load_history(schemas_dir)
+        for name, raw in current.items():
+            fp = fingerprint_of(raw)
+            versions = history.get(name, [])
+            number = versions[-1].version if versions else 1
+            for old in versions:
+                old_fp = fingerprint_of(old.raw)
+                if old_fp != fp:
+                    self.by_fingerprint[old_fp] = RecordType(name, old.version, fastavro.parse_schema(old.raw),
+                                                             old_fp, False, incompatibility(raw, old.raw))
+            record = RecordType(name, number, fastavro.parse_schema(raw), fp, True)
+            self.by_name[name] = self.by_fingerprint[fp] = record
+        # What driftline wrote before the fingerprint fix: its 8 bytes reversed. Named in the
+        # refusal so an operator recognises old data (see README, "Upgrading").
+        self._pre_fix = {fp[::-1]: r.name for fp, r in self.by_fingerprint.items()}
+        self._current = frozenset(r.fingerprint for r in self.by_name.values())
 
     def encode(self, record_name: str, value: dict[str, Any]) -> bytes:
         record = self.by_name[record_name]
@@ -70,7 +95,7 @@ class AvroCodec:
         return buf.getvalue()
 
     def identify(self, blob: bytes) -> RecordType:
-        """The record type a message claims to be, or DecodeError."""
+        """The schema version a message was written with, or DecodeError."""
         if not isinstance(blob, (bytes, bytearray, memoryview)) or len(blob) < HEADER_LEN:
             raise DecodeError("not_avro", "message shorter than the single-object header")
         if blob[:2] != MAGIC:
@@ -78,24 +103,37 @@ class AvroCodec:
         fp = bytes(blob[2:HEADER_LEN])
         record = self.by_fingerprint.get(fp)
         if record is None:
-            hex_fp = struct.unpack("<Q", fp)[0]
-            raise DecodeError("unknown_schema", f"schema fingerprint {hex_fp:016x} is not one of schemas/")
+            hint = ""
+            if fp in self._pre_fix:
+                hint = f" (it is {self._pre_fix[fp]}'s with its bytes reversed: written by driftline before 0.2)"
+            raise DecodeError("unknown_schema", f"writer schema fingerprint {fp.hex()} is not a version in "
+                                                f"schemas/history/{hint}")
         return record
 
     def decode(self, blob: bytes, expect: str | None = None) -> dict[str, Any]:
-        """The record in `blob`; with `expect`, refuse any other record type."""
-        record = self.identify(blob)
-        if expect is not None and record.name != expect:
-            raise DecodeError("wrong_schema", f"expected a {expect}, got a {record.name}")
+        """The record in `blob`, in the current version of its schema; with `expect`, refuse any
+        other record type."""
+        writer = self.identify(blob)
+        if expect is not None and writer.name != expect:
+            raise DecodeError("wrong_schema", f"expected a {expect}, got a {writer.name}")
+        if writer.incompatible:
+            raise DecodeError("incompatible_schema", f"{writer.name} version {writer.version} cannot be read as "
+                                                     f"version {self.by_name[writer.name].version}: {writer.incompatible}")
         buf = io.BytesIO(blob)
         buf.seek(HEADER_LEN)
+        reader = None if writer.current else self.by_name[writer.name].parsed
         try:
-            value = fastavro.schemaless_reader(buf, record.parsed, None)
+            value = fastavro.schemaless_reader(buf, writer.parsed, reader)
         except Exception as exc:  # fastavro raises many types on corrupt bodies
-            raise DecodeError("corrupt_avro", f"{record.name} body does not decode: {exc!r}") from None
+            raise DecodeError("corrupt_avro", f"{writer.name} body does not decode: {exc!r}") from None
         if buf.tell() != len(blob):
-            raise DecodeError("corrupt_avro", f"{len(blob) - buf.tell()} trailing bytes after the {record.name}")
+            raise DecodeError("corrupt_avro", f"{len(blob) - buf.tell()} trailing bytes after the {writer.name}")
         return value
+
+    def is_current(self, blob: bytes) -> bool:
+        """Whether a message that decodes was written with the current version (its bytes can be
+        passed on as they are; an older version's are re-encoded)."""
+        return bytes(blob[2:HEADER_LEN]) in self._current
 
 
 @lru_cache(maxsize=1)

@@ -22,6 +22,7 @@ from typing import Any
 from confluent_kafka import Consumer, Message, Producer
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import kafka, metrics
@@ -194,7 +195,9 @@ def service_app(
         if on_stop:
             on_stop()
 
-    app = FastAPI(title=title or f"driftline {service}", lifespan=lifespan, **fastapi_kwargs)
+    # /docs and /redoc load Swagger UI / ReDoc from the installed fastapi-offline package, not a CDN:
+    # the docs open on a machine without internet.
+    app = FastAPIOffline(title=title or f"driftline {service}", lifespan=lifespan, **fastapi_kwargs)
     app.state.worker = worker
 
     @app.middleware("http")
