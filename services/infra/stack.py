@@ -202,13 +202,13 @@ class Kafka(Component):
         return candidate if not port_open(host, candidate) else free_port(host)
 
     def ready(self) -> bool:
-        from confluent_kafka.admin import AdminClient
+        from ..shared.kafka import admin
 
         host, port = self.settings.kafka_host_port
         if not port_open(host, port):
             return False
         try:
-            meta = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap}).list_topics(timeout=2)
+            meta = admin(self.settings).list_topics(timeout=2)
             return bool(meta.brokers)
         except Exception:
             return False

@@ -1,6 +1,7 @@
 """Kafka clients configured the one way driftline uses them (confluent-kafka).
 
-Producers are idempotent with acks=all and small linger for batching; consumers never auto-commit
+Every client gets `connection(settings)`: the bootstrap servers and the `kafka_security`
+properties (security.protocol, sasl.*, ssl.*). Producers are idempotent with acks=all and small linger for batching; consumers never auto-commit
 (each service commits after its side effects are durable). Topic creation is idempotent.
 """
 
@@ -19,9 +20,15 @@ from .topics import SPEC_BY_NAME, Topics
 log = logging.getLogger(__name__)
 
 
+def connection(settings: Settings) -> dict[str, str]:
+    """Where the broker is and how to authenticate to it (`kafka_security`: TLS, SASL): the part
+    of the configuration that every producer, consumer and admin client shares."""
+    return {"bootstrap.servers": settings.kafka_bootstrap, **settings.kafka_security}
+
+
 def producer(settings: Settings, **overrides) -> Producer:
     config = {
-        "bootstrap.servers": settings.kafka_bootstrap,
+        **connection(settings),
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,
@@ -36,7 +43,7 @@ def producer(settings: Settings, **overrides) -> Producer:
 
 def consumer(settings: Settings, group: str, **overrides) -> Consumer:
     config = {
-        "bootstrap.servers": settings.kafka_bootstrap,
+        **connection(settings),
         "group.id": group,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
@@ -52,7 +59,7 @@ def consumer(settings: Settings, group: str, **overrides) -> Consumer:
 
 
 def admin(settings: Settings) -> AdminClient:
-    return AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    return AdminClient(connection(settings))
 
 
 def produce(p: Producer, topic: str, value: bytes, key: str | bytes | None = None, **kwargs) -> None:
