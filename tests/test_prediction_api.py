@@ -250,7 +250,7 @@ def test_admin_routes_are_closed_without_a_configured_token(served):
     with TestClient(create_app(closed), raise_server_exceptions=False) as client:
         r = client.post("/v1/models/1/promote", headers={"Authorization": "Bearer anything"})
     assert r.status_code == 403
-    assert "no admin token is configured" in r.json()["detail"]
+    assert "no DRIFTLINE_ADMIN_TOKEN is configured" in r.json()["detail"]
 
 
 def test_admin_routes_need_the_right_bearer_token(served):

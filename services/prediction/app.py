@@ -32,7 +32,7 @@ from ..shared.admin import admin_dependency
 from ..shared.runtime import service_app
 from ..shared.settings import Settings, get_settings
 from .models import NonFiniteOutput
-from .predictor import AdminError, NotReady, Predictor
+from .predictor import AdminError, FieldsRefused, NotReady, Predictor
 from .schemas import (
     BatchRequest,
     BatchResponse,
@@ -111,6 +111,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(redis.RedisError)
     async def redis_down(_request: Request, exc: redis.RedisError) -> JSONResponse:
         return JSONResponse({"detail": f"Redis does not answer: {exc}"}, status_code=503)
+
+    @app.exception_handler(FieldsRefused)
+    async def fields_refused(_request: Request, exc: FieldsRefused) -> JSONResponse:
+        loc = ["body", "fields"] if exc.index is None else ["body", "items", exc.index, "fields"]
+        return JSONResponse({"detail": [{"loc": loc, "msg": _printable(exc.detail), "type": exc.reason}]},
+                            status_code=422)
 
     @app.exception_handler(AdminError)
     async def admin_error(_request: Request, exc: AdminError) -> JSONResponse:

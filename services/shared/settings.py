@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -65,6 +65,16 @@ class IngestionSettings(BaseModel):
     max_clock_skew_s: float = Field(24 * 3600, description="events further in the future are invalid")
     min_ts: float = Field(0.0, description="events before this epoch second are invalid")
     batch_size: int = 1000
+    _allowed: tuple | None = PrivateAttr(None)
+
+    @property
+    def allowed_set(self) -> frozenset[str] | None:
+        """`allowed_fields` as a set, built once (checked for every field of every event)."""
+        if self.allowed_fields is None:
+            return None
+        if self._allowed is None or self._allowed[0] is not self.allowed_fields:
+            self._allowed = (self.allowed_fields, frozenset(self.allowed_fields))
+        return self._allowed[1]
 
 
 class FeatureSettings(BaseModel):
