@@ -34,7 +34,9 @@ PUBLISHED_KEYS = frozenset({"driftline-dev-key-change-me"})
 MIN_KEY_BYTES = 32
 LOCAL_SECRETS = "secrets.json"  # under the home: the zero-config key and admin token (mode 0600)
 KAFKA_SECURITY_PREFIXES = ("sasl.", "ssl.")
-EXTRA_ENV_NAMES = frozenset({"DRIFTLINE_CONFIG"})  # read before the settings (which file to read)
+# Read before the settings (which file to read), or by docker-compose.yml alone (it puts the Redis
+# password into DRIFTLINE_REDIS_URL and Redis' requirepass): known, but no setting of their own.
+EXTRA_ENV_NAMES = frozenset({"DRIFTLINE_CONFIG", "DRIFTLINE_REDIS_PASSWORD"})
 DEFAULT_MODEL = "preprocessing.StandardScaler() | linear_model.LogisticRegression()"
 DriftDetectorName = Literal["ADWIN", "PageHinkley", "KSWIN", "DDM", "HDDM_A", "HDDM_W"]
 
