@@ -484,9 +484,10 @@ def test_kafka_clients_authenticate_with_sasl_scram_and_obey_acls(sasl_broker, i
         return AclBinding(resource, name, pattern, "User:app", "*", operation, AclPermissionType.ALLOW)
 
     acls = [allow(ResourceType.TOPIC, app.namespace + ".", AclOperation.ALL),
-            allow(ResourceType.GROUP, app.namespace, AclOperation.ALL)]
-    for future in kafka.admin(admin_settings).create_acls(acls).values():
-        future.result()
+            allow(ResourceType.GROUP, Topics(app.namespace).group(""), AclOperation.ALL)]
+    admin = kafka.admin(admin_settings)  # kept: the futures fail if their client goes first
+    for future in admin.create_acls(acls).values():
+        future.result(timeout=30)
     time.sleep(1)
 
     # with them: a real service consumes, produces and commits as the app user
