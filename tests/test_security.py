@@ -495,6 +495,20 @@ def test_kafka_clients_authenticate_with_sasl_scram_and_obey_acls(sasl_broker, i
     with running(app):
         vectors = read_topic(app.model_copy(update={"kafka_security": admin_settings.kafka_security}), "features", 2)
     assert {v["event_id"] for v in vectors} == {"s1", "s2"}
+    # aiokafka (under faust) with the same settings: the same user, the same rights
+    import asyncio
+
+    from aiokafka import AIOKafkaProducer
+
+    async def send_with_aiokafka():
+        producer = AIOKafkaProducer(**kafka.aiokafka_options(app))
+        await producer.start()
+        try:
+            return await producer.send_and_wait(topics.events, b"from aiokafka")
+        finally:
+            await producer.stop()
+
+    assert asyncio.run(send_with_aiokafka()).topic == topics.events
     # and still nothing outside its prefix
     p = kafka.producer(app, **{"message.timeout.ms": 5000})
     errors.clear()
