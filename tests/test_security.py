@@ -484,11 +484,20 @@ def test_kafka_clients_authenticate_with_sasl_scram_and_obey_acls(sasl_broker, i
         return AclBinding(resource, name, pattern, "User:app", "*", operation, AclPermissionType.ALLOW)
 
     acls = [allow(ResourceType.TOPIC, app.namespace + ".", AclOperation.ALL),
-            allow(ResourceType.GROUP, Topics(app.namespace).group(""), AclOperation.ALL)]
+            allow(ResourceType.GROUP, Topics(app.namespace).group(""), AclOperation.ALL),
+            allow(ResourceType.BROKER, "kafka-cluster", AclOperation.IDEMPOTENT_WRITE, ResourcePatternType.LITERAL)]
     admin = kafka.admin(admin_settings)  # kept: the futures fail if their client goes first
     for future in admin.create_acls(acls).values():
         future.result(timeout=30)
-    time.sleep(1)
+    deadline = time.monotonic() + 60  # ACLs reach the authorizer asynchronously (metadata log),
+    while True:  # all of one request at once: probe with a plain (non-idempotent) producer
+        probe, errors = kafka.producer(app, **{"message.timeout.ms": 3000, "enable.idempotence": False}), []
+        probe.produce(topics.events, b"probe", on_delivery=lambda err, _m: errors.append(err))
+        probe.flush(5)
+        if len(errors) == 1 and errors[0] is None:  # (KafkaError == None is an error in C)
+            break
+        assert time.monotonic() < deadline, errors
+        time.sleep(1)
 
     # with them: a real service consumes, produces and commits as the app user
     publish(app, events=[event("s1", "a", 1.0, x=1.0), event("s2", "a", 2.0, x=2.0)])
