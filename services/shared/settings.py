@@ -162,6 +162,7 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         toml_file=os.environ.get("DRIFTLINE_CONFIG", "driftline.toml"),
         extra="ignore",
+        hide_input_in_errors=True,  # a refused value may be a password: errors name the field only
     )
 
     kafka_bootstrap: str = "127.0.0.1:9092"
