@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from . import kafka, metrics
 from .bodylimit import BodyLimit
 from .kafka import base_topic
-from .settings import Settings
+from .settings import Settings, check_model_key
 from .topics import Topics
 
 log = logging.getLogger(__name__)
@@ -253,9 +253,11 @@ def metrics_registry():
 
 
 def run_app(app: FastAPI, port: int, settings: Settings, workers: int = 1, factory: str | None = None) -> None:
-    """Serve `app` with uvicorn on the settings' host (`factory` import string when workers > 1)."""
+    """Serve `app` with uvicorn on the settings' host (`factory` import string when workers > 1).
+    Never with a weak model key (`driftline serve` says so first; this is the last line)."""
     import uvicorn
 
+    check_model_key(settings)
     if workers > 1 and factory:
         uvicorn.run(factory, factory=True, host=settings.host, port=port, workers=workers,
                     log_level=settings.log_level.lower(), access_log=False)
