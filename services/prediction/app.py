@@ -71,9 +71,6 @@ def validation_error(loc: tuple, msg: str, kind: str) -> RequestValidationError:
     return RequestValidationError([{"loc": loc, "msg": msg, "type": kind}])
 
 
-admin_guard = admin_dependency  # the shared guard (driftline.shared.admin), under its old name here
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     predictor = Predictor(settings)
@@ -87,7 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body_limit_setting="prediction.max_body_bytes",
     )
     app.state.predictor = predictor
-    require_admin = admin_guard(settings)
+    require_admin = admin_dependency(settings)  # the one guard of every service
     max_batch = settings.prediction.max_batch
     worker = str(os.getpid())
 
