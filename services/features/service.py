@@ -352,6 +352,7 @@ class FeaturesWorker(StreamWorker):
                         self.refuse(item, "too_many_entity_fields",
                                     f"entity {ev['entity_id'][:40]!r} would track more than "
                                     f"{self.max_entity_fields} distinct fields (features.max_entity_fields)")
+                        in_batch.pop(ev["event_id"], None)  # its label must not reach the state either
                         continue
                     vectors.append(self.vector_of(ev, fs.vector(state, ev["fields"], ev["ts"])))
                     if fs.stateful:
