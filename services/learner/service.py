@@ -24,7 +24,6 @@ read back so that those labels are re-learned in the same order without being pu
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
