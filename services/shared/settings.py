@@ -312,9 +312,18 @@ def ensure_local_secrets(settings: Settings) -> Settings:
     path = settings.home / LOCAL_SECRETS
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # Written whole to a private temporary file, then linked into place: a concurrent first
+        # run reads either nothing or the complete file, and only one of them wins.
+        tmp = path.with_name(f".{LOCAL_SECRETS}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump({"model_key": secrets.token_urlsafe(48), "admin_token": secrets.token_urlsafe(32)}, f)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
     stored = json.loads(path.read_text())
     update = {}
     if not settings.model_key.get_secret_value():
