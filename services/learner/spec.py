@@ -21,10 +21,10 @@ it is refused), no module on the way is a data/IO one, and the class found is a 
 (a model or pipeline step) or, as an argument, a river object (`optim.SGD`, `stats.Mean`). The
 text is bounded (MAX_SPEC_CHARS, MAX_NODES, MAX_DEPTH) and so are ensembles (`learner.max_ensemble`):
 
-    >>> parse_model("ensemble.BaggingClassifier(linear_model.LogisticRegression(), n_models=10**8)")
+    >>> parse_model("ensemble.BaggingClassifier(linear_model.LogisticRegression(), n_models=1e8)")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    driftline.learner.spec.ModelSpecError: bad model spec: ...
+    driftline.learner.spec.ModelSpecError: bad model spec: n_models=100000000.0: an ensemble of 1 to 100 models ...
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ A declared `Content-Length` over the limit is refused without reading a byte; a 
 one (chunked) is read up to the limit and refused as soon as it goes over. A body within the limit
 is handed to the app unchanged. It must never let the app see (or buffer) more than `max_bytes`.
 
-    >>> app = BodyLimit(app, max_bytes=1_048_576, service="prediction", setting="prediction.max_body_bytes")
+    >>> from starlette.applications import Starlette
+    >>> app = BodyLimit(Starlette(), max_bytes=1_048_576, service="prediction", setting="prediction.max_body_bytes")
 """
 
 from __future__ import annotations
