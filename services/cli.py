@@ -21,6 +21,23 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
+
+
+@app.callback()
+def _settings_first() -> None:
+    """Read the settings before any command: a DRIFTLINE_* name that no setting reads, or a value
+    that does not parse, stops here with what is wrong instead of being ignored."""
+    from pydantic import ValidationError
+
+    from .shared.settings import InsecureSettings, get_settings
+
+    try:
+        get_settings()
+    except (InsecureSettings, ValidationError) as exc:
+        typer.echo(f"driftline: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 app.add_typer(infra_app, name="infra")
 app.command()(serve)
 app.command()(replay)

@@ -18,7 +18,7 @@ from enum import Enum
 import typer
 from rich.console import Console
 
-from .shared.settings import Settings, get_settings, settings_env
+from .shared.settings import InsecureSettings, Settings, check_model_key, get_settings, settings_env
 
 SERVICES = ("ingestion", "features", "learner", "drift", "prediction")
 console = Console(stderr=True)
@@ -36,6 +36,11 @@ class ServiceName(str, Enum):
 def serve(service: ServiceName = typer.Argument(..., help="a service, or 'all'")) -> None:
     """Run a service (or all five) on the host and ports the settings name."""
     settings = get_settings()
+    try:
+        check_model_key(settings)  # before anything listens: a guessable key is remote code execution
+    except InsecureSettings as exc:
+        console.print(f"[red]driftline serve {service.value}: refusing to start:[/] {exc}", soft_wrap=True)
+        raise typer.Exit(2) from None
     if service is ServiceName.all:
         serve_all()
         return

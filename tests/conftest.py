@@ -22,18 +22,19 @@ import redis as redis_lib
 
 from driftline.infra import stack
 from driftline.shared.kafka import ensure_topics
-from driftline.shared.settings import Ports, Settings, settings_env
+from driftline.shared.settings import Ports, Settings, ensure_local_secrets, settings_env
 
 
 @pytest.fixture(scope="session")
 def infra_settings(tmp_path_factory) -> Settings:
-    """Settings of the session's own Kafka and Redis (free ports, a private home)."""
+    """Settings of the session's own Kafka and Redis (free ports, a private home), with a random
+    model key and admin token generated into that home, as `driftline infra up` does."""
     home = tmp_path_factory.mktemp("infra")
-    return Settings(
+    return ensure_local_secrets(Settings(
         kafka_bootstrap=f"127.0.0.1:{stack.free_port()}",
         redis_url=f"redis://127.0.0.1:{stack.free_port()}/0",
         home=home,
-    )
+    ))
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +56,9 @@ def redis_url(infra) -> str:
 
 
 def make_settings(infra: Settings, home: Path, **overrides) -> Settings:
-    """Settings for one isolated pipeline on the session's broker and Redis."""
+    """Settings for one isolated pipeline on the session's broker and Redis, signing models with
+    the session's key (services refuse to start without a real one). No admin token unless a
+    test gives one: admin routes stay closed."""
     ports = Ports(**{name: stack.free_port() for name in Ports.model_fields})
     base = dict(
         kafka_bootstrap=infra.kafka_bootstrap,
@@ -64,6 +67,7 @@ def make_settings(infra: Settings, home: Path, **overrides) -> Settings:
         home=home,
         cache_dir=infra.cache_dir,
         ports=ports,
+        model_key=infra.model_key,
     )
     base.update(overrides)
     return Settings(**base)

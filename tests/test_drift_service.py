@@ -124,7 +124,7 @@ def test_each_trigger_produces_a_retrain_request_with_its_reason(settings, run_s
     # on demand, over HTTP, with the admin token only
     url = drift.url + "/v1/retrain"
     assert httpx.post(url, timeout=5).status_code == 401
-    assert httpx.post(url, headers={"Authorization": "Bearer wrong"}, timeout=5).status_code == 403
+    assert httpx.post(url, headers={"Authorization": "Bearer wrong"}, timeout=5).status_code == 401
     assert httpx.post(url, headers={"Authorization": f"Bearer {TOKEN}"}, json={"reason": "whim"},
                       timeout=5).status_code == 422
     accepted = httpx.post(drift.url + "/v1/retrain", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)

@@ -110,6 +110,7 @@ def test_vectors_are_point_in_time_correct_and_labels_only_reach_later_events(se
 
 def test_snapshots_expire_after_the_configured_ttl(settings, redis_client):
     settings.features.snapshot_ttl_s = 1234
+    settings.features.entity_ttl_s = 5678
     settings.features.max_reorder_wait_ms = 50
     publish(settings, events=[event(f"s{i}", "a", float(i), x=float(i)) for i in range(3)])
     with running(settings):
@@ -117,7 +118,7 @@ def test_snapshots_expire_after_the_configured_ttl(settings, redis_client):
     keys = Keys(settings.namespace)
     ttls = [redis_client.ttl(keys.snapshot(f"s{i}")) for i in range(3)]
     assert all(1200 < t <= 1234 for t in ttls), ttls
-    assert redis_client.ttl(keys.entity("a")) == -1  # the entity state itself never expires
+    assert 5600 < redis_client.ttl(keys.entity("a")) <= 5678  # an idle entity's state goes too (issue 13)
 
 
 def test_raw_vectors_are_the_fields_alone_and_default_adds_online_features(settings, redis_client):

@@ -8,7 +8,6 @@ import asyncio
 import httpx
 import pytest
 from fastapi import HTTPException
-from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import SecretStr
 from river import linear_model, tree
 from starlette.applications import Starlette
@@ -16,8 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from driftline.prediction.app import admin_guard
-from driftline.prediction.middleware import BodyLimit
+from driftline.shared.admin import check_admin
+from driftline.shared.bodylimit import BodyLimit
 from driftline.prediction.models import ModelHolder, NonFiniteOutput, ServingModel, score
 from driftline.shared.settings import Settings
 
@@ -96,17 +95,18 @@ def test_body_limit_refuses_a_content_length_that_is_not_a_number():
     assert _post(_echo_app(100), content=b"{}", headers={"content-length": "lots"}).status_code == 400
 
 
-def test_admin_guard_closed_without_token_401_without_header_403_on_a_wrong_token():
-    def status(token, creds):
-        guard = admin_guard(Settings(admin_token=SecretStr(token) if token else None))
+def test_admin_guard_closed_without_token_401_without_header_or_with_a_wrong_token():
+    def status(token, header):
         try:
-            guard(HTTPAuthorizationCredentials(scheme="Bearer", credentials=creds) if creds else None)
+            check_admin(Settings(admin_token=SecretStr(token) if token is not None else None), header)
         except HTTPException as exc:
             return exc.status_code
         return 200
 
-    assert status(None, "anything") == 403
-    assert status("", "") == 403
+    assert status(None, "Bearer anything") == 403
+    assert status("", "Bearer ") == 403  # an empty token never opens the routes
+    assert status("", None) == 403
     assert status("t0k", None) == 401
-    assert status("t0k", "t0K") == 403
-    assert status("t0k", "t0k") == 200
+    assert status("t0k", "Bearer t0K") == 401
+    assert status("t0k", "Basic t0k") == 401
+    assert status("t0k", "Bearer t0k") == 200

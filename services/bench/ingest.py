@@ -40,7 +40,7 @@ from .. import serve
 from ..infra import stack
 from ..shared import kafka
 from ..shared.codec import get_codec
-from ..shared.settings import Ports, Settings
+from ..shared.settings import Ports, Settings, ensure_local_secrets
 from ..shared.topics import Topics
 
 AIM_EVENTS_PER_S = 10_000
@@ -86,7 +86,7 @@ class Sink:
     `timing` is on, records the arrival time of each event id for the latency phase."""
 
     def __init__(self, settings: Settings, topic: str) -> None:
-        self.consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "bench-sink",
+        self.consumer = Consumer({**kafka.connection(settings), "group.id": "bench-sink",
                                   "enable.auto.commit": False, "fetch.wait.max.ms": 100,  # a long poll: data answers it at once
                                   "fetch.min.bytes": 1})
         self.consumer.assign([TopicPartition(tp.topic, tp.partition, OFFSET_END)
@@ -138,11 +138,11 @@ class BenchStack:
 
     def __init__(self) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="driftline-bench-"))
-        self.settings = Settings(
+        self.settings = ensure_local_secrets(Settings(
             kafka_bootstrap=f"127.0.0.1:{stack.free_port()}", redis_url=f"redis://127.0.0.1:{stack.free_port()}/0",
             home=self.home, ports=Ports(**{name: stack.free_port() for name in Ports.model_fields}),
             log_level="WARNING",
-        )
+        ))
         self.topics = Topics(self.settings.namespace)
         has_features = importlib.util.find_spec("driftline.features.service") is not None
         self.services = ["ingestion", "features"] if has_features else ["ingestion"]

@@ -44,7 +44,7 @@ from ..replay.datasets import load
 from ..replay.publish import replay
 from ..shared import kafka
 from ..shared.codec import get_codec
-from ..shared.settings import DEFAULT_MODEL, Ports, Settings
+from ..shared.settings import DEFAULT_MODEL, Ports, Settings, ensure_local_secrets
 from ..shared.topics import Topics
 
 MODELS = {"logreg": DEFAULT_MODEL, "arf": "forest.ARFClassifier(seed=42)"}
@@ -108,10 +108,10 @@ class BenchStack:
 
     def __init__(self) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="driftline-bench-pipeline-"))
-        self.settings = Settings(
+        self.settings = ensure_local_secrets(Settings(
             kafka_bootstrap=f"127.0.0.1:{stack.free_port()}", redis_url=f"redis://127.0.0.1:{stack.free_port()}/0",
             home=self.home, log_level="WARNING",
-        )
+        ))
         self.procs: list[subprocess.Popen] = []
         self.failed = False
 

@@ -41,7 +41,7 @@ from ..prediction.swaps import publish_swap
 from ..shared import kafka
 from ..shared.keys import Keys
 from ..shared.registry import ModelRegistry
-from ..shared.settings import Ports, PredictionSettings, Settings
+from ..shared.settings import Ports, PredictionSettings, Settings, ensure_local_secrets
 from ..shared.topics import Topics
 
 FIELDS = ("nswprice", "nswdemand", "vicprice", "vicdemand", "transfer", "period")
@@ -220,6 +220,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         prediction=PredictionSettings(workers=workers),
         log_level="WARNING",
     )
+    settings = ensure_local_secrets(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     proc = None
     result: dict[str, Any] = {"workers": workers, "duration_s": seconds, "cpus": os.cpu_count()}

@@ -15,7 +15,6 @@ It never trains or swaps a model itself: that is the learner's job.
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import Literal
 
@@ -27,6 +26,7 @@ from pydantic import BaseModel, Field
 from ..shared import kafka, metrics
 from ..shared.codec import DecodeError, get_codec
 from ..shared.kafka import base_topic
+from ..shared.admin import check_admin
 from ..shared.keys import Keys
 from ..shared.registry import TamperedArtifact, dumps_signed, loads_signed
 from ..shared.runtime import StreamWorker, run_app, service_app
@@ -186,18 +186,6 @@ class RetrainAccepted(BaseModel):
     reason: str
     model_version: int | None
     position: int
-
-
-def check_admin(settings: Settings, authorization: str | None) -> None:
-    """401 without a bearer token, 403 with a wrong one or when no admin token is configured."""
-    if not authorization or not authorization.startswith("Bearer "):
-        raise HTTPException(401, "admin route: send Authorization: Bearer <DRIFTLINE_ADMIN_TOKEN>",
-                            headers={"WWW-Authenticate": "Bearer"})
-    if settings.admin_token is None or not settings.admin_token.get_secret_value():
-        raise HTTPException(403, "admin routes are closed: no DRIFTLINE_ADMIN_TOKEN is configured")
-    given = authorization[len("Bearer "):].strip().encode()
-    if not hmac.compare_digest(given, settings.admin_token.get_secret_value().encode()):
-        raise HTTPException(403, "wrong admin token")
 
 
 def build_app(settings: Settings, worker: DriftWorker) -> FastAPI:

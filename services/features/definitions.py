@@ -109,6 +109,28 @@ class FeatureSet:
             self._plans[names] = plan
         return plan
 
+    def untracked(self, state: State, fields: dict[str, float]) -> list[str]:
+        """The fields of an event that the entity's state keeps no per-field statistics for yet
+        (they would add keys to the state): the ones a per-entity bound counts."""
+        plan = self._plan(fields)
+        firsts = {f: key for f, key, _name in plan.deltas}
+        for _alpha, f, mean_key, _var, _names in plan.ewms:
+            firsts.setdefault(f, mean_key)
+        return [f for f, key in firsts.items() if key not in state]
+
+    @staticmethod
+    def tracked(state: State) -> set[str]:
+        """The event fields this state holds per-field statistics for (`prev:f`, `ewm:a:f`, `ewv:a:f`)."""
+        names = set()
+        for key in state:
+            if key.startswith("prev:"):
+                names.add(key[5:])
+            elif key.startswith(("ewm:", "ewv:")):
+                parts = key.split(":", 2)
+                if len(parts) == 3:
+                    names.add(parts[2])
+        return names
+
     def vector(self, state: State, fields: dict[str, float], ts: float) -> dict[str, float]:
         """The features of an event, from the entity's state before it."""
         s = self.spec

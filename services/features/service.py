@@ -23,6 +23,11 @@ How a batch goes (`FeaturesWorker.handle`):
    labels through a one-key script that keeps the label of the latest event;
 6. produce the vectors, flush, commit the offsets up to the first item still waiting.
 
+Bounds (untrusted input must not grow Redis or the model without end): an event that would bring
+the model more than `features.max_feature_names` distinct field names, or its entity more than
+`features.max_entity_fields`, goes to events.dlq (`too_many_feature_names`,
+`too_many_entity_fields`) instead; entity states expire after `features.entity_ttl_s` idle.
+
 Idempotence: an event at an offset <= its entity's `_off` was applied before a crash; it is not
 applied again, its vector is re-published from its snapshot. Labels are idempotent by design.
 
@@ -56,7 +61,7 @@ from ..shared.keys import Keys
 from ..shared.runtime import StreamWorker, run_app, service_app
 from ..shared.settings import Settings
 from .definitions import FeatureSet, load_feature_set
-from .store import OFFSET_FIELD, PARTITION_FIELD, FeatureStore
+from .store import OFFSET_FIELD, PARTITION_FIELD, FeatureStore, FieldNames
 
 log = logging.getLogger(__name__)
 SERVICE = "features"
@@ -77,6 +82,7 @@ class Item:
     received: float = 0.0  # monotonic seconds
     seq: int = 0
     reason: str = ""
+    detail: str = ""
 
     @property
     def tp(self) -> tuple[str, int]:
@@ -179,7 +185,11 @@ class FeaturesWorker(StreamWorker):
         self.feature_set = feature_set or load_feature_set(settings.features.set)
         self.redis = redis.Redis.from_url(settings.redis_url)
         self.store = FeatureStore(self.redis, Keys(settings.namespace), self.feature_set,
-                                  settings.features.snapshot_ttl_s, service=SERVICE)
+                                  settings.features.snapshot_ttl_s, service=SERVICE,
+                                  entity_ttl_s=settings.features.entity_ttl_s)
+        self.names = FieldNames(self.redis, Keys(settings.namespace), settings.learner.model_name,
+                                settings.features.max_feature_names)
+        self.max_entity_fields = settings.features.max_entity_fields
         # A feature set without the last label has nothing to wait for: events go at once.
         wait_s = settings.features.max_reorder_wait_ms / 1000.0 if self.feature_set.spec.last_label else 0.0
         self.buffer = ReorderBuffer(wait_s=wait_s, cap=max(20 * self.batch_size, 1000))
@@ -305,10 +315,27 @@ class FeaturesWorker(StreamWorker):
             return Item(BAD, 0.0, m.topic(), m.partition(), m.offset(), m, now, reason=exc.reason)
         return Item(EVENT if is_event else LABEL, value["ts"], m.topic(), m.partition(), m.offset(), value, now)
 
+    def bound_fields(self, items: list[Item]) -> list[Item]:
+        """Events whose field names the model may not take (more than features.max_feature_names
+        distinct ones) become BAD items with that reason: dead-lettered, never folded in."""
+        names = {name for i in items if i.kind == EVENT for name in i.value["fields"]}
+        refused = self.names.admit(names) if names else set()
+        if refused:
+            for item in items:
+                if item.kind == EVENT and not refused.isdisjoint(item.value["fields"]):
+                    self.refuse(item, "too_many_feature_names",
+                                f"the model already has {self.names.limit} distinct field names "
+                                f"(features.max_feature_names); new: {sorted(refused & set(item.value['fields']))[:5]}")
+        return items
+
+    def refuse(self, item: Item, reason: str, detail: str) -> None:
+        item.kind, item.reason, item.detail = BAD, reason, detail
+
     def process(self, items: list[Item]) -> None:
         if not items:
             return
         fs = self.feature_set
+        items = self.bound_fields(items)
         events = [i.value for i in items if i.kind == EVENT]
         in_batch = {e["event_id"]: (e["entity_id"], e["ts"]) for e in events}
         wanted = [i.value["event_id"] for i in items if i.kind == LABEL and i.value["event_id"] not in in_batch]
@@ -324,6 +351,13 @@ class FeaturesWorker(StreamWorker):
                     state = states.get(ev["entity_id"], {})
                     if _applied(state, item):
                         redelivered.append(ev["event_id"])
+                        continue
+                    new = fs.untracked(state, ev["fields"]) if fs.stateful else ()
+                    if new and len(fs.tracked(state)) + len(new) > self.max_entity_fields:
+                        self.refuse(item, "too_many_entity_fields",
+                                    f"entity {ev['entity_id'][:40]!r} would track more than "
+                                    f"{self.max_entity_fields} distinct fields (features.max_entity_fields)")
+                        in_batch.pop(ev["event_id"], None)  # its label must not reach the state either
                         continue
                     vectors.append(self.vector_of(ev, fs.vector(state, ev["fields"], ev["ts"])))
                     if fs.stateful:
@@ -384,14 +418,18 @@ class FeaturesWorker(StreamWorker):
         return [found[e] for e in event_ids if e in found]
 
     def dead_letter(self, item: Item) -> None:
-        m: Message = item.value
-        dlq = self.topics.events_dlq if m.topic() == self.topics.events_valid else self.topics.labels_dlq
+        if isinstance(item.value, dict):  # a decoded event refused by a bound: its record is the payload
+            key, payload = item.value["entity_id"].encode(), self.codec.encode("Event", item.value)
+        else:
+            key, payload = item.value.key(), item.value.value() or b""
+        dlq = self.topics.events_dlq if item.topic == self.topics.events_valid else self.topics.labels_dlq
         self.produce(dlq, self.codec.encode("DeadLetter", {
-            "source_topic": m.topic(), "reason": item.reason, "detail": f"not a valid record on {m.topic()}",
-            "service": SERVICE, "key": m.key(), "payload": m.value() or b"", "partition": m.partition(),
-            "offset": m.offset(), "ts": time.time(),
-        }), key=m.key())
-        metrics.DEAD_LETTERS.labels(SERVICE, kafka.base_topic(m.topic()), item.reason).inc()
+            "source_topic": item.topic, "reason": item.reason,
+            "detail": item.detail or f"not a valid record on {item.topic}",
+            "service": SERVICE, "key": key, "payload": payload, "partition": item.partition,
+            "offset": item.offset, "ts": time.time(),
+        }), key=key)
+        metrics.DEAD_LETTERS.labels(SERVICE, kafka.base_topic(item.topic), item.reason).inc()
         self.counts["dead_letters"] += 1
 
     def health(self) -> dict[str, Any]:

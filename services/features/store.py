@@ -19,6 +19,9 @@ Layout (keys from `Keys`, hash-tagged by entity or event, so a Redis Cluster wor
 - `Keys.snapshot(event_id)` — hash with a TTL; field `fv` = the Avro FeatureVector the event was
   scored with. The learner and the prediction service add `p.<role>` fields to the same hash.
 
+Entity states expire after `features.entity_ttl_s` without a write; `FieldNames` bounds the
+distinct field names of a model (a Redis set per model).
+
 Labels are folded in by a one-key Lua script that keeps the label of the latest event (by event
 time), so a label never overwrites a later one and a redelivered label changes nothing, even when
 the label and the entity's events are handled by different replicas.
@@ -44,11 +47,40 @@ INT_FIELDS = frozenset({"n", OFFSET_FIELD, PARTITION_FIELD})
 
 # KEYS[1] entity hash; ARGV: label, event ts (repr). Same rule as FeatureSet.apply_label:
 # a label of an earlier event than the known one is ignored; equal ts overwrites (idempotent).
+# ARGV[3]: the entity TTL in seconds (0 = none), refreshed like any write to the state.
 SET_LABEL_LUA = """
 local known = redis.call('HGET', KEYS[1], 'label_ts')
 if known and tonumber(known) > tonumber(ARGV[2]) then return 0 end
 redis.call('HSET', KEYS[1], 'label', ARGV[1], 'label_ts', ARGV[2])
+if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
 return 1
+"""
+
+# KEYS[1] a snapshot hash; ARGV: TTL, then field, value pairs. Writes only when the key does not
+# exist: a /v1/predict with the event_id of a real event must never replace that event's vector.
+NEW_SNAPSHOT_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+# KEYS[1] the model's set of field names; ARGV[1] the bound, then names. Adds those that fit and
+# returns the ones refused, atomically (several replicas admit names concurrently).
+ADMIT_NAMES_LUA = """
+local refused = {}
+local size = redis.call('SCARD', KEYS[1])
+for i = 2, #ARGV do
+  if redis.call('SISMEMBER', KEYS[1], ARGV[i]) == 0 then
+    if size < tonumber(ARGV[1]) then
+      redis.call('SADD', KEYS[1], ARGV[i])
+      size = size + 1
+    else
+      table.insert(refused, ARGV[i])
+    end
+  end
+end
+return refused
 """
 
 
@@ -88,15 +120,43 @@ def decode_state(raw: Mapping[Any, Any]) -> State:
     return state
 
 
+class FieldNames:
+    """The distinct event field names one model may see, bounded (`features.max_feature_names`):
+    untrusted input must not grow the model (and every entity's state) without end.
+
+        >>> names = FieldNames(redis_client, Keys("t1"), "default", limit=2)
+        >>> names.admit({"a", "b", "c"})      # the first two that fit are kept, for good
+        {'c'}
+
+    Names already admitted are remembered in this process, so a steady stream costs no round trip.
+    """
+
+    def __init__(self, client, keys: Keys, model: str, limit: int) -> None:
+        self.client = client
+        self.key = keys.field_names(model)
+        self.limit = int(limit)
+        self.known: set[str] = set()
+
+    def admit(self, names: Iterable[str]) -> set[str]:
+        """The names refused (the model already has `limit` others); the rest are admitted."""
+        new = [n for n in set(names) if n not in self.known]
+        if not new:
+            return set()
+        refused = {_text(n) for n in self.client.eval(ADMIT_NAMES_LUA, 1, self.key, self.limit, *new)}
+        self.known.update(n for n in new if n not in refused)
+        return refused
+
+
 class FeatureStore:
     """Entity state and feature snapshots of one namespace, for one feature set."""
 
     def __init__(self, client, keys: Keys, feature_set: FeatureSet, snapshot_ttl_s: int,
-                 service: str = "features") -> None:
+                 service: str = "features", entity_ttl_s: int = 0) -> None:
         self.client = client
         self.keys = keys
         self.feature_set = feature_set
         self.snapshot_ttl_s = int(snapshot_ttl_s)
+        self.entity_ttl_s = int(entity_ttl_s)
         self.service = service
         self.codec = get_codec()
 
@@ -160,18 +220,31 @@ class FeatureStore:
             pipe.hset(key, SNAPSHOT_FIELD, blob)
             pipe.expire(key, ttl)
 
+    def queue_new_snapshots(self, pipe, snapshots: Iterable[tuple[str, Mapping[str, bytes]]]) -> None:
+        """(event_id, {field: value}) pairs written only where the event has no snapshot yet (the
+        prediction service's: it must never replace the vector of an event the features service
+        or an earlier request wrote). Each reply in the pipeline is 1 if written, 0 if kept."""
+        for event_id, fields in snapshots:
+            args = [item for pair in fields.items() for item in pair]
+            pipe.eval(NEW_SNAPSHOT_LUA, 1, self.keys.snapshot(event_id), self.snapshot_ttl_s, *args)
+
     def queue_states(self, pipe, states: Mapping[str, State]) -> None:
         """One HSET per entity with every field (offsets included): atomic per key. Label fields
-        are left to `queue_label`, whose script never lets an older label win."""
+        are left to `queue_label`, whose script never lets an older label win. With an entity TTL,
+        a state not written for that long is forgotten (bounded memory for one-off entities)."""
         for entity_id, state in states.items():
             mapping = encode_state(state, exclude=LABEL_FIELDS)
             if mapping:
-                pipe.hset(self.keys.entity(entity_id), mapping=mapping)
+                key = self.keys.entity(entity_id)
+                pipe.hset(key, mapping=mapping)
+                if self.entity_ttl_s > 0:
+                    pipe.expire(key, self.entity_ttl_s)
 
     def queue_label(self, pipe, entity_id: str, label: str, event_ts: float) -> None:
         # Plain EVAL, not a registered Script: redis-py would add a SCRIPT EXISTS round trip to
         # every pipeline that carries one, and Redis caches the compiled script by its hash anyway.
-        pipe.eval(SET_LABEL_LUA, 1, self.keys.entity(entity_id), label, encode_value(float(event_ts)))
+        pipe.eval(SET_LABEL_LUA, 1, self.keys.entity(entity_id), label, encode_value(float(event_ts)),
+                  self.entity_ttl_s)
 
     def save_snapshots(self, vectors: Iterable[Mapping[str, Any]]) -> None:
         """Keep these FeatureVector dicts under their event ids with the TTL (one round trip)."""

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..shared.settings import get_settings
+from ..shared.settings import LOCAL_SECRETS, ensure_local_secrets, get_settings, redact_url, settings_view
 from . import stack
 
 infra_app = typer.Typer(help="The local single-node Kafka (KRaft) and Redis, under .driftline/.", no_args_is_help=True)
@@ -31,8 +31,9 @@ def up(
         help="also run Debian's Prometheus (DRIFTLINE_PROMETHEUS_PORT) scraping the five services, with the alert rules",
     ),
 ) -> None:
-    """Start Kafka and Redis on the configured host:ports and create every topic."""
-    settings = get_settings()
+    """Start Kafka and Redis on the configured host:ports and create every topic. Without
+    DRIFTLINE_MODEL_KEY / DRIFTLINE_ADMIN_TOKEN, generates both once into <home>/secrets.json."""
+    settings = ensure_local_secrets(get_settings())
     try:
         with console.status("starting Kafka and Redis" + (" and Prometheus" if with_prometheus else "")):
             timings = stack.up(settings, with_prometheus=with_prometheus)
@@ -42,7 +43,9 @@ def up(
     for name, seconds in timings.items():
         what = "already running" if seconds == 0.0 and name != "topics" else f"ready in {seconds:.1f}s"
         console.print(f"  {name}: {what}")
-    console.print(f"[green]up[/]: Kafka {settings.kafka_bootstrap}, Redis {settings.redis_url}")
+    console.print(f"[green]up[/]: Kafka {settings.kafka_bootstrap}, Redis {redact_url(settings.redis_url)}")
+    if (settings.home / LOCAL_SECRETS).exists():
+        console.print(f"  model key and admin token (where not set in the environment): {settings.home / LOCAL_SECRETS}")
     if with_prometheus:
         console.print(f"[green]Prometheus[/]: {stack.Prometheus(settings).url} (alerts: /alerts)")
 
@@ -98,11 +101,7 @@ def _yes(flag: bool) -> str:
 
 
 def _settings_view(settings) -> dict:
-    data = settings.model_dump(mode="json")
-    data["admin_token"] = "(set)" if settings.admin_token else "(not set: admin routes closed)"
-    data["model_key"] = ("(default dev key: set DRIFTLINE_MODEL_KEY)"
-                         if settings.model_key.get_secret_value().startswith("driftline-dev-key") else "(set)")
-    return data
+    return settings_view(settings)  # secrets redacted
 
 
 def _flatten(data: dict, prefix: str = "DRIFTLINE_") -> list[tuple[str, object]]:

@@ -138,8 +138,15 @@ class Component:
 
 
 class Kafka(Component):
-    def __init__(self, settings: Settings) -> None:
+    """The broker. With `scram_users` ({name: password}) its client listener is SASL_PLAINTEXT
+    with SCRAM-SHA-256 and those users (the first is the broker's own and a super user); with
+    `acls` too, the StandardAuthorizer refuses whatever no ACL allows. Clients then need
+    `kafka_security` (security.protocol, sasl.mechanism, sasl.username, sasl.password)."""
+
+    def __init__(self, settings: Settings, scram_users: dict[str, str] | None = None, acls: bool = False) -> None:
         super().__init__("kafka", settings)
+        self.scram_users = scram_users or {}
+        self.acls = acls
 
     @property
     def libs(self) -> Path:
@@ -181,16 +188,42 @@ class Kafka(Component):
         self.dir.mkdir(parents=True, exist_ok=True)
         controller_port = self._controller_port(host, port, config)
         config.write_text(KAFKA_TEMPLATE.read_text().format(
-            host=host, port=port, controller_port=controller_port, data_dir=data.resolve()))
+            host=host, port=port, controller_port=controller_port, data_dir=data.resolve()) + self._sasl_config(controller_port))
         if not (data / "meta.properties").exists():
             cluster_id = "-"
             while cluster_id.startswith("-"):  # the storage tool would read a leading '-' as an option
                 cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            fmt = subprocess.run(self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)),
+            scram = [arg for name, password in self.scram_users.items()
+                     for arg in ("--add-scram", f"SCRAM-SHA-256=[name={name},password={password}]")]
+            fmt = subprocess.run(self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config),
+                                            *scram),
                                  capture_output=True, text=True)
             if fmt.returncode != 0:
                 raise InfraError(f"formatting the KRaft storage failed:\n{fmt.stdout}{fmt.stderr}")
         self._spawn(self._java("kafka.Kafka", str(config)))
+
+    def _sasl_config(self, controller_port: int) -> str:
+        """Overrides of the template (later lines win) for a SCRAM listener, and ACLs."""
+        if not self.scram_users:
+            return ""
+        host, port = self.settings.kafka_host_port
+        broker, password = next(iter(self.scram_users.items()))
+        lines = [
+            "", "# SASL/SCRAM on the client listener (driftline.infra.stack.Kafka(scram_users=...))",
+            f"listeners=SASL_PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}",
+            f"advertised.listeners=SASL_PLAINTEXT://{host}:{port}",
+            "inter.broker.listener.name=SASL_PLAINTEXT",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT",
+            "sasl.enabled.mechanisms=SCRAM-SHA-256",
+            "sasl.mechanism.inter.broker.protocol=SCRAM-SHA-256",
+            "listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config="
+            f'org.apache.kafka.common.security.scram.ScramLoginModule required username="{broker}" password="{password}";',
+        ]
+        if self.acls:
+            # The controller listener (loopback, broker-internal) is PLAINTEXT: its principal is ANONYMOUS.
+            lines += ["authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+                      f"super.users=User:{broker};User:ANONYMOUS", "allow.everyone.if.no.acl.found=false"]
+        return "\n".join(lines) + "\n"
 
     def _controller_port(self, host: str, port: int, config: Path) -> int:
         # Keep the controller port of an existing data dir (the quorum remembers it).
@@ -202,13 +235,13 @@ class Kafka(Component):
         return candidate if not port_open(host, candidate) else free_port(host)
 
     def ready(self) -> bool:
-        from confluent_kafka.admin import AdminClient
+        from ..shared.kafka import admin
 
         host, port = self.settings.kafka_host_port
         if not port_open(host, port):
             return False
         try:
-            meta = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap}).list_topics(timeout=2)
+            meta = admin(self.settings).list_topics(timeout=2)
             return bool(meta.brokers)
         except Exception:
             return False
@@ -233,10 +266,25 @@ class Redis(Component):
         host, port = self.settings.redis_host_port
         self.dir.mkdir(parents=True, exist_ok=True)
         self._spawn([
-            shutil.which("redis-server") or "redis-server", str(REDIS_CONF),
+            shutil.which("redis-server") or "redis-server", str(self._config()),
             "--bind", host, "--port", str(port), "--dir", str(self.dir.resolve()),
             "--pidfile", "",  # we keep our own pid file
         ])
+
+    def _config(self) -> Path:
+        """infra/redis/redis.conf, plus `requirepass` when DRIFTLINE_REDIS_URL carries a password
+        (written to a private file under the home, never on the command line where `ps` shows it)."""
+        from urllib.parse import unquote, urlparse
+
+        password = urlparse(self.settings.redis_url).password
+        if not password:
+            return REDIS_CONF
+        path = self.dir / "redis.conf"
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"include {REDIS_CONF}\nrequirepass \"{unquote(password)}\"\n")
+        return path
 
     def ready(self) -> bool:
         import redis

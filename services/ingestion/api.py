@@ -82,6 +82,66 @@ class Problem(BaseModel):
     detail: str
 
 
+class TooManyItems(ValueError):
+    pass
+
+
+_decoder = json.JSONDecoder()
+_WS = " \t\n\r"
+
+
+def iter_items(body: bytes, max_items: int):
+    """The items of a JSON body (one object, or an array of them), decoded one by one with the
+    standard library's `raw_decode`: TooManyItems is raised on item max_items + 1, before it is
+    built. ValueError for malformed JSON, TypeError for a body that is neither object nor array.
+
+        >>> list(iter_items(b'[{"a": 1}, {"b": 2}]', 10))
+        [{'a': 1}, {'b': 2}]
+        >>> list(iter_items(b'[{}, {}, {}]', 2))
+        Traceback (most recent call last):
+        ...
+        driftline.ingestion.api.TooManyItems: more than 2 items
+    """
+    text = body.decode("utf-8")
+    i = _skip(text, 0)
+    if i < len(text) and text[i] == "[":
+        i = _skip(text, i + 1)
+        if i < len(text) and text[i] == "]":
+            _end(text, i + 1)
+            return
+        count = 0
+        while True:
+            count += 1
+            if count > max_items:
+                raise TooManyItems(f"more than {max_items} items")
+            item, i = _decoder.raw_decode(text, i)
+            yield item
+            i = _skip(text, i)
+            if i < len(text) and text[i] == ",":
+                i = _skip(text, i + 1)
+                continue
+            if i < len(text) and text[i] == "]":
+                _end(text, i + 1)
+                return
+            raise json.JSONDecodeError("expected ',' or ']'", text, i)
+    value, i = _decoder.raw_decode(text, i)
+    _end(text, i)
+    if not isinstance(value, dict):
+        raise TypeError(f"the body must be a JSON object or an array of objects, got {type(value).__name__}")
+    yield value
+
+
+def _skip(text: str, i: int) -> int:
+    while i < len(text) and text[i] in _WS:
+        i += 1
+    return i
+
+
+def _end(text: str, i: int) -> None:
+    if _skip(text, i) != len(text):
+        raise json.JSONDecodeError("extra data after the JSON value", text, _skip(text, i))
+
+
 class HttpDoor:
     """Reads a body, decides on each item, publishes, waits for Kafka's acknowledgement."""
 
@@ -135,19 +195,19 @@ class HttpDoor:
                             rejected=rejected)
 
     def parse(self, body: bytes) -> list[Any]:
+        """The body's items, parsed one at a time: an array is refused (413) as soon as it holds
+        one item more than max_http_items, so a body of many tiny items never costs more than
+        that many parsed objects (json.loads of 4 MB of `{},` would build a million dicts first)."""
         try:
-            data = json.loads(body)
+            return list(iter_items(body, self.limits.max_http_items))
+        except TooManyItems:
+            raise HTTPException(413, f"more than max_http_items={self.limits.max_http_items} items") from None
         except RecursionError:
             raise HTTPException(400, "malformed JSON: nested too deeply") from None
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits
             raise HTTPException(400, f"malformed JSON: {exc}") from None
-        if isinstance(data, dict):
-            return [data]
-        if not isinstance(data, list):
-            raise HTTPException(422, f"the body must be a JSON object or an array of objects, got {type(data).__name__}")
-        if len(data) > self.limits.max_http_items:
-            raise HTTPException(413, f"{len(data)} items, more than max_http_items={self.limits.max_http_items}")
-        return data
+        except TypeError as exc:
+            raise HTTPException(422, str(exc)) from None
 
     def close(self) -> None:
         self.producer.flush(10)

@@ -255,6 +255,7 @@ def build_app(settings: Settings) -> FastAPI:
     door = HttpDoor(settings, client)
     app = service_app(
         SERVICE, worker=worker, title="driftline ingestion", on_stop=door.close,
+        max_body_bytes=settings.ingestion.max_http_body_bytes, body_limit_setting="ingestion.max_http_body_bytes",
         description="Validates events and labels from producers (Kafka or HTTP), drops duplicates, "
                     "and publishes them to events.valid / labels.valid; the rest goes to the DLQs with a reason.",
     )

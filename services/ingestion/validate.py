@@ -48,6 +48,10 @@ REASONS: dict[str, str] = {
     "empty_label": "a label that is absent, empty or blank",
     "label_too_long": "a label longer than ingestion.max_id_chars",
     "bad_text": "a string that is not valid Unicode (a lone surrogate from a JSON escape)",
+    "unknown_field": "a field name not in ingestion.allowed_fields (when that allow-list is set)",
+    # bounds on state (features service)
+    "too_many_feature_names": "a new field name when the model has features.max_feature_names already",
+    "too_many_entity_fields": "a new field name when the entity tracks features.max_entity_fields already",
 }
 
 
@@ -169,16 +173,28 @@ def check_event(record: Record, limits: IngestionSettings, now: float) -> Record
     problem = _check_ts(record["ts"], limits, now)
     if problem:
         return problem
-    fields = record["fields"]
+    return check_fields(record["fields"], limits) or record
+
+
+def check_fields(fields: dict[str, float], limits: IngestionSettings) -> Rejection | None:
+    """The field rules, shared by ingestion and the prediction service (`/v1/predict`): how many,
+    which names (and, with `allowed_fields`, only those), finite values.
+
+        >>> check_fields({"x": 1.0}, IngestionSettings(allowed_fields=["y"])).reason
+        'unknown_field'
+    """
     if len(fields) > limits.max_fields:
         return Rejection("too_many_fields", f"{len(fields)} fields, more than max_fields={limits.max_fields}")
+    allowed = limits.allowed_set
     for name, value in fields.items():
         if not name.strip() or len(name) > limits.max_id_chars:
             return Rejection("bad_field_name",
                              f"field name {_short(name)!r} is empty or longer than {limits.max_id_chars} chars")
+        if allowed is not None and name not in allowed:
+            return Rejection("unknown_field", f"field {_short(name)!r} is not in ingestion.allowed_fields")
         if not math.isfinite(value):
             return Rejection("non_finite", f"field {_short(name)!r} is {value}")
-    return record
+    return None
 
 
 def check_label(record: Record, limits: IngestionSettings, now: float) -> Record | Rejection:

@@ -24,7 +24,6 @@ read back so that those labels are re-learned in the same order without being pu
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
@@ -49,6 +48,7 @@ from .champion import Contest, Slot, predict
 from .labels import to_river
 from .checkpoint import Lease, high_watermark, load_checkpoint, outcomes_since, save_checkpoint
 from .prequential import Prequential
+from ..shared.admin import check_admin  # the one admin guard of every service
 from .spec import describe, parse_model
 
 log = logging.getLogger(__name__)
@@ -876,15 +876,6 @@ def rollback_target(registry: ModelRegistry) -> int | None:
         return None
     meta = registry.meta(champion)
     return meta.get("replaced") or meta.get("parent")
-
-
-def check_admin(settings: Settings, authorization: str | None) -> None:
-    if settings.admin_token is None:
-        raise HTTPException(403, "admin routes are closed: no DRIFTLINE_ADMIN_TOKEN is configured")
-    expected = f"Bearer {settings.admin_token.get_secret_value()}".encode()
-    if not authorization or not hmac.compare_digest(authorization.encode(), expected):
-        raise HTTPException(401, "missing or wrong 'Authorization: Bearer <admin token>'",
-                            headers={"WWW-Authenticate": "Bearer"})
 
 
 def create_app(settings: Settings, worker: LearnerWorker | None = None):

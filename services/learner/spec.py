@@ -14,6 +14,17 @@ Anything else -- names, attribute access on values, arithmetic, lambdas, subscri
 non-river classes -- is refused with a `ModelSpecError` naming the problem and where it is. The
 parser must never evaluate the text: it walks the AST and only ever calls river classes it found
 by attribute lookup on river's own modules.
+
+Every step of a dotted name must stay inside the allowed modules: each module on the way is the
+river module of that very path (`bandit.datasets.base.datasets` is river.datasets re-imported, so
+it is refused), no module on the way is a data/IO one, and the class found is a river estimator
+(a model or pipeline step) or, as an argument, a river object (`optim.SGD`, `stats.Mean`). The
+text is bounded (MAX_SPEC_CHARS, MAX_NODES, MAX_DEPTH) and so are ensembles (`learner.max_ensemble`):
+
+    >>> parse_model("ensemble.BaggingClassifier(linear_model.LogisticRegression(), n_models=1e8)")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    driftline.learner.spec.ModelSpecError: bad model spec: n_models=100000000.0: an ensemble of 1 to 100 models ...
 """
 
 from __future__ import annotations
@@ -33,6 +44,14 @@ ALLOWED_MODULES = frozenset({
 })
 
 
+# Sub-modules that read files or the network, wherever they hang (river.bandit.datasets, ...).
+DENIED_SUBMODULES = frozenset({"datasets", "stream", "api", "compat", "conf", "checks", "io"})
+MAX_SPEC_CHARS = 4000
+MAX_NODES = 500  # AST nodes: calls, arguments, literals
+MAX_DEPTH = 24  # nesting of calls, containers and '|'
+ENSEMBLE_ARGS = frozenset({"n_models"})
+
+
 class ModelSpecError(ValueError):
     """A model spec that is not a safe river expression. The message says what and where."""
 
@@ -46,11 +65,19 @@ class ModelSpecError(ValueError):
         self.problem = problem
 
 
-def parse_model(spec: str) -> Any:
-    """A fresh river estimator built from `spec` (see the module docstring for the grammar)."""
+def parse_model(spec: str, max_models: int | None = None) -> Any:
+    """A fresh river estimator built from `spec` (see the module docstring for the grammar);
+    `n_models` and lists of models may not go over `max_models` (default: the process's
+    `learner.max_ensemble` setting)."""
+    if max_models is None:
+        from ..shared.settings import get_settings
+
+        max_models = get_settings().learner.max_ensemble
     if not isinstance(spec, str) or not spec.strip():
         raise ModelSpecError(str(spec), "the spec is empty; e.g. 'linear_model.LogisticRegression()'")
     text = spec.strip()
+    if len(text) > MAX_SPEC_CHARS:
+        raise ModelSpecError(text[:60] + "...", f"the spec has {len(text)} characters, more than {MAX_SPEC_CHARS}")
     try:
         tree = ast.parse(text, mode="eval")
     except SyntaxError as exc:
@@ -58,7 +85,36 @@ def parse_model(spec: str) -> Any:
         raise ModelSpecError(
             text, f"syntax error ({exc.msg}) at column {col + 1}:\n  {text}\n  {' ' * col}^"
         ) from None
-    return _Builder(text).build(tree.body)
+    except (RecursionError, MemoryError):
+        raise ModelSpecError(text[:60] + "...", "the spec is nested too deeply to parse") from None
+    _check_size(text, tree.body)
+    model = _Builder(text, max_models).build(tree.body)
+    if not isinstance(model, _river_base().Estimator):
+        raise ModelSpecError(text, f"{type(model).__name__} is not a river estimator (a model or a pipeline)")
+    return model
+
+
+def _river_base():
+    from river import base
+
+    return base
+
+
+def _check_size(text: str, root: ast.AST) -> None:
+    """Refuse a tree that is too big or too deep, walking it without recursion (a long '|' chain
+    or deep nesting must be a ModelSpecError, never a RecursionError)."""
+    nodes, stack = 0, [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise ModelSpecError(text[:60] + "...", f"the spec has more than {MAX_NODES} parts")
+        if depth > MAX_DEPTH:
+            raise ModelSpecError(text[:60] + "...", f"the spec is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(node, ast.Attribute):  # a dotted name is one part, however long
+            continue
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node)
+                     if not isinstance(child, (ast.expr_context, ast.operator, ast.unaryop)))
 
 
 def describe(model: Any) -> str:
@@ -70,8 +126,9 @@ def describe(model: Any) -> str:
 
 
 class _Builder:
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, max_models: int) -> None:
         self.spec = spec
+        self.max_models = max_models
 
     def fail(self, problem: str, node: ast.AST) -> ModelSpecError:
         return ModelSpecError(self.spec, problem, node)
@@ -85,22 +142,37 @@ class _Builder:
             except Exception as exc:  # river refuses some combinations; say so plainly
                 raise self.fail(f"cannot pipe {describe(left)} into {describe(right)}: {exc}", node) from None
         if isinstance(node, ast.Call):
-            return self.call(node)
+            return self.call(node, top=True)
         raise self.fail(f"expected module.Class(...) or a '|' pipeline, got {type(node).__name__}", node)
 
-    def call(self, node: ast.Call) -> Any:
+    def call(self, node: ast.Call, top: bool = False) -> Any:
         cls = self.river_class(node.func)
+        base = _river_base()
+        if top and not issubclass(cls, base.Estimator):
+            raise self.fail(f"{cls.__name__} is not a river estimator (a model or a pipeline step)", node.func)
+        if not issubclass(cls, base.Base):
+            raise self.fail(f"{cls.__name__} is not a river object", node.func)
         args = [self.value(a) for a in node.args]
         kwargs = {}
         for kw in node.keywords:
             if kw.arg is None:
                 raise self.fail("'**' arguments are not allowed", kw.value)
             kwargs[kw.arg] = self.value(kw.value)
+            if kw.arg in ENSEMBLE_ARGS:
+                self.bound(kwargs[kw.arg], kw.value, kw.arg)
+        for value, arg in zip(args, node.args):
+            if isinstance(value, (list, tuple)) and any(isinstance(v, base.Estimator) for v in value):
+                self.bound(len(value), arg, "models")
         try:
             return cls(*args, **kwargs)
         except Exception as exc:  # a wrong argument: river's own message is the best explanation
             raise self.fail(f"{cls.__module__.split('.')[1]}.{cls.__name__}(...) refused its arguments: {exc}",
                             node) from None
+
+    def bound(self, value: Any, node: ast.AST, name: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= self.max_models:
+            raise self.fail(f"{name}={value!r}: an ensemble of 1 to {self.max_models} models (learner.max_ensemble)",
+                            node)
 
     def river_class(self, func: ast.AST) -> type:
         parts = self.dotted(func)
@@ -114,15 +186,28 @@ class _Builder:
             raise self.fail("private names (starting with '_') are not allowed", func)
         obj: Any = importlib.import_module(f"river.{module_name}")
         path = module_name
-        for name in names:
+        for name in names[:-1]:
             if not hasattr(obj, name):
                 raise self.fail(f"river.{path} has no '{name}'", func)
             obj = getattr(obj, name)
             path = f"{path}.{name}"
-            if inspect.ismodule(obj) and not obj.__name__.startswith("river."):
-                raise self.fail(f"'{path}' is not a river module", func)
-        if not inspect.isclass(obj) or not obj.__module__.startswith("river."):
+            # Each step must be the module of that very path: a re-imported module (river.datasets
+            # reached as bandit.datasets.base.datasets) would lead out of the allowed ones.
+            if not inspect.ismodule(obj) or obj.__name__ != f"river.{path}":
+                raise self.fail(f"'{path}' is not an allowed river module", func)
+            if name in DENIED_SUBMODULES:
+                raise self.fail(f"'{path}' is a data/IO module, not allowed in a model spec", func)
+        last = names[-1]
+        if not hasattr(obj, last):
+            raise self.fail(f"river.{path} has no '{last}'", func)
+        obj = getattr(obj, last)
+        path = f"{path}.{last}"
+        if not inspect.isclass(obj):
             raise self.fail(f"'{path}' is not a river class", func)
+        parts = obj.__module__.split(".")
+        if parts[0] != "river" or len(parts) < 2 or parts[1] not in ALLOWED_MODULES \
+                or DENIED_SUBMODULES.intersection(parts[2:]):
+            raise self.fail(f"'{path}' is defined in {obj.__module__}, outside the allowed river modules", func)
         return obj
 
     def dotted(self, node: ast.AST) -> list[str]:

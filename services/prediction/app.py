@@ -7,8 +7,8 @@
     POST /v1/models/{version}/promote admin: make a version the champion
     GET  /health /ready /metrics      alive / model loaded and Redis and Kafka answer / Prometheus
 
-Admin routes need `Authorization: Bearer $DRIFTLINE_ADMIN_TOKEN` (constant-time compare); with no
-token configured they are closed (403), never open. Client input never causes a 5xx: a body over
+Admin routes need `Authorization: Bearer $DRIFTLINE_ADMIN_TOKEN` (the shared guard,
+`driftline.shared.admin`: 401 without it or with a wrong one; 403 when no token is configured). Client input never causes a 5xx: a body over
 `prediction.max_body_bytes` is 413 before it is parsed, anything that does not fit the schema
 (including NaN/Infinity, which Python's json accepts) is 422 naming the field. 503 means the
 service itself cannot answer yet (no model, Redis down) and says why.
@@ -19,22 +19,20 @@ service itself cannot answer yet (no model, Redis down) and says why.
 
 from __future__ import annotations
 
-import hmac
 import os
 from typing import Any
 
 import redis
-from fastapi import Body, Depends, FastAPI, HTTPException, Path, Request, Response
+from fastapi import Body, Depends, FastAPI, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
+from ..shared.admin import admin_dependency
 from ..shared.runtime import service_app
 from ..shared.settings import Settings, get_settings
-from .middleware import BodyLimit
 from .models import NonFiniteOutput
-from .predictor import AdminError, NotReady, Predictor
+from .predictor import AdminError, FieldsRefused, NotReady, Predictor
 from .schemas import (
     BatchRequest,
     BatchResponse,
@@ -48,7 +46,6 @@ from .schemas import (
 )
 
 SERVICE = "prediction"
-bearer = HTTPBearer(auto_error=False, description="the admin token (DRIFTLINE_ADMIN_TOKEN)")
 
 PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "body larger than prediction.max_body_bytes"},
@@ -56,8 +53,8 @@ PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "no model loaded yet, or the feature store does not answer"},
 }
 ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "no `Authorization: Bearer` header"},
-    403: {"model": ErrorResponse, "description": "wrong token, or no admin token configured (routes closed)"},
+    401: {"model": ErrorResponse, "description": "no `Authorization: Bearer` header, or a wrong token"},
+    403: {"model": ErrorResponse, "description": "no admin token is configured: admin routes are closed"},
     404: {"model": ErrorResponse, "description": "no such version"},
     409: {"model": ErrorResponse, "description": "nothing to roll back to, or the version's artifact was refused"},
 }
@@ -74,23 +71,6 @@ def validation_error(loc: tuple, msg: str, kind: str) -> RequestValidationError:
     return RequestValidationError([{"loc": loc, "msg": msg, "type": kind}])
 
 
-def admin_guard(settings: Settings):
-    """The dependency of admin routes: the configured token, compared in constant time."""
-    token = settings.admin_token.get_secret_value().encode() if settings.admin_token else b""
-
-    def require_admin(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if not token:
-            raise HTTPException(403, "admin routes are closed: no admin token is configured "
-                                     "(set DRIFTLINE_ADMIN_TOKEN to open them)")
-        if creds is None:
-            raise HTTPException(401, "admin route: send 'Authorization: Bearer <admin token>'",
-                                headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(creds.credentials.encode(), token):
-            raise HTTPException(403, "wrong admin token")
-
-    return require_admin
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     predictor = Predictor(settings)
@@ -100,10 +80,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Online predictions from the champion model, hot-swapped without a restart.",
         on_start=predictor.start,
         on_stop=predictor.stop,
+        max_body_bytes=settings.prediction.max_body_bytes,
+        body_limit_setting="prediction.max_body_bytes",
     )
     app.state.predictor = predictor
-    app.add_middleware(BodyLimit, max_bytes=settings.prediction.max_body_bytes, service=SERVICE)
-    require_admin = admin_guard(settings)
+    require_admin = admin_dependency(settings)  # the one guard of every service
     max_batch = settings.prediction.max_batch
     worker = str(os.getpid())
 
@@ -127,6 +108,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(redis.RedisError)
     async def redis_down(_request: Request, exc: redis.RedisError) -> JSONResponse:
         return JSONResponse({"detail": f"Redis does not answer: {exc}"}, status_code=503)
+
+    @app.exception_handler(FieldsRefused)
+    async def fields_refused(_request: Request, exc: FieldsRefused) -> JSONResponse:
+        loc = ["body", "fields"] if exc.index is None else ["body", "items", exc.index, "fields"]
+        return JSONResponse({"detail": [{"loc": loc, "msg": _printable(exc.detail), "type": exc.reason}]},
+                            status_code=422)
 
     @app.exception_handler(AdminError)
     async def admin_error(_request: Request, exc: AdminError) -> JSONResponse:

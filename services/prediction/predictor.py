@@ -38,7 +38,8 @@ from typing import Any
 import redis
 
 from ..features.definitions import load_feature_set
-from ..features.store import FeatureStore
+from ..features.store import SNAPSHOT_FIELD, FeatureStore, FieldNames
+from ..ingestion.validate import check_fields
 from ..shared import kafka, metrics
 from ..shared.codec import get_codec
 from ..shared.keys import Keys
@@ -59,6 +60,16 @@ PREDICTION_FIELD = f"p.{ROLE}"
 
 class NotReady(RuntimeError):
     """No model to answer with yet, or the feature store does not answer (503)."""
+
+
+class FieldsRefused(ValueError):
+    """Request fields that break the field limits ingestion applies too (422, with the reason)."""
+
+    def __init__(self, reason: str, detail: str, index: int | None = None) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+        self.index = index
 
 
 class AdminError(RuntimeError):
@@ -83,6 +94,8 @@ class Predictor:
         self.feature_set = load_feature_set(settings.features.set)
         self.store = FeatureStore(self.redis, self.keys, self.feature_set, settings.features.snapshot_ttl_s,
                                   service=SERVICE)
+        self.limits = settings.ingestion  # the same field limits as ingestion
+        self.names = FieldNames(self.redis, self.keys, self.model_name, settings.features.max_feature_names)
         self.registry = ModelRegistry(self.redis, self.keys, self.model_name,
                                       settings.model_key.get_secret_value().encode())
         self.holder = ModelHolder(self.model_name)
@@ -126,7 +139,27 @@ class Predictor:
             raise NotReady(f"no model to serve yet: the registry has no champion for model {self.model_name!r}")
         return served
 
+    def check(self, reqs: list[PredictRequest], batch: bool = False) -> None:
+        """Ingestion's field rules (count, names, allow-list); a request that joins the learning
+        loop (an event_id: its vector may be learned from) may not bring the model more field
+        names than features.max_feature_names."""
+        for index, req in enumerate(reqs):
+            problem = check_fields(req.fields, self.limits)
+            if problem:
+                raise FieldsRefused(problem.reason, problem.detail, index if batch else None)
+        joining = {name for req in reqs if req.event_id is not None for name in req.fields}
+        if joining:
+            try:
+                refused = self.names.admit(joining)
+            except redis.RedisError as exc:
+                raise NotReady(f"feature store (Redis) does not answer: {exc}") from None
+            if refused:
+                raise FieldsRefused("too_many_feature_names",
+                                    f"the model already has {self.names.limit} distinct field names "
+                                    f"(features.max_feature_names); new: {sorted(refused)[:5]}")
+
     def predict(self, req: PredictRequest) -> dict[str, Any]:
+        self.check([req])
         served = self.serving()
         ts = req.ts if req.ts is not None else time.time()
         try:
@@ -140,6 +173,7 @@ class Predictor:
 
     def predict_batch(self, reqs: list[PredictRequest]) -> tuple[list[dict[str, Any]], int]:
         """Every item scored by the same version; entity states in one round trip."""
+        self.check(reqs, batch=True)
         served = self.serving()
         now = time.time()
         try:
@@ -177,16 +211,19 @@ class Predictor:
                             "y_pred": answer["prediction"], "proba": answer["proba"], "source": SERVICE,
                             "published_ms": now_ms})
         pipe = self.redis.pipeline(transaction=False)
-        self.store.queue_snapshots(pipe, vectors)
-        for record in records:  # after queue_snapshots' EXPIRE: HSET keeps the key's TTL
-            pipe.hset(self.keys.snapshot(record["event_id"]), PREDICTION_FIELD,
-                      self.codec.encode("Prediction", record))
+        # Only where the event has no snapshot yet: an unauthenticated request must not replace
+        # the vector of a real event (or of an earlier request) before its label comes.
+        self.store.queue_new_snapshots(pipe, (
+            (v["event_id"], {SNAPSHOT_FIELD: self.codec.encode("FeatureVector", v),
+                             PREDICTION_FIELD: self.codec.encode("Prediction", r)})
+            for v, r in zip(vectors, records)))
         try:
-            self.store.execute(pipe, "write_snapshots")
+            written = self.store.execute(pipe, "write_snapshots")
         except redis.RedisError as exc:
             raise NotReady(f"feature store (Redis) does not answer: {exc}") from None
-        for record in records:
-            self.plog.log(record, key=record["entity_id"])
+        for record, new in zip(records, written):
+            if new:  # an event that had a snapshot keeps it, and its prediction is not logged again
+                self.plog.log(record, key=record["entity_id"])
 
     # -- readiness ----------------------------------------------------------------------------
     def readiness(self) -> tuple[bool, list[str]]:

@@ -25,7 +25,7 @@ from typing import Any
 from ..infra import stack
 from ..serve import SERVICES, start_service, stop_services, wait_healthy
 from ..shared.kafka import admin, ensure_topics
-from ..shared.settings import Settings, get_settings, settings_env
+from ..shared.settings import Settings, ensure_local_secrets, get_settings, redact_url, settings_env
 from ..shared.topics import Topics
 from .datasets import Dataset
 from .publish import replay
@@ -61,7 +61,7 @@ def demo(
     from rich.console import Console
 
     console = console or Console(stderr=True)
-    base = get_settings()
+    base = ensure_local_secrets(get_settings())  # zero-config: a random key and token, once per home
     settings = demo_settings(base, model, features, uuid.uuid4().hex[:6])
     t0 = time.monotonic()
     already = {c.name for c in stack.components(base) if c.running()}
@@ -71,7 +71,7 @@ def demo(
     try:
         console.print(f"[bold]driftline demo[/]: {dataset.name}, model {settings.learner.model!r}, "
                       f"features {settings.features.set!r}, label delay {label_delay}")
-        console.print(f"Kafka {base.kafka_bootstrap} and Redis {base.redis_url} ...")
+        console.print(f"Kafka {base.kafka_bootstrap} and Redis {redact_url(base.redis_url)} ...")
         stack.up(base, create_topics=False)
         ensure_topics(settings)
         _check_ports_free(settings)

@@ -1,6 +1,7 @@
 """Kafka clients configured the one way driftline uses them (confluent-kafka).
 
-Producers are idempotent with acks=all and small linger for batching; consumers never auto-commit
+Every client gets `connection(settings)`: the bootstrap servers and the `kafka_security`
+properties (security.protocol, sasl.*, ssl.*). Producers are idempotent with acks=all and small linger for batching; consumers never auto-commit
 (each service commits after its side effects are durable). Topic creation is idempotent.
 """
 
@@ -19,9 +20,15 @@ from .topics import SPEC_BY_NAME, Topics
 log = logging.getLogger(__name__)
 
 
+def connection(settings: Settings) -> dict[str, str]:
+    """Where the broker is and how to authenticate to it (`kafka_security`: TLS, SASL): the part
+    of the configuration that every producer, consumer and admin client shares."""
+    return {"bootstrap.servers": settings.kafka_bootstrap, **settings.kafka_security}
+
+
 def producer(settings: Settings, **overrides) -> Producer:
     config = {
-        "bootstrap.servers": settings.kafka_bootstrap,
+        **connection(settings),
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,
@@ -36,7 +43,7 @@ def producer(settings: Settings, **overrides) -> Producer:
 
 def consumer(settings: Settings, group: str, **overrides) -> Consumer:
     config = {
-        "bootstrap.servers": settings.kafka_bootstrap,
+        **connection(settings),
         "group.id": group,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
@@ -52,7 +59,7 @@ def consumer(settings: Settings, group: str, **overrides) -> Consumer:
 
 
 def admin(settings: Settings) -> AdminClient:
-    return AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    return AdminClient(connection(settings))
 
 
 def produce(p: Producer, topic: str, value: bytes, key: str | bytes | None = None, **kwargs) -> None:
@@ -128,3 +135,46 @@ def base_topic(name: str) -> str:
         if name == spec_name or name.endswith("." + spec_name):
             return spec_name
     return name
+
+
+def aiokafka_options(settings: Settings) -> dict:
+    """`kafka_security` as aiokafka keyword arguments (for faust-streaming / aiokafka clients):
+    the same broker, the same credentials as the confluent-kafka clients.
+
+        >>> aiokafka_options(Settings(kafka_bootstrap="b:9092", kafka_security={
+        ...     "security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "SCRAM-SHA-256",
+        ...     "sasl.username": "app", "sasl.password": "pw"}))["sasl_plain_username"]
+        'app'
+    """
+    sec = settings.kafka_security
+    options: dict = {"bootstrap_servers": settings.kafka_bootstrap}
+    if "security.protocol" in sec:
+        options["security_protocol"] = sec["security.protocol"].upper()
+    if "sasl.mechanism" in sec or "sasl.mechanisms" in sec:
+        options["sasl_mechanism"] = sec.get("sasl.mechanism") or sec["sasl.mechanisms"]
+    if "sasl.username" in sec:
+        options["sasl_plain_username"] = sec["sasl.username"]
+    if "sasl.password" in sec:
+        options["sasl_plain_password"] = sec["sasl.password"]
+    if options.get("security_protocol", "").endswith("SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        options["ssl_context"] = create_ssl_context(
+            cafile=sec.get("ssl.ca.location"), certfile=sec.get("ssl.certificate.location"),
+            keyfile=sec.get("ssl.key.location"), password=sec.get("ssl.key.password"))
+    return options
+
+
+def faust_broker_options(settings: Settings) -> dict:
+    """`faust.App(..., **faust_broker_options(settings))`: broker URL and credentials."""
+    import faust
+
+    opts = aiokafka_options(settings)
+    out: dict = {"broker": "kafka://" + ";".join(opts["bootstrap_servers"].split(","))}
+    if "sasl_mechanism" in opts:
+        out["broker_credentials"] = faust.SASLCredentials(
+            username=opts.get("sasl_plain_username"), password=opts.get("sasl_plain_password"),
+            mechanism=opts["sasl_mechanism"], ssl_context=opts.get("ssl_context"))
+    elif "ssl_context" in opts:
+        out["broker_credentials"] = faust.SSLCredentials(opts["ssl_context"])
+    return out

@@ -63,5 +63,10 @@ class Keys:
         """List: the last W labelled examples, for warm-starting a challenger."""
         return self._model(model, "buffer")
 
+    def field_names(self, model: str) -> str:
+        """Set: every event field name this model's features were ever built from (bounded by
+        features.max_feature_names)."""
+        return self._model(model, "fields")
+
     def drift_state(self, model: str) -> str:
         return self._model(model, "drift")

@@ -26,11 +26,14 @@ from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import kafka, metrics
+from .bodylimit import BodyLimit
 from .kafka import base_topic
-from .settings import Settings
+from .settings import Settings, check_model_key
 from .topics import Topics
 
 log = logging.getLogger(__name__)
+# Services whose only bodies are admin requests ({"version": 3}, {"reason": "demand"}) take this much.
+ADMIN_BODY_BYTES = 64 * 1024
 
 
 class StreamWorker:
@@ -179,9 +182,12 @@ def service_app(
     title: str | None = None,
     on_start: Callable[[], None] | None = None,
     on_stop: Callable[[], None] | None = None,
+    max_body_bytes: int = ADMIN_BODY_BYTES,
+    body_limit_setting: str = "(the admin routes' limit)",
     **fastapi_kwargs: Any,
 ) -> FastAPI:
-    """A FastAPI app with /health, /metrics and HTTP metrics; starts and stops the worker."""
+    """A FastAPI app with /health, /metrics and HTTP metrics; starts and stops the worker.
+    Every request body is limited to `max_body_bytes` (413) before routing and before any auth."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -213,6 +219,9 @@ def service_app(
             path = getattr(route, "path", "unmatched")  # the template, never the raw path
             metrics.HTTP_REQUESTS.labels(service, path, request.method, str(status)).inc()
             metrics.HTTP_SECONDS.labels(service, path).observe(time.perf_counter() - started)
+
+    # Added last, so outermost: a too-large body is refused before routing, auth or parsing.
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, service=service, setting=body_limit_setting)
 
     @app.get("/health", tags=["ops"], summary="Is the process alive and its loop running?")
     def health() -> JSONResponse:
@@ -247,9 +256,11 @@ def metrics_registry():
 
 
 def run_app(app: FastAPI, port: int, settings: Settings, workers: int = 1, factory: str | None = None) -> None:
-    """Serve `app` with uvicorn on the settings' host (`factory` import string when workers > 1)."""
+    """Serve `app` with uvicorn on the settings' host (`factory` import string when workers > 1).
+    Never with a weak model key (`driftline serve` says so first; this is the last line)."""
     import uvicorn
 
+    check_model_key(settings)
     if workers > 1 and factory:
         uvicorn.run(factory, factory=True, host=settings.host, port=port, workers=workers,
                     log_level=settings.log_level.lower(), access_log=False)

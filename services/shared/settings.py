@@ -13,13 +13,15 @@ Nothing else in driftline reads `os.environ` for its configuration.
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,6 +29,14 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+# The key every copy of driftline used to ship with: it signs nothing in a real deployment.
+PUBLISHED_KEYS = frozenset({"driftline-dev-key-change-me"})
+MIN_KEY_BYTES = 32
+LOCAL_SECRETS = "secrets.json"  # under the home: the zero-config key and admin token (mode 0600)
+KAFKA_SECURITY_PREFIXES = ("sasl.", "ssl.")
+# Read before the settings (which file to read), or by docker-compose.yml alone (it puts the Redis
+# password into DRIFTLINE_REDIS_URL and Redis' requirepass): known, but no setting of their own.
+EXTRA_ENV_NAMES = frozenset({"DRIFTLINE_CONFIG", "DRIFTLINE_REDIS_PASSWORD"})
 DEFAULT_MODEL = "preprocessing.StandardScaler() | linear_model.LogisticRegression()"
 DriftDetectorName = Literal["ADWIN", "PageHinkley", "KSWIN", "DDM", "HDDM_A", "HDDM_W"]
 
@@ -50,15 +60,37 @@ class IngestionSettings(BaseModel):
     )
     max_http_body_bytes: int = Field(4 * 1024 * 1024, description="larger HTTP bodies get 413")
     max_http_items: int = Field(10_000, description="largest JSON array accepted by POST")
+    allowed_fields: list[str] | None = Field(
+        None, description="when set, the only field names an event (or a /v1/predict request) may carry"
+    )
     dedup_ttl_s: int = Field(24 * 3600, description="how long an event_id is remembered")
     max_clock_skew_s: float = Field(24 * 3600, description="events further in the future are invalid")
     min_ts: float = Field(0.0, description="events before this epoch second are invalid")
     batch_size: int = 1000
+    _allowed: tuple | None = PrivateAttr(None)
+
+    @property
+    def allowed_set(self) -> frozenset[str] | None:
+        """`allowed_fields` as a set, built once (checked for every field of every event)."""
+        if self.allowed_fields is None:
+            return None
+        if self._allowed is None or self._allowed[0] is not self.allowed_fields:
+            self._allowed = (self.allowed_fields, frozenset(self.allowed_fields))
+        return self._allowed[1]
 
 
 class FeatureSettings(BaseModel):
     set: str = Field("default", description="'default', 'raw' or a path to a features TOML/YAML")
     snapshot_ttl_s: int = Field(7 * 24 * 3600, description="how long an event's vector waits for its label")
+    entity_ttl_s: int = Field(
+        30 * 24 * 3600, description="an entity's state is forgotten after this long without events (0 = never)"
+    )
+    max_feature_names: int = Field(
+        4096, description="distinct event field names one model may ever see; events with more go to the DLQ"
+    )
+    max_entity_fields: int = Field(
+        1024, description="distinct event field names one entity's state may track; events with more go to the DLQ"
+    )
     batch_size: int = 1000
     max_reorder_wait_ms: int = Field(
         200, description="how long an event may wait for labels with earlier timestamps"
@@ -89,6 +121,7 @@ class LearnerSettings(BaseModel):
     promote_margin: float = Field(0.01, description="accuracy the challenger must win by")
     promote_confidence: float = Field(0.99, description="mcnemar: one-sided confidence that the challenger is better")
     max_shadow: int = Field(5000, description="a challenger that has not won after this many is dropped")
+    max_ensemble: int = Field(100, description="largest n_models (or list of models) a model spec may ask for")
 
 
 class DriftSettings(BaseModel):
@@ -129,6 +162,7 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         toml_file=os.environ.get("DRIFTLINE_CONFIG", "driftline.toml"),
         extra="ignore",
+        hide_input_in_errors=True,  # a refused value may be a password: errors name the field only
     )
 
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -142,8 +176,16 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     prometheus_port: int = Field(9090, description="`driftline infra up --with-prometheus` listens here (on host)")
-    admin_token: SecretStr | None = None
-    model_key: SecretStr = SecretStr("driftline-dev-key-change-me")
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token of the admin routes; unset or empty = those routes are closed (403)"
+    )
+    model_key: SecretStr = Field(
+        SecretStr(""), description=f"HMAC key that signs model artifacts: at least {MIN_KEY_BYTES} bytes, never published"
+    )
+    kafka_security: dict[str, str] = Field(
+        default_factory=dict,
+        description="librdkafka properties for every Kafka client: security.protocol, sasl.*, ssl.* (JSON object)",
+    )
     log_level: str = "INFO"
 
     ports: Ports = Ports()
@@ -164,6 +206,38 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
 
+    @field_validator("kafka_security")
+    @classmethod
+    def _only_security_properties(cls, value: dict[str, str]) -> dict[str, str]:
+        # Only the connection's security: the delivery guarantees (acks, idempotence, commits)
+        # are driftline's and must not be overridden from the environment.
+        wrong = [k for k in value if k != "security.protocol" and not k.startswith(KAFKA_SECURITY_PREFIXES)]
+        if wrong:
+            raise ValueError(f"not a security property: {', '.join(sorted(wrong))} "
+                             "(allowed: security.protocol, sasl.*, ssl.*)")
+        return {k: str(v) for k, v in value.items()}
+
+    @model_validator(mode="after")
+    def _local_secrets(self) -> "Settings":
+        """The zero-config path: a key and token generated into the home by `ensure_local_secrets`
+        stand in for the ones not given explicitly (by argument, environment or driftline.toml)."""
+        if "model_key" in self.model_fields_set and "admin_token" in self.model_fields_set:
+            return self
+        path = self.home / LOCAL_SECRETS
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return self
+        if "model_key" not in self.model_fields_set and stored.get("model_key"):
+            self.model_key = SecretStr(stored["model_key"])
+        if "admin_token" not in self.model_fields_set and stored.get("admin_token"):
+            self.admin_token = SecretStr(stored["admin_token"])
+        return self
+
+    @property
+    def signing_key(self) -> bytes:
+        return self.model_key.get_secret_value().encode()
+
     @property
     def kafka_host_port(self) -> tuple[str, int]:
         host, _, port = self.kafka_bootstrap.split(",")[0].rpartition(":")
@@ -178,9 +252,119 @@ class Settings(BaseSettings):
         return getattr(self.ports, service)
 
 
+class InsecureSettings(ValueError):
+    """Settings a service must not start with; the message names the variable to set."""
+
+
+def check_model_key(settings: Settings) -> None:
+    """Refuse an empty, short or published model key: whoever knows the key can forge a model
+    artifact, and loading one is code execution."""
+    key = settings.signing_key
+    if not key:
+        problem = "is not set"
+    elif settings.model_key.get_secret_value() in PUBLISHED_KEYS:
+        problem = "is the published development key"
+    elif len(key) < MIN_KEY_BYTES:
+        problem = f"is {len(key)} bytes, shorter than {MIN_KEY_BYTES}"
+    else:
+        return
+    raise InsecureSettings(
+        f"DRIFTLINE_MODEL_KEY {problem}: it signs the model artifacts, so it must be a secret of at least "
+        f"{MIN_KEY_BYTES} bytes (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`); "
+        "`driftline infra up` generates one into the local home for development")
+
+
+def env_names(model: type[BaseModel] = Settings, prefix: str = "DRIFTLINE_") -> set[str] | None:
+    """Every DRIFTLINE_* name the settings read (upper case). A name under a dict-valued setting
+    may go on (`DRIFTLINE_DRIFT__DETECTOR_PARAMS__DELTA`): those are matched by prefix."""
+    names: set[str] = set()
+    for name, info in model.model_fields.items():
+        env = f"{prefix}{name.upper()}"
+        names.add(env)
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names |= env_names(annotation, env + "__")
+        elif getattr(annotation, "__origin__", None) is dict:
+            names.add(env + "__*")
+    return names
+
+
+def unknown_env_names(environ: dict[str, str] | None = None) -> list[str]:
+    """DRIFTLINE_* variables that no setting reads (a typo would otherwise be silently ignored)."""
+    environ = os.environ if environ is None else environ
+    known = env_names() | EXTRA_ENV_NAMES
+    prefixes = tuple(n[:-1] for n in known if n.endswith("__*"))
+    return sorted(name for name in environ if name.upper().startswith("DRIFTLINE_")
+                  and name.upper() not in known and not name.upper().startswith(prefixes))
+
+
+def check_env_names(environ: dict[str, str] | None = None) -> None:
+    unknown = unknown_env_names(environ)
+    if unknown:
+        raise InsecureSettings(f"unknown setting{'s' if len(unknown) > 1 else ''} in the environment: "
+                               f"{', '.join(unknown)} (`driftline infra status` lists every DRIFTLINE_* name)")
+
+
+def ensure_local_secrets(settings: Settings) -> Settings:
+    """The zero-config path (`make demo`, `driftline infra up`), like Jupyter's token: a random model
+    key and admin token written once to `<home>/secrets.json` (mode 0600) and used from then on by
+    every command run with this home. Keys given explicitly win; returns the settings to use."""
+    path = settings.home / LOCAL_SECRETS
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written whole to a private temporary file, then linked into place: a concurrent first
+        # run reads either nothing or the complete file, and only one of them wins.
+        tmp = path.with_name(f".{LOCAL_SECRETS}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"model_key": secrets.token_urlsafe(48), "admin_token": secrets.token_urlsafe(32)}, f)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    stored = json.loads(path.read_text())
+    update = {}
+    if not settings.model_key.get_secret_value():
+        update["model_key"] = SecretStr(stored["model_key"])
+    if settings.admin_token is None:
+        update["admin_token"] = SecretStr(stored["admin_token"])
+    return settings.model_copy(update=update) if update else settings
+
+
+def redact_url(url: str) -> str:
+    """A URL with its password (if any) replaced by ***."""
+    parsed = urlparse(url)
+    if not parsed.password:
+        return url
+    netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)
+    return parsed._replace(netloc=netloc).geturl()
+
+
+SECRET_WORDS = ("password", "secret", "key", "token")
+
+
+def settings_view(settings: Settings) -> dict:
+    """The settings as JSON-able data with every secret redacted: what may be printed or logged."""
+    data = settings.model_dump(mode="json")
+    token = settings.admin_token.get_secret_value() if settings.admin_token else ""
+    data["admin_token"] = "(set)" if token else "(not set: admin routes closed)"
+    try:
+        check_model_key(settings)
+        data["model_key"] = "(set)"
+    except InsecureSettings as exc:
+        data["model_key"] = f"(refused: {str(exc).split(':')[0]})"
+    data["redis_url"] = redact_url(settings.redis_url)
+    data["kafka_security"] = {k: ("***" if any(w in k for w in SECRET_WORDS) else v)
+                              for k, v in settings.kafka_security.items()}
+    return data
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, read once."""
+    """The process-wide settings, read once; an unknown DRIFTLINE_* name is an error."""
+    check_env_names()
     return Settings()
 
 
@@ -191,7 +375,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
     def put(prefix: str, data: dict) -> None:
         for key, value in data.items():
             name = f"{prefix}{key.upper()}"
-            if isinstance(value, dict) and key != "detector_params":
+            if isinstance(value, dict) and key not in ("detector_params", "kafka_security"):
                 put(name + "__", value)
             elif value is None:
                 continue
