@@ -37,7 +37,7 @@ from ..features.definitions import load_feature_set
 from ..features.store import FeatureStore
 from .. import serve
 from ..infra import stack
-from ..prediction.swaps import publish_swap
+from ..shared.swaps import publish_swap
 from ..shared import kafka
 from ..shared.keys import Keys
 from ..shared.registry import ModelRegistry

@@ -31,6 +31,7 @@ from fastapi import FastAPI
 
 from ..shared import kafka, metrics
 from ..shared.codec import get_codec
+from ..shared.deadletter import dead_letter, fit_payload
 from ..shared.keys import Keys
 from ..shared.runtime import StreamWorker, run_app, service_app
 from ..shared.settings import Settings
@@ -119,16 +120,11 @@ class Ingestor:
 
     def dead(self, stream: Stream, why: Rejection, payload: bytes, key: bytes | str | None, source: str,
              partition: int | None, offset: int | None, now: float) -> Decision:
-        detail = why.detail
-        cap = self.limits.max_dead_letter_bytes
-        if len(payload) > cap:  # the DLQ must stay publishable; say what was cut
-            detail += f" (payload cut to its first {cap} of {len(payload)} bytes)"
-            payload = payload[:cap]
         if isinstance(key, str):
             key = key.encode("utf-8", "replace")
-        letter = {"source_topic": source, "reason": why.reason, "detail": detail, "service": SERVICE,
-                  "key": key, "payload": payload, "partition": partition, "offset": offset, "ts": now}
-        return Decision(stream, self.codec.encode("DeadLetter", letter), key, None, why.reason, detail)
+        payload, detail = fit_payload(payload, why.detail, self.limits.max_dead_letter_bytes)
+        letter = dead_letter(source, why.reason, detail, SERVICE, key, payload, partition, offset, now)
+        return Decision(stream, letter, key, None, why.reason, detail)
 
     # -- publishing -------------------------------------------------------------------------
     def publish(self, decisions: list[Decision], door: str,
