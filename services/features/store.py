@@ -6,10 +6,10 @@ prediction service calls `FeatureStore.vector` for one request, which reads the 
 calls the same function. It must never compute a feature itself (that is `definitions.py`'s job)
 and never issue one Redis round trip per field or per event of a batch.
 
-    >>> store = FeatureStore(redis_client, Keys("t1"), load_feature_set("default"), snapshot_ttl_s=3600)
-    >>> x = store.vector("meter-7", {"price": 0.3}, ts=1700000000.0)   # state before the event
-    >>> store.save_snapshots([{"event_id": "e1", "entity_id": "meter-7", "ts": 1.0, "features": x,
-    ...                        "feature_set": store.feature_set.name, "published_ms": None}])
+    store = FeatureStore(redis_client, Keys("t1"), load_feature_set("default"), snapshot_ttl_s=3600)
+    x = store.vector("meter-7", {"price": 0.3}, ts=1700000000.0)   # state before the event
+    store.save_snapshots([{"event_id": "e1", "entity_id": "meter-7", "ts": 1.0, "features": x,
+                           "feature_set": store.feature_set.name, "published_ms": None}])
 
 Layout (keys from `Keys`, hash-tagged by entity or event, so a Redis Cluster works):
 - `Keys.entity(entity_id)` — hash, the entity state: numbers as `repr` strings, `label` as the

@@ -22,9 +22,9 @@ Admin actions (rollback, promote) write the registry role, swap this worker at o
 It must never load a model on the request path, never wait for Kafka to answer a request, and
 never turn client input into a 5xx.
 
-    >>> p = Predictor(settings); p.start()
-    >>> p.predict(PredictRequest(entity_id="meter-7", fields={"price": 0.3}))
-    {'event_id': '...', 'prediction': '1', 'proba': {...}, 'model_version': 1}
+    p = Predictor(settings); p.start()
+    p.predict(PredictRequest(entity_id="meter-7", fields={"price": 0.3}))
+    # {'event_id': '...', 'prediction': '1', 'proba': {...}, 'model_version': 1}
 """
 
 from __future__ import annotations

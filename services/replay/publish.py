@@ -1,8 +1,8 @@
 """`replay()`: publish a dataset as events plus delayed labels through Kafka, wait until the
 running pipeline has accounted for every label, and write the report.
 
-    >>> report = replay(settings, load("elec2"), limit=5000, label_delay=100, report_dir=Path("reports/x"))
-    >>> report["prequential"]["accuracy"]
+    report = replay(settings, load("elec2"), limit=5000, label_delay=100, report_dir=Path("reports/x"))
+    report["prequential"]["accuracy"]
 
 The replay talks to the pipeline only through its public doors: Avro `Event`s on `events`
 (key = entity id) and `Label`s on `labels` (key = event id), exactly what a producer would send.
