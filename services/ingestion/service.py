@@ -36,19 +36,19 @@ from ..shared.keys import Keys
 from ..shared.runtime import StreamWorker, run_app, service_app
 from ..shared.settings import Settings
 from ..shared.topics import Topics
-from . import validate
+from . import SERVICE, validate
+from .api import HttpDoor, router
 from .dedup import Claim, Dedup
 from .validate import Rejection
 
 log = logging.getLogger(__name__)
-SERVICE = "ingestion"
 
 
 @dataclass(frozen=True)
 class Stream:
     """One kind of input and where it goes: events or labels."""
 
-    name: str  # DESIGN.md base name of the source topic, also the metric label
+    name: str  # docs/DESIGN.md base name of the source topic, also the metric label
     record: str  # Avro record name
     source: str  # broker topic names
     valid: str
@@ -239,11 +239,9 @@ class IngestionWorker(StreamWorker):
 
 def build_app(settings: Settings) -> FastAPI:
     """The ingestion process: the Kafka door's worker and the HTTP door on one FastAPI app."""
-    from .api import HttpDoor, router
-
     client = redis.Redis.from_url(settings.redis_url)
     worker = IngestionWorker(settings, client)
-    door = HttpDoor(settings, client)
+    door = HttpDoor(settings, Ingestor(settings, HttpDoor.producer(settings), client))
     app = service_app(
         SERVICE, worker=worker, title="driftline ingestion", on_stop=door.close,
         description="Validates events and labels from producers (Kafka or HTTP), drops duplicates, "
