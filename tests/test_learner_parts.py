@@ -8,7 +8,7 @@ import pytest
 
 from driftline.features.store import Snapshot
 from driftline.learner.champion import Contest, Roles, Slot, warm_start
-from driftline.learner.checkpoint import LearnerState, load_checkpoint
+from driftline.learner.checkpoint import LearnerState, Replay, load_checkpoint
 from driftline.learner.join import DelayedJoin
 from driftline.learner.ordering import HeldEvents, LabelWatermark
 from driftline.learner.prequential import Prequential
@@ -234,3 +234,16 @@ def test_a_dead_letter_keeps_the_bytes_and_cuts_an_oversized_payload():
     assert letter["payload"] == b"xxxx" and "cut to its first 4 of 10" in letter["detail"]
     assert (letter["key"], letter["source_topic"], letter["partition"], letter["offset"]) == (
         b"e1", "ns.labels.valid", 1, 2)
+
+
+def test_after_a_crash_published_labels_are_relearned_in_order_and_their_outcomes_not_repeated():
+    published = [{"event_id": "e2", "role": "champion"}, {"event_id": "e2", "role": "challenger"},
+                 {"event_id": "e1", "role": "champion"}]
+    replay = Replay(published, deadline=5.0)
+    assert [lb.event_id for lb in replay.ready([label(1), label(3)])] == []  # e2 first, not read yet
+    assert [lb.event_id for lb in replay.ready([label(1), label(2)])] == ["e2", "e1"]
+    replay.learned()
+    assert len(replay) == 1 and replay.published("e2", "champion") and not replay.published("e2", "champion")
+    assert not replay.published("e3", "champion")
+    replay.give_up()
+    assert not replay and replay.published("e1", "champion")  # given up: still not published twice

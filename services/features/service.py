@@ -26,15 +26,9 @@ How a batch goes (`FeaturesWorker.handle`):
 Idempotence: an event at an offset <= its entity's `_off` was applied before a crash; it is not
 applied again, its vector is re-published from its snapshot. Labels are idempotent by design.
 
-The feature set comes from `settings.features.set`: `default`, `raw`, or a TOML/YAML file with the
-keys of `FeatureSpec` (see `example.toml` next to this file):
-- `name` (str): shown in every FeatureVector's `feature_set` with a hash of the definitions;
-- `fields` (bool): the event's own fields;  `count` (bool): log(1 + events seen before);
-- `since_last` (bool): seconds since the entity's previous event;
-- `delta` (list): fields (or ["*"]) whose change from the previous event is a feature;
-- `ewm_alphas` (list of float), `ewm_fields` (list), `ewm_outputs` (of "mean", "std", "dev", "z"):
-  exponentially weighted statistics of the chosen fields, one set per alpha;
-- `last_label` (bool): the entity's last known label (numeric, or one-hot for text classes).
+The feature set comes from `settings.features.set`: `default`, `raw` or a TOML/YAML file with the
+keys of `definitions.FeatureSpec` (each documented there, once; `example.toml` next to this file
+shows them all).
 """
 
 from __future__ import annotations

@@ -7,13 +7,14 @@
 
 - The lease is a Redis key set with NX and a TTL, renewed by a background thread. A standby keeps
   trying to take it and becomes active when the active learner stops renewing (it died).
-- A checkpoint is one signed blob (`registry.dumps_signed`): models, their statistics, the input
-  offsets consumed, the labels still waiting, counters. Writing it is fenced: a learner that lost
+- A checkpoint is one signed blob (`registry.dumps_signed`) of a `LearnerState`: the roles (models,
+  their statistics, the contest), the input offsets consumed, the labels and events still waiting,
+  the position. A checkpoint of another `FORMAT` is refused, not converted. Writing it is fenced: a learner that lost
   its lease can never overwrite its successor's checkpoint. Loading checks the signature before
   unpickling and raises `TamperedArtifact` (loudly) otherwise -- that check must never be skipped.
 - Outcomes produced after the last checkpoint were already published when a learner crashes; the
-  successor reads them back (`outcomes_since`) to re-learn those labels in the same order without
-  publishing them twice.
+  successor reads them back (`outcomes_since`) and its `Replay` re-learns those labels in the same
+  order without publishing them twice.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 
 import redis
@@ -184,3 +186,48 @@ def high_watermark(c, topic: str) -> int:
     return high
 
 
+
+
+class Replay:
+    """After a crash: the labels whose outcomes were published since the checkpoint are re-learned
+    first, in their published order, and their outcomes are not published again.
+
+    >>> replay = Replay([{"event_id": "e1", "role": "champion"}, {"event_id": "e1", "role": "challenger"},
+    ...                  {"event_id": "e2", "role": "champion"}], deadline=0.0)
+    >>> [lb.event_id for lb in replay.ready([Label("e2", "1", 2.0, 0.0, b"", None, 0, 2),
+    ...                                      Label("e1", "1", 1.0, 0.0, b"", None, 0, 1)])]
+    ['e1', 'e2']
+    >>> replay.published("e1", "challenger"), replay.published("e1", "challenger")
+    (True, False)
+    """
+
+    def __init__(self, published: list[dict] = (), deadline: float = 0.0) -> None:
+        self.order: deque[str] = deque(o["event_id"] for o in published if o["role"] == "champion")
+        self.suppress: set[tuple[str, str]] = {(o["event_id"], o["role"]) for o in published}
+        self.deadline = deadline  # monotonic time after which the ordered replay is given up
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def ready(self, waiting: list[Label]) -> list[Label]:
+        """The waiting labels next in the published order (up to the first one not read yet)."""
+        by_id = {lb.event_id: lb for lb in waiting}
+        ready = []
+        for event_id in self.order:
+            if event_id not in by_id:
+                break
+            ready.append(by_id[event_id])
+        return ready
+
+    def learned(self) -> None:
+        self.order.popleft()
+
+    def published(self, event_id: str, role: str) -> bool:
+        """Was this outcome published before the crash? (Then it is not published again.)"""
+        if (event_id, role) in self.suppress:
+            self.suppress.discard((event_id, role))
+            return True
+        return False
+
+    def give_up(self) -> None:
+        self.order.clear()

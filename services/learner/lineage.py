@@ -1,11 +1,13 @@
-"""The registry side of the model roles: each champion and challenger as a registered version,
-with its lineage (why it was made, what it replaced, its contest), and `model.swaps` for each
-champion change the learner makes.
+"""The model roles over time: retrain requests, promotions, drops and swaps made elsewhere, each
+applied to `champion.Roles` and recorded in the registry as a version with its lineage (why it
+was made, what it replaced, its contest), with `model.swaps` for each champion change.
 
-    lineage = Lineage(registry, settings.learner, publish=lambda old, new, reason: ...)
-    champion = lineage.first_champion()            # the registry's champion, or a new version 1
+    lineage = Lineage(registry, settings.learner, publish=lambda old, new, reason: ..., telemetry=t)
+    roles = Roles(lineage.first_champion())       # the registry's champion, or a new version 1
+    lineage.retrain(roles, request, position, warm=buffer.since)   # True: the roles changed
 
-`champion.Roles` decides; this records. The learner's worker calls one method per decision.
+`champion.Roles` holds the rules of one example; this holds what happens between examples. The
+learner's worker calls one method per control record or verdict.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from ..shared import metrics
 from ..shared.registry import ModelRegistry, TamperedArtifact, UnknownVersion
 from ..shared.settings import LearnerSettings
-from .champion import Contest, Slot, warm_start
+from .champion import Contest, Roles, Slot, Verdict, warm_start
 from .prequential import Prequential
 from .spec import describe, parse_model
+from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 WarmExamples = list[tuple[dict, str, bool | None, int | None]]
@@ -25,11 +29,71 @@ WarmExamples = list[tuple[dict, str, bool | None, int | None]]
 
 class Lineage:
     def __init__(self, registry: ModelRegistry, cfg: LearnerSettings,
-                 publish: Callable[[int | None, int, str], None]) -> None:
+                 publish: Callable[[int | None, int, str], None], telemetry: Telemetry) -> None:
         self.registry = registry
         self.cfg = cfg
         self.name = registry.model
         self.publish = publish  # (from_version, to_version, reason) -> model.swaps
+        self.telemetry = telemetry
+
+    # -- decisions: each returns whether the roles changed (the worker checkpoints then) ---------
+    def retrain(self, roles: Roles, req: dict, position: int, warm: Callable[[int | None, int], WarmExamples]) -> bool:
+        """A retrain request: a challenger warm-started on `warm(since_position, position)`, unless
+        the request is about a replaced champion or a challenger is still shadowing."""
+        champion, challenger = roles.champion, roles.challenger
+        asked_of = req.get("model_version")
+        if req["reason"] != "demand" and asked_of is not None and asked_of != champion.version:
+            # Drift seen in the errors of a champion that has been replaced since: the new one is
+            # watched from scratch, and a challenger against it would be built on stale evidence.
+            log.info("learner %s: retrain request %s (%s) about v%s ignored: v%d is the champion now", self.name,
+                     req["request_id"], req["reason"], asked_of, champion.version)
+            return False
+        if challenger is not None:
+            log.info("learner %s: retrain request %s (%s) ignored: challenger v%d is still shadowing",
+                     self.name, req["request_id"], req["reason"], challenger.version)
+            self.ignored(challenger, req, position)
+            return False
+        slot, contest = self.challenger(req, champion, position, warm(req.get("since_position"), position))
+        roles.start(slot, contest)
+        log.info("learner %s: challenger v%d (%s, warm start %d, %d shadowed in replay) shadows champion v%d",
+                 self.name, slot.version, req["reason"], slot.examples, contest.shared, champion.version)
+        if contest.verdict() == "promote":  # the replayed evidence is already conclusive
+            self.conclude(roles, "promote", position)
+        return True
+
+    def conclude(self, roles: Roles, verdict: Verdict, position: int) -> None:
+        """The contest's verdict: promote the challenger, or drop it."""
+        evidence = roles.contest.evidence()
+        if verdict == "promote":
+            self.telemetry.retire(roles.champion, roles.challenger)
+            old, new = roles.promote()
+            self.promoted(old, new, evidence, position)
+            log.info("learner %s: PROMOTED v%d over v%d at position %d (%s)", self.name, new.version, old.version,
+                     position, evidence)
+        else:
+            self.telemetry.retire(roles.challenger)
+            slot = roles.drop()
+            self.dropped(slot, evidence, position)
+            metrics.CHALLENGERS_DROPPED.labels(self.name).inc()
+            log.info("learner %s: challenger v%d dropped at position %d (%s)", self.name, slot.version, position,
+                     evidence)
+
+    def follow(self, roles: Roles, swap: dict) -> bool:
+        """A champion change published elsewhere (a rollback or a manual promotion through the
+        prediction service or our admin route): adopted when the registry agrees."""
+        new = self.followed(swap, roles.champion, roles.challenger)
+        if new is None:
+            return False
+        if new is roles.challenger:
+            self.telemetry.retire(new)
+        old = roles.replace_champion(new, Contest.from_settings(self.cfg))
+        self.save(old)
+        self.telemetry.retire(old)
+        log.info("learner %s: champion is now v%d (%s, from v%s)", self.name, new.version, swap["reason"],
+                 old.version)
+        return True
+
+    # -- the registry records ---------------------------------------------------------------------
 
     def slot(self, role: str, version: int, model, examples: int = 0, revision: int = 0) -> Slot:
         return Slot(role, version, model, Prequential(self.cfg.window), examples=examples, revision=revision)

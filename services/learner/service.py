@@ -10,6 +10,7 @@ follows. Routes only translate; the worker and `shared.swaps` do the work.
 from __future__ import annotations
 
 import hmac
+import time
 from typing import Any
 
 from fastapi import Body, FastAPI, Header, HTTPException
@@ -49,10 +50,10 @@ def create_app(settings: Settings, worker: LearnerWorker | None = None) -> FastA
             raise HTTPException(404, f"model {worker.name} has no version {version}") from None
         except TamperedArtifact:
             raise HTTPException(409, f"version {version}'s artifact signature does not match; refused") from None
-        publish_swap(worker.producer, worker.topics, model=worker.name, from_version=from_version, to_version=version,
-                     reason=reason, position=worker.position, service=SERVICE)
+        published = publish_swap(worker.producer, worker.topics, model=worker.name, from_version=from_version,
+                                 to_version=version, reason=reason, position=worker.position, service=SERVICE)
         return {"model": worker.name, "from_version": from_version, "to_version": version, "reason": reason,
-                "position": worker.position}
+                "position": worker.position, "ts": time.time(), "published": published}
 
     @app.post("/v1/models/rollback", tags=["models"], summary="Make an earlier version the champion again")
     def rollback(body: dict | None = Body(None), authorization: str | None = Header(None)) -> dict[str, Any]:

@@ -21,14 +21,12 @@ read back so that those labels are re-learned in the same order without being pu
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections import deque
 from typing import Any
 
 import redis
-from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
+from confluent_kafka import Message
 
 from ..features.store import Snapshot, Snapshots
 from ..shared import kafka, metrics
@@ -40,8 +38,11 @@ from ..shared.registry import ModelRegistry
 from ..shared.runtime import StreamWorker
 from ..shared.settings import Settings
 from ..shared.swaps import publish_swap
-from .champion import Contest, Roles, Slot
-from .checkpoint import Lease, LearnerState, high_watermark, load_checkpoint, outcomes_since, save_checkpoint
+from .champion import Roles, Slot
+from .examples import ExampleBuffer
+from .inputs import Inputs
+from .checkpoint import (Lease, LearnerState, Replay, high_watermark, load_checkpoint, outcomes_since,
+                         save_checkpoint)
 from .join import DelayedJoin
 from .lineage import Lineage
 from .ordering import HeldEvents, LabelWatermark
@@ -66,12 +67,13 @@ class LearnerWorker(StreamWorker):
         self.r = redis.Redis.from_url(settings.redis_url)
         self.signing_key = settings.model_key.get_secret_value().encode()
         self.registry = ModelRegistry(self.r, self.keys, self.name, self.signing_key)
-        self.lineage = Lineage(self.registry, self.cfg, self.publish_swap)
+        self.telemetry = Telemetry(self.name)
+        self.lineage = Lineage(self.registry, self.cfg, self.publish_swap, self.telemetry)
         self.lease = Lease(self.r, self.keys.lease(self.name), self.cfg.lease_ttl_s)
         self.snapshots = Snapshots(self.r, self.keys, settings.features.snapshot_ttl_s, SERVICE)
         self.hold_s = settings.features.max_reorder_wait_ms / 1000
-        self.telemetry = Telemetry(self.name)
-        self.state, self.control, self.roles = "standby", None, None
+        self.inputs = Inputs(settings, self.topics)
+        self.state, self.roles = "standby", None
         self.reset_session()
 
     def reset_session(self, state: LearnerState | None = None) -> None:
@@ -84,15 +86,12 @@ class LearnerWorker(StreamWorker):
         self.held = HeldEvents(state.held_events if state else (), name=self.name)
         self.held_control: list[Control] = state.held_control if state else []
         self.watermark = LabelWatermark(self.cfg.label_idle_s, state.label_ts_by_partition if state else None)
-        self.label_partitions: list[TopicPartition] = []
-        self.rescore_below: dict[tuple[str, int], int] = {}  # offsets consumed before this session
-        self.replay: deque[str] = deque()  # labels to re-learn first, in their published order
-        self.suppress: set[tuple[str, str]] = set()  # (event_id, role) outcomes already published
-        self.replay_deadline = self.next_retry = 0.0
+        self.replay = Replay()  # after a crash: labels to re-learn first, outcomes not to publish again
+        self.next_retry = 0.0
         self.dirty = self.checkpoint_now = False
         self.since_checkpoint = self.since_update = 0
         self.last_checkpoint = self.last_update = time.monotonic()
-        self.buffer: list[str] = []  # examples for the warm-start buffer, pushed once per batch
+        self.examples = ExampleBuffer(self.r, self.keys.example_buffer(self.name), self.cfg.warm_start)
         self.pipe = None
 
     # -- the session: standby until the lease is ours, then the base loop until it is not -----
@@ -109,41 +108,19 @@ class LearnerWorker(StreamWorker):
                 raise
             finally:
                 self.state = "standby"
-                if self.control is not None:
-                    self.control.close()
-                self.control = None
+                self.inputs.close_control()
 
     def running(self) -> bool:
         return super().running() and not self.lease.lost.is_set()
 
     def open_consumer(self):
         self.restore()
-        consumer = self.assign([self.topics.features, self.topics.labels_valid])
-        # Control has a consumer of its own: in one consumer, librdkafka's prefetch queue would put
-        # a retrain request behind megabytes of backlog, and the challenger would come too late.
-        self.control = self.assign([self.topics.retrain_requests, self.topics.model_swaps])
+        consumer = self.inputs.open(self.offsets)
         self.state = "active"
         return consumer
 
-    def assign(self, topics: list[str]):
-        # The group id is the service's (lag tools read its offsets); the position is the checkpoint's.
-        c = kafka.consumer(self.settings, self.topics.group(SERVICE))
-        parts = []
-        for topic in topics:
-            for tp in kafka.partitions_of(self.settings, topic):
-                parts.append(TopicPartition(topic, tp.partition, self.offsets.get((topic, tp.partition),
-                                                                                  OFFSET_BEGINNING)))
-                if topic == self.topics.features:  # events up to here may have been scored before
-                    self.rescore_below[(topic, tp.partition)] = c.get_watermark_offsets(tp, timeout=10.0,
-                                                                                        cached=False)[1]
-                elif topic == self.topics.labels_valid:
-                    self.label_partitions.append(parts[-1])
-        c.assign(parts)
-        return c
-
     def next_batch(self) -> list[Message]:
-        control = self.control.consume(num_messages=100, timeout=0)
-        return control + self.consumer.consume(num_messages=self.batch_size, timeout=self.poll_timeout_s)
+        return self.inputs.next_batch(self.batch_size, self.poll_timeout_s)
 
     def flush_until_stopped(self) -> bool:
         return True  # nothing to wait for per batch: a checkpoint (the commit) flushes first
@@ -184,18 +161,16 @@ class LearnerWorker(StreamWorker):
             # Control first: a retrain request read now must not wait for the batch's examples.
             control, self.held_control = self.held_control, []
             for c in control:
-                if c.value.get("model") == self.name:
-                    {"retrain": self.start_challenger, "swap": self.follow_swap}[c.kind](c.value)
-            self.step(self.held.release(self.label_watermark(), time.time()))
+                if c.value.get("model") != self.name:
+                    continue
+                if c.kind == "retrain":
+                    changed = self.lineage.retrain(self.roles, c.value, self.position, self.examples.since)
+                else:
+                    changed = self.lineage.follow(self.roles, c.value)
+                self.checkpoint_now |= changed
+            mark = self.watermark.mark(self.inputs.label_ends(self.offsets), time.time())
+            self.step(self.held.release(mark, time.time()))
         self.flush_batch()
-
-    def label_watermark(self) -> float:
-        parts = []
-        for tp in self.label_partitions:
-            low, high = self.consumer.get_watermark_offsets(tp, cached=True)
-            parts.append((tp.partition, high >= 0 and self.offsets.get((tp.topic, tp.partition),
-                                                                       max(low, tp.offset)) >= high))
-        return self.watermark.mark(parts, time.time())
 
     def step(self, events: list[Event]) -> None:
         """Score `events` (ts order), learning before each the labels due before it (join.py)."""
@@ -203,7 +178,7 @@ class LearnerWorker(StreamWorker):
         due = self.join.due(events, held, now)
         if not due and not events:
             return
-        stored = self.snapshots.fetch([e.event_id for e in events if self.maybe_scored(e)],
+        stored = self.snapshots.fetch([e.event_id for e in events if self.inputs.maybe_scored(e)],
                                       [lb.event_id for lb in self.join.to_look_up(due, now)])
         learned: set[int] = set()
         for item in self.join.plan(events, due):
@@ -213,22 +188,14 @@ class LearnerWorker(StreamWorker):
                 learned.add(id(item))
         self.join.settle(due, learned, stored, now)
         for lb in self.join.expire(now, held):
-            self.dead_letter(lb.raw, lb.key, lb.partition, lb.offset, "unknown_event", f"no feature snapshot for event {lb.event_id!r} after "
-                             f"{self.cfg.label_grace_s:g}s: the event is unknown, or its snapshot expired "
+            self.dead_letter(lb.raw, lb.key, lb.partition, lb.offset, "unknown_event",
+                             f"no feature snapshot for event {lb.event_id!r} after {self.cfg.label_grace_s:g}s: the "
+                             f"event is unknown, or its snapshot expired "
                              f"(snapshot_ttl_s={self.settings.features.snapshot_ttl_s})")
-
-    def maybe_scored(self, event: Event) -> bool:
-        """Perhaps scored before a restart? Then its stored prediction, made at event time, is kept."""
-        return event.offset < self.rescore_below.get((event.topic, event.partition), 0)
 
     def catch_up(self) -> None:
         """After a crash: re-learn the labels whose outcomes were already published, in that order."""
-        by_id = {lb.event_id: lb for lb in self.join.waiting}
-        ready = []
-        for event_id in self.replay:
-            if event_id not in by_id:
-                break
-            ready.append(by_id[event_id])
+        ready = self.replay.ready(self.join.waiting)
         if not ready:
             return
         stored = self.snapshots.fetch((), [lb.event_id for lb in ready if lb.event_id not in self.join.recent])
@@ -237,7 +204,7 @@ class LearnerWorker(StreamWorker):
             if not self.learn(lb, stored):
                 break
             learned.add(id(lb))
-            self.replay.popleft()
+            self.replay.learned()
         self.join.settle([], learned, (), time.time())
         if not self.replay:
             log.info("learner %s: caught up after restart at position %d", self.name, self.position)
@@ -281,23 +248,19 @@ class LearnerWorker(StreamWorker):
             self.telemetry.count("learned", slot.role)
         if self.join.learn(label):
             metrics.LABELS_OUT_OF_ORDER.labels(self.name).inc()
-        if self.cfg.warm_start > 0:
-            # With the champion's hit: a late challenger replays these test-then-train against it.
-            self.buffer.append(json.dumps({"p": self.position, "x": x, "y": label.label,
-                                           "h": learned.hits.get("champion"), "v": self.roles.champion.version}))
+        # With the champion's hit: a late challenger replays these test-then-train against it.
+        self.examples.add(self.position, x, label.label, learned.hits.get("champion"), self.roles.champion.version)
         self.position += 1
         self.since_checkpoint += 1
         self.since_update += 1
         self.dirty = True
-        if learned.verdict == "promote":
-            self.promote()
-        elif learned.verdict == "drop":
-            self.drop_challenger()
+        if learned.verdict is not None:
+            self.lineage.conclude(self.roles, learned.verdict, self.position)
+            self.checkpoint_now = True
         return True
 
     def emit_outcome(self, fv: dict, label: Label, p: dict, role: str) -> None:
-        if (label.event_id, role) in self.suppress:
-            self.suppress.discard((label.event_id, role))
+        if self.replay.published(label.event_id, role):
             return
         o = {"event_id": fv["event_id"], "entity_id": fv["entity_id"], "model": self.name,
              "model_version": p["model_version"], "role": role, "y_true": label.label, "y_pred": p["y_pred"],
@@ -322,11 +285,7 @@ class LearnerWorker(StreamWorker):
         self.telemetry.sent(topic)
 
     def flush_batch(self) -> None:
-        if self.buffer:
-            key = self.keys.example_buffer(self.name)
-            self.pipe.lpush(key, *self.buffer)
-            self.pipe.ltrim(key, 0, self.cfg.warm_start - 1)
-            self.buffer = []
+        self.examples.queue_push(self.pipe)
         started = time.perf_counter()
         self.pipe.execute()
         metrics.REDIS_SECONDS.labels(SERVICE, "write").observe(time.perf_counter() - started)
@@ -338,10 +297,10 @@ class LearnerWorker(StreamWorker):
         if (self.join.waiting or self.held) and not self.replay and now >= self.next_retry:
             self.next_retry = now + 0.05  # labels past their hold, events whose labels are all in
             self.handle([])
-        if self.replay and now > self.replay_deadline:
+        if self.replay and now > self.replay.deadline:
             log.error("learner %s: %d published outcomes never came back to be re-learned; giving up the "
                       "ordered replay (their labels will be learned as they come)", self.name, len(self.replay))
-            self.replay.clear()
+            self.replay.give_up()
             self.handle([])
         if self.since_update and (self.since_update >= self.cfg.update_every
                                   or now - self.last_update >= self.cfg.update_interval_s):
@@ -350,75 +309,6 @@ class LearnerWorker(StreamWorker):
                 self.dirty and now - self.last_checkpoint >= self.cfg.checkpoint_interval_s):
             self.checkpoint()
         self.producer.poll(0)
-
-    # -- control: retrain requests, swaps made elsewhere ------------------------------------------
-    def start_challenger(self, req: dict) -> None:
-        champion, challenger = self.roles.champion, self.roles.challenger
-        asked_of = req.get("model_version")
-        if req["reason"] != "demand" and asked_of is not None and asked_of != champion.version:
-            # Drift seen in the errors of a champion that has been replaced since: the new one is
-            # watched from scratch, and a challenger against it would be built on stale evidence.
-            log.info("learner %s: retrain request %s (%s) about v%s ignored: v%d is the champion now", self.name,
-                     req["request_id"], req["reason"], asked_of, champion.version)
-            return
-        if challenger is not None:
-            log.info("learner %s: retrain request %s (%s) ignored: challenger v%d is still shadowing",
-                     self.name, req["request_id"], req["reason"], challenger.version)
-            self.lineage.ignored(challenger, req, self.position)
-            return
-        slot, contest = self.lineage.challenger(req, champion, self.position,
-                                                self.warm_examples(req.get("since_position")))
-        self.roles.start(slot, contest)
-        log.info("learner %s: challenger v%d (%s, warm start %d, %d shadowed in replay) shadows champion v%d",
-                 self.name, slot.version, req["reason"], slot.examples, contest.shared, champion.version)
-        self.checkpoint_now = True
-        if contest.verdict() == "promote":  # the replayed evidence is already conclusive
-            self.promote()
-
-    def warm_examples(self, since_position: int | None = None) -> list[tuple[dict, str, bool | None, int | None]]:
-        """The last `warm_start` labelled examples, oldest first; with `since_position` (the drift's
-        estimated change point) only those of the new regime: a tree warm-started on pre-drift
-        examples first learns the concept it is meant to replace."""
-        if self.cfg.warm_start <= 0:
-            return []
-        raw = self.r.lrange(self.keys.example_buffer(self.name), 0, self.cfg.warm_start - 1)
-        pending = [json.loads(r) for r in self.buffer]  # learned in this batch, not pushed yet
-        examples = ([json.loads(r) for r in reversed(raw)] + pending)[-self.cfg.warm_start:]  # oldest first
-        since = since_position if since_position is not None else -1
-        return [(e["x"], e["y"], e.get("h"), e.get("v")) for e in examples if since <= e["p"] < self.position]
-
-    def promote(self) -> None:
-        evidence = self.roles.contest.evidence()
-        self.telemetry.retire(self.roles.champion, self.roles.challenger)
-        old, new = self.roles.promote()
-        self.lineage.promoted(old, new, evidence, self.position)
-        log.info("learner %s: PROMOTED v%d over v%d at position %d (%s)", self.name, new.version, old.version,
-                 self.position, evidence)
-        self.checkpoint_now = True
-
-    def drop_challenger(self) -> None:
-        evidence = self.roles.contest.evidence()
-        self.telemetry.retire(self.roles.challenger)
-        slot = self.roles.drop()
-        self.lineage.dropped(slot, evidence, self.position)
-        metrics.CHALLENGERS_DROPPED.labels(self.name).inc()
-        log.info("learner %s: challenger v%d dropped at position %d (%s)", self.name, slot.version, self.position,
-                 evidence)
-        self.checkpoint_now = True
-
-    def follow_swap(self, swap: dict) -> None:
-        """A champion change published elsewhere (a rollback or a manual promotion through the
-        prediction service or our admin route): adopt it when the registry agrees."""
-        new = self.lineage.followed(swap, self.roles.champion, self.roles.challenger)
-        if new is None:
-            return
-        if new is self.roles.challenger:
-            self.telemetry.retire(new)
-        old = self.roles.replace_champion(new, Contest.from_settings(self.cfg))
-        self.lineage.save(old)
-        self.telemetry.retire(old)
-        log.info("learner %s: champion is now v%d (%s, from v%s)", self.name, new.version, swap["reason"], old.version)
-        self.checkpoint_now = True
 
     # -- registry, model.updates, model.swaps ------------------------------------------------------
     def publish_swap(self, from_version: int | None, to_version: int, reason: str) -> None:
@@ -452,9 +342,8 @@ class LearnerWorker(StreamWorker):
             log.error("learner %s: lease lost; checkpoint refused", self.name)
             return False
         metrics.CHECKPOINTS.labels(self.name).inc()
-        try:  # for lag tools only (kafka-consumer-groups, the replay's stall report): never read back
-            self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in self.offsets.items()],
-                                 asynchronous=True)
+        try:
+            self.inputs.commit(self.offsets)
         except Exception:
             log.debug("offset commit for lag tools failed", exc_info=True)
         self.dirty = self.checkpoint_now = False
@@ -467,28 +356,17 @@ class LearnerWorker(StreamWorker):
         self.reset_session(state)
         if state is None:
             self.roles = Roles(self.lineage.first_champion())
-            self.r.delete(self.keys.example_buffer(self.name))
+            self.examples.clear()
             self.checkpoint_now = True
             return
-        self.trim_example_buffer()
-        published = outcomes_since(self.settings, self.topics.outcomes, state.outcomes_offset, self.name)
-        self.suppress = {(o["event_id"], o["role"]) for o in published}
-        self.replay = deque(o["event_id"] for o in published if o["role"] == "champion")
-        self.replay_deadline = time.monotonic() + self.cfg.label_grace_s + 30
+        self.examples.trim_after(self.position)
+        self.replay = Replay(outcomes_since(self.settings, self.topics.outcomes, state.outcomes_offset, self.name),
+                             deadline=time.monotonic() + self.cfg.label_grace_s + 30)
         challenger = self.roles.challenger
         log.info("learner %s: restored checkpoint at position %d (champion v%d, challenger %s); %d outcomes "
                  "published since will be re-learned without publishing them again", self.name, self.position,
                  self.roles.champion.version, f"v{challenger.version}" if challenger else "none", len(self.replay))
         self.telemetry.versions(self.roles)
-
-    def trim_example_buffer(self) -> None:
-        """Drop buffered examples learned after the checkpoint: they are about to be learned again."""
-        key = self.keys.example_buffer(self.name)
-        while True:
-            head = self.r.lindex(key, 0)
-            if head is None or json.loads(head)["p"] < self.position:
-                return
-            self.r.lpop(key)
 
     # -- introspection ---------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
