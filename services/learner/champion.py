@@ -35,7 +35,7 @@ from scipy.stats import binomtest
 
 from .labels import argmax, proba_to_text, to_river
 from .prequential import Prequential
-from .spec import parse_model
+from .spec import parse_model  # noqa: F401 -- the examples above use it
 
 Verdict = Literal["promote", "drop"] | None
 Rule = Literal["mcnemar", "margin"]
@@ -178,6 +178,16 @@ class Roles:
     champion: Slot
     challenger: Slot | None = None
     contest: Contest | None = None
+
+    @staticmethod
+    def describe(roles: Roles | None) -> dict[str, Any]:
+        """Each role's version, examples and statistics, and the contest's evidence (for /health)."""
+        def slot(s: Slot | None):
+            return None if s is None else {"version": s.version, "examples": s.examples, **s.stats.as_dict()}
+
+        return {"champion": slot(roles.champion if roles else None),
+                "challenger": slot(roles.challenger if roles else None),
+                "contest": roles.contest.evidence() if roles and roles.contest else None}
 
     def slots(self) -> list[Slot]:
         return [s for s in (self.champion, self.challenger) if s is not None]

@@ -29,22 +29,21 @@ import redis
 from confluent_kafka import Message
 
 from ..features.store import Snapshot, Snapshots
-from ..shared import kafka, metrics
+from ..shared import metrics
 from ..shared.codec import DecodeError, get_codec
-from ..shared.deadletter import dead_letter
 from ..shared.kafka import base_topic
 from ..shared.keys import Keys
 from ..shared.registry import ModelRegistry
 from ..shared.runtime import StreamWorker
 from ..shared.settings import Settings
-from ..shared.swaps import publish_swap
-from .champion import Roles, Slot
-from .examples import ExampleBuffer
-from .inputs import Inputs
+from .champion import Roles
 from .checkpoint import (Lease, LearnerState, Replay, high_watermark, load_checkpoint, outcomes_since,
                          save_checkpoint)
+from .examples import ExampleBuffer
+from .inputs import Inputs
 from .join import DelayedJoin
 from .lineage import Lineage
+from .outputs import Outputs
 from .ordering import HeldEvents, LabelWatermark
 from .records import Control, Event, Label, decode
 from .telemetry import Telemetry
@@ -68,7 +67,9 @@ class LearnerWorker(StreamWorker):
         self.signing_key = settings.model_key.get_secret_value().encode()
         self.registry = ModelRegistry(self.r, self.keys, self.name, self.signing_key)
         self.telemetry = Telemetry(self.name)
-        self.lineage = Lineage(self.registry, self.cfg, self.publish_swap, self.telemetry)
+        self.out = Outputs(self.producer, self.topics, self.name, self.telemetry)
+        self.lineage = Lineage(self.registry, self.cfg, lambda old, new, why: self.out.swap(old, new, why, self.position),
+                               self.telemetry)
         self.lease = Lease(self.r, self.keys.lease(self.name), self.cfg.lease_ttl_s)
         self.snapshots = Snapshots(self.r, self.keys, settings.features.snapshot_ttl_s, SERVICE)
         self.hold_s = settings.features.max_reorder_wait_ms / 1000
@@ -188,7 +189,7 @@ class LearnerWorker(StreamWorker):
                 learned.add(id(item))
         self.join.settle(due, learned, stored, now)
         for lb in self.join.expire(now, held):
-            self.dead_letter(lb.raw, lb.key, lb.partition, lb.offset, "unknown_event",
+            self.out.dead_letter(lb.raw, lb.key, lb.partition, lb.offset, "unknown_event",
                              f"no feature snapshot for event {lb.event_id!r} after {self.cfg.label_grace_s:g}s: the "
                              f"event is unknown, or its snapshot expired "
                              f"(snapshot_ttl_s={self.settings.features.snapshot_ttl_s})")
@@ -218,16 +219,9 @@ class LearnerWorker(StreamWorker):
         answers = {s.role: stored.predictions[s.role] for s in self.roles.slots() if s.role in stored.predictions}
         blobs = {}
         for slot in self.roles.slots():
-            if slot.role in answers:
-                continue
-            y_pred, proba = slot.score(fv["features"])
-            p = {"event_id": event.event_id, "entity_id": fv["entity_id"], "ts": event.ts, "model": self.name,
-                 "model_version": slot.version, "role": slot.role, "y_pred": y_pred, "proba": proba,
-                 "source": SERVICE, "published_ms": fv.get("published_ms")}
-            answers[slot.role] = p
-            blobs[slot.role] = self.codec.encode("Prediction", p)
-            self.produce(self.topics.predictions, blobs[slot.role], fv["entity_id"])
-            self.telemetry.count("predictions", slot.role)
+            if slot.role not in answers:
+                answers[slot.role], blobs[slot.role] = self.out.prediction(event, slot.role, slot.version,
+                                                                           *slot.score(fv["features"]))
         if blobs:
             self.snapshots.queue_predictions_if_present(self.pipe, event.event_id, blobs, keep_existing=True)
         self.join.scored(event, Snapshot(fv, answers))
@@ -243,7 +237,8 @@ class LearnerWorker(StreamWorker):
         x = snap.vector["features"]
         learned = self.roles.learn(x, label.label, snap.predictions)
         for role, p in learned.answers:
-            self.emit_outcome(snap.vector, label, p, role)
+            if not self.replay.published(label.event_id, role):
+                self.out.outcome(snap.vector, label, p, role, self.position)
         for slot in self.roles.slots():
             self.telemetry.count("learned", slot.role)
         if self.join.learn(label):
@@ -259,30 +254,12 @@ class LearnerWorker(StreamWorker):
             self.checkpoint_now = True
         return True
 
-    def emit_outcome(self, fv: dict, label: Label, p: dict, role: str) -> None:
-        if self.replay.published(label.event_id, role):
-            return
-        o = {"event_id": fv["event_id"], "entity_id": fv["entity_id"], "model": self.name,
-             "model_version": p["model_version"], "role": role, "y_true": label.label, "y_pred": p["y_pred"],
-             "proba": p["proba"], "position": self.position, "ts": fv["ts"]}
-        self.produce(self.topics.outcomes, self.codec.encode("Outcome", o), fv["entity_id"])
-
-    def dead_letter(self, raw: bytes | None, key, partition: int, offset: int, reason: str, detail: str) -> None:
-        """A labels.valid message to labels.dlq."""
-        self.produce(self.topics.labels_dlq, dead_letter(self.topics.labels_valid, reason, detail, SERVICE, key, raw,
-                                                         partition, offset), key)
-        metrics.DEAD_LETTERS.labels(SERVICE, "labels.valid", reason).inc()
-
     def undecodable(self, m: Message, exc: DecodeError) -> None:
         if m.topic() == self.topics.labels_valid:
-            self.dead_letter(m.value(), m.key(), m.partition(), m.offset(), exc.reason, exc.detail)
+            self.out.dead_letter(m.value(), m.key(), m.partition(), m.offset(), exc.reason, exc.detail)
         else:  # upstream services wrote it; there is no DLQ of theirs to put it in
             log.error("learner: undecodable %s message at %s/%s: %s", m.topic(), m.partition(), m.offset(), exc)
             metrics.DEAD_LETTERS.labels(SERVICE, base_topic(m.topic()), exc.reason).inc()
-
-    def produce(self, topic: str, value: bytes, key: str | bytes | None = None) -> None:
-        kafka.produce(self.producer, topic, value, key)
-        self.telemetry.sent(topic)
 
     def flush_batch(self) -> None:
         self.examples.queue_push(self.pipe)
@@ -311,18 +288,11 @@ class LearnerWorker(StreamWorker):
         self.producer.poll(0)
 
     # -- registry, model.updates, model.swaps ------------------------------------------------------
-    def publish_swap(self, from_version: int | None, to_version: int, reason: str) -> None:
-        publish_swap(self.producer, self.topics, model=self.name, from_version=from_version, to_version=to_version,
-                     reason=reason, position=self.position, service=SERVICE)
-
     def publish_update(self) -> None:
         slot = self.roles.champion
         slot.revision = self.lineage.save(slot, offsets={f"{self.topics.base(t)}/{p}": o
                                                          for (t, p), o in sorted(self.offsets.items())})
-        update = {"model": self.name, "version": slot.version, "examples_seen": slot.examples,
-                  "revision": slot.revision, "ts": time.time()}
-        self.produce(self.topics.model_updates, self.codec.encode("ModelUpdate", update), self.name)
-        metrics.MODEL_UPDATES.labels(self.name).inc()
+        self.out.update(slot)
         self.since_update = 0
         self.last_update = time.monotonic()
 
@@ -373,12 +343,5 @@ class LearnerWorker(StreamWorker):
         return {**super().health(), **self.status()}
 
     def status(self) -> dict[str, Any]:
-        roles = self.roles
-
-        def slot(s: Slot | None):
-            return None if s is None else {"version": s.version, "examples": s.examples, **s.stats.as_dict()}
-
         return {"state": self.state, "model": self.name, "position": self.position,
-                "waiting_labels": len(self.join.waiting), "champion": slot(roles.champion if roles else None),
-                "challenger": slot(roles.challenger if roles else None),
-                "contest": roles.contest.evidence() if roles and roles.contest else None}
+                "waiting_labels": len(self.join.waiting), **Roles.describe(self.roles)}
