@@ -68,8 +68,7 @@ class LearnerWorker(StreamWorker):
         self.registry = ModelRegistry(self.r, self.keys, self.name, self.signing_key)
         self.telemetry = Telemetry(self.name)
         self.out = Outputs(self.producer, self.topics, self.name, self.telemetry)
-        self.lineage = Lineage(self.registry, self.cfg, lambda old, new, why: self.out.swap(old, new, why, self.position),
-                               self.telemetry)
+        self.lineage = Lineage(self.registry, self.cfg, self.publish_swap, self.telemetry)
         self.lease = Lease(self.r, self.keys.lease(self.name), self.cfg.lease_ttl_s)
         self.snapshots = Snapshots(self.r, self.keys, settings.features.snapshot_ttl_s, SERVICE)
         self.hold_s = settings.features.max_reorder_wait_ms / 1000
@@ -295,6 +294,9 @@ class LearnerWorker(StreamWorker):
         self.out.update(slot)
         self.since_update = 0
         self.last_update = time.monotonic()
+
+    def publish_swap(self, from_version: int | None, to_version: int, reason: str) -> None:
+        self.out.swap(from_version, to_version, reason, self.position)
 
     # -- checkpoint and restore --------------------------------------------------------------------
     def checkpoint(self, force: bool = False) -> bool:
