@@ -5,10 +5,14 @@ takes over from the last checkpoint when the active one stops renewing. The acti
 all partitions of `features`, `labels.valid`, `retrain.requests` and `model.swaps` from the offsets
 of its checkpoint (never group-managed offsets: the checkpoint *is* the commit), and per batch:
 
-    decode -> control (retrain, swaps) -> release the events whose older labels are all in
-    (ordering.py) -> walk them in ts order: learn the labels due before each one, joined with the
-    event's vector and predictions (join.py), then score it (champion.py) -> one Redis pipeline +
-    produce -> checkpoint every N labels / T seconds (checkpoint.py)
+    read (inputs.py) -> decode (records.py) -> control: retrain, swaps (lineage.py) -> release the
+    events whose older labels are all in (ordering.py) -> walk them in ts order: learn the labels
+    due before each one, joined with the event's vector and predictions (join.py), then score it
+    (champion.py) -> produce (outputs.py) + one Redis pipeline -> checkpoint every N labels / T
+    seconds (checkpoint.py)
+
+The loop itself is the shared runtime's (`StreamWorker.run`), inside the lease loop below; the
+checkpoint is the commit, so nothing is flushed or committed per batch.
 
 A retrain request builds a challenger warm-started on the labels since the drift's change point,
 replayed test-then-train against the champion's recorded answers, so the contest has its evidence
