@@ -34,7 +34,7 @@ class FeatureSpec:
 
     name: str = "default"
     fields: bool = True  # the event's own fields
-    count: bool = False  # how many events the entity had before this one
+    count: bool = False  # log(1 + events the entity had before this one)
     since_last: bool = False  # seconds since the entity's previous event
     delta: list[str] = field(default_factory=list)  # value minus the entity's previous value
     ewm_alphas: list[float] = field(default_factory=list)  # exponentially weighted mean/variance

@@ -31,15 +31,9 @@ the model more than `features.max_feature_names` distinct field names, or its en
 Idempotence: an event at an offset <= its entity's `_off` was applied before a crash; it is not
 applied again, its vector is re-published from its snapshot. Labels are idempotent by design.
 
-The feature set comes from `settings.features.set`: `default`, `raw`, or a TOML/YAML file with the
-keys of `FeatureSpec` (see `example.toml` next to this file):
-- `name` (str): shown in every FeatureVector's `feature_set` with a hash of the definitions;
-- `fields` (bool): the event's own fields;  `count` (bool): log(1 + events seen before);
-- `since_last` (bool): seconds since the entity's previous event;
-- `delta` (list): fields (or ["*"]) whose change from the previous event is a feature;
-- `ewm_alphas` (list of float), `ewm_fields` (list), `ewm_outputs` (of "mean", "std", "dev", "z"):
-  exponentially weighted statistics of the chosen fields, one set per alpha;
-- `last_label` (bool): the entity's last known label (numeric, or one-hot for text classes).
+The feature set comes from `settings.features.set`: `default`, `raw` or a TOML/YAML file with the
+keys of `definitions.FeatureSpec` (each documented there, once; `example.toml` next to this file
+shows them all).
 """
 
 from __future__ import annotations
@@ -57,6 +51,7 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from ..shared import kafka, metrics
 from ..shared.codec import DecodeError, get_codec
+from ..shared.deadletter import dead_letter
 from ..shared.keys import Keys
 from ..shared.runtime import StreamWorker, run_app, service_app
 from ..shared.settings import Settings
@@ -421,14 +416,11 @@ class FeaturesWorker(StreamWorker):
         if isinstance(item.value, dict):  # a decoded event refused by a bound: its record is the payload
             key, payload = item.value["entity_id"].encode(), self.codec.encode("Event", item.value)
         else:
-            key, payload = item.value.key(), item.value.value() or b""
+            m: Message = item.value
+            key, payload = m.key(), m.value() or b""
         dlq = self.topics.events_dlq if item.topic == self.topics.events_valid else self.topics.labels_dlq
-        self.produce(dlq, self.codec.encode("DeadLetter", {
-            "source_topic": item.topic, "reason": item.reason,
-            "detail": item.detail or f"not a valid record on {item.topic}",
-            "service": SERVICE, "key": key, "payload": payload, "partition": item.partition,
-            "offset": item.offset, "ts": time.time(),
-        }), key=key)
+        self.produce(dlq, dead_letter(item.topic, item.reason, item.detail or f"not a valid record on {item.topic}",
+                                      SERVICE, key, payload, item.partition, item.offset), key=key)
         metrics.DEAD_LETTERS.labels(SERVICE, kafka.base_topic(item.topic), item.reason).inc()
         self.counts["dead_letters"] += 1
 

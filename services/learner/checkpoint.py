@@ -7,13 +7,14 @@
 
 - The lease is a Redis key set with NX and a TTL, renewed by a background thread. A standby keeps
   trying to take it and becomes active when the active learner stops renewing (it died).
-- A checkpoint is one signed blob (`registry.dumps_signed`): models, their statistics, the input
-  offsets consumed, the labels still waiting, counters. Writing it is fenced: a learner that lost
+- A checkpoint is one signed blob (`registry.dumps_signed`) of a `LearnerState`: the roles (models,
+  their statistics, the contest), the input offsets consumed, the labels and events still waiting,
+  the position. A checkpoint of another `FORMAT` is refused, not converted. Writing it is fenced: a learner that lost
   its lease can never overwrite its successor's checkpoint. Loading checks the signature before
   unpickling and raises `TamperedArtifact` (loudly) otherwise -- that check must never be skipped.
 - Outcomes produced after the last checkpoint were already published when a learner crashes; the
-  successor reads them back (`outcomes_since`) to re-learn those labels in the same order without
-  publishing them twice.
+  successor reads them back (`outcomes_since`) and its `Replay` re-learns those labels in the same
+  order without publishing them twice.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any
+from collections import deque
+from dataclasses import dataclass, field
 
 import redis
 from confluent_kafka import TopicPartition
@@ -33,8 +35,27 @@ from driftline.shared.keys import Keys
 from driftline.shared.registry import TamperedArtifact, dumps_signed, loads_signed
 from driftline.shared.settings import Settings
 
+from .champion import Roles
+from .records import Control, Event, Label
+
 log = logging.getLogger(__name__)
-FORMAT = 1
+FORMAT = 2
+
+
+@dataclass
+class LearnerState:
+    """What a checkpoint holds: everything needed to go on exactly where the learner was."""
+
+    spec: str
+    roles: Roles
+    offsets: dict[tuple[str, int], int]  # (topic, partition) -> next offset to read
+    outcomes_offset: int  # the outcomes topic's end when saved: what was published after it is replayed
+    waiting: list[Label]  # labels read, not yet learned
+    position: int  # champion labels learned
+    clock: float  # event time of the latest scored event
+    held_events: list[Event]  # events read, not yet scored
+    held_control: list[Control]  # control records read, not yet applied
+    label_ts_by_partition: dict[int, float] = field(default_factory=dict)
 
 _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
@@ -72,10 +93,6 @@ class Lease:
             return True
         return False
 
-    def holder(self) -> str | None:
-        v = self.r.get(self.key)
-        return v.decode() if v else None
-
     def renew(self) -> bool:
         ok = bool(self._renew(keys=[self.key], args=[self.token, self.ttl_ms]))
         if not ok:
@@ -105,18 +122,19 @@ class Lease:
             log.warning("lease release failed; it expires by itself", exc_info=True)
 
 
-def save_checkpoint(client: redis.Redis, keys: Keys, model: str, lease: Lease, state: dict[str, Any],
+def save_checkpoint(client: redis.Redis, keys: Keys, model: str, lease: Lease, state: LearnerState,
                     signing_key: bytes) -> bool:
     """Write the checkpoint if (and only if) this learner still holds the lease."""
-    blob = dumps_signed({"format": FORMAT, "saved_at": time.time(), **state}, signing_key)
+    blob = dumps_signed({"format": FORMAT, "saved_at": time.time(), "state": state}, signing_key)
     ok = bool(lease.fenced_set(keys=[lease.key, keys.checkpoint(model)], args=[lease.token, blob]))
     if not ok:
         lease.lost.set()
     return ok
 
 
-def load_checkpoint(client: redis.Redis, keys: Keys, model: str, signing_key: bytes) -> dict[str, Any] | None:
-    """The latest checkpoint, None when there is none; TamperedArtifact when it is not ours."""
+def load_checkpoint(client: redis.Redis, keys: Keys, model: str, signing_key: bytes) -> LearnerState | None:
+    """The latest checkpoint, None when there is none; TamperedArtifact when it is not ours (or of
+    another format)."""
     blob = client.get(keys.checkpoint(model))
     if blob is None:
         return None
@@ -126,9 +144,9 @@ def load_checkpoint(client: redis.Redis, keys: Keys, model: str, signing_key: by
         log.error("REFUSED the checkpoint of model %s: its signature does not match (tampered, or "
                   "signed with another DRIFTLINE_MODEL_KEY); not loading it", model)
         raise
-    if state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise TamperedArtifact(f"checkpoint format {state.get('format')!r} is not {FORMAT}")
-    return state
+    return state["state"]
 
 
 def outcomes_since(settings: Settings, topic: str, offset: int, model: str, timeout_s: float = 15.0) -> list[dict]:
@@ -162,8 +180,54 @@ def outcomes_since(settings: Settings, topic: str, offset: int, model: str, time
         c.close()
 
 
-def high_watermark(settings: Settings, c, topic: str) -> int:
+def high_watermark(c, topic: str) -> int:
+    """The end of partition 0 of `topic`, asked of the broker (not the consumer's cache)."""
     _low, high = c.get_watermark_offsets(TopicPartition(topic, 0), timeout=10.0, cached=False)
     return high
 
 
+
+
+class Replay:
+    """After a crash: the labels whose outcomes were published since the checkpoint are re-learned
+    first, in their published order, and their outcomes are not published again.
+
+    >>> replay = Replay([{"event_id": "e1", "role": "champion"}, {"event_id": "e1", "role": "challenger"},
+    ...                  {"event_id": "e2", "role": "champion"}], deadline=0.0)
+    >>> [lb.event_id for lb in replay.ready([Label("e2", "1", 2.0, 0.0, b"", None, 0, 2),
+    ...                                      Label("e1", "1", 1.0, 0.0, b"", None, 0, 1)])]
+    ['e1', 'e2']
+    >>> replay.published("e1", "challenger"), replay.published("e1", "challenger")
+    (True, False)
+    """
+
+    def __init__(self, published: list[dict] = (), deadline: float = 0.0) -> None:
+        self.order: deque[str] = deque(o["event_id"] for o in published if o["role"] == "champion")
+        self.suppress: set[tuple[str, str]] = {(o["event_id"], o["role"]) for o in published}
+        self.deadline = deadline  # monotonic time after which the ordered replay is given up
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def ready(self, waiting: list[Label]) -> list[Label]:
+        """The waiting labels next in the published order (up to the first one not read yet)."""
+        by_id = {lb.event_id: lb for lb in waiting}
+        ready = []
+        for event_id in self.order:
+            if event_id not in by_id:
+                break
+            ready.append(by_id[event_id])
+        return ready
+
+    def learned(self) -> None:
+        self.order.popleft()
+
+    def published(self, event_id: str, role: str) -> bool:
+        """Was this outcome published before the crash? (Then it is not published again.)"""
+        if (event_id, role) in self.suppress:
+            self.suppress.discard((event_id, role))
+            return True
+        return False
+
+    def give_up(self) -> None:
+        self.order.clear()

@@ -29,6 +29,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .vocabulary import DRIFT_DETECTORS
+
 # The key every copy of driftline used to ship with: it signs nothing in a real deployment.
 PUBLISHED_KEYS = frozenset({"driftline-dev-key-change-me"})
 MIN_KEY_BYTES = 32
@@ -37,8 +39,9 @@ KAFKA_SECURITY_PREFIXES = ("sasl.", "ssl.")
 # Read before the settings (which file to read), or by docker-compose.yml alone (it puts the Redis
 # password into DRIFTLINE_REDIS_URL and Redis' requirepass): known, but no setting of their own.
 EXTRA_ENV_NAMES = frozenset({"DRIFTLINE_CONFIG", "DRIFTLINE_REDIS_PASSWORD"})
+
 DEFAULT_MODEL = "preprocessing.StandardScaler() | linear_model.LogisticRegression()"
-DriftDetectorName = Literal["ADWIN", "PageHinkley", "KSWIN", "DDM", "HDDM_A", "HDDM_W"]
+DriftDetectorName = Literal[tuple(DRIFT_DETECTORS)]  # type: ignore[valid-type]
 
 
 class Ports(BaseModel):

@@ -1,0 +1,74 @@
+"""What the learner publishes, each record built in one place: predictions, outcomes, model
+updates, model swaps and the labels it dead-letters.
+
+    out = Outputs(producer, Topics(""), "default", telemetry)
+    blob = out.prediction(event, slot.role, slot.version, y_pred, proba)   # produced; the blob for Redis
+    out.outcome(event_vector, label, answer, "champion", position)
+
+Produce only: the worker flushes before each checkpoint (its commit).
+"""
+
+from __future__ import annotations
+
+import time
+
+from confluent_kafka import Producer
+
+from ..shared import kafka, metrics
+from ..shared.codec import get_codec
+from ..shared.deadletter import dead_letter
+from ..shared.swaps import publish_swap
+from ..shared.topics import Topics
+from .champion import Slot
+from .records import Event, Label
+from .telemetry import Telemetry
+
+SERVICE = "learner"
+
+
+class Outputs:
+    def __init__(self, producer: Producer, topics: Topics, model: str, telemetry: Telemetry) -> None:
+        self.producer = producer
+        self.topics = topics
+        self.model = model
+        self.telemetry = telemetry
+        self.codec = get_codec()
+
+    def produce(self, topic: str, value: bytes, key: str | bytes | None = None) -> None:
+        kafka.produce(self.producer, topic, value, key)
+        self.telemetry.sent(topic)
+
+    def prediction(self, event: Event, role: str, version: int, y_pred: str | None,
+                   proba: dict[str, float]) -> tuple[dict, bytes]:
+        """A role's Prediction for an event, produced; (the record, its bytes for the snapshot)."""
+        fv = event.vector
+        p = {"event_id": event.event_id, "entity_id": fv["entity_id"], "ts": event.ts, "model": self.model,
+             "model_version": version, "role": role, "y_pred": y_pred, "proba": proba, "source": SERVICE,
+             "published_ms": fv.get("published_ms")}
+        blob = self.codec.encode("Prediction", p)
+        self.produce(self.topics.predictions, blob, fv["entity_id"])
+        self.telemetry.count("predictions", role)
+        return p, blob
+
+    def outcome(self, fv: dict, label: Label, answer: dict, role: str, position: int) -> None:
+        o = {"event_id": fv["event_id"], "entity_id": fv["entity_id"], "model": self.model,
+             "model_version": answer["model_version"], "role": role, "y_true": label.label,
+             "y_pred": answer["y_pred"], "proba": answer["proba"], "position": position, "ts": fv["ts"]}
+        self.produce(self.topics.outcomes, self.codec.encode("Outcome", o), fv["entity_id"])
+
+    def update(self, slot: Slot) -> None:
+        """ModelUpdate: a new revision of the champion's artifact is in the registry."""
+        update = {"model": self.model, "version": slot.version, "examples_seen": slot.examples,
+                  "revision": slot.revision, "ts": time.time()}
+        self.produce(self.topics.model_updates, self.codec.encode("ModelUpdate", update), self.model)
+        metrics.MODEL_UPDATES.labels(self.model).inc()
+
+    def swap(self, from_version: int | None, to_version: int, reason: str, position: int) -> bool:
+        return publish_swap(self.producer, self.topics, model=self.model, from_version=from_version,
+                            to_version=to_version, reason=reason, position=position, service=SERVICE)
+
+    def dead_letter(self, raw: bytes | None, key, partition: int, offset: int, reason: str, detail: str) -> None:
+        """A labels.valid message to labels.dlq."""
+        self.produce(self.topics.labels_dlq, dead_letter(self.topics.labels_valid, reason, detail, SERVICE, key, raw,
+                                                         partition, offset), key)
+        metrics.DEAD_LETTERS.labels(SERVICE, "labels.valid", reason).inc()

@@ -1,0 +1,353 @@
+"""The learner's worker: scores every event with the champion (and challenger), learns once from every label.
+
+One active learner per model name holds a Redis lease; another instance waits as a standby and
+takes over from the last checkpoint when the active one stops renewing. The active learner reads
+all partitions of `features`, `labels.valid`, `retrain.requests` and `model.swaps` from the offsets
+of its checkpoint (never group-managed offsets: the checkpoint *is* the commit), and per batch:
+
+    read (inputs.py) -> decode (records.py) -> control: retrain, swaps (lineage.py) -> release the
+    events whose older labels are all in (ordering.py) -> walk them in ts order: learn the labels
+    due before each one, joined with the event's vector and predictions (join.py), then score it
+    (champion.py) -> produce (outputs.py) + one Redis pipeline -> checkpoint every N labels / T
+    seconds (checkpoint.py)
+
+The loop itself is the shared runtime's (`StreamWorker.run`), inside the lease loop below; the
+checkpoint is the commit, so nothing is flushed or committed per batch.
+
+A retrain request builds a challenger warm-started on the labels since the drift's change point,
+replayed test-then-train against the champion's recorded answers, so the contest has its evidence
+at once however late the request came; it may promote on the spot (lineage.py records it).
+
+It must never learn a label twice nor skip one: offsets, models, waiting labels and counters are
+checkpointed together, and after a crash the outcomes already published since the checkpoint are
+read back so that those labels are re-learned in the same order without being published again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import redis
+from confluent_kafka import Message
+
+from ..features.store import Snapshot, Snapshots
+from ..shared import metrics
+from ..shared.codec import DecodeError, get_codec
+from ..shared.kafka import base_topic
+from ..shared.keys import Keys
+from ..shared.registry import ModelRegistry
+from ..shared.runtime import StreamWorker
+from ..shared.settings import Settings
+from .champion import Roles
+from .checkpoint import (Lease, LearnerState, Replay, high_watermark, load_checkpoint, outcomes_since,
+                         save_checkpoint)
+from .examples import ExampleBuffer
+from .inputs import Inputs
+from .join import DelayedJoin
+from .lineage import Lineage
+from .outputs import Outputs
+from .ordering import HeldEvents, LabelWatermark
+from .records import Control, Event, Label, decode
+from .telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+SERVICE = "learner"
+
+
+class LearnerWorker(StreamWorker):
+    service = SERVICE
+    batch_size = 1000
+    poll_timeout_s = 0.05
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.cfg = settings.learner
+        self.name = self.cfg.model_name
+        self.keys = Keys(settings.namespace)
+        self.codec = get_codec()
+        self.r = redis.Redis.from_url(settings.redis_url)
+        self.signing_key = settings.model_key.get_secret_value().encode()
+        self.registry = ModelRegistry(self.r, self.keys, self.name, self.signing_key)
+        self.telemetry = Telemetry(self.name)
+        self.out = Outputs(self.producer, self.topics, self.name, self.telemetry)
+        self.lineage = Lineage(self.registry, self.cfg, self.publish_swap, self.telemetry)
+        self.lease = Lease(self.r, self.keys.lease(self.name), self.cfg.lease_ttl_s)
+        self.snapshots = Snapshots(self.r, self.keys, settings.features.snapshot_ttl_s, SERVICE)
+        self.hold_s = settings.features.max_reorder_wait_ms / 1000
+        self.inputs = Inputs(settings, self.topics)
+        self.state, self.roles = "standby", None
+        self.reset_session()
+
+    def reset_session(self, state: LearnerState | None = None) -> None:
+        """Everything a checkpoint holds (from `state`), plus this session's bookkeeping."""
+        self.roles: Roles | None = state.roles if state else None
+        self.offsets: dict[tuple[str, int], int] = state.offsets if state else {}
+        self.position = state.position if state else 0  # champion labels learned so far
+        self.join = DelayedJoin(self.hold_s, max(5 * self.hold_s, self.cfg.label_grace_s / 3), self.cfg.label_grace_s,
+                                state.waiting if state else (), state.clock if state else float("-inf"))
+        self.held = HeldEvents(state.held_events if state else (), name=self.name)
+        self.held_control: list[Control] = state.held_control if state else []
+        self.watermark = LabelWatermark(self.cfg.label_idle_s, state.label_ts_by_partition if state else None)
+        self.replay = Replay()  # after a crash: labels to re-learn first, outcomes not to publish again
+        self.next_retry = 0.0
+        self.dirty = self.checkpoint_now = False
+        self.since_checkpoint = self.since_update = 0
+        self.last_checkpoint = self.last_update = time.monotonic()
+        self.examples = ExampleBuffer(self.r, self.keys.example_buffer(self.name), self.cfg.warm_start)
+        self.pipe = None
+
+    # -- the session: standby until the lease is ours, then the base loop until it is not -----
+    def run(self) -> None:
+        while not self._stop.is_set():
+            if not self.lease.try_acquire():
+                self._stop.wait(min(1.0, self.cfg.lease_ttl_s / 4))
+                continue
+            log.info("learner %s: lease taken, active", self.name)
+            try:
+                super().run()
+            except BaseException:
+                self.lease.release()  # let a standby try; this process reports the error on /health
+                raise
+            finally:
+                self.state = "standby"
+                self.inputs.close_control()
+
+    def running(self) -> bool:
+        return super().running() and not self.lease.lost.is_set()
+
+    def open_consumer(self):
+        self.restore()
+        consumer = self.inputs.open(self.offsets)
+        self.state = "active"
+        return consumer
+
+    def next_batch(self) -> list[Message]:
+        return self.inputs.next_batch(self.batch_size, self.poll_timeout_s)
+
+    def flush_until_stopped(self) -> bool:
+        return True  # nothing to wait for per batch: a checkpoint (the commit) flushes first
+
+    def commit(self) -> None:
+        """The checkpoint is the commit (see `checkpoint`)."""
+
+    def close(self) -> None:
+        if self.lease.lost.is_set():
+            log.error("learner %s: lease lost; stopping without a checkpoint", self.name)
+        else:
+            self.checkpoint(force=True)
+            self.lease.release()
+
+    # -- a batch ---------------------------------------------------------------------------------
+    def handle(self, messages: list[Message]) -> None:
+        now = time.time()
+        events, labels = [], []
+        for m in messages:
+            self.offsets[(m.topic(), m.partition())] = m.offset() + 1
+            self.dirty = True
+            try:
+                record = decode(self.codec, base_topic(m.topic()), m.topic(), m.partition(), m.offset(), m.key(),
+                                m.value(), now)
+            except DecodeError as exc:
+                self.undecodable(m, exc)
+                continue
+            {Event: events, Label: labels, Control: self.held_control}[type(record)].append(record)
+        if events:
+            self.watermark.saw_features(now)
+        self.watermark.saw_labels(((lb.partition, lb.ts) for lb in labels), now)
+        self.join.add(labels)
+        self.held.add(events)
+        self.pipe = self.r.pipeline(transaction=False)
+        if self.replay:
+            self.catch_up()
+        if not self.replay:
+            # Control first: a retrain request read now must not wait for the batch's examples.
+            control, self.held_control = self.held_control, []
+            for c in control:
+                if c.value.get("model") != self.name:
+                    continue
+                if c.kind == "retrain":
+                    changed = self.lineage.retrain(self.roles, c.value, self.position, self.examples.since)
+                else:
+                    changed = self.lineage.follow(self.roles, c.value)
+                self.checkpoint_now |= changed
+            mark = self.watermark.mark(self.inputs.label_ends(self.offsets), time.time())
+            self.step(self.held.release(mark, time.time()))
+        self.flush_batch()
+
+    def step(self, events: list[Event]) -> None:
+        """Score `events` (ts order), learning before each the labels due before it (join.py)."""
+        now, held = time.time(), self.held.ids()
+        due = self.join.due(events, held, now)
+        if not due and not events:
+            return
+        stored = self.snapshots.fetch([e.event_id for e in events if self.inputs.maybe_scored(e)],
+                                      [lb.event_id for lb in self.join.to_look_up(due, now)])
+        learned: set[int] = set()
+        for item in self.join.plan(events, due):
+            if isinstance(item, Event):
+                self.score(item, stored.get(item.event_id) or Snapshot())
+            elif self.learn(item, stored):
+                learned.add(id(item))
+        self.join.settle(due, learned, stored, now)
+        for lb in self.join.expire(now, held):
+            self.out.dead_letter(lb.raw, lb.key, lb.partition, lb.offset, "unknown_event",
+                             f"no feature snapshot for event {lb.event_id!r} after {self.cfg.label_grace_s:g}s: the "
+                             f"event is unknown, or its snapshot expired "
+                             f"(snapshot_ttl_s={self.settings.features.snapshot_ttl_s})")
+
+    def catch_up(self) -> None:
+        """After a crash: re-learn the labels whose outcomes were already published, in that order."""
+        ready = self.replay.ready(self.join.waiting)
+        if not ready:
+            return
+        stored = self.snapshots.fetch((), [lb.event_id for lb in ready if lb.event_id not in self.join.recent])
+        learned = set()
+        for lb in ready:
+            if not self.learn(lb, stored):
+                break
+            learned.add(id(lb))
+            self.replay.learned()
+        self.join.settle([], learned, (), time.time())
+        if not self.replay:
+            log.info("learner %s: caught up after restart at position %d", self.name, self.position)
+
+    def score(self, event: Event, stored: Snapshot) -> None:
+        """Each model's prediction for one event, kept in memory for its label; one stored before a
+        crash (made at event time) is kept and not published again."""
+        fv = event.vector
+        if fv.get("published_ms"):
+            metrics.END_TO_END_SECONDS.observe(max(0.0, time.time() - fv["published_ms"] / 1000))
+        answers = {s.role: stored.predictions[s.role] for s in self.roles.slots() if s.role in stored.predictions}
+        blobs = {}
+        for slot in self.roles.slots():
+            if slot.role not in answers:
+                answers[slot.role], blobs[slot.role] = self.out.prediction(event, slot.role, slot.version,
+                                                                           *slot.score(fv["features"]))
+        if blobs:
+            self.snapshots.queue_predictions_if_present(self.pipe, event.event_id, blobs, keep_existing=True)
+        self.join.scored(event, Snapshot(fv, answers))
+
+    def learn(self, label: Label, stored: dict[str, Snapshot]) -> bool:
+        """Join a label with its event, emit outcomes, learn once. False = not ready (keeps waiting)."""
+        snap = self.join.snapshot_for(label, stored, time.time())
+        if snap is None:
+            return False  # the event is still on its way through features (or to our scoring)
+        if self.join.learned_before(label):
+            metrics.DUPLICATES.labels(SERVICE, "labels.valid").inc()
+            return True
+        x = snap.vector["features"]
+        learned = self.roles.learn(x, label.label, snap.predictions)
+        for role, p in learned.answers:
+            if not self.replay.published(label.event_id, role):
+                self.out.outcome(snap.vector, label, p, role, self.position)
+        for slot in self.roles.slots():
+            self.telemetry.count("learned", slot.role)
+        if self.join.learn(label):
+            metrics.LABELS_OUT_OF_ORDER.labels(self.name).inc()
+        # With the champion's hit: a late challenger replays these test-then-train against it.
+        self.examples.add(self.position, x, label.label, learned.hits.get("champion"), self.roles.champion.version)
+        self.position += 1
+        self.since_checkpoint += 1
+        self.since_update += 1
+        self.dirty = True
+        if learned.verdict is not None:
+            self.lineage.conclude(self.roles, learned.verdict, self.position)
+            self.checkpoint_now = True
+        return True
+
+    def undecodable(self, m: Message, exc: DecodeError) -> None:
+        if m.topic() == self.topics.labels_valid:
+            self.out.dead_letter(m.value(), m.key(), m.partition(), m.offset(), exc.reason, exc.detail)
+        else:  # upstream services wrote it; there is no DLQ of theirs to put it in
+            log.error("learner: undecodable %s message at %s/%s: %s", m.topic(), m.partition(), m.offset(), exc)
+            metrics.DEAD_LETTERS.labels(SERVICE, base_topic(m.topic()), exc.reason).inc()
+
+    def flush_batch(self) -> None:
+        self.examples.queue_push(self.pipe)
+        started = time.perf_counter()
+        self.pipe.execute()
+        metrics.REDIS_SECONDS.labels(SERVICE, "write").observe(time.perf_counter() - started)
+        self.pipe = None
+        self.telemetry.export(self.roles)
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if (self.join.waiting or self.held) and not self.replay and now >= self.next_retry:
+            self.next_retry = now + 0.05  # labels past their hold, events whose labels are all in
+            self.handle([])
+        if self.replay and now > self.replay.deadline:
+            log.error("learner %s: %d published outcomes never came back to be re-learned; giving up the "
+                      "ordered replay (their labels will be learned as they come)", self.name, len(self.replay))
+            self.replay.give_up()
+            self.handle([])
+        if self.since_update and (self.since_update >= self.cfg.update_every
+                                  or now - self.last_update >= self.cfg.update_interval_s):
+            self.publish_update()
+        if self.checkpoint_now or self.since_checkpoint >= self.cfg.checkpoint_every or (
+                self.dirty and now - self.last_checkpoint >= self.cfg.checkpoint_interval_s):
+            self.checkpoint()
+        self.producer.poll(0)
+
+    # -- registry, model.updates, model.swaps ------------------------------------------------------
+    def publish_update(self) -> None:
+        slot = self.roles.champion
+        slot.revision = self.lineage.save(slot, offsets={f"{self.topics.base(t)}/{p}": o
+                                                         for (t, p), o in sorted(self.offsets.items())})
+        self.out.update(slot)
+        self.since_update = 0
+        self.last_update = time.monotonic()
+
+    def publish_swap(self, from_version: int | None, to_version: int, reason: str) -> None:
+        self.out.swap(from_version, to_version, reason, self.position)
+
+    # -- checkpoint and restore --------------------------------------------------------------------
+    def checkpoint(self, force: bool = False) -> bool:
+        if self.replay or self.roles is None:
+            return False  # mid-recovery: offsets are ahead of what has been applied
+        if not (force or self.dirty or self.checkpoint_now):
+            return False
+        if self.producer.flush(30) > 0:
+            log.error("learner %s: producer did not flush; checkpoint postponed", self.name)
+            return False
+        state = LearnerState(self.cfg.model, self.roles, dict(self.offsets),
+                             high_watermark(self.consumer, self.topics.outcomes), self.join.waiting, self.position,
+                             self.join.clock, self.held.events, self.held_control, self.watermark.ts_by_partition)
+        if not save_checkpoint(self.r, self.keys, self.name, self.lease, state, self.signing_key):
+            log.error("learner %s: lease lost; checkpoint refused", self.name)
+            return False
+        metrics.CHECKPOINTS.labels(self.name).inc()
+        try:
+            self.inputs.commit(self.offsets)
+        except Exception:
+            log.debug("offset commit for lag tools failed", exc_info=True)
+        self.dirty = self.checkpoint_now = False
+        self.since_checkpoint = 0
+        self.last_checkpoint = time.monotonic()
+        return True
+
+    def restore(self) -> None:
+        state = load_checkpoint(self.r, self.keys, self.name, self.signing_key)  # TamperedArtifact: refuse loudly
+        self.reset_session(state)
+        if state is None:
+            self.roles = Roles(self.lineage.first_champion())
+            self.examples.clear()
+            self.checkpoint_now = True
+            return
+        self.examples.trim_after(self.position)
+        self.replay = Replay(outcomes_since(self.settings, self.topics.outcomes, state.outcomes_offset, self.name),
+                             deadline=time.monotonic() + self.cfg.label_grace_s + 30)
+        challenger = self.roles.challenger
+        log.info("learner %s: restored checkpoint at position %d (champion v%d, challenger %s); %d outcomes "
+                 "published since will be re-learned without publishing them again", self.name, self.position,
+                 self.roles.champion.version, f"v{challenger.version}" if challenger else "none", len(self.replay))
+        self.telemetry.versions(self.roles)
+
+    # -- introspection ---------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        return {**super().health(), **self.status()}
+
+    def status(self) -> dict[str, Any]:
+        return {"state": self.state, "model": self.name, "position": self.position,
+                "waiting_labels": len(self.join.waiting), **Roles.describe(self.roles)}
