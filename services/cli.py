@@ -1,4 +1,4 @@
-"""The `driftline` command line: infra, serve, replay, demo, bench, retrain, models.
+"""The `driftline` command line: infra, serve, replay, demo, bench, retrain.
 
 Each command is a thin shell over a function of its service's package; heavy imports happen
 inside the commands so that `driftline --help` is instant.

@@ -3,8 +3,6 @@ mapping lets river's binary classifiers learn from string labels."""
 
 from __future__ import annotations
 
-import pickle
-from collections import deque
 
 import pytest
 from river import linear_model, optim, preprocessing
@@ -129,11 +127,3 @@ def test_the_window_forgets_the_challengers_early_mistakes():
     for _ in range(50):  # ...then the world changes and it wins every disagreement
         contest.record(champion_hit=False, challenger_hit=True)
     assert contest.verdict() == "promote"
-
-def test_a_contest_checkpointed_before_the_rule_existed_restores_as_the_margin_rule():
-    old = Contest.__new__(Contest)
-    old.__dict__.update(promote_after=3, margin=0.1, max_shadow=10, shared=0, recent=deque())
-    restored = pickle.loads(pickle.dumps(old))
-    for _ in range(3):
-        restored.record(champion_hit=False, challenger_hit=True)
-    assert (restored.rule, restored.window) == ("margin", 3) and restored.verdict() == "promote"

@@ -20,7 +20,7 @@ from driftline.features.definitions import load_feature_set
 from driftline.features.store import FeatureStore
 from driftline.prediction.app import create_app
 from driftline.learner.labels import proba_to_text
-from driftline.prediction.swaps import publish_swap
+from driftline.shared.swaps import publish_swap
 from driftline.shared import kafka
 from driftline.shared.codec import get_codec
 from driftline.shared.keys import Keys

@@ -21,7 +21,7 @@ from pydantic import SecretStr
 from schemathesis import GenerationMode
 
 from driftline.infra.stack import free_port
-from driftline.prediction.swaps import publish_swap
+from driftline.shared.swaps import publish_swap
 from driftline.shared import kafka
 from driftline.shared.topics import Topics
 from conftest import ServiceProcess, make_settings

@@ -4,12 +4,12 @@ HoeffdingAdaptiveTreeClassifier (HAT), all in-process.
 
 What runs: IN-PROCESS, not through Kafka. Each stream is replayed with label delay 0 through the
 same code the services run -- `drift.policy.RetrainPolicy` (detector, error-went-up gate, cooldown)
-fed with the champion's errors, and the learner's pieces (`learner.spec.parse_model`,
-`learner.champion.Contest`, warm start test-then-train since the change point) for challengers, shadowing
-and promotion -- so the figures do not depend on the machine's load. The end-to-end tests
+fed with the champion's errors, and the learner's own `learner.champion.Roles` (both roles' test-then-
+train, the contest, promotion) and `warm_start` (test-then-train since the change point) -- so the
+figures measure the learner's logic, not a copy, and do not depend on the machine's load. The end-to-end tests
 (tests/test_drift_e2e.py) check the same behaviour through the real services.
 
-    >>> result = run(Path("reports/bench"), quick=True)     # JSON + drift.md table + drift.png
+    result = run(Path("reports/bench"), quick=True)     # JSON + drift.md table + drift.png
 
 Per (stream, model): detection delay, false alarms (concept drift alarms before the drift),
 examples from the drift to the first promotion, accuracy over the 10,000 examples after the drift
@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from ..drift.policy import RetrainPolicy
-from ..learner.champion import Contest, predict
+from ..learner.champion import Contest, Roles, Slot, predict, warm_start
 from ..learner.labels import to_river
+from ..learner.prequential import Prequential
 from ..learner.spec import parse_model
 from ..replay.datasets import load
 from ..shared.settings import DriftSettings, LearnerSettings
@@ -60,48 +61,43 @@ def hat_hits(dataset: str, limit: int | None = None) -> list[float]:
 
 def simulate(dataset: str, spec: str, drift: DriftSettings | None = None,
              learner: LearnerSettings | None = None) -> dict[str, Any]:
-    """The champion's hits with driftline's policy and promotion rule, plus what happened."""
+    """The champion's hits with driftline's policy and the learner's roles, contest and warm start
+    (`learner.champion.Roles`, `warm_start`), plus what happened."""
     drift = drift or DriftSettings()
     learner = learner or LearnerSettings()
     policy = RetrainPolicy(drift, model="bench", clock=lambda: 0.0)
-    champion, version, challenger, contest = parse_model(spec), 1, None, None
-    policy.swap(version)
+    roles = Roles(Slot("champion", 1, parse_model(spec), Prequential(learner.window)))
+    policy.swap(roles.champion.version)
     buffer: deque = deque(maxlen=max(1, learner.warm_start))  # (position, x, y, champion hit, its version)
     hits, alarms, requests, swaps, dropped = [], [], [], [], []
     for position, (x, y, _) in enumerate(load(dataset).rows()):
-        y_pred = predict(champion, x)
-        hit = y_pred == y
+        answers = roles.score(x)  # label delay 0: each example is scored, then learned at once
+        version = roles.champion.version
+        hit = answers["champion"]["y_pred"] == y
         hits.append(int(hit))
-        challenger_hit = predict(challenger, x) == y if challenger is not None else None
         for action in policy.observe(position, hit, version):
             if action.kind == "drift":
                 alarms.append({k: action.record[k] for k in ("position", "level", "error_before", "error_after")})
             elif action.kind == "retrain":
                 requests.append(position)
-                if challenger is None:  # as the learner does: warm start test-then-train since the change
-                    challenger, contest = parse_model(spec), Contest.from_settings(learner)
+                if roles.challenger is None:  # as the learner does: warm start test-then-train since the change
                     since = action.record.get("since_position")
-                    for bp, bx, by, bhit, bversion in buffer:
-                        if since is None or bp >= since:
-                            if bversion == version:
-                                contest.record(bhit, predict(challenger, bx) == by)
-                            challenger.learn_one(bx, to_river(by))
-        yr = to_river(y)
-        champion.learn_one(x, yr)
-        if challenger is not None:
-            challenger.learn_one(x, yr)
+                    model, contest = parse_model(spec), Contest.from_settings(learner)
+                    warm_start(model, ((bx, by, bhit, bversion) for bp, bx, by, bhit, bversion in buffer
+                                       if since is None or bp >= since), version, contest)
+                    roles.start(Slot("challenger", version + 1, model, Prequential(learner.window)), contest)
+        learned = roles.learn(x, y, answers)
         buffer.append((position, x, y, hit, version))
-        if contest is not None:  # a challenger made on this row may already win on its replayed record
-            if challenger_hit is not None:
-                contest.record(hit, challenger_hit)
-            verdict = contest.verdict()
-            if verdict == "promote":
-                champion, version, challenger, contest = challenger, version + 1, None, None
-                policy.swap(version)
-                swaps.append(position)
-            elif verdict == "drop":
-                challenger, contest = None, None
-                dropped.append(position)
+        verdict = learned.verdict
+        if verdict is None and roles.contest is not None and len(learned.hits) < 2:
+            verdict = roles.contest.verdict()  # a challenger made on this row may win on its replayed record
+        if verdict == "promote":
+            roles.promote()
+            policy.swap(roles.champion.version)
+            swaps.append(position)
+        elif verdict == "drop":
+            roles.drop()
+            dropped.append(position)
     return {"hits": hits, "alarms": alarms, "requests": requests, "swaps": swaps, "dropped": dropped}
 
 

@@ -8,8 +8,8 @@ own processes (`driftline serve ingestion|features`, as in production), then mea
 2. latency: events published at a fixed rate (2,000 ev/s for 10 s; quick 5 s); for each, the time
    from its publication to its FeatureVector on `features` (p50, p95, p99, max).
 
-    >>> result = run(Path("reports/bench"), quick=True)
-    >>> result["throughput_events_per_s"], result["latency"]["ms"]["p99"]
+    result = run(Path("reports/bench"), quick=True)
+    result["throughput_events_per_s"], result["latency"]["ms"]["p99"]
 
 When the machine cannot sustain 2,000 ev/s, that latency is mostly queueing; the latency at half
 the measured throughput (`latency_at_half_throughput`) is then measured too.

@@ -1,8 +1,8 @@
 """`driftline bench pipeline`: the whole loop (events + labels through ingestion, features and the
 learner) against river's own in-process loop, the latency to a prediction, and the quality figure.
 
-    >>> result = run(Path("reports/bench"), quick=True)
-    >>> result["throughput"]["logreg"]["ratio"], result["latency_ms"]["p99"], result["quality"]["accuracy"]
+    result = run(Path("reports/bench"), quick=True)
+    result["throughput"]["logreg"]["ratio"], result["latency_ms"]["p99"], result["quality"]["accuracy"]
 
 It starts its own Kafka and Redis (free ports, a temporary home); each phase gets a fresh
 namespace and its own ingestion, features and learner processes (`driftline serve NAME`, as in

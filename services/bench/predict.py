@@ -14,7 +14,7 @@ the real Redis read), and runs `driftline serve prediction` as a subprocess. The
 Aims (issue 6): p99 <= 5 ms at 16 connections, predict >= 0.6 of /health's throughput. It measures
 and reports; it never asserts. Everything it starts is stopped at the end.
 
-    >>> result = run(Path("reports/bench"), quick=True)
+    result = run(Path("reports/bench"), quick=True)
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from ..features.definitions import load_feature_set
 from ..features.store import FeatureStore
 from .. import serve
 from ..infra import stack
-from ..prediction.swaps import publish_swap
+from ..shared.swaps import publish_swap
 from ..shared import kafka
 from ..shared.keys import Keys
 from ..shared.registry import ModelRegistry

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import typer
 
-REASONS = ("demand", "schedule", "new_data", "performance", "concept_drift", "data_drift")
+from ..shared.vocabulary import RETRAIN_REASONS as REASONS
 
 
 def retrain(reason: str = typer.Option("demand", help=f"one of {', '.join(REASONS)}")) -> None:

@@ -16,6 +16,7 @@ It must never raise on odd input (anything truthy is an error) and never keep un
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections import deque
@@ -24,9 +25,9 @@ from typing import Any
 
 from river import drift
 
-DETECTORS = ("ADWIN", "PageHinkley", "KSWIN", "DDM", "HDDM_A", "HDDM_W")
-# Detectors with a warning zone (river's binary detectors); the others only have a drift level.
-WARNING_DETECTORS = ("DDM", "HDDM_A", "HDDM_W")
+from ..shared.vocabulary import DRIFT_DETECTORS, WARNING_DETECTORS
+
+DETECTORS = tuple(DRIFT_DETECTORS)
 Z_UP = 3.0  # z-score a rise of the error rate needs to count as "up"
 # Integer-valued parameters, so that a TOML/env float (e.g. 100.0) still builds the detector.
 _INT_PARAMS = {"clock", "max_buckets", "min_window_length", "grace_period", "min_instances", "window_size",
@@ -35,21 +36,11 @@ _INT_PARAMS = {"clock", "max_buckets", "min_window_length", "grace_period", "min
 
 def make_detector(name: str, params: dict[str, Any] | None = None):
     """A fresh river detector by its config name, e.g. `make_detector("DDM", {"warm_start": 50})`."""
-    params = {k: int(v) if k in _INT_PARAMS else v for k, v in (params or {}).items()}
-    if name == "ADWIN":
-        return drift.ADWIN(**params)
-    if name == "PageHinkley":
-        return drift.PageHinkley(**params)
-    if name == "KSWIN":
-        params.setdefault("seed", 42)  # reproducible alarms
-        return drift.KSWIN(**params)
-    if name == "DDM":
-        return drift.binary.DDM(**params)
-    if name == "HDDM_A":
-        return drift.binary.HDDMA(**params)
-    if name == "HDDM_W":
-        return drift.binary.HDDMW(**params)
-    raise ValueError(f"unknown drift detector {name!r}; choose from {', '.join(DETECTORS)}")
+    if name not in DRIFT_DETECTORS:
+        raise ValueError(f"unknown drift detector {name!r}; choose from {', '.join(DETECTORS)}")
+    path, defaults = DRIFT_DETECTORS[name]
+    params = {k: int(v) if k in _INT_PARAMS else v for k, v in {**defaults, **(params or {})}.items()}
+    return functools.reduce(getattr, path.split("."), drift)(**params)
 
 
 @dataclass(frozen=True)
@@ -107,7 +98,7 @@ class ConceptMonitor:
         self.errors.append(x)
         self.total_errors += x
         width_before = getattr(self.detector, "width", None) if self.name == "ADWIN" else None
-        self.detector.update(x if self.name in ("ADWIN", "PageHinkley", "KSWIN") else bool(x))
+        self.detector.update(bool(x) if self.name in WARNING_DETECTORS else x)
         if self.detector.drift_detected:
             self.warning_since = None
             if self.n <= self.warmup:

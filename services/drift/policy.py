@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..shared.settings import DriftSettings
+from ..shared.vocabulary import AUTOMATIC_RETRAIN_REASONS, RETRAIN_REASONS
 from .detectors import WARNING_DETECTORS, ConceptMonitor
 
-AUTOMATIC = ("concept_drift", "data_drift", "schedule", "new_data", "performance")
-REASONS = AUTOMATIC + ("demand",)
+AUTOMATIC, REASONS = AUTOMATIC_RETRAIN_REASONS, RETRAIN_REASONS
 WARNING_SPACING = 1000  # labelled examples between two published warnings (DDM/HDDM warn often)
 
 

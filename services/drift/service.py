@@ -31,6 +31,7 @@ from ..shared.keys import Keys
 from ..shared.registry import TamperedArtifact, dumps_signed, loads_signed
 from ..shared.runtime import StreamWorker, run_app, service_app
 from ..shared.settings import Settings
+from ..shared.vocabulary import RETRAIN_REASONS
 from .datadrift import DataDriftMonitor
 from .policy import Action, RetrainPolicy
 
@@ -176,7 +177,7 @@ class DriftWorker(StreamWorker):
 
 
 class RetrainBody(BaseModel):
-    reason: Literal["demand", "schedule", "new_data", "performance", "concept_drift", "data_drift"] = Field(
+    reason: Literal[RETRAIN_REASONS] = Field(  # type: ignore[valid-type]
         "demand", description="why the retrain is asked for (operators use demand)")
 
 

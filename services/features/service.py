@@ -52,6 +52,7 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from ..shared import kafka, metrics
 from ..shared.codec import DecodeError, get_codec
+from ..shared.deadletter import dead_letter
 from ..shared.keys import Keys
 from ..shared.runtime import StreamWorker, run_app, service_app
 from ..shared.settings import Settings
@@ -386,11 +387,8 @@ class FeaturesWorker(StreamWorker):
     def dead_letter(self, item: Item) -> None:
         m: Message = item.value
         dlq = self.topics.events_dlq if m.topic() == self.topics.events_valid else self.topics.labels_dlq
-        self.produce(dlq, self.codec.encode("DeadLetter", {
-            "source_topic": m.topic(), "reason": item.reason, "detail": f"not a valid record on {m.topic()}",
-            "service": SERVICE, "key": m.key(), "payload": m.value() or b"", "partition": m.partition(),
-            "offset": m.offset(), "ts": time.time(),
-        }), key=m.key())
+        self.produce(dlq, dead_letter(m.topic(), item.reason, f"not a valid record on {m.topic()}", SERVICE,
+                                      m.key(), m.value(), m.partition(), m.offset()), key=m.key())
         metrics.DEAD_LETTERS.labels(SERVICE, kafka.base_topic(m.topic()), item.reason).inc()
         self.counts["dead_letters"] += 1
 

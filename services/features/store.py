@@ -6,10 +6,10 @@ prediction service calls `FeatureStore.vector` for one request, which reads the 
 calls the same function. It must never compute a feature itself (that is `definitions.py`'s job)
 and never issue one Redis round trip per field or per event of a batch.
 
-    >>> store = FeatureStore(redis_client, Keys("t1"), load_feature_set("default"), snapshot_ttl_s=3600)
-    >>> x = store.vector("meter-7", {"price": 0.3}, ts=1700000000.0)   # state before the event
-    >>> store.save_snapshots([{"event_id": "e1", "entity_id": "meter-7", "ts": 1.0, "features": x,
-    ...                        "feature_set": store.feature_set.name, "published_ms": None}])
+    store = FeatureStore(redis_client, Keys("t1"), load_feature_set("default"), snapshot_ttl_s=3600)
+    x = store.vector("meter-7", {"price": 0.3}, ts=1700000000.0)   # state before the event
+    store.save_snapshots([{"event_id": "e1", "entity_id": "meter-7", "ts": 1.0, "features": x,
+                           "feature_set": store.feature_set.name, "published_ms": None}])
 
 Layout (keys from `Keys`, hash-tagged by entity or event, so a Redis Cluster works):
 - `Keys.entity(entity_id)` — hash, the entity state: numbers as `repr` strings, `label` as the
@@ -17,7 +17,8 @@ Layout (keys from `Keys`, hash-tagged by entity or event, so a Redis Cluster wor
   and partition of the last event folded into the state (a redelivered event at an offset <= `_off`
   is not applied twice; one entity lives on one partition because events are keyed by entity).
 - `Keys.snapshot(event_id)` — hash with a TTL; field `fv` = the Avro FeatureVector the event was
-  scored with. The learner and the prediction service add `p.<role>` fields to the same hash.
+  scored with, fields `p.<role>` = the Avro Prediction each role made for it (written by the learner
+  and the prediction service). `Snapshots` below is the only code that reads or writes this hash.
 
 Labels are folded in by a one-key Lua script that keeps the label of the latest event (by event
 time), so a label never overwrites a later one and a redelivered label changes nothing, even when
@@ -26,8 +27,10 @@ the label and the entity's events are handled by different replicas.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..shared import metrics
@@ -35,7 +38,9 @@ from ..shared.codec import DecodeError, get_codec
 from ..shared.keys import Keys
 from .definitions import FeatureSet, State
 
+log = logging.getLogger(__name__)
 SNAPSHOT_FIELD = "fv"
+ROLES = ("champion", "challenger")
 OFFSET_FIELD = "_off"
 PARTITION_FIELD = "_p"
 LABEL_FIELDS = ("label", "label_ts")  # written only by SET_LABEL_LUA
@@ -50,6 +55,23 @@ if known and tonumber(known) > tonumber(ARGV[2]) then return 0 end
 redis.call('HSET', KEYS[1], 'label', ARGV[1], 'label_ts', ARGV[2])
 return 1
 """
+
+# KEYS[1] snapshot hash; ARGV[1] 'nx' (keep a prediction made earlier, at event time, over a
+# re-scored one) or 'set', then field, value pairs. Writes only while the snapshot exists: an
+# expired one is never recreated without its TTL.
+SET_PREDICTIONS_LUA = """
+if redis.call('exists', KEYS[1]) == 0 then return -1 end
+for i = 2, #ARGV, 2 do
+  if ARGV[1] == 'nx' then redis.call('hsetnx', KEYS[1], ARGV[i], ARGV[i + 1])
+  else redis.call('hset', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+return 1
+"""
+
+
+def prediction_field(role: str) -> str:
+    """The snapshot field that holds a role's Prediction: 'p.champion', 'p.challenger'."""
+    return f"p.{role}"
 
 
 def _text(value: Any) -> str:
@@ -99,6 +121,7 @@ class FeatureStore:
         self.snapshot_ttl_s = int(snapshot_ttl_s)
         self.service = service
         self.codec = get_codec()
+        self.snapshots = Snapshots(client, keys, snapshot_ttl_s, service)
 
     # -- reads --------------------------------------------------------------------------------
     def read_states(self, entity_ids: Iterable[str]) -> dict[str, State]:
@@ -154,11 +177,7 @@ class FeatureStore:
     def queue_snapshot_blobs(self, pipe, blobs: Iterable[tuple[str, bytes]]) -> None:
         """(event_id, encoded FeatureVector) pairs: the service encodes each vector once, for
         Redis and Kafka alike."""
-        ttl = self.snapshot_ttl_s
-        for event_id, blob in blobs:
-            key = self.keys.snapshot(event_id)
-            pipe.hset(key, SNAPSHOT_FIELD, blob)
-            pipe.expire(key, ttl)
+        self.snapshots.queue_vectors(pipe, blobs)
 
     def queue_states(self, pipe, states: Mapping[str, State]) -> None:
         """One HSET per entity with every field (offsets included): atomic per key. Label fields
@@ -190,4 +209,90 @@ class FeatureStore:
         started = time.perf_counter()
         out = pipe.execute()
         metrics.REDIS_SECONDS.labels(self.service, op).observe(time.perf_counter() - started)
+        return out
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """What an event's snapshot hash holds, decoded: the vector it was scored with (None when
+    missing) and each role's Prediction record."""
+
+    vector: dict | None = None
+    predictions: dict[str, dict] = field(default_factory=dict)
+
+
+class Snapshots:
+    """The per-event snapshot hashes (`fv`, `p.<role>`): the one place that knows their fields.
+
+        snapshots = Snapshots(redis_client, Keys("t1"), ttl_s=3600, service="learner")
+        found = snapshots.fetch(scored=["e1"], labelled=["e2"])   # {event_id: Snapshot}
+    """
+
+    def __init__(self, client, keys: Keys, ttl_s: int = 0, service: str = "features") -> None:
+        self.client = client
+        self.keys = keys
+        self.ttl_s = int(ttl_s)
+        self.service = service
+        self.codec = get_codec()
+        self._set_predictions = client.register_script(SET_PREDICTIONS_LUA)
+
+    def queue_vectors(self, pipe, blobs: Iterable[tuple[str, bytes]]) -> None:
+        """(event_id, encoded FeatureVector) pairs, each with the snapshot TTL."""
+        for event_id, blob in blobs:
+            key = self.keys.snapshot(event_id)
+            pipe.hset(key, SNAPSHOT_FIELD, blob)
+            pipe.expire(key, self.ttl_s)
+
+    def queue_prediction(self, pipe, event_id: str, role: str, blob: bytes) -> None:
+        """A role's Prediction next to a vector queued in the same pipeline (HSET keeps the TTL)."""
+        pipe.hset(self.keys.snapshot(event_id), prediction_field(role), blob)
+
+    def queue_predictions_if_present(self, pipe, event_id: str, blobs: Mapping[str, bytes],
+                                     keep_existing: bool = True) -> None:
+        """Predictions (role -> encoded Prediction) into a snapshot that exists; `keep_existing`
+        keeps a prediction stored earlier for the same role."""
+        args: list[Any] = ["nx" if keep_existing else "set"]
+        for role, blob in blobs.items():
+            args += [prediction_field(role), blob]
+        # A registered script: one SCRIPT EXISTS per pipeline, then EVALSHA per event.
+        self._set_predictions(keys=[self.keys.snapshot(event_id)], args=args, client=pipe)
+
+    def read_vectors(self, event_ids: Iterable[str]) -> dict[str, dict]:
+        """The FeatureVectors kept for these events (missing or expired ones are left out)."""
+        found = self.fetch((), event_ids, roles=())
+        return {e: s.vector for e, s in found.items() if s.vector is not None}
+
+    def fetch(self, scored: Iterable[str], labelled: Iterable[str], roles: Iterable[str] = ROLES,
+              op: str = "fetch") -> dict[str, Snapshot]:
+        """One pipelined round trip: the predictions of the `scored` events, the vector and the
+        predictions of the `labelled` ones. Every id asked for has an entry (empty when missing);
+        a field that does not decode is left out (and logged)."""
+        roles = tuple(roles)
+        fields = [prediction_field(r) for r in roles]
+        pipe = self.client.pipeline(transaction=False)
+        asked: list[tuple[str, list[str]]] = []
+        for event_id in scored:
+            asked.append((event_id, fields))
+        for event_id in labelled:
+            asked.append((event_id, fields + [SNAPSHOT_FIELD]))
+        if not asked:
+            return {}
+        for event_id, names in asked:
+            pipe.hmget(self.keys.snapshot(event_id), *names)
+        started = time.perf_counter()
+        replies = pipe.execute()
+        metrics.REDIS_SECONDS.labels(self.service, op).observe(time.perf_counter() - started)
+        out: dict[str, Snapshot] = {}
+        for (event_id, names), values in zip(asked, replies):
+            snap = out.setdefault(event_id, Snapshot())
+            for name, raw in zip(names, values):
+                if raw is None:
+                    continue
+                try:
+                    if name == SNAPSHOT_FIELD:
+                        snap.vector = self.codec.decode(raw, expect="FeatureVector")
+                    else:
+                        snap.predictions[name[2:]] = self.codec.decode(raw, expect="Prediction")
+                except DecodeError as exc:
+                    log.error("snapshot %s field %s does not decode: %s", event_id, name, exc)
         return out

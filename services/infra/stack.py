@@ -1,9 +1,9 @@
 """The local stack: a real single-node Kafka (KRaft) from Maven Central jars and Debian's Redis.
 
-    >>> up(settings)        # install if needed, start both, wait until they answer, create topics
-    >>> up(settings, with_prometheus=True)   # and Debian's Prometheus scraping the five services
-    >>> status(settings)    # what runs where
-    >>> down(settings)      # stop what `up` started; nothing is left listening
+    up(settings)        # install if needed, start both, wait until they answer, create topics
+    up(settings, with_prometheus=True)   # and Debian's Prometheus scraping the five services
+    status(settings)    # what runs where
+    down(settings)      # stop what `up` started; nothing is left listening
 
 State, logs and pids live under `settings.home` (`.driftline/`); the broker jars are cached once
 per machine under `settings.cache_dir`. `up` never touches a process it did not start: a port

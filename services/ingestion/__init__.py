@@ -1,1 +1,3 @@
 """driftline ingestion."""
+
+SERVICE = "ingestion"

@@ -30,21 +30,21 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..shared import kafka, metrics
 from ..shared.settings import Settings
-from .service import SERVICE, Ingestor
+from . import SERVICE
 from .validate import REASONS
 
 # A delivery Kafka has not confirmed within this long has definitely failed (librdkafka's
 # message.timeout.ms), so a 503 can tell the client that nothing of its request was kept.
 DELIVERY_TIMEOUT_MS = 10_000
 
-NOW = 1_700_000_000
+EXAMPLE_TS = 1_700_000_000  # the event time shown in the API docs' examples
 
 
 class EventIn(BaseModel):
     """One event. POST /v1/events takes one, or an array of them."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [
-        {"event_id": "e-1", "entity_id": "meter-7", "ts": NOW, "fields": {"price": 0.41, "demand": 0.62}}]})
+        {"event_id": "e-1", "entity_id": "meter-7", "ts": EXAMPLE_TS, "fields": {"price": 0.41, "demand": 0.62}}]})
 
     event_id: str = Field(description="unique; a re-sent event_id is counted as a duplicate and dropped")
     entity_id: str = Field(description="whose event (per-entity features, Kafka key)")
@@ -55,7 +55,7 @@ class EventIn(BaseModel):
 class LabelIn(BaseModel):
     """The true label of an earlier event. POST /v1/labels takes one, or an array of them."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"event_id": "e-1", "label": "1", "ts": NOW + 60}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [{"event_id": "e-1", "label": "1", "ts": EXAMPLE_TS + 60}]})
 
     event_id: str = Field(description="the event this label belongs to")
     label: str | int | bool = Field(description="the class; integers and booleans are kept as text ('1')")
@@ -85,10 +85,16 @@ class Problem(BaseModel):
 class HttpDoor:
     """Reads a body, decides on each item, publishes, waits for Kafka's acknowledgement."""
 
-    def __init__(self, settings: Settings, client: redis.Redis) -> None:
+    def __init__(self, settings: Settings, ingestor: Any) -> None:
+        """`ingestor`: the `service.Ingestor` both doors share, on a producer made by `producer()`."""
         self.limits = settings.ingestion
-        self.producer = kafka.producer(settings, **{"message.timeout.ms": DELIVERY_TIMEOUT_MS})
-        self.ingestor = Ingestor(settings, self.producer, client)
+        self.ingestor = ingestor
+        self.producer = ingestor.producer
+
+    @staticmethod
+    def producer(settings: Settings):
+        """The HTTP door's producer: a delivery not confirmed in DELIVERY_TIMEOUT_MS has failed."""
+        return kafka.producer(settings, **{"message.timeout.ms": DELIVERY_TIMEOUT_MS})
 
     async def read_body(self, request: Request) -> bytes:
         """The body, refused with 413 as soon as it is known to be too large."""

@@ -12,9 +12,8 @@ Kafka door, a request id and index on the HTTP door), so
 Ids are remembered for `ingestion.dedup_ttl_s`: memory stays bounded, and an id re-sent after
 that is new again. This module never decides validity; it only answers "is this one the first?".
 
-    >>> dedup = Dedup(redis.Redis(), Keys(""), ttl_s=3600)
-    >>> dedup.claim([Claim(Keys("").seen_event("e1"), "events:0:17")])
-    [True]
+    dedup = Dedup(redis.Redis(), Keys(""), ttl_s=3600)
+    dedup.claim([Claim(Keys("").seen_event("e1"), "events:0:17")])      # [True]: the first
 """
 
 from __future__ import annotations

@@ -31,23 +31,24 @@ from fastapi import FastAPI
 
 from ..shared import kafka, metrics
 from ..shared.codec import get_codec
+from ..shared.deadletter import dead_letter, fit_payload
 from ..shared.keys import Keys
 from ..shared.runtime import StreamWorker, run_app, service_app
 from ..shared.settings import Settings
 from ..shared.topics import Topics
-from . import validate
+from . import SERVICE, validate
+from .api import HttpDoor, router
 from .dedup import Claim, Dedup
 from .validate import Rejection
 
 log = logging.getLogger(__name__)
-SERVICE = "ingestion"
 
 
 @dataclass(frozen=True)
 class Stream:
     """One kind of input and where it goes: events or labels."""
 
-    name: str  # DESIGN.md base name of the source topic, also the metric label
+    name: str  # docs/DESIGN.md base name of the source topic, also the metric label
     record: str  # Avro record name
     source: str  # broker topic names
     valid: str
@@ -124,16 +125,11 @@ class Ingestor:
 
     def dead(self, stream: Stream, why: Rejection, payload: bytes, key: bytes | str | None, source: str,
              partition: int | None, offset: int | None, now: float) -> Decision:
-        detail = why.detail
-        cap = self.limits.max_dead_letter_bytes
-        if len(payload) > cap:  # the DLQ must stay publishable; say what was cut
-            detail += f" (payload cut to its first {cap} of {len(payload)} bytes)"
-            payload = payload[:cap]
         if isinstance(key, str):
             key = key.encode("utf-8", "replace")
-        letter = {"source_topic": source, "reason": why.reason, "detail": detail, "service": SERVICE,
-                  "key": key, "payload": payload, "partition": partition, "offset": offset, "ts": now}
-        return Decision(stream, self.codec.encode("DeadLetter", letter), key, None, why.reason, detail)
+        payload, detail = fit_payload(payload, why.detail, self.limits.max_dead_letter_bytes)
+        letter = dead_letter(source, why.reason, detail, SERVICE, key, payload, partition, offset, now)
+        return Decision(stream, letter, key, None, why.reason, detail)
 
     # -- publishing -------------------------------------------------------------------------
     def publish(self, decisions: list[Decision], door: str,
@@ -248,11 +244,9 @@ class IngestionWorker(StreamWorker):
 
 def build_app(settings: Settings) -> FastAPI:
     """The ingestion process: the Kafka door's worker and the HTTP door on one FastAPI app."""
-    from .api import HttpDoor, router
-
     client = redis.Redis.from_url(settings.redis_url)
     worker = IngestionWorker(settings, client)
-    door = HttpDoor(settings, client)
+    door = HttpDoor(settings, Ingestor(settings, HttpDoor.producer(settings), client))
     app = service_app(
         SERVICE, worker=worker, title="driftline ingestion", on_stop=door.close,
         description="Validates events and labels from producers (Kafka or HTTP), drops duplicates, "

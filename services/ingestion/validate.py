@@ -21,34 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..shared.codec import DecodeError, get_codec
+from ..shared.deadletter import REASONS
 from ..shared.settings import IngestionSettings
 
 Record = dict[str, Any]
 
-REASONS: dict[str, str] = {
-    # the bytes themselves (Avro door; codec.DecodeError reasons)
-    "not_avro": "not an Avro single-object message (no C3 01 header, or empty)",
-    "unknown_schema": "an Avro writer schema fingerprint that is no version in schemas/history/",
-    "incompatible_schema": "a known older schema version that the current one cannot read (Avro's resolution rules)",
-    "wrong_schema": "a record of another type than the topic carries (a Label on events, say)",
-    "corrupt_avro": "the header is ours but the body does not decode",
-    "oversized": "larger than ingestion.max_event_bytes",
-    # the shape (JSON door)
-    "not_an_object": "a JSON item that is not an object",
-    "missing_field": "a required field is absent",
-    "bad_type": "a field of the wrong JSON type",
-    # the content (both doors)
-    "missing_id": "event_id or entity_id absent, empty or blank",
-    "id_too_long": "an id longer than ingestion.max_id_chars",
-    "bad_ts": "a timestamp that is not finite, before ingestion.min_ts or too far in the future",
-    "non_numeric": "a field value that is not a number",
-    "non_finite": "a field value that is NaN or infinite",
-    "too_many_fields": "more fields than ingestion.max_fields",
-    "bad_field_name": "a field name that is empty or longer than ingestion.max_id_chars",
-    "empty_label": "a label that is absent, empty or blank",
-    "label_too_long": "a label longer than ingestion.max_id_chars",
-    "bad_text": "a string that is not valid Unicode (a lone surrogate from a JSON escape)",
-}
 
 
 @dataclass(frozen=True, slots=True)

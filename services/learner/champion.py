@@ -18,11 +18,16 @@ there are `promote_after` of them:
 A challenger that has not won after `max_shadow` shared examples is dropped. Plain picklable
 state: it lives in the learner's checkpoint, so a crash while a challenger is shadowing loses
 nothing.
+
+`Roles` holds the two slots and their contest and does one example's test-then-train for both;
+`warm_start` replays a challenger's first examples against the champion's recorded answers. The
+learner and `driftline bench drift` both run these, so the benchmark measures the learner's rule.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,6 +35,7 @@ from scipy.stats import binomtest
 
 from .labels import argmax, proba_to_text, to_river
 from .prequential import Prequential
+from .spec import parse_model
 
 Verdict = Literal["promote", "drop"] | None
 Rule = Literal["mcnemar", "margin"]
@@ -80,11 +86,6 @@ class Contest:
         return cls(cfg.promotion_rule, cfg.promote_after, cfg.promote_window, cfg.promote_margin, cfg.max_shadow,
                    cfg.promote_confidence)
 
-    def __setstate__(self, state: dict) -> None:
-        # A contest checkpointed before the rule existed: the margin rule over `promote_after`.
-        self.__dict__.update({"rule": "margin", "window": state.get("promote_after", 500), "confidence": 0.99})
-        self.__dict__.update(state)
-
     def record(self, champion_hit: bool, challenger_hit: bool) -> None:
         self.shared += 1
         self.recent.append((int(champion_hit), int(challenger_hit)))
@@ -128,3 +129,116 @@ class Contest:
         return {"rule": self.rule, "shared": self.shared, "window": len(self.recent),
                 "champion_accuracy": self.champion_accuracy, "challenger_accuracy": self.challenger_accuracy,
                 "challenger_wins": wins, "champion_wins": losses, "p_value": round(self.p_value(), 6)}
+
+
+def warm_start(model: Any, examples: Iterable[tuple[dict, str, bool | None, int | None]], champion_version: int,
+               contest: Contest) -> int:
+    """Teach a new challenger `examples` (x, y, the champion's hit, the champion version then), oldest
+    first, test-then-train: each example the current champion answered enters the contest as if the
+    challenger had shadowed since then. Returns how many it learned.
+
+    >>> model, contest = parse_model("dummy.NoChangeClassifier()"), Contest("margin", 1, 10, 0.0, 100)
+    >>> warm_start(model, [({}, "1", False, 1), ({}, "1", True, 1), ({}, "0", True, 0)], 1, contest)
+    3
+    >>> contest.shared, contest.challenger_accuracy
+    (2, 0.5)
+    """
+    n = 0
+    for x, y, champion_hit, version_then in examples:
+        if champion_hit is not None and version_then == champion_version:  # this champion's answers only
+            contest.record(champion_hit, predict(model, x) == y)
+        model.learn_one(x, to_river(y))
+        n += 1
+    return n
+
+
+@dataclass
+class Learned:
+    """What one labelled example did: each role's hit (for the versions that answered it), the
+    answers to publish as outcomes (role, Prediction), and the contest's verdict when the example
+    entered the contest."""
+
+    hits: dict[str, bool]
+    answers: list[tuple[str, dict]]
+    verdict: Verdict = None
+
+
+@dataclass
+class Roles:
+    """The champion, the challenger shadowing it (or None) and their contest.
+
+    >>> roles = Roles(Slot("champion", 1, parse_model("dummy.NoChangeClassifier()"), Prequential()))
+    >>> answers = roles.score({"a": 1.0})          # before the label: {role: Prediction fields}
+    >>> roles.learn({"a": 1.0}, "1", answers).hits
+    {'champion': False}
+    >>> roles.champion.examples, roles.score({"a": 1.0})["champion"]["y_pred"]
+    (1, '1')
+    """
+
+    champion: Slot
+    challenger: Slot | None = None
+    contest: Contest | None = None
+
+    def slots(self) -> list[Slot]:
+        return [s for s in (self.champion, self.challenger) if s is not None]
+
+    def score(self, x: dict[str, float]) -> dict[str, dict]:
+        """Each role's answer for an event, before its label: {role: {model_version, y_pred, proba}}."""
+        out = {}
+        for slot in self.slots():
+            y_pred, proba = slot.score(x)
+            out[slot.role] = {"model_version": slot.version, "y_pred": y_pred, "proba": proba}
+        return out
+
+    def learn(self, x: dict[str, float], y: str, answers: dict[str, dict]) -> Learned:
+        """Test-then-train on one label: score the answers made at event time (a version scores
+        only its own answers; a champion without one, past the label's grace, answers now), then
+        both models learn, and a label both versions answered enters the contest."""
+        hits: dict[str, bool] = {}
+        published: list[tuple[str, dict]] = []
+        for slot in self.slots():
+            p = answers.get(slot.role)
+            if p is None and slot.role == "champion":
+                y_pred, proba = slot.score(x)
+                p = {"model_version": slot.version, "y_pred": y_pred, "proba": proba}
+            if p is not None and p["model_version"] == slot.version:
+                hits[slot.role] = slot.stats.update(y, p["y_pred"], p["proba"])
+            if p is not None and (slot.role == "champion" or p["model_version"] == slot.version):
+                published.append((slot.role, p))
+        for slot in self.slots():
+            slot.learn(x, y)
+        verdict = None
+        if self.contest is not None and len(hits) == 2:
+            self.contest.record(hits["champion"], hits["challenger"])
+            verdict = self.contest.verdict()
+        return Learned(hits, published, verdict)
+
+    def start(self, challenger: Slot, contest: Contest) -> None:
+        self.challenger, self.contest = challenger, contest
+
+    def promote(self) -> tuple[Slot, Slot]:
+        """The challenger becomes the champion: (old champion, new champion)."""
+        old, new = self.champion, self.challenger
+        assert new is not None
+        new.role = "champion"
+        self.champion, self.challenger, self.contest = new, None, None
+        return old, new
+
+    def drop(self) -> Slot:
+        """The challenger goes: it did not win."""
+        slot = self.challenger
+        assert slot is not None
+        self.challenger, self.contest = None, None
+        return slot
+
+    def replace_champion(self, new: Slot, contest: Contest | None = None) -> Slot:
+        """A champion chosen elsewhere (rollback, manual promotion) takes over; returns the old one.
+        A shadowing challenger restarts its contest (`contest`) against the new champion."""
+        old = self.champion
+        new.role = "champion"
+        if self.challenger is not None and self.challenger.version == new.version:
+            self.challenger, self.contest = None, None
+        elif self.contest is not None:
+            self.contest = contest
+        self.champion = new
+        return old

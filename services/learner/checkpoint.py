@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any
+from dataclasses import dataclass, field
 
 import redis
 from confluent_kafka import TopicPartition
@@ -33,8 +33,27 @@ from driftline.shared.keys import Keys
 from driftline.shared.registry import TamperedArtifact, dumps_signed, loads_signed
 from driftline.shared.settings import Settings
 
+from .champion import Roles
+from .records import Control, Event, Label
+
 log = logging.getLogger(__name__)
-FORMAT = 1
+FORMAT = 2
+
+
+@dataclass
+class LearnerState:
+    """What a checkpoint holds: everything needed to go on exactly where the learner was."""
+
+    spec: str
+    roles: Roles
+    offsets: dict[tuple[str, int], int]  # (topic, partition) -> next offset to read
+    outcomes_offset: int  # the outcomes topic's end when saved: what was published after it is replayed
+    waiting: list[Label]  # labels read, not yet learned
+    position: int  # champion labels learned
+    clock: float  # event time of the latest scored event
+    held_events: list[Event]  # events read, not yet scored
+    held_control: list[Control]  # control records read, not yet applied
+    label_ts_by_partition: dict[int, float] = field(default_factory=dict)
 
 _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
@@ -72,10 +91,6 @@ class Lease:
             return True
         return False
 
-    def holder(self) -> str | None:
-        v = self.r.get(self.key)
-        return v.decode() if v else None
-
     def renew(self) -> bool:
         ok = bool(self._renew(keys=[self.key], args=[self.token, self.ttl_ms]))
         if not ok:
@@ -105,18 +120,19 @@ class Lease:
             log.warning("lease release failed; it expires by itself", exc_info=True)
 
 
-def save_checkpoint(client: redis.Redis, keys: Keys, model: str, lease: Lease, state: dict[str, Any],
+def save_checkpoint(client: redis.Redis, keys: Keys, model: str, lease: Lease, state: LearnerState,
                     signing_key: bytes) -> bool:
     """Write the checkpoint if (and only if) this learner still holds the lease."""
-    blob = dumps_signed({"format": FORMAT, "saved_at": time.time(), **state}, signing_key)
+    blob = dumps_signed({"format": FORMAT, "saved_at": time.time(), "state": state}, signing_key)
     ok = bool(lease.fenced_set(keys=[lease.key, keys.checkpoint(model)], args=[lease.token, blob]))
     if not ok:
         lease.lost.set()
     return ok
 
 
-def load_checkpoint(client: redis.Redis, keys: Keys, model: str, signing_key: bytes) -> dict[str, Any] | None:
-    """The latest checkpoint, None when there is none; TamperedArtifact when it is not ours."""
+def load_checkpoint(client: redis.Redis, keys: Keys, model: str, signing_key: bytes) -> LearnerState | None:
+    """The latest checkpoint, None when there is none; TamperedArtifact when it is not ours (or of
+    another format)."""
     blob = client.get(keys.checkpoint(model))
     if blob is None:
         return None
@@ -126,9 +142,9 @@ def load_checkpoint(client: redis.Redis, keys: Keys, model: str, signing_key: by
         log.error("REFUSED the checkpoint of model %s: its signature does not match (tampered, or "
                   "signed with another DRIFTLINE_MODEL_KEY); not loading it", model)
         raise
-    if state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise TamperedArtifact(f"checkpoint format {state.get('format')!r} is not {FORMAT}")
-    return state
+    return state["state"]
 
 
 def outcomes_since(settings: Settings, topic: str, offset: int, model: str, timeout_s: float = 15.0) -> list[dict]:
@@ -162,7 +178,8 @@ def outcomes_since(settings: Settings, topic: str, offset: int, model: str, time
         c.close()
 
 
-def high_watermark(settings: Settings, c, topic: str) -> int:
+def high_watermark(c, topic: str) -> int:
+    """The end of partition 0 of `topic`, asked of the broker (not the consumer's cache)."""
     _low, high = c.get_watermark_offsets(TopicPartition(topic, 0), timeout=10.0, cached=False)
     return high
 

@@ -1,7 +1,8 @@
 """Prequential (test-then-train) metrics of one model version in one role.
 
     >>> stats = Prequential(window=2)
-    >>> stats.update("1", "1", {"1": 0.9, "0": 0.1}); stats.update("1", "0", {"1": 0.2, "0": 0.8})
+    >>> stats.update("1", "1", {"1": 0.9, "0": 0.1}), stats.update("1", "0", {"1": 0.2, "0": 0.8})
+    (True, False)
     >>> stats.accuracy, stats.window_accuracy, stats.n
     (0.5, 0.5, 2)
 

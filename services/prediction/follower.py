@@ -12,9 +12,9 @@ published in between is read (and is harmless if it names what already serves). 
 reconcile every `reconcile_s` also re-reads the registry, so a message lost while Kafka was down
 still lands. The loop: consume -> decode -> load + swap -> observe the swap time.
 
-    >>> follower = ModelFollower(settings, holder, registry)
-    >>> follower.start()      # background thread
-    >>> follower.stop()
+    follower = ModelFollower(settings, holder, registry)
+    follower.start()      # background thread
+    follower.stop()
 """
 
 from __future__ import annotations

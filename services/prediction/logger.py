@@ -7,10 +7,10 @@ When the queue is full or a delivery fails (Kafka down longer than `log_timeout_
 is dropped and counted in `driftline_prediction_log_dropped_total{reason}`; the service keeps
 answering. It must never block, retry in the request path, or raise into a request.
 
-    >>> plog = PredictionLog(settings)
-    >>> plog.start()
-    >>> plog.log(prediction_dict)        # returns immediately
-    >>> plog.stop()                      # flushes what it can
+    plog = PredictionLog(settings)
+    plog.start()
+    plog.log(prediction_dict)        # returns immediately
+    plog.stop()                      # flushes what it can
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A declared `Content-Length` over the limit is refused without reading a byte; a 
 one (chunked) is read up to the limit and refused as soon as it goes over. A body within the limit
 is handed to the app unchanged. It must never let the app see (or buffer) more than `max_bytes`.
 
-    >>> app = BodyLimit(app, max_bytes=1_048_576, service="prediction")
+    app = BodyLimit(app, max_bytes=1_048_576, service="prediction")
 """
 
 from __future__ import annotations

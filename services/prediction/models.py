@@ -7,10 +7,10 @@ reference ONCE and uses that pair to the end, so it finishes on the model it sta
 names the version that really answered. The holder must never hand out a model whose artifact
 signature was not checked, and never lets a refused artifact replace the one that serves.
 
-    >>> holder = ModelHolder("default")
-    >>> holder.load(registry, version=1)                   # signature checked by the registry
-    >>> served = holder.current                            # grab once per request
-    >>> prediction, proba = score(served.model, {"price": 0.3})
+    holder = ModelHolder("default")
+    holder.load(registry, version=1)                   # signature checked by the registry
+    served = holder.current                            # grab once per request
+    prediction, proba = score(served.model, {"price": 0.3})
 
 Labels are strings everywhere in driftline; river gives back Python values (bool for binary
 models trained on 0/1), mapped back by the learner's own `labels.proba_to_text`, so a served

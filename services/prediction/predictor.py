@@ -22,9 +22,9 @@ Admin actions (rollback, promote) write the registry role, swap this worker at o
 It must never load a model on the request path, never wait for Kafka to answer a request, and
 never turn client input into a 5xx.
 
-    >>> p = Predictor(settings); p.start()
-    >>> p.predict(PredictRequest(entity_id="meter-7", fields={"price": 0.3}))
-    {'event_id': '...', 'prediction': '1', 'proba': {...}, 'model_version': 1}
+    p = Predictor(settings); p.start()
+    p.predict(PredictRequest(entity_id="meter-7", fields={"price": 0.3}))
+    # {'event_id': '...', 'prediction': '1', 'proba': {...}, 'model_version': 1}
 """
 
 from __future__ import annotations
@@ -44,17 +44,16 @@ from ..shared.codec import get_codec
 from ..shared.keys import Keys
 from ..shared.registry import ModelRegistry, TamperedArtifact, UnknownVersion
 from ..shared.settings import Settings
+from ..shared.swaps import make_champion, position_of, publish_swap, rollback_target
 from ..shared.topics import Topics
 from .follower import ModelFollower
 from .logger import PredictionLog
 from .models import ModelHolder, ServingModel, score
 from .schemas import PredictRequest
-from .swaps import publish_swap
 
 log = logging.getLogger(__name__)
 SERVICE = "prediction"
 ROLE = "champion"
-PREDICTION_FIELD = f"p.{ROLE}"
 
 
 class NotReady(RuntimeError):
@@ -179,8 +178,8 @@ class Predictor:
         pipe = self.redis.pipeline(transaction=False)
         self.store.queue_snapshots(pipe, vectors)
         for record in records:  # after queue_snapshots' EXPIRE: HSET keeps the key's TTL
-            pipe.hset(self.keys.snapshot(record["event_id"]), PREDICTION_FIELD,
-                      self.codec.encode("Prediction", record))
+            self.store.snapshots.queue_prediction(pipe, record["event_id"], ROLE,
+                                                  self.codec.encode("Prediction", record))
         try:
             self.store.execute(pipe, "write_snapshots")
         except redis.RedisError as exc:
@@ -222,47 +221,29 @@ class Predictor:
         }
 
     def rollback(self, version: int | None) -> dict[str, Any]:
-        """Make `version` (default: the champion's parent) the champion."""
-        champion = self.registry.champion()
+        """Make `version` (default: `swaps.rollback_target`, the version the champion replaced) the champion."""
         if version is None:
+            champion = self.registry.champion()
             if champion is None:
                 raise AdminError(409, "there is no champion to roll back from")
-            parent = self.registry.meta(champion).get("parent")
-            if parent is None:
+            version = rollback_target(self.registry)
+            if version is None:
                 raise AdminError(409, f"champion version {champion} has no parent to roll back to; name a version")
-            version = int(parent)
-        return self._make_champion(version, champion, "rollback")
+        return self._make_champion(version, "rollback")
 
     def promote(self, version: int) -> dict[str, Any]:
-        champion = self.registry.champion()
-        result = self._make_champion(version, champion, "manual")
-        if self.registry.challenger() == version:
-            self.registry.set_role("challenger", None)  # it no longer shadows: it serves
-        return result
+        return self._make_champion(version, "manual")
 
-    def _make_champion(self, version: int, from_version: int | None, reason: str) -> dict[str, Any]:
+    def _make_champion(self, version: int, reason: str) -> dict[str, Any]:
         try:
-            self.registry.load(version)  # the signature is checked before it can become anyone's champion
+            from_version = make_champion(self.registry, version)
         except UnknownVersion:
             raise AdminError(404, f"model {self.model_name!r} has no version {version}") from None
         except TamperedArtifact as exc:
             raise AdminError(409, f"version {version} is refused: {exc}") from None
-        self.registry.set_role(ROLE, version)
         self.holder.load(self.registry, version)  # this worker at once; the others by model.swaps
-        metrics.MODEL_SWAPS.labels(self.model_name, reason).inc()
-        published = self._publish_swap(from_version, version, reason)
+        published = publish_swap(self._swap_producer, self.topics, model=self.model_name, from_version=from_version,
+                                 to_version=version, reason=reason, position=position_of(self.registry, from_version),
+                                 service=SERVICE)
         return {"model": self.model_name, "from_version": from_version, "to_version": version,
                 "reason": reason, "published": published}
-
-    def _publish_swap(self, from_version: int | None, to_version: int, reason: str) -> bool:
-        position = 0
-        if from_version is not None:
-            try:  # best effort: how far the outgoing champion had learned
-                position = int(self.registry.meta(from_version).get("examples_seen", 0))
-            except UnknownVersion:
-                pass
-        published = publish_swap(self._swap_producer, self.topics, model=self.model_name,
-                                 from_version=from_version, to_version=to_version, reason=reason, position=position)
-        if published:
-            metrics.MESSAGES_OUT.labels(SERVICE, "model.swaps").inc()
-        return published

@@ -1,6 +1,6 @@
 """`driftline demo`: the whole loop on one machine, from nothing to a report and back to nothing.
 
-    >>> demo(load("elec2"), report_dir=Path("reports/demo"))
+    demo(load("elec2"), report_dir=Path("reports/demo"))
 
 Starts the local Kafka and Redis (unless they already run), starts the five services with the
 chosen model and features, replays the dataset, writes the report, and stops everything it

@@ -2,7 +2,7 @@
 shaded, concept drift events as red lines, data drift events as grey ticks, model swaps as green
 triangles.
 
-    >>> plot_report(report, Path("reports/demo/report.png"))
+    plot_report(report, Path("reports/demo/report.png"))
 
 Headless (matplotlib's Agg backend); reads only the report dict.
 """

@@ -1,8 +1,8 @@
 """`replay()`: publish a dataset as events plus delayed labels through Kafka, wait until the
 running pipeline has accounted for every label, and write the report.
 
-    >>> report = replay(settings, load("elec2"), limit=5000, label_delay=100, report_dir=Path("reports/x"))
-    >>> report["prequential"]["accuracy"]
+    report = replay(settings, load("elec2"), limit=5000, label_delay=100, report_dir=Path("reports/x"))
+    report["prequential"]["accuracy"]
 
 The replay talks to the pipeline only through its public doors: Avro `Event`s on `events`
 (key = entity id) and `Label`s on `labels` (key = event id), exactly what a producer would send.
@@ -449,6 +449,7 @@ def check_pipeline(settings: Settings, model: str, features: str, outcomes: list
     import redis
 
     from ..features.definitions import load_feature_set
+    from ..features.store import Snapshots
     from ..shared.keys import Keys
     from ..shared.registry import ModelRegistry
 
@@ -468,8 +469,8 @@ def check_pipeline(settings: Settings, model: str, features: str, outcomes: list
         wanted = load_feature_set(features).name
         running = None
         for o in outcomes[:1]:
-            blob = client.hget(keys.snapshot(o["event_id"]), "fv")
-            running = get_codec().decode(blob, expect="FeatureVector")["feature_set"] if blob else None
+            fv = Snapshots(client, keys, service="replay").read_vectors([o["event_id"]]).get(o["event_id"])
+            running = fv["feature_set"] if fv else None
         checks["features_running"] = running
         checks["features_match"] = None if running is None else running == wanted
     except Exception as exc:

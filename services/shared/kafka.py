@@ -66,7 +66,7 @@ def produce(p: Producer, topic: str, value: bytes, key: str | bytes | None = Non
 
 
 def ensure_topics(settings: Settings, namespace: str | None = None, timeout: float = 30.0) -> list[str]:
-    """Create every topic of DESIGN.md in the namespace; existing ones are left as they are.
+    """Create every topic of docs/DESIGN.md in the namespace; existing ones are left as they are.
     Returns the topics that were created now."""
     topics = Topics(settings.namespace if namespace is None else namespace)
     client = admin(settings)
@@ -123,7 +123,7 @@ def lag_of(c: Consumer, assignment: Iterable[TopicPartition] | None = None) -> l
 
 
 def base_topic(name: str) -> str:
-    """DESIGN.md name of a topic (without a namespace) when it is one of ours."""
+    """docs/DESIGN.md name of a topic (without a namespace) when it is one of ours."""
     for spec_name in SPEC_BY_NAME:
         if name == spec_name or name.endswith("." + spec_name):
             return spec_name

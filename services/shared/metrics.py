@@ -1,6 +1,6 @@
 """Every Prometheus metric driftline exports, defined once (names start with `driftline_`).
 
-Labels are bounded: service, topic (DESIGN.md's name, without namespace), reason codes from a
+Labels are bounded: service, topic (docs/DESIGN.md's name, without namespace), reason codes from a
 fixed set, model name, model version (one live series per active version; retired versions are
 removed), role (champion | challenger). The README's metric table lists these same objects.
 

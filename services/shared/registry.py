@@ -1,8 +1,8 @@
 """The model registry, in Redis: every version with its lineage, artifacts signed with HMAC-SHA256.
 
-    >>> reg = ModelRegistry(redis_client, Keys(""), "default", b"secret")
-    >>> v = reg.register(model, spec="linear_model.LogisticRegression()", reason="initial")
-    >>> reg.set_role("champion", v); model, meta = reg.load(v)
+    reg = ModelRegistry(redis_client, Keys(""), "default", b"secret")
+    v = reg.register(model, spec="linear_model.LogisticRegression()", reason="initial")
+    reg.set_role("champion", v); model, meta = reg.load(v)
 
 An artifact is `MAGIC | hmac(32 bytes) | pickle`. `load` checks the HMAC before unpickling and
 raises TamperedArtifact otherwise: a blob that this deployment's key did not sign never becomes a

@@ -76,11 +76,15 @@ class StreamWorker:
     def close(self) -> None:
         """Last words on a clean stop (a final checkpoint, say)."""
 
+    def running(self) -> bool:
+        """Whether the loop goes on: no stop was asked for (the learner also ends on a lost lease)."""
+        return not self._stop.is_set()
+
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
         self.consumer = self.open_consumer()
         try:
-            while not self._stop.is_set():
+            while self.running():
                 messages = self.next_batch()
                 good = [m for m in messages if m.error() is None]
                 for m in messages:

@@ -27,8 +27,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .vocabulary import DRIFT_DETECTORS
+
 DEFAULT_MODEL = "preprocessing.StandardScaler() | linear_model.LogisticRegression()"
-DriftDetectorName = Literal["ADWIN", "PageHinkley", "KSWIN", "DDM", "HDDM_A", "HDDM_W"]
+DriftDetectorName = Literal[tuple(DRIFT_DETECTORS)]  # type: ignore[valid-type]
 
 
 class Ports(BaseModel):

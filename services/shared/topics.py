@@ -1,6 +1,6 @@
-"""The Kafka topics of DESIGN.md, defined once: name, record schema, partitions, key.
+"""The Kafka topics of docs/DESIGN.md, defined once: name, record schema, partitions, key.
 
-    >>> topics = Topics("")            # the default namespace: DESIGN.md's names as they are
+    >>> topics = Topics("")            # the default namespace: docs/DESIGN.md's names as they are
     >>> topics.events_valid
     'events.valid'
     >>> Topics("t1").features          # a namespace prefixes every topic (tests, tenants)
@@ -56,7 +56,7 @@ class Topics:
         return f"{self.namespace}.{base}" if self.namespace else base
 
     def base(self, full: str) -> str:
-        """The DESIGN.md name of a broker topic (drops the namespace)."""
+        """The docs/DESIGN.md name of a broker topic (drops the namespace)."""
         prefix = f"{self.namespace}." if self.namespace else ""
         return full[len(prefix):] if prefix and full.startswith(prefix) else full
 

@@ -1,0 +1,138 @@
+"""The delayed join: labels waiting for their events, scored events waiting for their labels.
+
+    >>> join = DelayedJoin(hold_s=0.2, patience_s=10.0, grace_s=30.0)
+    >>> join.add([Label("e2", "1", ts=2.5, seen=100.0, raw=b"", key=None, partition=0, offset=0)])
+    >>> events = [Event("e1", 1.0, {}, "features", 0, 0, 100.0), Event("e2", 2.0, {}, "features", 0, 1, 100.0),
+    ...           Event("e3", 3.0, {}, "features", 0, 2, 100.0)]
+    >>> due = join.due(events, held=set(), now=100.0)
+    >>> [getattr(step, "label", step.event_id) for step in join.plan(events, due)]   # learn before e3
+    ['e1', 'e2', '1', 'e3']
+
+driftline's counterpart of river's progressive validation with delayed labels: walk the events in
+ts order and, before scoring each, learn the waiting labels whose ts is not after it (the
+replay's point-in-time rule). A label is *due* when event time has reached it, when the features
+stream has been idle for the hold, when its event was scored and it waited `patience_s` (a
+producer whose label clock runs ahead), or when it is overdue. A label whose event is held (not
+scored yet, waiting for older labels) is never due: it waits for it, however long.
+
+*Overdue* is the grace rule, shared by learning from a snapshot and dead-lettering: the label
+waited `grace_s` *and* its event can no longer be on its way -- the features stream has been
+quiet for as long, or event time on it moved past the label's own ts by the grace. Wall time
+alone is no proof: behind a features backlog the event's vector may be minutes away.
+
+Pure state and rules, no I/O: snapshots read from Redis come in as arguments.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+
+from ..features.store import Snapshot
+from .records import Event, Label
+
+RECENT_EVENTS = 50_000  # scored events kept in memory for their labels (older: read from Redis)
+RETRY_S = 0.5  # a label looked up in Redis and not found is not looked up again sooner
+
+
+class DelayedJoin:
+    def __init__(self, hold_s: float, patience_s: float, grace_s: float, waiting: Iterable[Label] = (),
+                 clock: float = float("-inf"), recent_max: int = RECENT_EVENTS) -> None:
+        self.hold_s = hold_s
+        self.patience_s = patience_s
+        self.grace_s = grace_s
+        self.recent_max = recent_max
+        self.waiting: list[Label] = list(waiting)  # labels read, not yet learned (arrival order)
+        self.clock = clock  # event time of the latest scored event
+        self.recent: OrderedDict[str, Snapshot] = OrderedDict()  # scored events whose label has not come
+        self.learned_ids: OrderedDict[str, None] = OrderedDict()  # to drop a label delivered twice
+        self.learned_ts = float("-inf")  # latest label ts learned: the order check
+        self.last_feature_at = 0.0  # wall time events last came to be scored
+
+    def add(self, labels: Iterable[Label]) -> None:
+        self.waiting.extend(labels)
+
+    # -- the rules ------------------------------------------------------------------------------
+    def overdue(self, label: Label, now: float) -> bool:
+        """Waited its grace, and its event could no longer be on its way (see the module doc)."""
+        grace = self.grace_s
+        return now - label.seen >= grace and (now - self.last_feature_at >= grace or self.clock >= label.ts + grace)
+
+    def due(self, events: list[Event], held: set[str], now: float) -> list[Label]:
+        """The waiting labels to try now, as these `events` (ts order) are about to be scored."""
+        horizon = max([self.clock] + [e.ts for e in events])
+        if events:
+            self.last_feature_at = now
+        # A label later than every event seen waits for the events before it; it is released early
+        # only when the features stream has been quiet for the hold (the end of a replay, an idle
+        # hour), or after `patience_s` once its event is scored (a label clock running ahead).
+        idle = now - self.last_feature_at >= self.hold_s
+        return [lb for lb in self.waiting if lb.event_id not in held and (
+            lb.ts <= horizon or (idle and now - lb.seen >= self.hold_s)
+            or (lb.event_id in self.recent and now - lb.seen >= self.patience_s) or self.overdue(lb, now))]
+
+    def to_look_up(self, due: list[Label], now: float) -> list[Label]:
+        """The due labels whose event is not in memory (read their snapshot from Redis)."""
+        return [lb for lb in due if lb.event_id not in self.recent and lb.retry_at <= now]
+
+    @staticmethod
+    def plan(events: list[Event], due: list[Label]) -> Iterator[Event | Label]:
+        """The walk: each event after the due labels not later than it, then the remaining labels.
+        Sorts `due` by ts."""
+        due.sort(key=lambda lb: lb.ts)
+        i = 0
+        for event in events:
+            while i < len(due) and due[i].ts <= event.ts:
+                yield due[i]
+                i += 1
+            yield event
+        yield from due[i:]
+
+    def snapshot_for(self, label: Label, stored: dict[str, Snapshot], now: float) -> Snapshot | None:
+        """The label's event (vector + predictions), or None while it is not ready: its vector is
+        still on its way, or it has not been scored by the champion yet and the label is not overdue."""
+        snap = self.recent.get(label.event_id) or stored.get(label.event_id)
+        if snap is None or snap.vector is None:
+            return None
+        if "champion" not in snap.predictions and not self.overdue(label, now):
+            return None
+        return snap
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def scored(self, event: Event, snapshot: Snapshot) -> None:
+        """An event was scored: keep it in memory for its label."""
+        self.recent[event.event_id] = snapshot
+        while len(self.recent) > self.recent_max:
+            self.recent.popitem(last=False)  # older ones are read back from their snapshot
+        self.clock = max(self.clock, event.ts)
+
+    def learned_before(self, label: Label) -> bool:
+        """A label delivered twice (its event's label was learned already)."""
+        return label.event_id in self.learned_ids
+
+    def learn(self, label: Label) -> bool:
+        """Record a label as learned; True when it comes after a later one (out of order)."""
+        late = label.ts < self.learned_ts
+        self.learned_ts = max(self.learned_ts, label.ts)
+        self.recent.pop(label.event_id, None)
+        self.learned_ids[label.event_id] = None
+        if len(self.learned_ids) > self.recent_max:
+            self.learned_ids.popitem(last=False)
+        return late
+
+    def settle(self, due: list[Label], learned: set[int], looked_up: Iterable[str], now: float) -> None:
+        """After a walk: the learned labels (by id()) stop waiting; those looked up in Redis and
+        not found are not looked up again at once."""
+        looked_up = set(looked_up)
+        for lb in due:
+            if id(lb) not in learned and lb.event_id in looked_up:
+                lb.retry_at = now + RETRY_S
+        self.waiting = [lb for lb in self.waiting if id(lb) not in learned]
+
+    def expire(self, now: float, held: set[str]) -> list[Label]:
+        """Remove and return the overdue labels (for the DLQ); those of `held` events are not lost."""
+        keep, gone = [], []
+        for lb in self.waiting:
+            (gone if lb.event_id not in held and self.overdue(lb, now) else keep).append(lb)
+        self.waiting = keep
+        return gone

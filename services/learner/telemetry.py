@@ -1,0 +1,62 @@
+"""The learner's metrics: per-role accuracy gauges, versions, and counters resolved once.
+
+    telemetry = Telemetry("default")
+    telemetry.count("predictions", "champion"); telemetry.export(roles)
+
+Label lookups on a prometheus metric cost more than the increment itself, so each child is
+looked up once and kept; gauges of a version that leaves a role are removed (one series per
+live version and role).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..shared import metrics
+from ..shared.kafka import base_topic
+from .champion import Roles, Slot
+
+SERVICE = "learner"
+
+
+class Telemetry:
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self._children: dict[Any, Any] = {}
+
+    def sent(self, topic: str) -> None:
+        child = self._children.get(topic)
+        if child is None:
+            child = self._children[topic] = metrics.MESSAGES_OUT.labels(SERVICE, base_topic(topic))
+        child.inc()
+
+    def count(self, what: str, role: str) -> None:
+        """`predictions` made or examples `learned` by a role."""
+        child = self._children.get((what, role))
+        if child is None:
+            child = self._children[(what, role)] = (
+                metrics.PREDICTIONS.labels(SERVICE, self.model, role) if what == "predictions"
+                else metrics.EXAMPLES_LEARNED.labels(self.model, role))
+        child.inc()
+
+    def export(self, roles: Roles | None) -> None:
+        for slot in roles.slots() if roles else ():
+            labels = (self.model, str(slot.version), slot.role)
+            metrics.ACCURACY.labels(*labels).set(slot.stats.accuracy)
+            metrics.WINDOW_ACCURACY.labels(*labels).set(slot.stats.window_accuracy)
+            metrics.LOG_LOSS.labels(*labels).set(slot.stats.log_loss)
+        self.versions(roles)
+
+    def versions(self, roles: Roles | None) -> None:
+        champion = roles.champion.version if roles else 0
+        challenger = roles.challenger.version if roles and roles.challenger else 0
+        metrics.MODEL_VERSION.labels(self.model, "champion").set(champion)
+        metrics.MODEL_VERSION.labels(self.model, "challenger").set(challenger)
+
+    def retire(self, *slots: Slot) -> None:
+        for slot in slots:
+            for gauge in (metrics.ACCURACY, metrics.WINDOW_ACCURACY, metrics.LOG_LOSS):
+                try:
+                    gauge.remove(self.model, str(slot.version), slot.role)
+                except KeyError:
+                    pass

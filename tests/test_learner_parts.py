@@ -1,0 +1,236 @@
+"""The learner's rules without Kafka or Redis: ordering, the delayed join, the roles and their
+contest, the records it decodes and the checkpoint it keeps. Each test drives one pure part
+with a list of events and labels, as river's progressive validation would."""
+
+from __future__ import annotations
+
+import pytest
+
+from driftline.features.store import Snapshot
+from driftline.learner.champion import Contest, Roles, Slot, warm_start
+from driftline.learner.checkpoint import LearnerState, load_checkpoint
+from driftline.learner.join import DelayedJoin
+from driftline.learner.ordering import HeldEvents, LabelWatermark
+from driftline.learner.prequential import Prequential
+from driftline.learner.records import Control, Event, Label, decode
+from driftline.learner.spec import parse_model
+from driftline.shared.codec import DecodeError, get_codec
+from driftline.shared.deadletter import REASONS, dead_letter
+from driftline.shared.keys import Keys
+from driftline.shared.registry import TamperedArtifact, dumps_signed
+
+NOW = 1_000.0  # wall time in these tests
+
+
+def event(i: int, ts: float | None = None, seen: float = NOW, partition: int = 0) -> Event:
+    return Event(f"e{i}", float(i if ts is None else ts), {"event_id": f"e{i}", "entity_id": "m", "ts": i,
+                                                          "features": {"a": float(i)}}, "features", partition, i, seen)
+
+
+def label(i: int, ts: float | None = None, seen: float = NOW, partition: int = 0, y: str = "1") -> Label:
+    return Label(f"e{i}", y, float(i + 0.5 if ts is None else ts), seen, b"raw", f"e{i}".encode(), partition, i)
+
+
+# -- ordering --------------------------------------------------------------------------------------
+def test_the_label_watermark_is_the_slowest_partition_and_an_idle_finished_one_does_not_hold_back():
+    marks = LabelWatermark(idle_s=3.0)
+    marks.saw_features(NOW)
+    marks.saw_labels([(0, 50.0), (1, 20.0)], NOW)
+    assert marks.mark([(0, False), (1, False)], NOW) == 20.0
+    assert marks.mark([(0, False), (1, True)], NOW + 1) == 20.0  # at its end, but not idle yet
+    assert marks.mark([(0, False), (1, True)], NOW + 3) == 50.0  # at its end and idle: done
+    assert marks.mark([(0, True), (1, True)], NOW + 3) == float("inf")
+    assert marks.mark([(0, False), (2, False)], NOW) == float("-inf")  # a partition never read holds all
+
+
+def test_features_coming_back_after_a_quiet_spell_give_labels_time_again():
+    marks = LabelWatermark(idle_s=3.0)
+    marks.saw_labels([(0, 5.0)], NOW)
+    marks.saw_features(NOW + 10)  # a new stream starts: its labels may still be on their way
+    assert marks.mark([(0, True)], NOW + 11) == 5.0
+    assert marks.mark([(0, True)], NOW + 13) == float("inf")
+
+
+def test_held_events_are_released_in_ts_order_up_to_the_watermark_after_patience_or_beyond_the_bound():
+    held = HeldEvents(patience_s=10.0, max_held=3)
+    held.add([event(5), event(1), event(3), event(9, seen=NOW - 20)])
+    assert [e.event_id for e in held.release(3.0, NOW)] == ["e1", "e3"]
+    assert [e.event_id for e in held.release(3.0, NOW)] == []  # e5 waits; e9 waited out, but is behind e5
+    assert held.ids() == {"e5", "e9"}
+    assert [e.event_id for e in held.release(float("inf"), NOW)] == ["e5", "e9"]
+    held.add([event(i) for i in range(10, 15)])
+    assert len(held.release(0.0, NOW)) == 2 and len(held) == 3  # bounded: the oldest go anyway
+
+
+# -- the delayed join ------------------------------------------------------------------------------
+def new_join(**kw) -> DelayedJoin:
+    return DelayedJoin(**{"hold_s": 0.2, "patience_s": 10.0, "grace_s": 30.0, **kw})
+
+
+def test_labels_are_learned_before_the_first_later_event_and_after_the_earlier_ones():
+    join = new_join()
+    join.add([label(2, ts=2.5), label(0, ts=0.5)])
+    events = [event(1), event(2), event(3)]
+    due = join.due(events, held=set(), now=NOW)
+    plan = [(type(s).__name__, s.event_id) for s in join.plan(events, due)]
+    assert plan == [("Label", "e0"), ("Event", "e1"), ("Event", "e2"), ("Label", "e2"), ("Event", "e3")]
+
+
+def test_a_label_ahead_of_every_event_waits_until_the_stream_is_idle_for_the_hold():
+    join = new_join()
+    join.add([label(9, ts=9.5)])
+    assert join.due([event(1)], set(), NOW) == []
+    assert join.due([], set(), NOW + 0.1) == []
+    assert [lb.event_id for lb in join.due([], set(), NOW + 0.3)] == ["e9"]
+
+
+def test_a_label_whose_event_is_held_is_never_due_nor_expired():
+    join = new_join(grace_s=1.0)
+    join.add([label(4, ts=4.5, seen=NOW - 100)])
+    assert join.due([event(5)], held={"e4"}, now=NOW) == []
+    assert join.expire(NOW + 100, held={"e4"}) == [] and len(join.waiting) == 1
+
+
+def test_overdue_needs_the_grace_and_a_features_stream_that_went_quiet_or_moved_past_the_label():
+    join = new_join(grace_s=30.0)
+    lb = label(1, ts=1.5, seen=NOW)
+    join.last_feature_at = NOW + 40
+    join.clock = 10.0
+    assert not join.overdue(lb, NOW + 40)  # waited its grace, but events flow and are not past it
+    join.clock = 40.0
+    assert join.overdue(lb, NOW + 40)  # event time moved past ts + grace
+    join.clock = 10.0
+    assert join.overdue(lb, NOW + 70)  # the features stream is quiet for the grace
+    join.add([lb])
+    assert join.expire(NOW + 70, held=set()) == [lb] and join.waiting == []
+
+
+def test_a_label_is_ready_once_its_event_is_scored_by_the_champion_or_overdue():
+    join = new_join(grace_s=30.0)
+    lb = label(1)
+    assert join.snapshot_for(lb, {}, NOW) is None
+    vector_only = {"e1": Snapshot({"features": {}}, {})}
+    assert join.snapshot_for(lb, vector_only, NOW) is None  # not scored yet: wait for it
+    assert join.snapshot_for(lb, vector_only, NOW + 31) is not None  # overdue: score it now
+    join.scored(event(1), Snapshot({"features": {}}, {"champion": {}}))
+    assert join.snapshot_for(lb, {}, NOW) is not None and join.clock == 1.0
+
+
+def test_a_learned_label_is_forgotten_duplicates_are_known_and_late_ones_flagged():
+    join = new_join()
+    join.scored(event(1), Snapshot({}, {}))
+    assert not join.learn(label(1, ts=5.0)) and "e1" not in join.recent
+    assert join.learned_before(label(1))
+    assert join.learn(label(2, ts=3.0))  # out of order: after a label of ts 5
+
+
+def test_settle_keeps_the_unlearned_and_does_not_look_up_a_missing_snapshot_again_at_once():
+    join = new_join()
+    a, b = label(1), label(2)
+    join.add([a, b])
+    join.settle([a, b], learned={id(a)}, looked_up={"e2"}, now=NOW)
+    assert join.waiting == [b] and b.retry_at == NOW + 0.5
+    assert join.to_look_up([b], NOW) == [] and join.to_look_up([b], NOW + 1) == [b]
+
+
+def test_only_the_most_recent_scored_events_are_kept_in_memory():
+    join = new_join(recent_max=2)
+    for i in range(3):
+        join.scored(event(i), Snapshot({}, {}))
+    assert list(join.recent) == ["e1", "e2"]
+
+
+# -- roles and contest -------------------------------------------------------------------------------
+def slot(role: str, version: int, spec: str = "dummy.NoChangeClassifier()") -> Slot:
+    return Slot(role, version, parse_model(spec), Prequential(10))
+
+
+def test_roles_score_only_their_own_answers_and_the_champion_answers_late_ones_itself():
+    roles = Roles(slot("champion", 1))
+    learned = roles.learn({}, "1", {})  # past the grace: no answer stored, the champion answers now
+    assert learned.hits == {"champion": False} and [r for r, _ in learned.answers] == ["champion"]
+    roles.start(slot("challenger", 2), Contest("margin", 1, 10, 0.0, 100))
+    stale = {"champion": {"model_version": 1, "y_pred": "1", "proba": {"1": 1.0}},
+             "challenger": {"model_version": 7, "y_pred": "1", "proba": {"1": 1.0}}}
+    learned = roles.learn({}, "1", stale)
+    assert learned.hits == {"champion": True} and learned.verdict is None  # v7's answer is not v2's
+    assert roles.contest.shared == 0 and roles.champion.examples == 2 and roles.challenger.examples == 1
+
+
+def test_a_challenger_that_wins_the_contest_is_promoted_and_one_that_does_not_is_dropped():
+    roles = Roles(slot("champion", 1))
+    roles.start(slot("challenger", 2), Contest("margin", promote_after=2, window=2, margin=0.1, max_shadow=3))
+    answers = {"champion": {"model_version": 1, "y_pred": "0", "proba": {}},
+               "challenger": {"model_version": 2, "y_pred": "1", "proba": {}}}
+    assert roles.learn({}, "1", answers).verdict is None
+    assert roles.learn({}, "1", answers).verdict == "promote"
+    old, new = roles.promote()
+    assert (old.version, new.version, new.role, roles.challenger, roles.contest) == (1, 2, "champion", None, None)
+
+    roles.start(slot("challenger", 3), Contest("margin", promote_after=1, window=5, margin=0.5, max_shadow=1))
+    same = {"champion": {"model_version": 2, "y_pred": "1", "proba": {}},
+            "challenger": {"model_version": 3, "y_pred": "1", "proba": {}}}
+    assert roles.learn({}, "1", same).verdict == "drop"
+    assert roles.drop().version == 3 and roles.challenger is None
+
+
+def test_a_champion_chosen_elsewhere_restarts_the_contest_or_ends_the_challengers_shadowing():
+    roles = Roles(slot("champion", 1), slot("challenger", 2), Contest("margin", 1, 10, 0.0, 100, shared=5))
+    fresh = Contest("margin", 1, 10, 0.0, 100)
+    old = roles.replace_champion(slot("champion", 3), fresh)
+    assert old.version == 1 and roles.champion.version == 3 and roles.contest is fresh
+    roles.replace_champion(roles.challenger)
+    assert roles.champion.version == 2 and roles.champion.role == "champion" and roles.challenger is None
+
+
+def test_warm_start_records_only_the_current_champions_answers():
+    model, contest = parse_model("dummy.NoChangeClassifier()"), Contest("margin", 1, 10, 0.0, 100)
+    examples = [({}, "1", True, 1), ({}, "1", False, 1), ({}, "1", None, 1), ({}, "1", True, 0)]
+    assert warm_start(model, examples, champion_version=1, contest=contest) == 4
+    # 1st: the champion right, the untaught challenger not; 2nd: the reverse; 3rd: no answer; 4th: v0 answered
+    assert contest.shared == 2 and contest.disagreements() == (1, 1)
+
+
+# -- records and checkpoint ------------------------------------------------------------------------
+def test_records_carry_their_kafka_metadata_as_fields_and_bad_bytes_raise_decode_error():
+    codec = get_codec()
+    fv = {"event_id": "e1", "entity_id": "m", "ts": 3.0, "features": {"a": 1.0}, "feature_set": "raw",
+          "published_ms": None}
+    e = decode(codec, "features", "ns.features", 2, 40, b"m", codec.encode("FeatureVector", fv), NOW)
+    assert (e.event_id, e.ts, e.topic, e.partition, e.offset, e.seen, e.features) == (
+        "e1", 3.0, "ns.features", 2, 40, NOW, {"a": 1.0})
+    swap = {"model": "m", "from_version": None, "to_version": 1, "reason": "initial", "position": 0, "ts": 0.0}
+    c = decode(codec, "model.swaps", "model.swaps", 0, 0, None, codec.encode("ModelSwap", swap), NOW)
+    assert isinstance(c, Control) and c.kind == "swap" and c.value["to_version"] == 1
+    with pytest.raises(DecodeError) as bad:
+        decode(codec, "labels.valid", "labels.valid", 0, 0, None, b"junk", NOW)
+    assert bad.value.reason in REASONS
+
+
+class Blobs:
+    """A Redis stand-in for `get` alone: the checkpoint's format check needs nothing else."""
+
+    def __init__(self, data: dict) -> None:
+        self.data = data
+
+    def get(self, key):
+        return self.data.get(key)
+
+
+def test_a_checkpoint_of_another_format_is_refused_loudly_and_this_format_round_trips():
+    keys, secret = Keys("t"), b"k"
+    with pytest.raises(TamperedArtifact):
+        load_checkpoint(Blobs({keys.checkpoint("m"): dumps_signed({"format": 1}, secret)}), keys, "m", secret)
+    state = LearnerState("dummy.NoChangeClassifier()", Roles(slot("champion", 1)), {("features", 0): 5}, 0,
+                         [label(1)], 1, 2.0, [event(3)], [], {0: 1.5})
+    blob = dumps_signed({"format": 2, "state": state}, secret)
+    back = load_checkpoint(Blobs({keys.checkpoint("m"): blob}), keys, "m", secret)
+    assert back.waiting == [label(1)] and back.held_events == [event(3)] and back.roles.champion.version == 1
+
+
+def test_a_dead_letter_keeps_the_bytes_and_cuts_an_oversized_payload():
+    letter = get_codec().decode(dead_letter("ns.labels.valid", "unknown_event", "why", "learner", "e1", b"x" * 10,
+                                            1, 2, ts=0.0, max_payload=4), expect="DeadLetter")
+    assert letter["payload"] == b"xxxx" and "cut to its first 4 of 10" in letter["detail"]
+    assert (letter["key"], letter["source_topic"], letter["partition"], letter["offset"]) == (
+        b"e1", "ns.labels.valid", 1, 2)
