@@ -301,7 +301,10 @@ class LearnerWorker(StreamWorker):
             return
         o = {"event_id": fv["event_id"], "entity_id": fv["entity_id"], "model": self.name,
              "model_version": p["model_version"], "role": role, "y_true": label.label, "y_pred": p["y_pred"],
-             "proba": p["proba"], "position": self.position, "ts": fv["ts"]}
+             "proba": p["proba"], "position": self.position, "ts": fv["ts"],
+             # what the offline store keeps (offline/rows.py): the vector scored, and where the label was read
+             "features": fv["features"], "feature_set": fv.get("feature_set"), "label_ts": label.ts,
+             "label_partition": label.partition, "label_offset": label.offset}
         self.produce(self.topics.outcomes, self.codec.encode("Outcome", o), fv["entity_id"])
 
     def dead_letter(self, raw: bytes | None, key, partition: int, offset: int, reason: str, detail: str) -> None:

@@ -110,3 +110,6 @@ SWAP_SECONDS = Histogram(
     "driftline_swap_seconds", "From a model.swaps/model.updates message to the new model serving.",
     buckets=LATENCY_BUCKETS,
 )
+
+# -- offline store ----------------------------------------------------------------------------
+OFFLINE_ROWS = Counter("driftline_offline_rows_total", "Learned examples written to the offline store.", ["model"])

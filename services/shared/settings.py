@@ -41,6 +41,7 @@ class Ports(BaseModel):
     features: int = 8002
     learner: int = 8003
     drift: int = 8004
+    offline: int = 8005  # the offline store's sink (health and metrics only)
 
 
 class IngestionSettings(BaseModel):
@@ -123,6 +124,12 @@ class PredictionSettings(BaseModel):
     workers: int = 1
 
 
+class OfflineSettings(BaseModel):
+    dir: Path | None = Field(None, description="the offline store's Parquet files (default: <home>/offline)")
+    flush_rows: int = Field(5000, description="outcomes per written batch of files")
+    flush_interval_s: float = Field(10.0, description="a batch is written at least this often while outcomes come")
+
+
 class Settings(BaseSettings):
     """Everything driftline can be told. `driftline infra status` prints what is in force."""
 
@@ -154,6 +161,7 @@ class Settings(BaseSettings):
     learner: LearnerSettings = LearnerSettings()
     drift: DriftSettings = DriftSettings()
     prediction: PredictionSettings = PredictionSettings()
+    offline: OfflineSettings = OfflineSettings()
 
     @classmethod
     def settings_customise_sources(
