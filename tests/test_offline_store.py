@@ -4,17 +4,22 @@ sink that reads `outcomes` effectively once (a kill -9 neither loses nor duplica
 from __future__ import annotations
 
 import random
+import re
 import time
+from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
 
 from confluent_kafka import TopicPartition
 
+from driftline.offline.export import export
 from driftline.offline.store import FILE, OfflineStore, row_of
 from driftline.shared import kafka
 from driftline.shared.codec import get_codec
 from driftline.shared.topics import Topics
+from learner_harness import read_all
+from pipeline import PIPELINE, replay_report, start_pipeline
 
 DAY = 86400.0
 
@@ -117,3 +122,50 @@ def test_kill_9_of_the_sink_neither_loses_nor_duplicates_a_row(settings, run_ser
     by_id = {r["event_id"]: r for r in rows}
     assert dict(by_id["e123"]["features"]) == {"x": 123.0, "y": -1.0}
     assert {p.parent.parent.name for p in store.files()} == {"model=m1", "model=m2"}
+
+
+def readme_query() -> str:
+    """The README's point-in-time training set snippet (a python block that uses duckdb)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    return next(b for b in blocks if "import duckdb" in b)
+
+
+@pytest.mark.e2e
+def test_every_learned_example_reaches_the_store_and_export_and_the_readme_query_agree(settings, run_service,
+                                                                                      tmp_path):
+    start_pipeline(run_service, (*PIPELINE, "offline"), model="tree.HoeffdingTreeClassifier()", features="raw",
+                   DRIFTLINE_OFFLINE__FLUSH_INTERVAL_S="0.5")
+    report = replay_report(settings, "sea-abrupt", limit=600, label_delay=5)
+    assert report["examples_learned"] == 600
+    store = OfflineStore.from_settings(settings)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(read_rows(store)) < 600:
+        time.sleep(0.5)
+    rows = sorted(read_rows(store), key=lambda r: r["offset"])
+    champion = [r for r in rows if r["role"] == "champion"]
+    assert len(champion) == 600 and len({r["event_id"] for r in champion}) == 600
+    # The exact vector the learner scored: the features topic's record for that event.
+    vectors = {fv["event_id"]: fv for fv in read_all(settings, Topics(settings.namespace).features, "FeatureVector",
+                                                     until=lambda v: len(v) >= 600)}
+    for r in champion:
+        assert dict(r["features"]) == vectors[r["event_id"]]["features"]
+        assert r["event_ts"] == vectors[r["event_id"]]["ts"] and r["label_ts"] >= 0 and r["label_offset"] >= 0
+    by_position = {o["position"]: o for o in report["_outcomes"]}
+    assert all(by_position[r["position"]]["y_pred"] == r["y_pred"] for r in champion)
+
+    # export: the same rows from Kafka, in the same layout
+    out = tmp_path / "export"
+    assert export(settings, out) == len(rows)
+    exported = sorted(read_rows(OfflineStore(out)), key=lambda r: r["offset"])
+    assert exported == rows
+    some = sorted(r["event_ts"] for r in champion)[100:200]
+    assert export(settings, tmp_path / "range", since=some[0], until=some[-1]) == len(
+        [r for r in rows if some[0] <= r["event_ts"] < some[-1]])
+
+    # The README's DuckDB query, over this test's store and a range that covers its events
+    code = readme_query().replace('".driftline/offline"', repr(str(store.root)))
+    code = code.replace("2026-01-01", "1970-01-01").replace("2026-02-01", "2100-01-01")
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert [r[0] for r in scope["rows"]] == [r["event_id"] for r in sorted(champion, key=lambda r: r["event_ts"])]
