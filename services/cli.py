@@ -29,6 +29,8 @@ app.command()(demo)
 app.command()(bench)
 app.command()(retrain)
 app.command()(offline.export)
+app.command()(offline.train)
+app.command()(offline.reproduce)
 
 if __name__ == "__main__":
     app()
