@@ -83,3 +83,31 @@ def test_a_candidate_trained_from_history_enters_the_contest_and_is_reproduced(s
     file.unlink()
     with pytest.raises(NotReproducible, match="stored examples changed"):
         reproduce(settings, "default", version)
+
+
+@pytest.mark.e2e
+def test_a_drift_style_challenger_is_rebuilt_from_its_warm_start_and_what_it_learned_since(settings, run_service):
+    """A challenger the learner built itself (warm-started on the last examples before its
+    request) is rebuilt from the store alone, to the same bytes."""
+    from driftline.drift.policy import retrain_request
+    from driftline.shared import kafka
+    from driftline.shared.codec import get_codec
+
+    start_pipeline(run_service, (*PIPELINE, "offline"), model=LINEAR, features="raw",
+                   DRIFTLINE_OFFLINE__FLUSH_INTERVAL_S="0.5", DRIFTLINE_LEARNER__WARM_START="300")
+    replay_report(settings, "sea-abrupt", limit=500, label_delay=5)
+    producer = kafka.producer(settings)
+    kafka.produce(producer, Topics(settings.namespace).retrain_requests, get_codec().encode(
+        "RetrainRequest", retrain_request("default", "demand", version=1, position=0)), key="default")
+    producer.flush(10)
+    registry = registry_of(settings)
+    deadline = time.monotonic() + 60
+    while registry.challenger() is None and time.monotonic() < deadline:
+        time.sleep(0.3)
+    version = registry.challenger()
+    assert version is not None and registry.meta(version)["warm_start"] == 300
+    replay_report(settings, "sea-abrupt", limit=200, label_delay=5)
+    wait_rows(OfflineStore.from_settings(settings), 700)
+    proof = reproduce(settings, "default", version)
+    assert proof["before_registration"] == "warm start of 300 examples", proof
+    assert proof["reproduced"] and proof["identical_bytes"], json.dumps(proof)
