@@ -122,6 +122,12 @@ class PredictionSettings(BaseModel):
     log_queue: int = Field(100_000, description="predictions waiting for Kafka before they are counted as lost")
     log_timeout_ms: int = Field(10_000, description="a prediction Kafka has not taken by then is dropped (counted)")
     workers: int = 1
+    canary_share: float = Field(0.0, ge=0.0, le=1.0, description="share of /v1/predict routed to the challenger "
+                                "(sticky by entity id); the admin route POST /v1/canary changes it at run time")
+    canary_min_labels: int = Field(200, description="served labels per arm before the canary is judged")
+    canary_window: int = Field(1000, description="served labels per arm the canary is judged on (the last N)")
+    canary_max_error_increase: float = Field(
+        0.05, description="a canary whose served error rate is worse than the champion's by more is rolled back")
 
 
 class OfflineSettings(BaseModel):
