@@ -112,6 +112,8 @@ class Canary:
     def answered(self, arm: str, event_id: str, prediction: str | None, seconds: float) -> None:
         metrics.CANARY_REQUESTS.labels(self.model_name, arm).inc()
         metrics.CANARY_SECONDS.labels(self.model_name, arm).observe(seconds)
+        if self.share <= 0:
+            return  # no canary: nothing to judge, so labels need not be joined
         with self.lock:
             self.served[event_id] = (arm, prediction)
             if len(self.served) > self.max_served:
@@ -173,7 +175,7 @@ class Canary:
                           for tp in kafka.partitions_of(self.settings, topic)])
                 while not self._stop.is_set():
                     for m in c.consume(500, timeout=0.5):
-                        if m.error() is None:
+                        if m.error() is None and self.served:
                             try:
                                 lb = codec.decode(m.value(), expect="Label")
                             except DecodeError:
