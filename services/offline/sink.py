@@ -78,7 +78,15 @@ class OfflineSink(StreamWorker):
         if self.span and time.monotonic() - self.oldest >= self.cfg.flush_interval_s:
             self.write()
 
-    def close(self) -> None:
+    def close(self, drain_s: float = 5.0) -> None:
+        """On a clean stop: read what is already there (a demo stops the sink right after the last
+        label is learned, then drops its topics), then write it."""
+        deadline = time.monotonic() + drain_s
+        while time.monotonic() < deadline:
+            batch = [m for m in self.next_batch() if m.error() is None]
+            if not batch:
+                break
+            self.handle(batch)
         if self.span:
             self.write()
 
