@@ -127,10 +127,13 @@ class Canary:
         self.rolled_back = state.get("rolled_back")
         metrics.CANARY_SHARE.labels(self.model_name).set(self.share)
         challenger = self.registry.challenger()
+        before = self.holder.current.version if self.holder.current else None
         if self.share > 0 and challenger is not None:
             self.holder.load(self.registry, challenger)
         elif challenger is None:
-            self.holder.current = None
+            self.holder.current = None  # dropped or promoted in the learner: everyone on the champion
+        if self.holder.current is not None and before not in (None, self.holder.current.version):
+            self.scores.reset()  # another challenger: its record starts afresh
 
     def set_share(self, share: float, why: str | None = None) -> None:
         mapping = {"share": share, "version": self.registry.challenger() or 0, "rolled_back": why or ""}
