@@ -1,4 +1,4 @@
-"""The `driftline` command line: infra, serve, replay, demo, bench, retrain.
+"""The `driftline` command line: infra, serve, replay, demo, bench, retrain, export, train, reproduce.
 
 Each command is a thin shell over a function of its service's package; heavy imports happen
 inside the commands so that `driftline --help` is instant.
@@ -11,6 +11,7 @@ import typer
 from .bench.cli import bench
 from .drift.cli import retrain
 from .infra.cli import infra_app
+from .offline import cli as offline
 from .replay.cli import demo, replay
 from .serve import serve
 
@@ -44,6 +45,9 @@ app.command()(replay)
 app.command()(demo)
 app.command()(bench)
 app.command()(retrain)
+app.command()(offline.export)
+app.command()(offline.train)
+app.command()(offline.reproduce)
 
 if __name__ == "__main__":
     app()

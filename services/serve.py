@@ -21,6 +21,7 @@ from rich.console import Console
 from .shared.settings import InsecureSettings, Settings, check_model_key, get_settings, settings_env
 
 SERVICES = ("ingestion", "features", "learner", "drift", "prediction")
+SINKS = ("offline",)  # beside the five: the offline store's sink reads outcomes, off the hot path
 console = Console(stderr=True)
 
 
@@ -30,6 +31,7 @@ class ServiceName(str, Enum):
     learner = "learner"
     drift = "drift"
     prediction = "prediction"
+    offline = "offline"
     all = "all"
 
 
@@ -47,7 +49,7 @@ def serve(service: ServiceName = typer.Argument(..., help="a service, or 'all'")
     from .shared.runtime import configure_logging
 
     configure_logging(settings)
-    module = importlib.import_module(f"driftline.{service.value}.service")
+    module = importlib.import_module(f"driftline.{service.value}.{'sink' if service.value in SINKS else 'service'}")
     module.serve(settings)
 
 
@@ -137,10 +139,10 @@ def stop_services(services=SERVICES, timeout: float = 15.0, settings: Settings |
 
 
 def serve_all() -> None:
-    procs = {name: start_service(name) for name in SERVICES}
+    procs = {name: start_service(name) for name in SERVICES + SINKS}
     try:
-        wait_healthy(SERVICES, procs=procs)
-        console.print("[green]all five services are up[/]; Ctrl-C stops them")
+        wait_healthy(SERVICES + SINKS, procs=procs)
+        console.print("[green]all five services and the offline store's sink are up[/]; Ctrl-C stops them")
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         while all(p.poll() is None for p in procs.values()):
             time.sleep(0.5)
@@ -149,4 +151,4 @@ def serve_all() -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        stop_services()
+        stop_services(SERVICES + SINKS)

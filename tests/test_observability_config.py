@@ -23,7 +23,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from driftline.cli import app as cli_app
 from driftline.infra import stack
-from driftline.serve import SERVICES
+from driftline.serve import SERVICES, SINKS
 from driftline.shared import metrics
 from driftline.shared.settings import Settings, settings_env
 
@@ -344,7 +344,9 @@ def _get(settings: Settings, path: list[str]):
 def test_compose_ports_match_design_and_only_prediction_ingestion_grafana_are_published():
     doc = compose()
     design = design_ports()
-    assert Settings().ports.model_dump() == design
+    ports = Settings().ports.model_dump()
+    assert {name: ports.pop(name) for name in SINKS} == {"offline": 8005}  # the offline store's sink, beside the five
+    assert ports == design
     published = {}
     for name, svc in doc["services"].items():
         for mapping in svc.get("ports", []):

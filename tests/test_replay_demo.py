@@ -8,16 +8,18 @@ import os
 import subprocess
 import sys
 
+import pyarrow.dataset as ds
 import pytest
 
 from driftline.infra import stack
+from driftline.offline.store import OfflineStore
 
 pytestmark = pytest.mark.e2e
 
 
 def test_demo_writes_the_report_and_leaves_nothing_listening(infra_settings, tmp_path):
     ports = {name: stack.free_port() for name in ("kafka", "redis", "prediction", "ingestion", "features",
-                                                  "learner", "drift")}
+                                                  "learner", "drift", "offline")}
     env = {k: v for k, v in os.environ.items() if not k.startswith("DRIFTLINE_")}
     env.update({
         "DRIFTLINE_KAFKA_BOOTSTRAP": f"127.0.0.1:{ports['kafka']}",
@@ -25,7 +27,7 @@ def test_demo_writes_the_report_and_leaves_nothing_listening(infra_settings, tmp
         "DRIFTLINE_HOME": str(tmp_path / "home"),
         "DRIFTLINE_CACHE_DIR": str(infra_settings.cache_dir),  # the broker jars, fetched once per machine
         **{f"DRIFTLINE_PORTS__{name.upper()}": str(ports[name])
-           for name in ("prediction", "ingestion", "features", "learner", "drift")},
+           for name in ("prediction", "ingestion", "features", "learner", "drift", "offline")},
     })
     result = subprocess.run(
         [sys.executable, "-m", "driftline.cli", "demo", "elec2", "--limit", "3000", "--report", str(tmp_path / "demo")],
@@ -37,5 +39,11 @@ def test_demo_writes_the_report_and_leaves_nothing_listening(infra_settings, tmp
     assert report["model"] == "StandardScaler | LogisticRegression" and report["features"] == "default"
     assert (tmp_path / "demo" / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert "prequential accuracy" in result.stderr
+    # The demo's offline store holds every learned example (its namespace's folder under the home).
+    stores = list((tmp_path / "home" / "offline").glob("demo-*"))
+    assert len(stores) == 1
+    rows = ds.dataset([str(p) for p in OfflineStore(stores[0]).files()], format="parquet").to_table(
+        columns=["role"]).to_pylist()
+    assert sum(r["role"] == "champion" for r in rows) == 3000
     listening = {name: port for name, port in ports.items() if stack.port_open("127.0.0.1", port)}
     assert listening == {}, f"still listening after the demo: {listening}"

@@ -1,10 +1,11 @@
 """The prediction service's HTTP API (port 8000): thin routes over `Predictor`.
 
-    POST /v1/predict                  {"entity_id", "fields", "event_id"?, "ts"?} -> {"event_id", "prediction", "proba", "model_version"}
-    POST /v1/predict/batch            {"items": [...]} -> {"items": [...], "model_version"} (one version for all)
+    POST /v1/predict                  {"entity_id", "fields", "event_id"?, "ts"?} -> {"event_id", "prediction", "proba", "model_version", "arm"}
+    POST /v1/predict/batch            {"items": [...]} -> {"items": [...], "model_version"} (the champion's; each item names its own)
     GET  /v1/models                   champion, challenger, what this worker serves, versions with lineage
     POST /v1/models/rollback          admin: back to the champion's parent (or {"version": n})
     POST /v1/models/{version}/promote admin: make a version the champion
+    POST /v1/canary {"share"}         admin: route a share to the challenger (sticky by entity); /promote, /rollback
     GET  /health /ready /metrics      alive / model loaded and Redis and Kafka answer / Prometheus
 
 Admin routes need `Authorization: Bearer $DRIFTLINE_ADMIN_TOKEN` (the shared guard,
@@ -36,6 +37,8 @@ from .predictor import AdminError, FieldsRefused, NotReady, Predictor
 from .schemas import (
     BatchRequest,
     BatchResponse,
+    CanaryRequest,
+    CanaryState,
     ErrorResponse,
     ModelsResponse,
     PredictRequest,
@@ -157,6 +160,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               dependencies=[Depends(require_admin)])
     def promote(version: int = Path(..., ge=1, le=2**31 - 1)) -> dict[str, Any]:
         return predictor.promote(version)
+
+    # -- canary (canary.py) --------------------------------------------------------------------
+    @app.post("/v1/canary", response_model=CanaryState, responses=ADMIN_ERRORS, tags=["models"],
+              summary="Admin: route a share of /v1/predict to the challenger (sticky by entity id); 0 stops",
+              dependencies=[Depends(require_admin)])
+    def canary(body: CanaryRequest) -> dict[str, Any]:
+        return predictor.canary_share(body.share)
+
+    @app.post("/v1/canary/promote", response_model=SwapResponse, responses=ADMIN_ERRORS, tags=["models"],
+              summary="Admin: make the canary's challenger the champion", dependencies=[Depends(require_admin)])
+    def canary_promote() -> dict[str, Any]:
+        return predictor.canary_promote()
+
+    @app.post("/v1/canary/rollback", response_model=CanaryState, responses=ADMIN_ERRORS, tags=["models"],
+              summary="Admin: stop routing to the challenger", dependencies=[Depends(require_admin)])
+    def canary_rollback() -> dict[str, Any]:
+        return predictor.canary_rollback()
 
     # -- readiness -----------------------------------------------------------------------------
     @app.get("/ready", response_model=ReadyResponse, tags=["ops"], responses={503: {"model": ReadyResponse}},

@@ -47,6 +47,7 @@ from ..shared.registry import ModelRegistry, TamperedArtifact, UnknownVersion
 from ..shared.settings import Settings
 from ..shared.swaps import make_champion, position_of, publish_swap, rollback_target
 from ..shared.topics import Topics
+from .canary import Canary
 from .follower import ModelFollower
 from .logger import PredictionLog
 from .models import ModelHolder, ServingModel, score
@@ -102,6 +103,7 @@ class Predictor:
         self.follower = ModelFollower(settings, self.holder, self.registry)
         self._swap_producer = kafka.producer(settings, **{"message.timeout.ms": 10_000, "logger": log})
         self._predictions = metrics.PREDICTIONS.labels(SERVICE, self.model_name, ROLE)
+        self.canary = Canary(settings, self.redis, self.registry, self.model_name)  # canary.py: A-B routing
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -111,6 +113,7 @@ class Predictor:
             log.warning("could not read the registry at start (%s); will follow it", exc)
         self.plog.start()
         self.follower.start()
+        self.canary.start()
         # driftline_model_ready must be true for Prometheus even when nobody probes /ready
         # (compose health-checks /health); refresh it off the request path.
         self._ready_stop = threading.Event()
@@ -122,11 +125,16 @@ class Predictor:
                 self.readiness()
             except Exception:  # the gauge is best effort; /ready answers for itself
                 log.debug("readiness refresh failed", exc_info=True)
+            try:
+                self.canary.refresh()  # the share and the challenger, as every replica sees them
+            except Exception:
+                log.warning("canary refresh failed; routing as before", exc_info=True)
 
     def stop(self) -> None:
         if hasattr(self, "_ready_stop"):
             self._ready_stop.set()
         self.follower.stop()
+        self.canary.stop()
         self.plog.stop()
         self._swap_producer.flush(5)
         self.redis.close()
@@ -171,7 +179,8 @@ class Predictor:
         return answer
 
     def predict_batch(self, reqs: list[PredictRequest]) -> tuple[list[dict[str, Any]], int]:
-        """Every item scored by the same version; entity states in one round trip."""
+        """Every item scored by the same champion (or, when the canary routes its entity there, the
+        same challenger); entity states in one round trip."""
         self.check(reqs, batch=True)
         served = self.serving()
         now = time.time()
@@ -191,11 +200,18 @@ class Predictor:
             self._join_learning_loop(joined, served)
         return answers, served.version
 
-    def _answer(self, served: ServingModel, req: PredictRequest, x: dict[str, float], ts: float) -> dict[str, Any]:
+    def _answer(self, champion: ServingModel, req: PredictRequest, x: dict[str, float], ts: float) -> dict[str, Any]:
+        started = time.perf_counter()
+        arm, served = self.canary.pick(req.entity_id, champion)
         prediction, proba = score(served.model, x)
-        self._predictions.inc()
-        return {"event_id": req.event_id or uuid.uuid4().hex, "prediction": prediction, "proba": proba,
-                "model_version": served.version}
+        event_id = req.event_id or uuid.uuid4().hex
+        self.canary.answered(arm, event_id, prediction, time.perf_counter() - started)
+        if arm == ROLE:
+            self._predictions.inc()
+        else:
+            metrics.PREDICTIONS.labels(SERVICE, self.model_name, arm).inc()
+        return {"event_id": event_id, "prediction": prediction, "proba": proba, "model_version": served.version,
+                "arm": arm}
 
     def _join_learning_loop(self, joined: list, served: ServingModel) -> None:
         """Keep each event's vector and prediction for its label (one round trip), then log the
@@ -206,7 +222,7 @@ class Predictor:
             vectors.append({"event_id": req.event_id, "entity_id": req.entity_id, "ts": ts, "features": x,
                             "feature_set": self.feature_set.name, "published_ms": now_ms})
             records.append({"event_id": req.event_id, "entity_id": req.entity_id, "ts": ts,
-                            "model": self.model_name, "model_version": served.version, "role": ROLE,
+                            "model": self.model_name, "model_version": answer["model_version"], "role": answer["arm"],
                             "y_pred": answer["prediction"], "proba": answer["proba"], "source": SERVICE,
                             "published_ms": now_ms})
         pipe = self.redis.pipeline(transaction=False)
@@ -214,7 +230,7 @@ class Predictor:
         # the vector of a real event (or of an earlier request) before its label comes.
         self.store.queue_new_snapshots(pipe, (
             (v["event_id"], {SNAPSHOT_FIELD: self.codec.encode("FeatureVector", v),
-                             prediction_field(ROLE): self.codec.encode("Prediction", r)})
+                             prediction_field(r["role"]): self.codec.encode("Prediction", r)})
             for v, r in zip(vectors, records)))
         try:
             written = self.store.execute(pipe, "write_snapshots")
@@ -255,6 +271,7 @@ class Predictor:
             "serving_revision": served.revision if served else None,
             "refused": {str(v): why for v, why in self.holder.refused.items()},
             "versions": self.registry.versions(),
+            "canary": self.canary.state(),
         }
 
     def rollback(self, version: int | None) -> dict[str, Any]:
@@ -284,3 +301,27 @@ class Predictor:
                                  service=SERVICE)
         return {"model": self.model_name, "from_version": from_version, "to_version": version,
                 "reason": reason, "published": published}
+
+    # -- canary (canary.py) --------------------------------------------------------------------
+    def canary_share(self, share: float) -> dict[str, Any]:
+        if share > 0 and self.registry.challenger() is None:
+            raise AdminError(409, f"model {self.model_name!r} has no challenger to route to")
+        self.canary.set_share(share)
+        return self.canary.state()
+
+    def canary_promote(self) -> dict[str, Any]:
+        """The canary's challenger becomes the champion (the one swap path); routing ends."""
+        challenger = self.registry.challenger()
+        if challenger is None:
+            raise AdminError(409, f"model {self.model_name!r} has no challenger to promote")
+        swapped = self._make_champion(challenger, "manual")
+        self.canary.set_share(0.0)
+        return swapped
+
+    def canary_rollback(self) -> dict[str, Any]:
+        """Stop routing to the challenger (it keeps shadowing in the learner)."""
+        version = self.canary.holder.current.version if self.canary.holder.current else None
+        if version is not None:
+            self.registry.annotate(version, canary_rolled_back="admin", canary_rolled_back_at=time.time())
+        self.canary.set_share(0.0, "admin")
+        return self.canary.state()

@@ -63,6 +63,7 @@ class PredictResponse(BaseModel):
     prediction: str | None = Field(description="most probable label; null before the model has seen any")
     proba: dict[str, float] = Field(description="probability of each label")
     model_version: int = Field(description="the version that made this prediction")
+    arm: str = Field("champion", description="champion, or challenger when the canary routed this entity to it")
 
 
 class BatchRequest(BaseModel):
@@ -97,6 +98,20 @@ class VersionInfo(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
 
 
+class CanaryState(BaseModel):
+    share: float = Field(description="share of /v1/predict routed to the challenger, sticky by entity id")
+    challenger: int | None = Field(description="the challenger version this worker routes to (loaded)")
+    rolled_back: str | None = Field(description="why the last canary was rolled back, if it was")
+    served_accuracy: dict[str, float | None] = Field(description="per arm: accuracy of what it served, last labels")
+    served_labels: dict[str, int] = Field(description="per arm: served predictions whose label came")
+
+
+class CanaryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"share": 0.1}]})
+
+    share: float = Field(ge=0.0, le=1.0, description="share of /v1/predict to route to the challenger")
+
+
 class ModelsResponse(BaseModel):
     model: str = Field(description="model name")
     champion: int | None = Field(description="the registry's champion version")
@@ -107,6 +122,7 @@ class ModelsResponse(BaseModel):
     refused: dict[str, str] = Field(default_factory=dict,
                                     description="versions whose artifact this worker refused, and why")
     versions: list[VersionInfo] = Field(description="every version, oldest first, with lineage")
+    canary: CanaryState | None = Field(None, description="canary routing as this worker sees it")
 
 
 class RollbackRequest(BaseModel):

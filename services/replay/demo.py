@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from ..infra import stack
-from ..serve import SERVICES, start_service, stop_services, wait_healthy
+from ..serve import SERVICES as FIVE, SINKS, start_service, stop_services, wait_healthy
 from ..shared.kafka import admin, ensure_topics
 from ..shared.settings import Settings, ensure_local_secrets, get_settings, redact_url, settings_env
 from ..shared.topics import Topics
 from .datasets import Dataset
 from .publish import replay
+
+SERVICES = FIVE + SINKS  # the demo also fills the offline store
 
 
 class DemoError(RuntimeError):

@@ -70,3 +70,7 @@ class Keys:
 
     def drift_state(self, model: str) -> str:
         return self._model(model, "drift")
+
+    def canary(self, model: str) -> str:
+        """Hash: share (of /v1/predict routed to the challenger), version, rolled_back (why)."""
+        return self._model(model, "canary")

@@ -110,3 +110,18 @@ SWAP_SECONDS = Histogram(
     "driftline_swap_seconds", "From a model.swaps/model.updates message to the new model serving.",
     buckets=LATENCY_BUCKETS,
 )
+
+# -- offline store ----------------------------------------------------------------------------
+OFFLINE_ROWS = Counter("driftline_offline_rows_total", "Learned examples written to the offline store.", ["model"])
+
+# -- canary routing (prediction) ---------------------------------------------------------------
+CANARY_REQUESTS = Counter("driftline_canary_requests_total", "Predictions served, by arm (champion | challenger).",
+                          ["model", "arm"])
+CANARY_SECONDS = Histogram("driftline_canary_request_seconds", "Time to score one prediction, by arm.",
+                           ["model", "arm"], buckets=LATENCY_BUCKETS)
+CANARY_ACCURACY = Gauge("driftline_canary_served_accuracy",
+                        "Accuracy of the predictions an arm served, over its last labels (this replica).",
+                        ["model", "arm"])
+CANARY_SHARE = Gauge("driftline_canary_share", "Share of /v1/predict routed to the challenger.", ["model"])
+CANARY_ROLLBACKS = Counter("driftline_canary_rollbacks_total", "Canaries rolled back for a worse served error rate.",
+                           ["model"])

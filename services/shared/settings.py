@@ -52,6 +52,7 @@ class Ports(BaseModel):
     features: int = 8002
     learner: int = 8003
     drift: int = 8004
+    offline: int = 8005  # the offline store's sink (health and metrics only)
 
 
 class IngestionSettings(BaseModel):
@@ -155,6 +156,18 @@ class PredictionSettings(BaseModel):
     log_queue: int = Field(100_000, description="predictions waiting for Kafka before they are counted as lost")
     log_timeout_ms: int = Field(10_000, description="a prediction Kafka has not taken by then is dropped (counted)")
     workers: int = 1
+    canary_share: float = Field(0.0, ge=0.0, le=1.0, description="share of /v1/predict routed to the challenger "
+                                "(sticky by entity id); the admin route POST /v1/canary changes it at run time")
+    canary_min_labels: int = Field(200, description="served labels per arm before the canary is judged")
+    canary_window: int = Field(1000, description="served labels per arm the canary is judged on (the last N)")
+    canary_max_error_increase: float = Field(
+        0.05, description="a canary whose served error rate is worse than the champion's by more is rolled back")
+
+
+class OfflineSettings(BaseModel):
+    dir: Path | None = Field(None, description="the offline store's Parquet files (default: <home>/offline)")
+    flush_rows: int = Field(5000, description="outcomes per written batch of files")
+    flush_interval_s: float = Field(10.0, description="a batch is written at least this often while outcomes come")
 
 
 class Settings(BaseSettings):
@@ -197,6 +210,7 @@ class Settings(BaseSettings):
     learner: LearnerSettings = LearnerSettings()
     drift: DriftSettings = DriftSettings()
     prediction: PredictionSettings = PredictionSettings()
+    offline: OfflineSettings = OfflineSettings()
 
     @classmethod
     def settings_customise_sources(
