@@ -47,6 +47,7 @@ from driftline.shared.topics import Topics
 from .champion import Contest, Slot, predict
 from .labels import to_river
 from .checkpoint import Lease, high_watermark, load_checkpoint, outcomes_since, save_checkpoint
+from .updates import UpdatePacer
 from .prequential import Prequential
 from ..shared.admin import check_admin  # the one admin guard of every service
 from .spec import describe, parse_model
@@ -122,6 +123,7 @@ class LearnerWorker(StreamWorker):
         self.last_checkpoint = time.monotonic()
         self.since_update = 0
         self.last_update = time.monotonic()
+        self.update_pacer = UpdatePacer.from_settings(self.cfg)
         self.next_retry = 0.0
         self.last_feature_at = 0.0
         self.warned_patience = 0.0
@@ -297,9 +299,8 @@ class LearnerWorker(StreamWorker):
                       "ordered replay (their labels will be learned as they come)", self.name, len(self.replay))
             self.replay.clear()
             self.handle([])
-        if self.since_update and (self.since_update >= self.cfg.update_every
-                                  or now - self.last_update >= self.cfg.update_interval_s):
-            self.publish_update()
+        if self.update_pacer.due(self.since_update, now):  # the serving freshness bound (learner/updates.py)
+            self.update_pacer.publish(self.publish_update)
         if self.checkpoint_now or self.since_checkpoint >= self.cfg.checkpoint_every or (
                 self.dirty and now - self.last_checkpoint >= self.cfg.checkpoint_interval_s):
             self.checkpoint()
