@@ -50,6 +50,7 @@ from ..shared.topics import Topics
 from .follower import ModelFollower
 from .logger import PredictionLog
 from .models import ModelHolder, ServingModel, score
+from .reads import CoalescedReads
 from .schemas import PredictRequest
 from .swaps import publish_swap
 
@@ -95,6 +96,7 @@ class Predictor:
         # /v1/predict reads with the asyncio client on the event loop: a sync client on the thread
         # pool costs two thread hops and GIL hand-overs per request (p99 x10 under 16 connections).
         self.aredis: redis.asyncio.Redis | None = None
+        self.state_reads: CoalescedReads | None = None
         self.feature_set = load_feature_set(settings.features.set)
         self.store = FeatureStore(self.redis, self.keys, self.feature_set, settings.features.snapshot_ttl_s,
                                   service=SERVICE)
@@ -113,6 +115,7 @@ class Predictor:
         # Made here, inside the server's event loop (its connections belong to that loop).
         self.aredis = redis.asyncio.Redis.from_url(self.settings.redis_url, socket_timeout=2.0,
                                                    socket_connect_timeout=1.0, health_check_interval=30)
+        self.state_reads = CoalescedReads(self.aredis)  # concurrent requests share a round trip
         try:
             self.holder.sync_champion(self.registry)
         except redis.RedisError as exc:  # the follower retries; /ready says why meanwhile
@@ -211,10 +214,10 @@ class Predictor:
     async def _avector(self, entity_id: str, fields: dict[str, float], ts: float) -> dict[str, float]:
         if not self.feature_set.stateful:
             return self.feature_set.vector({}, fields, ts)
-        if self.aredis is None:
+        if self.state_reads is None:
             raise NotReady("the prediction service is not started")
         started = time.perf_counter()
-        raw = await self.aredis.hgetall(self.keys.entity(entity_id))
+        raw = await self.state_reads.read(self.keys.entity(entity_id))
         metrics.REDIS_SECONDS.labels(SERVICE, "read_state").observe(time.perf_counter() - started)
         return self.feature_set.vector(decode_state(raw or {}), fields, ts)
 
