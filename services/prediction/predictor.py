@@ -109,6 +109,7 @@ class Predictor:
         self.follower = ModelFollower(settings, self.holder, self.registry)
         self._swap_producer = kafka.producer(settings, **{"message.timeout.ms": 10_000, "logger": log})
         self._predictions = metrics.PREDICTIONS.labels(SERVICE, self.model_name, ROLE)
+        self._read_seconds = metrics.REDIS_SECONDS.labels(SERVICE, "read_state")
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -218,7 +219,7 @@ class Predictor:
             raise NotReady("the prediction service is not started")
         started = time.perf_counter()
         raw = await self.state_reads.read(self.keys.entity(entity_id))
-        metrics.REDIS_SECONDS.labels(SERVICE, "read_state").observe(time.perf_counter() - started)
+        self._read_seconds.observe(time.perf_counter() - started)
         return self.feature_set.vector(decode_state(raw or {}), fields, ts)
 
     def predict_batch(self, reqs: list[PredictRequest]) -> tuple[list[dict[str, Any]], int]:
