@@ -61,7 +61,7 @@ def test_the_served_model_has_learned_every_label_within_the_bound_after_the_lea
         assert time.monotonic() < deadline, "prediction never became ready"
         time.sleep(0.2)
 
-    loop = http_loop(url["prediction"], url["ingestion"], url["learner"], rows, run_id="fresh", sample_every=50)
+    loop = http_loop(url["prediction"], url["ingestion"], rows, run_id="fresh", sample_every=50)
     assert loop["served_lag_examples"]["samples"] == 6
 
     def learner_examples() -> int:

@@ -70,7 +70,7 @@ def pickle_cost(model: Any) -> dict[str, float]:
             "loads_ms": round((loaded - dumped) * 1000, 2)}
 
 
-def http_loop(predict_url: str, ingest_url: str, learner_url: str, rows: list[tuple[dict, str]],
+def http_loop(predict_url: str, ingest_url: str, rows: list[tuple[dict, str]],
               run_id: str, sample_every: int = 50, timeout_s: float = 600.0) -> dict[str, Any]:
     """Predict with an event_id, then post the label, row by row; served accuracy and lag samples."""
     correct = 0
@@ -134,7 +134,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
                     raise TimeoutError("bench serving: the prediction service never became ready")
                 time.sleep(0.2)
             reference, final = river_loop(spec, rows)
-            loop = http_loop(url["prediction"], url["ingestion"], url["learner"], rows, run_id=name)
+            loop = http_loop(url["prediction"], url["ingestion"], rows, run_id=name)
             deadline = time.monotonic() + 60
             while learned(url["learner"]) < len(rows) and time.monotonic() < deadline:
                 time.sleep(0.2)
