@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-BENCHMARKS = ("ingest", "pipeline", "predict", "drift")
+BENCHMARKS = ("ingest", "pipeline", "predict", "serving", "drift")
 console = Console()
 
 

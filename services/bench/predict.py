@@ -4,15 +4,20 @@ It starts its own Kafka and Redis (free ports, a temporary home), registers a ri
 on default-feature vectors, writes online state for a few hundred entities (so every request does
 the real Redis read), and runs `driftline serve prediction` as a subprocess. Then:
 
-- load with `wrk` (Debian's package; POST bodies from a small lua script) at 16 and 64
-  connections against `POST /v1/predict`, and against the same server's `GET /health` as the
-  ceiling: requests/s, p50 and p99 latency (`wrk --latency`), and the ratio predict/health;
+- load with `wrk` (Debian's package; POST bodies from a small lua script; loopback only, bounded
+  in time) at 16 connections (and 64 unless --quick) against `POST /v1/predict`, against the same
+  server's `GET /health`, and against a bare FastAPI app (`bench/bare.py`, one route) started in
+  the same run: requests/s, p50 and p99 latency (`wrk --latency`), and the three ratios of the
+  aims: predict p99, predict/health and health/bare throughput. The machine may be shared, so
+  only ratios measured in one run compare; the load average is recorded before and after;
+- with `BENCH_PREDICT_PROFILE=1`, a py-spy flame graph of the service under /v1/predict load
+  (`profiles/predict.svg` next to the JSON; py-spy from PyPI);
 - the time a swap takes to reach every uvicorn worker: register a new version, make it champion,
   publish `model.swaps`, then poll the workers' `driftline_serving_model_version` gauges (one per
   process in multiprocess mode) until every worker serves the new version.
 
-Aims (issue 6): p99 <= 5 ms at 16 connections, predict >= 0.6 of /health's throughput. It measures
-and reports; it never asserts. Everything it starts is stopped at the end.
+Aims (issue 17): p99 <= 5 ms at 16 connections with one worker, predict >= 0.6 of /health's
+throughput, /health >= 0.8 of the bare app's. It measures and reports; it never asserts. Everything it starts is stopped at the end.
 
     result = run(Path("reports/bench"), quick=True)
 """
@@ -48,6 +53,7 @@ FIELDS = ("nswprice", "nswdemand", "vicprice", "vicdemand", "transfer", "period"
 ENTITIES = 200
 AIM_P99_MS = 5.0
 AIM_RATIO = 0.6
+AIM_HEALTH_RATIO = 0.8
 
 LUA = """
 -- POST /v1/predict with bodies cycling over entities that have online state
@@ -205,9 +211,28 @@ def swap_reach(settings: Settings, registry: ModelRegistry, url: str, workers: i
             "worker_swaps": int(count1 - count0)}
 
 
+def start_bare(port: int, log_path: Path) -> subprocess.Popen:
+    import sys
+
+    out = open(log_path, "ab")
+    return subprocess.Popen([sys.executable, "-m", "driftline.bench.bare", str(port)], stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def profile(pid: int, svg: Path, seconds: int) -> subprocess.Popen | None:
+    """py-spy record of a running process (all threads, GIL holders shown), in the background."""
+    exe = shutil.which("py-spy") or str(Path(os.sys.executable).with_name("py-spy"))
+    if not Path(exe).exists():
+        return None
+    svg.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([exe, "record", "-p", str(pid), "-d", str(seconds), "-r", "200", "-o", str(svg),
+                             "--nonblocking", "-f", "flamegraph"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
 def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
     seconds = 3 if quick else 10
-    workers = 2
+    workers = int(os.environ.get("BENCH_PREDICT_WORKERS", "1"))
     home = Path(tempfile.mkdtemp(prefix="driftline-bench-predict-"))
     infra = Settings()
     settings = Settings(
@@ -222,7 +247,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
     )
     settings = ensure_local_secrets(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
-    proc = None
+    proc = bare = None
     result: dict[str, Any] = {"workers": workers, "duration_s": seconds, "cpus": os.cpu_count()}
     try:
         stack.up(settings)
@@ -241,17 +266,33 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         check = httpx.post(url + "/v1/predict", json=bodies[0], timeout=5)
         assert check.status_code == 200, check.text
 
-        wrk(url + "/v1/predict", 16, 2, script)  # warm-up: connections, caches, JIT-free but lazy imports
+        bare_port = stack.free_port()
+        bare = start_bare(bare_port, home / "bare.log")
+        bare_url = f"http://127.0.0.1:{bare_port}"
+        wait_until(lambda: httpx.get(bare_url + "/health", timeout=2).status_code == 200, 60, "the bare app")
+
+        wrk(url + "/v1/predict", 16, 2, script)  # warm-up: connections, caches, lazy imports
+        wrk(bare_url + "/health", 16, 1)
+        if os.environ.get("BENCH_PREDICT_PROFILE"):
+            spy = profile(proc.pid, out_dir / "profiles" / "predict.svg", seconds)
+            wrk(url + "/v1/predict", 16, seconds, script)
+            if spy is not None:
+                spy.wait(seconds + 30)
         result["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
-        for connections in (16, 64):
+        for connections in (16,) if quick else (16, 64):
             predict = wrk(url + "/v1/predict", connections, seconds, script, pgid=proc.pid)
             health = wrk(url + "/health", connections, seconds, pgid=proc.pid)
+            ceiling = wrk(bare_url + "/health", connections, seconds, pgid=bare.pid)
             result[f"c{connections}"] = {
                 "predict": predict,
                 "health": health,
+                "bare_health": ceiling,
                 "ratio": round(predict["requests_per_s"] / health["requests_per_s"], 3),
-                # The same ratio from server CPU per request: what it would be on an idle machine.
+                "health_ratio": round(health["requests_per_s"] / ceiling["requests_per_s"], 3),
+                # The same ratios from server CPU per request: what they would be on an idle machine.
                 "cpu_ratio": round(health["server_cpu_ms_per_request"] / predict["server_cpu_ms_per_request"], 3),
+                "health_cpu_ratio": round(ceiling["server_cpu_ms_per_request"]
+                                          / health["server_cpu_ms_per_request"], 3),
             }
         result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
         result["swap"] = swap_reach(settings, registry, url, workers, rounds=3 if quick else 5)
@@ -259,11 +300,13 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         result["aims"] = {
             f"p99_ms_at_16_le_{AIM_P99_MS}": c16["predict"]["p99_ms"] <= AIM_P99_MS,
             f"ratio_at_16_ge_{AIM_RATIO}": c16["ratio"] >= AIM_RATIO,
+            f"health_ratio_at_16_ge_{AIM_HEALTH_RATIO}": c16["health_ratio"] >= AIM_HEALTH_RATIO,
         }
         client.close()
     finally:
-        if proc is not None:
-            serve.stop_process(proc)
+        for child in (proc, bare):
+            if child is not None:
+                serve.stop_process(child)
         stack.down(settings)
         shutil.rmtree(home, ignore_errors=True)
     return result

@@ -51,6 +51,7 @@ from .outputs import Outputs
 from .ordering import HeldEvents, LabelWatermark
 from .records import Control, Event, Label, decode
 from .telemetry import Telemetry
+from .updates import UpdatePacer
 
 log = logging.getLogger(__name__)
 SERVICE = "learner"
@@ -95,6 +96,7 @@ class LearnerWorker(StreamWorker):
         self.dirty = self.checkpoint_now = False
         self.since_checkpoint = self.since_update = 0
         self.last_checkpoint = self.last_update = time.monotonic()
+        self.update_pacer = UpdatePacer.from_settings(self.cfg)
         self.examples = ExampleBuffer(self.r, self.keys.example_buffer(self.name), self.cfg.warm_start)
         self.pipe = None
 
@@ -282,9 +284,8 @@ class LearnerWorker(StreamWorker):
                       "ordered replay (their labels will be learned as they come)", self.name, len(self.replay))
             self.replay.give_up()
             self.handle([])
-        if self.since_update and (self.since_update >= self.cfg.update_every
-                                  or now - self.last_update >= self.cfg.update_interval_s):
-            self.publish_update()
+        if self.update_pacer.due(self.since_update, now):  # the serving freshness bound (learner/updates.py)
+            self.update_pacer.publish(self.publish_update)
         if self.checkpoint_now or self.since_checkpoint >= self.cfg.checkpoint_every or (
                 self.dirty and now - self.last_checkpoint >= self.cfg.checkpoint_interval_s):
             self.checkpoint()

@@ -118,6 +118,8 @@ class ModelsResponse(BaseModel):
     challenger: int | None = Field(description="the registry's challenger version, if one is shadowing")
     serving: int | None = Field(description="the version this worker serves now")
     serving_revision: int | None = None
+    serving_examples_seen: int | None = Field(None, description="labelled examples the served model has learned "
+                                              "(how fresh it is: compare with the learner's)")
     worker: int = Field(description="process id of the worker that answered (several uvicorn workers)")
     refused: dict[str, str] = Field(default_factory=dict,
                                     description="versions whose artifact this worker refused, and why")

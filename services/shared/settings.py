@@ -107,7 +107,10 @@ class LearnerSettings(BaseModel):
     checkpoint_every: int = Field(1000, description="labels between checkpoints")
     checkpoint_interval_s: float = 5.0
     update_every: int = Field(1000, description="labels between model.updates to serving")
-    update_interval_s: float = 2.0
+    update_interval_s: float = Field(0.25, description="at most this long between a label learned and its "
+                                     "model.update (the served model's staleness bound)")
+    update_max_share: float = Field(0.2, description="model.updates never take more than this share of the "
+                                    "learner's time (a slow-to-pickle model ships less often)")
     label_grace_s: float = Field(
         30.0, description="how long a label waits for its event's vector before it is dead-lettered"
     )

@@ -1,0 +1,61 @@
+"""Entity-state reads of concurrent `/v1/predict` requests, coalesced into one pipelined round trip.
+
+Each request awaits `read(key)`; the first one in a loop iteration schedules a flush with
+`call_soon`, so every request that reaches its read in the same iteration joins the same HGETALL
+pipeline. One round trip of the asyncio Redis client costs ~150 µs of CPU, one read more in a
+pipeline ~20 µs: under 16 connections this is most of what a prediction costs the server (measured in
+`driftline bench predict`). Alone, a request waits for nothing: its flush runs in the next iteration.
+A failed round trip fails every request of that batch with the same error (a 503 each).
+
+    reads = CoalescedReads(async_client)
+    raw = await reads.read("{meter-7}:state")     # the hash as bytes -> bytes
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+
+class CoalescedReads:
+    def __init__(self, client) -> None:
+        self.client = client
+        self._pending: dict[str, list[asyncio.Future]] = {}
+        self._scheduled = False
+        self.round_trips = 0
+        self.reads = 0
+
+    async def read(self, key: str) -> dict[bytes, bytes]:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.setdefault(key, []).append(future)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._pending, self._scheduled = self._pending, {}, False
+        if batch:
+            asyncio.ensure_future(self._round_trip(batch))
+
+    async def _round_trip(self, batch: dict[str, list[asyncio.Future]]) -> None:
+        self.round_trips += 1
+        self.reads += len(batch)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for key in batch:
+                pipe.hgetall(key)
+            replies: list[Any] = await pipe.execute()
+        except BaseException as exc:  # every waiter gets the error (a cancelled batch: CancelledError)
+            for futures in batch.values():
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for futures, raw in zip(batch.values(), replies):
+            for future in futures:
+                if not future.done():  # a request cancelled meanwhile (client gone)
+                    future.set_result(raw)
