@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
+from ..shared import metrics
 from ..shared.runtime import service_app
 from ..shared.settings import Settings, get_settings
 from .middleware import BodyLimit
@@ -94,6 +95,7 @@ def admin_guard(settings: Settings):
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     predictor = Predictor(settings)
+    metrics.start_at_zero(SERVICE, settings)
     app = service_app(
         SERVICE,
         title="driftline prediction",

@@ -52,6 +52,7 @@ class StreamWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_lag = 0.0
+        metrics.start_at_zero(self.service, settings)
 
     # -- to implement ----------------------------------------------------------------------
     def input_topics(self) -> list[str]:
