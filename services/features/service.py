@@ -50,7 +50,7 @@ from typing import Any
 import redis
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
-from ..shared import kafka, metrics
+from ..shared import deps, kafka, metrics
 from ..shared.codec import DecodeError, get_codec
 from ..shared.keys import Keys
 from ..shared.runtime import StreamWorker, run_app, service_app
@@ -177,7 +177,7 @@ class FeaturesWorker(StreamWorker):
         self.batch_size = settings.features.batch_size
         self.codec = get_codec()
         self.feature_set = feature_set or load_feature_set(settings.features.set)
-        self.redis = redis.Redis.from_url(settings.redis_url)
+        self.redis = deps.redis_client(settings)  # waits out a Redis outage
         self.store = FeatureStore(self.redis, Keys(settings.namespace), self.feature_set,
                                   settings.features.snapshot_ttl_s, service=SERVICE)
         # A feature set without the last label has nothing to wait for: events go at once.

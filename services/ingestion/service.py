@@ -29,7 +29,7 @@ import redis
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, Message, Producer
 from fastapi import FastAPI
 
-from ..shared import kafka, metrics
+from ..shared import deps, kafka, metrics
 from ..shared.codec import get_codec
 from ..shared.keys import Keys
 from ..shared.runtime import StreamWorker, run_app, service_app
@@ -218,7 +218,8 @@ class IngestionWorker(StreamWorker):
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         super().__init__(settings)
         self.batch_size = settings.ingestion.batch_size
-        self.ingestor = Ingestor(settings, self.producer, client or redis.Redis.from_url(settings.redis_url))
+        # Its own client, which waits out a Redis outage (the HTTP door's answers 503 at once).
+        self.ingestor = Ingestor(settings, self.producer, client or deps.redis_client(settings))
         self.undelivered: list[KafkaError] = []
 
     def input_topics(self) -> list[str]:
@@ -246,7 +247,7 @@ def build_app(settings: Settings) -> FastAPI:
     from .api import HttpDoor, router
 
     client = redis.Redis.from_url(settings.redis_url)
-    worker = IngestionWorker(settings, client)
+    worker = IngestionWorker(settings)
     door = HttpDoor(settings, client)
     app = service_app(
         SERVICE, worker=worker, title="driftline ingestion", on_stop=door.close,

@@ -36,7 +36,7 @@ import redis
 from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
 from fastapi import Body, Header, HTTPException
 
-from driftline.shared import kafka, metrics
+from driftline.shared import deps, kafka, metrics
 from driftline.shared.codec import DecodeError, get_codec
 from driftline.shared.kafka import base_topic
 from driftline.shared.keys import Keys
@@ -82,7 +82,7 @@ class LearnerWorker(StreamWorker):
         self.spec = self.cfg.model
         self.keys = Keys(settings.namespace)
         self.codec = get_codec()
-        self.r = redis.Redis.from_url(settings.redis_url)
+        self.r = deps.redis_client(settings)  # waits out a Redis outage
         self.signing_key = settings.model_key.get_secret_value().encode()
         self.registry = ModelRegistry(self.r, self.keys, self.name, self.signing_key)
         self.lease = Lease(self.r, self.keys.lease(self.name), self.cfg.lease_ttl_s)

@@ -19,17 +19,35 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from confluent_kafka import Consumer, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import kafka, metrics
+from .deps import DEPS, backoff_delays
 from .kafka import base_topic
 from .settings import Settings
 from .topics import Topics
 
 log = logging.getLogger(__name__)
+
+# A commit refused because a rebalance (or a broker that came back after the group's session
+# timed out) took the partitions, or because the coordinator is away for a moment. Not fatal: the
+# uncommitted records go to the partitions' new owner (maybe this consumer again), and every
+# service's handling is idempotent on redelivery, which a crash needs anyway.
+COMMIT_RETRIABLE = frozenset({
+    KafkaError._ASSIGNMENT_LOST, KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
+    KafkaError.UNKNOWN_MEMBER_ID, KafkaError._STATE, KafkaError._TRANSPORT, KafkaError._TIMED_OUT,
+    KafkaError._WAIT_COORD, KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.REQUEST_TIMED_OUT, KafkaError._ALL_BROKERS_DOWN,
+})
+
+
+def commit_failed_harmlessly(exc: KafkaException) -> bool:
+    """True for a commit error the loop may shrug off (see COMMIT_RETRIABLE)."""
+    err = exc.args[0] if exc.args else None
+    return isinstance(err, KafkaError) and (err.code() in COMMIT_RETRIABLE or err.retriable())
 
 
 class StreamWorker:
@@ -52,6 +70,9 @@ class StreamWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_lag = 0.0
+        self._delays = None  # the Kafka backoff in progress (None: the last call went through)
+        self._error_logged: dict[int, float] = {}
+        self._last_probe = 0.0
         metrics.start_at_zero(self.service, settings)
 
     # -- to implement ----------------------------------------------------------------------
@@ -85,28 +106,77 @@ class StreamWorker:
                 good = [m for m in messages if m.error() is None]
                 for m in messages:
                     if m.error() is not None:
-                        log.warning("%s: consumer error %s", self.service, m.error())
+                        self._consumer_error(m.error())
                 if good:
                     self._count_in(good)
                     started = time.perf_counter()
                     self.handle(good)
                     if not self.flush_until_stopped():
                         break  # stopping with messages unacknowledged: do not commit past them
-                    self.commit()
+                    self.safe_commit()
                     metrics.PROCESSING_SECONDS.labels(self.service, "batch").observe(time.perf_counter() - started)
                     metrics.BATCH_SIZE.labels(self.service).observe(len(good))
                     self.batches += 1
                 self.tick()
                 self._export_lag()
+                self._probe_kafka()
             self.close()
         finally:
             self.producer.flush(10)
             self.consumer.close()
 
+    def safe_commit(self) -> None:
+        """commit(), shrugging off a commit that a rebalance or a broker outage refused: the next
+        commit covers these records if the partitions are still ours, else their new owner reads
+        them again."""
+        try:
+            self.commit()
+        except KafkaException as exc:
+            if not commit_failed_harmlessly(exc):
+                raise
+            DEPS.down("kafka", exc.args[0]) if exc.args[0].code() in (
+                KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT) else None
+            log.warning("%s: commit not done (%s); the records will be committed by the next commit "
+                        "or read again by the partitions' new owner", self.service, exc.args[0])
+            self._kafka_backoff()
+        else:
+            DEPS.up("kafka")
+            self._delays = None
+
+    def _probe_kafka(self) -> None:
+        """While the broker is marked away, ask it for metadata every 2 s: an idle loop would not
+        notice otherwise that it is back."""
+        now = time.monotonic()
+        if not DEPS.is_down("kafka") or now - self._last_probe < 2.0 or self.consumer is None:
+            return
+        self._last_probe = now
+        try:
+            if self.consumer.list_topics(timeout=1.0).brokers:
+                DEPS.up("kafka")
+        except KafkaException:
+            pass
+
+    def _kafka_backoff(self) -> None:
+        """A pause between two failing Kafka calls (exponential, capped at 2 s; a stop cuts it short)."""
+        if self._delays is None:
+            self._delays = backoff_delays()
+        self._stop.wait(next(self._delays))
+
+    def _consumer_error(self, err: KafkaError) -> None:
+        """An error the consumer handed over: logged once per kind a minute (librdkafka reports a
+        broker outage on every reconnect), the broker marked away while it lasts."""
+        if err.code() in (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE):
+            DEPS.down("kafka", err)
+        now = time.monotonic()
+        if now - self._error_logged.get(err.code(), -1e9) >= 60:
+            self._error_logged[err.code()] = now
+            log.warning("%s: consumer error %s (same errors are not logged again for a minute)", self.service, err)
+
     def flush_until_stopped(self) -> bool:
         """Wait for the broker to acknowledge what the batch produced (commit only after that), a
         second at a time so that a stop is still heard while Kafka is away. False = stopped first."""
         while self.producer.flush(1.0) > 0:
+            DEPS.down("kafka", f"{len(self.producer)} produced messages not acknowledged")
             if self._stop.is_set():
                 log.error("%s: stopping with %d messages not acknowledged by Kafka; their inputs are not "
                           "committed and will be read again", self.service, len(self.producer))
@@ -170,7 +240,7 @@ class StreamWorker:
 
     def health(self) -> dict[str, Any]:
         return {"worker_alive": self.alive, "batches": self.batches,
-                "error": repr(self.error) if self.error else None}
+                "error": repr(self.error) if self.error else None, "dependencies": DEPS.status()}
 
 
 def service_app(
@@ -220,7 +290,19 @@ def service_app(
             if not worker.alive:
                 body["status"] = "worker stopped"
                 return JSONResponse(body, status_code=503)
+            # Alive but waiting for Redis or Kafka: still 200 (a restart would not bring them
+            # back); /ready says 503 meanwhile.
+            missing = DEPS.missing()
+            if missing:
+                body["status"] = "waiting: " + "; ".join(missing)
         return JSONResponse(body)
+
+    if worker is not None:  # the prediction service has its own /ready (model loaded, ...)
+        @app.get("/ready", tags=["ops"], summary="Is the loop running and are Redis and Kafka there?")
+        def ready() -> JSONResponse:
+            reasons = ([] if worker.alive else ["worker stopped"]) + DEPS.missing()
+            return JSONResponse({"service": service, "ready": not reasons, "reasons": reasons},
+                                status_code=503 if reasons else 200)
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
     def prometheus_metrics() -> Response:
