@@ -122,6 +122,18 @@ def own_redis(infra, tmp_path):
     r.stop()
 
 
+@pytest.fixture
+def own_kafka(infra, tmp_path):
+    """A Kafka broker of this test's own (with the session's Redis), so that it may be killed."""
+    s = make_settings(infra, tmp_path, kafka_bootstrap=f"127.0.0.1:{stack.free_port()}")
+    broker = stack.Kafka(s)
+    broker.start()
+    wait(broker.ready, 90, "kafka up")
+    kafka.ensure_topics(s)
+    yield s, broker
+    broker.stop()
+
+
 def wait(check, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while not (result := check()):
@@ -169,17 +181,50 @@ def replay_with_outage(s, dataset, component, services, on_outage=None) -> dict:
     return result["report"]
 
 
-def test_the_pipeline_rides_out_a_redis_outage_with_nothing_lost_or_doubled(own_redis, run_service, tmp_path):
-    s, redis_server = own_redis
-    dataset = write_dataset(tmp_path / "shops.csv")
+def reference_run(run_service, s, dataset) -> tuple[dict, dict]:
+    """The entity states and feature vectors of an uninterrupted run (own namespace, same servers)."""
     reference = s.model_copy(update={"namespace": f"t{uuid.uuid4().hex[:10]}"})
     kafka.ensure_topics(reference)
     procs = start(run_service, reference)
     # The same rate: the last-label features depend on how labels arrive against events.
     check_report(replay_report(reference, dataset, label_delay=LABEL_DELAY, rate=RATE))
     stop(procs)
-    want_states, want_vectors = entity_states(reference), feature_vectors(reference)
+    return entity_states(reference), feature_vectors(reference)
 
+
+def same_features(s, want_states, want_vectors) -> None:
+    assert entity_states(s) == want_states
+    got = feature_vectors(s)
+    differ = {k: {f: (got.get(k, {}).get(f), x) for f, x in v.items() if got.get(k, {}).get(f) != x}
+              for k, v in want_vectors.items() if got.get(k) != v}
+    assert not differ, (len(differ), list(differ.items())[:3])
+
+
+def test_the_pipeline_rides_out_a_kafka_outage_with_nothing_lost_or_doubled(own_kafka, run_service, tmp_path):
+    s, broker = own_kafka
+    dataset = write_dataset(tmp_path / "shops.csv")
+    want_states, want_vectors = reference_run(run_service, s, dataset)
+    procs = start(run_service, s)
+
+    def while_away() -> None:
+        for p in procs:
+            health = httpx.get(p.url + "/health", timeout=5).json()
+            assert health["worker_alive"], health
+        ready = wait(lambda: (r := httpx.get(procs[0].url + "/ready", timeout=5)).status_code == 503 and r, 20,
+                     "ingestion /ready says 503")
+        assert any(r.startswith("kafka unreachable") for r in ready.json()["reasons"])
+
+    report = replay_with_outage(s, dataset, broker, procs, while_away)
+    check_report(report)
+    for p in procs:
+        assert wait(lambda: httpx.get(p.url + "/ready", timeout=5).status_code == 200, 20, f"{p.name} ready")
+    same_features(s, want_states, want_vectors)
+
+
+def test_the_pipeline_rides_out_a_redis_outage_with_nothing_lost_or_doubled(own_redis, run_service, tmp_path):
+    s, redis_server = own_redis
+    dataset = write_dataset(tmp_path / "shops.csv")
+    want_states, want_vectors = reference_run(run_service, s, dataset)
     procs = start(run_service, s)
 
     def while_away() -> None:  # every worker says what it misses; none has died
@@ -195,11 +240,7 @@ def test_the_pipeline_rides_out_a_redis_outage_with_nothing_lost_or_doubled(own_
     for p in procs:
         assert "redis is back after" in p.log_path.read_text(), p.log_tail()
         assert httpx.get(p.url + "/ready", timeout=5).status_code == 200
-    assert entity_states(s) == want_states
-    got_vectors = feature_vectors(s)
-    differ = {k: {f: (got_vectors.get(k, {}).get(f), x) for f, x in v.items() if got_vectors.get(k, {}).get(f) != x}
-              for k, v in want_vectors.items() if got_vectors.get(k) != v}
-    assert not differ, (len(differ), list(differ.items())[:3])
+    same_features(s, want_states, want_vectors)
 
 
 def test_redis_commands_wait_for_redis_to_come_back(own_redis):

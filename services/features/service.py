@@ -268,8 +268,8 @@ class FeaturesWorker(StreamWorker):
             items = self.buffer.pop_ready(time.monotonic(), self.lagging())
             if items:
                 self.process(items)
-                self.producer.flush()
-                self.commit()
+                if self.flush_until_stopped():  # a rebalance or an outage refusing the commit is not fatal
+                    self.safe_commit()
             self.flow_control()
 
     def lagging(self) -> set[tuple[str, int]]:

@@ -79,6 +79,7 @@ class Ingestor:
         self.codec = get_codec()
         topics, keys = Topics(settings.namespace), Keys(settings.namespace)
         self.dedup = Dedup(client, keys, self.limits.dedup_ttl_s, SERVICE)
+        self.published: list[Claim] = []
         self.events = Stream("events", "Event", topics.events, topics.events_valid, topics.events_dlq,
                              keys.seen_event, validate.check_event_avro, validate.check_event_json)
         self.labels = Stream("labels", "Label", topics.labels, topics.labels_valid, topics.labels_dlq,
@@ -137,6 +138,7 @@ class Ingestor:
         input order, count. Returns each input's outcome: valid | dead_letter | duplicate.
         The caller flushes the producer (and learns of failed deliveries through `on_delivery`)."""
         owned = iter(self.dedup.claim([d.claim for d in decisions if d.claim is not None]))
+        self.published = []  # the claims of this batch's valid inputs (see Dedup.mark_published)
         outcomes: list[str] = []
         counts: Counter[tuple[Stream, str, str | None]] = Counter()
         for i, d in enumerate(decisions):
@@ -144,6 +146,7 @@ class Ingestor:
                 outcome, topic = "dead_letter", d.stream.dlq
             elif next(owned):
                 outcome, topic = "valid", d.stream.valid
+                self.published.append(d.claim)
             else:
                 outcome, topic = "duplicate", None
             outcomes.append(outcome)
@@ -239,6 +242,10 @@ class IngestionWorker(StreamWorker):
         # Kafka redelivers the batch, and dedup's marker lets the same messages through again.
         if self.undelivered:
             raise RuntimeError(f"{len(self.undelivered)} messages not delivered, e.g. {self.undelivered[0]}")
+        # Acknowledged: if the commit fails (a rebalance, the broker away), the redelivered batch
+        # must not be published again.
+        self.ingestor.dedup.mark_published(self.ingestor.published)
+        self.ingestor.published = []
         super().commit()
 
 

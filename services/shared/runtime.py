@@ -119,7 +119,7 @@ class StreamWorker:
                     self.batches += 1
                 self.tick()
                 self._export_lag()
-                self._probe_kafka()
+                self.probe_kafka()
             self.close()
         finally:
             self.producer.flush(10)
@@ -143,15 +143,16 @@ class StreamWorker:
             DEPS.up("kafka")
             self._delays = None
 
-    def _probe_kafka(self) -> None:
-        """While the broker is marked away, ask it for metadata every 2 s: an idle loop would not
-        notice otherwise that it is back."""
+    def probe_kafka(self) -> None:
+        """While the broker is marked away, ask it for metadata (at most every 2 s): a loop that is
+        idle, or that is not this class's (the learner's), would not notice otherwise that it is back.
+        Called by the loop and by /health and /ready."""
         now = time.monotonic()
-        if not DEPS.is_down("kafka") or now - self._last_probe < 2.0 or self.consumer is None:
+        if not DEPS.is_down("kafka") or now - self._last_probe < 2.0:
             return
         self._last_probe = now
         try:
-            if self.consumer.list_topics(timeout=1.0).brokers:
+            if self.producer.list_topics(timeout=1.0).brokers:
                 DEPS.up("kafka")
         except KafkaException:
             pass
@@ -239,6 +240,7 @@ class StreamWorker:
         return self._thread is not None and self._thread.is_alive()
 
     def health(self) -> dict[str, Any]:
+        self.probe_kafka()
         return {"worker_alive": self.alive, "batches": self.batches,
                 "error": repr(self.error) if self.error else None, "dependencies": DEPS.status()}
 
@@ -300,6 +302,7 @@ def service_app(
     if worker is not None:  # the prediction service has its own /ready (model loaded, ...)
         @app.get("/ready", tags=["ops"], summary="Is the loop running and are Redis and Kafka there?")
         def ready() -> JSONResponse:
+            worker.probe_kafka()
             reasons = ([] if worker.alive else ["worker stopped"]) + DEPS.missing()
             return JSONResponse({"service": service, "ready": not reasons, "reasons": reasons},
                                 status_code=503 if reasons else 200)
