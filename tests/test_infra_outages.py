@@ -125,10 +125,18 @@ def own_redis(infra, tmp_path):
 @pytest.fixture
 def own_kafka(infra, tmp_path):
     """A Kafka broker of this test's own (with the session's Redis), so that it may be killed."""
-    s = make_settings(infra, tmp_path, kafka_bootstrap=f"127.0.0.1:{stack.free_port()}")
-    broker = stack.Kafka(s)
-    broker.start()
-    wait(broker.ready, 90, "kafka up")
+    for attempt in range(3):  # the controller's port (the broker's + 1) may be taken meanwhile: new ports
+        s = make_settings(infra, tmp_path / f"try{attempt}", kafka_bootstrap=f"127.0.0.1:{stack.free_port()}")
+        broker = stack.Kafka(s)
+        broker.start()
+        deadline = time.monotonic() + 90
+        while broker.running() and not broker.ready() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if broker.ready():
+            break
+        broker.stop()
+    else:
+        pytest.fail(f"no broker of our own:\n{broker.log_tail()}")
     kafka.ensure_topics(s)
     yield s, broker
     broker.stop()

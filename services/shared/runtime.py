@@ -73,6 +73,7 @@ class StreamWorker:
         self._delays = None  # the Kafka backoff in progress (None: the last call went through)
         self._error_logged: dict[int, float] = {}
         self._last_probe = 0.0
+        self._kafka_ok = time.monotonic()  # when Kafka last answered (a commit or a probe)
         metrics.start_at_zero(self.service, settings)
 
     # -- to implement ----------------------------------------------------------------------
@@ -142,20 +143,27 @@ class StreamWorker:
         else:
             DEPS.up("kafka")
             self._delays = None
+            self._kafka_ok = time.monotonic()
 
     def probe_kafka(self) -> None:
-        """While the broker is marked away, ask it for metadata (at most every 2 s): a loop that is
-        idle, or that is not this class's (the learner's), would not notice otherwise that it is back.
-        Called by the loop and by /health and /ready."""
+        """Ask the broker for metadata when nothing told us lately that it is there (no batch
+        committed for 5 s: an idle loop, or one that is not this class's, like the learner's),
+        every 2 s while it is marked away and every 5 s otherwise. librdkafka's own error reports
+        do not always say that all brokers are down. Called by the loop and by /health and /ready."""
         now = time.monotonic()
-        if not DEPS.is_down("kafka") or now - self._last_probe < 2.0:
+        down = DEPS.is_down("kafka")
+        if not down and now - self._kafka_ok < 5.0:
+            return
+        if now - self._last_probe < (2.0 if down else 5.0):
             return
         self._last_probe = now
         try:
-            if self.producer.list_topics(timeout=1.0).brokers:
-                DEPS.up("kafka")
-        except KafkaException:
-            pass
+            self.producer.list_topics(timeout=1.0)
+        except KafkaException as exc:
+            DEPS.down("kafka", exc.args[0] if exc.args else exc)
+        else:
+            self._kafka_ok = time.monotonic()
+            DEPS.up("kafka")
 
     def _kafka_backoff(self) -> None:
         """A pause between two failing Kafka calls (exponential, capped at 2 s; a stop cuts it short)."""
