@@ -153,3 +153,23 @@ def test_serve_all_restarts_a_service_killed_with_kill_9(settings, tmp_path):
             proc.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_the_compose_healthcheck_stops_the_service_after_n_failures_in_a_row(fakes, tmp_path):
+    from driftline.infra.healthcheck import main
+
+    fakes.start("svc")
+    url = fakes.url("svc") + "/health"
+    service = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # stands for PID 1
+    try:
+        check = lambda: main([url, "2"], pid=service.pid, state_dir=str(tmp_path))  # noqa: E731
+        fakes.status("svc", 503)
+        assert check() == 1 and service.poll() is None
+        fakes.status("svc", 200)
+        assert check() == 0  # a success resets the count
+        fakes.status("svc", 503)
+        assert check() == 1 and service.poll() is None
+        assert check() == 1
+        assert service.wait(5) == -signal.SIGTERM
+    finally:
+        service.kill()
