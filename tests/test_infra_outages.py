@@ -261,3 +261,73 @@ def test_redis_commands_wait_for_redis_to_come_back(own_redis):
     assert client.get("k") == b"v"  # written to the AOF before the reply: a kill -9 keeps it
     assert 1.5 < time.monotonic() - started < 20
     client.close()
+
+
+def publish_rows(s, start: int, stop: int, rate: float) -> None:
+    """Events (and their labels LABEL_DELAY rows later) of write_dataset's stream, at `rate`."""
+    codec, topics, producer = get_codec(), Topics(s.namespace), kafka.producer(s)
+    t0 = time.monotonic()
+    for i in range(start, stop):
+        x, y = (i * 37) % 101 / 10, (i * 53) % 89 / 10
+        event = {"event_id": f"r-{i}", "entity_id": f"shop{i % ENTITIES}", "ts": float(i),
+                 "fields": {"x": x, "y": y}, "published_ms": None}
+        kafka.produce(producer, topics.events, codec.encode("Event", event), key=event["entity_id"])
+        j = i - LABEL_DELAY
+        if j >= 0:
+            xj, yj = (j * 37) % 101 / 10, (j * 53) % 89 / 10
+            label = {"event_id": f"r-{j}", "label": str(int(xj + yj > 9)), "ts": float(i)}
+            kafka.produce(producer, topics.labels, codec.encode("Label", label), key=label["event_id"])
+        if rate:
+            time.sleep(max(0.0, t0 + (i - start + 1) / rate - time.monotonic()))
+    assert producer.flush(30) == 0
+
+
+def features_run(run_service, s, lose_writes=None) -> None:
+    """Ingestion and features on `s`, the stream published at RATE; `lose_writes(redis_dir)` runs
+    a third of the way in."""
+    procs = [run_service(name, wait=False, settings_override=s, **ENV) for name in ("ingestion", "features")]
+    for p in procs:
+        p.wait_healthy(120)
+    third = ROWS // 3
+    publish_rows(s, 0, third, RATE)
+    if lose_writes:
+        lose_writes()
+    publish_rows(s, ROWS // 2 if lose_writes else third, ROWS, RATE)
+    wait(lambda: len(feature_vectors(s)) == ROWS, 120, "every event's vector")
+    return procs
+
+
+def test_features_rebuild_the_entity_states_that_a_redis_crash_lost_from_kafka(own_redis, run_service, tmp_path):
+    """Redis is killed and comes back with an older append-only file than it had: the writes of
+    the last seconds are gone (what a machine crash does to `appendfsync everysec`, or a restore
+    from a backup). The features service sees that its applied offsets are behind what it
+    committed to Kafka, re-reads those records and rebuilds the entity states: they end equal to
+    an uninterrupted run's, and every re-published vector equals the first one."""
+    import shutil
+
+    s, redis_server = own_redis
+    reference = s.model_copy(update={"namespace": f"t{uuid.uuid4().hex[:10]}"})
+    kafka.ensure_topics(reference)
+    for p in features_run(run_service, reference):
+        p.stop()
+    want_states, want_vectors = entity_states(reference), feature_vectors(reference)
+
+    aof = redis_server.dir / "appendonlydir"
+    saved = tmp_path / "aof-before"
+
+    def lose_writes() -> None:
+        shutil.copytree(aof, saved)
+        publish_rows(s, ROWS // 3, ROWS // 2, RATE)  # these rows' effects are then lost...
+        time.sleep(3)  # ...after the features service applied and committed them
+        kill9(redis_server)
+        shutil.rmtree(aof)
+        shutil.copytree(saved, aof)
+        redis_server.start()
+        wait(redis_server.ready, 30, "redis back")
+
+    procs = features_run(run_service, s, lose_writes)
+    features = procs[1]
+    assert "features state in Redis is behind Kafka" in features.log_path.read_text(), features.log_tail()
+    wait(lambda: entity_states(s) == want_states, 60, "the entity states rebuilt")
+    assert httpx.get(features.url + "/health", timeout=5).json()["rebuilds"] >= 1
+    same_features(s, want_states, want_vectors)

@@ -69,6 +69,7 @@ class Dependencies:
         with self._lock:
             since = self._down.pop(name, None)
             self._reminded.pop(name, None)
+
         if since is not None:
             log.warning("%s is back after %.1f s", name, time.monotonic() - since[0])
 

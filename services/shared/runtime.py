@@ -50,6 +50,11 @@ def commit_failed_harmlessly(exc: KafkaException) -> bool:
     return isinstance(err, KafkaError) and (err.code() in COMMIT_RETRIABLE or err.retriable())
 
 
+class RestartLoop(Exception):
+    """Raised by a worker to start its loop over in this process (a new consumer, from the
+    committed offsets), as a process restart would but without one."""
+
+
 class StreamWorker:
     """Base of the stream services' consume loops. Subclasses set `service` and implement
     `input_topics()` and `handle(messages)`; `tick()` runs between batches for timers."""
@@ -233,7 +238,14 @@ class StreamWorker:
 
     def _guarded_run(self) -> None:
         try:
-            self.run()
+            while True:
+                try:
+                    self.run()
+                    return
+                except RestartLoop as exc:
+                    log.warning("%s: starting the loop over: %s", self.service, exc)
+                    if self._stop.wait(1.0):
+                        return
         except BaseException as exc:  # recorded for /health; the supervisor restarts us
             self.error = exc
             log.exception("%s worker died", self.service)
