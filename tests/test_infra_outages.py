@@ -334,3 +334,42 @@ def test_features_rebuild_the_entity_states_that_a_redis_crash_lost_from_kafka(o
     wait(lambda: entity_states(s) == want_states, 60, "the entity states rebuilt")
     assert httpx.get(features.url + "/health", timeout=5).json()["rebuilds"] >= 1
     same_features(s, want_states, want_vectors)
+
+
+def test_replicas_added_and_killed_mid_stream_lose_nothing_and_count_nothing_twice(own_redis, run_service, tmp_path):
+    """Two ingestion and two features replicas in their consumer groups; mid-stream a third
+    features replica joins, then one is killed with kill -9, then a third ingestion replica joins.
+    The rebalances move partitions between live replicas (the stream topics have 6): every label
+    is learned once, and the feature states and vectors equal a single-replica run's."""
+    s, _redis = own_redis
+    dataset = write_dataset(tmp_path / "shops.csv")
+    want_states, want_vectors = reference_run(run_service, s, dataset)
+
+    def replica(name: str):
+        ports = s.ports.model_copy(update={name: stack.free_port()})
+        return run_service(name, wait=False, settings_override=s.model_copy(update={"ports": ports}), **ENV)
+
+    procs = start(run_service, s) + [replica("ingestion"), replica("features")]
+    for p in procs:
+        p.wait_healthy(120)
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["report"] = replay_report(s, dataset, label_delay=LABEL_DELAY, rate=RATE, stall_timeout_s=120)
+        except BaseException as exc:
+            result["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    step = ROWS / RATE / 4
+    time.sleep(step)
+    procs.append(replica("features"))
+    time.sleep(step)
+    procs[1].kill9()  # the first features replica
+    time.sleep(step)
+    procs.append(replica("ingestion"))
+    t.join(300)
+    assert not t.is_alive() and "error" not in result, result.get("error")
+    check_report(result["report"])
+    same_features(s, want_states, want_vectors)
