@@ -373,3 +373,38 @@ def test_replicas_added_and_killed_mid_stream_lose_nothing_and_count_nothing_twi
     assert not t.is_alive() and "error" not in result, result.get("error")
     check_report(result["report"])
     same_features(s, want_states, want_vectors)
+
+
+def test_a_standby_learner_takes_over_from_a_killed_one_without_skipping_or_doubling_a_label(
+        own_redis, run_service, tmp_path):
+    """Two learners: one active (the lease holder), one standby. The active one is killed with
+    kill -9 mid-stream; the standby takes over from the last checkpoint once the lease runs out
+    (lease_ttl_s, 5 s). The takeover time is printed; every label is learned exactly once."""
+    s, _redis = own_redis
+    dataset = write_dataset(tmp_path / "shops.csv")
+    procs = start(run_service, s)
+    ports = s.ports.model_copy(update={"learner": stack.free_port()})
+    standby = run_service("learner", settings_override=s.model_copy(update={"ports": ports}), **ENV)
+    active = procs[2]
+    assert httpx.get(active.url + "/health", timeout=5).json()["state"] == "active"
+    assert httpx.get(standby.url + "/health", timeout=5).json()["state"] == "standby"
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["report"] = replay_report(s, dataset, label_delay=LABEL_DELAY, rate=RATE, stall_timeout_s=120)
+        except BaseException as exc:
+            result["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(ROWS / RATE / 2)
+    active.kill9()
+    killed = time.monotonic()
+    wait(lambda: httpx.get(standby.url + "/health", timeout=5).json()["state"] == "active", 60, "takeover")
+    takeover = time.monotonic() - killed
+    print(f"standby learner active {takeover:.1f} s after the active one was killed")
+    t.join(300)
+    assert not t.is_alive() and "error" not in result, result.get("error")
+    check_report(result["report"])
+    assert takeover < 15
