@@ -2,7 +2,9 @@
 
 With `all`, each service runs as its own process (as it would in production) and its pid is
 written under `<home>/run/`; Ctrl-C or SIGTERM stops them all. `driftline infra down` also stops
-services that `serve all` left behind.
+services that `serve all` left behind. `serve all` (and `driftline demo`) supervise them: a
+service whose process exits, or whose /health answers 503 (or nothing) for UNHEALTHY_S, is
+restarted with backoff (1 s doubling to 60 s; back to 1 s after 5 minutes up), and the log says so.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from enum import Enum
 
 import typer
@@ -138,16 +142,116 @@ def stop_services(services=SERVICES, timeout: float = 15.0, settings: Settings |
     return stopped
 
 
+UNHEALTHY_S = 30.0  # /health 503 (or no answer) this long: restart
+STARTUP_GRACE_S = 120.0  # a starting service may take this long to answer /health at all
+BACKOFF_FIRST_S, BACKOFF_MAX_S, STABLE_S = 1.0, 60.0, 300.0
+
+
+@dataclass
+class Watched:
+    name: str
+    proc: subprocess.Popen
+    started: float
+    healthy_since: float | None = None  # since when /health says 200 without a break
+    ever_healthy: bool = False  # since the last (re)start
+    bad_since: float | None = None
+    restarts: int = 0
+    backoff: float = BACKOFF_FIRST_S
+    restart_at: float | None = None
+    why: str = ""
+    history: list[str] = field(default_factory=list)
+
+
+class Supervisor:
+    """Keeps child services running: `check()` once a second restarts a service whose process
+    exited, or whose /health answered 503 or nothing for `unhealthy_s` (after `grace_s` to start),
+    after a backoff that doubles up to BACKOFF_MAX_S and resets once it stayed up STABLE_S.
+
+        sup = Supervisor({"drift": start_service("drift")}, start=start_service, url_of=...)
+        while True: sup.check(); time.sleep(1)
+    """
+
+    def __init__(self, procs: dict[str, subprocess.Popen], start: Callable[[str], subprocess.Popen],
+                 url_of: Callable[[str], str], say: Callable[[str], None] = console.print,
+                 unhealthy_s: float = UNHEALTHY_S, grace_s: float = STARTUP_GRACE_S) -> None:
+        now = time.monotonic()
+        self.watched = {name: Watched(name, proc, now) for name, proc in procs.items()}
+        self.start, self.url_of, self.say = start, url_of, say
+        self.unhealthy_s, self.grace_s = unhealthy_s, grace_s
+
+    @property
+    def procs(self) -> dict[str, subprocess.Popen]:
+        return {name: w.proc for name, w in self.watched.items()}
+
+    def health(self, name: str) -> int | None:
+        import httpx
+
+        try:
+            return httpx.get(self.url_of(name) + "/health", timeout=2.0).status_code
+        except httpx.HTTPError:
+            return None
+
+    def check(self) -> list[str]:
+        """One pass over the services; returns those restarted now."""
+        restarted = []
+        for w in self.watched.values():
+            now = time.monotonic()
+            if w.restart_at is not None:
+                if now >= w.restart_at:
+                    self._restart(w)
+                    restarted.append(w.name)
+                continue
+            code = w.proc.poll()
+            if code is not None:
+                self._schedule(w, f"its process exited with {code}")
+                continue
+            status = self.health(w.name)
+            now = time.monotonic()
+            if status == 200:
+                w.ever_healthy = True
+                w.healthy_since = w.healthy_since or now
+                w.bad_since = None
+                if now - w.healthy_since >= STABLE_S:
+                    w.backoff = BACKOFF_FIRST_S
+                continue
+            w.healthy_since = None
+            w.bad_since = w.bad_since or now
+            # a starting process has grace_s to answer 200 once; after that, unhealthy_s of 503s
+            deadline = w.bad_since + self.unhealthy_s if w.ever_healthy else w.started + self.grace_s
+            if now >= deadline:
+                what = "answered 503" if status == 503 else "did not answer"
+                self._schedule(w, f"its /health {what} for {now - w.bad_since:.0f} s")
+                stop_process(w.proc, timeout=10)
+        return restarted
+
+    def _schedule(self, w: Watched, why: str) -> None:
+        w.restart_at = time.monotonic() + w.backoff
+        w.why = why
+        self.say(f"[yellow]{w.name}: {why}; restarting it in {w.backoff:.0f} s[/]")
+
+    def _restart(self, w: Watched) -> None:
+        w.proc = self.start(w.name)
+        w.restarts += 1
+        w.history.append(w.why)
+        w.started, w.restart_at, w.bad_since, w.healthy_since = time.monotonic(), None, None, None
+        w.ever_healthy = False
+        w.backoff = min(BACKOFF_MAX_S, w.backoff * 2)
+        self.say(f"[yellow]{w.name}: restarted (restart {w.restarts}, pid {w.proc.pid})[/]")
+
+
 def serve_all() -> None:
+    settings = get_settings()
     procs = {name: start_service(name) for name in SERVICES + SINKS}
+    supervisor = Supervisor(procs, start=start_service,
+                            url_of=lambda name: f"http://{settings.host}:{settings.port_of(name)}")
     try:
         wait_healthy(SERVICES + SINKS, procs=procs)
-        console.print("[green]all five services and the offline store's sink are up[/]; Ctrl-C stops them")
+        console.print("[green]all five services and the offline store's sink are up[/]; supervising them; "
+                      "Ctrl-C stops them")
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-        while all(p.poll() is None for p in procs.values()):
-            time.sleep(0.5)
-        dead = [n for n, p in procs.items() if p.poll() is not None]
-        console.print(f"[red]{', '.join(dead)} exited[/]; stopping the others")
+        while True:
+            supervisor.check()
+            time.sleep(1.0)
     except KeyboardInterrupt:
         pass
     finally:

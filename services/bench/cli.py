@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 BENCHMARKS = ("ingest", "pipeline", "predict", "serving", "drift")
+EXTRA = ("soak",)  # long: only when named (`driftline bench soak`)
 console = Console()
 
 
@@ -21,17 +22,20 @@ def bench(
     names: list[str] = typer.Argument(None, help=f"which of {', '.join(BENCHMARKS)} (default: all)"),
     out: Path = typer.Option(Path("reports/bench"), help="folder for the JSON results"),
     quick: bool = typer.Option(False, help="smaller runs, for a smoke test"),
+    minutes: float = typer.Option(None, help="soak: how long (default 20; 1 with --quick)"),
+    rate: float = typer.Option(None, help="soak: events per second (default 100)"),
 ) -> None:
-    """Run the benchmarks and write their JSON results."""
+    """Run the benchmarks and write their JSON results (`soak` only when named)."""
     chosen = names or list(BENCHMARKS)
-    unknown = [n for n in chosen if n not in BENCHMARKS]
+    unknown = [n for n in chosen if n not in BENCHMARKS + EXTRA]
     if unknown:
-        raise typer.BadParameter(f"unknown benchmark(s) {unknown}; choose from {BENCHMARKS}")
+        raise typer.BadParameter(f"unknown benchmark(s) {unknown}; choose from {BENCHMARKS + EXTRA}")
     out.mkdir(parents=True, exist_ok=True)
     for name in chosen:
         module = importlib.import_module(f"driftline.bench.{name}")
         console.rule(f"bench {name}")
-        result = module.run(out_dir=out, quick=quick)
+        extra = {"minutes": minutes, "rate": rate} if name == "soak" else {}
+        result = module.run(out_dir=out, quick=quick, **extra)
         path = out / f"{name}.json"
         path.write_text(json.dumps(result, indent=2))
         console.print_json(json.dumps(result))

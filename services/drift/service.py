@@ -23,7 +23,7 @@ from confluent_kafka import Message
 from fastapi import Body, FastAPI, Header, HTTPException
 from pydantic import BaseModel, Field
 
-from ..shared import kafka, metrics
+from ..shared import deps, kafka, metrics
 from ..shared.codec import DecodeError, get_codec
 from ..shared.kafka import base_topic
 from ..shared.admin import check_admin
@@ -50,7 +50,7 @@ class DriftWorker(StreamWorker):
         self.policy = RetrainPolicy(settings.drift, self.model)
         self.data = DataDriftMonitor(settings.drift.data_drift_window, settings.drift.data_drift_psi,
                                      ignore=settings.drift.data_drift_ignore)
-        self.redis = redis.Redis.from_url(settings.redis_url)
+        self.redis = deps.redis_client(settings)  # waits out a Redis outage
         self.keys = Keys(settings.namespace)
         self.signing_key = settings.model_key.get_secret_value().encode()
         self.features_seen = 0

@@ -49,11 +49,11 @@ from typing import Any
 import redis
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
-from ..shared import kafka, metrics
+from ..shared import deps, kafka, metrics
 from ..shared.codec import DecodeError, get_codec
 from ..shared.deadletter import dead_letter
 from ..shared.keys import Keys
-from ..shared.runtime import StreamWorker, run_app, service_app
+from ..shared.runtime import RestartLoop, StreamWorker, run_app, service_app
 from ..shared.settings import Settings
 from .definitions import FeatureSet, load_feature_set
 from .store import OFFSET_FIELD, PARTITION_FIELD, FeatureStore, FieldNames
@@ -178,7 +178,7 @@ class FeaturesWorker(StreamWorker):
         self.batch_size = settings.features.batch_size
         self.codec = get_codec()
         self.feature_set = feature_set or load_feature_set(settings.features.set)
-        self.redis = redis.Redis.from_url(settings.redis_url)
+        self.redis = deps.redis_client(settings)  # waits out a Redis outage
         self.store = FeatureStore(self.redis, Keys(settings.namespace), self.feature_set,
                                   settings.features.snapshot_ttl_s, service=SERVICE,
                                   entity_ttl_s=settings.features.entity_ttl_s)
@@ -196,7 +196,10 @@ class FeaturesWorker(StreamWorker):
         # A partition with this many items waiting is paused, so that the consumer fetches the
         # other stream instead of buffering one (librdkafka hands out a partition in big chunks).
         self.max_waiting_per_partition = self.batch_size
-        self.counts = {"events": 0, "labels": 0, "redelivered": 0, "labels_unmatched": 0, "dead_letters": 0}
+        self.counts = {"events": 0, "labels": 0, "redelivered": 0, "labels_unmatched": 0, "dead_letters": 0,
+                       "rebuilds": 0}
+        self.applied_key = Keys(settings.namespace).features_applied()
+        self._applied_local: dict[tuple[str, int], int] = {}  # the applied offsets this worker wrote last
 
     def input_topics(self) -> list[str]:
         if not self.feature_set.spec.last_label:
@@ -208,8 +211,58 @@ class FeaturesWorker(StreamWorker):
         c.subscribe(self.input_topics(), on_assign=self._on_assign, on_revoke=self._on_revoke)
         return c
 
-    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.rewind_to_applied(consumer, partitions)
         self._assigned.extend((p.topic, p.partition) for p in partitions)
+
+    def applied_offsets(self) -> dict[tuple[str, int], int]:
+        raw = self.redis.hgetall(self.applied_key)
+        out = {}
+        for field_, value in raw.items():
+            topic, _, partition = field_.decode().rpartition("/")
+            out[(topic, int(partition))] = int(value)
+        return out
+
+    def rewind_to_applied(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Start a partition at Redis' applied offset when that is behind the committed one: Redis
+        lost writes that Kafka's offsets say were made (a crash of Redis that lost its last
+        writes: see the README's "What a Redis crash may lose"). Re-reading those records rebuilds
+        the entity states: an event already folded in (offset <= its entity's `_off`) is skipped.
+        A partition Redis has no offset for (a new one, or before this check existed) starts at
+        the committed offset as usual."""
+        try:
+            applied = self.applied_offsets()
+            committed = consumer.committed(partitions, timeout=10)
+        except (KafkaException, redis.RedisError):
+            log.warning("could not compare Redis' applied offsets with Kafka's committed ones", exc_info=True)
+            return
+        rewound = False
+        for tp, c in zip(partitions, committed):
+            done = applied.get((tp.topic, tp.partition))
+            if done is not None and c.offset >= 0 and done < c.offset:
+                log.error("features state in Redis is behind Kafka on %s/%d (applied up to %d, committed %d): "
+                          "re-reading %d records to rebuild it", tp.topic, tp.partition, done, c.offset,
+                          c.offset - done)
+                tp.offset = done
+                self.counts["rebuilds"] += 1
+                rewound = True
+        if rewound:
+            consumer.assign(partitions)
+
+    def verify_applied(self, items: list[Item]) -> None:
+        """Before a batch touches Redis: are the applied offsets still those this worker wrote
+        last? Lower = Redis restarted without its last writes; folding events into its older
+        states would make wrong ones. Start the loop over instead: the new assignment re-reads
+        from the applied offsets (rewind_to_applied), nothing of this batch was written."""
+        tps = sorted({i.tp for i in items if i.tp in self._applied_local})
+        if not tps:
+            return
+        stored = self.redis.hmget(self.applied_key, [f"{t}/{p}" for t, p in tps])
+        behind = [tp for tp, v in zip(tps, stored) if v is None or int(v) < self._applied_local[tp]]
+        if behind:
+            self._applied_local.clear()
+            raise RestartLoop(f"Redis lost writes this worker made (applied offset of {behind[0]} went back): "
+                              "rebuilding the entity states from Kafka")
 
     def expect_assigned(self) -> None:
         """Tell the merge which new partitions still hold data (asked once per assignment)."""
@@ -237,6 +290,7 @@ class FeaturesWorker(StreamWorker):
             consumer.resume(paused)
         for tp in tps:
             self._committed.pop(tp, None)
+            self._applied_local.pop(tp, None)
             self._paused.discard(tp)
             self._positions.pop(tp, None)
             self._highs.pop(tp, None)
@@ -273,8 +327,8 @@ class FeaturesWorker(StreamWorker):
             items = self.buffer.pop_ready(time.monotonic(), self.lagging())
             if items:
                 self.process(items)
-                self.producer.flush()
-                self.commit()
+                if self.flush_until_stopped():  # a rebalance or an outage refusing the commit is not fatal
+                    self.safe_commit()
             self.flow_control()
 
     def lagging(self) -> set[tuple[str, int]]:
@@ -329,6 +383,7 @@ class FeaturesWorker(StreamWorker):
     def process(self, items: list[Item]) -> None:
         if not items:
             return
+        self.verify_applied(items)
         fs = self.feature_set
         items = self.bound_fields(items)
         events = [i.value for i in items if i.kind == EVENT]
@@ -378,7 +433,11 @@ class FeaturesWorker(StreamWorker):
             self.store.queue_states(pipe, {e: states[e] for e in dirty})
             for entity_id, (label, event_ts) in labels.items():
                 self.store.queue_label(pipe, entity_id, label, event_ts)
+            # Last: how far this batch's effects go (the AOF keeps a prefix of the writes).
+            applied = {i.tp: i.offset + 1 for i in items}
+            pipe.hset(self.applied_key, mapping={f"{t}/{p}": o for (t, p), o in applied.items()})
             self.store.execute(pipe, "write_batch")
+            self._applied_local.update(applied)
         if redelivered:
             recovered = self.recover(redelivered)
             vectors += recovered

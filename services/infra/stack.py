@@ -231,8 +231,9 @@ class Kafka(Component):
             match = re.search(r"CONTROLLER://[^:]+:(\d+)", config.read_text())
             if match and not port_open(host, int(match.group(1))):
                 return int(match.group(1))
-        candidate = port + 1
-        return candidate if not port_open(host, candidate) else free_port(host)
+        # A port the kernel gives out now: port + 1 may be some outgoing connection's local port
+        # (not listening, so port_open cannot tell), and the broker then dies on bind.
+        return free_port(host)
 
     def ready(self) -> bool:
         from ..shared.kafka import admin

@@ -7,7 +7,11 @@ Kafka door, a request id and index on the HTTP door), so
 - the first input with an id wins (`SET` happens, the old value is nil);
 - a later input with the same id, in the same batch or a later one, is a duplicate;
 - the SAME input seen again (the process died after claiming but before committing, and Kafka
-  redelivers the batch) finds its own marker and is published again instead of being lost.
+  redelivers the batch) finds its own marker and is published again instead of being lost;
+- unless its output was acknowledged by Kafka: the Kafka door then marks its claims published
+  (`mark_published`, marker + "!", before the commit), so a batch redelivered because a
+  rebalance or a broker outage refused the commit is not published twice. Only a crash between
+  Kafka's acknowledgement and that mark still publishes an input twice (at-least-once).
 
 Ids are remembered for `ingestion.dedup_ttl_s`: memory stays bounded, and an id re-sent after
 that is new again. This module never decides validity; it only answers "is this one the first?".
@@ -31,6 +35,9 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+PUBLISHED = "!"  # appended to a marker once Kafka acknowledged its input's output
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +67,17 @@ class Dedup:
         self._seconds.observe(time.perf_counter() - started)
         # bytes from a plain client, str from one with decode_responses
         return [old is None or old == c.marker or old == c.marker.encode() for c, old in zip(claims, previous)]
+
+    def mark_published(self, claims: list[Claim]) -> None:
+        """These inputs' outputs are acknowledged by Kafka: their claims say so, and the same
+        inputs redelivered are duplicates, not published again. (A claim that expired meanwhile
+        stays gone: XX.)"""
+        if not claims:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for c in claims:
+            pipe.execute_command("SET", c.key, c.marker + PUBLISHED, "XX", "KEEPTTL")
+        pipe.execute()
 
     def release(self, claims: list[Claim]) -> None:
         """Forget claims that are still ours (their input was not delivered after all)."""

@@ -29,7 +29,7 @@ import redis
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, Message, Producer
 from fastapi import FastAPI
 
-from ..shared import kafka, metrics
+from ..shared import deps, kafka, metrics
 from ..shared.codec import get_codec
 from ..shared.deadletter import dead_letter, fit_payload
 from ..shared.keys import Keys
@@ -80,6 +80,7 @@ class Ingestor:
         self.codec = get_codec()
         topics, keys = Topics(settings.namespace), Keys(settings.namespace)
         self.dedup = Dedup(client, keys, self.limits.dedup_ttl_s, SERVICE)
+        self.published: list[Claim] = []
         self.events = Stream("events", "Event", topics.events, topics.events_valid, topics.events_dlq,
                              keys.seen_event, validate.check_event_avro, validate.check_event_json)
         self.labels = Stream("labels", "Label", topics.labels, topics.labels_valid, topics.labels_dlq,
@@ -138,6 +139,7 @@ class Ingestor:
         input order, count. Returns each input's outcome: valid | dead_letter | duplicate.
         The caller flushes the producer (and learns of failed deliveries through `on_delivery`)."""
         owned = iter(self.dedup.claim([d.claim for d in decisions if d.claim is not None]))
+        self.published = []  # the claims of this batch's valid inputs (see Dedup.mark_published)
         outcomes: list[str] = []
         counts: Counter[tuple[Stream, str, str | None]] = Counter()
         for i, d in enumerate(decisions):
@@ -145,6 +147,7 @@ class Ingestor:
                 outcome, topic = "dead_letter", d.stream.dlq
             elif next(owned):
                 outcome, topic = "valid", d.stream.valid
+                self.published.append(d.claim)
             else:
                 outcome, topic = "duplicate", None
             outcomes.append(outcome)
@@ -219,7 +222,8 @@ class IngestionWorker(StreamWorker):
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         super().__init__(settings)
         self.batch_size = settings.ingestion.batch_size
-        self.ingestor = Ingestor(settings, self.producer, client or redis.Redis.from_url(settings.redis_url))
+        # Its own client, which waits out a Redis outage (the HTTP door's answers 503 at once).
+        self.ingestor = Ingestor(settings, self.producer, client or deps.redis_client(settings))
         self.undelivered: list[KafkaError] = []
 
     def input_topics(self) -> list[str]:
@@ -239,14 +243,18 @@ class IngestionWorker(StreamWorker):
         # Kafka redelivers the batch, and dedup's marker lets the same messages through again.
         if self.undelivered:
             raise RuntimeError(f"{len(self.undelivered)} messages not delivered, e.g. {self.undelivered[0]}")
+        # Acknowledged: if the commit fails (a rebalance, the broker away), the redelivered batch
+        # must not be published again.
+        self.ingestor.dedup.mark_published(self.ingestor.published)
+        self.ingestor.published = []
         super().commit()
 
 
 def build_app(settings: Settings) -> FastAPI:
     """The ingestion process: the Kafka door's worker and the HTTP door on one FastAPI app."""
     client = redis.Redis.from_url(settings.redis_url)
-    worker = IngestionWorker(settings, client)
-    door = HttpDoor(settings, Ingestor(settings, HttpDoor.producer(settings), client))
+    worker = IngestionWorker(settings)  # its own client, which waits out a Redis outage
+    door = HttpDoor(settings, Ingestor(settings, HttpDoor.producer(settings), client))  # answers 503 at once
     app = service_app(
         SERVICE, worker=worker, title="driftline ingestion", on_stop=door.close,
         max_body_bytes=settings.ingestion.max_http_body_bytes, body_limit_setting="ingestion.max_http_body_bytes",

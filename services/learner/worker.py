@@ -33,7 +33,7 @@ import redis
 from confluent_kafka import Message
 
 from ..features.store import Snapshot, Snapshots
-from ..shared import metrics
+from ..shared import deps, metrics
 from ..shared.codec import DecodeError, get_codec
 from ..shared.kafka import base_topic
 from ..shared.keys import Keys
@@ -68,7 +68,7 @@ class LearnerWorker(StreamWorker):
         self.name = self.cfg.model_name
         self.keys = Keys(settings.namespace)
         self.codec = get_codec()
-        self.r = redis.Redis.from_url(settings.redis_url)
+        self.r = deps.redis_client(settings)  # waits out a Redis outage
         self.signing_key = settings.model_key.get_secret_value().encode()
         self.registry = ModelRegistry(self.r, self.keys, self.name, self.signing_key)
         self.telemetry = Telemetry(self.name)

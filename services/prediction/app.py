@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from ..shared import metrics
 from ..shared.admin import admin_dependency
 from ..shared.runtime import service_app
 from ..shared.settings import Settings, get_settings
@@ -96,6 +97,7 @@ def validation_error(loc: tuple, msg: str, kind: str) -> RequestValidationError:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     predictor = Predictor(settings)
+    metrics.start_at_zero(SERVICE, settings)
     app = service_app(
         SERVICE,
         title="driftline prediction",

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..infra import stack
-from ..serve import SERVICES as FIVE, SINKS, start_service, stop_services, wait_healthy
+from ..serve import SERVICES as FIVE, SINKS, Supervisor, start_service, stop_services, wait_healthy
 from ..shared.kafka import admin, ensure_topics
 from ..shared.settings import Settings, ensure_local_secrets, get_settings, redact_url, settings_env
 from ..shared.topics import Topics
@@ -70,6 +70,7 @@ def demo(
     _sigterm_as_interrupt()
     started_services = False
     procs: dict[str, subprocess.Popen] = {}
+    watching: threading.Event | None = None
     try:
         console.print(f"[bold]driftline demo[/]: {dataset.name}, model {settings.learner.model!r}, "
                       f"features {settings.features.set!r}, label delay {label_delay}")
@@ -87,12 +88,22 @@ def demo(
         except (RuntimeError, TimeoutError) as exc:
             raise DemoError(f"{exc}\n{_log_tail(base, exc)}") from None
         console.print(f"all five services are up after {time.monotonic() - t0:.1f} s; replaying")
+        # A service that exits or stays unhealthy is restarted while the replay runs.
+        supervisor = Supervisor(procs, start=lambda name: start_service(name, env=env),
+                                url_of=lambda name: f"http://{settings.host}:{settings.port_of(name)}",
+                                say=console.print)
+        watching = threading.Event()
+        watcher = threading.Thread(target=_supervise, args=(supervisor, watching, procs), daemon=True)
+        watcher.start()
         report = replay(settings, dataset, limit=limit, rate=rate, label_delay=label_delay,
                         model=settings.learner.model, features=settings.features.set, report_dir=report_dir,
                         stall_timeout_s=stall_timeout_s, console=console)
         console.print(f"demo done in {time.monotonic() - t0:.1f} s")
         return report
     finally:
+        if watching is not None:
+            watching.set()
+            watcher.join(10)
         t_stop = time.monotonic()
         if started_services:
             _stop_all(procs)
@@ -105,6 +116,12 @@ def demo(
                 component.stop()
         console.print(f"stopped what the demo started (services {t_services - t_stop:.1f} s, namespace "
                       f"{t_drop - t_services:.1f} s, infra {time.monotonic() - t_drop:.1f} s)")
+
+
+def _supervise(supervisor: Supervisor, stop: threading.Event, procs: dict[str, subprocess.Popen]) -> None:
+    while not stop.wait(1.0):
+        if supervisor.check():
+            procs.update(supervisor.procs)  # _stop_all stops the restarted ones
 
 
 def _stop_all(procs: dict[str, subprocess.Popen], timeout: float = 20.0) -> None:

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Iterable
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from .settings import Settings
@@ -26,8 +26,20 @@ def connection(settings: Settings) -> dict[str, str]:
     return {"bootstrap.servers": settings.kafka_bootstrap, **settings.kafka_security}
 
 
+def _on_error(err: KafkaError) -> None:
+    """librdkafka's client-wide errors: a broker outage marks Kafka away (for /ready and /health);
+    librdkafka reconnects by itself with backoff and already folds repeated errors into one line."""
+    from .deps import DEPS
+
+    if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE):
+        DEPS.down("kafka", err)
+    else:
+        log.warning("kafka: %s", err)
+
+
 def producer(settings: Settings, **overrides) -> Producer:
     config = {
+        "error_cb": _on_error,
         **connection(settings),
         "enable.idempotence": True,
         "acks": "all",
@@ -43,6 +55,7 @@ def producer(settings: Settings, **overrides) -> Producer:
 
 def consumer(settings: Settings, group: str, **overrides) -> Consumer:
     config = {
+        "error_cb": _on_error,
         **connection(settings),
         "group.id": group,
         "enable.auto.commit": False,

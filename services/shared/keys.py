@@ -27,6 +27,12 @@ class Keys:
         until its label comes."""
         return f"{self.prefix}snap:{{{event_id}}}"
 
+    def features_applied(self) -> str:
+        """Hash "topic/partition" -> the next offset whose effects on the entity states are in
+        Redis (written last in each batch's pipeline: if it survived a Redis crash, so did the
+        states before it). Behind the committed offset = Redis lost writes: re-read from Kafka."""
+        return f"{self.prefix}features:applied"
+
     # -- ingestion: de-duplication ---------------------------------------------------------
     def seen_event(self, event_id: str) -> str:
         return f"{self.prefix}seen:ev:{{{event_id}}}"

@@ -125,3 +125,83 @@ CANARY_ACCURACY = Gauge("driftline_canary_served_accuracy",
 CANARY_SHARE = Gauge("driftline_canary_share", "Share of /v1/predict routed to the challenger.", ["model"])
 CANARY_ROLLBACKS = Counter("driftline_canary_rollbacks_total", "Canaries rolled back for a worse served error rate.",
                            ["model"])
+
+# -- series exported at 0 from the start ------------------------------------------------------
+# A labelled series appears at its first increment otherwise, and rate()/increase() cannot see
+# the step from nothing to 1: a first dead letter or a first drift would fire no alert and panels
+# would say "No data" instead of 0. Each service creates its known series at start.
+DECODE_REASONS = ("not_avro", "unknown_schema", "incompatible_schema", "wrong_schema", "corrupt_avro")  # codec.DecodeError
+INPUTS = {  # service -> (topics it consumes, topics it produces)
+    "ingestion": (("events", "labels"), ("events.valid", "labels.valid", "events.dlq", "labels.dlq")),
+    "features": (("events.valid", "labels.valid"), ("features", "events.dlq", "labels.dlq")),
+    "learner": (("features", "labels.valid", "retrain.requests", "model.swaps"),
+                ("outcomes", "model.updates", "model.swaps", "labels.dlq")),
+    "drift": (("outcomes", "model.swaps", "features"), ("drift.events", "retrain.requests")),
+    "prediction": ((), ("predictions", "model.swaps")),
+}
+SWAP_REASONS = ("initial", "promotion", "rollback", "manual")  # ModelSwap.avsc
+ROLES = ("champion", "challenger")
+
+
+def start_at_zero(service: str, settings) -> None:
+    """Create at 0 every labelled series of `service` that a dashboard or alert reads, for its
+    known label values (reason codes, topics, roles, detectors). Idempotent.
+
+        >>> from driftline.shared.settings import Settings
+        >>> start_at_zero("ingestion", Settings())
+        >>> DEAD_LETTERS.labels("ingestion", "events", "not_avro")._value.get()
+        0.0
+    """
+    model = settings.learner.model_name
+    consumed, produced = INPUTS.get(service, ((), ()))
+    for topic in consumed:
+        MESSAGES_IN.labels(service, topic)
+    for topic in produced:
+        MESSAGES_OUT.labels(service, topic)
+    if service == "ingestion":
+        from .deadletter import REASONS
+
+        for topic in ("events", "labels"):
+            DUPLICATES.labels(service, topic)
+            for reason in REASONS:
+                DEAD_LETTERS.labels(service, topic, reason)
+            for door in ("kafka", "http"):
+                for outcome in ("valid", "dead_letter", "duplicate"):
+                    INGESTED.labels(door, topic, outcome)
+    elif service in ("features", "drift", "learner"):
+        for topic in consumed:
+            if topic in ("events.valid", "labels.valid", "outcomes", "features"):
+                for reason in DECODE_REASONS:
+                    DEAD_LETTERS.labels(service, topic, reason)
+    if service == "learner":
+        DEAD_LETTERS.labels(service, "labels.valid", "unknown_event")
+        DUPLICATES.labels(service, "labels.valid")
+        LABELS_OUT_OF_ORDER.labels(model)
+        CHALLENGERS_DROPPED.labels(model)
+        CHECKPOINTS.labels(model)
+        MODEL_UPDATES.labels(model)
+        for role in ROLES:
+            EXAMPLES_LEARNED.labels(model, role)
+            PREDICTIONS.labels(service, model, role)
+    if service in ("learner", "prediction"):
+        for reason in SWAP_REASONS:
+            MODEL_SWAPS.labels(model, reason)
+    if service == "prediction":
+        PREDICTIONS.labels(service, model, "champion")
+        CANARY_ROLLBACKS.labels(model)
+        CANARY_SHARE.labels(model)
+        for role in ROLES:
+            CANARY_REQUESTS.labels(model, role)
+    if service == "offline":
+        OFFLINE_ROWS.labels(model)
+        for reason in ("timeout", "delivery_failed", "shutdown"):
+            PREDICTION_LOG_DROPPED.labels(reason)
+    if service == "drift":
+        from .vocabulary import RETRAIN_REASONS
+
+        for level in ("warning", "drift"):
+            DRIFT_EVENTS.labels(model, "concept", level, settings.drift.detector)
+        DRIFT_EVENTS.labels(model, "data", "drift", "PSI")
+        for reason in RETRAIN_REASONS:
+            RETRAIN_REQUESTS.labels(model, reason)
+            RETRAINS_SUPPRESSED.labels(model, reason)

@@ -19,14 +19,16 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from confluent_kafka import Consumer, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import kafka, metrics
 from .bodylimit import BodyLimit
+from .deps import DEPS, backoff_delays
 from .kafka import base_topic
 from .settings import Settings, check_model_key
 from .topics import Topics
@@ -34,6 +36,28 @@ from .topics import Topics
 log = logging.getLogger(__name__)
 # Services whose only bodies are admin requests ({"version": 3}, {"reason": "demand"}) take this much.
 ADMIN_BODY_BYTES = 64 * 1024
+
+# A commit refused because a rebalance (or a broker that came back after the group's session
+# timed out) took the partitions, or because the coordinator is away for a moment. Not fatal: the
+# uncommitted records go to the partitions' new owner (maybe this consumer again), and every
+# service's handling is idempotent on redelivery, which a crash needs anyway.
+COMMIT_RETRIABLE = frozenset({
+    KafkaError._ASSIGNMENT_LOST, KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
+    KafkaError.UNKNOWN_MEMBER_ID, KafkaError._STATE, KafkaError._TRANSPORT, KafkaError._TIMED_OUT,
+    KafkaError._WAIT_COORD, KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.REQUEST_TIMED_OUT, KafkaError._ALL_BROKERS_DOWN,
+})
+
+
+def commit_failed_harmlessly(exc: KafkaException) -> bool:
+    """True for a commit error the loop may shrug off (see COMMIT_RETRIABLE)."""
+    err = exc.args[0] if exc.args else None
+    return isinstance(err, KafkaError) and (err.code() in COMMIT_RETRIABLE or err.retriable())
+
+
+class RestartLoop(Exception):
+    """Raised by a worker to start its loop over in this process (a new consumer, from the
+    committed offsets), as a process restart would but without one."""
 
 
 class StreamWorker:
@@ -56,6 +80,11 @@ class StreamWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_lag = 0.0
+        self._delays = None  # the Kafka backoff in progress (None: the last call went through)
+        self._error_logged: dict[int, float] = {}
+        self._last_probe = 0.0
+        self._kafka_ok = time.monotonic()  # when Kafka last answered (a commit or a probe)
+        metrics.start_at_zero(self.service, settings)
 
     # -- to implement ----------------------------------------------------------------------
     def input_topics(self) -> list[str]:
@@ -92,28 +121,85 @@ class StreamWorker:
                 good = [m for m in messages if m.error() is None]
                 for m in messages:
                     if m.error() is not None:
-                        log.warning("%s: consumer error %s", self.service, m.error())
+                        self._consumer_error(m.error())
                 if good:
                     self._count_in(good)
                     started = time.perf_counter()
                     self.handle(good)
                     if not self.flush_until_stopped():
                         break  # stopping with messages unacknowledged: do not commit past them
-                    self.commit()
+                    self.safe_commit()
                     metrics.PROCESSING_SECONDS.labels(self.service, "batch").observe(time.perf_counter() - started)
                     metrics.BATCH_SIZE.labels(self.service).observe(len(good))
                     self.batches += 1
                 self.tick()
                 self._export_lag()
+                self.probe_kafka()
             self.close()
         finally:
             self.producer.flush(10)
             self.consumer.close()
 
+    def safe_commit(self) -> None:
+        """commit(), shrugging off a commit that a rebalance or a broker outage refused: the next
+        commit covers these records if the partitions are still ours, else their new owner reads
+        them again."""
+        try:
+            self.commit()
+        except KafkaException as exc:
+            if not commit_failed_harmlessly(exc):
+                raise
+            DEPS.down("kafka", exc.args[0]) if exc.args[0].code() in (
+                KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT) else None
+            log.warning("%s: commit not done (%s); the records will be committed by the next commit "
+                        "or read again by the partitions' new owner", self.service, exc.args[0])
+            self._kafka_backoff()
+        else:
+            DEPS.up("kafka")
+            self._delays = None
+            self._kafka_ok = time.monotonic()
+
+    def probe_kafka(self) -> None:
+        """Ask the broker for metadata when nothing told us lately that it is there (no batch
+        committed for 5 s: an idle loop, or one that is not this class's, like the learner's),
+        every 2 s while it is marked away and every 5 s otherwise. librdkafka's own error reports
+        do not always say that all brokers are down. Called by the loop and by /health and /ready."""
+        now = time.monotonic()
+        down = DEPS.is_down("kafka")
+        if not down and now - self._kafka_ok < 5.0:
+            return
+        if now - self._last_probe < (2.0 if down else 5.0):
+            return
+        self._last_probe = now
+        try:
+            self.producer.list_topics(timeout=1.0)
+        except KafkaException as exc:
+            DEPS.down("kafka", exc.args[0] if exc.args else exc)
+        else:
+            self._kafka_ok = time.monotonic()
+            DEPS.up("kafka")
+
+    def _kafka_backoff(self) -> None:
+        """A pause between two failing Kafka calls (exponential, capped at 2 s; a stop cuts it short)."""
+        if self._delays is None:
+            self._delays = backoff_delays()
+        self._stop.wait(next(self._delays))
+
+    def _consumer_error(self, err: KafkaError) -> None:
+        """An error the consumer handed over: logged once per kind a minute (librdkafka reports a
+        broker outage on every reconnect), the broker marked away while it lasts."""
+        if err.code() in (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE):
+            DEPS.down("kafka", err)
+        now = time.monotonic()
+        if now - self._error_logged.get(err.code(), -1e9) >= 60:
+            self._error_logged[err.code()] = now
+            log.warning("%s: consumer error %s (same errors are not logged again for a minute)", self.service, err)
+
     def flush_until_stopped(self) -> bool:
         """Wait for the broker to acknowledge what the batch produced (commit only after that), a
         second at a time so that a stop is still heard while Kafka is away. False = stopped first."""
         while self.producer.flush(1.0) > 0:
+            DEPS.down("kafka", f"{len(self.producer)} produced messages not acknowledged")
             if self._stop.is_set():
                 log.error("%s: stopping with %d messages not acknowledged by Kafka; their inputs are not "
                           "committed and will be read again", self.service, len(self.producer))
@@ -161,7 +247,14 @@ class StreamWorker:
 
     def _guarded_run(self) -> None:
         try:
-            self.run()
+            while True:
+                try:
+                    self.run()
+                    return
+                except RestartLoop as exc:
+                    log.warning("%s: starting the loop over: %s", self.service, exc)
+                    if self._stop.wait(1.0):
+                        return
         except BaseException as exc:  # recorded for /health; the supervisor restarts us
             self.error = exc
             log.exception("%s worker died", self.service)
@@ -176,8 +269,9 @@ class StreamWorker:
         return self._thread is not None and self._thread.is_alive()
 
     def health(self) -> dict[str, Any]:
+        self.probe_kafka()
         return {"worker_alive": self.alive, "batches": self.batches,
-                "error": repr(self.error) if self.error else None}
+                "error": repr(self.error) if self.error else None, "dependencies": DEPS.status()}
 
 
 class HttpMetrics:
@@ -256,16 +350,30 @@ def service_app(
     # Added last, so outermost: a too-large body is refused before routing, auth or parsing.
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes, service=service, setting=body_limit_setting)
 
-    # `async def`: answered on the event loop, no thread-pool hop (it only reads a few attributes).
+    # `async def`: answered on the event loop, no thread-pool hop, except for a stream worker's
+    # details (its Kafka probe may wait up to a second while the broker is away).
     @app.get("/health", tags=["ops"], summary="Is the process alive and its loop running?")
     async def health() -> JSONResponse:
         body: dict[str, Any] = {"service": service, "status": "ok"}
         if worker is not None:
-            body.update(worker.health())
+            body.update(await run_in_threadpool(worker.health))
             if not worker.alive:
                 body["status"] = "worker stopped"
                 return JSONResponse(body, status_code=503)
+            # Alive but waiting for Redis or Kafka: still 200 (a restart would not bring them
+            # back); /ready says 503 meanwhile.
+            missing = DEPS.missing()
+            if missing:
+                body["status"] = "waiting: " + "; ".join(missing)
         return JSONResponse(body)
+
+    if worker is not None:  # the prediction service has its own /ready (model loaded, ...)
+        @app.get("/ready", tags=["ops"], summary="Is the loop running and are Redis and Kafka there?")
+        def ready() -> JSONResponse:
+            worker.probe_kafka()
+            reasons = ([] if worker.alive else ["worker stopped"]) + DEPS.missing()
+            return JSONResponse({"service": service, "ready": not reasons, "reasons": reasons},
+                                status_code=503 if reasons else 200)
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
     def prometheus_metrics() -> Response:
