@@ -56,7 +56,7 @@ from ..shared.keys import Keys
 from ..shared.runtime import StreamWorker, run_app, service_app
 from ..shared.settings import Settings
 from .definitions import FeatureSet, load_feature_set
-from .store import OFFSET_FIELD, PARTITION_FIELD, FeatureStore, FieldNames
+from .store import OFFSET_FIELD, PARTITION_FIELD, Categories, FeatureStore, FieldNames
 
 log = logging.getLogger(__name__)
 SERVICE = "features"
@@ -184,6 +184,8 @@ class FeaturesWorker(StreamWorker):
                                   entity_ttl_s=settings.features.entity_ttl_s)
         self.names = FieldNames(self.redis, Keys(settings.namespace), settings.learner.model_name,
                                 settings.features.max_feature_names)
+        self.categories = Categories(self.redis, Keys(settings.namespace), settings.learner.model_name,
+                                     settings.features.max_categories)
         self.max_entity_fields = settings.features.max_entity_fields
         # A feature set without the last label has nothing to wait for: events go at once.
         wait_s = settings.features.max_reorder_wait_ms / 1000.0 if self.feature_set.spec.last_label else 0.0
@@ -321,6 +323,21 @@ class FeaturesWorker(StreamWorker):
                     self.refuse(item, "too_many_feature_names",
                                 f"the model already has {self.names.limit} distinct field names "
                                 f"(features.max_feature_names); new: {sorted(refused & set(item.value['fields']))[:5]}")
+        texts: dict[str, set[str]] = {}
+        for item in items:
+            if item.kind == EVENT:
+                for name, value in item.value["fields"].items():
+                    if isinstance(value, str):
+                        texts.setdefault(name, set()).add(value)
+        refused_texts = self.categories.admit(texts) if texts else set()
+        if refused_texts:
+            for item in items:
+                if item.kind == EVENT:
+                    new = sorted(f"{n}={v}" for n, v in item.value["fields"].items() if (n, v) in refused_texts)
+                    if new:
+                        self.refuse(item, "too_many_categories",
+                                    f"a field already took {self.categories.limit} distinct text values "
+                                    f"(features.max_categories); new: {new[:5]}")
         return items
 
     def refuse(self, item: Item, reason: str, detail: str) -> None:

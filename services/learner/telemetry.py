@@ -45,6 +45,11 @@ class Telemetry:
             metrics.ACCURACY.labels(*labels).set(slot.stats.accuracy)
             metrics.WINDOW_ACCURACY.labels(*labels).set(slot.stats.window_accuracy)
             metrics.LOG_LOSS.labels(*labels).set(slot.stats.log_loss)
+            if slot.stats.scored:  # a regressor's figures (its accuracy above stays 0)
+                metrics.MAE.labels(*labels).set(slot.stats.mae)
+                metrics.RMSE.labels(*labels).set(slot.stats.rmse)
+                metrics.R2.labels(*labels).set(slot.stats.r2)
+                metrics.WINDOW_MAE.labels(*labels).set(slot.stats.window_mae)
         self.versions(roles)
 
     def versions(self, roles: Roles | None) -> None:
@@ -55,7 +60,8 @@ class Telemetry:
 
     def retire(self, *slots: Slot) -> None:
         for slot in slots:
-            for gauge in (metrics.ACCURACY, metrics.WINDOW_ACCURACY, metrics.LOG_LOSS):
+            for gauge in (metrics.ACCURACY, metrics.WINDOW_ACCURACY, metrics.LOG_LOSS, metrics.MAE, metrics.RMSE,
+                          metrics.R2, metrics.WINDOW_MAE):
                 try:
                     gauge.remove(self.model, str(slot.version), slot.role)
                 except KeyError:

@@ -24,6 +24,8 @@ def _utf8(value: str) -> str:
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Id = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_utf8)]
 FieldName = Annotated[str, Field(max_length=256), AfterValidator(_utf8)]
+# A categorical value ("KR"); its length bound is ingestion.max_category_chars (checked with the other field rules).
+Category = Annotated[str, Field(strict=True, max_length=4096), AfterValidator(_utf8)]
 MAX_FIELDS = 1024
 
 
@@ -32,7 +34,7 @@ class PredictRequest(BaseModel):
         extra="forbid",
         json_schema_extra={
             "examples": [
-                {"entity_id": "meter-7", "fields": {"nswprice": 0.056, "vicdemand": 0.42}},
+                {"entity_id": "meter-7", "fields": {"nswprice": 0.056, "vicdemand": 0.42, "region": "NSW"}},
                 {"entity_id": "meter-7", "fields": {"nswprice": 0.061}, "event_id": "ev-1001",
                  "ts": 1700000000.0},
             ]
@@ -40,8 +42,8 @@ class PredictRequest(BaseModel):
     )
 
     entity_id: Id = Field(description="whose online state to read (an unknown entity has an empty state)")
-    fields: dict[FieldName, FiniteFloat] = Field(
-        max_length=MAX_FIELDS, description="the event's numeric fields"
+    fields: dict[FieldName, FiniteFloat | Category] = Field(
+        max_length=MAX_FIELDS, description="the event's fields: numbers, or strings for categories"
     )
     event_id: Id | None = Field(
         None,
