@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from driftline.ingestion import validate
 from driftline.ingestion.validate import (
     REASONS,
     Rejection,
@@ -97,7 +98,9 @@ def test_a_valid_avro_label_decodes():
     (event(ts=-1.0), "bad_ts"),
     (event(ts=NOW + 3601), "bad_ts"),
     (event(fields=[1.0, 2.0]), "bad_type"),
-    (event(fields={"price": "0.5"}), "non_numeric"),
+    (event(fields={"price": {"a": 1}}), "non_numeric"),
+    (event(fields={"country": "K" * 129}), "category_too_long"),
+    (event(fields={"country": "  "}), "category_too_long"),
     (event(fields={"price": None}), "non_numeric"),
     (event(fields={"price": True}), "non_numeric"),
     (event(fields={"price": [1]}), "non_numeric"),
@@ -183,3 +186,13 @@ def test_every_reason_code_is_documented_and_nothing_else_can_be_made():
     assert all(text for text in REASONS.values())
     with pytest.raises(AssertionError):
         Rejection("made_up", "x")
+
+
+def test_text_values_are_categories_through_the_json_door_and_avro():
+    """A string field value is a category: kept as text, bounded, and encoded as Event v2."""
+    limits = IngestionSettings()
+    record = validate.check_event_json({"event_id": "e", "entity_id": "m", "ts": 1.7e9,
+                                        "fields": {"country": "KR", "amount": 12}}, limits, 1.7e9)
+    assert record["fields"] == {"country": "KR", "amount": 12.0}
+    blob = validate.to_avro("Event", record, limits)
+    assert validate.check_event_avro(blob, limits, 1.7e9)["fields"] == {"country": "KR", "amount": 12.0}
