@@ -23,7 +23,7 @@ SAMPLES = {
                    "source": "learner", "published_ms": None},
     "Outcome": {"event_id": "e-1", "entity_id": "meter-7", "model": "default", "model_version": 3,
                 "role": "champion", "y_true": "1", "y_pred": "0", "proba": {"0": 0.6, "1": 0.4},
-                "position": 41, "ts": 1.7e9},
+                "position": 41, "ts": 1.7e9, "error": None},
     "DriftEvent": {"drift_id": "d-1", "model": "default", "model_version": 3, "kind": "concept",
                    "level": "drift", "detector": "ADWIN", "feature": None, "position": 1200,
                    "error_before": 0.1, "error_after": 0.4, "statistic": None, "ts": 1.7e9},
