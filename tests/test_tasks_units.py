@@ -118,3 +118,22 @@ def test_roles_with_regressors_score_errors_publish_answers_and_warm_start_a_cha
     examples = [({"a": 1.0}, "3.0", 0.5, 1), ({"a": 2.0}, "6.0", 0.5, 1)]
     assert warm_start(parse_model("linear_model.LinearRegression()"), examples, 1, contest) == 2
     assert contest.shared == 2 and contest.regression
+
+
+def test_residual_drift_is_detected_after_a_regression_concept_change_and_only_a_rise_counts():
+    from driftline.drift.detectors import ConceptMonitor
+    from driftline.replay.datasets import load
+
+    model = parse_model("preprocessing.StandardScaler() | linear_model.LinearRegression()")
+    monitor = ConceptMonitor("ADWIN", {}, min_error_increase=0.02)
+    ups, downs = [], []
+    for i, (x, y, _) in enumerate(load("friedman-abrupt").rows()):
+        if i == 12_000:
+            break
+        alarm = monitor.update(abs(float(answer(model, x)[0]) - float(y)))
+        if i < 10_000:  # the model is not retrained after the drift: its residuals rise
+            learn(model, x, y)
+        if alarm is not None and alarm.level == "drift":
+            (ups if alarm.direction == "up" else downs).append(i)
+    assert not [i for i in ups if i < 10_000], "no rise of the error before the drift"
+    assert ups and 10_000 <= ups[0] < 10_500, ups
