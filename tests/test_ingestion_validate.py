@@ -123,7 +123,7 @@ def test_invalid_json_events_are_rejected_with_the_right_reason(item, expected):
     ({"event_id": "e", "ts": NOW}, "empty_label"),
     ({"event_id": "e", "label": None, "ts": NOW}, "empty_label"),
     ({"event_id": "e", "label": " ", "ts": NOW}, "empty_label"),
-    ({"event_id": "e", "label": 1.5, "ts": NOW}, "bad_type"),
+    ({"event_id": "e", "label": math.inf, "ts": NOW}, "bad_type"),
     ({"event_id": "e", "label": ["1"], "ts": NOW}, "bad_type"),
     ({"event_id": "e", "label": "z" * 17, "ts": NOW}, "label_too_long"),
     ({"event_id": "e", "label": "1"}, "missing_field"),
@@ -196,3 +196,10 @@ def test_text_values_are_categories_through_the_json_door_and_avro():
     assert record["fields"] == {"country": "KR", "amount": 12.0}
     blob = validate.to_avro("Event", record, limits)
     assert validate.check_event_avro(blob, limits, 1.7e9)["fields"] == {"country": "KR", "amount": 12.0}
+
+
+def test_numeric_json_labels_become_the_text_a_regressor_learns():
+    limits = IngestionSettings()
+    texts = [validate.check_label_json({"event_id": "e", "label": v, "ts": 1.7e9}, limits, 1.7e9)["label"]
+             for v in (12.5, 3.0, -0.25, 7)]
+    assert texts == ["12.5", "3", "-0.25", "7"]

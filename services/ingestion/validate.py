@@ -98,8 +98,8 @@ def check_event_json(item: Any, limits: IngestionSettings, now: float) -> Record
 
 
 def check_label_json(item: Any, limits: IngestionSettings, now: float) -> Record | Rejection:
-    """One JSON item of POST /v1/labels -> a Label, or why not. Integer and boolean labels become
-    text the way the learner writes predictions (True -> "1", 3 -> "3")."""
+    """One JSON item of POST /v1/labels -> a Label, or why not. Numeric and boolean labels become
+    text the way the learner writes predictions (True -> "1", 3 -> "3", 12.5 -> "12.5")."""
     if not isinstance(item, dict):
         return Rejection("not_an_object", f"a label is a JSON object, got {_json_type(item)}")
     if item.get("event_id") is None:
@@ -113,8 +113,10 @@ def check_label_json(item: Any, limits: IngestionSettings, now: float) -> Record
         label = str(int(label))
     elif isinstance(label, int):
         label = str(label)
+    elif isinstance(label, float) and math.isfinite(label):  # a regression target
+        label = str(int(label)) if label.is_integer() else repr(label)
     elif not isinstance(label, str):
-        return Rejection("bad_type", f"label must be a string or an integer, got {_json_type(label)}")
+        return Rejection("bad_type", f"label must be a string or a finite number, got {_json_type(label)}")
     if "ts" not in item:
         return Rejection("missing_field", "ts is missing")
     ts = _number(item["ts"])
