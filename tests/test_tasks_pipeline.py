@@ -8,7 +8,7 @@ import random
 import pytest
 
 from driftline.replay.datasets import Dataset, load
-from pipeline import replay_report, start_pipeline
+from pipeline import metric, replay_report, start_pipeline
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +30,7 @@ def test_a_regressor_through_the_pipeline_matches_river_progressive_validation_m
 
     from driftline.learner.spec import parse_model
 
-    start_pipeline(run_service, model=LINREG, features="raw")
+    procs = start_pipeline(run_service, model=LINREG, features="raw")
     report = replay_report(settings, "friedman-abrupt", limit=ROWS, label_delay=DELAY, model=LINREG, features="raw",
                            report_dir=tmp_path)
     rows = list(load("friedman-abrupt").rows())[:ROWS]
@@ -45,6 +45,11 @@ def test_a_regressor_through_the_pipeline_matches_river_progressive_validation_m
     outcome = report["_outcomes"][-1]
     assert outcome["error"] == pytest.approx(float(outcome["y_pred"]) - float(outcome["y_true"]))
     assert (tmp_path / "report.png").stat().st_size > 10_000
+    # The learner's own figures, exported to Prometheus, agree with the outcomes' (no accuracy for a regressor).
+    learner = procs["learner"]
+    assert metric(learner, "driftline_model_mae", role="champion") == pytest.approx(pq["mae"], rel=1e-3)
+    assert metric(learner, "driftline_model_r2", role="champion") == pytest.approx(pq["r2"], abs=1e-3)
+    assert metric(learner, "driftline_model_accuracy", role="champion") == 0.0
 
 
 def category_rows(n: int, seed: int = 7):
