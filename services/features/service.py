@@ -25,8 +25,9 @@ How a batch goes (`FeaturesWorker.handle`):
 
 Bounds (untrusted input must not grow Redis or the model without end): an event that would bring
 the model more than `features.max_feature_names` distinct field names, or its entity more than
-`features.max_entity_fields`, goes to events.dlq (`too_many_feature_names`,
-`too_many_entity_fields`) instead; entity states expire after `features.entity_ttl_s` idle.
+`features.max_entity_fields`, or a text (categorical) field more than `features.max_categories`
+distinct values, goes to events.dlq (`too_many_feature_names`, `too_many_entity_fields`,
+`too_many_categories`) instead; entity states expire after `features.entity_ttl_s` idle.
 
 Idempotence: an event at an offset <= its entity's `_off` was applied before a crash; it is not
 applied again, its vector is re-published from its snapshot. Labels are idempotent by design.
