@@ -137,3 +137,19 @@ def test_residual_drift_is_detected_after_a_regression_concept_change_and_only_a
             (ups if alarm.direction == "up" else downs).append(i)
     assert not [i for i in ups if i < 10_000], "no rise of the error before the drift"
     assert ups and 10_000 <= ups[0] < 10_500, ups
+
+
+def test_predict_requests_take_categories_and_serve_a_regressor_number():
+    from driftline.ingestion.validate import check_fields
+    from driftline.prediction.models import score
+    from driftline.prediction.schemas import PredictRequest
+    from driftline.shared.settings import IngestionSettings
+
+    req = PredictRequest(entity_id="a", fields={"country": "KR", "amount": 3})
+    assert req.fields == {"country": "KR", "amount": 3.0} and check_fields(req.fields, IngestionSettings()) is None
+    too_long = PredictRequest(entity_id="a", fields={"country": "K" * 200})
+    assert check_fields(too_long.fields, IngestionSettings()).reason == "category_too_long"
+    model = parse_model("linear_model.LinearRegression()")
+    learn(model, {"country": "KR", "amount": 3.0}, "10")
+    y_pred, proba = score(model, {"country": "KR", "amount": 3.0})
+    assert proba == {} and float(y_pred) > 0
