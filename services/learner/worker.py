@@ -240,7 +240,7 @@ class LearnerWorker(StreamWorker):
             return True
         x = snap.vector["features"]
         regression = is_regressor(self.roles.champion.model)
-        problem = label_problem(self.roles.champion.model, label.label)
+        problem = label_problem(self.roles.champion.model, label.label) if regression else None
         if problem:  # a text label for a regressor: nothing to learn
             self.join.learn(label)
             self.out.dead_letter(label.raw, label.key, label.partition, label.offset, "non_numeric_label", problem)
