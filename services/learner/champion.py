@@ -31,6 +31,7 @@ learner and `driftline bench drift` both run these, so the benchmark measures th
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -69,6 +70,8 @@ class Slot:
         """Score the answer `p` made at event time: a classifier's hit, a regressor's absolute error."""
         if is_regressor(self.model):
             y_pred = float(p["y_pred"]) if p["y_pred"] is not None else None
+            if y_pred is not None and not math.isfinite(y_pred):
+                y_pred = None  # a diverged model's answer: counted, not scored (it would poison the means)
             return self.stats.update_error(float(y), y_pred)
         return self.stats.update(y, p["y_pred"], p["proba"])
 
