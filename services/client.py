@@ -105,9 +105,9 @@ class Producer:
         self._send(self.topics.events, entity_id, self._codec.encode("Event", record))
         return event_id
 
-    def send_label(self, event_id: str, label: str | int | bool, ts: float | None = None) -> None:
-        """Queue the true label of an earlier event. Integers and booleans become text the way
-        driftline's predictions are written (True -> "1", 3 -> "3")."""
+    def send_label(self, event_id: str, label: str | int | float | bool, ts: float | None = None) -> None:
+        """Queue the true label of an earlier event. Numbers and booleans become text the way
+        driftline's predictions are written (True -> "1", 3 -> "3", 12.5 -> "12.5")."""
         if isinstance(label, bool):
             label = int(label)
         record = {"event_id": event_id, "label": str(label), "ts": time.time() if ts is None else float(ts)}

@@ -126,7 +126,7 @@ def test_every_event_ends_in_exactly_one_of_valid_dlq_or_duplicate_through_both_
 
     body = [event(f"h{i}", "meter-8") for i in range(10)]
     body += [event("g6"), event("h0", "meter-8")]  # already seen: through the other door, in this body
-    bad_http = [({**event("s"), "fields": {"x": "1.5"}}, "non_numeric"),
+    bad_http = [({**event("s"), "fields": {"x": ["1.5"]}}, "non_numeric"),
                 ({"event_id": "m", "ts": NOW, "fields": {}}, "missing_id"),
                 (5, "not_an_object"),
                 (event("n", x=math.nan), "non_finite"),  # the JSON text carries NaN

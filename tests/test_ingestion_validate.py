@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from driftline.ingestion import validate
 from driftline.ingestion.validate import (
     REASONS,
     Rejection,
@@ -97,7 +98,9 @@ def test_a_valid_avro_label_decodes():
     (event(ts=-1.0), "bad_ts"),
     (event(ts=NOW + 3601), "bad_ts"),
     (event(fields=[1.0, 2.0]), "bad_type"),
-    (event(fields={"price": "0.5"}), "non_numeric"),
+    (event(fields={"price": {"a": 1}}), "non_numeric"),
+    (event(fields={"country": "K" * 129}), "category_too_long"),
+    (event(fields={"country": "  "}), "category_too_long"),
     (event(fields={"price": None}), "non_numeric"),
     (event(fields={"price": True}), "non_numeric"),
     (event(fields={"price": [1]}), "non_numeric"),
@@ -120,7 +123,7 @@ def test_invalid_json_events_are_rejected_with_the_right_reason(item, expected):
     ({"event_id": "e", "ts": NOW}, "empty_label"),
     ({"event_id": "e", "label": None, "ts": NOW}, "empty_label"),
     ({"event_id": "e", "label": " ", "ts": NOW}, "empty_label"),
-    ({"event_id": "e", "label": 1.5, "ts": NOW}, "bad_type"),
+    ({"event_id": "e", "label": math.inf, "ts": NOW}, "bad_type"),
     ({"event_id": "e", "label": ["1"], "ts": NOW}, "bad_type"),
     ({"event_id": "e", "label": "z" * 17, "ts": NOW}, "label_too_long"),
     ({"event_id": "e", "label": "1"}, "missing_field"),
@@ -183,3 +186,20 @@ def test_every_reason_code_is_documented_and_nothing_else_can_be_made():
     assert all(text for text in REASONS.values())
     with pytest.raises(AssertionError):
         Rejection("made_up", "x")
+
+
+def test_text_values_are_categories_through_the_json_door_and_avro():
+    """A string field value is a category: kept as text, bounded, and encoded as Event v2."""
+    limits = IngestionSettings()
+    record = validate.check_event_json({"event_id": "e", "entity_id": "m", "ts": 1.7e9,
+                                        "fields": {"country": "KR", "amount": 12}}, limits, 1.7e9)
+    assert record["fields"] == {"country": "KR", "amount": 12.0}
+    blob = validate.to_avro("Event", record, limits)
+    assert validate.check_event_avro(blob, limits, 1.7e9)["fields"] == {"country": "KR", "amount": 12.0}
+
+
+def test_numeric_json_labels_become_the_text_a_regressor_learns():
+    limits = IngestionSettings()
+    texts = [validate.check_label_json({"event_id": "e", "label": v, "ts": 1.7e9}, limits, 1.7e9)["label"]
+             for v in (12.5, 3.0, -0.25, 7)]
+    assert texts == ["12.5", "3", "-0.25", "7"]

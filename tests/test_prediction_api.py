@@ -198,7 +198,7 @@ def test_batch_answers_every_item_with_one_version_and_is_bounded(served):
     "body, loc",
     [
         ({"fields": {"a": 1.0}}, ["body", "entity_id"]),
-        ({"entity_id": "e", "fields": {"a": "1.5"}}, ["body", "fields", "a"]),
+        ({"entity_id": "e", "fields": {"a": [1.5]}}, ["body", "fields", "a"]),  # (a string is a category)
         ({"entity_id": "e", "fields": {"a": True}}, ["body", "fields", "a"]),
         ({"entity_id": "e", "fields": [1, 2]}, ["body", "fields"]),
         ({"entity_id": "", "fields": {}}, ["body", "entity_id"]),

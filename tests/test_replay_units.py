@@ -32,7 +32,7 @@ def test_generators_are_seeded_numeric_and_carry_their_drift_positions(name):
     assert first == list(_take(ds.rows(), 50)), "the same rows every time"
     for fields, label, _entity in first:
         assert fields and all(isinstance(k, str) and isinstance(v, float) for k, v in fields.items())
-        assert label in {"0", "1"}
+        assert label in {"0", "1"} if name not in datasets.REGRESSION else float(label) == float(label)
     assert ds.size == 20_000
     if "stationary" in name or name == "hyperplane":
         assert ds.drift_positions == ()
@@ -53,16 +53,34 @@ def test_abrupt_drift_changes_the_concept_exactly_at_its_position():
     assert before == 1.0 and after < 0.5
 
 
-def test_csv_dataset_one_hot_encodes_text_skips_missing_and_names_entities(tmp_path):
+def test_csv_dataset_keeps_text_as_categories_skips_missing_and_names_entities(tmp_path):
     path = tmp_path / "shop.csv"
     path.write_text("amount,city,user,bought\n1.5,Paris,u1,yes\n,Lyon,u2,no\n2,nan,,yes\n")
     ds = load(f"csv:{path}", target="bought", entity="user")
     assert ds.size == 3
     assert list(ds.rows()) == [
-        ({"amount": 1.5, "city=Paris": 1.0}, "yes", "u1"),
-        ({"city=Lyon": 1.0}, "no", "u2"),
+        ({"amount": 1.5, "city": "Paris"}, "yes", "u1"),
+        ({"city": "Lyon"}, "no", "u2"),
         ({"amount": 2.0}, "yes", "shop"),
     ]
+
+
+def test_friedman_datasets_are_regression_streams_with_the_drift_where_they_say():
+    from river import linear_model, metrics, preprocessing
+
+    for name in ("friedman-abrupt", "friedman-gradual"):
+        ds = load(name)
+        rows = list(ds.rows())
+        assert ds.drift_positions == (10_000,) and len(rows) == 20_000
+        assert all(isinstance(float(y), float) for _, y, _ in rows[:100])
+    # A model that does not adapt is worse after the abrupt drift than before it.
+    model, mae = preprocessing.StandardScaler() | linear_model.LinearRegression(), [metrics.MAE(), metrics.MAE()]
+    for i, (x, y, _) in enumerate(load("friedman-abrupt").rows()):
+        if i >= 5_000:
+            mae[i >= 10_000].update(float(y), model.predict_one(x))
+        if i < 10_000:
+            model.learn_one(x, float(y))
+    assert mae[1].get() > 1.5 * mae[0].get()
 
 
 def test_csv_gz_with_numeric_labels_gives_integer_label_text(tmp_path):

@@ -14,6 +14,10 @@ figures measure the learner's logic, not a copy, and do not depend on the machin
 Per (stream, model): detection delay, false alarms (concept drift alarms before the drift),
 examples from the drift to the first promotion, accuracy over the 10,000 examples after the drift
 for driftline / never retrained / HAT; on stationary streams the overall accuracies and alarms.
+
+Regression rows (`friedman-abrupt`, `friedman-gradual`): the same policy on the champion's absolute
+residuals and the learner's paired (Wilcoxon) contest; MAE over the 10,000 examples after the drift
+for driftline / never retrained / river's HoeffdingAdaptiveTreeRegressor / ARFRegressor (in-process).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 
 from ..drift.policy import RetrainPolicy
 from ..learner.champion import Contest, Roles, Slot, predict, warm_start
-from ..learner.labels import to_river
+from ..learner.labels import error, is_regressor, learn, to_river
 from ..learner.prequential import Prequential
 from ..learner.spec import parse_model
 from ..replay.datasets import load
@@ -41,6 +45,21 @@ HAT_SEEDS = (0, 1, 2, 3, 4)
 DRIFTING = ("agrawal-abrupt", "sea-abrupt", "agrawal-gradual")
 STATIONARY = ("agrawal-stationary", "sea-stationary")
 AFTER = 10_000
+LINREG = "preprocessing.StandardScaler() | linear_model.LinearRegression()"
+TREE_R = "tree.HoeffdingTreeRegressor()"
+ADAPTIVE_REGRESSORS = {"HATR": "tree.HoeffdingAdaptiveTreeRegressor(seed=42)",
+                       "ARFR": "forest.ARFRegressor(n_models=5, seed=42)"}
+REGRESSION = ("friedman-abrupt", "friedman-gradual")
+
+
+def prequential_errors(dataset: str, spec: str, limit: int | None = None) -> list[float]:
+    """Absolute error per example for a regressor that is never retrained by driftline (test-then-train)."""
+    model = parse_model(spec)
+    errors = []
+    for x, y, _ in itertools.islice(load(dataset).rows(), limit):
+        errors.append(abs(error(predict(model, x), y) or 0.0))
+        learn(model, x, y)
+    return errors
 
 
 def prequential_hits(dataset: str, spec: str, limit: int | None = None) -> list[int]:
@@ -69,13 +88,20 @@ def simulate(dataset: str, spec: str, drift: DriftSettings | None = None,
     roles = Roles(Slot("champion", 1, parse_model(spec), Prequential(learner.window)))
     policy.swap(roles.champion.version)
     buffer: deque = deque(maxlen=max(1, learner.warm_start))  # (position, x, y, champion hit, its version)
+    regression = is_regressor(roles.champion.model)
     hits, alarms, requests, swaps, dropped = [], [], [], [], []
     for position, (x, y, _) in enumerate(load(dataset).rows()):
         answers = roles.score(x)  # label delay 0: each example is scored, then learned at once
         version = roles.champion.version
-        hit = answers["champion"]["y_pred"] == y
-        hits.append(int(hit))
-        for action in policy.observe(position, hit, version):
+        if regression:  # the champion's absolute error stands for its hit (policy, contest, curves)
+            hit = abs(error(answers["champion"]["y_pred"], y) or 0.0)
+            hits.append(hit)
+            observed = policy.observe(position, False, version, error=hit)
+        else:
+            hit = answers["champion"]["y_pred"] == y
+            hits.append(int(hit))
+            observed = policy.observe(position, hit, version)
+        for action in observed:
             if action.kind == "drift":
                 alarms.append({k: action.record[k] for k in ("position", "level", "error_before", "error_after")})
             elif action.kind == "retrain":
@@ -144,6 +170,48 @@ def evaluate(dataset: str, spec: str, hat_reference: list[float] | None = None) 
     return row
 
 
+def evaluate_regression(dataset: str, spec: str, references: dict[str, list[float]] | None = None) -> dict[str, Any]:
+    """A regression row: detection delay, false alarms, examples to the swap, and MAE after the drift
+    for driftline, the same model never retrained, and river's adaptive regressors."""
+    ds = load(dataset)
+    started = time.perf_counter()
+    sim = simulate(dataset, spec)
+    never = prequential_errors(dataset, spec)
+    references = references if references is not None else {
+        name: prequential_errors(dataset, ref) for name, ref in ADAPTIVE_REGRESSORS.items()}
+    concept = [a for a in sim["alarms"] if a["level"] == "drift"]
+    at = ds.drift_positions[0]
+    start = at - ds.drift_width // 2
+    after = [a["position"] for a in concept if a["position"] >= start]
+    later_swaps = [s for s in sim["swaps"] if s >= start]
+    window = slice(at, at + AFTER)
+    row: dict[str, Any] = {
+        "dataset": dataset, "model": spec, "task": "regression", "examples": len(sim["hits"]),
+        "alarms": [a["position"] for a in concept], "retrain_requests": sim["requests"], "swaps": sim["swaps"],
+        "challengers_dropped": sim["dropped"], "drift_at": at,
+        "detection_delay": after[0] - at if after else None,
+        "false_alarms": sum(1 for a in concept if a["position"] < start),
+        "examples_to_swap": later_swaps[0] - at if later_swaps else None,
+        "mae_before": mean(sim["hits"][max(0, at - AFTER):at]),
+        "mae_after": mean(sim["hits"][window]),
+        "mae_after_never_retrained": mean(never[window]),
+        **{f"mae_after_{name.lower()}": mean(errors[window]) for name, errors in references.items()},
+    }
+    row["wall_s"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def regression_table(rows: list[dict]) -> str:
+    lines = ["| stream | model | delay | false alarms | to swap | MAE after (driftline / never / HATR / ARFR) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        mae = (f"{r['mae_after']:.3f} / {r['mae_after_never_retrained']:.3f} / {r['mae_after_hatr']:.3f} / "
+               f"{r['mae_after_arfr']:.3f}")
+        lines.append(f"| {r['dataset']} | {short(r['model'])} | {r['detection_delay']} | {r['false_alarms']} | "
+                     f"{r['examples_to_swap']} | {mae} |")
+    return "\n".join(lines)
+
+
 def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
     datasets = ("agrawal-abrupt", "sea-stationary") if quick else DRIFTING + STATIONARY
     models = (TREE,) if quick else (TREE, LOGREG)
@@ -152,9 +220,14 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         hat = hat_hits(dataset)  # the same for both models
         for spec in models:
             rows.append(evaluate(dataset, spec, hat))
+    regression_rows = []
+    for dataset in (("friedman-abrupt",) if quick else REGRESSION):
+        references = {name: prequential_errors(dataset, ref) for name, ref in ADAPTIVE_REGRESSORS.items()}
+        for spec in ((LINREG,) if quick else (LINREG, TREE_R)):
+            regression_rows.append(evaluate_regression(dataset, spec, references))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(rows)
+    table = markdown_table(rows) + "\n\n" + regression_table(regression_rows)
     (out_dir / "drift.md").write_text(table + "\n")
     plot(rows, out_dir / "drift.png")
     print(table)
@@ -168,12 +241,14 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
                                                                  "promote_confidence", "max_shadow")},
         "hat": f"mean of {len(HAT_SEEDS)} seeds of {HAT.format(seed='s')}",
         "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
+        "regression_rows": regression_rows,
+        "adaptive_regressors": ADAPTIVE_REGRESSORS,
         "table": str(out_dir / "drift.md"), "plot": str(out_dir / "drift.png"),
     }
 
 
 def short(spec: str) -> str:
-    return "HoeffdingTree" if spec == TREE else "LogReg" if spec == LOGREG else spec
+    return {TREE: "HoeffdingTree", LOGREG: "LogReg", LINREG: "LinReg", TREE_R: "HoeffdingTreeRegressor"}.get(spec, spec)
 
 
 def markdown_table(rows: list[dict]) -> str:

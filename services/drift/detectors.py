@@ -11,6 +11,17 @@ change point; only an increase of at least `min_error_increase` counts as concep
     >>> [(a.position, a.direction) for a in alarms if a][0][1]
     'up'
 
+A regressor's outcomes bring real-valued errors (absolute residuals, `update(3.7)`): the same
+monitor watches them (ADWIN, KSWIN and Page-Hinkley take real values; the binary detectors get
+"above the running mean error"), the change point splits the residuals, and "up" means the mean
+absolute error rose by at least `min_error_increase` *relative* to before (0.02 = 2%), confirmed
+by Welch's z on the two sides:
+
+    >>> monitor = ConceptMonitor("ADWIN", {}, min_error_increase=0.02)
+    >>> alarms = [monitor.update(float(1 + (i % 7) / 7 + (3 if i >= 2000 else 0))) for i in range(3000)]
+    >>> [(a.direction, a.error_after > a.error_before) for a in alarms if a][0]
+    ('up', True)
+
 It must never raise on odd input (anything truthy is an error) and never keep unbounded memory.
 """
 
@@ -84,6 +95,7 @@ class ConceptMonitor:
         self.segment_start = 0  # first position of the current regime (after the last change)
         self.warning_since: int | None = None
         self.total_errors = 0
+        self.real = False  # real-valued errors (a regressor's absolute residuals)
 
     @property
     def error_rate(self) -> float:
@@ -92,13 +104,20 @@ class ConceptMonitor:
         return self._mean_last(k, 0) if k > 0 else 0.0
 
     def update(self, error: Any) -> Alarm | None:
-        x = 1 if error else 0
+        if isinstance(error, float) and math.isfinite(error):
+            self.real = True
+        if getattr(self, "real", False):  # (monitors pickled before regression have no `real`)
+            x = abs(float(error)) if isinstance(error, (int, float)) and math.isfinite(error) else 0.0
+            binary = x > (self.total_errors / self.n if self.n else 0.0)
+        else:
+            x = 1 if error else 0
+            binary = bool(x)
         position = self.n
         self.n += 1
         self.errors.append(x)
         self.total_errors += x
         width_before = getattr(self.detector, "width", None) if self.name == "ADWIN" else None
-        self.detector.update(bool(x) if self.name in WARNING_DETECTORS else x)
+        self.detector.update(binary if self.name in WARNING_DETECTORS else x)
         if self.detector.drift_detected:
             self.warning_since = None
             if self.n <= self.warmup:
@@ -128,9 +147,15 @@ class ConceptMonitor:
         # "Up" needs a material rise (min_error_increase) that is also no fluke of a short window:
         # a one-sided two-proportion z-test at Z_UP on the split (sensitive detectors such as HDDM_W
         # otherwise alarm on noise over a few dozen errors).
-        pooled = (before * cut + after * recent) / max(1, span)
-        se = math.sqrt(max(pooled * (1 - pooled), 1e-12) * (1 / max(cut, 1) + 1 / max(recent, 1)))
-        if delta >= self.min_error_increase and delta / se >= Z_UP:
+        if getattr(self, "real", False):  # residuals: a relative rise of the mean, Welch's z
+            window = list(itertools.islice(self.errors, len(self.errors) - span, None))
+            se = math.sqrt(max(_var(window[:cut]) / max(cut, 1) + _var(window[cut:]) / max(recent, 1), 1e-12))
+            material = delta >= self.min_error_increase * max(before, 1e-12)
+        else:
+            pooled = (before * cut + after * recent) / max(1, span)
+            se = math.sqrt(max(pooled * (1 - pooled), 1e-12) * (1 / max(cut, 1) + 1 / max(recent, 1)))
+            material = delta >= self.min_error_increase
+        if material and delta / se >= Z_UP:
             direction = "up"
         else:
             direction = "down" if delta < 0 else "flat"
@@ -148,7 +173,14 @@ class ConceptMonitor:
         return sum(window) / max(1, end - start)
 
 
-def change_point(errors: list[int], min_side: int = 30) -> tuple[int, float, float]:
+def _var(xs: list[float]) -> float:
+    if len(xs) < 2:
+        return 0.0
+    mean = sum(xs) / len(xs)
+    return sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
+
+
+def change_point(errors: list[float], min_side: int = 30) -> tuple[int, float, float]:
     """The most likely single change of mean in `errors`: (cut, mean before, mean after).
 
     Maximises n1 * n2 / n * (m1 - m2) ** 2 over cuts leaving at least `min_side` on each side

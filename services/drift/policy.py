@@ -68,8 +68,9 @@ class RetrainPolicy:
                               self.settings.min_error_increase)
 
     # -- inputs -------------------------------------------------------------------------------
-    def observe(self, position: int, correct: bool, version: int) -> list[Action]:
-        """One champion outcome, in stream order. Returns what to publish."""
+    def observe(self, position: int, correct: bool, version: int, error: float | None = None) -> list[Action]:
+        """One champion outcome, in stream order; a regressor's brings its `error` (the residual),
+        which the monitor watches instead of the hit. Returns what to publish."""
         if position <= self.position:
             return []  # already handled before a restart
         if version != self.version:
@@ -78,9 +79,12 @@ class RetrainPolicy:
             self._watch(version)
         self.position = position
         self.outcomes_since_swap += 1
-        self.accuracy.append(1 if correct else 0)
         actions: list[Action] = []
-        alarm = self.monitor.update(not correct)
+        if error is None:
+            self.accuracy.append(1 if correct else 0)
+            alarm = self.monitor.update(not correct)
+        else:
+            alarm = self.monitor.update(abs(float(error)))
         if alarm is not None and alarm.direction == "up":
             actions += self._on_concept_alarm(alarm)
         n = self.settings.on_new_data

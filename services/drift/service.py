@@ -78,7 +78,8 @@ class DriftWorker(StreamWorker):
                 outcome = self.decode(m, "Outcome")
                 if outcome is not None and outcome["role"] == "champion":
                     correct = outcome["y_pred"] is not None and outcome["y_pred"] == outcome["y_true"]
-                    self.publish(self.policy.observe(outcome["position"], correct, outcome["model_version"]))
+                    self.publish(self.policy.observe(outcome["position"], correct, outcome["model_version"],
+                                                     outcome.get("error")))
             elif topic == "model.swaps":
                 swap = self.decode(m, "ModelSwap")
                 if swap is not None and swap["model"] == self.model:

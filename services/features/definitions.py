@@ -9,6 +9,13 @@ entity state it is given: the state *before* the event (point-in-time correct, n
     >>> x = fs.vector(state, {"price": 1.0}, ts=0.0)     # from the state before the event
     >>> fs.apply_event(state, {"price": 1.0}, ts=0.0)     # then the event updates the state
 
+Text values are categories (`{"country": "KR"}`): they pass into the vector as they are, for a
+model that handles them (`preprocessing.OneHotEncoder()`, a tree, naive Bayes), and the per-field
+statistics (delta, moving averages) cover the numeric fields only.
+
+    >>> fs.vector({}, {"price": 2.0, "country": "KR"}, ts=1.0)["country"]
+    'KR'
+
 Definitions are data: `default`, `raw` (the event's fields alone) or a TOML/YAML file with the keys
 of `FeatureSpec`. The entity state is a flat dict of floats and strings, stored as a Redis hash.
 """
@@ -58,8 +65,10 @@ PRESETS: dict[str, FeatureSpec] = {
 }
 
 
-def _pick(names: list[str], fields: dict[str, float]) -> list[str]:
-    return sorted(fields) if names == ["*"] else [n for n in names if n in fields]
+def _pick(names: list[str], fields: dict[str, float | str]) -> list[str]:
+    """The numeric fields named (text values are categories: no delta or moving average of them)."""
+    numeric = [n for n, v in fields.items() if not isinstance(v, str)]
+    return sorted(numeric) if names == ["*"] else [n for n in names if n in numeric]
 
 
 @dataclass(frozen=True)
@@ -87,8 +96,9 @@ class FeatureSet:
         s = self.spec
         return bool(s.count or s.since_last or s.delta or s.ewm_alphas or s.last_label)
 
-    def _plan(self, fields: dict[str, float]) -> _Plan:
-        names = tuple(fields)
+    def _plan(self, fields: dict[str, float | str]) -> _Plan:
+        # A field may be a number in one event and text in another: the plan depends on both.
+        names = tuple(k if v.__class__ is not str else k + "\x00" for k, v in fields.items())
         plan = self._plans.get(names)
         if plan is None:
             s, outs = self.spec, self.spec.ewm_outputs

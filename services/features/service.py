@@ -25,8 +25,9 @@ How a batch goes (`FeaturesWorker.handle`):
 
 Bounds (untrusted input must not grow Redis or the model without end): an event that would bring
 the model more than `features.max_feature_names` distinct field names, or its entity more than
-`features.max_entity_fields`, goes to events.dlq (`too_many_feature_names`,
-`too_many_entity_fields`) instead; entity states expire after `features.entity_ttl_s` idle.
+`features.max_entity_fields`, or a text (categorical) field more than `features.max_categories`
+distinct values, goes to events.dlq (`too_many_feature_names`, `too_many_entity_fields`,
+`too_many_categories`) instead; entity states expire after `features.entity_ttl_s` idle.
 
 Idempotence: an event at an offset <= its entity's `_off` was applied before a crash; it is not
 applied again, its vector is re-published from its snapshot. Labels are idempotent by design.
@@ -56,7 +57,7 @@ from ..shared.keys import Keys
 from ..shared.runtime import RestartLoop, StreamWorker, run_app, service_app
 from ..shared.settings import Settings
 from .definitions import FeatureSet, load_feature_set
-from .store import OFFSET_FIELD, PARTITION_FIELD, FeatureStore, FieldNames
+from .store import OFFSET_FIELD, PARTITION_FIELD, Categories, FeatureStore, FieldNames
 
 log = logging.getLogger(__name__)
 SERVICE = "features"
@@ -184,6 +185,8 @@ class FeaturesWorker(StreamWorker):
                                   entity_ttl_s=settings.features.entity_ttl_s)
         self.names = FieldNames(self.redis, Keys(settings.namespace), settings.learner.model_name,
                                 settings.features.max_feature_names)
+        self.categories = Categories(self.redis, Keys(settings.namespace), settings.learner.model_name,
+                                     settings.features.max_categories)
         self.max_entity_fields = settings.features.max_entity_fields
         # A feature set without the last label has nothing to wait for: events go at once.
         wait_s = settings.features.max_reorder_wait_ms / 1000.0 if self.feature_set.spec.last_label else 0.0
@@ -375,6 +378,21 @@ class FeaturesWorker(StreamWorker):
                     self.refuse(item, "too_many_feature_names",
                                 f"the model already has {self.names.limit} distinct field names "
                                 f"(features.max_feature_names); new: {sorted(refused & set(item.value['fields']))[:5]}")
+        texts: dict[str, set[str]] = {}
+        for item in items:
+            if item.kind == EVENT:
+                for name, value in item.value["fields"].items():
+                    if isinstance(value, str):
+                        texts.setdefault(name, set()).add(value)
+        refused_texts = self.categories.admit(texts) if texts else set()
+        if refused_texts:
+            for item in items:
+                if item.kind == EVENT:
+                    new = sorted(f"{n}={v}" for n, v in item.value["fields"].items() if (n, v) in refused_texts)
+                    if new:
+                        self.refuse(item, "too_many_categories",
+                                    f"a field already took {self.categories.limit} distinct text values "
+                                    f"(features.max_categories); new: {new[:5]}")
         return items
 
     def refuse(self, item: Item, reason: str, detail: str) -> None:

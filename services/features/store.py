@@ -153,9 +153,9 @@ class FieldNames:
     Names already admitted are remembered in this process, so a steady stream costs no round trip.
     """
 
-    def __init__(self, client, keys: Keys, model: str, limit: int) -> None:
+    def __init__(self, client, keys: Keys, model: str, limit: int, key: str | None = None) -> None:
         self.client = client
-        self.key = keys.field_names(model)
+        self.key = key or keys.field_names(model)
         self.limit = int(limit)
         self.known: set[str] = set()
 
@@ -166,6 +166,29 @@ class FieldNames:
             return set()
         refused = {_text(n) for n in self.client.eval(ADMIT_NAMES_LUA, 1, self.key, self.limit, *new)}
         self.known.update(n for n in new if n not in refused)
+        return refused
+
+
+class Categories:
+    """The distinct text values each field of one model may take, bounded per field
+    (`features.max_categories`): one `FieldNames` set per categorical field.
+
+        cats = Categories(redis_client, Keys("t1"), "default", limit=1000)
+        cats.admit({"country": {"KR", "FR"}})      # -> {("country", v), ...} refused
+    """
+
+    def __init__(self, client, keys: Keys, model: str, limit: int) -> None:
+        self.client, self.keys, self.model, self.limit = client, keys, model, int(limit)
+        self.fields: dict[str, FieldNames] = {}  # bounded: field names are (features.max_feature_names)
+
+    def admit(self, values: Mapping[str, Iterable[str]]) -> set[tuple[str, str]]:
+        refused: set[tuple[str, str]] = set()
+        for field, texts in values.items():
+            names = self.fields.get(field)
+            if names is None:
+                names = self.fields[field] = FieldNames(self.client, self.keys, self.model, self.limit,
+                                                        key=self.keys.categories(self.model, field))
+            refused.update((field, text) for text in names.admit(texts))
         return refused
 
 

@@ -83,14 +83,14 @@ def check_event_json(item: Any, limits: IngestionSettings, now: float) -> Record
         return Rejection("bad_ts", f"ts must be a number (epoch seconds), got {_json_type(item['ts'])}")
     fields = item["fields"]
     if not isinstance(fields, dict):
-        return Rejection("bad_type", f"fields must be an object of name: number, got {_json_type(fields)}")
+        return Rejection("bad_type", f"fields must be an object of name: number or string, got {_json_type(fields)}")
     if len(fields) > limits.max_fields:
         return Rejection("too_many_fields", f"{len(fields)} fields, more than max_fields={limits.max_fields}")
-    numbers: dict[str, float] = {}
+    numbers: dict[str, float | str] = {}
     for name, value in fields.items():
-        number = _number(value)
+        number = value if isinstance(value, str) else _number(value)  # a string is a category
         if number is None:
-            return Rejection("non_numeric", f"field {_short(name)!r} is {_json_type(value)}, not a number")
+            return Rejection("non_numeric", f"field {_short(name)!r} is {_json_type(value)}, not a number or a string")
         numbers[name] = number
     record = {"event_id": item["event_id"], "entity_id": item["entity_id"], "ts": ts, "fields": numbers,
               "published_ms": None}
@@ -98,8 +98,8 @@ def check_event_json(item: Any, limits: IngestionSettings, now: float) -> Record
 
 
 def check_label_json(item: Any, limits: IngestionSettings, now: float) -> Record | Rejection:
-    """One JSON item of POST /v1/labels -> a Label, or why not. Integer and boolean labels become
-    text the way the learner writes predictions (True -> "1", 3 -> "3")."""
+    """One JSON item of POST /v1/labels -> a Label, or why not. Numeric and boolean labels become
+    text the way the learner writes predictions (True -> "1", 3 -> "3", 12.5 -> "12.5")."""
     if not isinstance(item, dict):
         return Rejection("not_an_object", f"a label is a JSON object, got {_json_type(item)}")
     if item.get("event_id") is None:
@@ -113,8 +113,10 @@ def check_label_json(item: Any, limits: IngestionSettings, now: float) -> Record
         label = str(int(label))
     elif isinstance(label, int):
         label = str(label)
+    elif isinstance(label, float) and math.isfinite(label):  # a regression target
+        label = str(int(label)) if label.is_integer() else repr(label)
     elif not isinstance(label, str):
-        return Rejection("bad_type", f"label must be a string or an integer, got {_json_type(label)}")
+        return Rejection("bad_type", f"label must be a string or a finite number, got {_json_type(label)}")
     if "ts" not in item:
         return Rejection("missing_field", "ts is missing")
     ts = _number(item["ts"])
@@ -149,12 +151,15 @@ def check_event(record: Record, limits: IngestionSettings, now: float) -> Record
     return check_fields(record["fields"], limits) or record
 
 
-def check_fields(fields: dict[str, float], limits: IngestionSettings) -> Rejection | None:
+def check_fields(fields: dict[str, float | str], limits: IngestionSettings) -> Rejection | None:
     """The field rules, shared by ingestion and the prediction service (`/v1/predict`): how many,
-    which names (and, with `allowed_fields`, only those), finite values.
+    which names (and, with `allowed_fields`, only those), finite numbers, bounded text values
+    (categories: `{"country": "KR"}`).
 
         >>> check_fields({"x": 1.0}, IngestionSettings(allowed_fields=["y"])).reason
         'unknown_field'
+        >>> check_fields({"country": "K" * 200}, IngestionSettings(max_category_chars=128)).reason
+        'category_too_long'
     """
     if len(fields) > limits.max_fields:
         return Rejection("too_many_fields", f"{len(fields)} fields, more than max_fields={limits.max_fields}")
@@ -165,7 +170,11 @@ def check_fields(fields: dict[str, float], limits: IngestionSettings) -> Rejecti
                              f"field name {_short(name)!r} is empty or longer than {limits.max_id_chars} chars")
         if allowed is not None and name not in allowed:
             return Rejection("unknown_field", f"field {_short(name)!r} is not in ingestion.allowed_fields")
-        if not math.isfinite(value):
+        if isinstance(value, str):
+            if not value.strip() or len(value) > limits.max_category_chars:
+                return Rejection("category_too_long", f"field {_short(name)!r} is text of {len(value)} chars: empty, "
+                                 f"blank or longer than max_category_chars={limits.max_category_chars}")
+        elif not math.isfinite(value):
             return Rejection("non_finite", f"field {_short(name)!r} is {value}")
     return None
 

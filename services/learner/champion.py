@@ -15,6 +15,11 @@ there are `promote_after` of them:
   better model wins within a hundred or two examples; a coin-flip lead never does.
 - ``margin``: the challenger's accuracy beats the champion's by at least `margin`.
 
+For regressors the contest records each model's absolute error on the shared examples instead of
+its hit: ``mcnemar`` becomes the paired test that fits errors, Wilcoxon's signed-rank test (one-
+sided: the challenger's errors are smaller), and `margin` is the relative MAE improvement required
+(0.01 = the challenger's MAE is at least 1% below the champion's).
+
 A challenger that has not won after `max_shadow` shared examples is dropped. Plain picklable
 state: it lives in the learner's checkpoint, so a crash while a challenger is shadowing loses
 nothing.
@@ -26,14 +31,15 @@ learner and `driftline bench drift` both run these, so the benchmark measures th
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from scipy.stats import binomtest
+from scipy.stats import binomtest, wilcoxon
 
-from .labels import argmax, proba_to_text, to_river
+from .labels import answer, error, is_regressor, learn
 from .prequential import Prequential
 from .spec import parse_model  # noqa: F401 -- the examples above use it
 
@@ -54,17 +60,34 @@ class Slot:
 
     def score(self, x: dict[str, float]) -> tuple[str | None, dict[str, float]]:
         """(y_pred, proba) as text, before the label is known."""
-        proba = proba_to_text(self.model.predict_proba_one(x))
-        return argmax(proba), proba
+        return answer(self.model, x)
 
     def learn(self, x: dict[str, float], label: str) -> None:
-        self.model.learn_one(x, to_river(label))
+        learn(self.model, x, label)
         self.examples += 1
+
+    def update_stats(self, y: str, p: dict) -> bool | float | None:
+        """Score the answer `p` made at event time: a classifier's hit, a regressor's absolute error."""
+        if is_regressor(self.model):
+            y_pred = float(p["y_pred"]) if p["y_pred"] is not None else None
+            if y_pred is not None and not math.isfinite(y_pred):
+                y_pred = None  # a diverged model's answer: counted, not scored (it would poison the means)
+            return self.stats.update_error(float(y), y_pred)
+        return self.stats.update(y, p["y_pred"], p["proba"])
 
 
 def predict(model: Any, x: dict[str, float]) -> str | None:
     """A river model's answer as the contract's label text."""
-    return argmax(proba_to_text(model.predict_proba_one(x)))
+    return answer(model, x)[0]
+
+
+def judge(model: Any, x: dict[str, float], y: str) -> bool | float | None:
+    """What a model's answer for `x` enters a contest as: its hit, or its absolute error."""
+    y_pred = predict(model, x)
+    if is_regressor(model):
+        err = error(y_pred, y)
+        return None if err is None else abs(err)
+    return y_pred == y
 
 
 @dataclass
@@ -86,9 +109,13 @@ class Contest:
         return cls(cfg.promotion_rule, cfg.promote_after, cfg.promote_window, cfg.promote_margin, cfg.max_shadow,
                    cfg.promote_confidence)
 
-    def record(self, champion_hit: bool, challenger_hit: bool) -> None:
+    def record(self, champion_hit: bool | float, challenger_hit: bool | float) -> None:
+        """One shared example: each model's hit (bool), or for regressors each absolute error (float)."""
         self.shared += 1
-        self.recent.append((int(champion_hit), int(challenger_hit)))
+        if isinstance(champion_hit, bool) or isinstance(challenger_hit, bool):
+            self.recent.append((int(champion_hit), int(challenger_hit)))
+        else:
+            self.recent.append((float(champion_hit), float(challenger_hit)))
         while len(self.recent) > self.window:
             self.recent.popleft()
 
@@ -101,14 +128,28 @@ class Contest:
         return sum(c for _, c in self.recent) / len(self.recent) if self.recent else 0.0
 
     def disagreements(self) -> tuple[int, int]:
-        """(challenger right where the champion is wrong, the reverse) over the window."""
+        """(challenger right where the champion is wrong, the reverse) over the window; for errors,
+        (challenger's error smaller, the reverse)."""
+        if self.regression:
+            return (sum(1 for champion, challenger in self.recent if challenger < champion),
+                    sum(1 for champion, challenger in self.recent if champion < challenger))
         wins = sum(1 for champion, challenger in self.recent if challenger and not champion)
         losses = sum(1 for champion, challenger in self.recent if champion and not challenger)
         return wins, losses
 
+    @property
+    def regression(self) -> bool:
+        return bool(self.recent) and isinstance(self.recent[0][0], float)
+
     def p_value(self) -> float:
         """McNemar's exact one-sided test: how likely this many wins out of the disagreements are
-        if the two models were equally good."""
+        if the two models were equally good. For errors, Wilcoxon's signed-rank test on the paired
+        differences (challenger's errors smaller)."""
+        if self.regression:
+            diffs = [champion - challenger for champion, challenger in self.recent if champion != challenger]
+            if len(diffs) < 2:
+                return 1.0
+            return float(wilcoxon(diffs, alternative="greater").pvalue)
         wins, losses = self.disagreements()
         if wins + losses == 0:
             return 1.0
@@ -117,6 +158,8 @@ class Contest:
     def verdict(self) -> Verdict:
         if self.shared >= self.promote_after and self.recent:
             lead = self.challenger_accuracy - self.champion_accuracy
+            if self.regression:  # relative MAE improvement (the "accuracies" are mean errors)
+                lead = (self.champion_accuracy - self.challenger_accuracy) / max(self.champion_accuracy, 1e-12)
             if lead > 0 and lead >= self.margin - 1e-12:
                 if self.rule == "margin" or self.p_value() <= 1 - self.confidence:
                     return "promote"
@@ -126,6 +169,10 @@ class Contest:
 
     def evidence(self) -> dict[str, float]:
         wins, losses = self.disagreements()
+        if self.regression:
+            return {"rule": self.rule, "shared": self.shared, "window": len(self.recent),
+                    "champion_mae": self.champion_accuracy, "challenger_mae": self.challenger_accuracy,
+                    "challenger_wins": wins, "champion_wins": losses, "p_value": round(self.p_value(), 6)}
         return {"rule": self.rule, "shared": self.shared, "window": len(self.recent),
                 "champion_accuracy": self.champion_accuracy, "challenger_accuracy": self.challenger_accuracy,
                 "challenger_wins": wins, "champion_wins": losses, "p_value": round(self.p_value(), 6)}
@@ -146,8 +193,10 @@ def warm_start(model: Any, examples: Iterable[tuple[dict, str, bool | None, int 
     n = 0
     for x, y, champion_hit, version_then in examples:
         if champion_hit is not None and version_then == champion_version:  # this champion's answers only
-            contest.record(champion_hit, predict(model, x) == y)
-        model.learn_one(x, to_river(y))
+            mine = judge(model, x, y)
+            if mine is not None:
+                contest.record(champion_hit if isinstance(champion_hit, bool) else float(champion_hit), mine)
+        learn(model, x, y)
         n += 1
     return n
 
@@ -212,7 +261,9 @@ class Roles:
                 y_pred, proba = slot.score(x)
                 p = {"model_version": slot.version, "y_pred": y_pred, "proba": proba}
             if p is not None and p["model_version"] == slot.version:
-                hits[slot.role] = slot.stats.update(y, p["y_pred"], p["proba"])
+                hit = slot.update_stats(y, p)
+                if hit is not None:  # a regressor with no prediction yet has no error to count
+                    hits[slot.role] = hit
             if p is not None and (slot.role == "champion" or p["model_version"] == slot.version):
                 published.append((slot.role, p))
         for slot in self.slots():

@@ -10,6 +10,7 @@ strings everywhere downstream. Must never lose a label: anything not integer-loo
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -47,3 +48,115 @@ def proba_to_text(proba: dict[Any, float] | None) -> dict[str, float]:
 def argmax(proba: dict[str, float]) -> str | None:
     """The class with the highest probability (None when the model knows no class yet)."""
     return max(proba, key=proba.__getitem__) if proba else None
+
+
+# -- the task (classification or regression) and text inputs: one place for every caller ----------
+
+def is_regressor(model: Any) -> bool:
+    """Whether a river model predicts numbers (the task follows from the model).
+
+        >>> from river import linear_model
+        >>> is_regressor(linear_model.LinearRegression()), is_regressor(linear_model.LogisticRegression())
+        (True, False)
+    """
+    from river import base, compose
+
+    while isinstance(model, compose.Pipeline) and model.steps:  # a pipeline's task is its last step's
+        model = next(reversed(model.steps.values()))
+    return isinstance(model, base.Regressor)
+
+
+class LabelError(ValueError):
+    """A label the model cannot learn (text for a regressor); the message says why."""
+
+
+def to_target(model: Any, label: str) -> int | str | float:
+    """The value `model` learns for a label string: a finite float for a regressor, else `to_river`.
+
+        >>> from river import linear_model
+        >>> to_target(linear_model.LinearRegression(), "12.5"), to_target(linear_model.LogisticRegression(), "1")
+        (12.5, 1)
+        >>> to_target(linear_model.LinearRegression(), "spam")
+        Traceback (most recent call last):
+        ...
+        driftline.learner.labels.LabelError: label 'spam' is not a finite number; a regression model learns numbers
+    """
+    if not is_regressor(model):
+        return to_river(label)
+    try:
+        value = float(label)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise LabelError(f"label {label[:40]!r} is not a finite number; a regression model learns numbers")
+    return value
+
+
+def label_problem(model: Any, label: str) -> str | None:
+    """Why `model` cannot learn `label` (for the dead letter), or None."""
+    try:
+        to_target(model, label)
+    except LabelError as exc:
+        return str(exc)
+    return None
+
+
+def one_hot(x: dict[str, Any]) -> dict[str, float]:
+    """Text values as `name=value: 1.0` (what river's OneHotEncoder gives), numbers as they are."""
+    return {(f"{k}={v}" if isinstance(v, str) else k): (1.0 if isinstance(v, str) else v) for k, v in x.items()}
+
+
+_ONE_HOT = "_driftline_one_hot"  # set on a model that failed on text inputs; pickled with it
+
+
+def _call(model: Any, method: str, x: dict[str, Any], *args: Any) -> Any:
+    """`model.method(x, *args)`; a model that cannot take text values (a linear model, a scaler)
+    gets them one-hot encoded from the first failure on, for the rest of its life, so that a
+    categorical field never crashes a service and the model still learns from it. Trees and naive
+    Bayes take text as it is."""
+    if getattr(model, _ONE_HOT, False):
+        return getattr(model, method)(one_hot(x), *args)
+    try:
+        return getattr(model, method)(x, *args)
+    except (TypeError, ValueError):
+        if not any(isinstance(v, str) for v in x.values()):
+            raise
+        setattr(model, _ONE_HOT, True)
+        return getattr(model, method)(one_hot(x), *args)
+
+
+def answer(model: Any, x: dict[str, Any]) -> tuple[str | None, dict[str, float]]:
+    """A model's (y_pred, proba) as the contract's text, before the label: a classifier's argmax
+    and probabilities, a regressor's number as text and no probabilities.
+
+        >>> from river import linear_model, tree
+        >>> model = linear_model.LogisticRegression()
+        >>> learn(model, {"country": "KR", "amount": 1.0}, "1")
+        >>> answer(model, {"country": "KR", "amount": 1.0})[0]
+        '1'
+        >>> answer(linear_model.LinearRegression(), {"amount": 1.0})
+        ('0.0', {})
+    """
+    if is_regressor(model):
+        y = _call(model, "predict_one", x)
+        return (None if y is None else repr(float(y))), {}
+    proba = proba_to_text(_call(model, "predict_proba_one", x))
+    return argmax(proba), proba
+
+
+def learn(model: Any, x: dict[str, Any], label: str) -> None:
+    """Teach `model` one example (raises LabelError for a label it cannot learn, before learning)."""
+    _call(model, "learn_one", x, to_target(model, label))
+
+
+def error(y_pred: str | None, y_true: str) -> float | None:
+    """A regression answer's error, y_pred - y_true (None without a numeric prediction or label).
+
+        >>> error("12.0", "10.5"), error(None, "1"), error("1", "spam")
+        (1.5, None, None)
+    """
+    try:
+        value = float(y_pred) - float(y_true) if y_pred is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None

@@ -20,6 +20,7 @@ from ..shared.deadletter import dead_letter
 from ..shared.swaps import publish_swap
 from ..shared.topics import Topics
 from .champion import Slot
+from .labels import error
 from .records import Event, Label
 from .telemetry import Telemetry
 
@@ -50,13 +51,15 @@ class Outputs:
         self.telemetry.count("predictions", role)
         return p, blob
 
-    def outcome(self, fv: dict, label: Label, answer: dict, role: str, position: int) -> None:
+    def outcome(self, fv: dict, label: Label, answer: dict, role: str, position: int,
+                regression: bool = False) -> None:
         o = {"event_id": fv["event_id"], "entity_id": fv["entity_id"], "model": self.model,
              "model_version": answer["model_version"], "role": role, "y_true": label.label,
              "y_pred": answer["y_pred"], "proba": answer["proba"], "position": position, "ts": fv["ts"],
-             # what the offline store keeps (offline/rows.py): the vector scored, and where the label was read
+             # what the offline store keeps (offline/store.py): the vector scored, and where the label was read
              "features": fv["features"], "feature_set": fv.get("feature_set"), "label_ts": label.ts,
-             "label_partition": label.partition, "label_offset": label.offset}
+             "label_partition": label.partition, "label_offset": label.offset,
+             "error": error(answer["y_pred"], label.label) if regression else None}
         self.produce(self.topics.outcomes, self.codec.encode("Outcome", o), fv["entity_id"])
 
     def update(self, slot: Slot) -> None:

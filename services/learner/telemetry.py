@@ -15,6 +15,7 @@ from typing import Any
 from ..shared import metrics
 from ..shared.kafka import base_topic
 from .champion import Roles, Slot
+from .labels import is_regressor
 
 SERVICE = "learner"
 
@@ -42,9 +43,15 @@ class Telemetry:
     def export(self, roles: Roles | None) -> None:
         for slot in roles.slots() if roles else ():
             labels = (self.model, str(slot.version), slot.role)
-            metrics.ACCURACY.labels(*labels).set(slot.stats.accuracy)
-            metrics.WINDOW_ACCURACY.labels(*labels).set(slot.stats.window_accuracy)
-            metrics.LOG_LOSS.labels(*labels).set(slot.stats.log_loss)
+            if is_regressor(slot.model):  # a regressor's figures; accuracy would be a meaningless 0
+                metrics.MAE.labels(*labels).set(slot.stats.mae)
+                metrics.RMSE.labels(*labels).set(slot.stats.rmse)
+                metrics.R2.labels(*labels).set(slot.stats.r2)
+                metrics.WINDOW_MAE.labels(*labels).set(slot.stats.window_mae)
+            else:
+                metrics.ACCURACY.labels(*labels).set(slot.stats.accuracy)
+                metrics.WINDOW_ACCURACY.labels(*labels).set(slot.stats.window_accuracy)
+                metrics.LOG_LOSS.labels(*labels).set(slot.stats.log_loss)
         self.versions(roles)
 
     def versions(self, roles: Roles | None) -> None:
@@ -55,7 +62,8 @@ class Telemetry:
 
     def retire(self, *slots: Slot) -> None:
         for slot in slots:
-            for gauge in (metrics.ACCURACY, metrics.WINDOW_ACCURACY, metrics.LOG_LOSS):
+            for gauge in (metrics.ACCURACY, metrics.WINDOW_ACCURACY, metrics.LOG_LOSS, metrics.MAE, metrics.RMSE,
+                          metrics.R2, metrics.WINDOW_MAE):
                 try:
                     gauge.remove(self.model, str(slot.version), slot.role)
                 except KeyError:

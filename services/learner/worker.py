@@ -46,6 +46,7 @@ from .checkpoint import (Lease, LearnerState, Replay, high_watermark, load_check
 from .examples import ExampleBuffer
 from .inputs import Inputs
 from .join import DelayedJoin
+from .labels import is_regressor, label_problem
 from .lineage import Lineage
 from .outputs import Outputs
 from .ordering import HeldEvents, LabelWatermark
@@ -240,10 +241,16 @@ class LearnerWorker(StreamWorker):
             metrics.DUPLICATES.labels(SERVICE, "labels.valid").inc()
             return True
         x = snap.vector["features"]
+        regression = is_regressor(self.roles.champion.model)
+        problem = label_problem(self.roles.champion.model, label.label) if regression else None
+        if problem:  # a text label for a regressor: nothing to learn
+            self.join.learn(label)
+            self.out.dead_letter(label.raw, label.key, label.partition, label.offset, "non_numeric_label", problem)
+            return True
         learned = self.roles.learn(x, label.label, snap.predictions)
         for role, p in learned.answers:
             if not self.replay.published(label.event_id, role):
-                self.out.outcome(snap.vector, label, p, role, self.position)
+                self.out.outcome(snap.vector, label, p, role, self.position, regression)
         for slot in self.roles.slots():
             self.telemetry.count("learned", slot.role)
         if self.join.learn(label):

@@ -28,7 +28,7 @@ import duckdb
 from ..learner.spec import parse_model
 from ..shared.registry import verify
 from ..shared.settings import Settings
-from .store import OfflineStore
+from .store import OfflineStore, vector_of
 from .train import Selection, environment, examples, learn, registry_of
 
 NEXT = 1000
@@ -42,9 +42,10 @@ def stored(store: OfflineStore, where: str, params: list[Any], limit: int | None
     """(features, y_true, position) of the store's rows matching `where`, in position order."""
     if not store.files():
         return []
-    sql = (f"SELECT features, y_true, position FROM read_parquet(?, hive_partitioning = true) WHERE {where} "
+    sql = (f"SELECT features, categories, y_true, position FROM read_parquet(?, hive_partitioning = true) WHERE {where} "
            f"ORDER BY position, \"offset\"" + (f" LIMIT {int(limit)}" if limit is not None else ""))
-    return duckdb.execute(sql, [store.glob(), *params]).fetchall()
+    return [(vector_of(f, c), y, position)
+            for f, c, y, position in duckdb.execute(sql, [store.glob(), *params]).fetchall()]
 
 
 def snapshot(registry, model: str, version: int) -> tuple[dict, bytes, Any]:

@@ -43,11 +43,13 @@ SCHEMA = pa.schema([
     ("entity_id", pa.string()),
     ("model_version", pa.int32()),
     ("role", pa.string()),
-    ("features", pa.map_(pa.string(), pa.float64())),
+    ("features", pa.map_(pa.string(), pa.float64())),  # the numeric part of the scored vector
+    ("categories", pa.map_(pa.string(), pa.string())),  # its text (categorical) part
     ("feature_set", pa.string()),
     ("y_true", pa.string()),
     ("y_pred", pa.string()),
     ("proba", pa.map_(pa.string(), pa.float64())),
+    ("error", pa.float64()),  # regression: y_pred - y_true
     ("position", pa.int64()),
     ("event_ts", pa.float64()),
     ("label_ts", pa.float64()),
@@ -60,18 +62,24 @@ SCHEMA = pa.schema([
 
 
 def row_of(outcome: dict, topic: str, partition: int, offset: int) -> dict:
-    """The stored row of one Outcome record read at (topic, partition, offset)."""
+    """The stored row of one Outcome record read at (topic, partition, offset). Parquet maps have
+    one value type, so the vector is kept as its numbers and its categories; `vector_of` joins them."""
+    vector = outcome.get("features")
+    numbers = None if vector is None else {k: v for k, v in vector.items() if not isinstance(v, str)}
+    texts = None if vector is None else {k: v for k, v in vector.items() if isinstance(v, str)}
     return {
         "model": outcome["model"],
         "event_id": outcome["event_id"],
         "entity_id": outcome["entity_id"],
         "model_version": outcome["model_version"],
         "role": outcome["role"],
-        "features": outcome.get("features"),
+        "features": numbers,
+        "categories": texts,
         "feature_set": outcome.get("feature_set"),
         "y_true": outcome["y_true"],
         "y_pred": outcome.get("y_pred"),
         "proba": outcome["proba"],
+        "error": outcome.get("error"),
         "position": outcome["position"],
         "event_ts": outcome["ts"],
         "label_ts": outcome.get("label_ts"),
@@ -81,6 +89,16 @@ def row_of(outcome: dict, topic: str, partition: int, offset: int) -> dict:
         "partition": partition,
         "offset": offset,
     }
+
+
+def vector_of(features, categories) -> dict:
+    """The scored vector of a stored row (its `features` and `categories` columns, as DuckDB or
+    pyarrow return maps: a dict or a list of pairs).
+
+    >>> vector_of([("x", 1.0)], {"country": "KR"})
+    {'x': 1.0, 'country': 'KR'}
+    """
+    return {**dict(features or {}), **dict(categories or {})}
 
 
 def day_of(ts: float) -> str:

@@ -29,7 +29,7 @@ from ..learner.labels import to_river
 from ..learner.prequential import Prequential
 from ..learner.spec import describe, parse_model
 from ..shared.settings import Settings
-from .store import OfflineStore
+from .store import OfflineStore, vector_of
 
 PACKAGES = ("river", "numpy", "scipy", "pandas", "driftline")
 
@@ -50,7 +50,7 @@ class Selection:
     files: list[str] | None = None
 
     def query(self, store: OfflineStore) -> tuple[str, list[Any]]:
-        sql = (f"SELECT features, y_true, event_ts, position, \"offset\", filename FROM read_parquet(?, "
+        sql = (f"SELECT features, categories, y_true, event_ts, position, \"offset\", filename FROM read_parquet(?, "
                f"hive_partitioning = true, filename = true) WHERE model = ? AND role = 'champion' AND \"offset\" <= ?")
         params: list[Any] = [store.glob(), self.model, self.max_offset]
         if self.since is not None:
@@ -70,13 +70,13 @@ def examples(store: OfflineStore, sel: Selection) -> tuple[list[tuple[dict, str]
     rows = duckdb.execute(sql, params).fetchall()
     digest = hashlib.sha256()
     out = []
-    for features, y, *_ in rows:
-        x = dict(features)
+    for features, categories, y, *_ in rows:
+        x = vector_of(features, categories)
         digest.update(json.dumps([x, y], sort_keys=True).encode())
         out.append((x, y))
-    offsets = [r[4] for r in rows]
+    offsets = [r[5] for r in rows]
     root = str(store.root)
-    files = sorted({r[5][len(root) + 1:] if r[5].startswith(root) else r[5] for r in rows})
+    files = sorted({r[6][len(root) + 1:] if r[6].startswith(root) else r[6] for r in rows})
     return out, Selection(sel.model, sel.since, sel.until, sel.max_offset, len(rows), digest.hexdigest(),
                           min(offsets, default=None), max(offsets, default=None), files)
 

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..learner.labels import argmax, proba_to_text
+from ..learner.labels import answer
 from ..shared import metrics
 from ..shared.registry import ModelRegistry, TamperedArtifact, UnknownVersion
 
@@ -40,11 +40,12 @@ class NonFiniteOutput(ValueError):
 def score(model: Any, x: dict[str, float]) -> tuple[str | None, dict[str, float]]:
     """(prediction, proba) of one vector, labels as strings (the learner's own mapping). The
     prediction is the argmax of proba, as river's `predict_one` does; None before the model has
-    seen a label (empty proba)."""
-    proba = proba_to_text(model.predict_proba_one(x))
-    if not all(math.isfinite(p) for p in proba.values()):
-        raise NonFiniteOutput("the model's probabilities for these fields are not finite numbers")
-    return argmax(proba), proba
+    seen a label (empty proba). A regressor's prediction is its number as text, with no proba."""
+    y_pred, proba = answer(model, x)
+    if not all(math.isfinite(p) for p in proba.values()) or (y_pred is not None and not proba
+                                                               and not math.isfinite(float(y_pred))):
+        raise NonFiniteOutput("the model's output for these fields is not a finite number")
+    return y_pred, proba
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,18 @@
 
 Numbers must be finite JSON numbers: Python's `json` accepts the non-standard literals `NaN` and
 `Infinity` (and turns `1e999` into infinity), so the models refuse non-finite values explicitly
-(422 naming the field). Strings are never coerced to numbers, nor booleans.
+(422 naming the field). Strings are never coerced to numbers, nor booleans. A field value is a
+finite number or a string (a category).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+import math
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
 
 def _utf8(value: str) -> str:
@@ -24,6 +28,29 @@ def _utf8(value: str) -> str:
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Id = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_utf8)]
 FieldName = Annotated[str, Field(max_length=256), AfterValidator(_utf8)]
+
+
+def _field_value(value: Any) -> float | str:
+    """A finite number, or text (a category; its length bound is ingestion.max_category_chars, checked
+    with the other field rules). One validator, so that an error's loc is the field itself."""
+    if isinstance(value, str):
+        try:
+            return _utf8(value)
+        except ValueError as exc:
+            raise PydanticCustomError("string_unicode", str(exc)) from None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise PydanticCustomError("finite_number", "Input should be a finite number")
+        return number
+    raise PydanticCustomError("number_or_string", "Input should be a number or a string (a category)")
+
+
+FieldValue = Annotated[float | str, PlainValidator(_field_value),
+                       WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "string"}]})]
 MAX_FIELDS = 1024
 
 
@@ -32,7 +59,7 @@ class PredictRequest(BaseModel):
         extra="forbid",
         json_schema_extra={
             "examples": [
-                {"entity_id": "meter-7", "fields": {"nswprice": 0.056, "vicdemand": 0.42}},
+                {"entity_id": "meter-7", "fields": {"nswprice": 0.056, "vicdemand": 0.42, "region": "NSW"}},
                 {"entity_id": "meter-7", "fields": {"nswprice": 0.061}, "event_id": "ev-1001",
                  "ts": 1700000000.0},
             ]
@@ -40,8 +67,8 @@ class PredictRequest(BaseModel):
     )
 
     entity_id: Id = Field(description="whose online state to read (an unknown entity has an empty state)")
-    fields: dict[FieldName, FiniteFloat] = Field(
-        max_length=MAX_FIELDS, description="the event's numeric fields"
+    fields: dict[FieldName, FieldValue] = Field(
+        max_length=MAX_FIELDS, description="the event's fields: numbers, or strings for categories"
     )
     event_id: Id | None = Field(
         None,

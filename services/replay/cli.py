@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 DATASET_HELP = ("elec2, agrawal-abrupt, agrawal-gradual, sea-abrupt, hyperplane, agrawal-stationary, "
-                "sea-stationary, or csv:PATH (with --target)")
+                "sea-stationary, friedman-abrupt, friedman-gradual (regression), or csv:PATH (with --target)")
 
 
 def replay(

@@ -6,7 +6,8 @@ positions, and any CSV file.
     ((10000,), 20000)
     >>> fields, label, entity = next(iter(ds.rows()))
 
-Every row is `(fields, label, entity_id)`: a dict of finite floats, the true class as text (the
+Every row is `(fields, label, entity_id)`: a dict of finite floats (and text, for a CSV's
+categorical columns), the true class or the regression target as text (the
 contract's labels are strings: `"1"`, `"0"`, `"spam"`), and whose row it is. `rows()` starts the
 stream afresh and yields the same rows every time (generators are seeded). A dataset never
 touches Kafka or Redis: publishing is `publish.py`'s business.
@@ -116,6 +117,16 @@ def _generators() -> dict[str, Dataset]:
         return synth.Hyperplane(seed=42, n_features=10, n_drift_features=4, mag_change=0.001,
                                 noise_percentage=0.05, sigma=0.1)
 
+    def friedman(drift_type: str):
+        # 'gra': the whole concept switches at position[0] (and back at position[1], past the end);
+        # 'gsg': old and new concepts mix for transition_window rows from position[0].
+        def make():
+            if drift_type == "gra":
+                return synth.FriedmanDrift(drift_type="gra", position=(DRIFT_AT, SIZE + 1), seed=42)
+            return synth.FriedmanDrift(drift_type="gsg", position=(DRIFT_AT - GRADUAL_WIDTH // 2, SIZE + 1),
+                                       transition_window=GRADUAL_WIDTH, seed=42)
+        return make
+
     specs = [
         ("agrawal-abrupt", _switch(lambda: _agrawal(0, 42), lambda: _agrawal(5, 43), DRIFT_AT), (DRIFT_AT,), 0,
          "river Agrawal, classification function 0 then 5 from row 10,000 (abrupt)"),
@@ -127,6 +138,10 @@ def _generators() -> dict[str, Dataset]:
          "river Hyperplane: 10 features, 4 drifting continuously (mag_change 0.001, 5% noise)"),
         ("agrawal-stationary", lambda: _agrawal(0, 42), (), 0, "river Agrawal, function 0 throughout (no drift)"),
         ("sea-stationary", lambda: _sea(0, 42), (), 0, "river SEA, variant 0 throughout (no drift)"),
+        ("friedman-abrupt", friedman("gra"), (DRIFT_AT,), 0,
+         "regression: river FriedmanDrift, global abrupt drift at row 10,000"),
+        ("friedman-gradual", friedman("gsg"), (DRIFT_AT,), GRADUAL_WIDTH,
+         "regression: river FriedmanDrift, global gradual drift over rows 9,000 to 11,000"),
     ]
     return {
         name: Dataset(name, _river_rows(make, SIZE, name), SIZE, positions, width, text)
@@ -134,7 +149,9 @@ def _generators() -> dict[str, Dataset]:
     }
 
 
-GENERATORS = ("agrawal-abrupt", "agrawal-gradual", "sea-abrupt", "hyperplane", "agrawal-stationary", "sea-stationary")
+GENERATORS = ("agrawal-abrupt", "agrawal-gradual", "sea-abrupt", "hyperplane", "agrawal-stationary", "sea-stationary",
+              "friedman-abrupt", "friedman-gradual")
+REGRESSION = ("friedman-abrupt", "friedman-gradual")  # datasets whose labels are numbers
 NAMES = ("elec2", *GENERATORS, "csv:PATH")
 
 
@@ -157,16 +174,16 @@ def _open(path: Path):
     return gzip.open(path, "rt", newline="") if path.suffix == ".gz" else open(path, newline="")
 
 
-def _cell(column: str, value: str, into: dict[str, float]) -> None:
+def _cell(column: str, value: str, into: dict[str, float | str]) -> None:
     """Numbers stay numbers; a missing value is left out (river models take missing keys);
-    text is one-hot encoded as `column=value` (what river's OneHotEncoder would do)."""
+    text stays text: a categorical field (Event v2), which the model one-hot encodes or splits on."""
     text = value.strip()
     if text.lower() in MISSING:
         return
     try:
         number = float(text)
     except ValueError:
-        into[f"{column}={text}"] = 1.0
+        into[column] = text
         return
     if math.isfinite(number):
         into[column] = number
@@ -175,7 +192,8 @@ def _cell(column: str, value: str, into: dict[str, float]) -> None:
 def csv_dataset(path: Path, target: str, entity: str | None, name: str | None = None,
                 description: str = "") -> Dataset:
     """Rows of a CSV file in file order. Every column but the target (and the entity column) is an
-    input; text values are one-hot encoded, empty ones left out. Checks the header and counts the
+    input; text values stay text (categories), empty ones are left out. A numeric target serves a
+    regressor as well (`--target price`): labels are the numbers as text. Checks the header and counts the
     rows up front so that a mistake is reported before anything is published."""
     path = Path(path)
     if not path.is_file():

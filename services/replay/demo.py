@@ -27,7 +27,16 @@ from ..serve import SERVICES as FIVE, SINKS, Supervisor, start_service, stop_ser
 from ..shared.kafka import admin, ensure_topics
 from ..shared.settings import Settings, ensure_local_secrets, get_settings, redact_url, settings_env
 from ..shared.topics import Topics
-from .datasets import Dataset
+from .datasets import REGRESSION, Dataset
+
+REGRESSION_MODEL = "preprocessing.StandardScaler() | linear_model.LinearRegression()"
+
+
+def _regressor(spec: str) -> bool:
+    from ..learner.labels import is_regressor
+    from ..learner.spec import parse_model
+
+    return is_regressor(parse_model(spec))
 from .publish import replay
 
 SERVICES = FIVE + SINKS  # the demo also fills the offline store
@@ -64,6 +73,8 @@ def demo(
 
     console = console or Console(stderr=True)
     base = ensure_local_secrets(get_settings())  # zero-config: a random key and token, once per home
+    if model is None and dataset.name in REGRESSION and not _regressor(base.learner.model):
+        model = REGRESSION_MODEL  # a regression stream needs a regressor; the configured model is a classifier
     settings = demo_settings(base, model, features, uuid.uuid4().hex[:6])
     t0 = time.monotonic()
     already = {c.name for c in stack.components(base) if c.running()}

@@ -1,4 +1,4 @@
-"""`report.png`: windowed prequential accuracy over the stream, with the known drift positions
+"""`report.png`: windowed prequential accuracy (MAE for a regressor) over the stream, with the known drift positions
 shaded, concept drift events as red lines, data drift events as grey ticks, model swaps as green
 triangles.
 
@@ -22,12 +22,14 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
     pq = report["prequential"]
     windows = pq["windows"]
     fig, ax = plt.subplots(figsize=(10, 4.2), dpi=110)
+    regression = pq.get("task") == "regression"
+    what, overall = ("MAE", pq.get("mae") or 0.0) if regression else ("accuracy", pq["accuracy"])
+    windows = [w for w in windows if w.get(what.lower()) is not None]
     ends = [w["end"] for w in windows]
-    accs = [w["accuracy"] for w in windows]
+    accs = [w[what.lower()] for w in windows]
     ax.plot(ends, accs, marker="o", markersize=2.5, linewidth=1.2, color="#1f77b4",
-            label=f"accuracy per {pq.get('window', 1000):,} examples")
-    ax.axhline(pq["accuracy"], color="#1f77b4", linestyle=":", linewidth=1,
-               label=f"overall {pq['accuracy']:.3f}")
+            label=f"{what} per {pq.get('window', 1000):,} examples")
+    ax.axhline(overall, color="#1f77b4", linestyle=":", linewidth=1, label=f"overall {overall:.3f}")
     width = max(int(report.get("drift_width") or 0), 0)
     for i, p in enumerate(report.get("known_drift_positions", [])):
         half = max(width / 2, 150)
@@ -42,16 +44,20 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
                 transform=ax.get_xaxis_transform(), label="data drift (a feature)")
     swaps = report.get("model_swaps", [])
     if swaps:
-        ax.scatter([s["position"] for s in swaps], [1.0] * len(swaps), marker="v", color="green", s=50,
-                   zorder=5, label="model swap")
+        top = ax.get_xaxis_transform()  # swaps along the top, whatever the y scale
+        ax.scatter([s["position"] for s in swaps], [0.98] * len(swaps), marker="v", color="green", s=50,
+                   zorder=5, label="model swap", transform=top)
         for s in swaps:
-            ax.annotate(f"v{s['to_version']}", (s["position"], 1.0), textcoords="offset points", xytext=(3, -12),
-                        fontsize=7, color="green")
+            ax.annotate(f"v{s['to_version']}", (s["position"], 0.98), xycoords=top, textcoords="offset points",
+                        xytext=(3, -12), fontsize=7, color="green")
     ax.set_xlim(0, max(ends[-1] if ends else 1, 1))
-    low = min(accs) if accs else 0.0
-    ax.set_ylim(max(0.0, min(low, pq["accuracy"]) - 0.05), 1.03)
+    if regression:  # an error: lower is better, from 0
+        ax.set_ylim(0.0, max(accs + [overall]) * 1.1 + 1e-9)
+    else:
+        low = min(accs) if accs else 0.0
+        ax.set_ylim(max(0.0, min(low, overall) - 0.05), 1.03)
     ax.set_xlabel("labelled examples (stream order)")
-    ax.set_ylabel("prequential accuracy")
+    ax.set_ylabel(f"prequential {what}")
     ax.set_title(f"{report['dataset']} · {report['model']} · features {report.get('features')} · "
                  f"label delay {report['label_delay']}", fontsize=10)
     ax.grid(alpha=0.3)

@@ -5,6 +5,14 @@
     >>> r["prequential"]["accuracy"], r["examples_learned"]
     (1.0, 1)
 
+A regressor's outcomes carry their error (Outcome v2): then the figures are MAE, RMSE and R²
+(river's metrics) and each window has its MAE.
+
+    >>> reg = [{"y_true": "10", "y_pred": "12.0", "error": 2.0}, {"y_true": "20", "y_pred": "19.0", "error": -1.0}]
+    >>> pq = prequential(reg, window=1)
+    >>> pq["task"], pq["mae"], [w["mae"] for w in pq["windows"]]
+    ('regression', 1.5, [2.0, 1.0])
+
 Positions count labelled examples of THIS replay in stream order, from 0: the learner's own
 positions (which keep counting across replays in one namespace) are shifted by the position of
 this replay's first outcome. This module only computes and prints; it never talks to Kafka.
@@ -39,6 +47,8 @@ def short_model_name(spec: str) -> str:
 def prequential(outcomes: list[dict], window: int = 1000) -> dict[str, Any]:
     """Accuracy (and log loss, where probabilities came) of predictions made before learning,
     over the whole stream and per window of `window` examples. `outcomes` in stream order."""
+    if any(o.get("error") is not None for o in outcomes):
+        return _regression(outcomes, window)
     correct = 0
     loss_sum, loss_n = 0.0, 0
     windows = []
@@ -60,11 +70,41 @@ def prequential(outcomes: list[dict], window: int = 1000) -> dict[str, Any]:
         windows.append({"end": len(outcomes), "accuracy": w_correct / w_n, "n": w_n})
     n = len(outcomes)
     return {
+        "task": "classification",
         "accuracy": correct / n if n else 0.0,
         "log_loss": loss_sum / loss_n if loss_n else None,
+        "mae": None, "rmse": None, "r2": None,
         "window": window,
         "windows": windows,
     }
+
+
+def _regression(outcomes: list[dict], window: int) -> dict[str, Any]:
+    """MAE, RMSE, R² (river's metrics) over the outcomes with a prediction, and each window's MAE
+    (windows of `window` outcomes, as for classification)."""
+    from river import metrics
+
+    mae, rmse, r2 = metrics.MAE(), metrics.RMSE(), metrics.R2()
+    windows = []
+    w_abs = 0.0
+    w_n = w_scored = 0
+    for o in outcomes:
+        w_n += 1
+        if o.get("error") is not None:
+            y_true = float(o["y_true"])
+            y_pred = y_true + float(o["error"])
+            for m in (mae, rmse, r2):
+                m.update(y_true, y_pred)
+            w_abs += abs(float(o["error"]))
+            w_scored += 1
+        if w_n == window:
+            windows.append({"end": len(windows) * window + w_n, "mae": w_abs / w_scored if w_scored else None,
+                            "n": w_n})
+            w_abs, w_n, w_scored = 0.0, 0, 0
+    if w_n:
+        windows.append({"end": len(outcomes), "mae": w_abs / w_scored if w_scored else None, "n": w_n})
+    return {"task": "regression", "accuracy": None, "log_loss": None,
+            "mae": mae.get(), "rmse": rmse.get(), "r2": r2.get(), "window": window, "windows": windows}
 
 
 def build_report(
@@ -180,8 +220,10 @@ def summary_table(report: dict[str, Any]):
         ("events sent / valid / dlq", f"{report['events_sent']:,} / {report['events_valid']:,} / {report['events_dlq']:,}"),
         ("labels sent / dlq", f"{report['labels_sent']:,} / {report.get('labels_dlq', 0):,}"),
         ("examples learned", f"{report['examples_learned']:,}"),
-        ("prequential accuracy", f"{pq['accuracy']:.4f}"),
-        ("log loss", f"{pq['log_loss']:.4f}" if pq.get("log_loss") is not None else "-"),
+        *([("prequential MAE / RMSE / R²", f"{pq['mae']:.4f} / {pq['rmse']:.4f} / {pq['r2']:.4f}")]
+          if pq.get("task") == "regression" else
+          [("prequential accuracy", f"{pq['accuracy']:.4f}"),
+           ("log loss", f"{pq['log_loss']:.4f}" if pq.get("log_loss") is not None else "-")]),
         ("drift events (warnings)", f"{len(report['drift_events'])} ({len(report.get('drift_warnings', []))})"),
         ("model swaps", ", ".join(f"v{s['from_version']}->v{s['to_version']}@{s['position']}"
                                   for s in report["model_swaps"]) or "none"),

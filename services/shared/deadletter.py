@@ -31,7 +31,8 @@ REASONS: dict[str, str] = {
     "missing_id": "event_id or entity_id absent, empty or blank",
     "id_too_long": "an id longer than ingestion.max_id_chars",
     "bad_ts": "a timestamp that is not finite, before ingestion.min_ts or too far in the future",
-    "non_numeric": "a field value that is not a number",
+    "non_numeric": "a field value that is neither a number nor a string (a category)",
+    "category_too_long": "a text (categorical) field value empty or longer than ingestion.max_category_chars",
     "non_finite": "a field value that is NaN or infinite",
     "too_many_fields": "more fields than ingestion.max_fields",
     "bad_field_name": "a field name that is empty or longer than ingestion.max_id_chars",
@@ -42,8 +43,10 @@ REASONS: dict[str, str] = {
     # bounds on state (features service)
     "too_many_feature_names": "a new field name when the model has features.max_feature_names already",
     "too_many_entity_fields": "a new field name when the entity tracks features.max_entity_fields already",
+    "too_many_categories": "a new text value of a field that has features.max_categories distinct ones already",
     # the join (learner)
     "unknown_event": "a label whose event has no feature snapshot within learner.label_grace_s",
+    "non_numeric_label": "a label that is not a finite number, for a regression model",
 }
 
 

@@ -74,6 +74,10 @@ class Keys:
         features.max_feature_names)."""
         return self._model(model, "fields")
 
+    def categories(self, model: str, field: str) -> str:
+        """Set: every text value this model's field `field` ever took (bounded by features.max_categories)."""
+        return self._model(model, f"categories:{field}")
+
     def drift_state(self, model: str) -> str:
         return self._model(model, "drift")
 

@@ -74,6 +74,13 @@ WINDOW_ACCURACY = Gauge(
 )
 LOG_LOSS = Gauge("driftline_model_log_loss", "Prequential log loss since the version was created.",
                  ["model", "version", "role"])
+MAE = Gauge("driftline_model_mae", "Regression: prequential mean absolute error since the version was created.",
+            ["model", "version", "role"])
+RMSE = Gauge("driftline_model_rmse", "Regression: prequential root mean squared error since the version was created.",
+             ["model", "version", "role"])
+R2 = Gauge("driftline_model_r2", "Regression: prequential R² since the version was created.", ["model", "version", "role"])
+WINDOW_MAE = Gauge("driftline_model_window_mae", "Regression: prequential MAE over the last window of examples.",
+                   ["model", "version", "role"])
 MODEL_VERSION = Gauge("driftline_model_version", "Version currently in each role (0 = none).", ["model", "role"])
 CHECKPOINTS = Counter("driftline_checkpoints_total", "Learner checkpoints written.", ["model"])
 MODEL_UPDATES = Counter("driftline_model_updates_total", "model.updates published.", ["model"])

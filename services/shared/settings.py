@@ -59,6 +59,7 @@ class IngestionSettings(BaseModel):
     max_event_bytes: int = Field(64 * 1024, description="larger Avro payloads go to the DLQ")
     max_fields: int = Field(512, description="more fields than this is an invalid event")
     max_id_chars: int = Field(256, description="longer event ids, entity ids, field names or labels are invalid")
+    max_category_chars: int = Field(128, description="a text (categorical) field value longer than this is invalid")
     max_dead_letter_bytes: int = Field(
         512 * 1024, description="a dead letter keeps at most this much of the original payload (the rest is cut)"
     )
@@ -94,6 +95,9 @@ class FeatureSettings(BaseModel):
     )
     max_entity_fields: int = Field(
         1024, description="distinct event field names one entity's state may track; events with more go to the DLQ"
+    )
+    max_categories: int = Field(
+        1000, description="distinct text values one field may take for one model; events with more go to the DLQ"
     )
     batch_size: int = 1000
     max_reorder_wait_ms: int = Field(
