@@ -53,7 +53,8 @@ class Outputs:
     def outcome(self, fv: dict, label: Label, answer: dict, role: str, position: int) -> None:
         o = {"event_id": fv["event_id"], "entity_id": fv["entity_id"], "model": self.model,
              "model_version": answer["model_version"], "role": role, "y_true": label.label,
-             "y_pred": answer["y_pred"], "proba": answer["proba"], "position": position, "ts": fv["ts"]}
+             "y_pred": answer["y_pred"], "proba": answer["proba"], "position": position, "ts": fv["ts"],
+             "known": answer.get("known")}
         self.produce(self.topics.outcomes, self.codec.encode("Outcome", o), fv["entity_id"])
 
     def update(self, slot: Slot) -> None:
