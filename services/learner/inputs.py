@@ -73,14 +73,16 @@ class Inputs:
         watermarks, no broker round trip)."""
         return self.ends(self.label_partitions, offsets)
 
-    def feature_ends(self, offsets: dict[tuple[str, int], int]) -> list[tuple[int, bool]]:
-        """Each features partition and whether it is read to its end."""
-        return self.ends(self.feature_partitions, offsets)
+    def feature_ends(self, offsets: dict[tuple[str, int], int], fresh: bool = False) -> list[tuple[int, bool]]:
+        """Each features partition and whether it is read to its end (`fresh`: ask the broker)."""
+        return self.ends(self.feature_partitions, offsets, fresh)
 
-    def ends(self, partitions: list[TopicPartition], offsets: dict[tuple[str, int], int]) -> list[tuple[int, bool]]:
+    def ends(self, partitions: list[TopicPartition], offsets: dict[tuple[str, int], int],
+             fresh: bool = False) -> list[tuple[int, bool]]:
         out = []
         for tp in partitions:
-            low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            low, high = (self.consumer.get_watermark_offsets(tp, timeout=5.0, cached=False) if fresh
+                         else self.consumer.get_watermark_offsets(tp, cached=True))
             out.append((tp.partition, high >= 0 and offsets.get((tp.topic, tp.partition), max(low, tp.offset)) >= high))
         return out
 

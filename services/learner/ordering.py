@@ -14,8 +14,8 @@
 
 An event waits (held) until the label watermark -- the event time up to which every labels.valid
 partition has been read -- reaches its ts, so that it is never scored by a model still missing a
-label older than it, and until every features partition still being read has reached it, so that
-an older event of another partition is not scored after it. It waits as long as that takes: the
+label older than it, and until every features partition has reached it (the same watermark rule
+over `features`), so that an older event of another partition is not scored after it. It waits as long as that takes: the
 order is never given up for memory. Memory is bounded by flow control instead (`FlowControl`):
 the partitions that run ahead are paused until the other side catches up.
 
@@ -83,10 +83,12 @@ class LabelWatermark:
 
 
 def features_mark(ts_by_partition: dict[int, float], partitions: Iterable[tuple[int, bool]]) -> float:
-    """The event time up to which every features partition has been read: the min of the latest
-    ts read over the partitions not read to their end (+inf when all are). A partition at its end
-    holds nothing back: the features service writes its partitions in one merged ts order, so
-    what it writes next is not older than what is already read.
+    """The event time up to which every features partition has been read, once nothing is left
+    upstream (ingestion and features have read all that was published): the min of the latest ts
+    read over the partitions not read to their end (+inf when all are). While upstream still has
+    a backlog, the features partitions are watched like labels.valid's (`LabelWatermark`: one at
+    its end holds back at its latest ts until idle), since the features service may yet write an
+    older event to a partition that is at its end now.
 
     >>> features_mark({0: 5.0, 1: 9.0}, [(0, False), (1, False), (2, True)])
     5.0

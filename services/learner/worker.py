@@ -48,7 +48,7 @@ from .inputs import Inputs
 from .join import DelayedJoin
 from .lineage import Lineage
 from .outputs import Outputs
-from .ordering import INF, FlowControl, HeldEvents, LabelWatermark, features_mark
+from .ordering import FlowControl, HeldEvents, LabelWatermark, features_mark
 from .records import Control, Event, Label, decode
 from .telemetry import Telemetry
 
@@ -89,7 +89,9 @@ class LearnerWorker(StreamWorker):
                                 state.waiting if state else (), state.clock if state else float("-inf"))
         self.held = HeldEvents(state.held_events if state else ())
         self.flow = FlowControl(self.cfg.max_held_events, self.cfg.max_waiting_labels)
-        self.feature_ts: dict[int, float] = {}  # latest event ts read, per features partition
+        # The same rule for the features partitions: one that stops at its end holds events back at
+        # its latest ts until it has been idle for label_idle_s, or nothing is left upstream.
+        self.feature_marks = LabelWatermark(self.cfg.label_idle_s)
         self.held_control: list[Control] = state.held_control if state else []
         self.watermark = LabelWatermark(self.cfg.label_idle_s, state.label_ts_by_partition if state else None)
         self.replay = Replay()  # after a crash: labels to re-learn first, outcomes not to publish again
@@ -157,9 +159,7 @@ class LearnerWorker(StreamWorker):
             {Event: events, Label: labels, Control: self.held_control}[type(record)].append(record)
         if events:
             self.watermark.saw_features(now)
-            for e in events:
-                if e.ts > self.feature_ts.get(e.partition, -INF):
-                    self.feature_ts[e.partition] = e.ts
+            self.feature_marks.saw_labels(((e.partition, e.ts) for e in events), now)
         self.watermark.saw_labels(((lb.partition, lb.ts) for lb in labels), now)
         self.join.add(labels)
         self.held.add(events)
@@ -177,12 +177,19 @@ class LearnerWorker(StreamWorker):
                 else:
                     changed = self.lineage.follow(self.roles, c.value)
                 self.checkpoint_now |= changed
+            now = time.time()
             feature_ends = self.inputs.feature_ends(self.offsets)
-            mark = min(self.watermark.mark(self.inputs.label_ends(self.offsets), time.time()),
-                       features_mark(self.feature_ts, feature_ends))
+            label_mark = self.watermark.mark(self.inputs.label_ends(self.offsets), now)
+            mark = min(label_mark, self.feature_marks.mark(feature_ends, now))
+            if self.held and mark < min(label_mark, self.held.events[0].ts) and self.nothing_on_the_way():
+                # Only a features partition at its end holds the next event back, and nothing is
+                # left upstream: what it writes next is newer.
+                mark = min(label_mark, features_mark(self.feature_marks.ts_by_partition,
+                                                     self.inputs.feature_ends(self.offsets)))
             self.step(self.held.release(mark), all(end for _, end in feature_ends))
             # Bounded memory without leaving order: the partitions running ahead of the mark wait.
-            self.inputs.pause_only(self.flow.decide(len(self.held), len(self.join.waiting), self.feature_ts,
+            self.inputs.pause_only(self.flow.decide(len(self.held), len(self.join.waiting),
+                                                    self.feature_marks.ts_by_partition,
                                                     self.watermark.ts_by_partition, mark))
         self.flush_batch()
 
@@ -216,7 +223,13 @@ class LearnerWorker(StreamWorker):
         clock, hold, grace = self.join.clock, self.hold_s, self.cfg.label_grace_s
         if not any(now - lb.seen >= hold and (lb.ts > clock or now - lb.seen >= grace) for lb in self.join.waiting):
             return True  # no label waits on the answer
-        return self.inputs.upstream_drained()
+        return self.nothing_on_the_way()
+
+    def nothing_on_the_way(self) -> bool:
+        """Ingestion and features have read everything published, and we have read all they wrote
+        (watermarks asked of the broker, not the consumer's cached ones)."""
+        return self.inputs.upstream_drained() and all(
+            end for _, end in self.inputs.feature_ends(self.offsets, fresh=True))
 
     def catch_up(self) -> None:
         """After a crash: re-learn the labels whose outcomes were already published, in that order."""
