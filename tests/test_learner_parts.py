@@ -43,6 +43,16 @@ def test_the_label_watermark_is_the_slowest_partition_and_an_idle_finished_one_d
     assert marks.mark([(0, False), (2, False)], NOW) == float("-inf")  # a partition never read holds all
 
 
+def test_a_partition_empty_when_the_stream_starts_holds_events_back_for_the_idle_time():
+    # At a replay's start the features service may write one entity's partition before another's:
+    # the one still empty (at its end, never read) must not let the other's later events through.
+    marks = LabelWatermark(idle_s=3.0)
+    marks.saw_features(NOW)
+    marks.saw_labels([(3, 50.0)], NOW)
+    assert marks.mark([(0, True), (3, False)], NOW + 1) == float("-inf")
+    assert marks.mark([(0, True), (3, False)], NOW + 3) == 50.0
+
+
 def test_features_coming_back_after_a_quiet_spell_give_labels_time_again():
     marks = LabelWatermark(idle_s=3.0)
     marks.saw_labels([(0, 5.0)], NOW)

@@ -65,8 +65,14 @@ class Inputs:
         return c
 
     def next_batch(self, batch_size: int, timeout: float) -> list[Message]:
+        """Control first, then wait at most `timeout` for the first stream message and take what is
+        already fetched without waiting (consume() alone would wait out its whole timeout whenever
+        fewer than batch_size messages are there: that much latency per batch at live rates)."""
         control = self.control.consume(num_messages=100, timeout=0)
-        return control + self.consumer.consume(num_messages=batch_size, timeout=timeout)
+        first = self.consumer.poll(timeout)
+        if first is None:
+            return control
+        return control + [first, *self.consumer.consume(num_messages=batch_size - 1, timeout=0)]
 
     def label_ends(self, offsets: dict[tuple[str, int], int]) -> list[tuple[int, bool]]:
         """Each labels.valid partition and whether it is read to its end (the consumer's cached

@@ -159,6 +159,7 @@ class LearnerWorker(StreamWorker):
             {Event: events, Label: labels, Control: self.held_control}[type(record)].append(record)
         if events:
             self.watermark.saw_features(now)
+            self.feature_marks.saw_features(now)  # a partition still empty gets idle_s from the stream's start
             self.feature_marks.saw_labels(((e.partition, e.ts) for e in events), now)
         self.watermark.saw_labels(((lb.partition, lb.ts) for lb in labels), now)
         self.join.add(labels)
