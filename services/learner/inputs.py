@@ -111,12 +111,14 @@ class Inputs:
 
     def upstream_drained(self) -> bool:
         """Has every event published so far come out of ingestion and features? (Their consumer
-        groups have committed up to the end of `events` and `events.valid`.) Asked of the broker at
-        most every UPSTREAM_CHECK_S, only when a label is about to be given up on: a label whose
-        event is still on its way through the pipeline is never dead-lettered."""
+        groups have committed up to the end of `events` and `events.valid`.) Asked of the broker
+        only when the answer matters (a label about to be given up on, an event held back by a
+        features partition at its end); a "no" is kept for UPSTREAM_CHECK_S, a "yes" never (the
+        next event may be published right after it). Ingestion is asked before features, so that
+        what ingestion had passed on is then known to be through features too."""
         now = time.monotonic()
-        if now - self.upstream_checked[0] < UPSTREAM_CHECK_S:
-            return self.upstream_checked[1]
+        if now - self.upstream_checked[0] < UPSTREAM_CHECK_S and not self.upstream_checked[1]:
+            return False
         if not self.upstream:
             for service, topic in (("ingestion", self.topics.events), ("features", self.topics.events_valid)):
                 c = kafka.consumer(self.settings, self.topics.group(service))  # never subscribes: reads commits
