@@ -77,16 +77,21 @@ class Inputs:
     def label_ends(self, offsets: dict[tuple[str, int], int]) -> list[tuple[int, bool]]:
         """Each labels.valid partition and whether it is read to its end (the consumer's cached
         watermarks, no broker round trip)."""
-        return self.ends(self.label_partitions, offsets)
+        return self.ends(self.label_partitions, offsets, side="labels")
 
     def feature_ends(self, offsets: dict[tuple[str, int], int], fresh: bool = False) -> list[tuple[int, bool]]:
         """Each features partition and whether it is read to its end (`fresh`: ask the broker)."""
-        return self.ends(self.feature_partitions, offsets, fresh)
+        return self.ends(self.feature_partitions, offsets, fresh, side="features")
 
     def ends(self, partitions: list[TopicPartition], offsets: dict[tuple[str, int], int],
-             fresh: bool = False) -> list[tuple[int, bool]]:
+             fresh: bool = False, side: str = "") -> list[tuple[int, bool]]:
+        """A partition we paused is never at its end: it is not idle, we are holding it (and the
+        consumer's cached high watermark of it is stale)."""
         out = []
         for tp in partitions:
+            if (side, tp.partition) in self.paused:
+                out.append((tp.partition, False))
+                continue
             low, high = (self.consumer.get_watermark_offsets(tp, timeout=5.0, cached=False) if fresh
                          else self.consumer.get_watermark_offsets(tp, cached=True))
             out.append((tp.partition, high >= 0 and offsets.get((tp.topic, tp.partition), max(low, tp.offset)) >= high))
