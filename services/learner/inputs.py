@@ -38,8 +38,8 @@ class Inputs:
         self.label_partitions: list[TopicPartition] = []
         self.feature_partitions: list[TopicPartition] = []
         self.paused: set[tuple[str, int]] = set()
-        self.upstream: list[tuple[Consumer, list[TopicPartition]]] = []
-        self.upstream_checked = (-1e9, False)  # (monotonic time, drained?)
+        self.upstream: dict[str, list[tuple[Consumer, list[TopicPartition]]]] = {}
+        self.upstream_checked: dict[str, tuple[float, bool]] = {}  # side -> (monotonic time, drained?)
         self.rescore_below: dict[tuple[str, int], int] = {}  # features offsets consumed before this session
 
     def open(self, offsets: dict[tuple[str, int], int]) -> Consumer:
@@ -114,24 +114,28 @@ class Inputs:
         log.debug("learner: paused %s", sorted(wanted))
         self.paused = set(wanted)
 
-    def upstream_drained(self) -> bool:
-        """Has every event published so far come out of ingestion and features? (Their consumer
-        groups have committed up to the end of `events` and `events.valid`.) Asked of the broker
-        only when the answer matters (a label about to be given up on, an event held back by a
-        features partition at its end); a "no" is kept for UPSTREAM_CHECK_S, a "yes" never (the
-        next event may be published right after it). Ingestion is asked before features, so that
-        what ingestion had passed on is then known to be through features too."""
+    def upstream_drained(self, side: str = "features") -> bool:
+        """Has everything published so far come through the services before us? For "features":
+        ingestion has committed to the end of `events` and features to the end of `events.valid`;
+        for "labels": ingestion to the end of `labels`. Asked of the broker only when the answer
+        matters (a label about to be given up on, an event held back by a partition at its end); a
+        "no" is kept for UPSTREAM_CHECK_S, a "yes" never (the next record may come right after it).
+        Ingestion is asked before features, so that what it had passed on is then known to be
+        through features too."""
         now = time.monotonic()
-        if now - self.upstream_checked[0] < UPSTREAM_CHECK_S and not self.upstream_checked[1]:
+        checked_at, drained = self.upstream_checked.get(side, (-1e9, False))
+        if now - checked_at < UPSTREAM_CHECK_S and not drained:
             return False
-        if not self.upstream:
-            for service, topic in (("ingestion", self.topics.events), ("features", self.topics.events_valid)):
-                c = kafka.consumer(self.settings, self.topics.group(service))  # never subscribes: reads commits
-                self.upstream.append((c, [TopicPartition(topic, tp.partition)
-                                          for tp in kafka.partitions_of(self.settings, topic)]))
+        if side not in self.upstream:
+            hops = ((("ingestion", self.topics.events), ("features", self.topics.events_valid)) if side == "features"
+                    else (("ingestion", self.topics.labels),))
+            self.upstream[side] = [
+                (kafka.consumer(self.settings, self.topics.group(service)),  # never subscribes: reads commits
+                 [TopicPartition(topic, tp.partition) for tp in kafka.partitions_of(self.settings, topic)])
+                for service, topic in hops]
         drained = True
         try:
-            for c, parts in self.upstream:
+            for c, parts in self.upstream[side]:
                 for tp in c.committed(parts, timeout=5.0):
                     high = c.get_watermark_offsets(tp, timeout=5.0, cached=False)[1]
                     if high > 0 and tp.offset < high:
@@ -142,7 +146,7 @@ class Inputs:
         except Exception:  # the broker away: nothing is given up while it cannot be asked
             log.debug("upstream offsets unavailable", exc_info=True)
             drained = False
-        self.upstream_checked = (time.monotonic(), drained)
+        self.upstream_checked[side] = (time.monotonic(), drained)
         return drained
 
     def maybe_scored(self, event: Event) -> bool:
@@ -157,6 +161,7 @@ class Inputs:
         if self.control is not None:
             self.control.close()
         self.control = None
-        for c, _ in self.upstream:
-            c.close()
-        self.upstream = []
+        for hops in self.upstream.values():
+            for c, _ in hops:
+                c.close()
+        self.upstream = {}

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .records import Event
 
@@ -45,7 +45,8 @@ class LabelWatermark:
     The min over partitions, not the max: a fast partition must not release events while a slow
     one still holds older labels, or learning would follow fetch timing instead of the stream's
     order. A partition read to its end counts as +inf only once it has also been *idle*: no label
-    from it for `idle_s`, counted from when the features stream (re)started. Being at the end
+    from it for `idle_s`, counted from when the features stream (re)started, and (if it had
+    records) nothing left on its way through the services before us (`drained`). Being at the end
     alone proves nothing while labels are still on their way through ingestion (at a replay's
     start they trail the events by seconds), and is true for a moment after every fetch. This is
     Flink's source idleness, for the same reason. A partition that is not at its end is never
@@ -70,14 +71,22 @@ class LabelWatermark:
             self.ts_by_partition[partition] = max(self.ts_by_partition.get(partition, ts), ts)
             self.seen_at[partition] = now
 
-    def mark(self, partitions: Iterable[tuple[int, bool]], now: float) -> float:
-        """The watermark over `partitions`: (partition, read to its end?) for every labels.valid
-        partition; +inf when none holds anything back."""
-        mark = INF
+    def mark(self, partitions: Iterable[tuple[int, bool]], now: float,
+             drained: Callable[[], bool] = lambda: True) -> float:
+        """The watermark over `partitions`: (partition, read to its end?) for every partition;
+        +inf when none holds anything back. `drained` says whether anything is still on its way
+        through the services before us (asked only when it decides): a partition that has had
+        records is idle only when nothing is -- at its end and quiet behind a backlog, it lags."""
+        mark, upstream = INF, None
         for partition, at_end in partitions:
             quiet_since = max(self.seen_at.get(partition, 0.0), self.features_resumed_at)
             if at_end and now - quiet_since >= self.idle_s:
-                continue
+                if partition not in self.seen_at:
+                    continue  # never had a record this session: an empty partition
+                if upstream is None:
+                    upstream = drained()
+                if upstream:
+                    continue
             mark = min(mark, self.ts_by_partition.get(partition, -INF))
         return mark
 

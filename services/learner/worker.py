@@ -148,7 +148,10 @@ class LearnerWorker(StreamWorker):
         now = time.time()
         events, labels = [], []
         for m in messages:
-            self.offsets[(m.topic(), m.partition())] = m.offset() + 1
+            where = (m.topic(), m.partition())
+            if m.offset() < self.offsets.get(where, 0):
+                continue  # read already (a fetch repeated around a pause/resume): never twice
+            self.offsets[where] = m.offset() + 1
             self.dirty = True
             try:
                 record = decode(self.codec, base_topic(m.topic()), m.topic(), m.partition(), m.offset(), m.key(),
@@ -180,8 +183,8 @@ class LearnerWorker(StreamWorker):
                 self.checkpoint_now |= changed
             now = time.time()
             feature_ends = self.inputs.feature_ends(self.offsets)
-            label_mark = self.watermark.mark(self.inputs.label_ends(self.offsets), now)
-            mark = min(label_mark, self.feature_marks.mark(feature_ends, now))
+            label_mark = self.watermark.mark(self.inputs.label_ends(self.offsets), now, self.labels_drained)
+            mark = min(label_mark, self.feature_marks.mark(feature_ends, now, self.nothing_on_the_way))
             if self.held and mark < min(label_mark, self.held.events[0].ts) and self.nothing_on_the_way():
                 # Only a features partition at its end holds the next event back, and nothing is
                 # left upstream: what it writes next is newer.
@@ -225,6 +228,11 @@ class LearnerWorker(StreamWorker):
         if not any(now - lb.seen >= hold and (lb.ts > clock or now - lb.seen >= grace) for lb in self.join.waiting):
             return True  # no label waits on the answer
         return self.nothing_on_the_way()
+
+    def labels_drained(self) -> bool:
+        """Ingestion has read every label published, and we have read all it wrote."""
+        return self.inputs.upstream_drained("labels") and all(
+            end for _, end in self.inputs.ends(self.inputs.label_partitions, self.offsets, fresh=True, side="labels"))
 
     def nothing_on_the_way(self) -> bool:
         """Ingestion and features have read everything published, and we have read all they wrote
