@@ -72,20 +72,19 @@ class LabelWatermark:
             self.seen_at[partition] = now
 
     def mark(self, partitions: Iterable[tuple[int, bool]], now: float,
-             drained: Callable[[], bool] = lambda: True) -> float:
+             drained: Callable[[int], bool] = lambda partition: True) -> float:
         """The watermark over `partitions`: (partition, read to its end?) for every partition;
-        +inf when none holds anything back. `drained` says whether anything is still on its way
-        through the services before us (asked only when it decides): a partition that has had
-        records is idle only when nothing is -- at its end and quiet behind a backlog, it lags."""
-        mark, upstream = INF, None
+        +inf when none holds anything back. `drained(partition)` says whether anything is still on
+        its way to that partition through the services before us (asked only when it decides): a
+        partition that has had records is idle only when nothing is -- at its end and quiet behind
+        a backlog, it lags."""
+        mark = INF
         for partition, at_end in partitions:
             quiet_since = max(self.seen_at.get(partition, 0.0), self.features_resumed_at)
             if at_end and now - quiet_since >= self.idle_s:
                 if partition not in self.seen_at:
                     continue  # never had a record this session: an empty partition
-                if upstream is None:
-                    upstream = drained()
-                if upstream:
+                if drained(partition):
                     continue
             mark = min(mark, self.ts_by_partition.get(partition, -INF))
         return mark

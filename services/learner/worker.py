@@ -184,12 +184,12 @@ class LearnerWorker(StreamWorker):
             now = time.time()
             feature_ends = self.inputs.feature_ends(self.offsets)
             label_mark = self.watermark.mark(self.inputs.label_ends(self.offsets), now, self.labels_drained)
-            mark = min(label_mark, self.feature_marks.mark(feature_ends, now, self.nothing_on_the_way))
-            if self.held and mark < min(label_mark, self.held.events[0].ts) and self.nothing_on_the_way():
-                # Only a features partition at its end holds the next event back, and nothing is
-                # left upstream: what it writes next is newer.
+            mark = min(label_mark, self.feature_marks.mark(feature_ends, now, self.features_drained))
+            if self.held and mark < min(label_mark, self.held.events[0].ts) and self.inputs.upstream_drained():
+                # Nothing left upstream: a features partition read to its (fresh) end is done,
+                # what it gets next is newer.
                 mark = min(label_mark, features_mark(self.feature_marks.ts_by_partition,
-                                                     self.inputs.feature_ends(self.offsets)))
+                                                     self.inputs.feature_ends(self.offsets, fresh=True)))
             self.step(self.held.release(mark), all(end for _, end in feature_ends))
             # Bounded memory without leaving order: the partitions running ahead of the mark wait.
             self.inputs.pause_only(self.flow.decide(len(self.held), len(self.join.waiting),
@@ -229,10 +229,20 @@ class LearnerWorker(StreamWorker):
             return True  # no label waits on the answer
         return self.nothing_on_the_way()
 
-    def labels_drained(self) -> bool:
-        """Ingestion has read every label published, and we have read all it wrote."""
-        return self.inputs.upstream_drained("labels") and all(
-            end for _, end in self.inputs.ends(self.inputs.label_partitions, self.offsets, fresh=True, side="labels"))
+    def labels_drained(self, partition: int) -> bool:
+        """Ingestion has read every label published, and we have read all it wrote to `partition`."""
+        return self.inputs.upstream_drained("labels") and self.read_to_end(self.inputs.label_partitions, partition,
+                                                                           "labels")
+
+    def features_drained(self, partition: int) -> bool:
+        """Ingestion and features have read everything published, and we all they wrote to `partition`."""
+        return self.inputs.upstream_drained("features") and self.read_to_end(self.inputs.feature_partitions,
+                                                                             partition, "features")
+
+    def read_to_end(self, partitions, partition: int, side: str) -> bool:
+        """Read to its end by the broker's count now, not the consumer's cached one."""
+        return all(end for _, end in self.inputs.ends([tp for tp in partitions if tp.partition == partition],
+                                                      self.offsets, fresh=True, side=side))
 
     def nothing_on_the_way(self) -> bool:
         """Ingestion and features have read everything published, and we have read all they wrote
