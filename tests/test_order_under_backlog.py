@@ -12,7 +12,7 @@ more a label known too early (leakage).
 
 The flow-control bounds are set low so that the partitions running ahead really are paused.
 `make test` replays 20,000 rows (4 entities, so 4 features partitions); the issue's 200,000-row run
-is marked `slow` (DRIFTLINE_SLOW=1 or `-m slow` runs it, several minutes at today's throughput).
+is marked `slow` (SLOW_TESTS=1 or `-m slow` runs it, several minutes at today's throughput).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def test_full_speed_replay_predicts_exactly_as_river_in_process(settings, run_se
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("DRIFTLINE_SLOW"), reason="200,000 rows: set DRIFTLINE_SLOW=1")
+@pytest.mark.skipif(not os.environ.get("SLOW_TESTS"), reason="200,000 rows: set SLOW_TESTS=1")
 @pytest.mark.parametrize("spec,delay", [(TREE, 0), (LOGREG, 100)], ids=["tree-delay0", "logreg-delay100"])
 def test_200k_rows_full_speed_predict_exactly_as_river_in_process(settings, run_service, spec, delay):
     check_exact_order(settings, run_service, spec, 200_000, delay)
