@@ -12,7 +12,7 @@ more a label known too early (leakage).
 
 The flow-control bounds are set low so that the partitions running ahead really are paused.
 `make test` replays 20,000 rows (4 entities, so 4 features partitions); the issue's 200,000-row run
-is marked `slow` (SLOW_TESTS=1 or `-m slow` runs it, several minutes at today's throughput).
+is marked `slow` and runs only with SLOW_TESTS=1 (several minutes at today's throughput).
 """
 
 from __future__ import annotations
