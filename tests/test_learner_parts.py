@@ -61,7 +61,11 @@ def test_a_quiet_partition_at_its_end_is_not_idle_while_the_services_before_it_h
     marks.saw_labels([(0, 50.0), (1, 20.0)], NOW)
     assert marks.mark([(0, False), (1, True)], NOW + 10, drained=lambda p: False) == 20.0
     assert marks.mark([(0, False), (1, True)], NOW + 10, drained=lambda p: True) == 50.0
-    assert marks.mark([(0, False), (1, True), (2, True)], NOW + 10, drained=lambda p: False) == 20.0  # 2: empty
+    assert marks.mark([(0, False), (1, True), (2, True)], NOW + 10, drained=lambda p: False) == -float("inf")
+    features = LabelWatermark(idle_s=3.0, empty_is_idle=True)  # no entity may ever hash to features/2
+    features.saw_features(NOW)
+    features.saw_labels([(0, 50.0), (1, 20.0)], NOW)
+    assert features.mark([(0, False), (1, True), (2, True)], NOW + 10, drained=lambda p: False) == 20.0
 
 
 def test_features_coming_back_after_a_quiet_spell_give_labels_time_again():

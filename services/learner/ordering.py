@@ -53,8 +53,13 @@ class LabelWatermark:
     idle, however long ago its last label: its labels are there, just not read yet (a backlog).
     """
 
-    def __init__(self, idle_s: float, ts_by_partition: dict[int, float] | None = None) -> None:
+    def __init__(self, idle_s: float, ts_by_partition: dict[int, float] | None = None,
+                 empty_is_idle: bool = False) -> None:
         self.idle_s = idle_s
+        # True for features (a partition no entity hashes to stays empty for good); False for
+        # labels.valid, whose partitions all get labels, and whose first ones may trail the events
+        # by more than idle_s at a replay's start under load: empty there means not yet arrived.
+        self.empty_is_idle = empty_is_idle
         self.ts_by_partition: dict[int, float] = dict(ts_by_partition or {})  # latest label ts read
         self.seen_at: dict[int, float] = {}  # wall time of the latest label read, per partition
         self.features_arrived_at = 0.0  # wall time of the latest features message read
@@ -82,7 +87,7 @@ class LabelWatermark:
         for partition, at_end in partitions:
             quiet_since = max(self.seen_at.get(partition, 0.0), self.features_resumed_at)
             if at_end and now - quiet_since >= self.idle_s:
-                if partition not in self.seen_at:
+                if self.empty_is_idle and partition not in self.seen_at:
                     continue  # never had a record this session: an empty partition
                 if drained(partition):
                     continue

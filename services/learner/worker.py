@@ -91,7 +91,7 @@ class LearnerWorker(StreamWorker):
         self.flow = FlowControl(self.cfg.max_held_events, self.cfg.max_waiting_labels)
         # The same rule for the features partitions: one that stops at its end holds events back at
         # its latest ts until it has been idle for label_idle_s, or nothing is left upstream.
-        self.feature_marks = LabelWatermark(self.cfg.label_idle_s)
+        self.feature_marks = LabelWatermark(self.cfg.label_idle_s, empty_is_idle=True)
         self.held_control: list[Control] = state.held_control if state else []
         self.watermark = LabelWatermark(self.cfg.label_idle_s, state.label_ts_by_partition if state else None)
         self.replay = Replay()  # after a crash: labels to re-learn first, outcomes not to publish again
