@@ -150,6 +150,13 @@ def test_under_a_backlog_no_label_is_released_early_nor_expired():
     assert [lb.event_id for lb in join.expire(NOW, held=set())] == ["e9"]
 
 
+def test_a_label_ahead_of_every_event_is_not_released_early_while_older_events_are_held():
+    join = new_join()
+    join.add([label(9, ts=9.5, seen=NOW - 1)])
+    assert join.due([], held={"e5"}, now=NOW) == []  # e5 (ts 5) must be scored before label 9 is learned
+    assert [lb.event_id for lb in join.due([], held=set(), now=NOW)] == ["e9"]
+
+
 def test_a_label_whose_event_is_held_is_never_due_nor_expired():
     join = new_join(grace_s=1.0)
     join.add([label(4, ts=4.5, seen=NOW - 100)])

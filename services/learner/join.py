@@ -73,10 +73,12 @@ class DelayedJoin:
         # A label later than every event seen waits for the events before it; it is released early
         # only when the features stream has been quiet for the hold (the end of a replay, an idle
         # hour), or after `patience_s` once its event is scored (a label clock running ahead).
-        idle = self.current and now - self.last_feature_at >= self.hold_s
+        # Never while events are held: they are older than such a label, and wait to be scored first.
+        early = self.current and not held
+        idle = early and now - self.last_feature_at >= self.hold_s
         return [lb for lb in self.waiting if lb.event_id not in held and (
             lb.ts <= horizon or (idle and now - lb.seen >= self.hold_s)
-            or (self.current and lb.event_id in self.recent and now - lb.seen >= self.patience_s)
+            or (early and lb.event_id in self.recent and now - lb.seen >= self.patience_s)
             or self.overdue(lb, now))]
 
     def to_look_up(self, due: list[Label], now: float) -> list[Label]:
