@@ -271,7 +271,7 @@ def _mounts(service: dict) -> dict[str, str]:
 def test_compose_runs_the_five_services_from_one_image_with_cli_commands_that_exist():
     doc = compose()
     services = driftline_services(doc)
-    assert set(services) == {*SERVICES, "topics"}
+    assert set(services) == {*SERVICES, *SINKS, "topics"}
     dockerfile = (REPO / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim$", dockerfile, re.M)
     assert {svc["build"] for svc in services.values()} == {"."}
@@ -280,7 +280,7 @@ def test_compose_runs_the_five_services_from_one_image_with_cli_commands_that_ex
         command = svc["command"]
         assert command[0] == "driftline", name
         _parse_cli(group, command[1:])  # raises when the command or an argument does not exist
-        if name in SERVICES:
+        if name in SERVICES + SINKS:
             assert command[1:] == ["serve", name]
     assert doc["services"]["topics"]["command"] == ["driftline", "infra", "topics"]
     with pytest.raises(Exception, match="no-such-service"):  # the check can fail
