@@ -1,5 +1,5 @@
 """The pipeline rides out its dependencies' outages: Redis or the Kafka broker is killed (kill -9)
-in the middle of a replay and started again OUTAGE_S later (15 s here, DRIFTLINE_TEST_OUTAGE_S to
+in the middle of a replay and started again OUTAGE_S later (15 s here, TEST_OUTAGE_S to
 try longer; 60 s was checked by hand, see the README). Nothing restarts the services: they wait
 with backoff, say on /ready and /health what is missing, and resume. Afterwards every label is
 learned exactly once, no outcome is published twice, the counts add up, and every entity's
@@ -33,7 +33,7 @@ from pipeline import replay_report
 
 pytestmark = pytest.mark.e2e
 
-OUTAGE_S = float(os.environ.get("DRIFTLINE_TEST_OUTAGE_S", "15"))
+OUTAGE_S = float(os.environ.get("TEST_OUTAGE_S", "15"))
 ROWS, ENTITIES, LABEL_DELAY = 3000, 6, 20
 # The replay (a producer like any) waits 60 s after its last row for Kafka to take what it holds:
 # a longer outage needs a slower replay, so that the broker is back before it gives up.
