@@ -14,10 +14,12 @@ codec = get_codec()
 def test_a_field_takes_at_most_max_categories_distinct_text_values(settings, redis_client):
     settings.features.max_categories = 2
     settings.features.max_reorder_wait_ms = 50
+    # One entity, so one partition: the values are admitted in this order (across partitions the
+    # features service may take them in any order, and another value would be the third).
     publish(settings, events=[event("c1", "u1", 1.0, country="KR", amount=1.0),
-                              event("c2", "u2", 2.0, country="FR", amount=2.0),
+                              event("c2", "u1", 2.0, country="FR", amount=2.0),
                               event("c3", "u1", 3.0, country="US", amount=3.0),   # a third value: refused
-                              event("c4", "u2", 4.0, country="KR", amount=4.0)])
+                              event("c4", "u1", 4.0, country="KR", amount=4.0)])
     with running(settings) as worker:
         letter, = read_topic(settings, "events.dlq", 1, record="DeadLetter")
         vectors = read_topic(settings, "features", 3)

@@ -370,7 +370,8 @@ class FeaturesWorker(StreamWorker):
     def bound_fields(self, items: list[Item]) -> list[Item]:
         """Events whose field names the model may not take (more than features.max_feature_names
         distinct ones) become BAD items with that reason: dead-lettered, never folded in."""
-        names = {name for i in items if i.kind == EVENT for name in i.value["fields"]}
+        # Ordered as the stream (dicts, not sets): the first names and values to come are the ones kept.
+        names = dict.fromkeys(name for i in items if i.kind == EVENT for name in i.value["fields"])
         refused = self.names.admit(names) if names else set()
         if refused:
             for item in items:
@@ -378,12 +379,12 @@ class FeaturesWorker(StreamWorker):
                     self.refuse(item, "too_many_feature_names",
                                 f"the model already has {self.names.limit} distinct field names "
                                 f"(features.max_feature_names); new: {sorted(refused & set(item.value['fields']))[:5]}")
-        texts: dict[str, set[str]] = {}
+        texts: dict[str, dict[str, None]] = {}
         for item in items:
             if item.kind == EVENT:
                 for name, value in item.value["fields"].items():
                     if isinstance(value, str):
-                        texts.setdefault(name, set()).add(value)
+                        texts.setdefault(name, {})[value] = None
         refused_texts = self.categories.admit(texts) if texts else set()
         if refused_texts:
             for item in items:

@@ -161,7 +161,8 @@ class FieldNames:
 
     def admit(self, names: Iterable[str]) -> set[str]:
         """The names refused (the model already has `limit` others); the rest are admitted."""
-        new = [n for n in set(names) if n not in self.known]
+        # In the order given (the stream's): which names fit under the bound must not depend on hashing.
+        new = [n for n in dict.fromkeys(names) if n not in self.known]
         if not new:
             return set()
         refused = {_text(n) for n in self.client.eval(ADMIT_NAMES_LUA, 1, self.key, self.limit, *new)}
