@@ -263,14 +263,6 @@ class FeatureStore:
         Redis and Kafka alike."""
         self.snapshots.queue_vectors(pipe, blobs)
 
-    def queue_new_snapshots(self, pipe, snapshots: Iterable[tuple[str, Mapping[str, bytes]]]) -> None:
-        """(event_id, {field: value}) pairs written only where the event has no snapshot yet (the
-        prediction service's: it must never replace the vector of an event the features service
-        or an earlier request wrote). Each reply in the pipeline is 1 if written, 0 if kept."""
-        for event_id, fields in snapshots:
-            args = [item for pair in fields.items() for item in pair]
-            pipe.eval(NEW_SNAPSHOT_LUA, 1, self.keys.snapshot(event_id), self.snapshot_ttl_s, *args)
-
     def queue_states(self, pipe, states: Mapping[str, State]) -> None:
         """One HSET per entity with every field (offsets included): atomic per key. Label fields
         are left to `queue_label`, whose script never lets an older label win. With an entity TTL,
@@ -339,6 +331,15 @@ class Snapshots:
             key = self.keys.snapshot(event_id)
             pipe.hset(key, SNAPSHOT_FIELD, blob)
             pipe.expire(key, self.ttl_s)
+
+    def queue_new(self, pipe, event_id: str, vector: bytes, predictions: Mapping[str, bytes]) -> None:
+        """A whole snapshot (the vector, role -> Prediction), written only where the event has none
+        yet: a /v1/predict request must never replace the vector of an event the features service
+        or an earlier request wrote. Its reply in the pipeline is 1 if written, 0 if kept."""
+        args: list[Any] = [SNAPSHOT_FIELD, vector]
+        for role, blob in predictions.items():
+            args += [prediction_field(role), blob]
+        pipe.eval(NEW_SNAPSHOT_LUA, 1, self.keys.snapshot(event_id), self.ttl_s, *args)
 
     def queue_prediction(self, pipe, event_id: str, role: str, blob: bytes) -> None:
         """A role's Prediction next to a vector queued in the same pipeline (HSET keeps the TTL)."""

@@ -39,7 +39,7 @@ import redis
 import redis.asyncio
 
 from ..features.definitions import load_feature_set
-from ..features.store import SNAPSHOT_FIELD, FeatureStore, FieldNames, decode_state, prediction_field
+from ..features.store import FeatureStore, FieldNames, decode_state
 from ..ingestion.validate import check_fields
 from ..shared import kafka, metrics
 from ..shared.codec import get_codec
@@ -288,10 +288,9 @@ class Predictor:
                             "published_ms": now_ms})
         # Only where the event has no snapshot yet: an unauthenticated request must not replace
         # the vector of a real event (or of an earlier request) before its label comes.
-        self.store.queue_new_snapshots(pipe, (
-            (v["event_id"], {SNAPSHOT_FIELD: self.codec.encode("FeatureVector", v),
-                             prediction_field(r["role"]): self.codec.encode("Prediction", r)})
-            for v, r in zip(vectors, records)))
+        for v, r in zip(vectors, records):
+            self.store.snapshots.queue_new(pipe, v["event_id"], self.codec.encode("FeatureVector", v),
+                                           {r["role"]: self.codec.encode("Prediction", r)})
         return records, pipe
 
     def _log_new(self, records: list[dict], written: list) -> None:
