@@ -39,6 +39,7 @@ from confluent_kafka import OFFSET_END, TopicPartition
 from rich.console import Console
 
 from .. import serve
+from .predict import profile
 from ..infra import stack
 from ..replay.datasets import load
 from ..replay.publish import replay
@@ -52,6 +53,12 @@ AIM_RATIO = {"logreg": 0.10, "arf": 0.8}
 AIM_QUALITY = 0.89
 SERVICES = ("ingestion", "features", "learner")
 THROUGHPUT_DELAY = 100
+# BENCH_PIPELINE_PROFILE=1: a py-spy flame graph of every service during each throughput phase
+# (profiles/pipeline-<model>-<service>.svg next to the JSON).
+# BENCH_PIPELINE_PROFILE=raw: collapsed stacks instead (.txt, one line per stack and its samples).
+PROFILE = os.environ.get("BENCH_PIPELINE_PROFILE", "") in ("1", "raw")
+PROFILE_FORMAT = "raw" if os.environ.get("BENCH_PIPELINE_PROFILE") == "raw" else "flamegraph"
+PROFILE_SUFFIX = "txt" if PROFILE_FORMAT == "raw" else "svg"
 console = Console(stderr=True)
 
 
@@ -60,12 +67,13 @@ def run(out_dir: Path, quick: bool) -> dict:
     latency_s = 5 if quick else 15
     quality_rows = 10_000 if quick else None
     result: dict = {"quick": quick, "cores": os.cpu_count(), "label_delay_throughput": THROUGHPUT_DELAY}
-    with BenchStack() as bench:
+    with BenchStack(Path(out_dir)) as bench:
         result["throughput"] = {}
         for name, spec in MODELS.items():
             console.rule(f"throughput: {name}")
             in_process = in_process_rate(spec, rows[name])
-            report = bench.replay(spec, "raw", limit=rows[name], label_delay=THROUGHPUT_DELAY)
+            report = bench.replay(spec, "raw", limit=rows[name], label_delay=THROUGHPUT_DELAY,
+                                  profile_as=f"pipeline-{name}" if PROFILE else None)
             pipeline = report["throughput_events_per_s"]
             result["throughput"][name] = {
                 "model": spec, "rows": rows[name], "pipeline_events_per_s": pipeline,
@@ -74,6 +82,8 @@ def run(out_dir: Path, quick: bool) -> dict:
                 "aim_ratio": AIM_RATIO[name], "wall_s": report["wall_s"],
                 "accuracy_pipeline": round(report["prequential"]["accuracy"], 4),
                 "examples_learned": report["examples_learned"],
+                "cpu_us_per_event": {service: round(seconds * 1e6 / rows[name], 1)
+                                     for service, seconds in report["cpu_s"].items()},
             }
         console.rule("latency at 1,000 ev/s")
         result["latency"] = bench.latency(rate=1000, seconds=latency_s)
@@ -86,6 +96,12 @@ def run(out_dir: Path, quick: bool) -> dict:
     plot(result, Path(out_dir) / "pipeline.png")
     result["plot"] = str(Path(out_dir) / "pipeline.png")
     return result
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def in_process_rate(spec: str, n: int) -> float:
@@ -106,7 +122,8 @@ class BenchStack:
     """Kafka and Redis on free ports under a temporary home, for the whole bench; a phase starts
     its own services in a fresh namespace. Everything is stopped on exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, out_dir: Path = Path("reports/bench")) -> None:
+        self.out_dir = out_dir
         self.home = Path(tempfile.mkdtemp(prefix="driftline-bench-pipeline-"))
         self.settings = ensure_local_secrets(Settings(
             kafka_bootstrap=f"127.0.0.1:{stack.free_port()}", redis_url=f"redis://127.0.0.1:{stack.free_port()}/0",
@@ -158,12 +175,27 @@ class BenchStack:
                 proc.wait()
         self.procs = []
 
-    def replay(self, model: str, features: str, limit: int | None, label_delay: int, rate: float = 0.0) -> dict:
+    def replay(self, model: str, features: str, limit: int | None, label_delay: int, rate: float = 0.0,
+               profile_as: str | None = None) -> dict:
+        """One replay through fresh services; the report also has each service's CPU seconds
+        during it (`cpu_s`), and with `profile_as` a py-spy flame graph per service."""
         settings = self.start(model, features)
+        pids = {name: proc.pid for name, proc in zip(SERVICES, self.procs[-len(SERVICES):])}
+        spies = [profile(pid, self.out_dir / "profiles" / f"{profile_as}-{name}.{PROFILE_SUFFIX}", seconds=120,
+                         fmt=PROFILE_FORMAT) for name, pid in pids.items()] if profile_as else []
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         try:
-            return replay(settings, load("elec2"), limit=limit, label_delay=label_delay, rate=rate, model=model,
-                          features=features, report_dir=None, stall_timeout_s=120, console=console)
+            report = replay(settings, load("elec2"), limit=limit, label_delay=label_delay, rate=rate, model=model,
+                            features=features, report_dir=None, stall_timeout_s=120, console=console)
+            report["cpu_s"] = {name: round(cpu_seconds(pid) - before[name], 3) for name, pid in pids.items()}
+            return report
         finally:
+            for spy in spies:
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)  # py-spy writes what it has so far
+            for spy in spies:
+                if spy is not None:
+                    spy.wait(30)
             self.stop_services()
 
     def latency(self, rate: int, seconds: float) -> dict:

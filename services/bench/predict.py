@@ -219,14 +219,15 @@ def start_bare(port: int, log_path: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def profile(pid: int, svg: Path, seconds: int) -> subprocess.Popen | None:
-    """py-spy record of a running process (all threads, GIL holders shown), in the background."""
+def profile(pid: int, svg: Path, seconds: int, fmt: str = "flamegraph") -> subprocess.Popen | None:
+    """py-spy record of a running process (all threads, GIL holders shown), in the background
+    (`fmt` "raw": collapsed stacks, one line per stack with its sample count)."""
     exe = shutil.which("py-spy") or str(Path(os.sys.executable).with_name("py-spy"))
     if not Path(exe).exists():
         return None
     svg.parent.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen([exe, "record", "-p", str(pid), "-d", str(seconds), "-r", "200", "-o", str(svg),
-                             "--nonblocking", "-f", "flamegraph"], stdout=subprocess.DEVNULL,
+                             "--nonblocking", "-f", fmt], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
 
