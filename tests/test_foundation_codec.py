@@ -24,7 +24,7 @@ SAMPLES = {
     "Outcome": {"event_id": "e-1", "entity_id": "meter-7", "model": "default", "model_version": 3,
                 "role": "champion", "y_true": "1", "y_pred": "0", "proba": {"0": 0.6, "1": 0.4},
                 "position": 41, "ts": 1.7e9, "features": {"a": 1.5}, "feature_set": "default@abcd1234",
-                "label_ts": 1.7e9 + 60, "label_partition": 2, "label_offset": 17, "error": None},
+                "label_ts": 1.7e9 + 60, "label_partition": 2, "label_offset": 17, "error": None, "known": 41},
     "DriftEvent": {"drift_id": "d-1", "model": "default", "model_version": 3, "kind": "concept",
                    "level": "drift", "detector": "ADWIN", "feature": None, "position": 1200,
                    "error_before": 0.1, "error_after": 0.4, "statistic": None, "ts": 1.7e9},

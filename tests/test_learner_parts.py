@@ -43,6 +43,31 @@ def test_the_label_watermark_is_the_slowest_partition_and_an_idle_finished_one_d
     assert marks.mark([(0, False), (2, False)], NOW) == float("-inf")  # a partition never read holds all
 
 
+def test_a_partition_empty_when_the_stream_starts_holds_events_back_for_the_idle_time():
+    # At a replay's start the features service may write one entity's partition before another's:
+    # the one still empty (at its end, never read) must not let the other's later events through.
+    marks = LabelWatermark(idle_s=3.0)
+    marks.saw_features(NOW)
+    marks.saw_labels([(3, 50.0)], NOW)
+    assert marks.mark([(0, True), (3, False)], NOW + 1) == float("-inf")
+    assert marks.mark([(0, True), (3, False)], NOW + 3) == 50.0
+
+
+def test_a_quiet_partition_at_its_end_is_not_idle_while_the_services_before_it_have_a_backlog():
+    # Behind a backlog, the service upstream may starve one partition for longer than idle_s:
+    # that partition lags, it is not idle.
+    marks = LabelWatermark(idle_s=3.0)
+    marks.saw_features(NOW)
+    marks.saw_labels([(0, 50.0), (1, 20.0)], NOW)
+    assert marks.mark([(0, False), (1, True)], NOW + 10, drained=lambda p: False) == 20.0
+    assert marks.mark([(0, False), (1, True)], NOW + 10, drained=lambda p: True) == 50.0
+    assert marks.mark([(0, False), (1, True), (2, True)], NOW + 10, drained=lambda p: False) == -float("inf")
+    features = LabelWatermark(idle_s=3.0, empty_is_idle=True)  # no entity may ever hash to features/2
+    features.saw_features(NOW)
+    features.saw_labels([(0, 50.0), (1, 20.0)], NOW)
+    assert features.mark([(0, False), (1, True), (2, True)], NOW + 10, drained=lambda p: False) == 20.0
+
+
 def test_features_coming_back_after_a_quiet_spell_give_labels_time_again():
     marks = LabelWatermark(idle_s=3.0)
     marks.saw_labels([(0, 5.0)], NOW)
@@ -51,15 +76,43 @@ def test_features_coming_back_after_a_quiet_spell_give_labels_time_again():
     assert marks.mark([(0, True)], NOW + 13) == float("inf")
 
 
-def test_held_events_are_released_in_ts_order_up_to_the_watermark_after_patience_or_beyond_the_bound():
-    held = HeldEvents(patience_s=10.0, max_held=3)
-    held.add([event(5), event(1), event(3), event(9, seen=NOW - 20)])
-    assert [e.event_id for e in held.release(3.0, NOW)] == ["e1", "e3"]
-    assert [e.event_id for e in held.release(3.0, NOW)] == []  # e5 waits; e9 waited out, but is behind e5
+def test_held_events_are_released_in_ts_order_up_to_the_watermark_and_never_before_however_many_or_old():
+    held = HeldEvents()
+    held.add([event(5), event(1), event(3), event(9, seen=NOW - 10_000)])
+    assert [e.event_id for e in held.release(3.0)] == ["e1", "e3"]
+    assert [e.event_id for e in held.release(3.0)] == []  # e9 waited hours: it still waits
     assert held.ids() == {"e5", "e9"}
-    assert [e.event_id for e in held.release(float("inf"), NOW)] == ["e5", "e9"]
-    held.add([event(i) for i in range(10, 15)])
-    assert len(held.release(0.0, NOW)) == 2 and len(held) == 3  # bounded: the oldest go anyway
+    held.add([event(i) for i in range(10, 100_010)])
+    assert held.release(4.9) == [] and len(held) == 100_002  # memory is bounded by pausing, not by release
+    assert [e.event_id for e in held.release(float("inf"))][:3] == ["e5", "e9", "e10"]
+
+
+def test_the_features_mark_is_the_slowest_partition_still_being_read():
+    from driftline.learner.ordering import features_mark
+    assert features_mark({0: 5.0, 1: 9.0}, [(0, False), (1, False)]) == 5.0
+    assert features_mark({0: 5.0, 1: 9.0}, [(0, True), (1, False)]) == 9.0  # read to its end: holds nothing
+    assert features_mark({}, [(0, True), (1, True)]) == float("inf")
+    assert features_mark({0: 5.0}, [(0, False), (1, False)]) == float("-inf")  # not read yet: holds all
+
+
+def test_flow_control_pauses_the_side_that_runs_ahead_and_never_the_partition_that_sets_the_mark():
+    from driftline.learner.ordering import FlowControl
+    flow = FlowControl(max_held=100, max_waiting=100)
+    features, labels = {0: 50.0, 1: 80.0}, {0: 20.0, 1: 30.0}
+    assert flow.decide(10, 10, features, labels, mark=20.0) == set()  # under both bounds: read everything
+    # Labels lag: events pile up; the features partitions ahead of the mark wait, labels are read.
+    assert flow.decide(100, 10, features, labels, mark=20.0) == {("features", 0), ("features", 1)}
+    assert flow.decide(60, 10, features, labels, mark=20.0) == {("features", 0), ("features", 1)}  # hysteresis
+    assert flow.decide(49, 10, features, labels, mark=20.0) == set()
+    # Features lag: labels pile up; the labels.valid partitions past the mark wait.
+    assert flow.decide(0, 100, {0: 10.0, 1: 12.0}, labels, mark=10.0) == {("labels", 0), ("labels", 1)}
+    # Both over their bounds: whatever sets the mark is still read.
+    for mark_features, mark_labels in ((10.0, 30.0), (50.0, 20.0)):
+        features, labels = {0: mark_features, 1: 90.0}, {0: mark_labels, 1: 95.0}
+        mark = min(min(features.values()), min(labels.values()))
+        paused = flow.decide(1000, 1000, features, labels, mark)
+        assert ("features", 0) not in paused or ("labels", 0) not in paused
+        assert ("features", 1) in paused and ("labels", 1) in paused
 
 
 # -- the delayed join ------------------------------------------------------------------------------
@@ -82,6 +135,26 @@ def test_a_label_ahead_of_every_event_waits_until_the_stream_is_idle_for_the_hol
     assert join.due([event(1)], set(), NOW) == []
     assert join.due([], set(), NOW + 0.1) == []
     assert [lb.event_id for lb in join.due([], set(), NOW + 0.3)] == ["e9"]
+
+
+def test_under_a_backlog_no_label_is_released_early_nor_expired():
+    join = new_join(grace_s=1.0)
+    join.current = False  # something is still on its way through ingestion or features
+    join.add([label(9, ts=9.5, seen=NOW - 100)])
+    join.scored(event(8), Snapshot({"features": {}}, {"champion": {}}))
+    join.last_feature_at = NOW - 100  # features quiet: a stall, not the end, while something is on its way
+    assert join.due([], set(), NOW) == []
+    join.clock = 200.0  # event time far past the label (another partition ran ahead): still not given up
+    assert join.expire(NOW, held=set()) == []
+    join.current = True
+    assert [lb.event_id for lb in join.expire(NOW, held=set())] == ["e9"]
+
+
+def test_a_label_ahead_of_every_event_is_not_released_early_while_older_events_are_held():
+    join = new_join()
+    join.add([label(9, ts=9.5, seen=NOW - 1)])
+    assert join.due([], held={"e5"}, now=NOW) == []  # e5 (ts 5) must be scored before label 9 is learned
+    assert [lb.event_id for lb in join.due([], held=set(), now=NOW)] == ["e9"]
 
 
 def test_a_label_whose_event_is_held_is_never_due_nor_expired():

@@ -4,14 +4,18 @@
     consumer = inputs.open(offsets)                # features + labels.valid, and control apart
     batch = inputs.next_batch(1000, 0.05)          # control first, then up to 1000 stream messages
     marks = inputs.label_ends(offsets)             # [(labels.valid partition, read to its end?)]
+    inputs.pause_only({("features", 2)})           # flow control: these partitions wait, the rest are read
 
 Control (retrain.requests, model.swaps) has a consumer of its own: in one consumer, librdkafka's
 prefetch queue would put a retrain request behind megabytes of backlog, and the challenger would
 come after the stream it should adapt to. Per-partition flow control (pausing a partition that
-runs ahead) belongs here too.
+runs ahead, ordering.FlowControl decides which) is applied here.
 """
 
 from __future__ import annotations
+
+import logging
+import time
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
@@ -21,6 +25,8 @@ from ..shared.topics import Topics
 from .records import Event
 
 SERVICE = "learner"
+log = logging.getLogger(__name__)
+UPSTREAM_CHECK_S = 0.5  # the upstream services' committed offsets are asked for at most this often
 
 
 class Inputs:
@@ -30,10 +36,14 @@ class Inputs:
         self.consumer: Consumer | None = None
         self.control: Consumer | None = None
         self.label_partitions: list[TopicPartition] = []
+        self.feature_partitions: list[TopicPartition] = []
+        self.paused: set[tuple[str, int]] = set()
+        self.upstream: dict[str, list[tuple[Consumer, list[TopicPartition]]]] = {}
+        self.upstream_checked: dict[str, tuple[float, bool]] = {}  # side -> (monotonic time, drained?)
         self.rescore_below: dict[tuple[str, int], int] = {}  # features offsets consumed before this session
 
     def open(self, offsets: dict[tuple[str, int], int]) -> Consumer:
-        self.label_partitions, self.rescore_below = [], {}
+        self.label_partitions, self.feature_partitions, self.rescore_below, self.paused = [], [], {}, set()
         self.consumer = self.assign([self.topics.features, self.topics.labels_valid], offsets)
         self.control = self.assign([self.topics.retrain_requests, self.topics.model_swaps], offsets)
         return self.consumer
@@ -48,23 +58,96 @@ class Inputs:
                 if topic == self.topics.features:  # events up to here may have been scored before
                     self.rescore_below[(topic, tp.partition)] = c.get_watermark_offsets(tp, timeout=10.0,
                                                                                         cached=False)[1]
+                    self.feature_partitions.append(parts[-1])
                 elif topic == self.topics.labels_valid:
                     self.label_partitions.append(parts[-1])
         c.assign(parts)
         return c
 
     def next_batch(self, batch_size: int, timeout: float) -> list[Message]:
+        """Control first, then wait at most `timeout` for the first stream message and take what is
+        already fetched without waiting (consume() alone would wait out its whole timeout whenever
+        fewer than batch_size messages are there: that much latency per batch at live rates)."""
         control = self.control.consume(num_messages=100, timeout=0)
-        return control + self.consumer.consume(num_messages=batch_size, timeout=timeout)
+        first = self.consumer.poll(timeout)
+        if first is None:
+            return control
+        return control + [first, *self.consumer.consume(num_messages=batch_size - 1, timeout=0)]
 
     def label_ends(self, offsets: dict[tuple[str, int], int]) -> list[tuple[int, bool]]:
         """Each labels.valid partition and whether it is read to its end (the consumer's cached
         watermarks, no broker round trip)."""
+        return self.ends(self.label_partitions, offsets, side="labels")
+
+    def feature_ends(self, offsets: dict[tuple[str, int], int], fresh: bool = False) -> list[tuple[int, bool]]:
+        """Each features partition and whether it is read to its end (`fresh`: ask the broker)."""
+        return self.ends(self.feature_partitions, offsets, fresh, side="features")
+
+    def ends(self, partitions: list[TopicPartition], offsets: dict[tuple[str, int], int],
+             fresh: bool = False, side: str = "") -> list[tuple[int, bool]]:
+        """A partition we paused is never at its end: it is not idle, we are holding it (and the
+        consumer's cached high watermark of it is stale)."""
         out = []
-        for tp in self.label_partitions:
-            low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+        for tp in partitions:
+            if (side, tp.partition) in self.paused:
+                out.append((tp.partition, False))
+                continue
+            low, high = (self.consumer.get_watermark_offsets(tp, timeout=5.0, cached=False) if fresh
+                         else self.consumer.get_watermark_offsets(tp, cached=True))
             out.append((tp.partition, high >= 0 and offsets.get((tp.topic, tp.partition), max(low, tp.offset)) >= high))
         return out
+
+    def pause_only(self, wanted: set[tuple[str, int]]) -> None:
+        """Pause exactly these ("features" | "labels", partition); resume the others paused before."""
+        if wanted == self.paused:
+            return
+        by_side = {"features": self.feature_partitions, "labels": self.label_partitions}
+
+        def tps(keys):
+            return [TopicPartition(tp.topic, tp.partition) for side, p in keys for tp in by_side[side]
+                    if tp.partition == p]
+
+        if self.paused - wanted:
+            self.consumer.resume(tps(self.paused - wanted))
+        if wanted - self.paused:
+            self.consumer.pause(tps(wanted - self.paused))
+        log.debug("learner: paused %s", sorted(wanted))
+        self.paused = set(wanted)
+
+    def upstream_drained(self, side: str = "features") -> bool:
+        """Has everything published so far come through the services before us? For "features":
+        ingestion has committed to the end of `events` and features to the end of `events.valid`;
+        for "labels": ingestion to the end of `labels`. Asked of the broker only when the answer
+        matters (a label about to be given up on, an event held back by a partition at its end); a
+        "no" is kept for UPSTREAM_CHECK_S, a "yes" never (the next record may come right after it).
+        Ingestion is asked before features, so that what it had passed on is then known to be
+        through features too."""
+        now = time.monotonic()
+        checked_at, drained = self.upstream_checked.get(side, (-1e9, False))
+        if now - checked_at < UPSTREAM_CHECK_S and not drained:
+            return False
+        if side not in self.upstream:
+            hops = ((("ingestion", self.topics.events), ("features", self.topics.events_valid)) if side == "features"
+                    else (("ingestion", self.topics.labels),))
+            self.upstream[side] = [
+                (kafka.consumer(self.settings, self.topics.group(service)),  # never subscribes: reads commits
+                 [TopicPartition(topic, tp.partition) for tp in kafka.partitions_of(self.settings, topic)])
+                for service, topic in hops]
+        drained = True
+        try:
+            for c, parts in self.upstream[side]:
+                for tp in c.committed(parts, timeout=5.0):
+                    high = c.get_watermark_offsets(tp, timeout=5.0, cached=False)[1]
+                    if high > 0 and tp.offset < high:
+                        drained = False
+                        break
+                if not drained:
+                    break
+        except Exception:  # the broker away: nothing is given up while it cannot be asked
+            log.debug("upstream offsets unavailable", exc_info=True)
+            drained = False
+        self.upstream_checked[side] = (time.monotonic(), drained)
+        return drained
 
     def maybe_scored(self, event: Event) -> bool:
         """Read before this session began? Then a prediction stored for it (made at event time) is kept."""
@@ -78,3 +161,7 @@ class Inputs:
         if self.control is not None:
             self.control.close()
         self.control = None
+        for hops in self.upstream.values():
+            for c, _ in hops:
+                c.close()
+        self.upstream = {}

@@ -17,8 +17,13 @@ scored yet, waiting for older labels) is never due: it waits for it, however lon
 
 *Overdue* is the grace rule, shared by learning from a snapshot and dead-lettering: the label
 waited `grace_s` *and* its event can no longer be on its way -- the features stream has been
-quiet for as long, or event time on it moved past the label's own ts by the grace. Wall time
-alone is no proof: behind a features backlog the event's vector may be minutes away.
+quiet for as long, or event time on it moved past the label's own ts by the grace -- *and*
+nothing is on its way at all (`current`: the worker's word that every features partition is read
+to its end and ingestion and features have nothing left to read). Wall time and event time alone
+are no proof: behind a backlog the event's vector may be minutes away. The early releases (the
+features stream idle for the hold, a label clock running ahead) need `current` too: under a
+backlog an idle moment is a stall, not the end of the stream, and the events still to come are
+older than the label.
 
 Pure state and rules, no I/O: snapshots read from Redis come in as arguments.
 """
@@ -48,6 +53,7 @@ class DelayedJoin:
         self.learned_ids: OrderedDict[str, None] = OrderedDict()  # to drop a label delivered twice
         self.learned_ts = float("-inf")  # latest label ts learned: the order check
         self.last_feature_at = 0.0  # wall time events last came to be scored
+        self.current = True  # nothing on its way through the pipeline (the worker says; see the module doc)
 
     def add(self, labels: Iterable[Label]) -> None:
         self.waiting.extend(labels)
@@ -56,7 +62,8 @@ class DelayedJoin:
     def overdue(self, label: Label, now: float) -> bool:
         """Waited its grace, and its event could no longer be on its way (see the module doc)."""
         grace = self.grace_s
-        return now - label.seen >= grace and (now - self.last_feature_at >= grace or self.clock >= label.ts + grace)
+        return self.current and now - label.seen >= grace and (now - self.last_feature_at >= grace
+                                                               or self.clock >= label.ts + grace)
 
     def due(self, events: list[Event], held: set[str], now: float) -> list[Label]:
         """The waiting labels to try now, as these `events` (ts order) are about to be scored."""
@@ -66,10 +73,13 @@ class DelayedJoin:
         # A label later than every event seen waits for the events before it; it is released early
         # only when the features stream has been quiet for the hold (the end of a replay, an idle
         # hour), or after `patience_s` once its event is scored (a label clock running ahead).
-        idle = now - self.last_feature_at >= self.hold_s
+        # Never while events are held: they are older than such a label, and wait to be scored first.
+        early = self.current and not held
+        idle = early and now - self.last_feature_at >= self.hold_s
         return [lb for lb in self.waiting if lb.event_id not in held and (
             lb.ts <= horizon or (idle and now - lb.seen >= self.hold_s)
-            or (lb.event_id in self.recent and now - lb.seen >= self.patience_s) or self.overdue(lb, now))]
+            or (early and lb.event_id in self.recent and now - lb.seen >= self.patience_s)
+            or self.overdue(lb, now))]
 
     def to_look_up(self, due: list[Label], now: float) -> list[Label]:
         """The due labels whose event is not in memory (read their snapshot from Redis)."""
@@ -109,6 +119,10 @@ class DelayedJoin:
     def learned_before(self, label: Label) -> bool:
         """A label delivered twice (its event's label was learned already)."""
         return label.event_id in self.learned_ids
+
+    def learned_before_event(self, event_id: str) -> bool:
+        """Was this event's label learned already? (Then scoring it now would leak its label.)"""
+        return event_id in self.learned_ids
 
     def learn(self, label: Label) -> bool:
         """Record a label as learned; True when it comes after a later one (out of order)."""

@@ -59,7 +59,8 @@ class Outputs:
              # what the offline store keeps (offline/store.py): the vector scored, and where the label was read
              "features": fv["features"], "feature_set": fv.get("feature_set"), "label_ts": label.ts,
              "label_partition": label.partition, "label_offset": label.offset,
-             "error": error(answer["y_pred"], label.label) if regression else None}
+             "error": error(answer["y_pred"], label.label) if regression else None,
+             "known": answer.get("known")}
         self.produce(self.topics.outcomes, self.codec.encode("Outcome", o), fv["entity_id"])
 
     def update(self, slot: Slot) -> None:

@@ -49,7 +49,7 @@ from .join import DelayedJoin
 from .labels import is_regressor, label_problem
 from .lineage import Lineage
 from .outputs import Outputs
-from .ordering import HeldEvents, LabelWatermark
+from .ordering import FlowControl, HeldEvents, LabelWatermark, features_mark
 from .records import Control, Event, Label, decode
 from .telemetry import Telemetry
 from .updates import UpdatePacer
@@ -89,7 +89,11 @@ class LearnerWorker(StreamWorker):
         self.position = state.position if state else 0  # champion labels learned so far
         self.join = DelayedJoin(self.hold_s, max(5 * self.hold_s, self.cfg.label_grace_s / 3), self.cfg.label_grace_s,
                                 state.waiting if state else (), state.clock if state else float("-inf"))
-        self.held = HeldEvents(state.held_events if state else (), name=self.name)
+        self.held = HeldEvents(state.held_events if state else ())
+        self.flow = FlowControl(self.cfg.max_held_events, self.cfg.max_waiting_labels)
+        # The same rule for the features partitions: one that stops at its end holds events back at
+        # its latest ts until it has been idle for label_idle_s, or nothing is left upstream.
+        self.feature_marks = LabelWatermark(self.cfg.label_idle_s, empty_is_idle=True)
         self.held_control: list[Control] = state.held_control if state else []
         self.watermark = LabelWatermark(self.cfg.label_idle_s, state.label_ts_by_partition if state else None)
         self.replay = Replay()  # after a crash: labels to re-learn first, outcomes not to publish again
@@ -147,7 +151,10 @@ class LearnerWorker(StreamWorker):
         now = time.time()
         events, labels = [], []
         for m in messages:
-            self.offsets[(m.topic(), m.partition())] = m.offset() + 1
+            where = (m.topic(), m.partition())
+            if m.offset() < self.offsets.get(where, 0):
+                continue  # read already (a fetch repeated around a pause/resume): never twice
+            self.offsets[where] = m.offset() + 1
             self.dirty = True
             try:
                 record = decode(self.codec, base_topic(m.topic()), m.topic(), m.partition(), m.offset(), m.key(),
@@ -158,6 +165,8 @@ class LearnerWorker(StreamWorker):
             {Event: events, Label: labels, Control: self.held_control}[type(record)].append(record)
         if events:
             self.watermark.saw_features(now)
+            self.feature_marks.saw_features(now)  # a partition still empty gets idle_s from the stream's start
+            self.feature_marks.saw_labels(((e.partition, e.ts) for e in events), now)
         self.watermark.saw_labels(((lb.partition, lb.ts) for lb in labels), now)
         self.join.add(labels)
         self.held.add(events)
@@ -175,13 +184,26 @@ class LearnerWorker(StreamWorker):
                 else:
                     changed = self.lineage.follow(self.roles, c.value)
                 self.checkpoint_now |= changed
-            mark = self.watermark.mark(self.inputs.label_ends(self.offsets), time.time())
-            self.step(self.held.release(mark, time.time()))
+            now = time.time()
+            feature_ends = self.inputs.feature_ends(self.offsets)
+            label_mark = self.watermark.mark(self.inputs.label_ends(self.offsets), now, self.labels_drained)
+            mark = min(label_mark, self.feature_marks.mark(feature_ends, now, self.features_drained))
+            if self.held and mark < min(label_mark, self.held.events[0].ts) and self.inputs.upstream_drained():
+                # Nothing left upstream: a features partition read to its (fresh) end is done,
+                # what it gets next is newer.
+                mark = min(label_mark, features_mark(self.feature_marks.ts_by_partition,
+                                                     self.inputs.feature_ends(self.offsets, fresh=True)))
+            self.step(self.held.release(mark), all(end for _, end in feature_ends))
+            # Bounded memory without leaving order: the partitions running ahead of the mark wait.
+            self.inputs.pause_only(self.flow.decide(len(self.held), len(self.join.waiting),
+                                                    self.feature_marks.ts_by_partition,
+                                                    self.watermark.ts_by_partition, mark))
         self.flush_batch()
 
-    def step(self, events: list[Event]) -> None:
+    def step(self, events: list[Event], features_at_end: bool) -> None:
         """Score `events` (ts order), learning before each the labels due before it (join.py)."""
         now, held = time.time(), self.held.ids()
+        self.join.current = self.pipeline_current(now, features_at_end)
         due = self.join.due(events, held, now)
         if not due and not events:
             return
@@ -199,6 +221,37 @@ class LearnerWorker(StreamWorker):
                              f"no feature snapshot for event {lb.event_id!r} after {self.cfg.label_grace_s:g}s: the "
                              f"event is unknown, or its snapshot expired "
                              f"(snapshot_ttl_s={self.settings.features.snapshot_ttl_s})")
+
+    def pipeline_current(self, now: float, features_at_end: bool) -> bool:
+        """Nothing on its way to us (join.py's `current`): asked of the broker only when a label
+        has waited long enough for the answer to matter."""
+        if not features_at_end:
+            return False
+        clock, hold, grace = self.join.clock, self.hold_s, self.cfg.label_grace_s
+        if not any(now - lb.seen >= hold and (lb.ts > clock or now - lb.seen >= grace) for lb in self.join.waiting):
+            return True  # no label waits on the answer
+        return self.nothing_on_the_way()
+
+    def labels_drained(self, partition: int) -> bool:
+        """Ingestion has read every label published, and we have read all it wrote to `partition`."""
+        return self.inputs.upstream_drained("labels") and self.read_to_end(self.inputs.label_partitions, partition,
+                                                                           "labels")
+
+    def features_drained(self, partition: int) -> bool:
+        """Ingestion and features have read everything published, and we all they wrote to `partition`."""
+        return self.inputs.upstream_drained("features") and self.read_to_end(self.inputs.feature_partitions,
+                                                                             partition, "features")
+
+    def read_to_end(self, partitions, partition: int, side: str) -> bool:
+        """Read to its end by the broker's count now, not the consumer's cached one."""
+        return all(end for _, end in self.inputs.ends([tp for tp in partitions if tp.partition == partition],
+                                                      self.offsets, fresh=True, side=side))
+
+    def nothing_on_the_way(self) -> bool:
+        """Ingestion and features have read everything published, and we have read all they wrote
+        (watermarks asked of the broker, not the consumer's cached ones)."""
+        return self.inputs.upstream_drained() and all(
+            end for _, end in self.inputs.feature_ends(self.offsets, fresh=True))
 
     def catch_up(self) -> None:
         """After a crash: re-learn the labels whose outcomes were already published, in that order."""
@@ -220,6 +273,11 @@ class LearnerWorker(StreamWorker):
         """Each model's prediction for one event, kept in memory for its label; one stored before a
         crash (made at event time) is kept and not published again."""
         fv = event.vector
+        if self.join.learned_ts > event.ts or self.join.learned_before_event(event.event_id):
+            # Never expected: the model knows a label from this event's future (its own or later).
+            metrics.SCORED_AHEAD.labels(self.name).inc()
+            log.error("learner %s: event %s (ts %s) scored after learning a label of ts %s", self.name,
+                      event.event_id, event.ts, self.join.learned_ts)
         if fv.get("published_ms"):
             metrics.END_TO_END_SECONDS.observe(max(0.0, time.time() - fv["published_ms"] / 1000))
         answers = {s.role: stored.predictions[s.role] for s in self.roles.slots() if s.role in stored.predictions}
@@ -228,6 +286,7 @@ class LearnerWorker(StreamWorker):
             if slot.role not in answers:
                 answers[slot.role], blobs[slot.role] = self.out.prediction(event, slot.role, slot.version,
                                                                            *slot.score(fv["features"]))
+                answers[slot.role]["known"] = self.position  # labels learned when scored (in the outcome)
         if blobs:
             self.snapshots.queue_predictions_if_present(self.pipe, event.event_id, blobs, keep_existing=True)
         self.join.scored(event, Snapshot(fv, answers))

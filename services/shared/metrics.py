@@ -59,7 +59,12 @@ EXAMPLES_LEARNED = Counter(
 )
 LABELS_OUT_OF_ORDER = Counter(
     "driftline_labels_out_of_order_total",
-    "Labels learned after one with a later ts: the learning order left the stream's (labels.valid lagged features by more than the learner waits).",
+    "Labels learned after one with a later ts: the learning order left the stream's (a labels.valid partition idle for learner.label_idle_s came back with older labels).",
+    ["model"],
+)
+SCORED_AHEAD = Counter(
+    "driftline_scored_ahead_of_labels_total",
+    "Events scored by a model that had already learned a label later than the event (its own, or one the stream order says it cannot know yet). Always 0 unless order was given up.",
     ["model"],
 )
 PREDICTIONS = Counter(

@@ -122,6 +122,12 @@ class LearnerSettings(BaseModel):
     label_idle_s: float = Field(
         3.0, description="a labels.valid partition with no new label for this long stops holding events back"
     )
+    max_held_events: int = Field(
+        20_000, description="events waiting for older labels before the features partitions running ahead are paused"
+    )
+    max_waiting_labels: int = Field(
+        20_000, description="labels waiting for their events before the labels.valid partitions running ahead are paused"
+    )
     lease_ttl_s: float = Field(5.0, description="a standby takes over this long after the active learner dies")
     warm_start: int = Field(2000, description="challenger warm-up on the last W labelled examples (0 = fresh)")
     promotion_rule: Literal["mcnemar", "margin"] = Field(

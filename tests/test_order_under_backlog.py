@@ -1,0 +1,102 @@
+"""Exact learning order under a backlog: a replay published at full speed (far faster than the
+pipeline drains it) gives, event by event, the predictions of river's own prequential loop.
+
+The replay's label delay N publishes the label of event i right after event i+N, with a ts just
+after it: the learner learns it after scoring event i+N, before event i+N+1. That is river's
+`progressive_val_score(..., delay=N + 1)` (river reveals an answer *before* the question of the
+moment it falls due; its delays 0 and 1 are the same loop), which `in_process` below also checks.
+
+Every outcome carries `known`, the labels the learner had learned when it scored that event; by
+stream order that must be exactly max(0, j - N) for event j: fewer would be a label learned late,
+more a label known too early (leakage).
+
+The flow-control bounds are set low so that the partitions running ahead really are paused.
+`make test` replays 20,000 rows (4 entities, so 4 features partitions); the issue's 200,000-row run
+is marked `slow` and runs only with SLOW_TESTS=1 (several minutes at today's throughput).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+
+from driftline.replay.datasets import Dataset, _numeric, label_text
+from pipeline import metric, replay_report, start_pipeline
+
+pytestmark = pytest.mark.e2e
+
+LOGREG = "preprocessing.StandardScaler() | linear_model.LogisticRegression()"
+TREE = "tree.HoeffdingTreeClassifier()"
+BOUNDS = {"DRIFTLINE_LEARNER__MAX_HELD_EVENTS": "1000", "DRIFTLINE_LEARNER__MAX_WAITING_LABELS": "1000",
+          "DRIFTLINE_LEARNER__LABEL_IDLE_S": "30"}
+
+
+def agrawal(n: int) -> Dataset:
+    """river's Agrawal (function 2: a tree fits it), four entities so that events spread over partitions."""
+    from river.datasets import synth
+
+    def rows():
+        for i, (x, y) in enumerate(itertools.islice(synth.Agrawal(classification_function=2, seed=7), n)):
+            yield _numeric(x), label_text(y), f"m{i % 4}"
+
+    return Dataset(f"agrawal-{n}", rows, n, description="river Agrawal function 2, 4 entities")
+
+
+def in_process(rows, spec: str, delay: int) -> list[str | None]:
+    """river in-process with the replay's rule: label i is learned after event i + delay is scored."""
+    from river import evaluate, metrics
+
+    from driftline.learner.champion import predict
+    from driftline.learner.labels import to_river
+    from driftline.learner.spec import parse_model
+
+    model, preds = parse_model(spec), []
+    for j, (x, y, _) in enumerate(rows):
+        preds.append(predict(model, x))  # river's predict_proba_one, as the label text the learner publishes
+        if j - delay >= 0:
+            model.learn_one(rows[j - delay][0], to_river(rows[j - delay][1]))
+    # The same loop is river's own progressive validation at delay + 1 (see the module doc).
+    river = evaluate.progressive_val_score(((x, to_river(y)) for x, y, _ in rows), parse_model(spec),
+                                           metrics.Accuracy(), delay=delay + 1).get()
+    accuracy = sum(p == y for p, (_, y, _) in zip(preds, rows)) / len(rows)
+    assert accuracy == pytest.approx(river, abs=1e-3)
+    return preds
+
+
+def check_exact_order(settings, run_service, spec: str, n: int, delay: int) -> None:
+    procs = start_pipeline(run_service, model=spec, features="raw", **BOUNDS)
+    dataset = agrawal(n)
+    report = replay_report(settings, dataset, label_delay=delay, model=spec, features="raw", stall_timeout_s=120)
+    rows = list(dataset.rows())
+    expected = in_process(rows, spec, delay)
+    assert report["checks"]["features_match"] is True
+    assert report["examples_learned"] == report["labels_sent"] == n and report["labels_dlq"] == 0
+    outcomes = {int(o["event_id"].rsplit("-", 1)[1]): o for o in report["_outcomes"]}
+    assert len(outcomes) == n
+    wrong_known = [j for j, o in outcomes.items() if o["known"] != max(0, j - delay)]
+    assert not wrong_known, f"{len(wrong_known)} events scored knowing the wrong labels: " + ", ".join(
+        f"event {j} knew {outcomes[j]['known']}" for j in wrong_known[:5])
+    differ = [j for j in range(n) if outcomes[j]["y_pred"] != expected[j]]
+    assert not differ, f"{len(differ)} of {n} predictions differ from river in-process, first {differ[:5]}"
+    window = settings.learner.window
+    got = [w["accuracy"] for w in report["prequential"]["windows"]]
+    want = [sum(expected[j] == rows[j][1] for j in range(s, min(s + window, n))) / min(window, n - s)
+            for s in range(0, n, window)]
+    assert got == pytest.approx(want, abs=1e-9)
+    learner = procs["learner"]
+    assert metric(learner, "driftline_labels_out_of_order_total") == 0
+    assert metric(learner, "driftline_scored_ahead_of_labels_total") == 0
+
+
+@pytest.mark.parametrize("spec,delay", [(TREE, 0), (LOGREG, 100)], ids=["tree-delay0", "logreg-delay100"])
+def test_full_speed_replay_predicts_exactly_as_river_in_process(settings, run_service, spec, delay):
+    check_exact_order(settings, run_service, spec, 20_000, delay)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SLOW_TESTS"), reason="200,000 rows: set SLOW_TESTS=1")
+@pytest.mark.parametrize("spec,delay", [(TREE, 0), (LOGREG, 100)], ids=["tree-delay0", "logreg-delay100"])
+def test_200k_rows_full_speed_predict_exactly_as_river_in_process(settings, run_service, spec, delay):
+    check_exact_order(settings, run_service, spec, 200_000, delay)
