@@ -181,13 +181,14 @@ class BenchStack:
         during it (`cpu_s`), and with `profile_as` a py-spy flame graph per service."""
         settings = self.start(model, features)
         pids = {name: proc.pid for name, proc in zip(SERVICES, self.procs[-len(SERVICES):])}
+        infra = {c.name: c.pid() for c in stack.components(self.settings) if c.running()}
         spies = [profile(pid, self.out_dir / "profiles" / f"{profile_as}-{name}.{PROFILE_SUFFIX}", seconds=120,
                          fmt=PROFILE_FORMAT) for name, pid in pids.items()] if profile_as else []
-        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        before = {name: cpu_seconds(pid) for name, pid in (pids | infra).items()}
         try:
             report = replay(settings, load("elec2"), limit=limit, label_delay=label_delay, rate=rate, model=model,
                             features=features, report_dir=None, stall_timeout_s=120, console=console)
-            report["cpu_s"] = {name: round(cpu_seconds(pid) - before[name], 3) for name, pid in pids.items()}
+            report["cpu_s"] = {name: round(cpu_seconds(pid) - before[name], 3) for name, pid in (pids | infra).items()}
             return report
         finally:
             for spy in spies:
