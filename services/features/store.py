@@ -92,13 +92,22 @@ return refused
 # KEYS[1] snapshot hash; ARGV[1] 'nx' (keep a prediction made earlier, at event time, over a
 # re-scored one) or 'set', then field, value pairs. Writes only while the snapshot exists: an
 # expired one is never recreated without its TTL.
+# Predictions into the snapshots that exist, many events in one call: ARGV = mode ('nx' | 'set'),
+# then per key its number of fields and the field/value pairs. Returns how many keys existed.
 SET_PREDICTIONS_LUA = """
-if redis.call('exists', KEYS[1]) == 0 then return -1 end
-for i = 2, #ARGV, 2 do
-  if ARGV[1] == 'nx' then redis.call('hsetnx', KEYS[1], ARGV[i], ARGV[i + 1])
-  else redis.call('hset', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local at, written = 2, 0
+for k = 1, #KEYS do
+  local n = tonumber(ARGV[at])
+  if redis.call('exists', KEYS[k]) == 1 then
+    written = written + 1
+    for i = at + 1, at + 2 * n, 2 do
+      if ARGV[1] == 'nx' then redis.call('hsetnx', KEYS[k], ARGV[i], ARGV[i + 1])
+      else redis.call('hset', KEYS[k], ARGV[i], ARGV[i + 1]) end
+    end
+  end
+  at = at + 1 + 2 * n
 end
-return 1
+return written
 """
 
 
@@ -345,15 +354,20 @@ class Snapshots:
         """A role's Prediction next to a vector queued in the same pipeline (HSET keeps the TTL)."""
         pipe.hset(self.keys.snapshot(event_id), prediction_field(role), blob)
 
-    def queue_predictions_if_present(self, pipe, event_id: str, blobs: Mapping[str, bytes],
+    def queue_predictions_if_present(self, pipe, predictions: Iterable[tuple[str, Mapping[str, bytes]]],
                                      keep_existing: bool = True) -> None:
-        """Predictions (role -> encoded Prediction) into a snapshot that exists; `keep_existing`
-        keeps a prediction stored earlier for the same role."""
+        """(event_id, role -> encoded Prediction) pairs into the snapshots that exist, in one
+        script call however many (a batch's worth: one EVALSHA, not one per event);
+        `keep_existing` keeps a prediction stored earlier for the same role."""
+        keys: list[str] = []
         args: list[Any] = ["nx" if keep_existing else "set"]
-        for role, blob in blobs.items():
-            args += [prediction_field(role), blob]
-        # A registered script: one SCRIPT EXISTS per pipeline, then EVALSHA per event.
-        self._set_predictions(keys=[self.keys.snapshot(event_id)], args=args, client=pipe)
+        for event_id, blobs in predictions:
+            keys.append(self.keys.snapshot(event_id))
+            args.append(len(blobs))
+            for role, blob in blobs.items():
+                args += [prediction_field(role), blob]
+        if keys:
+            self._set_predictions(keys=keys, args=args, client=pipe)
 
     def read_vectors(self, event_ids: Iterable[str]) -> dict[str, dict]:
         """The FeatureVectors kept for these events (missing or expired ones are left out)."""

@@ -30,6 +30,7 @@ Pure state and rules, no I/O: snapshots read from Redis come in as arguments.
 
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 
@@ -40,6 +41,10 @@ RECENT_EVENTS = 50_000  # scored events kept in memory for their labels (older: 
 RETRY_S = 0.5  # a label looked up in Redis and not found is not looked up again sooner
 
 
+def _ts(label: Label) -> float:
+    return label.ts
+
+
 class DelayedJoin:
     def __init__(self, hold_s: float, patience_s: float, grace_s: float, waiting: Iterable[Label] = (),
                  clock: float = float("-inf"), recent_max: int = RECENT_EVENTS) -> None:
@@ -47,7 +52,10 @@ class DelayedJoin:
         self.patience_s = patience_s
         self.grace_s = grace_s
         self.recent_max = recent_max
-        self.waiting: list[Label] = list(waiting)  # labels read, not yet learned (arrival order)
+        # Labels read, not yet learned, in ts order (arrival order among equal ts): the due ones
+        # are then mostly a prefix, found by bisection, not a scan of a backlog's worth of labels.
+        self.waiting: list[Label] = sorted(waiting, key=_ts)
+        self._prefix = 0  # how many of `waiting` the last due() took by ts alone
         self.clock = clock  # event time of the latest scored event
         self.recent: OrderedDict[str, Snapshot] = OrderedDict()  # scored events whose label has not come
         self.learned_ids: OrderedDict[str, None] = OrderedDict()  # to drop a label delivered twice
@@ -56,7 +64,13 @@ class DelayedJoin:
         self.current = True  # nothing on its way through the pipeline (the worker says; see the module doc)
 
     def add(self, labels: Iterable[Label]) -> None:
-        self.waiting.extend(labels)
+        new = sorted(labels, key=_ts)
+        if not new:
+            return
+        in_order = not self.waiting or new[0].ts >= self.waiting[-1].ts
+        self.waiting.extend(new)
+        if not in_order:
+            self.waiting.sort(key=_ts)  # stable, and linear on the few sorted runs it gets
 
     # -- the rules ------------------------------------------------------------------------------
     def overdue(self, label: Label, now: float) -> bool:
@@ -76,8 +90,12 @@ class DelayedJoin:
         # Never while events are held: they are older than such a label, and wait to be scored first.
         early = self.current and not held
         idle = early and now - self.last_feature_at >= self.hold_s
-        return [lb for lb in self.waiting if lb.event_id not in held and (
-            lb.ts <= horizon or (idle and now - lb.seen >= self.hold_s)
+        self._prefix = cut = bisect.bisect_right(self.waiting, horizon, key=_ts)
+        due = [lb for lb in self.waiting[:cut] if lb.event_id not in held]
+        if not self.current:  # no early release and nothing overdue while something is on its way
+            return due
+        return due + [lb for lb in self.waiting[cut:] if lb.event_id not in held and (
+            (idle and now - lb.seen >= self.hold_s)
             or (early and lb.event_id in self.recent and now - lb.seen >= self.patience_s)
             or self.overdue(lb, now))]
 
@@ -141,10 +159,21 @@ class DelayedJoin:
         for lb in due:
             if id(lb) not in learned and lb.event_id in looked_up:
                 lb.retry_at = now + RETRY_S
-        self.waiting = [lb for lb in self.waiting if id(lb) not in learned]
+        if not learned:
+            return
+        cut = self._prefix
+        head = self.waiting[:cut]
+        kept = [lb for lb in head if id(lb) not in learned]
+        if len(head) - len(kept) == len(learned):  # all learned from the prefix: the rest stays as is
+            self.waiting[:cut] = kept
+        else:
+            self.waiting = [lb for lb in self.waiting if id(lb) not in learned]
+        self._prefix = 0
 
     def expire(self, now: float, held: set[str]) -> list[Label]:
         """Remove and return the overdue labels (for the DLQ); those of `held` events are not lost."""
+        if not self.current:
+            return []  # nothing is overdue while something is on its way (see `overdue`)
         keep, gone = [], []
         for lb in self.waiting:
             (gone if lb.event_id not in held and self.overdue(lb, now) else keep).append(lb)

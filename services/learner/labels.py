@@ -63,7 +63,17 @@ def is_regressor(model: Any) -> bool:
 
     while isinstance(model, compose.Pipeline) and model.steps:  # a pipeline's task is its last step's
         model = next(reversed(model.steps.values()))
-    return isinstance(model, base.Regressor)
+    if hasattr(model, "_last_step"):  # river asks a wrapper's last step: not a question of its type
+        return isinstance(model, base.Regressor)
+    # Asked for every prediction and label; river's isinstance is a Python-level metaclass hook.
+    kind = type(model)
+    found = _REGRESSOR_TYPES.get(kind)
+    if found is None:
+        found = _REGRESSOR_TYPES[kind] = isinstance(model, base.Regressor)
+    return found
+
+
+_REGRESSOR_TYPES: dict[type, bool] = {}
 
 
 class LabelError(ValueError):

@@ -115,6 +115,10 @@ def features_mark(ts_by_partition: dict[int, float], partitions: Iterable[tuple[
     return mark
 
 
+def _ts(record) -> float:
+    return record.ts
+
+
 class HeldEvents:
     """Events read and not yet scored, in ts order, waiting for the labels older than them."""
 
@@ -147,7 +151,7 @@ class HeldEvents:
         if watermark == INF:
             cut = len(self.events)
         else:
-            cut = bisect.bisect_right([e.ts for e in self.events], watermark) if self.events[0].ts <= watermark else 0
+            cut = bisect.bisect_right(self.events, watermark, key=_ts) if self.events[0].ts <= watermark else 0
         out, self.events = self.events[:cut], self.events[cut:]
         for e in out:
             self._ids.discard(e.event_id)

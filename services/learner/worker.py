@@ -104,6 +104,7 @@ class LearnerWorker(StreamWorker):
         self.update_pacer = UpdatePacer.from_settings(self.cfg)
         self.examples = ExampleBuffer(self.r, self.keys.example_buffer(self.name), self.cfg.warm_start)
         self.pipe = None
+        self.new_predictions: list[tuple[str, dict[str, bytes]]] = []  # scored in this batch, for Redis
 
     # -- the session: standby until the lease is ours, then the base loop until it is not -----
     def run(self) -> None:
@@ -288,7 +289,7 @@ class LearnerWorker(StreamWorker):
                                                                            *slot.score(fv["features"]))
                 answers[slot.role]["known"] = self.position  # labels learned when scored (in the outcome)
         if blobs:
-            self.snapshots.queue_predictions_if_present(self.pipe, event.event_id, blobs, keep_existing=True)
+            self.new_predictions.append((event.event_id, blobs))  # into Redis with the batch (flush_batch)
         self.join.scored(event, Snapshot(fv, answers))
 
     def learn(self, label: Label, stored: dict[str, Snapshot]) -> bool:
@@ -333,6 +334,8 @@ class LearnerWorker(StreamWorker):
             metrics.DEAD_LETTERS.labels(SERVICE, base_topic(m.topic()), exc.reason).inc()
 
     def flush_batch(self) -> None:
+        self.snapshots.queue_predictions_if_present(self.pipe, self.new_predictions, keep_existing=True)
+        self.new_predictions = []
         self.examples.queue_push(self.pipe)
         started = time.perf_counter()
         self.pipe.execute()
