@@ -1,7 +1,8 @@
 """First-seen test of event ids, in Redis: a re-sent or redelivered input is published once.
 
 Each input claims its id with `SET seen-key marker NX GET EX ttl` (Redis >= 7.0), all claims of a
-batch in ONE pipelined round trip. The marker names the input (topic:partition:offset on the
+batch in ONE script call (one command of a batch's keys, not a command per input: building and
+parsing a thousand pipelined commands cost the service more CPU than the commands cost Redis). The marker names the input (topic:partition:offset on the
 Kafka door, a request id and index on the HTTP door), so
 
 - the first input with an id wins (`SET` happens, the old value is nil);
@@ -39,6 +40,21 @@ return 0
 
 PUBLISHED = "!"  # appended to a marker once Kafka acknowledged its input's output
 
+# 1 where the input owns its id: the id was free, or holds this same input's marker.
+_CLAIM = """
+local ttl, owned = ARGV[1], {}
+for i = 1, #KEYS do
+  local old = redis.call('SET', KEYS[i], ARGV[i + 1], 'NX', 'GET', 'EX', ttl)
+  owned[i] = (old == false or old == ARGV[i + 1]) and 1 or 0
+end
+return owned
+"""
+
+_MARK_PUBLISHED = """
+for i = 1, #KEYS do redis.call('SET', KEYS[i], ARGV[i] .. '""" + PUBLISHED + """', 'XX', 'KEEPTTL') end
+return #KEYS
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class Claim:
@@ -53,20 +69,17 @@ class Dedup:
         self.ttl_s = ttl_s
         self._seconds = metrics.REDIS_SECONDS.labels(service, "dedup")
         self._release = client.register_script(_RELEASE)
+        self._claim = client.register_script(_CLAIM)
+        self._mark_published = client.register_script(_MARK_PUBLISHED)
 
     def claim(self, claims: list[Claim]) -> list[bool]:
         """For each claim in order: True when this input owns its id (first, or itself again)."""
         if not claims:
             return []
         started = time.perf_counter()
-        pipe = self.client.pipeline(transaction=False)
-        for c in claims:  # execute_command: redis-py's set() wrapper costs more than the command;
-            # get=True tells redis-py's reply parser to hand back the old value, not a bool
-            pipe.execute_command("SET", c.key, c.marker, "NX", "GET", "EX", self.ttl_s, get=True)
-        previous = pipe.execute()
+        owned = self._claim(keys=[c.key for c in claims], args=[self.ttl_s, *(c.marker for c in claims)])
         self._seconds.observe(time.perf_counter() - started)
-        # bytes from a plain client, str from one with decode_responses
-        return [old is None or old == c.marker or old == c.marker.encode() for c, old in zip(claims, previous)]
+        return [flag == 1 for flag in owned]
 
     def mark_published(self, claims: list[Claim]) -> None:
         """These inputs' outputs are acknowledged by Kafka: their claims say so, and the same
@@ -74,10 +87,7 @@ class Dedup:
         stays gone: XX.)"""
         if not claims:
             return
-        pipe = self.client.pipeline(transaction=False)
-        for c in claims:
-            pipe.execute_command("SET", c.key, c.marker + PUBLISHED, "XX", "KEEPTTL")
-        pipe.execute()
+        self._mark_published(keys=[c.key for c in claims], args=[c.marker for c in claims])
 
     def release(self, claims: list[Claim]) -> None:
         """Forget claims that are still ours (their input was not delivered after all)."""
