@@ -272,3 +272,36 @@ def test_label_fields_are_never_written_by_the_event_path(field, settings, redis
     stale = {"n": 1, "ts": 1.0, "label": "0", "label_ts": 10.0}
     store.write_states({"a": stale})
     assert store.read_states(["a"])["a"][field] == {"label": "1", "label_ts": 50.0}[field]
+
+
+def test_a_copy_of_an_event_published_again_upstream_is_folded_once(settings, redis_client):
+    """An ingestion crash between Kafka's acknowledgement of a batch and its published mark sends
+    that batch to events.valid a second time, at new offsets (issue 12). Each copy is recognised
+    by the event id its snapshot was folded under: the state counts every event once and no second
+    vector is published, whether the copy comes in a later batch or in the same one."""
+    topics = Topics(settings.namespace)
+    fs = FeatureSet(FeatureSpec(name="t", count=True, delta=["x"]))
+    worker = FeaturesWorker(settings, fs)
+
+    def items(offset: int, n: int = 6):
+        return [Item(EVENT, float(i), topics.events_valid, 1, offset + i, event(f"c{i}", "a", float(i), x=float(i)))
+                for i in range(n)]
+
+    worker.process(items(100))
+    keys = Keys(settings.namespace)
+    first = redis_client.hgetall(keys.entity("a"))
+    worker.process(items(200))  # the copy, in a later batch
+    worker.process(items(300, 3) + [Item(EVENT, 6.0, topics.events_valid, 1, 400, event("c6", "a", 6.0, x=6.0)),
+                                    Item(EVENT, 6.0, topics.events_valid, 1, 401, event("c6", "a", 6.0, x=6.0))])
+    state = redis_client.hgetall(keys.entity("a"))
+    assert first[b"n"] == b"6" and state[b"n"] == b"7"  # c0..c6, each once
+    assert worker.counts["duplicates"] == 6 + 3 + 1
+    worker.producer.flush(10)
+    vectors = read_topic(settings, "features", 7)
+    time.sleep(1.0)
+    c = kafka.consumer(settings, f"probe-{uuid.uuid4().hex[:8]}")
+    try:
+        total = sum(c.get_watermark_offsets(tp, timeout=10)[1] for tp in kafka.partitions_of(settings, topics.features))
+    finally:
+        c.close()
+    assert total == 7 and sorted(fv["event_id"] for fv in vectors) == [f"c{i}" for i in range(7)]

@@ -200,7 +200,7 @@ class FeaturesWorker(StreamWorker):
         # other stream instead of buffering one (librdkafka hands out a partition in big chunks).
         self.max_waiting_per_partition = self.batch_size
         self.counts = {"events": 0, "labels": 0, "redelivered": 0, "labels_unmatched": 0, "dead_letters": 0,
-                       "rebuilds": 0}
+                       "rebuilds": 0, "duplicates": 0}
         self.applied_key = Keys(settings.namespace).features_applied()
         self._applied_local: dict[tuple[str, int], int] = {}  # the applied offsets this worker wrote last
 
@@ -411,12 +411,19 @@ class FeaturesWorker(StreamWorker):
         with _stage("read"):
             entity_ids = [e["entity_id"] for e in events] if fs.stateful else []
             states, snapshots = self.store.read_batch(entity_ids, wanted if fs.spec.last_label else ())
+            folded = self.store.snapshots.folded(e["event_id"] for e in events)
         with _stage("compute"):
-            vectors, dirty, redelivered = [], set(), []
+            vectors, markers, dirty, redelivered = [], [], set(), []
             labels: dict[str, tuple[str, float]] = {}  # entity -> its latest label in the batch
             for item in items:
                 if item.kind == EVENT:
                     ev = item.value
+                    marker = f"{item.partition}:{item.offset}"
+                    if folded.setdefault(ev["event_id"], marker) != marker:
+                        # A copy of an event folded already from another input (store.FOLDED_FIELD)
+                        self.counts["duplicates"] += 1
+                        metrics.DUPLICATES.labels(SERVICE, "events.valid").inc()
+                        continue
                     state = states.get(ev["entity_id"], {})
                     if _applied(state, item):
                         redelivered.append(ev["event_id"])
@@ -429,6 +436,7 @@ class FeaturesWorker(StreamWorker):
                         in_batch.pop(ev["event_id"], None)  # its label must not reach the state either
                         continue
                     vectors.append(self.vector_of(ev, fs.vector(state, ev["fields"], ev["ts"])))
+                    markers.append(marker)
                     if fs.stateful:
                         fs.apply_event(state, ev["fields"], ev["ts"])
                         state[OFFSET_FIELD], state[PARTITION_FIELD] = item.offset, item.partition
@@ -448,7 +456,7 @@ class FeaturesWorker(StreamWorker):
         with _stage("write"):
             pipe = self.redis.pipeline(transaction=False)
             # snapshots before states: a state's `_off` then implies its events' snapshots exist
-            self.store.queue_snapshot_blobs(pipe, ((fv["event_id"], b) for fv, b in zip(vectors, blobs)))
+            self.store.queue_snapshot_blobs(pipe, ((fv["event_id"], b, m) for fv, b, m in zip(vectors, blobs, markers)))
             self.store.queue_states(pipe, {e: states[e] for e in dirty})
             for entity_id, (label, event_ts) in labels.items():
                 self.store.queue_label(pipe, entity_id, label, event_ts)

@@ -43,6 +43,11 @@ from .definitions import FeatureSet, State
 
 log = logging.getLogger(__name__)
 SNAPSHOT_FIELD = "fv"
+# Which input ("partition:offset" on events.valid) the features service folded the event from. A
+# copy of the event published again upstream (an ingestion crash between Kafka's acknowledgement
+# and its published mark) then has another marker and is not folded a second time, for as long
+# as the snapshot lives (features.snapshot_ttl_s). /v1/predict's snapshots have no marker.
+FOLDED_FIELD = "f"
 ROLES = ("champion", "challenger")
 OFFSET_FIELD = "_off"
 PARTITION_FIELD = "_p"
@@ -92,13 +97,23 @@ return refused
 # KEYS[1] snapshot hash; ARGV[1] 'nx' (keep a prediction made earlier, at event time, over a
 # re-scored one) or 'set', then field, value pairs. Writes only while the snapshot exists: an
 # expired one is never recreated without its TTL.
-# Vectors into their snapshots, each with the TTL: ARGV = field, ttl, then one value per key.
+# Vectors into their snapshots, each with the TTL: ARGV = vector field, ttl, folded field, then per
+# key its vector and the marker of the input it was folded from ('' for none).
 SAVE_VECTORS_LUA = """
 for i = 1, #KEYS do
-  redis.call('hset', KEYS[i], ARGV[1], ARGV[i + 2])
+  redis.call('hset', KEYS[i], ARGV[1], ARGV[2 * i + 2])
+  local marker = ARGV[2 * i + 3]
+  if marker ~= '' then redis.call('hset', KEYS[i], ARGV[3], marker) end
   redis.call('expire', KEYS[i], ARGV[2])
 end
 return #KEYS
+"""
+
+# The folded markers of some snapshots, one command (false -> nil where there is none).
+READ_FOLDED_LUA = """
+local out = {}
+for i = 1, #KEYS do out[i] = redis.call('hget', KEYS[i], ARGV[1]) end
+return out
 """
 
 # Predictions into the snapshots that exist, many events in one call: ARGV = mode ('nx' | 'set'),
@@ -273,12 +288,12 @@ class FeatureStore:
 
     # -- writes -------------------------------------------------------------------------------
     def queue_snapshots(self, pipe, vectors: Iterable[Mapping[str, Any]]) -> None:
-        self.queue_snapshot_blobs(pipe, ((fv["event_id"], self.codec.encode("FeatureVector", dict(fv)))
+        self.queue_snapshot_blobs(pipe, ((fv["event_id"], self.codec.encode("FeatureVector", dict(fv)), "")
                                          for fv in vectors))
 
-    def queue_snapshot_blobs(self, pipe, blobs: Iterable[tuple[str, bytes]]) -> None:
-        """(event_id, encoded FeatureVector) pairs: the service encodes each vector once, for
-        Redis and Kafka alike."""
+    def queue_snapshot_blobs(self, pipe, blobs: Iterable[tuple[str, bytes, str]]) -> None:
+        """(event_id, encoded FeatureVector, folded marker) triples: the service encodes each
+        vector once, for Redis and Kafka alike."""
         self.snapshots.queue_vectors(pipe, blobs)
 
     def queue_states(self, pipe, states: Mapping[str, State]) -> None:
@@ -343,16 +358,26 @@ class Snapshots:
         self.codec = get_codec()
         self._set_predictions = client.register_script(SET_PREDICTIONS_LUA)
 
-    def queue_vectors(self, pipe, blobs: Iterable[tuple[str, bytes]]) -> None:
-        """(event_id, encoded FeatureVector) pairs, each with the snapshot TTL: one command for
-        them all (a pipelined HSET + EXPIRE per event cost the service more CPU to build and parse
-        than Redis spent on them)."""
+    def queue_vectors(self, pipe, blobs: Iterable[tuple[str, bytes, str]]) -> None:
+        """(event_id, encoded FeatureVector, folded marker or '') triples, each with the snapshot
+        TTL: one command for them all (a pipelined HSET + EXPIRE per event cost the service more
+        CPU to build and parse than Redis spent on them)."""
         keys, values = [], []
-        for event_id, blob in blobs:
+        for event_id, blob, marker in blobs:
             keys.append(self.keys.snapshot(event_id))
-            values.append(blob)
+            values += [blob, marker]
         if keys:
-            pipe.eval(SAVE_VECTORS_LUA, len(keys), *keys, SNAPSHOT_FIELD, self.ttl_s, *values)
+            pipe.eval(SAVE_VECTORS_LUA, len(keys), *keys, SNAPSHOT_FIELD, self.ttl_s, FOLDED_FIELD, *values)
+
+    def folded(self, event_ids: Iterable[str]) -> dict[str, str]:
+        """event_id -> the marker of the input its snapshot was folded from (see FOLDED_FIELD),
+        for those that have one: one round trip."""
+        event_ids = list(dict.fromkeys(event_ids))
+        if not event_ids:
+            return {}
+        replies = self.client.eval(READ_FOLDED_LUA, len(event_ids), *(self.keys.snapshot(e) for e in event_ids),
+                                   FOLDED_FIELD)
+        return {e: _text(r) for e, r in zip(event_ids, replies) if r is not None}
 
     def queue_new(self, pipe, event_id: str, vector: bytes, predictions: Mapping[str, bytes]) -> None:
         """A whole snapshot (the vector, role -> Prediction), written only where the event has none

@@ -181,6 +181,8 @@ def start_at_zero(service: str, settings) -> None:
                 for outcome in ("valid", "dead_letter", "duplicate"):
                     INGESTED.labels(door, topic, outcome)
     elif service in ("features", "drift", "learner"):
+        if service == "features":
+            DUPLICATES.labels(service, "events.valid")
         for topic in consumed:
             if topic in ("events.valid", "labels.valid", "outcomes", "features"):
                 for reason in DECODE_REASONS:
