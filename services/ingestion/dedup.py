@@ -1,9 +1,10 @@
 """First-seen test of event ids, in Redis: a re-sent or redelivered input is published once.
 
 Each input claims its id with `SET seen-key marker NX GET EX ttl` (Redis >= 7.0), all claims of a
-batch in ONE script call (one command of a batch's keys, not a command per input: building and
-parsing a thousand pipelined commands cost the service more CPU than the commands cost Redis). The marker names the input (topic:partition:offset on the
-Kafka door, a request id and index on the HTTP door), so
+batch in ONE script call (one command with a batch's keys, not a command per input: building and
+parsing a thousand pipelined commands cost the service more CPU than the commands cost Redis).
+The marker names the input (topic:partition:offset on the Kafka door, a request id and index on
+the HTTP door), so
 
 - the first input with an id wins (`SET` happens, the old value is nil);
 - a later input with the same id, in the same batch or a later one, is a duplicate;
