@@ -338,3 +338,25 @@ def test_after_a_crash_published_labels_are_relearned_in_order_and_their_outcome
     assert not replay.published("e3", "champion")
     replay.give_up()
     assert not replay and replay.published("e1", "champion")  # given up: still not published twice
+
+
+# -- the inputs, with no broker there ----------------------------------------------------------------
+def test_asking_whether_upstream_is_drained_with_the_broker_away_says_no_soon_and_backs_off():
+    """The loop asks this between batches: with the broker away it must neither die nor wait long."""
+    import time
+
+    from driftline.infra import stack
+    from driftline.learner.inputs import UPSTREAM_TIMEOUT_S, Inputs
+    from driftline.shared.settings import Settings
+    from driftline.shared.topics import Topics
+
+    s = Settings(kafka_bootstrap=f"127.0.0.1:{stack.free_port()}")  # nothing listens there
+    inputs = Inputs(s, Topics(s.namespace))
+    for side in ("labels", "features"):
+        started = time.monotonic()
+        assert inputs.upstream_drained(side) is False
+        assert time.monotonic() - started < UPSTREAM_TIMEOUT_S + 2
+        started = time.monotonic()
+        assert inputs.upstream_drained(side) is False  # backing off: not asked again at once
+        assert time.monotonic() - started < 0.1
+    inputs.close_control()
