@@ -129,6 +129,24 @@ def test_labels_are_learned_before_the_first_later_event_and_after_the_earlier_o
     assert plan == [("Label", "e0"), ("Event", "e1"), ("Event", "e2"), ("Label", "e2"), ("Event", "e3")]
 
 
+def test_a_label_as_old_as_its_event_is_learned_right_after_it_as_in_rivers_loop():
+    # Delay 0 with the label's ts equal to its event's (a faust app sends both with one clock):
+    # released together, each label must come right after its own event, not wait for the walk's end.
+    join = new_join()
+    join.add([label(i, ts=float(i)) for i in (3, 1, 2)] + [label(0, ts=1.0)])  # e0's label: a clock behind
+    events = [event(1), event(2), event(3)]
+    due = join.due(events, held=set(), now=NOW)
+    plan = [(type(s).__name__, s.event_id) for s in join.plan(events, due)]
+    assert plan == [("Label", "e0"), ("Event", "e1"), ("Label", "e1"), ("Event", "e2"), ("Label", "e2"),
+                    ("Event", "e3"), ("Label", "e3")]
+    # A label older than its own event still never comes before it.
+    join = new_join()
+    join.add([label(2, ts=0.5)])
+    events = [event(1), event(2)]
+    plan = [(type(s).__name__, s.event_id) for s in join.plan(events, join.due(events, set(), NOW))]
+    assert plan == [("Event", "e1"), ("Event", "e2"), ("Label", "e2")]
+
+
 def test_a_label_ahead_of_every_event_waits_until_the_stream_is_idle_for_the_hold():
     join = new_join()
     join.add([label(9, ts=9.5)])
@@ -320,3 +338,25 @@ def test_after_a_crash_published_labels_are_relearned_in_order_and_their_outcome
     assert not replay.published("e3", "champion")
     replay.give_up()
     assert not replay and replay.published("e1", "champion")  # given up: still not published twice
+
+
+# -- the inputs, with no broker there ----------------------------------------------------------------
+def test_asking_whether_upstream_is_drained_with_the_broker_away_says_no_soon_and_backs_off():
+    """The loop asks this between batches: with the broker away it must neither die nor wait long."""
+    import time
+
+    from driftline.infra import stack
+    from driftline.learner.inputs import UPSTREAM_TIMEOUT_S, Inputs
+    from driftline.shared.settings import Settings
+    from driftline.shared.topics import Topics
+
+    s = Settings(kafka_bootstrap=f"127.0.0.1:{stack.free_port()}")  # nothing listens there
+    inputs = Inputs(s, Topics(s.namespace))
+    for side in ("labels", "features"):
+        started = time.monotonic()
+        assert inputs.upstream_drained(side) is False
+        assert time.monotonic() - started < UPSTREAM_TIMEOUT_S + 2
+        started = time.monotonic()
+        assert inputs.upstream_drained(side) is False  # backing off: not asked again at once
+        assert time.monotonic() - started < 0.1
+    inputs.close_control()

@@ -17,9 +17,12 @@ from __future__ import annotations
 import logging
 import time
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
 from ..shared import kafka
+from ..shared.deps import DEPS, backoff_delays
 from ..shared.settings import Settings
 from ..shared.topics import Topics
 from .records import Event
@@ -27,6 +30,7 @@ from .records import Event
 SERVICE = "learner"
 log = logging.getLogger(__name__)
 UPSTREAM_CHECK_S = 0.5  # the upstream services' committed offsets are asked for at most this often
+UPSTREAM_TIMEOUT_S = 2.0  # per broker question about them (the loop waits no longer while it is away)
 
 
 class Inputs:
@@ -40,6 +44,10 @@ class Inputs:
         self.paused: set[tuple[str, int]] = set()
         self.upstream: dict[str, list[tuple[Consumer, list[TopicPartition]]]] = {}
         self.upstream_checked: dict[str, tuple[float, bool]] = {}  # side -> (monotonic time, drained?)
+        self.upstream_parts: dict[str, list[TopicPartition]] = {}  # upstream topic -> its partitions
+        self.upstream_retry_at: dict[str, float] = {}  # side -> not asked again before (after a failure)
+        self.upstream_delays: dict[str, Any] = {}  # side -> its backoff in progress
+        self.upstream_failed: dict[str, bool] = {}  # side -> the last question failed (logged once)
         self.rescore_below: dict[tuple[str, int], int] = {}  # features offsets consumed before this session
 
     def open(self, offsets: dict[tuple[str, int], int]) -> Consumer:
@@ -86,14 +94,19 @@ class Inputs:
     def ends(self, partitions: list[TopicPartition], offsets: dict[tuple[str, int], int],
              fresh: bool = False, side: str = "") -> list[tuple[int, bool]]:
         """A partition we paused is never at its end: it is not idle, we are holding it (and the
-        consumer's cached high watermark of it is stale)."""
+        consumer's cached high watermark of it is stale). Nor is one whose end the broker cannot
+        tell us now (away)."""
         out = []
         for tp in partitions:
             if (side, tp.partition) in self.paused:
                 out.append((tp.partition, False))
                 continue
-            low, high = (self.consumer.get_watermark_offsets(tp, timeout=5.0, cached=False) if fresh
-                         else self.consumer.get_watermark_offsets(tp, cached=True))
+            try:
+                low, high = (self.consumer.get_watermark_offsets(tp, timeout=UPSTREAM_TIMEOUT_S, cached=False)
+                             if fresh else self.consumer.get_watermark_offsets(tp, cached=True))
+            except KafkaException:  # the broker away: not known to be at its end, so not at its end
+                log.debug("watermarks of %s unavailable", tp, exc_info=True)
+                low, high = 0, -1
             out.append((tp.partition, high >= 0 and offsets.get((tp.topic, tp.partition), max(low, tp.offset)) >= high))
         return out
 
@@ -121,33 +134,67 @@ class Inputs:
         matters (a label about to be given up on, an event held back by a partition at its end); a
         "no" is kept for UPSTREAM_CHECK_S, a "yes" never (the next record may come right after it).
         Ingestion is asked before features, so that what it had passed on is then known to be
-        through features too."""
+        through features too.
+
+        While the broker is away the answer is "no" without asking (nothing is given up while it
+        cannot be asked), and a failed question is asked again only after a backoff with short
+        timeouts: the loop never waits long on a broker that is not there. The consumers that read
+        the commits are made again after a failure (cheap; a broker restart leaves nothing stale)."""
         now = time.monotonic()
         checked_at, drained = self.upstream_checked.get(side, (-1e9, False))
-        if now - checked_at < UPSTREAM_CHECK_S and not drained:
+        if not drained and (now - checked_at < UPSTREAM_CHECK_S or now < self.upstream_retry_at.get(side, 0.0)):
             return False
-        if side not in self.upstream:
-            hops = ((("ingestion", self.topics.events), ("features", self.topics.events_valid)) if side == "features"
-                    else (("ingestion", self.topics.labels),))
-            self.upstream[side] = [
-                (kafka.consumer(self.settings, self.topics.group(service)),  # never subscribes: reads commits
-                 [TopicPartition(topic, tp.partition) for tp in kafka.partitions_of(self.settings, topic)])
-                for service, topic in hops]
+        if DEPS.is_down("kafka"):
+            self.upstream_checked[side] = (now, False)
+            return False
         drained = True
         try:
-            for c, parts in self.upstream[side]:
-                for tp in c.committed(parts, timeout=5.0):
-                    high = c.get_watermark_offsets(tp, timeout=5.0, cached=False)[1]
+            for c, parts in self.upstream_consumers(side):
+                for tp in c.committed(parts, timeout=UPSTREAM_TIMEOUT_S):
+                    high = c.get_watermark_offsets(tp, timeout=UPSTREAM_TIMEOUT_S, cached=False)[1]
                     if high > 0 and tp.offset < high:
                         drained = False
                         break
                 if not drained:
                     break
-        except Exception:  # the broker away: nothing is given up while it cannot be asked
+        except Exception as exc:  # the broker away: nothing is given up while it cannot be asked
             log.debug("upstream offsets unavailable", exc_info=True)
+            delays = self.upstream_delays.setdefault(side, backoff_delays())
+            self.upstream_retry_at[side] = time.monotonic() + next(delays)
+            self.close_upstream(side)
+            if not self.upstream_failed.get(side):
+                log.warning("learner: the upstream services' offsets cannot be read (%s); events and labels "
+                            "wait until they can", exc.args[0] if exc.args else exc)
+            self.upstream_failed[side] = True
             drained = False
+        else:
+            self.upstream_delays.pop(side, None)
+            if self.upstream_failed.pop(side, False):
+                log.warning("learner: the upstream services' offsets can be read again")
         self.upstream_checked[side] = (time.monotonic(), drained)
         return drained
+
+    def upstream_consumers(self, side: str) -> list[tuple[Consumer, list[TopicPartition]]]:
+        """Per service before us, a consumer in its group (never subscribes: reads commits) and its
+        input partitions (asked of the broker once)."""
+        if side not in self.upstream:
+            hops = ((("ingestion", self.topics.events), ("features", self.topics.events_valid)) if side == "features"
+                    else (("ingestion", self.topics.labels),))
+            for _, topic in hops:
+                if topic not in self.upstream_parts:
+                    self.upstream_parts[topic] = [TopicPartition(topic, tp.partition)
+                                                  for tp in kafka.partitions_of(self.settings, topic,
+                                                                                timeout=UPSTREAM_TIMEOUT_S)]
+            self.upstream[side] = [(kafka.consumer(self.settings, self.topics.group(service)),
+                                    self.upstream_parts[topic]) for service, topic in hops]
+        return self.upstream[side]
+
+    def close_upstream(self, side: str) -> None:
+        for c, _ in self.upstream.pop(side, ()):
+            try:
+                c.close()
+            except Exception:  # closing a consumer that never joined a group: nothing to lose
+                log.debug("closing an upstream consumer failed", exc_info=True)
 
     def maybe_scored(self, event: Event) -> bool:
         """Read before this session began? Then a prediction stored for it (made at event time) is kept."""
@@ -161,7 +208,5 @@ class Inputs:
         if self.control is not None:
             self.control.close()
         self.control = None
-        for hops in self.upstream.values():
-            for c, _ in hops:
-                c.close()
-        self.upstream = {}
+        for side in list(self.upstream):
+            self.close_upstream(side)

@@ -106,14 +106,30 @@ class DelayedJoin:
     @staticmethod
     def plan(events: list[Event], due: list[Label]) -> Iterator[Event | Label]:
         """The walk: each event after the due labels not later than it, then the remaining labels.
-        Sorts `due` by ts."""
+        A label never comes before its own event: one as old as its event (delay 0, the same ts)
+        or older (a label clock behind) comes right after it, as in river's loop (predict, then
+        learn, then the next event). Before it, it could not be learned, and would wait until
+        after every event of the walk. Sorts `due` by ts.
+
+        >>> same = [Event(f"e{i}", 5.0, {}, "features", 0, i, 0.0) for i in (1, 2)]
+        >>> labels = [Label(f"e{i}", "1", 5.0, 0.0, b"", None, 0, i) for i in (2, 1)]
+        >>> [(type(s).__name__[0], s.event_id) for s in DelayedJoin.plan(same, labels)]
+        [('E', 'e1'), ('L', 'e1'), ('E', 'e2'), ('L', 'e2')]
+        """
         due.sort(key=lambda lb: lb.ts)
+        coming = {e.event_id for e in events}  # events of this walk not yet scored
+        after: dict[str, list[Label]] = {}  # event id -> its labels, to learn right after it
         i = 0
         for event in events:
             while i < len(due) and due[i].ts <= event.ts:
-                yield due[i]
+                if due[i].event_id in coming:
+                    after.setdefault(due[i].event_id, []).append(due[i])
+                else:
+                    yield due[i]
                 i += 1
             yield event
+            coming.discard(event.event_id)
+            yield from after.pop(event.event_id, ())
         yield from due[i:]
 
     def snapshot_for(self, label: Label, stored: dict[str, Snapshot], now: float) -> Snapshot | None:

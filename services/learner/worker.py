@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 import redis
-from confluent_kafka import Message
+from confluent_kafka import KafkaException, Message
 
 from ..features.store import Snapshot, Snapshots
 from ..shared import deps, metrics
@@ -378,11 +378,18 @@ class LearnerWorker(StreamWorker):
             return False  # mid-recovery: offsets are ahead of what has been applied
         if not (force or self.dirty or self.checkpoint_now):
             return False
+        if deps.DEPS.is_down("kafka") and not force:
+            return False  # it cannot acknowledge our outputs nor say where outcomes end: after the outage
         if self.producer.flush(30) > 0:
             log.error("learner %s: producer did not flush; checkpoint postponed", self.name)
             return False
+        try:
+            outcomes_end = high_watermark(self.consumer, self.topics.outcomes)
+        except KafkaException as exc:  # the broker went away meanwhile: the next tick tries again
+            log.warning("learner %s: checkpoint postponed, the end of outcomes is unknown (%s)", self.name, exc)
+            return False
         state = LearnerState(self.cfg.model, self.roles, dict(self.offsets),
-                             high_watermark(self.consumer, self.topics.outcomes), self.join.waiting, self.position,
+                             outcomes_end, self.join.waiting, self.position,
                              self.join.clock, self.held.events, self.held_control, self.watermark.ts_by_partition)
         if not save_checkpoint(self.r, self.keys, self.name, self.lease, state, self.signing_key):
             log.error("learner %s: lease lost; checkpoint refused", self.name)

@@ -119,8 +119,8 @@ def ensure_topics(settings: Settings, namespace: str | None = None, timeout: flo
     return created
 
 
-def partitions_of(settings: Settings, topic: str) -> list[TopicPartition]:
-    meta = admin(settings).list_topics(topic, timeout=10).topics[topic]
+def partitions_of(settings: Settings, topic: str, timeout: float = 10) -> list[TopicPartition]:
+    meta = admin(settings).list_topics(topic, timeout=timeout).topics[topic]
     return [TopicPartition(topic, p) for p in sorted(meta.partitions)]
 
 

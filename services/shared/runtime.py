@@ -84,6 +84,7 @@ class StreamWorker:
         self._error_logged: dict[int, float] = {}
         self._last_probe = 0.0
         self._kafka_ok = time.monotonic()  # when Kafka last answered (a commit or a probe)
+        self.commit_owed = False  # a commit failed and no later one has gone through yet
         metrics.start_at_zero(self.service, settings)
 
     # -- to implement ----------------------------------------------------------------------
@@ -132,6 +133,8 @@ class StreamWorker:
                     metrics.PROCESSING_SECONDS.labels(self.service, "batch").observe(time.perf_counter() - started)
                     metrics.BATCH_SIZE.labels(self.service).observe(len(good))
                     self.batches += 1
+                elif self.commit_owed:
+                    self.retry_commit()
                 self.tick()
                 self._export_lag()
                 self.probe_kafka()
@@ -143,7 +146,10 @@ class StreamWorker:
     def safe_commit(self) -> None:
         """commit(), shrugging off a commit that a rebalance or a broker outage refused: the next
         commit covers these records if the partitions are still ours, else their new owner reads
-        them again."""
+        them again. When no next batch comes (an idle service after an outage), the loop retries
+        the commit itself (`retry_commit`): a group's committed offsets must reach what it
+        processed, since others read them (lag tools, the learner asking whether anything is
+        still on its way)."""
         try:
             self.commit()
         except KafkaException as exc:
@@ -151,13 +157,29 @@ class StreamWorker:
                 raise
             DEPS.down("kafka", exc.args[0]) if exc.args[0].code() in (
                 KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT) else None
-            log.warning("%s: commit not done (%s); the records will be committed by the next commit "
-                        "or read again by the partitions' new owner", self.service, exc.args[0])
+            (log.debug if self.commit_owed else log.warning)(
+                "%s: commit not done (%s); retried until it is, unless a next commit covers these records "
+                "or the partitions' new owner reads them again", self.service, exc.args[0])
+            self.commit_owed = True
             self._kafka_backoff()
         else:
+            if self.commit_owed:
+                log.warning("%s: commit done after it had failed", self.service)
+            self.commit_owed = False
             DEPS.up("kafka")
             self._delays = None
             self._kafka_ok = time.monotonic()
+
+    def retry_commit(self) -> None:
+        """On an idle loop: the commit that failed, again (safe_commit waits out its backoff between
+        two failures, so this is no busy loop). Nothing left to commit counts as done."""
+        try:
+            self.safe_commit()
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if not (isinstance(err, KafkaError) and err.code() == KafkaError._NO_OFFSET):
+                raise
+            self.commit_owed = False  # a rebalance or a later commit took care of them
 
     def probe_kafka(self) -> None:
         """Ask the broker for metadata when nothing told us lately that it is there (no batch
