@@ -180,3 +180,21 @@ def _take(it, n):
         if i >= n:
             return
         yield x
+
+
+def test_the_replay_waits_for_a_broker_that_is_away_instead_of_giving_up_at_once():
+    """wait_delivered keeps flushing while nothing is acknowledged (a broker outage), until Kafka
+    takes the messages or its deadline passes; it reports what is still held."""
+    import time
+
+    from driftline.infra import stack
+    from driftline.replay.publish import wait_delivered
+    from driftline.shared import kafka
+    from driftline.shared.settings import Settings
+
+    producer = kafka.producer(Settings(kafka_bootstrap=f"127.0.0.1:{stack.free_port()}"))  # nothing there
+    kafka.produce(producer, "nowhere", b"x")
+    started = time.monotonic()
+    assert wait_delivered(producer, timeout_s=2.5) == 1
+    assert 2.5 <= time.monotonic() - started < 6
+    producer.purge()

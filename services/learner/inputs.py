@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition

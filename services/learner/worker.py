@@ -140,6 +140,10 @@ class LearnerWorker(StreamWorker):
     def commit(self) -> None:
         """The checkpoint is the commit (see `checkpoint`)."""
 
+    def safe_commit(self) -> None:
+        """Nothing is committed per batch, so a batch says nothing of Kafka's health either (the
+        base class would mark it back after every batch, also mid-outage from prefetched records)."""
+
     def close(self) -> None:
         if self.lease.lost.is_set():
             log.error("learner %s: lease lost; stopping without a checkpoint", self.name)

@@ -20,6 +20,7 @@ after event i+N's vector and before event i+N+1's.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -40,6 +41,10 @@ START_TS = 1_700_000_000.0  # a fixed past instant: reports and features are rep
 STEP_S = 1.0
 LABEL_EPSILON_S = 1e-3
 PIPELINE = ("ingestion", "features", "learner")  # what a replay needs; drift is optional
+# A published message waits this long for a broker that is away before it counts as undeliverable
+# (librdkafka's own default, made explicit): the replay rides out an outage as the services do.
+DELIVERY_TIMEOUT_S = 300.0
+log = logging.getLogger(__name__)
 
 
 class ReplayStalled(RuntimeError):
@@ -311,7 +316,13 @@ def _publish(settings: Settings, rows: list, run_id: str, label_delay: int, rate
     """Events and labels in `schedule` order through the `events` and `labels` doors."""
     topics = Topics(settings.namespace)
     codec = get_codec()
-    producer = kafka.producer(settings)
+    producer = kafka.producer(settings, **{"message.timeout.ms": int(DELIVERY_TIMEOUT_S * 1000)})
+    failed: list = []  # delivery errors (librdkafka gave up on a message)
+
+    def delivered(err, _msg) -> None:
+        if err is not None:
+            failed.append(err)
+
     limiter = RateLimiter(rate)
     prefix = f"{run_id}-"
     t_first = None
@@ -325,22 +336,42 @@ def _publish(settings: Settings, rows: list, run_id: str, label_delay: int, rate
                                            "ts": event_ts(i), "fields": fields, "published_ms": None})
             if t_first is None:
                 t_first = time.time()
-            kafka.produce(producer, topics.events, value, key=entity)
+            kafka.produce(producer, topics.events, value, key=entity, on_delivery=delivered)
             events_sent += 1
         else:
             value = codec.encode("Label", {"event_id": f"{prefix}{i}", "label": label,
                                            "ts": label_ts(i, label_delay)})
-            kafka.produce(producer, topics.labels, value, key=f"{prefix}{i}")
+            kafka.produce(producer, topics.labels, value, key=f"{prefix}{i}", on_delivery=delivered)
             labels_sent += 1
         if (events_sent + labels_sent) % 500 == 0:
             producer.poll(0)
             bar.update(sent_task, completed=events_sent)
             bar.update(learned_task, completed=len(collector.data.accounted))
-    remaining = producer.flush(60)
-    if remaining:
-        raise ReplayStalled(f"{remaining} messages could not be delivered to Kafka at {settings.kafka_bootstrap}")
+    remaining = wait_delivered(producer)
+    if remaining or failed:
+        raise ReplayStalled(f"{remaining + len(failed)} messages could not be delivered to Kafka at "
+                            f"{settings.kafka_bootstrap}" + (f", e.g. {failed[0]}" if failed else ""))
     bar.update(sent_task, completed=events_sent)
     return events_sent, labels_sent, t_first
+
+
+def wait_delivered(producer, timeout_s: float | None = None) -> int:
+    """Wait until Kafka has taken every message the producer holds, however long the broker is
+    away: librdkafka retries them by itself until their delivery timeout (DELIVERY_TIMEOUT_S),
+    then reports them failed; either way the queue empties by then. Says once that it waits.
+    Returns how many are still held when `timeout_s` (default: the delivery timeout and a
+    margin) is over."""
+    started = time.monotonic()
+    deadline = started + (DELIVERY_TIMEOUT_S + 30 if timeout_s is None else timeout_s)
+    said = False
+    while (remaining := producer.flush(1.0)) and time.monotonic() < deadline:
+        if not said and time.monotonic() - started >= 5:
+            said = True
+            log.warning("replay: Kafka has not taken %d messages after %.0f s (is the broker away?); waiting up "
+                        "to %.0f s for it", remaining, time.monotonic() - started, deadline - started)
+    if said and not remaining:
+        log.warning("replay: Kafka took every message after %.0f s", time.monotonic() - started)
+    return remaining
 
 
 def _take(rows: Iterator, limit: int | None):
