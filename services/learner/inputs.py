@@ -48,6 +48,7 @@ class Inputs:
         self.upstream_delays: dict[str, Any] = {}  # side -> its backoff in progress
         self.upstream_failed: dict[str, bool] = {}  # side -> the last question failed (logged once)
         self.rescore_below: dict[tuple[str, int], int] = {}  # features offsets consumed before this session
+        self.drift_reader: tuple[Consumer, list[TopicPartition]] | None = None  # the drift group's commits
 
     def open(self, offsets: dict[tuple[str, int], int]) -> Consumer:
         self.label_partitions, self.feature_partitions, self.rescore_below, self.paused = [], [], {}, set()
@@ -195,6 +196,41 @@ class Inputs:
             except Exception:  # closing a consumer that never joined a group: nothing to lose
                 log.debug("closing an upstream consumer failed", exc_info=True)
 
+    def drift_position(self) -> tuple[int | None, int] | None:
+        """(the drift service's committed offsets on `outcomes`, summed -- None if it has never
+        committed --, the outcomes published so far), or None when the broker cannot say now."""
+        if DEPS.is_down("kafka"):
+            return None
+        try:
+            if self.drift_reader is None:
+                topic = self.topics.outcomes
+                self.drift_reader = (kafka.consumer(self.settings, self.topics.group("drift")),  # reads commits only
+                                     [TopicPartition(topic, tp.partition) for tp in
+                                      kafka.partitions_of(self.settings, topic, timeout=UPSTREAM_TIMEOUT_S)])
+            c, parts = self.drift_reader
+            committed = [tp.offset for tp in c.committed(parts, timeout=UPSTREAM_TIMEOUT_S)]
+            published = sum(max(0, c.get_watermark_offsets(tp, timeout=UPSTREAM_TIMEOUT_S, cached=False)[1])
+                            for tp in parts)
+        except Exception:  # the broker away: the learner does not wait on what it cannot ask
+            log.debug("the drift service's position is unavailable", exc_info=True)
+            self.close_drift_reader()
+            return None
+        if all(offset < 0 for offset in committed):
+            return None, published
+        return sum(max(0, offset) for offset in committed), published
+
+    def close_drift_reader(self) -> None:
+        if self.drift_reader is not None:
+            try:
+                self.drift_reader[0].close()
+            except Exception:  # never joined a group: nothing to lose
+                log.debug("closing the drift reader failed", exc_info=True)
+        self.drift_reader = None
+
+    def all_stream_partitions(self) -> set[tuple[str, int]]:
+        return ({("features", tp.partition) for tp in self.feature_partitions}
+                | {("labels", tp.partition) for tp in self.label_partitions})
+
     def maybe_scored(self, event: Event) -> bool:
         """Read before this session began? Then a prediction stored for it (made at event time) is kept."""
         return event.offset < self.rescore_below.get((event.topic, event.partition), 0)
@@ -209,3 +245,4 @@ class Inputs:
         self.control = None
         for side in list(self.upstream):
             self.close_upstream(side)
+        self.close_drift_reader()

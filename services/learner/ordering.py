@@ -144,14 +144,22 @@ class HeldEvents:
     def ids(self) -> set[str]:
         return self._ids
 
-    def release(self, watermark: float) -> list[Event]:
-        """The held events at or below the watermark, in ts order (the rest keep waiting)."""
+    def release(self, watermark: float, limit: int | None = None) -> list[Event]:
+        """The held events at or below the watermark, in ts order, at most `limit` of them (the
+        rest keep waiting).
+
+        >>> held = HeldEvents([Event(f"e{i}", float(i), {}, "features", 0, i, 0.0) for i in range(5)])
+        >>> [e.event_id for e in held.release(3.0, limit=2)], [e.event_id for e in held.release(3.0)]
+        (['e0', 'e1'], ['e2', 'e3'])
+        """
         if not self.events:
             return []
         if watermark == INF:
             cut = len(self.events)
         else:
             cut = bisect.bisect_right(self.events, watermark, key=_ts) if self.events[0].ts <= watermark else 0
+        if limit is not None:
+            cut = min(cut, limit)
         out, self.events = self.events[:cut], self.events[cut:]
         for e in out:
             self._ids.discard(e.event_id)
@@ -189,3 +197,39 @@ class FlowControl:
                 want.update((side, p) for p, ts in ts_by.items() if ts > mark)
         self.paused = want
         return want
+
+
+class DriftPace:
+    """Whether the learner waits for the drift service, which reads the outcomes it publishes.
+
+    Behind a backlog the learner can learn thousands of examples in the time the drift service
+    takes to read the outcome that shows a drift, and its retrain request then comes long after
+    the change it is about: adaptation would depend on how fast each service happens to drain.
+    So the learner keeps at most `max_ahead` outcome messages ahead of the drift service's
+    committed position. A drift service that has never committed (none deployed) is not waited
+    for, nor one whose position has not moved for `idle_s` (stopped or gone: source idleness
+    again, the same rule as for a quiet labels.valid partition).
+
+    >>> pace = DriftPace(max_ahead=100, idle_s=5.0)
+    >>> pace.decide(committed=None, published=5000, now=0.0)        # no drift service
+    False
+    >>> pace.decide(committed=4000, published=5000, now=1.0)        # 1000 behind: wait
+    True
+    >>> pace.decide(committed=4950, published=5000, now=2.0)        # caught up
+    False
+    >>> pace.decide(committed=4950, published=9000, now=7.5)        # not moved for 5.5 s: gone
+    False
+    """
+
+    def __init__(self, max_ahead: int, idle_s: float) -> None:
+        self.max_ahead = max_ahead
+        self.idle_s = idle_s
+        self.committed: int | None = None
+        self.moved_at = 0.0
+
+    def decide(self, committed: int | None, published: int, now: float) -> bool:
+        if committed is None or self.max_ahead <= 0:
+            return False
+        if committed != self.committed:
+            self.committed, self.moved_at = committed, now
+        return published - committed > self.max_ahead and now - self.moved_at < self.idle_s

@@ -49,13 +49,14 @@ from .join import DelayedJoin
 from .labels import is_regressor, label_problem
 from .lineage import Lineage
 from .outputs import Outputs
-from .ordering import FlowControl, HeldEvents, LabelWatermark, features_mark
+from .ordering import DriftPace, FlowControl, HeldEvents, LabelWatermark, features_mark
 from .records import Control, Event, Label, decode
 from .telemetry import Telemetry
 from .updates import UpdatePacer
 
 log = logging.getLogger(__name__)
 SERVICE = "learner"
+DRIFT_CHECK_S = 0.2  # how often the drift service's position is asked for at most (a few broker round trips)
 
 
 class LearnerWorker(StreamWorker):
@@ -91,6 +92,8 @@ class LearnerWorker(StreamWorker):
                                 state.waiting if state else (), state.clock if state else float("-inf"))
         self.held = HeldEvents(state.held_events if state else ())
         self.flow = FlowControl(self.cfg.max_held_events, self.cfg.max_waiting_labels)
+        self.drift_pace = DriftPace(self.cfg.max_ahead_of_drift, self.cfg.label_idle_s)
+        self.pacing, self.drift_checked_at, self.drift_checked_position = False, 0.0, -1
         # The same rule for the features partitions: one that stops at its end holds events back at
         # its latest ts until it has been idle for label_idle_s, or nothing is left upstream.
         self.feature_marks = LabelWatermark(self.cfg.label_idle_s, empty_is_idle=True)
@@ -179,16 +182,11 @@ class LearnerWorker(StreamWorker):
         if self.replay:
             self.catch_up()
         if not self.replay:
-            # Control first: a retrain request read now must not wait for the batch's examples.
-            control, self.held_control = self.held_control, []
-            for c in control:
-                if c.value.get("model") != self.name:
-                    continue
-                if c.kind == "retrain":
-                    changed = self.lineage.retrain(self.roles, c.value, self.position, self.examples.since)
-                else:
-                    changed = self.lineage.follow(self.roles, c.value)
-                self.checkpoint_now |= changed
+            self.apply_control()  # first: a retrain request read now must not wait for the batch's examples
+            if self.waiting_for_drift():
+                self.inputs.pause_only(self.inputs.all_stream_partitions())
+                self.flush_batch()
+                return
             now = time.time()
             feature_ends = self.inputs.feature_ends(self.offsets)
             label_mark = self.watermark.mark(self.inputs.label_ends(self.offsets), now, self.labels_drained)
@@ -198,12 +196,63 @@ class LearnerWorker(StreamWorker):
                 # what it gets next is newer.
                 mark = min(label_mark, features_mark(self.feature_marks.ts_by_partition,
                                                      self.inputs.feature_ends(self.offsets, fresh=True)))
-            self.step(self.held.release(mark), all(end for _, end in feature_ends))
+            # A chunk at a time, control read between chunks: behind a backlog thousands of held
+            # events can be released at once, and a retrain request must not wait for all of them.
+            while True:
+                chunk = self.held.release(mark, limit=self.batch_size)
+                self.step(chunk, all(end for _, end in feature_ends))
+                if len(chunk) < self.batch_size:
+                    break
+                if self.read_control():
+                    self.apply_control()
             # Bounded memory without leaving order: the partitions running ahead of the mark wait.
             self.inputs.pause_only(self.flow.decide(len(self.held), len(self.join.waiting),
                                                     self.feature_marks.ts_by_partition,
                                                     self.watermark.ts_by_partition, mark))
         self.flush_batch()
+
+    def read_control(self) -> bool:
+        """Control messages that came meanwhile (retrain requests, swaps), decoded and kept for
+        apply_control; True if there are any."""
+        now = time.time()
+        for m in self.inputs.control.consume(num_messages=100, timeout=0):
+            if m.error() is not None:
+                continue
+            self.offsets[(m.topic(), m.partition())] = m.offset() + 1
+            try:
+                record = decode(self.codec, base_topic(m.topic()), m.topic(), m.partition(), m.offset(), m.key(),
+                                m.value(), now)
+            except DecodeError as exc:
+                self.undecodable(m, exc)
+                continue
+            self.held_control.append(record)
+        return bool(self.held_control)
+
+    def apply_control(self) -> None:
+        control, self.held_control = self.held_control, []
+        for c in control:
+            if c.value.get("model") != self.name:
+                continue
+            if c.kind == "retrain":
+                changed = self.lineage.retrain(self.roles, c.value, self.position, self.examples.since)
+            else:
+                changed = self.lineage.follow(self.roles, c.value)
+            self.checkpoint_now |= changed
+
+    def waiting_for_drift(self) -> bool:
+        """Too far ahead of the drift service (ordering.DriftPace)? Asked of the broker at most
+        every DRIFT_CHECK_S."""
+        now = time.monotonic()
+        # While learning goes on (or while waiting, to resume): nothing to ask when nothing moved.
+        if now - self.drift_checked_at >= DRIFT_CHECK_S and (self.pacing or self.position != self.drift_checked_position):
+            self.drift_checked_at, self.drift_checked_position = now, self.position
+            position = self.inputs.drift_position()
+            was = self.pacing
+            self.pacing = position is not None and self.drift_pace.decide(position[0], position[1], now)
+            if self.pacing and not was:
+                log.info("learner %s: %d outcomes ahead of the drift service; waiting for it (max_ahead_of_drift=%d)",
+                         self.name, position[1] - position[0], self.cfg.max_ahead_of_drift)
+        return self.pacing
 
     def step(self, events: list[Event], features_at_end: bool) -> None:
         """Score `events` (ts order), learning before each the labels due before it (join.py)."""
@@ -349,7 +398,7 @@ class LearnerWorker(StreamWorker):
 
     def tick(self) -> None:
         now = time.monotonic()
-        if (self.join.waiting or self.held) and not self.replay and now >= self.next_retry:
+        if (self.join.waiting or self.held or self.pacing) and not self.replay and now >= self.next_retry:
             self.next_retry = now + 0.05  # labels past their hold, events whose labels are all in
             self.handle([])
         if self.replay and now > self.replay.deadline:

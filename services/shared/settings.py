@@ -128,6 +128,10 @@ class LearnerSettings(BaseModel):
     max_waiting_labels: int = Field(
         20_000, description="labels waiting for their events before the labels.valid partitions running ahead are paused"
     )
+    max_ahead_of_drift: int = Field(
+        1000, description="outcome messages the learner may publish beyond what the drift service has read "
+                          "(behind a backlog a drift is then acted on within this many examples; 0 = never wait)"
+    )
     lease_ttl_s: float = Field(5.0, description="a standby takes over this long after the active learner dies")
     warm_start: int = Field(2000, description="challenger warm-up on the last W labelled examples (0 = fresh)")
     promotion_rule: Literal["mcnemar", "margin"] = Field(
