@@ -205,6 +205,8 @@ class LearnerWorker(StreamWorker):
                     break
                 if self.read_control():
                     self.apply_control()
+                if self.waiting_for_drift():
+                    break  # the rest stays held until the drift service has caught up
             # Bounded memory without leaving order: the partitions running ahead of the mark wait.
             self.inputs.pause_only(self.flow.decide(len(self.held), len(self.join.waiting),
                                                     self.feature_marks.ts_by_partition,
