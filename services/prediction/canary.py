@@ -135,10 +135,13 @@ class Canary:
         if self.holder.current is not None and before not in (None, self.holder.current.version):
             self.scores.reset()  # another challenger: its record starts afresh
 
-    def set_share(self, share: float, why: str | None = None) -> None:
+    def set_share(self, share: float, why: str | None = None, keep_record: bool = False) -> None:
+        """A new share for all replicas; the served record starts afresh, except on a rollback
+        (`keep_record`): there it is the evidence an operator reads in /v1/models."""
         mapping = {"share": share, "version": self.registry.challenger() or 0, "rolled_back": why or ""}
         self.r.hset(self.key, mapping=mapping)
-        self.scores.reset()
+        if not keep_record:
+            self.scores.reset()
         self.refresh()
 
     def state(self) -> dict:
@@ -166,7 +169,7 @@ class Canary:
             metrics.CANARY_ROLLBACKS.labels(self.model_name).inc()
             if version is not None:
                 self.registry.annotate(version, canary_rolled_back=why, canary_rolled_back_at=time.time())
-            self.set_share(0.0, why)
+            self.set_share(0.0, why, keep_record=True)
 
     def follow_labels(self) -> None:
         """Thread: labels.valid from its end, joined with what this replica served."""
