@@ -159,18 +159,9 @@ class LearnerWorker(StreamWorker):
         now = time.time()
         events, labels = [], []
         for m in messages:
-            where = (m.topic(), m.partition())
-            if m.offset() < self.offsets.get(where, 0):
-                continue  # read already (a fetch repeated around a pause/resume): never twice
-            self.offsets[where] = m.offset() + 1
-            self.dirty = True
-            try:
-                record = decode(self.codec, base_topic(m.topic()), m.topic(), m.partition(), m.offset(), m.key(),
-                                m.value(), now)
-            except DecodeError as exc:
-                self.undecodable(m, exc)
-                continue
-            {Event: events, Label: labels, Control: self.held_control}[type(record)].append(record)
+            record = self.read(m, now)
+            if record is not None:
+                {Event: events, Label: labels, Control: self.held_control}[type(record)].append(record)
         if events:
             self.watermark.saw_features(now)
             self.feature_marks.saw_features(now)  # a partition still empty gets idle_s from the stream's start
@@ -218,17 +209,25 @@ class LearnerWorker(StreamWorker):
         apply_control; True if there are any."""
         now = time.time()
         for m in self.inputs.control.consume(num_messages=100, timeout=0):
-            if m.error() is not None:
-                continue
-            self.offsets[(m.topic(), m.partition())] = m.offset() + 1
-            try:
-                record = decode(self.codec, base_topic(m.topic()), m.topic(), m.partition(), m.offset(), m.key(),
-                                m.value(), now)
-            except DecodeError as exc:
-                self.undecodable(m, exc)
-                continue
-            self.held_control.append(record)
+            record = self.read(m, now) if m.error() is None else None
+            if record is not None:
+                self.held_control.append(record)
         return bool(self.held_control)
+
+    def read(self, m: Message, now: float) -> Event | Label | Control | None:
+        """One message's record, its offset taken; None if it was read already (a fetch repeated
+        around a pause/resume: never twice) or does not decode (dead-lettered)."""
+        where = (m.topic(), m.partition())
+        if m.offset() < self.offsets.get(where, 0):
+            return None
+        self.offsets[where] = m.offset() + 1
+        self.dirty = True
+        try:
+            return decode(self.codec, base_topic(m.topic()), m.topic(), m.partition(), m.offset(), m.key(),
+                          m.value(), now)
+        except DecodeError as exc:
+            self.undecodable(m, exc)
+            return None
 
     def apply_control(self) -> None:
         control, self.held_control = self.held_control, []
