@@ -210,7 +210,7 @@ class FeaturesWorker(StreamWorker):
         return [self.topics.events_valid, self.topics.labels_valid]
 
     def open_consumer(self) -> Consumer:
-        c = kafka.consumer(self.settings, self.topics.group(self.service))
+        c = kafka.consumer(self.settings, self.topics.group(self.service), **kafka.MERGING_CONSUMER)
         c.subscribe(self.input_topics(), on_assign=self._on_assign, on_revoke=self._on_revoke)
         return c
 

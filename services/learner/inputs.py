@@ -52,13 +52,14 @@ class Inputs:
 
     def open(self, offsets: dict[tuple[str, int], int]) -> Consumer:
         self.label_partitions, self.feature_partitions, self.rescore_below, self.paused = [], [], {}, set()
-        self.consumer = self.assign([self.topics.features, self.topics.labels_valid], offsets)
+        self.consumer = self.assign([self.topics.features, self.topics.labels_valid], offsets,
+                                    kafka.MERGING_CONSUMER)
         self.control = self.assign([self.topics.retrain_requests, self.topics.model_swaps], offsets)
         return self.consumer
 
-    def assign(self, topics: list[str], offsets: dict[tuple[str, int], int]) -> Consumer:
+    def assign(self, topics: list[str], offsets: dict[tuple[str, int], int], config: dict | None = None) -> Consumer:
         # The group id is the service's (lag tools read its offsets); the position is the checkpoint's.
-        c = kafka.consumer(self.settings, self.topics.group(SERVICE))
+        c = kafka.consumer(self.settings, self.topics.group(SERVICE), **(config or {}))
         parts = []
         for topic in topics:
             for tp in kafka.partitions_of(self.settings, topic):

@@ -99,9 +99,17 @@ class DelayedJoin:
             or (early and lb.event_id in self.recent and now - lb.seen >= self.patience_s)
             or self.overdue(lb, now))]
 
-    def to_look_up(self, due: list[Label], now: float) -> list[Label]:
-        """The due labels whose event is not in memory (read their snapshot from Redis)."""
-        return [lb for lb in due if lb.event_id not in self.recent and lb.retry_at <= now]
+    def to_look_up(self, due: list[Label], now: float, events: list[Event] = ()) -> list[Label]:
+        """The due labels whose event is not in memory (read their snapshot from Redis). A label
+        whose event is scored in this same walk (`events`) is learned from memory right after it.
+
+        >>> join = DelayedJoin(1.0, 1.0, 60.0)
+        >>> labels = [Label(f"e{i}", "1", 5.0, 0.0, b"", None, 0, i) for i in (1, 2)]
+        >>> [lb.event_id for lb in join.to_look_up(labels, 0.0, [Event("e1", 5.0, {}, "features", 0, 1, 0.0)])]
+        ['e2']
+        """
+        walk = {e.event_id for e in events}
+        return [lb for lb in due if lb.event_id not in self.recent and lb.event_id not in walk and lb.retry_at <= now]
 
     @staticmethod
     def plan(events: list[Event], due: list[Label]) -> Iterator[Event | Label]:

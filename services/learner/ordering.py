@@ -70,6 +70,18 @@ class LabelWatermark:
             self.features_resumed_at = now  # a stream (re)starts: its labels get time to show up
         self.features_arrived_at = now
 
+    def features_pending(self, now: float) -> None:
+        """Features are there and not read yet (a backlog, or partitions we paused): the stream has
+        not gone quiet, however long the learner took since it last read one. (Counted as quiet,
+        a 3 s walk through a backlog made every empty partition wait idle_s all over again.)
+
+        >>> w = LabelWatermark(3.0, empty_is_idle=True)
+        >>> w.saw_features(10.0); w.features_pending(14.0); w.saw_features(14.5)
+        >>> w.mark([(1, True)], 14.5)   # an empty partition: idle since 13.0, not 14.5
+        inf
+        """
+        self.features_arrived_at = now
+
     def saw_labels(self, labels: Iterable[tuple[int, float]], now: float) -> None:
         """(partition, ts) of the labels just read."""
         for partition, ts in labels:

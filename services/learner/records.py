@@ -32,6 +32,7 @@ class Event:
     partition: int
     offset: int
     seen: float  # wall time it was read
+    raw: bytes = b""  # the message as read: what a checkpoint keeps of a held event (see checkpoint.py)
 
     @property
     def features(self) -> dict[str, float]:
@@ -66,7 +67,7 @@ def decode(codec: AvroCodec, base: str, topic: str, partition: int, offset: int,
     """One message of one of the learner's topics (`base` = its name without namespace)."""
     if base == "features":
         fv = codec.decode(value, expect="FeatureVector")
-        return Event(fv["event_id"], fv["ts"], fv, topic, partition, offset, now)
+        return Event(fv["event_id"], fv["ts"], fv, topic, partition, offset, now, value)
     if base == "labels.valid":
         lb = codec.decode(value, expect="Label")
         return Label(lb["event_id"], lb["label"], lb["ts"], now, value or b"", key, partition, offset)

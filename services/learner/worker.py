@@ -198,6 +198,10 @@ class LearnerWorker(StreamWorker):
                     self.apply_control()
                 if self.waiting_for_drift():
                     break  # the rest stays held until the drift service has caught up
+            if not all(end for _, end in feature_ends):
+                now = time.time()  # after the walk: it may have taken seconds
+                self.watermark.features_pending(now)
+                self.feature_marks.features_pending(now)
             # Bounded memory without leaving order: the partitions running ahead of the mark wait.
             self.inputs.pause_only(self.flow.decide(len(self.held), len(self.join.waiting),
                                                     self.feature_marks.ts_by_partition,
@@ -263,7 +267,7 @@ class LearnerWorker(StreamWorker):
         if not due and not events:
             return
         stored = self.snapshots.fetch([e.event_id for e in events if self.inputs.maybe_scored(e)],
-                                      [lb.event_id for lb in self.join.to_look_up(due, now)])
+                                      [lb.event_id for lb in self.join.to_look_up(due, now, events)])
         learned: set[int] = set()
         for item in self.join.plan(events, due):
             if isinstance(item, Event):

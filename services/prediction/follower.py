@@ -62,7 +62,7 @@ class ModelFollower:
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> None:
-        consumer = kafka.consumer(self.settings, self.group, **{"fetch.wait.max.ms": 10, "logger": log})
+        consumer = kafka.consumer(self.settings, self.group, **{"logger": log})
         try:
             self._assign_at_end(consumer)
             self._reconcile()
