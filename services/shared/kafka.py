@@ -54,13 +54,13 @@ def producer(settings: Settings, **overrides) -> Producer:
     return Producer(config)
 
 
-# For a consumer that merges its partitions in event-time order (pausing the ones running ahead):
+# For a consumer that merges its partitions in event-time order, pausing the ones running ahead:
 # a resumed partition is fetched only after the fetch in flight, so that one must not be parked
-# long; and what librdkafka prefetches per partition is kept small, else one partition's backlog
-# (up to 100,000 messages by default) is handed out before a message of the partition that the
-# merge waits for: behind a backlog the learner read 10,000 events while a label partition it
-# needed sat behind them.
-MERGING_CONSUMER = {"fetch.wait.max.ms": 20, "queued.min.messages": 2000, "max.partition.fetch.bytes": 262_144}
+# long (at 100 ms the learner's p95 at 1,000 ev/s went from ~100 ms to ~800 ms). Limiting what
+# librdkafka prefetches per partition (queued.min.messages 2000) was tried too, and stalled the
+# learner as badly (probably librdkafka's 1 s fetch.queue.backoff.ms for a partition whose queue
+# is full).
+MERGING_CONSUMER = {"fetch.wait.max.ms": 20}
 
 
 def consumer(settings: Settings, group: str, **overrides) -> Consumer:
@@ -72,9 +72,10 @@ def consumer(settings: Settings, group: str, **overrides) -> Consumer:
         "auto.offset.reset": "earliest",
         "enable.partition.eof": False,
         # Kafka's own default. A fetch parked at the broker returns as soon as a record arrives,
-        # so this costs no latency; only an empty fetch waits it out, and at 20 ms every idle
-        # consumer cost the broker ~0.03 cores. A consumer that pauses and resumes partitions
-        # passes MERGING_CONSUMER: a resumed partition is fetched after the fetch in flight.
+        # so this costs no latency; only an empty fetch waits it out. Empty fetches every 20 ms
+        # are not free: with every consumer of the bench stack at 500 ms an idle broker used 0.05
+        # cores, with the two merging ones at 20 ms (below) ~0.2. A consumer that pauses and
+        # resumes partitions passes MERGING_CONSUMER: a resumed partition waits for the fetch in flight.
         "fetch.wait.max.ms": 500,
         "session.timeout.ms": 10_000,
         "heartbeat.interval.ms": 1_000,
