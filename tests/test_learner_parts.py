@@ -4,11 +4,14 @@ with a list of events and labels, as river's progressive validation would."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from driftline.features.store import Snapshot
 from driftline.learner.champion import Contest, Roles, Slot, warm_start
 from driftline.learner.checkpoint import LearnerState, Replay, load_checkpoint
+from driftline.learner.examples import ExampleBuffer
 from driftline.learner.join import DelayedJoin
 from driftline.learner.ordering import HeldEvents, LabelWatermark
 from driftline.learner.prequential import Prequential
@@ -347,6 +350,26 @@ def test_a_checkpoint_keeps_waiting_labels_and_held_events_as_read_and_loads_one
         blob = dumps_signed({"format": 2, "state": state}, secret)
     back = load_checkpoint(Blobs({keys.checkpoint("m"): blob}), keys, "m", secret)
     assert back.waiting == waiting and back.held_events == [read, event(8)]
+
+
+def test_the_warm_start_buffer_rides_in_the_checkpoint_and_an_older_checkpoint_reads_the_redis_list():
+    keys, secret = Keys("t"), b"k"
+    buffer = ExampleBuffer(size=2)
+    for position in range(3):
+        buffer.add(position, {"a": float(position)}, "1", True, 1)
+    state = LearnerState("dummy.NoChangeClassifier()", Roles(slot("champion", 1)), {}, 0, [], 3, 2.0, [], [], {},
+                         buffer.rows())
+    back = load_checkpoint(Blobs({keys.checkpoint("m"): dumps_signed({"format": 2, "state": state}, secret)}),
+                           keys, "m", secret)
+    assert ExampleBuffer(2, back.examples).since(None, 3) == [({"a": 1.0}, "1", True, 1), ({"a": 2.0}, "1", True, 1)]
+
+    class RedisList:  # what an older learner left: newest first, one JSON document per example
+        def lrange(self, key, start, end):
+            docs = [{"p": p, "x": {"a": float(p)}, "y": "1", "h": None, "v": 1} for p in (4, 3, 2, 1)]
+            return [json.dumps(d).encode() for d in docs][start:end + 1]
+
+    older = ExampleBuffer.from_redis_list(RedisList(), "k", size=3, position=4)  # 4 was learned after it
+    assert [x["a"] for x, *_ in older.since(None, 4)] == [2.0, 3.0]
 
 
 def test_a_dead_letter_keeps_the_bytes_and_cuts_an_oversized_payload():

@@ -105,7 +105,11 @@ class LearnerWorker(StreamWorker):
         self.since_checkpoint = self.since_update = 0
         self.last_checkpoint = self.last_update = time.monotonic()
         self.update_pacer = UpdatePacer.from_settings(self.cfg)
-        self.examples = ExampleBuffer(self.r, self.keys.example_buffer(self.name), self.cfg.warm_start)
+        if state is not None and state.examples is None:  # a checkpoint from before the buffer was in it
+            self.examples = ExampleBuffer.from_redis_list(self.r, self.keys.example_buffer(self.name),
+                                                          self.cfg.warm_start, self.position)
+        else:
+            self.examples = ExampleBuffer(self.cfg.warm_start, state.examples if state else ())
         self.pipe = None
         self.new_predictions: list[tuple[str, dict[str, bytes]]] = []  # scored in this batch, for Redis
 
@@ -394,7 +398,6 @@ class LearnerWorker(StreamWorker):
     def flush_batch(self) -> None:
         self.snapshots.queue_predictions_if_present(self.pipe, self.new_predictions, keep_existing=True)
         self.new_predictions = []
-        self.examples.queue_push(self.pipe)
         started = time.perf_counter()
         self.pipe.execute()
         metrics.REDIS_SECONDS.labels(SERVICE, "write").observe(time.perf_counter() - started)
@@ -448,7 +451,8 @@ class LearnerWorker(StreamWorker):
             return False
         state = LearnerState(self.cfg.model, self.roles, dict(self.offsets),
                              outcomes_end, self.join.waiting, self.position,
-                             self.join.clock, self.held.events, self.held_control, self.watermark.ts_by_partition)
+                             self.join.clock, self.held.events, self.held_control, self.watermark.ts_by_partition,
+                             self.examples.rows())
         if not save_checkpoint(self.r, self.keys, self.name, self.lease, state, self.signing_key):
             log.error("learner %s: lease lost; checkpoint refused", self.name)
             return False
@@ -467,10 +471,8 @@ class LearnerWorker(StreamWorker):
         self.reset_session(state)
         if state is None:
             self.roles = Roles(self.lineage.first_champion())
-            self.examples.clear()
             self.checkpoint_now = True
             return
-        self.examples.trim_after(self.position)
         self.replay = Replay(outcomes_since(self.settings, self.topics.outcomes, state.outcomes_offset, self.name),
                              deadline=time.monotonic() + self.cfg.label_grace_s + 30)
         challenger = self.roles.challenger

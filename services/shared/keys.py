@@ -66,7 +66,8 @@ class Keys:
         return self._model(model, "lease")
 
     def example_buffer(self, model: str) -> str:
-        """List: the last W labelled examples, for warm-starting a challenger."""
+        """List: the warm-start buffer as learners kept it before it moved into the checkpoint
+        (read once when such an older checkpoint is restored)."""
         return self._model(model, "buffer")
 
     def field_names(self, model: str) -> str:
