@@ -19,11 +19,17 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
+import threading
+import time
 
 import pytest
+from confluent_kafka import TopicPartition
 
 from driftline.replay.datasets import Dataset, _numeric, label_text
-from pipeline import metric, replay_report, start_pipeline
+from driftline.shared import kafka
+from driftline.shared.topics import Topics
+from pipeline import PIPELINE, metric, replay_report, start_pipeline
 
 pytestmark = pytest.mark.e2e
 
@@ -100,3 +106,45 @@ def test_full_speed_replay_predicts_exactly_as_river_in_process(settings, run_se
 @pytest.mark.parametrize("spec,delay", [(TREE, 0), (LOGREG, 100)], ids=["tree-delay0", "logreg-delay100"])
 def test_200k_rows_full_speed_predict_exactly_as_river_in_process(settings, run_service, spec, delay):
     check_exact_order(settings, run_service, spec, 200_000, delay)
+
+
+def test_the_learner_waits_for_a_drift_service_that_lags_and_goes_on_once_it_reads_again(settings, run_service):
+    """ordering.DriftPace end to end: while the drift service is frozen (SIGSTOP, for less than
+    label_idle_s: lagging, not gone), the learner publishes no outcome more than
+    max_ahead_of_drift (plus what one chunk and one 0.2 s check let through) beyond the drift
+    service's committed position; thawed, it goes on, and every label is learned in order."""
+    ahead, n = 300, 20_000
+    procs = start_pipeline(run_service, services=PIPELINE + ("drift",), model=LOGREG, features="raw",
+                           DRIFTLINE_LEARNER__MAX_AHEAD_OF_DRIFT=str(ahead), **BOUNDS)
+    topics = Topics(settings.namespace)
+    outcomes = TopicPartition(topics.outcomes, 0)
+    reader = kafka.consumer(settings, topics.group("drift"))  # reads the drift group's commits only
+
+    def published() -> int:
+        return reader.get_watermark_offsets(outcomes, timeout=10, cached=False)[1]
+
+    def drift_read() -> int:
+        return reader.committed([outcomes], timeout=10)[0].offset
+
+    report: dict = {}
+    replaying = threading.Thread(target=lambda: report.update(replay_report(
+        settings, agrawal(n), label_delay=0, model=LOGREG, features="raw", stall_timeout_s=180)))
+    replaying.start()
+    drift = procs["drift"].proc.pid
+    try:
+        deadline = time.monotonic() + 120
+        while published() < 2_000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert published() < n - 5_000, "the learner finished too soon to see it wait"
+        os.killpg(drift, signal.SIGSTOP)
+        time.sleep(2.0)  # the learner asks at most every 0.2 s, between chunks of 1,000
+        held_at, read_at = published(), drift_read()
+        time.sleep(3.0)
+        assert published() == held_at, "the learner went on while the drift service read nothing"
+        assert held_at - read_at <= ahead + 2 * 1_000, (held_at, read_at)
+    finally:
+        os.killpg(drift, signal.SIGCONT)
+        replaying.join(240)
+        reader.close()
+    assert report["examples_learned"] == n and report["labels_dlq"] == 0
+    assert metric(procs["learner"], "driftline_labels_out_of_order_total") == 0
