@@ -79,8 +79,17 @@ class LabelWatermark:
         >>> w.saw_features(10.0); w.features_pending(14.0); w.saw_features(14.5)
         >>> w.mark([(1, True)], 14.5)   # an empty partition: idle since 13.0, not 14.5
         inf
+
+        Before the first features message it says nothing: the stream has not started, and its
+        start is what an empty partition's idle time counts from.
+
+        >>> w = LabelWatermark(3.0, empty_is_idle=True)
+        >>> w.features_pending(100.0); w.saw_features(101.0)
+        >>> w.mark([(1, True)], 101.5)   # 0.5 s into the stream: partition 1 may yet get older events
+        -inf
         """
-        self.features_arrived_at = now
+        if self.features_resumed_at:
+            self.features_arrived_at = now
 
     def saw_labels(self, labels: Iterable[tuple[int, float]], now: float) -> None:
         """(partition, ts) of the labels just read."""
