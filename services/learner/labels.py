@@ -52,6 +52,17 @@ def argmax(proba: dict[str, float]) -> str | None:
 
 # -- the task (classification or regression) and text inputs: one place for every caller ----------
 
+def _is_pipeline(kind: type) -> bool:
+    """Per type: river's isinstance goes through a Python-level metaclass hook, and this is asked
+    several times per example."""
+    found = _PIPELINE_TYPES.get(kind)
+    if found is None:
+        from river import compose
+
+        found = _PIPELINE_TYPES[kind] = issubclass(kind, compose.Pipeline)
+    return found
+
+
 def is_regressor(model: Any) -> bool:
     """Whether a river model predicts numbers (the task follows from the model).
 
@@ -59,9 +70,9 @@ def is_regressor(model: Any) -> bool:
         >>> is_regressor(linear_model.LinearRegression()), is_regressor(linear_model.LogisticRegression())
         (True, False)
     """
-    from river import base, compose
+    from river import base
 
-    while isinstance(model, compose.Pipeline) and model.steps:  # a pipeline's task is its last step's
+    while _is_pipeline(type(model)) and model.steps:  # a pipeline's task is its last step's
         model = next(reversed(model.steps.values()))
     if hasattr(model, "_last_step"):  # river asks a wrapper's last step: not a question of its type
         return isinstance(model, base.Regressor)
@@ -74,6 +85,7 @@ def is_regressor(model: Any) -> bool:
 
 
 _REGRESSOR_TYPES: dict[type, bool] = {}
+_PIPELINE_TYPES: dict[type, bool] = {}
 
 
 class LabelError(ValueError):

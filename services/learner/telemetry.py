@@ -24,23 +24,37 @@ class Telemetry:
     def __init__(self, model: str) -> None:
         self.model = model
         self._children: dict[Any, Any] = {}
+        # Counted per event, added to the metrics once per batch (`export`): each increment of a
+        # prometheus child takes a lock, ~5% of the learner's time at full speed.
+        self._counts: dict[Any, int] = {}
 
     def sent(self, topic: str) -> None:
-        child = self._children.get(topic)
-        if child is None:
-            child = self._children[topic] = metrics.MESSAGES_OUT.labels(SERVICE, base_topic(topic))
-        child.inc()
+        self._counts[topic] = self._counts.get(topic, 0) + 1
 
     def count(self, what: str, role: str) -> None:
         """`predictions` made or examples `learned` by a role."""
-        child = self._children.get((what, role))
+        key = (what, role)
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def _child(self, key: Any) -> Any:
+        child = self._children.get(key)
         if child is None:
-            child = self._children[(what, role)] = (
-                metrics.PREDICTIONS.labels(SERVICE, self.model, role) if what == "predictions"
-                else metrics.EXAMPLES_LEARNED.labels(self.model, role))
-        child.inc()
+            if isinstance(key, str):
+                child = metrics.MESSAGES_OUT.labels(SERVICE, base_topic(key))
+            elif key[0] == "predictions":
+                child = metrics.PREDICTIONS.labels(SERVICE, self.model, key[1])
+            else:
+                child = metrics.EXAMPLES_LEARNED.labels(self.model, key[1])
+            self._children[key] = child
+        return child
+
+    def flush_counts(self) -> None:
+        counts, self._counts = self._counts, {}
+        for key, n in counts.items():
+            self._child(key).inc(n)
 
     def export(self, roles: Roles | None) -> None:
+        self.flush_counts()
         for slot in roles.slots() if roles else ():
             labels = (self.model, str(slot.version), slot.role)
             if is_regressor(slot.model):  # a regressor's figures; accuracy would be a meaningless 0
