@@ -85,7 +85,6 @@ def test_files_are_partitioned_by_model_and_date_and_keep_the_exact_vector(tmp_p
     assert (first["model"], first["y_true"], first["label_ts"], first["offset"]) == ("default", "0", 1.7e9 + 5, 0)
 
 
-@pytest.mark.e2e
 def rows_of_live_store(store, tries: int = 20) -> list[dict]:
     """read_rows of a store the sink is writing: right after a restart it replaces the files of
     the batch it had not committed, and a file listed a moment earlier may be gone (read again)."""
@@ -97,6 +96,7 @@ def rows_of_live_store(store, tries: int = 20) -> list[dict]:
     return read_rows(store)
 
 
+@pytest.mark.e2e
 def test_kill_9_of_the_sink_neither_loses_nor_duplicates_a_row(settings, run_service):
     """Outcomes keep coming while the sink is killed with SIGKILL again and again, at random points
     (small batches, so that many kills land between a file and its commit or inside a write)."""

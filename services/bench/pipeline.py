@@ -199,9 +199,11 @@ class BenchStack:
         before = {name: cpu_seconds(pid) for name, pid in (pids | infra).items()}
         try:
             report = replay(settings, load("elec2"), limit=limit, label_delay=label_delay, rate=rate, model=model,
-                            features=features, report_dir=None, stall_timeout_s=120, console=console)
+                            features=features, report_dir=None, stall_timeout_s=120, console=console,
+                            keep_outcomes=True)
             report["cpu_s"] = {name: round(cpu_seconds(pid) - before[name], 3) for name, pid in (pids | infra).items()}
-            report["timeline"] = outcome_timeline(settings)
+            report["timeline"] = outcome_timeline(report.pop("_learned_at_s"))
+            del report["_outcomes"]
             return report
         finally:
             for spy in spies:
@@ -244,42 +246,21 @@ def percentiles(ms: list[float]) -> dict[str, float]:
             (("p50", 50), ("p95", 95), ("p99", 99))} | {"max": round(float(values.max()), 1)}
 
 
-def broker_times_ms(settings: Settings, topic: str, limit_per_partition: int | None = None) -> np.ndarray:
-    """The Kafka timestamps of a topic's messages (all, or the first N of each partition), sorted."""
-    consumer = kafka.consumer(settings, f"bench-times-{uuid.uuid4().hex[:6]}")
-    out: list[int] = []
-    try:
-        for tp in kafka.partitions_of(settings, topic):
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=10.0)
-            end = high if limit_per_partition is None else min(high, low + limit_per_partition)
-            if end <= low:
-                continue
-            consumer.assign([TopicPartition(topic, tp.partition, low)])
-            read = 0
-            while read < end - low:
-                batch = [m for m in consumer.consume(5000, 5.0) if m.error() is None]
-                if not batch:
-                    break
-                batch = batch[:end - low - read]
-                out += [m.timestamp()[1] for m in batch]
-                read += len(batch)
-    finally:
-        consumer.close()
-    return np.sort(np.array(out, dtype=float))
+def outcome_timeline(learned_at_s: list[float]) -> dict:
+    """When outcomes came (seconds after the first event was published, as the replay saw them):
+    the pipeline filling up (a new stream also waits out label_idle_s once for features
+    partitions that stay empty), and the rate between the 10th and the 90th percentile of
+    outcomes once it runs (its sustained rate).
 
-
-def outcome_timeline(settings: Settings) -> dict:
-    """When outcomes came, counted from the first event published: the pipeline filling up (a new
-    stream also waits out label_idle_s once for features partitions that stay empty), and the
-    rate between the 10th and the 90th percentile of outcomes once it runs (its sustained rate)."""
-    topics = Topics(settings.namespace)
-    first = broker_times_ms(settings, topics.events, limit_per_partition=1)
-    outcomes = broker_times_ms(settings, topics.outcomes)
-    if not len(first) or len(outcomes) < 10:
+    >>> outcome_timeline([2.0 + i / 1000 for i in range(1001)])
+    {'first_outcome_s': 2.0, 'last_outcome_s': 3.0, 'steady_events_per_s': 1001.0}
+    """
+    times = sorted(learned_at_s)
+    if len(times) < 10:
         return {}
-    at = lambda q: float(outcomes[int(q * (len(outcomes) - 1))] - first[0]) / 1000  # noqa: E731
+    at = lambda q: times[int(q * (len(times) - 1))]  # noqa: E731
     return {"first_outcome_s": round(at(0.0), 3), "last_outcome_s": round(at(1.0), 3),
-            "steady_events_per_s": round(0.8 * len(outcomes) / max(at(0.9) - at(0.1), 1e-3), 1)}
+            "steady_events_per_s": round(0.8 * len(times) / max(at(0.9) - at(0.1), 1e-3), 1)}
 
 
 class PredictionSink:

@@ -26,22 +26,22 @@ Row = tuple[int, dict, str, "bool | None", "int | None"]  # position, x, y, cham
 class ExampleBuffer:
     def __init__(self, size: int, rows: list[Row] = ()) -> None:
         self.size = size
-        self.rows_: deque[Row] = deque(rows, maxlen=max(size, 0))
+        self._rows: deque[Row] = deque(rows, maxlen=max(size, 0))
 
     def add(self, position: int, x: dict, y: str, champion_hit: bool | None, champion_version: int) -> None:
         if self.size > 0:
-            self.rows_.append((position, x, y, champion_hit, champion_version))
+            self._rows.append((position, x, y, champion_hit, champion_version))
 
     def since(self, since_position: int | None, position: int) -> list[tuple[dict, str, bool | None, int | None]]:
         """The last `size` examples, oldest first, (x, y, champion hit, champion version); with
         `since_position` (the drift's estimated change point) only those of the new regime: a tree
         warm-started on pre-drift examples first learns the concept it is meant to replace."""
         since = since_position if since_position is not None else -1
-        return [(x, y, hit, version) for p, x, y, hit, version in self.rows_ if since <= p < position]
+        return [(x, y, hit, version) for p, x, y, hit, version in self._rows if since <= p < position]
 
     def rows(self) -> list[Row]:
         """What a checkpoint keeps."""
-        return list(self.rows_)
+        return list(self._rows)
 
     @classmethod
     def from_redis_list(cls, client, key: str, size: int, position: int) -> "ExampleBuffer":

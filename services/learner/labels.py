@@ -10,6 +10,7 @@ strings everywhere downstream. Must never lose a label: anything not integer-loo
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any
@@ -52,15 +53,13 @@ def argmax(proba: dict[str, float]) -> str | None:
 
 # -- the task (classification or regression) and text inputs: one place for every caller ----------
 
+@functools.cache
 def _is_pipeline(kind: type) -> bool:
     """Per type: river's isinstance goes through a Python-level metaclass hook, and this is asked
     several times per example."""
-    found = _PIPELINE_TYPES.get(kind)
-    if found is None:
-        from river import compose
+    from river import compose
 
-        found = _PIPELINE_TYPES[kind] = issubclass(kind, compose.Pipeline)
-    return found
+    return issubclass(kind, compose.Pipeline)
 
 
 def is_regressor(model: Any) -> bool:
@@ -85,7 +84,6 @@ def is_regressor(model: Any) -> bool:
 
 
 _REGRESSOR_TYPES: dict[type, bool] = {}
-_PIPELINE_TYPES: dict[type, bool] = {}
 
 
 class LabelError(ValueError):

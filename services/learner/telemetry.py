@@ -1,7 +1,7 @@
 """The learner's metrics: per-role accuracy gauges, versions, and counters resolved once.
 
     telemetry = Telemetry("default")
-    telemetry.count("predictions", "champion"); telemetry.export(roles)
+    telemetry.count("predictions", "champion"); telemetry.flush_counts(); telemetry.export(roles)
 
 Label lookups on a prometheus metric cost more than the increment itself, so each child is
 looked up once and kept; gauges of a version that leaves a role are removed (one series per
@@ -24,8 +24,8 @@ class Telemetry:
     def __init__(self, model: str) -> None:
         self.model = model
         self._children: dict[Any, Any] = {}
-        # Counted per event, added to the metrics once per batch (`export`): each increment of a
-        # prometheus child takes a lock, ~5% of the learner's time at full speed.
+        # Counted per event, added to the metrics once per loop (`flush_counts`, from the worker's
+        # tick): each increment of a prometheus child takes a lock, ~5% of the learner at full speed.
         self._counts: dict[Any, int] = {}
 
     def sent(self, topic: str) -> None:
@@ -54,7 +54,6 @@ class Telemetry:
             self._child(key).inc(n)
 
     def export(self, roles: Roles | None) -> None:
-        self.flush_counts()
         for slot in roles.slots() if roles else ():
             labels = (self.model, str(slot.version), slot.role)
             if is_regressor(slot.model):  # a regressor's figures; accuracy would be a meaningless 0

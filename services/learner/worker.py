@@ -419,7 +419,7 @@ class LearnerWorker(StreamWorker):
         if self.checkpoint_now or self.since_checkpoint >= self.cfg.checkpoint_every or (
                 self.dirty and now - self.last_checkpoint >= self.cfg.checkpoint_interval_s):
             self.checkpoint()
-        self.telemetry.flush_counts()  # what was counted outside a batch (updates, swaps) shows too
+        self.telemetry.flush_counts()  # after every batch and idle poll (the loop's tick)
         self.producer.poll(0)
 
     # -- registry, model.updates, model.swaps ------------------------------------------------------

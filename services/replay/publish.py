@@ -88,6 +88,7 @@ class Collected:
     swaps: list[dict] = field(default_factory=list)
     accounted: set[str] = field(default_factory=set)  # event ids whose label is learned or dead
     last_learned_s: float | None = None
+    learned_at_s: list[float] = field(default_factory=list)  # broker time of each champion outcome
     last_progress: float = field(default_factory=time.monotonic)
 
 
@@ -160,6 +161,7 @@ class Collector(threading.Thread):
             self.data.outcomes.append(o)
             self.data.accounted.add(o["event_id"])
             self.data.last_learned_s = msg.timestamp()[1] / 1000.0
+            self.data.learned_at_s.append(self.data.last_learned_s)
             self.data.last_progress = time.monotonic()
 
     def _dead_id(self, msg, record: str) -> tuple[dict | None, str | None]:
@@ -249,7 +251,9 @@ def replay(
 ) -> dict[str, Any]:
     """Publish, wait for every label to be accounted for, build (and write) the report.
     With `keep_outcomes`, `report["_outcomes"]` holds the champion outcomes as they came
-    (tests use it to prove nothing was learned twice); it is never written to report.json.
+    (tests use it to prove nothing was learned twice) and `report["_learned_at_s"]` when each
+    came, in seconds after the first event was published (the bench's timeline); neither is
+    written to report.json.
 
     Raises ReplayStalled when nothing new comes back for `stall_timeout_s` seconds while labels
     are still missing."""
@@ -304,6 +308,7 @@ def replay(
         report["_paths"] = {"json": str(path), "png": str(Path(report_dir) / "report.png")}
     if keep_outcomes:
         report["_outcomes"] = list(data.outcomes)
+        report["_learned_at_s"] = [t - t_first for t in data.learned_at_s] if t_first is not None else []
     if progress:
         console.print(summary_table(report))
         if report_dir is not None:
