@@ -108,14 +108,17 @@ def test_200k_rows_full_speed_predict_exactly_as_river_in_process(settings, run_
     check_exact_order(settings, run_service, spec, 200_000, delay)
 
 
-def test_the_learner_waits_for_a_drift_service_that_lags_and_goes_on_once_it_reads_again(settings, run_service):
-    """ordering.DriftPace end to end: while the drift service is frozen (SIGSTOP, for less than
-    label_idle_s: lagging, not gone), the learner publishes no outcome more than
-    max_ahead_of_drift (plus what one chunk and one 0.2 s check let through) beyond the drift
-    service's committed position; thawed, it goes on, and every label is learned in order."""
-    ahead, n = 300, 20_000
+def test_the_learner_waits_for_a_drift_service_that_lags_and_goes_on_without_one_that_is_gone(settings, run_service):
+    """ordering.DriftPace end to end. While the drift service is frozen (SIGSTOP) for longer than
+    label_idle_s but shorter than its consumer's session timeout -- slow, still in its group --, the
+    learner publishes no outcome more than max_ahead_of_drift (plus what one chunk and one 0.2 s
+    check let through) beyond the drift service's committed position. Thawed, it reads again and
+    the learner goes on; killed, its group empties (session.timeout.ms) and the learner goes on
+    without it. Every label is learned, in order."""
+    ahead, n, idle_s = 300, 30_000, 3.0
+    bounds = {**BOUNDS, "DRIFTLINE_LEARNER__LABEL_IDLE_S": str(idle_s)}
     procs = start_pipeline(run_service, services=PIPELINE + ("drift",), model=LOGREG, features="raw",
-                           DRIFTLINE_LEARNER__MAX_AHEAD_OF_DRIFT=str(ahead), **BOUNDS)
+                           DRIFTLINE_LEARNER__MAX_AHEAD_OF_DRIFT=str(ahead), **bounds)
     topics = Topics(settings.namespace)
     outcomes = TopicPartition(topics.outcomes, 0)
     reader = kafka.consumer(settings, topics.group("drift"))  # reads the drift group's commits only
@@ -126,25 +129,37 @@ def test_the_learner_waits_for_a_drift_service_that_lags_and_goes_on_once_it_rea
     def drift_read() -> int:
         return reader.committed([outcomes], timeout=10)[0].offset
 
+    def wait_for(check, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not check() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     report: dict = {}
     replaying = threading.Thread(target=lambda: report.update(replay_report(
         settings, agrawal(n), label_delay=0, model=LOGREG, features="raw", stall_timeout_s=180)))
     replaying.start()
     drift = procs["drift"].proc.pid
     try:
-        deadline = time.monotonic() + 120
-        while published() < 2_000 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert published() < n - 5_000, "the learner finished too soon to see it wait"
+        wait_for(lambda: published() >= 2_000, 120)
+        assert published() < n - 10_000, "the learner finished too soon to see it wait"
         os.killpg(drift, signal.SIGSTOP)
         time.sleep(2.0)  # the learner asks at most every 0.2 s, between chunks of 1,000
         held_at, read_at = published(), drift_read()
-        time.sleep(3.0)
-        assert published() == held_at, "the learner went on while the drift service read nothing"
+        time.sleep(idle_s + 2.0)  # not read for longer than label_idle_s, still a member of its group
+        assert published() == held_at, "the learner went on while a live drift service read nothing"
         assert held_at - read_at <= ahead + 2 * 1_000, (held_at, read_at)
-    finally:
         os.killpg(drift, signal.SIGCONT)
+        wait_for(lambda: published() > held_at + 2 * ahead, 60)
+        assert published() > held_at + 2 * ahead, "the learner did not go on once the drift service read again"
+        assert published() < n - 5_000, "the learner finished too soon to see it go on alone"
+        procs["drift"].kill9()  # gone: out of its group once its session times out
+        replaying.join(240)
+        assert drift_read() < n, "the drift service read everything: the learner never had to go on alone"
+    finally:
+        if procs["drift"].proc.poll() is None:
+            os.killpg(drift, signal.SIGCONT)
         replaying.join(240)
         reader.close()
     assert report["examples_learned"] == n and report["labels_dlq"] == 0
     assert metric(procs["learner"], "driftline_labels_out_of_order_total") == 0
+    assert "going on without it" in procs["learner"].log_path.read_text()

@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from ..shared import kafka
 from ..shared.deps import DEPS, backoff_delays
@@ -49,6 +50,7 @@ class Inputs:
         self.upstream_failed: dict[str, bool] = {}  # side -> the last question failed (logged once)
         self.rescore_below: dict[tuple[str, int], int] = {}  # features offsets consumed before this session
         self.drift_reader: tuple[Consumer, list[TopicPartition]] | None = None  # the drift group's commits
+        self.admin: AdminClient | None = None  # asks whether the drift group has members
 
     def open(self, offsets: dict[tuple[str, int], int]) -> Consumer:
         self.label_partitions, self.feature_partitions, self.rescore_below, self.paused = [], [], {}, set()
@@ -219,6 +221,21 @@ class Inputs:
         if all(offset < 0 for offset in committed):
             return None, published
         return sum(max(0, offset) for offset in committed), published
+
+    def drift_members(self) -> int | None:
+        """How many consumers the drift service's group has now (None: the broker cannot say)."""
+        if DEPS.is_down("kafka"):
+            return None
+        group = self.topics.group("drift")
+        try:
+            if self.admin is None:
+                self.admin = kafka.admin(self.settings)
+            described = self.admin.describe_consumer_groups([group], request_timeout=UPSTREAM_TIMEOUT_S)
+            return len(described[group].result(timeout=UPSTREAM_TIMEOUT_S).members)
+        except Exception:  # the broker away: the learner does not wait on what it cannot ask
+            log.debug("the drift service's group is unavailable", exc_info=True)
+            self.admin = None
+            return None
 
     def close_drift_reader(self) -> None:
         if self.drift_reader is not None:

@@ -228,8 +228,11 @@ class DriftPace:
     the change it is about: adaptation would depend on how fast each service happens to drain.
     So the learner keeps at most `max_ahead` outcome messages ahead of the drift service's
     committed position. A drift service that has never committed (none deployed) is not waited
-    for, nor one whose position has not moved for `idle_s` (stopped or gone: source idleness
-    again, the same rule as for a quiet labels.valid partition).
+    for. One whose position has not moved for `idle_s` is asked about: still a member of its
+    consumer group, it is slow (a loaded machine, a long batch) and still waited for; Kafka's own
+    liveness rules take a frozen or stuck member out of the group (session.timeout.ms,
+    max.poll.interval.ms), and a group with no member -- or no answer -- is a service stopped or
+    gone, not waited for (source idleness again, as for a quiet labels.valid partition).
 
     >>> pace = DriftPace(max_ahead=100, idle_s=5.0)
     >>> pace.decide(committed=None, published=5000, now=0.0)        # no drift service
@@ -238,7 +241,11 @@ class DriftPace:
     True
     >>> pace.decide(committed=4950, published=5000, now=2.0)        # caught up
     False
-    >>> pace.decide(committed=4950, published=9000, now=7.5)        # not moved for 5.5 s: gone
+    >>> pace.decide(committed=4950, published=9000, now=7.5, members=lambda: 1)  # slow, but alive
+    True
+    >>> pace.decide(committed=4950, published=9000, now=8.0, members=lambda: 0)  # left its group
+    False
+    >>> pace.decide(committed=4950, published=9000, now=8.5)        # nobody to ask: gone
     False
     """
 
@@ -248,9 +255,14 @@ class DriftPace:
         self.committed: int | None = None
         self.moved_at = 0.0
 
-    def decide(self, committed: int | None, published: int, now: float) -> bool:
+    def decide(self, committed: int | None, published: int, now: float,
+               members: Callable[[], int | None] = lambda: None) -> bool:
+        """`members()`: how many consumers the drift service's group has (None: unknown); asked
+        only of a position that has not moved for idle_s."""
         if committed is None or self.max_ahead <= 0:
             return False
         if committed != self.committed:
             self.committed, self.moved_at = committed, now
-        return published - committed > self.max_ahead and now - self.moved_at < self.idle_s
+        if published - committed <= self.max_ahead:
+            return False
+        return now - self.moved_at < self.idle_s or bool(members())

@@ -257,10 +257,15 @@ class LearnerWorker(StreamWorker):
             self.drift_checked_at, self.drift_checked_position = now, self.position
             position = self.inputs.drift_position()
             was = self.pacing
-            self.pacing = position is not None and self.drift_pace.decide(position[0], position[1], now)
+            self.pacing = position is not None and self.drift_pace.decide(position[0], position[1], now,
+                                                                         self.inputs.drift_members)
             if self.pacing and not was:
                 log.info("learner %s: %d outcomes ahead of the drift service; waiting for it (max_ahead_of_drift=%d)",
                          self.name, position[1] - position[0], self.cfg.max_ahead_of_drift)
+            elif was and not self.pacing and position is not None and position[0] is not None \
+                    and position[1] - position[0] > self.cfg.max_ahead_of_drift:
+                log.warning("learner %s: the drift service has not read for %.0f s and its group has no member; "
+                            "going on without it", self.name, self.cfg.label_idle_s)
         return self.pacing
 
     def step(self, events: list[Event], features_at_end: bool) -> None:
