@@ -85,6 +85,17 @@ class Inputs:
             return control
         return control + [first, *self.consumer.consume(num_messages=batch_size - 1, timeout=0)]
 
+    def control_ends(self) -> dict[tuple[str, int], tuple[int, int]]:
+        """Each control partition's (low, high) watermarks, asked of the broker; empty when it
+        cannot say now."""
+        try:
+            return {(tp.topic, tp.partition): self.control.get_watermark_offsets(tp, timeout=UPSTREAM_TIMEOUT_S,
+                                                                                 cached=False)
+                    for tp in self.control.assignment()}
+        except KafkaException:  # the broker away: nothing to catch up with that can be read now
+            log.debug("the control topics' ends are unavailable", exc_info=True)
+            return {}
+
     def label_ends(self, offsets: dict[tuple[str, int], int]) -> list[tuple[int, bool]]:
         """Each labels.valid partition and whether it is read to its end (the consumer's cached
         watermarks, no broker round trip)."""

@@ -56,6 +56,7 @@ from .updates import UpdatePacer
 
 log = logging.getLogger(__name__)
 SERVICE = "learner"
+CONTROL_CATCH_UP_S = 1.0  # the longest the learner waits for control records it knows are on the broker
 DRIFT_CHECK_S = 0.2  # how often the drift service's position is asked for at most (a few broker round trips)
 
 
@@ -212,15 +213,28 @@ class LearnerWorker(StreamWorker):
                                                     self.watermark.ts_by_partition, mark))
         self.flush_batch()
 
-    def read_control(self) -> bool:
+    def read_control(self, timeout: float = 0) -> bool:
         """Control messages that came meanwhile (retrain requests, swaps), decoded and kept for
         apply_control; True if there are any."""
         now = time.time()
-        for m in self.inputs.control.consume(num_messages=100, timeout=0):
+        for m in self.inputs.control.consume(num_messages=100, timeout=timeout):
             record = self.read(m, now) if m.error() is None else None
             if record is not None:
                 self.held_control.append(record)
         return bool(self.held_control)
+
+    def catch_up_control(self) -> None:
+        """Read retrain.requests and model.swaps to their ends and apply them. The drift service
+        produces a retrain request before it commits the outcomes that led to it, so once its
+        commit has moved the request is on the broker: taken now, before the learner goes on, it
+        is acted on at the same position however late its fetch would have come (a chunk or two
+        of examples later on a loaded machine)."""
+        ends = self.inputs.control_ends()
+        deadline = time.monotonic() + CONTROL_CATCH_UP_S
+        while any(max(self.offsets.get(where, 0), low) < high for where, (low, high) in ends.items()) \
+                and time.monotonic() < deadline:
+            self.read_control(timeout=0.05)
+        self.apply_control()
 
     def read(self, m: Message, now: float) -> Event | Label | Control | None:
         """One message's record, its offset taken; None if it was read already (a fetch repeated
@@ -256,9 +270,11 @@ class LearnerWorker(StreamWorker):
         if now - self.drift_checked_at >= DRIFT_CHECK_S and (self.pacing or self.position != self.drift_checked_position):
             self.drift_checked_at, self.drift_checked_position = now, self.position
             position = self.inputs.drift_position()
-            was = self.pacing
+            was, read_before = self.pacing, self.drift_pace.committed
             self.pacing = position is not None and self.drift_pace.decide(position[0], position[1], now,
                                                                          self.inputs.drift_members)
+            if self.drift_pace.committed != read_before:
+                self.catch_up_control()
             if self.pacing and not was:
                 log.info("learner %s: %d outcomes ahead of the drift service; waiting for it (max_ahead_of_drift=%d)",
                          self.name, position[1] - position[0], self.cfg.max_ahead_of_drift)
