@@ -254,6 +254,37 @@ def test_the_pipeline_rides_out_a_redis_outage_with_nothing_lost_or_doubled(own_
     same_features(s, want_states, want_vectors)
 
 
+def answer(url: str) -> httpx.Response | None:
+    """The response, or None while nothing listens yet."""
+    try:
+        return httpx.get(url, timeout=5)
+    except httpx.TransportError:
+        return None
+
+
+def test_services_started_while_the_broker_is_down_wait_for_it(own_kafka, run_service, tmp_path):
+    """docker compose, a reboot, `serve all` before the broker: every stream service (and the
+    prediction service) started while Kafka is down stays up, says so on /ready, and works once
+    the broker is back -- a supervisor that restarts it is not needed."""
+    s, broker = own_kafka
+    dataset = write_dataset(tmp_path / "shops.csv")
+    broker.stop()
+    procs = [run_service(name, wait=False, settings_override=s, **ENV)
+             for name in (*SERVICES, "drift", "prediction")]
+    time.sleep(30)  # longer than what a start waits for on its own (12 s for the first swap, 10 s per topic)
+    for p in procs:
+        assert p.proc.poll() is None, f"{p.name} exited while the broker was down:\n{p.log_tail()}"
+        health = wait(lambda: answer(p.url + "/health"), 30, f"{p.name} answers")
+        assert health.json().get("worker_alive", True), (p.name, health.json())
+    broker.start()
+    wait(broker.ready, 90, "broker back")
+    for p in procs:
+        wait(lambda: (r := answer(p.url + "/ready")) is not None and r.status_code == 200, 60, f"{p.name} ready")
+    check_report(replay_report(s, dataset, label_delay=LABEL_DELAY, rate=0, stall_timeout_s=120))
+    for p in procs:
+        assert p.proc.poll() is None, f"{p.name} exited:\n{p.log_tail()}"
+
+
 def test_redis_commands_wait_for_redis_to_come_back(own_redis):
     s, redis_server = own_redis
     client = redis_lib.Redis.from_url(s.redis_url, retry=WaitOutOutage(30))

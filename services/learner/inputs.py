@@ -62,6 +62,13 @@ class Inputs:
     def assign(self, topics: list[str], offsets: dict[tuple[str, int], int], config: dict | None = None) -> Consumer:
         # The group id is the service's (lag tools read its offsets); the position is the checkpoint's.
         c = kafka.consumer(self.settings, self.topics.group(SERVICE), **(config or {}))
+        try:
+            return self._assign(c, topics, offsets)
+        except BaseException:
+            c.close()
+            raise
+
+    def _assign(self, c: Consumer, topics: list[str], offsets: dict[tuple[str, int], int]) -> Consumer:
         parts = []
         for topic in topics:
             for tp in kafka.partitions_of(self.settings, topic):
@@ -267,6 +274,16 @@ class Inputs:
     def commit(self, offsets: dict[tuple[str, int], int]) -> None:
         """For lag tools only (kafka-consumer-groups, the replay's stall report): never read back."""
         self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=True)
+
+    def close_all(self) -> None:
+        """Every consumer this session opened (a start given up half-way: the broker away)."""
+        if self.consumer is not None:
+            try:
+                self.consumer.close()
+            except Exception:  # never joined a group: nothing to lose
+                log.debug("closing the main consumer failed", exc_info=True)
+        self.consumer = None
+        self.close_control()
 
     def close_control(self) -> None:
         if self.control is not None:

@@ -38,7 +38,7 @@ from ..shared.codec import DecodeError, get_codec
 from ..shared.kafka import base_topic
 from ..shared.keys import Keys
 from ..shared.registry import ModelRegistry
-from ..shared.runtime import StreamWorker
+from ..shared.runtime import RestartLoop, StreamWorker
 from ..shared.settings import Settings
 from .champion import Roles
 from .checkpoint import (Lease, LearnerState, Replay, high_watermark, load_checkpoint, outcomes_since,
@@ -134,8 +134,24 @@ class LearnerWorker(StreamWorker):
         return super().running() and not self.lease.lost.is_set()
 
     def open_consumer(self):
-        self.restore()
-        consumer = self.inputs.open(self.offsets)
+        """Restore the checkpoint and take up its positions; a broker away (at start, or whenever
+        the loop starts over) is waited for with backoff, as Redis is, instead of ending the worker."""
+        delays, told = deps.backoff_delays(), False
+        while True:
+            try:
+                self.restore()
+                consumer = self.inputs.open(self.offsets)
+                break
+            except (KafkaException, TimeoutError) as exc:  # TimeoutError: the outcomes since the checkpoint
+                self.inputs.close_all()
+                deps.DEPS.down("kafka", f"the learner cannot open its partitions: {exc}")
+                if not told:
+                    log.warning("learner %s: Kafka cannot be reached (%s); waiting for it", self.name, exc)
+                    told = True
+                if self._stop.wait(next(delays)):
+                    raise RestartLoop("stopped while waiting for Kafka") from None
+        if told:
+            log.warning("learner %s: Kafka is back; learning resumes", self.name)
         self.state = "active"
         return consumer
 
