@@ -410,8 +410,8 @@ class FeaturesWorker(StreamWorker):
         wanted = [i.value["event_id"] for i in items if i.kind == LABEL and i.value["event_id"] not in in_batch]
         with _stage("read"):
             entity_ids = [e["entity_id"] for e in events] if fs.stateful else []
-            states, snapshots = self.store.read_batch(entity_ids, wanted if fs.spec.last_label else ())
-            folded = self.store.snapshots.folded(e["event_id"] for e in events)
+            states, snapshots, folded = self.store.read_batch(entity_ids, wanted if fs.spec.last_label else (),
+                                                              folded_of=[e["event_id"] for e in events])
         with _stage("compute"):
             vectors, markers, dirty, redelivered = [], [], set(), []
             labels: dict[str, tuple[str, float]] = {}  # entity -> its latest label in the batch

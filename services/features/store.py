@@ -243,34 +243,40 @@ class FeatureStore:
     # -- reads --------------------------------------------------------------------------------
     def read_states(self, entity_ids: Iterable[str]) -> dict[str, State]:
         """The states of these entities ({} for a new one), in one pipelined round trip."""
-        states, _ = self.read_batch(entity_ids, ())
+        states, _, _ = self.read_batch(entity_ids, ())
         return states
 
-    def read_batch(self, entity_ids: Iterable[str], event_ids: Iterable[str]) -> tuple[dict[str, State], dict[str, dict]]:
-        """Entity states and the snapshot vectors (`fv`, decoded) of some events, one round trip.
-        Events whose snapshot is missing or unreadable are absent from the second dict."""
+    def read_batch(self, entity_ids: Iterable[str], event_ids: Iterable[str],
+                   folded_of: Iterable[str] = ()) -> tuple[dict[str, State], dict[str, dict], dict[str, str]]:
+        """Entity states, the snapshot vectors (`fv`, decoded) of `event_ids`, and the fold markers
+        of `folded_of` (`Snapshots.queue_folded`), one round trip. Events whose snapshot is missing or
+        unreadable are absent from the second dict."""
         entity_ids = list(dict.fromkeys(entity_ids))
         event_ids = list(dict.fromkeys(event_ids))
-        if not entity_ids and not event_ids:
-            return {}, {}
+        folded_of = list(dict.fromkeys(folded_of))
+        if not entity_ids and not event_ids and not folded_of:
+            return {}, {}, {}
         pipe = self.client.pipeline(transaction=False)
         for entity_id in entity_ids:
             pipe.hgetall(self.keys.entity(entity_id))
         for event_id in event_ids:
             pipe.hget(self.keys.snapshot(event_id), SNAPSHOT_FIELD)
+        if folded_of:
+            self.snapshots.queue_folded(pipe, folded_of)
         started = time.perf_counter()
         replies = pipe.execute()
         metrics.REDIS_SECONDS.labels(self.service, "read_batch").observe(time.perf_counter() - started)
         states = {e: decode_state(r or {}) for e, r in zip(entity_ids, replies)}
         vectors: dict[str, dict] = {}
-        for event_id, blob in zip(event_ids, replies[len(entity_ids):]):
+        for event_id, blob in zip(event_ids, replies[len(entity_ids):len(entity_ids) + len(event_ids)]):
             if blob is None:
                 continue
             try:
                 vectors[event_id] = self.codec.decode(blob, expect="FeatureVector")
             except DecodeError:
                 continue
-        return states, vectors
+        folded = self.snapshots.folded_reply(folded_of, replies[-1]) if folded_of else {}
+        return states, vectors, folded
 
     def read_snapshots(self, event_ids: Iterable[str]) -> dict[str, dict]:
         """The FeatureVectors kept for these events (missing or expired ones are left out)."""
@@ -369,15 +375,15 @@ class Snapshots:
         if keys:
             pipe.eval(SAVE_VECTORS_LUA, len(keys), *keys, SNAPSHOT_FIELD, self.ttl_s, FOLDED_FIELD, *values)
 
-    def folded(self, event_ids: Iterable[str]) -> dict[str, str]:
-        """event_id -> the marker of the input its snapshot was folded from (see FOLDED_FIELD),
-        for those that have one: one round trip."""
-        event_ids = list(dict.fromkeys(event_ids))
-        if not event_ids:
-            return {}
-        replies = self.client.eval(READ_FOLDED_LUA, len(event_ids), *(self.keys.snapshot(e) for e in event_ids),
-                                   FOLDED_FIELD)
-        return {e: _text(r) for e, r in zip(event_ids, replies) if r is not None}
+    def queue_folded(self, pipe, event_ids: list[str]) -> None:
+        """Which input each event's snapshot was folded from (FOLDED_FIELD), asked in a pipeline of
+        the caller's, one script call for them all; `folded_reply` reads its reply."""
+        pipe.eval(READ_FOLDED_LUA, len(event_ids), *(self.keys.snapshot(e) for e in event_ids), FOLDED_FIELD)
+
+    @staticmethod
+    def folded_reply(event_ids: list[str], reply: list) -> dict[str, str]:
+        """event_id -> its marker, for those that have one."""
+        return {e: _text(r) for e, r in zip(event_ids, reply) if r is not None}
 
     def queue_new(self, pipe, event_id: str, vector: bytes, predictions: Mapping[str, bytes]) -> None:
         """A whole snapshot (the vector, role -> Prediction), written only where the event has none
