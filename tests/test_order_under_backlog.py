@@ -29,6 +29,7 @@ from confluent_kafka import TopicPartition
 from driftline.replay.datasets import Dataset, _numeric, label_text
 from driftline.shared import kafka
 from driftline.shared.topics import Topics
+from learner_harness import wait_for
 from pipeline import PIPELINE, metric, replay_report, start_pipeline
 
 pytestmark = pytest.mark.e2e
@@ -129,18 +130,13 @@ def test_the_learner_waits_for_a_drift_service_that_lags_and_goes_on_without_one
     def drift_read() -> int:
         return reader.committed([outcomes], timeout=10)[0].offset
 
-    def wait_for(check, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not check() and time.monotonic() < deadline:
-            time.sleep(0.05)
-
     report: dict = {}
     replaying = threading.Thread(target=lambda: report.update(replay_report(
         settings, agrawal(n), label_delay=0, model=LOGREG, features="raw", stall_timeout_s=180)))
     replaying.start()
     drift = procs["drift"].proc.pid
     try:
-        wait_for(lambda: published() >= 2_000, 120)
+        wait_for(lambda: published() >= 2_000, 120, "2,000 outcomes published")
         assert published() < n - 10_000, "the learner finished too soon to see it wait"
         os.killpg(drift, signal.SIGSTOP)
         time.sleep(2.0)  # the learner asks at most every 0.2 s, between chunks of 1,000
@@ -149,7 +145,7 @@ def test_the_learner_waits_for_a_drift_service_that_lags_and_goes_on_without_one
         assert published() == held_at, "the learner went on while a live drift service read nothing"
         assert held_at - read_at <= ahead + 2 * 1_000, (held_at, read_at)
         os.killpg(drift, signal.SIGCONT)
-        wait_for(lambda: published() > held_at + 2 * ahead, 60)
+        wait_for(lambda: published() > held_at + 2 * ahead, 60, "the learner going on")
         assert published() > held_at + 2 * ahead, "the learner did not go on once the drift service read again"
         assert published() < n - 5_000, "the learner finished too soon to see it go on alone"
         procs["drift"].kill9()  # gone: out of its group once its session times out

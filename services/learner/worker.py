@@ -296,8 +296,8 @@ class LearnerWorker(StreamWorker):
                          self.name, position[1] - position[0], self.cfg.max_ahead_of_drift)
             elif was and not self.pacing and position is not None and position[0] is not None \
                     and position[1] - position[0] > self.cfg.max_ahead_of_drift:
-                log.warning("learner %s: the drift service has not read for %.0f s and its group has no member; "
-                            "going on without it", self.name, self.cfg.label_idle_s)
+                log.warning("learner %s: the drift service has not read for %.0f s and its group has no member "
+                            "(or the broker cannot say); going on without it", self.name, self.cfg.label_idle_s)
         return self.pacing
 
     def step(self, events: list[Event], features_at_end: bool) -> None:

@@ -87,9 +87,12 @@ class Collected:
     drift: list[dict] = field(default_factory=list)
     swaps: list[dict] = field(default_factory=list)
     accounted: set[str] = field(default_factory=set)  # event ids whose label is learned or dead
-    last_learned_s: float | None = None
     learned_at_s: list[float] = field(default_factory=list)  # broker time of each champion outcome
     last_progress: float = field(default_factory=time.monotonic)
+
+    @property
+    def last_learned_s(self) -> float | None:
+        return self.learned_at_s[-1] if self.learned_at_s else None
 
 
 class Collector(threading.Thread):
@@ -160,8 +163,7 @@ class Collector(threading.Thread):
                 return
             self.data.outcomes.append(o)
             self.data.accounted.add(o["event_id"])
-            self.data.last_learned_s = msg.timestamp()[1] / 1000.0
-            self.data.learned_at_s.append(self.data.last_learned_s)
+            self.data.learned_at_s.append(msg.timestamp()[1] / 1000.0)
             self.data.last_progress = time.monotonic()
 
     def _dead_id(self, msg, record: str) -> tuple[dict | None, str | None]:
