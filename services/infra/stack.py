@@ -175,8 +175,12 @@ class Kafka(Component):
         (self.libs.parent / ".complete").write_text(kafka_version())
 
     def _java(self, main: str, *args: str) -> list[str]:
+        # The JIT's first tier only: this broker lives for a demo, a test or a bench, and on a
+        # small machine the optimising compiler cost ~45% of its CPU for minutes after each start
+        # (~60 of 150 us per event, competing with the services for the cores); without it the
+        # broker is at its steady cost from the first run. See reports/bench/profiles/README.md.
         return [
-            "java", "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+            "java", "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true",
             f"-Dlog4j.configuration=file:{KAFKA_LOG4J}", f"-Dkafka.logs.dir={self.settings.home / 'logs'}",
             "-cp", f"{self.libs}/*", main, *args,
         ]
