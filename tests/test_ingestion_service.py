@@ -167,6 +167,30 @@ def test_every_event_ends_in_exactly_one_of_valid_dlq_or_duplicate_through_both_
         json.dumps(item, separators=(",", ":")).encode() for item, _ in bad_http)
 
 
+def test_records_of_an_aborted_producer_transaction_are_never_ingested(settings, run_service):
+    """A producer may write `events` in transactions (Kafka's exactly-once producers do): what it
+    aborted must not reach events.valid, what it committed must, once. driftline's own topics are
+    read without that filter (nothing there is transactional); this door keeps it."""
+    svc = run_service("ingestion")
+    topics = Topics(settings.namespace)
+    tx = kafka.producer(settings, **{"transactional.id": f"test-tx-{settings.namespace}"})
+    tx.init_transactions(30)
+    tx.begin_transaction()
+    for i in range(3):
+        tx.produce(topics.events, avro("Event", event(f"aborted-{i}")), "meter-7")
+    tx.flush(30)
+    tx.abort_transaction(30)
+    tx.begin_transaction()
+    for i in range(3):
+        tx.produce(topics.events, avro("Event", event(f"committed-{i}")), "meter-7")
+    tx.commit_transaction(30)
+    publish(settings, topics.events, [("meter-7", avro("Event", event("plain")))])
+    counts = wait_decided(svc.url, "kafka", "events", 4)
+    assert counts[("kafka", "events", "valid")] == 4
+    ids = [codec.decode(m.value(), expect="Event")["event_id"] for m in read_topic(settings, topics.events_valid)]
+    assert ids == ["committed-0", "committed-1", "committed-2", "plain"]
+
+
 def test_every_label_ends_in_exactly_one_of_valid_dlq_or_duplicate_through_both_doors(settings, run_service):
     svc = run_service("ingestion")
     topics = Topics(settings.namespace)

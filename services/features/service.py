@@ -177,6 +177,7 @@ class FeaturesWorker(StreamWorker):
     def __init__(self, settings: Settings, feature_set: FeatureSet | None = None) -> None:
         super().__init__(settings)
         self.batch_size = settings.features.batch_size
+        self.commit_interval_s = settings.features.commit_interval_s
         self.codec = get_codec()
         self.feature_set = feature_set or load_feature_set(settings.features.set)
         self.redis = deps.redis_client(settings)  # waits out a Redis outage
@@ -286,6 +287,7 @@ class FeaturesWorker(StreamWorker):
             log.warning("could not read the new partitions' offsets", exc_info=True)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.settle_on_revoke(consumer, partitions)  # commit what was handled while the partitions are ours
         tps = [(p.topic, p.partition) for p in partitions]
         self.buffer.drop(tps)
         paused = [TopicPartition(*tp) for tp in tps if tp in self._paused]

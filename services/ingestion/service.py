@@ -218,6 +218,7 @@ class IngestionWorker(StreamWorker):
     """The Kafka door: consume -> decide (validate) -> claim ids -> produce -> (run) flush -> commit."""
 
     service = SERVICE
+    consumer_config = kafka.INPUT_CONSUMER  # the producers' topics: no record of an aborted transaction
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         super().__init__(settings)
@@ -225,6 +226,8 @@ class IngestionWorker(StreamWorker):
         # Its own client, which waits out a Redis outage (the HTTP door's answers 503 at once).
         self.ingestor = Ingestor(settings, self.producer, client or deps.redis_client(settings))
         self.undelivered: list[KafkaError] = []
+        self.unmarked: list[Claim] = []  # claims of the batches handled since the last commit
+        self.commit_interval_s = settings.ingestion.commit_interval_s
 
     def input_topics(self) -> list[str]:
         return [self.topics.events, self.topics.labels]
@@ -233,6 +236,7 @@ class IngestionWorker(StreamWorker):
         now = time.time()
         decisions = [self.ingestor.decide_message(m, now) for m in messages]
         self.ingestor.publish(decisions, "kafka", on_delivery=self._delivered)
+        self.unmarked.extend(self.ingestor.published)
 
     def _delivered(self, _index: int, err: KafkaError | None) -> None:
         if err is not None:
@@ -245,8 +249,8 @@ class IngestionWorker(StreamWorker):
             raise RuntimeError(f"{len(self.undelivered)} messages not delivered, e.g. {self.undelivered[0]}")
         # Acknowledged: if the commit fails (a rebalance, the broker away), the redelivered batch
         # must not be published again.
-        self.ingestor.dedup.mark_published(self.ingestor.published)
-        self.ingestor.published = []
+        self.ingestor.dedup.mark_published(self.unmarked)
+        self.unmarked = []
         super().commit()
 
 

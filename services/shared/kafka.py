@@ -62,6 +62,12 @@ def producer(settings: Settings, **overrides) -> Producer:
 # is full).
 MERGING_CONSUMER = {"fetch.wait.max.ms": 20}
 
+# For the producers' topics (events, labels): a producer may write them in transactions, and the
+# records of an aborted one must not be ingested. The broker answers a read_committed fetch parked
+# at its end late, though: up to the whole fetch.wait.max.ms for ~5% of the records at 500 ms
+# (produce -> poll p95 ~550 ms, reports/bench/profiles/fetch_isolation_latency.py), ~8 ms at 100.
+INPUT_CONSUMER = {"isolation.level": "read_committed", "fetch.wait.max.ms": 100}
+
 
 def consumer(settings: Settings, group: str, **overrides) -> Consumer:
     config = {
@@ -80,7 +86,9 @@ def consumer(settings: Settings, group: str, **overrides) -> Consumer:
         "session.timeout.ms": 10_000,
         "heartbeat.interval.ms": 1_000,
         "max.poll.interval.ms": 300_000,
-        "isolation.level": "read_committed",
+        # driftline's own topics are written only by its idempotent, non-transactional producers:
+        # read_committed would skip nothing there, and costs latency (see INPUT_CONSUMER).
+        "isolation.level": "read_uncommitted",
     }
     config.update(overrides)
     return Consumer(config)

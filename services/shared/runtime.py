@@ -6,8 +6,12 @@ the stream services, one worker thread running the consume loop.
     run_app(app, settings.ports.features, settings)
 
 The loop is the same everywhere: consume a batch -> handle it (decode, do the one thing, encode,
-produce) -> wait for the produced messages -> commit. A worker that dies makes /health answer 503,
-so a supervisor restarts the process; input never crashes it (bad input is the DLQ's business).
+produce) -> wait for the produced messages -> commit. A worker with a `commit_interval_s` does not
+wait per batch: it goes on consuming while the broker acknowledges, and waits and commits once
+that interval has passed, when its input pauses, or when its partitions are taken away (Kafka
+Streams' commit.interval.ms; at-least-once either way, since nothing is committed before its
+outputs are acknowledged). A worker that dies makes /health answer 503, so a supervisor restarts
+the process; input never crashes it (bad input is the DLQ's business).
 """
 
 from __future__ import annotations
@@ -69,6 +73,10 @@ class StreamWorker:
     batch_size = 1000
     poll_timeout_s = 0.2
     lag_every_s = 5.0
+    # 0: wait for the broker and commit after every batch. More: keep consuming while the batches
+    # handled since the last commit are acknowledged (see the module's docstring).
+    commit_interval_s = 0.0
+    consumer_config: dict[str, Any] = {}  # librdkafka settings of this worker's consumer
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -86,6 +94,7 @@ class StreamWorker:
         self._last_probe = 0.0
         self._kafka_ok = time.monotonic()  # when Kafka last answered (a commit or a probe)
         self.commit_owed = False  # a commit failed and no later one has gone through yet
+        self.unsettled_since: float | None = None  # when the oldest batch not yet committed was handled
         metrics.start_at_zero(self.service, settings)
 
     # -- to implement ----------------------------------------------------------------------
@@ -99,9 +108,15 @@ class StreamWorker:
         """Periodic work between batches (timers, pending joins)."""
 
     def open_consumer(self) -> Consumer:
-        c = kafka.consumer(self.settings, self.topics.group(self.service))
-        c.subscribe(self.input_topics())
+        c = kafka.consumer(self.settings, self.topics.group(self.service), **self.consumer_config)
+        c.subscribe(self.input_topics(), on_revoke=self.settle_on_revoke)
         return c
+
+    def settle_on_revoke(self, _consumer: Consumer, _partitions: list) -> None:
+        """Partitions taken away (a rebalance): commit what was handled of them first, so that
+        their next owner does not handle it again. (A subclass's own on_revoke calls this first.)"""
+        if self.unsettled_since is not None:
+            self.settle()
 
     def commit(self) -> None:
         assert self.consumer is not None
@@ -117,6 +132,7 @@ class StreamWorker:
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
         self.consumer = self.open_consumer()
+        unacknowledged = False  # stopping while the broker is away: nothing more is committed
         try:
             while self.running():
                 messages = self.next_batch()
@@ -128,21 +144,41 @@ class StreamWorker:
                     self._count_in(good)
                     started = time.perf_counter()
                     self.handle(good)
-                    if not self.flush_until_stopped():
-                        break  # stopping with messages unacknowledged: do not commit past them
-                    self.safe_commit()
+                    self.producer.poll(0)  # delivery reports so far (the ones failed, counted)
                     metrics.PROCESSING_SECONDS.labels(self.service, "batch").observe(time.perf_counter() - started)
                     metrics.BATCH_SIZE.labels(self.service).observe(len(good))
                     self.batches += 1
+                    if self.unsettled_since is None:
+                        self.unsettled_since = time.monotonic()
+                    if time.monotonic() - self.unsettled_since >= self.commit_interval_s and not self.settle():
+                        unacknowledged = True  # stopping with messages unacknowledged: do not commit past them
+                        break
+                elif self.unsettled_since is not None:
+                    if not self.settle():  # the input paused (or the interval passed): commit now
+                        unacknowledged = True
+                        break
                 elif self.commit_owed:
                     self.retry_commit()
                 self.tick()
                 self._export_lag()
                 self.probe_kafka()
+            if self.unsettled_since is not None and not unacknowledged:
+                self.settle()
             self.close()
         finally:
             self.producer.flush(10)
             self.consumer.close()
+
+    def settle(self) -> bool:
+        """Wait for the broker to acknowledge everything produced, then commit what was handled.
+        False = stopped while the broker was away (nothing is committed past unacknowledged output)."""
+        started = time.perf_counter()
+        if not self.flush_until_stopped():
+            return False
+        self.safe_commit()
+        self.unsettled_since = None
+        metrics.PROCESSING_SECONDS.labels(self.service, "commit").observe(time.perf_counter() - started)
+        return True
 
     def safe_commit(self) -> None:
         """commit(), shrugging off a commit that a rebalance or a broker outage refused: the next
@@ -234,7 +270,10 @@ class StreamWorker:
         already fetched without waiting. (consume() alone waits out its whole timeout whenever
         fewer than batch_size messages are there, which adds that much latency at low rates.)"""
         assert self.consumer is not None
-        first = self.consumer.poll(self.poll_timeout_s)
+        timeout = self.poll_timeout_s
+        if self.unsettled_since is not None:  # no longer than until the next commit is due
+            timeout = max(0.0, min(timeout, self.unsettled_since + self.commit_interval_s - time.monotonic()))
+        first = self.consumer.poll(timeout)
         if first is None:
             return []
         if self.batch_size <= 1:

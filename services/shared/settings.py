@@ -72,6 +72,11 @@ class IngestionSettings(BaseModel):
     max_clock_skew_s: float = Field(24 * 3600, description="events further in the future are invalid")
     min_ts: float = Field(0.0, description="events before this epoch second are invalid")
     batch_size: int = 1000
+    commit_interval_s: float = Field(
+        0.1, description="the Kafka door goes on reading while its output is acknowledged, and commits at "
+                         "most this long after a batch (or when its input pauses); 0 = wait and commit "
+                         "after every batch"
+    )
     _allowed: tuple | None = PrivateAttr(None)
 
     @property
@@ -100,6 +105,10 @@ class FeatureSettings(BaseModel):
         1000, description="distinct text values one field may take for one model; events with more go to the DLQ"
     )
     batch_size: int = 1000
+    commit_interval_s: float = Field(
+        0.1, description="reads on while its output is acknowledged, and commits at most this long after a "
+                         "batch (or when its input pauses); 0 = wait and commit after every batch"
+    )
     max_reorder_wait_ms: int = Field(
         200, description="how long an event may wait for labels with earlier timestamps"
     )
