@@ -231,8 +231,11 @@ class DriftPace:
     for. One whose position has not moved for `idle_s` is asked about: still a member of its
     consumer group, it is slow (a loaded machine, a long batch) and still waited for; Kafka's own
     liveness rules take a frozen or stuck member out of the group (session.timeout.ms,
-    max.poll.interval.ms), and a group with no member -- or no answer -- is a service stopped or
-    gone, not waited for (source idleness again, as for a quiet labels.valid partition).
+    max.poll.interval.ms), and a group with no member is a service stopped or gone, not waited
+    for (source idleness again, as for a quiet labels.valid partition). A question the broker
+    does not answer (a loaded machine, a broker restarting) changes nothing for `idle_s` more;
+    still no answer then, and the learner goes on (a broker that never answers, say for want of
+    an ACL, must not hold it for good).
 
     >>> pace = DriftPace(max_ahead=100, idle_s=5.0)
     >>> pace.decide(committed=None, published=5000, now=0.0)        # no drift service
@@ -245,7 +248,9 @@ class DriftPace:
     True
     >>> pace.decide(committed=4950, published=9000, now=8.0, members=lambda: 0)  # left its group
     False
-    >>> pace.decide(committed=4950, published=9000, now=8.5)        # nobody to ask: gone
+    >>> pace.decide(committed=4950, published=9000, now=8.5)        # no answer: as before, a while
+    True
+    >>> pace.decide(committed=4950, published=9000, now=13.6)       # no answer for idle_s: gone
     False
     """
 
@@ -254,15 +259,31 @@ class DriftPace:
         self.idle_s = idle_s
         self.committed: int | None = None
         self.moved_at = 0.0
+        self.unanswered_since: float | None = None  # since when the broker has not answered
+
+    def unanswered(self, now: float) -> bool:
+        """The broker did not answer a question of this rule: keep waiting for `idle_s` more
+        (True), then go on (False)."""
+        if self.unanswered_since is None:
+            self.unanswered_since = now
+        return now - self.unanswered_since < self.idle_s
 
     def decide(self, committed: int | None, published: int, now: float,
                members: Callable[[], int | None] = lambda: None) -> bool:
         """`members()`: how many consumers the drift service's group has (None: unknown); asked
         only of a position that has not moved for idle_s."""
-        if committed is None or self.max_ahead <= 0:
+        if committed is None or self.max_ahead <= 0 or published - committed <= self.max_ahead:
+            self.unanswered_since = None
+            if committed is not None and committed != self.committed:
+                self.committed, self.moved_at = committed, now
             return False
         if committed != self.committed:
             self.committed, self.moved_at = committed, now
-        if published - committed <= self.max_ahead:
-            return False
-        return now - self.moved_at < self.idle_s or bool(members())
+        if now - self.moved_at < self.idle_s:
+            self.unanswered_since = None
+            return True
+        count = members()
+        if count is None:
+            return self.unanswered(now)
+        self.unanswered_since = None
+        return count > 0

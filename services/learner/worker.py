@@ -287,8 +287,10 @@ class LearnerWorker(StreamWorker):
             self.drift_checked_at, self.drift_checked_position = now, self.position
             position = self.inputs.drift_position()
             was, read_before = self.pacing, self.drift_pace.committed
-            self.pacing = position is not None and self.drift_pace.decide(position[0], position[1], now,
-                                                                         self.inputs.drift_members)
+            if position is None:  # the broker did not answer: as before, for a while (DriftPace.unanswered)
+                self.pacing = self.pacing and self.drift_pace.unanswered(now)
+            else:
+                self.pacing = self.drift_pace.decide(position[0], position[1], now, self.inputs.drift_members)
             if self.drift_pace.committed != read_before:
                 self.catch_up_control()
             if self.pacing and not was:
