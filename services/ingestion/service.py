@@ -80,7 +80,6 @@ class Ingestor:
         self.codec = get_codec()
         topics, keys = Topics(settings.namespace), Keys(settings.namespace)
         self.dedup = Dedup(client, keys, self.limits.dedup_ttl_s, SERVICE)
-        self.published: list[Claim] = []
         self.events = Stream("events", "Event", topics.events, topics.events_valid, topics.events_dlq,
                              keys.seen_event, validate.check_event_avro, validate.check_event_json)
         self.labels = Stream("labels", "Label", topics.labels, topics.labels_valid, topics.labels_dlq,
@@ -139,7 +138,6 @@ class Ingestor:
         input order, count. Returns each input's outcome: valid | dead_letter | duplicate.
         The caller flushes the producer (and learns of failed deliveries through `on_delivery`)."""
         owned = iter(self.dedup.claim([d.claim for d in decisions if d.claim is not None]))
-        self.published = []  # the claims of this batch's valid inputs (see Dedup.mark_published)
         outcomes: list[str] = []
         counts: Counter[tuple[Stream, str, str | None]] = Counter()
         for i, d in enumerate(decisions):
@@ -147,7 +145,6 @@ class Ingestor:
                 outcome, topic = "dead_letter", d.stream.dlq
             elif next(owned):
                 outcome, topic = "valid", d.stream.valid
-                self.published.append(d.claim)
             else:
                 outcome, topic = "duplicate", None
             outcomes.append(outcome)
@@ -214,6 +211,9 @@ def json_bytes(item: Any) -> bytes:
         return repr(item).encode("utf-8", "replace")
 
 
+MARK_EVERY_S = 0.01  # acknowledged claims are marked published at most this long after (one script call)
+
+
 class IngestionWorker(StreamWorker):
     """The Kafka door: consume -> decide (validate) -> claim ids -> produce -> (run) flush -> commit."""
 
@@ -226,7 +226,8 @@ class IngestionWorker(StreamWorker):
         # Its own client, which waits out a Redis outage (the HTTP door's answers 503 at once).
         self.ingestor = Ingestor(settings, self.producer, client or deps.redis_client(settings))
         self.undelivered: list[KafkaError] = []
-        self.unmarked: list[Claim] = []  # claims of the batches handled since the last commit
+        self.acknowledged: list[Claim] = []  # claims whose output Kafka acknowledged, not yet marked
+        self.marked_at = 0.0
         self.commit_interval_s = settings.ingestion.commit_interval_s
 
     def input_topics(self) -> list[str]:
@@ -235,22 +236,34 @@ class IngestionWorker(StreamWorker):
     def handle(self, messages: list[Message]) -> None:
         now = time.time()
         decisions = [self.ingestor.decide_message(m, now) for m in messages]
-        self.ingestor.publish(decisions, "kafka", on_delivery=self._delivered)
-        self.unmarked.extend(self.ingestor.published)
 
-    def _delivered(self, _index: int, err: KafkaError | None) -> None:
-        if err is not None:
-            self.undelivered.append(err)
+        def delivered(index: int, err: KafkaError | None) -> None:
+            if err is not None:
+                self.undelivered.append(err)
+            elif decisions[index].claim is not None:  # a valid input's output (a dead letter has none)
+                self.acknowledged.append(decisions[index].claim)
+
+        self.ingestor.publish(decisions, "kafka", on_delivery=delivered)
+
+    def tick(self) -> None:
+        # Mark what Kafka acknowledged soon, not only at the commit: an input redelivered after a
+        # crash is then dropped as a duplicate unless its acknowledgement came in the last moment.
+        if self.acknowledged and time.monotonic() - self.marked_at >= MARK_EVERY_S:
+            self.mark_acknowledged()
+
+    def mark_acknowledged(self) -> None:
+        self.ingestor.dedup.mark_published(self.acknowledged)
+        self.acknowledged = []
+        self.marked_at = time.monotonic()
 
     def commit(self) -> None:
         # Never commit past an input whose output Kafka refused: stop instead; after the restart
         # Kafka redelivers the batch, and dedup's marker lets the same messages through again.
         if self.undelivered:
             raise RuntimeError(f"{len(self.undelivered)} messages not delivered, e.g. {self.undelivered[0]}")
-        # Acknowledged: if the commit fails (a rebalance, the broker away), the redelivered batch
-        # must not be published again.
-        self.ingestor.dedup.mark_published(self.unmarked)
-        self.unmarked = []
+        # Acknowledged (the loop flushed first): if the commit fails (a rebalance, the broker
+        # away), the redelivered inputs must not be published again.
+        self.mark_acknowledged()
         super().commit()
 
 

@@ -83,7 +83,8 @@ class Collected:
     challenger_outcomes: int = 0
     labels_dlq: list[dict] = field(default_factory=list)
     events_dlq: list[dict] = field(default_factory=list)
-    events_valid: int = 0
+    events_valid: set[str] = field(default_factory=set)  # ids seen on events.valid (a copy counts once)
+    events_valid_copies: int = 0  # messages beyond the first per id: at-least-once after an ingestion crash
     drift: list[dict] = field(default_factory=list)
     swaps: list[dict] = field(default_factory=list)
     accounted: set[str] = field(default_factory=set)  # event ids whose label is learned or dead
@@ -206,7 +207,10 @@ class Collector(threading.Thread):
         e = self._decode(msg, "Event")
         if e and self._mine(e["event_id"]):
             with self.lock:
-                self.data.events_valid += 1
+                if e["event_id"] in self.data.events_valid:
+                    self.data.events_valid_copies += 1
+                else:
+                    self.data.events_valid.add(e["event_id"])
 
     def _drift(self, msg) -> None:
         d = self._decode(msg, "DriftEvent")
@@ -292,7 +296,8 @@ def replay(
     data = collector.data
     meta = {
         "dataset": dataset.name, "dataset_size": dataset.size, "drift_positions": list(dataset.drift_positions),
-        "drift_width": dataset.drift_width, "events_sent": events_sent, "events_valid": data.events_valid,
+        "drift_width": dataset.drift_width, "events_sent": events_sent, "events_valid": len(data.events_valid),
+        "events_valid_copies": data.events_valid_copies,
         "labels_sent": labels_sent, "label_delay": label_delay, "model_spec": expected_model,
         "features": expected_features, "rate": rate, "namespace": settings.namespace, "run_id": run_id,
         "t_first_published": t_first, "t_last_learned": data.last_learned_s, "publish_s": round(publish_s, 3),

@@ -152,6 +152,7 @@ def build_report(
         "dataset": meta.get("dataset"),
         "events_sent": meta.get("events_sent", 0),
         "events_valid": meta.get("events_valid", 0),
+        "events_valid_copies": meta.get("events_valid_copies", 0),  # at-least-once copies, counted once above
         "events_dlq": len(events_dlq),
         "labels_sent": meta.get("labels_sent", 0),
         "labels_dlq": len(labels_dlq),
