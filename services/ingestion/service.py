@@ -215,7 +215,8 @@ MARK_EVERY_S = 0.01  # acknowledged claims are marked published at most this lon
 
 
 class IngestionWorker(StreamWorker):
-    """The Kafka door: consume -> decide (validate) -> claim ids -> produce -> (run) flush -> commit."""
+    """The Kafka door: consume -> decide (validate) -> claim ids -> produce; as Kafka acknowledges,
+    mark the claims published; every commit_interval_s (run) flush, mark the rest, commit."""
 
     service = SERVICE
     consumer_config = kafka.INPUT_CONSUMER  # the producers' topics: no record of an aborted transaction
