@@ -272,13 +272,11 @@ class DriftPace:
                members: Callable[[], int | None] = lambda: None) -> bool:
         """`members()`: how many consumers the drift service's group has (None: unknown); asked
         only of a position that has not moved for idle_s."""
+        if committed is not None and committed != self.committed:
+            self.committed, self.moved_at = committed, now
         if committed is None or self.max_ahead <= 0 or published - committed <= self.max_ahead:
             self.unanswered_since = None
-            if committed is not None and committed != self.committed:
-                self.committed, self.moved_at = committed, now
             return False
-        if committed != self.committed:
-            self.committed, self.moved_at = committed, now
         if now - self.moved_at < self.idle_s:
             self.unanswered_since = None
             return True
