@@ -40,15 +40,15 @@ BOUNDS = {"DRIFTLINE_LEARNER__MAX_HELD_EVENTS": "1000", "DRIFTLINE_LEARNER__MAX_
           "DRIFTLINE_LEARNER__LABEL_IDLE_S": "30"}
 
 
-def agrawal(n: int) -> Dataset:
+def agrawal(n: int, entities: int = 4) -> Dataset:
     """river's Agrawal (function 2: a tree fits it), four entities so that events spread over partitions."""
     from river.datasets import synth
 
     def rows():
         for i, (x, y) in enumerate(itertools.islice(synth.Agrawal(classification_function=2, seed=7), n)):
-            yield _numeric(x), label_text(y), f"m{i % 4}"
+            yield _numeric(x), label_text(y), f"m{i % entities}"
 
-    return Dataset(f"agrawal-{n}", rows, n, description="river Agrawal function 2, 4 entities")
+    return Dataset(f"agrawal-{n}", rows, n, description=f"river Agrawal function 2, {entities} entities")
 
 
 def in_process(rows, spec: str, delay: int) -> list[str | None]:
@@ -72,9 +72,9 @@ def in_process(rows, spec: str, delay: int) -> list[str | None]:
     return preds
 
 
-def check_exact_order(settings, run_service, spec: str, n: int, delay: int) -> None:
-    procs = start_pipeline(run_service, model=spec, features="raw", **BOUNDS)
-    dataset = agrawal(n)
+def check_exact_order(settings, run_service, spec: str, n: int, delay: int, entities: int = 4, **env) -> dict:
+    procs = start_pipeline(run_service, model=spec, features="raw", **{**BOUNDS, **env})
+    dataset = agrawal(n, entities)
     report = replay_report(settings, dataset, label_delay=delay, model=spec, features="raw", stall_timeout_s=120)
     rows = list(dataset.rows())
     expected = in_process(rows, spec, delay)
@@ -95,11 +95,37 @@ def check_exact_order(settings, run_service, spec: str, n: int, delay: int) -> N
     learner = procs["learner"]
     assert metric(learner, "driftline_labels_out_of_order_total") == 0
     assert metric(learner, "driftline_scored_ahead_of_labels_total") == 0
+    return report
 
 
 @pytest.mark.parametrize("spec,delay", [(TREE, 0), (LOGREG, 100)], ids=["tree-delay0", "logreg-delay100"])
 def test_full_speed_replay_predicts_exactly_as_river_in_process(settings, run_service, spec, delay):
     check_exact_order(settings, run_service, spec, 20_000, delay)
+
+
+def test_empty_partitions_hold_nothing_back_once_the_services_before_say_nothing_older_is_coming(settings, run_service):
+    """One entity: its events take one features partition, and the other five stay empty. An empty
+    partition might still get an older event, so without word from upstream the learner would
+    wait label_idle_s (here 300 s) before counting it idle. Ingestion and features commit the
+    event time they have got to (offset-commit metadata); from that the learner knows nothing
+    older is coming, and goes on at once, in exact order."""
+    idle_s = 300
+    report = check_exact_order(settings, run_service, LOGREG, 3_000, 0, entities=1,
+                               DRIFTLINE_LEARNER__LABEL_IDLE_S=str(idle_s))
+    assert report["wall_s"] < idle_s / 3, "the learner waited for the empty partitions to go idle"
+    # The watermarks themselves: each group's commit on the partition it read carries the event
+    # time of the last event there (the replay's ts are START_TS + i).
+    topics = Topics(settings.namespace)
+    last_ts = max(o["ts"] for o in report["_outcomes"])
+    for group, topic in (("ingestion", topics.events), ("features", topics.events_valid)):
+        reader = kafka.consumer(settings, topics.group(group))
+        try:
+            committed = reader.committed([TopicPartition(topic, tp.partition)
+                                          for tp in kafka.partitions_of(settings, topic)], timeout=10)
+        finally:
+            reader.close()
+        times = [kafka.event_time_of(tp.metadata) for tp in committed if tp.offset > 0]
+        assert times == [last_ts], (group, [(tp.partition, tp.offset, tp.metadata) for tp in committed])
 
 
 @pytest.mark.slow

@@ -107,6 +107,7 @@ class ReorderBuffer:
     queues: dict[tuple[str, int], deque[Item]] = field(default_factory=dict)
     latest: dict[tuple[str, int], tuple[int, float]] = field(default_factory=dict)  # tp -> (kind, max ts seen)
     done: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset to commit
+    released: dict[tuple[str, int], float] = field(default_factory=dict)  # latest event time let go
     pending: int = 0
     _seq: int = 0
 
@@ -152,6 +153,8 @@ class ReorderBuffer:
             item = q.popleft()
             self.pending -= 1
             self.done[tp] = item.offset + 1
+            if item.kind != BAD and item.ts > self.released.get(tp, -math.inf):
+                self.released[tp] = item.ts
             out.append(item)
             if q:
                 heapq.heapreplace(heap, (q[0].ts, q[0].kind, q[0].seq, tp))
@@ -163,12 +166,27 @@ class ReorderBuffer:
         """Per partition, the offset up to which everything is processed."""
         return {tp: (self.queues[tp][0].offset if self.queues.get(tp) else nxt) for tp, nxt in self.done.items()}
 
+    def event_time_at_commit(self, tp: tuple[str, int]) -> float | None:
+        """The least event time from the commit offset on, as far as the partition keeps its time
+        order: the first waiting item's, else the latest let go (None: not known).
+
+            >>> buf = ReorderBuffer(wait_s=0.0)
+            >>> for offset, ts in enumerate((5.0, 7.0)):
+            ...     buf.add(Item(EVENT, ts, "events.valid", 0, offset, {}))
+            >>> [i.ts for i in buf.pop_ready(now=0.0)], buf.event_time_at_commit(("events.valid", 0))
+            ([5.0, 7.0], 7.0)
+        """
+        q = self.queues.get(tp)
+        ts = q[0].ts if q else self.released.get(tp)
+        return ts if ts is not None and math.isfinite(ts) else None
+
     def drop(self, tps: list[tuple[str, int]]) -> None:
         """Forget partitions this consumer lost (their new owner starts from the committed offset)."""
         for tp in tps:
             self.pending -= len(self.queues.pop(tp, ()))
             self.latest.pop(tp, None)
             self.done.pop(tp, None)
+            self.released.pop(tp, None)
 
 
 class FeaturesWorker(StreamWorker):
@@ -353,9 +371,15 @@ class FeaturesWorker(StreamWorker):
         return out
 
     def commit(self) -> None:
+        """Commit up to the first item still waiting, with the event time from there on in the
+        commit's metadata (the learner's watermark of what is still on its way)."""
         assert self.consumer is not None
-        offsets = [TopicPartition(t, p, o) for (t, p), o in self.buffer.commit_offsets().items()
-                   if self._committed.get((t, p)) != o]
+        offsets = []
+        for (t, p), o in self.buffer.commit_offsets().items():
+            if self._committed.get((t, p)) != o:
+                ts = self.buffer.event_time_at_commit((t, p))
+                offsets.append(TopicPartition(t, p, o) if ts is None else
+                               TopicPartition(t, p, o, metadata=kafka.event_time_metadata(ts)))
         if offsets:
             self.consumer.commit(offsets=offsets, asynchronous=False)
             for tp in offsets:

@@ -69,6 +69,7 @@ class Decision:
     claim: Claim | None
     reason: str | None = None
     detail: str = ""
+    ts: float | None = None  # a valid input's event time (the Kafka door commits it as its watermark)
 
 
 class Ingestor:
@@ -100,7 +101,8 @@ class Ingestor:
         current = self.codec.is_current(blob)  # an older schema version's record is re-encoded as the current one
         if stream is self.labels:
             value = blob if current else self.codec.encode("Label", checked)
-            return Decision(stream, value, checked["event_id"], Claim(stream.seen(checked["event_id"]), marker))
+            return Decision(stream, value, checked["event_id"], Claim(stream.seen(checked["event_id"]), marker),
+                            ts=checked["ts"])
         kind, ts_ms = m.timestamp()
         if kind == TIMESTAMP_NOT_AVAILABLE or ts_ms <= 0:
             ts_ms = checked["published_ms"] or int(now * 1000)
@@ -108,7 +110,8 @@ class Ingestor:
             value = stamp_published_ms(blob, checked["published_ms"], ts_ms)
         else:
             value = self.codec.encode("Event", {**checked, "published_ms": ts_ms})
-        return Decision(stream, value, checked["entity_id"], Claim(stream.seen(checked["event_id"]), marker))
+        return Decision(stream, value, checked["entity_id"], Claim(stream.seen(checked["event_id"]), marker),
+                        ts=checked["ts"])
 
     def decide_item(self, stream: Stream, item: Any, marker: str, now: float) -> Decision:
         """One JSON item from the HTTP door -> a Decision (its DeadLetter payload is the item's JSON)."""
@@ -245,6 +248,9 @@ class IngestionWorker(StreamWorker):
                 self.acknowledged.append(decisions[index].claim)
 
         self.ingestor.publish(decisions, "kafka", on_delivery=delivered)
+        for m, d in zip(messages, decisions):
+            if d.ts is not None:  # a duplicate too: the partition has got that far
+                self.note_event_time(m.topic(), m.partition(), d.ts)
 
     def tick(self) -> None:
         # Mark what Kafka acknowledged soon, not only at the commit: an input redelivered after a

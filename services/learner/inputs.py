@@ -19,12 +19,13 @@ import time
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from ..shared import kafka
 from ..shared.deps import DEPS, backoff_delays
 from ..shared.settings import Settings
 from ..shared.topics import Topics
+from .ordering import INF
 from .records import Event
 
 SERVICE = "learner"
@@ -194,6 +195,71 @@ class Inputs:
                 log.warning("learner: the upstream services' offsets can be read again")
         self.upstream_checked[side] = (time.monotonic(), drained)
         return drained
+
+    def upstream_floors(self) -> dict[tuple[str, int], tuple[int, float, float]] | None:
+        """Per partition of ours, ("features" | "labels", partition) -> (offset, lasting, now):
+        every record written there from `offset` on has an event time at or after `lasting`, and
+        of those already published, at or after `now` (as far as each upstream partition keeps its
+        own time order). None when the broker cannot say now.
+
+        Read from the upstream services' commits, whose metadata carries the event time each has
+        got to on each input partition (kafka.event_time_metadata), then from the ends of their
+        inputs and of ours, in that order. A record not yet through ingestion is at or after
+        ingestion's committed event time on its partition; one through ingestion but not through
+        features, at or after features'; one through both was acknowledged before those commits
+        were read, so it is before our end, read after them. An upstream partition read to its end
+        holds nothing back `now` (what it gets next is produced later, so newer: the rule of
+        `upstream_drained`), and for good only what its own order says. One not read to its end
+        and committed without an event time (not yet committed, an older driftline) leaves no floor.
+
+        Ingestion is asked before features, so that what it had passed on is then known to be
+        through features or behind its commit. While the broker is away the answer is None
+        without asking, and a failed question is asked again only after a backoff."""
+        now = time.monotonic()
+        if DEPS.is_down("kafka") or now < self.upstream_retry_at.get("floors", 0.0):
+            return None
+        try:
+            committed: dict[tuple[str, int], TopicPartition] = {}
+            for side in ("labels", "features"):  # ingestion before features (see above)
+                for c, parts in self.upstream_consumers(side):
+                    for tp in c.committed(parts, timeout=UPSTREAM_TIMEOUT_S):
+                        committed[(tp.topic, tp.partition)] = tp
+            if self.admin is None:
+                self.admin = kafka.admin(self.settings)
+            wanted = [TopicPartition(t, p) for t, p in committed] + [
+                TopicPartition(tp.topic, tp.partition) for tp in self.feature_partitions + self.label_partitions]
+            asked = self.admin.list_offsets({tp: OffsetSpec.latest() for tp in wanted},
+                                            request_timeout=UPSTREAM_TIMEOUT_S)
+            ends = {(tp.topic, tp.partition): f.result(timeout=UPSTREAM_TIMEOUT_S).offset for tp, f in asked.items()}
+        except Exception:  # the broker away: no floor now, asked again after a backoff
+            log.debug("the upstream services' event times are unavailable", exc_info=True)
+            self.upstream_retry_at["floors"] = time.monotonic() + next(
+                self.upstream_delays.setdefault("floors", backoff_delays()))
+            self.close_upstream("labels")
+            self.close_upstream("features")
+            self.admin = None
+            return None
+        self.upstream_delays.pop("floors", None)
+
+        def floor(topics: tuple[str, ...]) -> tuple[float, float]:
+            lasting = at_once = INF
+            for (topic, partition), tp in committed.items():
+                if topic not in topics:
+                    continue
+                ts = kafka.event_time_of(tp.metadata)
+                if max(tp.offset, 0) >= ends[(topic, partition)]:  # read to its end
+                    lasting = min(lasting, INF if ts is None else ts)
+                else:
+                    bound = -INF if ts is None else ts
+                    lasting, at_once = min(lasting, bound), min(at_once, bound)
+            return lasting, at_once
+
+        features = floor((self.topics.events, self.topics.events_valid))
+        labels = floor((self.topics.labels,))
+        return {**{("features", tp.partition): (ends[(tp.topic, tp.partition)], *features)
+                   for tp in self.feature_partitions},
+                **{("labels", tp.partition): (ends[(tp.topic, tp.partition)], *labels)
+                   for tp in self.label_partitions}}
 
     def upstream_consumers(self, side: str) -> list[tuple[Consumer, list[TopicPartition]]]:
         """Per service before us, a consumer in its group (never subscribes: reads commits) and its

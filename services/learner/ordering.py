@@ -98,21 +98,35 @@ class LabelWatermark:
             self.seen_at[partition] = now
 
     def mark(self, partitions: Iterable[tuple[int, bool]], now: float,
-             drained: Callable[[int], bool] = lambda partition: True) -> float:
+             drained: Callable[[int], bool] = lambda partition: True,
+             floor: Callable[[int], float] = lambda partition: -INF, enough: float = INF) -> float:
         """The watermark over `partitions`: (partition, read to its end?) for every partition;
         +inf when none holds anything back. `drained(partition)` says whether anything is still on
         its way to that partition through the services before us (asked only when it decides): a
         partition that has had records is idle only when nothing is -- at its end and quiet behind
-        a backlog, it lags."""
+        a backlog, it lags. `floor(partition)` is the event time below which nothing more can come
+        to it, as far as the services before us can tell (their commits' event times, read by
+        `Inputs.upstream_floors`): a partition is never held further back than that, idle or not.
+        A partition already at or past `enough` (the newest event waiting) holds back nothing that
+        waits: whether it is idle is not asked (`drained` may be broker round trips).
+
+        >>> w = LabelWatermark(3.0, empty_is_idle=True)
+        >>> w.saw_features(10.0); w.saw_labels([(0, 8.0)], 10.0)
+        >>> w.mark([(0, False), (1, True)], 10.5)   # partition 1 empty: it may yet get older events
+        -inf
+        >>> w.mark([(0, False), (1, True)], 10.5, floor={0: -INF, 1: 9.0}.get)   # nothing older than 9 is coming
+        8.0
+        """
         mark = INF
         for partition, at_end in partitions:
+            bound = max(self.ts_by_partition.get(partition, -INF), floor(partition))
             quiet_since = max(self.seen_at.get(partition, 0.0), self.features_resumed_at)
-            if at_end and now - quiet_since >= self.idle_s:
+            if bound < enough and at_end and now - quiet_since >= self.idle_s:
                 if self.empty_is_idle and partition not in self.seen_at:
                     continue  # never had a record this session: an empty partition
                 if drained(partition):
                     continue
-            mark = min(mark, self.ts_by_partition.get(partition, -INF))
+            mark = min(mark, bound)
         return mark
 
 

@@ -26,6 +26,7 @@ read back so that those labels are re-learned in the same order without being pu
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -49,7 +50,7 @@ from .join import DelayedJoin
 from .labels import is_regressor, label_problem
 from .lineage import Lineage
 from .outputs import Outputs
-from .ordering import DriftPace, FlowControl, HeldEvents, LabelWatermark, features_mark
+from .ordering import INF, DriftPace, FlowControl, HeldEvents, LabelWatermark, features_mark
 from .records import Control, Event, Label, decode
 from .telemetry import Telemetry
 from .updates import UpdatePacer
@@ -57,6 +58,9 @@ from .updates import UpdatePacer
 log = logging.getLogger(__name__)
 SERVICE = "learner"
 CONTROL_CATCH_UP_S = 1.0  # the longest the learner waits for control records it knows are on the broker
+# How often, at most, the upstream services' commits are read while events are held back (a few
+# broker round trips; ingestion and features commit every 0.1 s by default).
+FLOOR_CHECK_S = 0.1
 DRIFT_CHECK_S = 0.2  # how often the drift service's position is asked for at most (a few broker round trips)
 
 
@@ -100,6 +104,12 @@ class LearnerWorker(StreamWorker):
         self.feature_marks = LabelWatermark(self.cfg.label_idle_s, empty_is_idle=True)
         self.held_control: list[Control] = state.held_control if state else []
         self.watermark = LabelWatermark(self.cfg.label_idle_s, state.label_ts_by_partition if state else None)
+        # ("features" | "labels", partition) -> (offset, ts): from `offset` on, nothing older than ts
+        # comes there (Inputs.upstream_floors); floors_now: nothing older among what is published
+        # now (true when read: used for the marks of that moment only).
+        self.floors: dict[tuple[str, int], tuple[int, float]] = {}
+        self.floors_now: dict[tuple[str, int], tuple[int, float]] = {}
+        self.floors_read_at = 0.0
         self.replay = Replay()  # after a crash: labels to re-learn first, outcomes not to publish again
         self.next_retry = 0.0
         self.dirty = self.checkpoint_now = False
@@ -201,8 +211,11 @@ class LearnerWorker(StreamWorker):
                 return
             now = time.time()
             feature_ends = self.inputs.feature_ends(self.offsets)
-            label_mark = self.watermark.mark(self.inputs.label_ends(self.offsets), now, self.labels_drained)
-            mark = min(label_mark, self.feature_marks.mark(feature_ends, now, self.features_drained))
+            label_mark, mark = self.marks(feature_ends, now)
+            if self.held and mark < self.held.events[0].ts and time.monotonic() - self.floors_read_at >= FLOOR_CHECK_S:
+                self.read_floors()  # held back: how far have the services before us got?
+                label_mark, mark = self.marks(feature_ends, now)
+                self.floors_now = {}
             if self.held and mark < min(label_mark, self.held.events[0].ts) and self.inputs.upstream_drained():
                 # Nothing left upstream: a features partition read to its (fresh) end is done,
                 # what it gets next is newer.
@@ -228,6 +241,33 @@ class LearnerWorker(StreamWorker):
                                                     self.feature_marks.ts_by_partition,
                                                     self.watermark.ts_by_partition, mark))
         self.flush_batch()
+
+    def marks(self, feature_ends: list[tuple[int, bool]], now: float) -> tuple[float, float]:
+        """(the labels' watermark, where events are released: the least of it and the features')."""
+        newest_held = self.held.events[-1].ts if self.held else INF
+        label_mark = self.watermark.mark(self.inputs.label_ends(self.offsets), now, self.labels_drained,
+                                         self.floor_of("labels", self.topics.labels_valid), newest_held)
+        return label_mark, min(label_mark, self.feature_marks.mark(
+            feature_ends, now, self.features_drained, self.floor_of("features", self.topics.features), newest_held))
+
+    def read_floors(self) -> None:
+        self.floors_read_at = time.monotonic()
+        for key, (offset, lasting, at_once) in (self.inputs.upstream_floors() or {}).items():
+            if lasting != INF and lasting > self.floors.get(key, (0, -INF))[1]:
+                self.floors[key] = (offset, lasting)
+            self.floors_now[key] = (offset, at_once)
+
+    def floor_of(self, side: str, topic: str):
+        """partition -> the event time below which nothing more comes to it (ordering.LabelWatermark.mark)."""
+        def floor(partition: int) -> float:
+            read, best = self.offsets.get((topic, partition), 0), -INF
+            for offset, ts in (self.floors.get((side, partition), (None, -INF)),
+                               self.floors_now.get((side, partition), (None, -INF))):
+                if offset is not None and read >= offset:  # read all that was there when it was said
+                    # A record to come may have that very time: not quite up to it.
+                    best = max(best, ts if ts == INF else math.nextafter(ts, -INF))
+            return best
+        return floor
 
     def read_control(self, timeout: float = 0) -> bool:
         """Control messages that came meanwhile (retrain requests, swaps), decoded and kept for
@@ -330,7 +370,12 @@ class LearnerWorker(StreamWorker):
         if not features_at_end:
             return False
         clock, hold, grace = self.join.clock, self.hold_s, self.cfg.label_grace_s
-        if not any(now - lb.seen >= hold and (lb.ts > clock or now - lb.seen >= grace) for lb in self.join.waiting):
+        # An early release needs no events held (join.due), so while some are held only an overdue
+        # label waits on the answer. (Asked at every step behind a backlog read into memory, these
+        # broker questions once took half the learner's time.)
+        early = not self.held
+        if not any(now - lb.seen >= grace or (early and now - lb.seen >= hold and lb.ts > clock)
+                   for lb in self.join.waiting):
             return True  # no label waits on the answer
         return self.nothing_on_the_way()
 

@@ -8,7 +8,9 @@ properties (security.protocol, sasl.*, ssl.*). Producers are idempotent with ack
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import math
 import time
 from collections.abc import Iterable
 
@@ -92,6 +94,37 @@ def consumer(settings: Settings, group: str, **overrides) -> Consumer:
     }
     config.update(overrides)
     return Consumer(config)
+
+
+# How far in event time a service has got on an input partition, carried in its offset commit's
+# metadata (Kafka keeps up to 4 KiB per commit): the next service reads it with the commit to know
+# the least event time still on its way (a watermark, FlinkKafkaShuffle-style, without a record or
+# topic of its own). Written by ingestion and features, read by the learner (learner/inputs.py).
+EVENT_TIME_KEY = "event_time"
+
+
+def event_time_metadata(ts: float) -> str:
+    """The commit metadata saying: every record of this partition from the committed offset on has
+    an event time at or after `ts` (as far as the partition keeps its own time order).
+
+    >>> event_time_of(event_time_metadata(1700000000.25))
+    1700000000.25
+    >>> event_time_of(""), event_time_of(None), event_time_of("a note of another tool")
+    (None, None, None)
+    """
+    return json.dumps({EVENT_TIME_KEY: ts})
+
+
+def event_time_of(metadata: str | None) -> float | None:
+    """The event time in a commit's metadata; None when it holds none (an older driftline, another
+    tool's note, a commit made before the partition had a valid record)."""
+    if not metadata:
+        return None
+    try:
+        ts = json.loads(metadata)[EVENT_TIME_KEY]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return float(ts) if isinstance(ts, (int, float)) and math.isfinite(ts) else None
 
 
 def admin(settings: Settings) -> AdminClient:

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -95,6 +96,9 @@ class StreamWorker:
         self._kafka_ok = time.monotonic()  # when Kafka last answered (a commit or a probe)
         self.commit_owed = False  # a commit failed and no later one has gone through yet
         self.unsettled_since: float | None = None  # when the oldest batch not yet committed was handled
+        # (topic, partition) -> the latest event time handled there: committed with the offset
+        # (kafka.event_time_metadata), so the next service knows how far this one has got.
+        self.event_times: dict[tuple[str, int], float] = {}
         metrics.start_at_zero(self.service, settings)
 
     # -- to implement ----------------------------------------------------------------------
@@ -118,9 +122,27 @@ class StreamWorker:
         if self.unsettled_since is not None:
             self.settle()
 
+    def note_event_time(self, topic: str, partition: int, ts: float) -> None:
+        """A record of event time `ts` was handled on (topic, partition): said with the next commit."""
+        key = (topic, partition)
+        if ts > self.event_times.get(key, -math.inf):
+            self.event_times[key] = ts
+
     def commit(self) -> None:
+        """Commit what was consumed, with each partition's event time (`note_event_time`) in the
+        commit's metadata."""
         assert self.consumer is not None
-        self.consumer.commit(asynchronous=False)
+        if not self.event_times:
+            self.consumer.commit(asynchronous=False)
+            return
+        offsets = []
+        for tp in self.consumer.position(self.consumer.assignment()):
+            if tp.offset >= 0:  # something consumed there
+                ts = self.event_times.get((tp.topic, tp.partition))
+                offsets.append(TopicPartition(tp.topic, tp.partition, tp.offset) if ts is None else
+                               TopicPartition(tp.topic, tp.partition, tp.offset, metadata=kafka.event_time_metadata(ts)))
+        if offsets:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
 
     def close(self) -> None:
         """Last words on a clean stop (a final checkpoint, say)."""
