@@ -162,6 +162,8 @@ class LearnerWorker(StreamWorker):
                     raise RestartLoop("stopped while waiting for Kafka") from None
         if told:
             log.warning("learner %s: Kafka is back; learning resumes", self.name)
+        self.read_floors()  # now, not when the first events wait: it connects to the upstream groups' coordinators
+        self.floors_now = {}
         self.state = "active"
         return consumer
 
