@@ -58,8 +58,10 @@ from .updates import UpdatePacer
 log = logging.getLogger(__name__)
 SERVICE = "learner"
 CONTROL_CATCH_UP_S = 1.0  # the longest the learner waits for control records it knows are on the broker
-# How often, at most, the upstream services' commits are read while events are held back (a few
-# broker round trips; ingestion and features commit every 0.1 s by default).
+# How long an event waits before the upstream services' commits are read (and then how often, at
+# most, while it still waits): a few broker round trips, and ingestion and features commit every
+# 0.1 s by default. Live, an event waits a few ms for the next label of each partition: reading the
+# commits for each such wait blocked the loop up to ten times a second for nothing.
 FLOOR_CHECK_S = 0.1
 DRIFT_CHECK_S = 0.2  # how often the drift service's position is asked for at most (a few broker round trips)
 
@@ -214,8 +216,9 @@ class LearnerWorker(StreamWorker):
             now = time.time()
             feature_ends = self.inputs.feature_ends(self.offsets)
             label_mark, mark = self.marks(feature_ends, now)
-            if self.held and mark < self.held.events[0].ts and time.monotonic() - self.floors_read_at >= FLOOR_CHECK_S:
-                self.read_floors()  # held back: how far have the services before us got?
+            if self.held and mark < self.held.events[0].ts and now - self.held.events[0].seen >= FLOOR_CHECK_S \
+                    and time.monotonic() - self.floors_read_at >= FLOOR_CHECK_S:
+                self.read_floors()  # held back for a while: how far have the services before us got?
                 label_mark, mark = self.marks(feature_ends, now)
                 self.floors_now = {}
             if self.held and mark < min(label_mark, self.held.events[0].ts) and self.inputs.upstream_drained():
