@@ -62,6 +62,9 @@ class DelayedJoin:
         self.learned_ts = float("-inf")  # latest label ts learned: the order check
         self.last_feature_at = 0.0  # wall time events last came to be scored
         self.current = True  # nothing on its way through the pipeline (the worker says; see the module doc)
+        # Every label up to this ts is read (the worker's label watermark): a label released early
+        # must not be, or an older one still on its way would be learned after it.
+        self.label_mark = float("inf")
 
     def add(self, labels: Iterable[Label]) -> None:
         new = sorted(labels, key=_ts)
@@ -94,9 +97,10 @@ class DelayedJoin:
         due = [lb for lb in self.waiting[:cut] if lb.event_id not in held]
         if not self.current:  # no early release and nothing overdue while something is on its way
             return due
+        in_order = self.label_mark  # an early release waits for the labels older than it, as an event does
         return due + [lb for lb in self.waiting[cut:] if lb.event_id not in held and (
-            (idle and now - lb.seen >= self.hold_s)
-            or (early and lb.event_id in self.recent and now - lb.seen >= self.patience_s)
+            (idle and now - lb.seen >= self.hold_s and lb.ts <= in_order)
+            or (early and lb.event_id in self.recent and now - lb.seen >= self.patience_s and lb.ts <= in_order)
             or self.overdue(lb, now))]
 
     def to_look_up(self, due: list[Label], now: float, events: list[Event] = ()) -> list[Label]:

@@ -112,6 +112,7 @@ class LearnerWorker(StreamWorker):
         self.floors: dict[tuple[str, int], tuple[int, float]] = {}
         self.floors_now: dict[tuple[str, int], tuple[int, float]] = {}
         self.floors_read_at = 0.0
+        self.out_of_order = 0  # labels learned after a later one this session (logged, first few)
         self.replay = Replay()  # after a crash: labels to re-learn first, outcomes not to publish again
         self.next_retry = 0.0
         self.dirty = self.checkpoint_now = False
@@ -216,11 +217,11 @@ class LearnerWorker(StreamWorker):
             now = time.time()
             feature_ends = self.inputs.feature_ends(self.offsets)
             label_mark, mark = self.marks(feature_ends, now)
-            if self.held and mark < self.held.events[0].ts and now - self.held.events[0].seen >= FLOOR_CHECK_S \
-                    and time.monotonic() - self.floors_read_at >= FLOOR_CHECK_S:
+            if self.waits_on_upstream(mark, label_mark, now) and time.monotonic() - self.floors_read_at >= FLOOR_CHECK_S:
                 self.read_floors()  # held back for a while: how far have the services before us got?
                 label_mark, mark = self.marks(feature_ends, now)
                 self.floors_now = {}
+            self.join.label_mark = label_mark
             if self.held and mark < min(label_mark, self.held.events[0].ts) and self.inputs.upstream_drained():
                 # Nothing left upstream: a features partition read to its (fresh) end is done,
                 # what it gets next is newer.
@@ -246,6 +247,14 @@ class LearnerWorker(StreamWorker):
                                                     self.feature_marks.ts_by_partition,
                                                     self.watermark.ts_by_partition, mark))
         self.flush_batch()
+
+    def waits_on_upstream(self, mark: float, label_mark: float, now: float) -> bool:
+        """An event held back for FLOOR_CHECK_S, or (none held) the newest label beyond the label
+        watermark quiet for as long: the end of a stream, whose last labels wait for it."""
+        if self.held:
+            return mark < self.held.events[0].ts and now - self.held.events[0].seen >= FLOOR_CHECK_S
+        newest = self.join.waiting[-1] if self.join.waiting else None
+        return newest is not None and newest.ts > label_mark and now - newest.seen >= FLOOR_CHECK_S
 
     def marks(self, feature_ends: list[tuple[int, bool]], now: float) -> tuple[float, float]:
         """(the labels' watermark, where events are released: the least of it and the features')."""
@@ -464,8 +473,14 @@ class LearnerWorker(StreamWorker):
                 self.out.outcome(snap.vector, label, p, role, self.position, regression)
         for slot in self.roles.slots():
             self.telemetry.count("learned", slot.role)
+        learned_ts = self.join.learned_ts
         if self.join.learn(label):
             metrics.LABELS_OUT_OF_ORDER.labels(self.name).inc()
+            self.out_of_order += 1
+            if self.out_of_order <= 5 or self.out_of_order % 1000 == 0:  # enough to tell which, not a flood
+                log.warning("learner %s: label of %s (ts %.3f, labels.valid %d@%d) learned after one of ts %.3f "
+                            "(%d so far): learning order left the stream's", self.name, label.event_id, label.ts,
+                            label.partition, label.offset, learned_ts, self.out_of_order)
         # With the champion's hit: a late challenger replays these test-then-train against it.
         self.examples.add(self.position, x, label.label, learned.hits.get("champion"), self.roles.champion.version)
         self.position += 1
