@@ -395,10 +395,10 @@ def _publish(settings: Settings, rows: list, run_id: str, label_delay: int, rate
             limiter.wait(i)
             if t_first is None:
                 t_first = time.time()
-            kafka.produce(producer, topic, value, key=key, on_delivery=delivered)
+        kafka.produce(producer, topic, value, key=key, on_delivery=delivered)
+        if i is not None:
             events_sent += 1
         else:
-            kafka.produce(producer, topic, value, key=key, on_delivery=delivered)
             labels_sent += 1
         if (events_sent + labels_sent) % 500 == 0:
             producer.poll(0)
