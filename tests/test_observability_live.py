@@ -22,7 +22,7 @@ from driftline.serve import SERVICES
 from driftline.shared import kafka
 from driftline.shared.codec import get_codec
 from driftline.shared.topics import Topics
-from pipeline import replay_report, start_pipeline
+from pipeline import metric, replay_report, start_pipeline
 from test_observability_config import (
     alert_rules,
     as_prometheus_query,
@@ -117,7 +117,9 @@ def side_traffic(settings, prediction_url: str) -> None:
     topics = Topics(settings.namespace)
     codec = get_codec()
     producer = kafka.producer(settings)
-    event = codec.encode("Event", {"event_id": "obs-probe-1", "entity_id": "obs-probe", "ts": time.time(),
+    # An instant before the replay's (publish.START_TS): an event from now would move the
+    # learner's event-time clock past the whole replay, and every replayed event would be late.
+    event = codec.encode("Event", {"event_id": "obs-probe-1", "entity_id": "obs-probe", "ts": 1_600_000_000.0,
                                    "fields": {"salary": 50_000.0, "age": 40.0}, "published_ms": None})
     kafka.produce(producer, topics.events, b"\x00not avro at all", key="obs-probe")  # -> events.dlq
     kafka.produce(producer, topics.events, event, key="obs-probe")
@@ -147,9 +149,14 @@ def test_every_dashboard_query_and_alert_returns_data_from_prometheus_during_a_d
           f"swaps {[(s['position'], s['to_version']) for s in report['model_swaps']]}")
     assert report["examples_learned"] == BEFORE + AFTER
     assert any(d["kind"] == "concept" and d["position"] >= BEFORE for d in report["drift_events"]), report["drift_events"]
+    # In event-time order throughout, with retrain requests, challengers and the drift service's pace.
+    assert metric(procs["learner"], "driftline_scored_ahead_of_labels_total") == 0
+    assert metric(procs["learner"], "driftline_labels_out_of_order_total") == 0
     # The stream goes on (the new concept): the challenger the retrain requests started shadows
-    # these and is dropped.
-    more = replay_report(settings, sea_with_a_flip(before=0, after=300), label_delay=LABEL_DELAY)
+    # these and is dropped. Slowly enough (60 ev/s, so 100 shared examples take over 1.5 s) for a
+    # 1 s scrape to see it: at full speed it could shadow and go between two scrapes. (Its event
+    # times start over at the replay's: not in order with the first replay's, by design.)
+    more = replay_report(settings, sea_with_a_flip(before=0, after=300), label_delay=LABEL_DELAY, rate=60)
     assert more["examples_learned"] == 300
     print(f"both replays done {time.monotonic() - t0:.1f} s in")
     side_traffic(settings, procs["prediction"].url)  # with a model by now: 200s, version served

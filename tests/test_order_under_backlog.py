@@ -103,7 +103,6 @@ def test_full_speed_replay_predicts_exactly_as_river_in_process(settings, run_se
     check_exact_order(settings, run_service, spec, 20_000, delay)
 
 
-@pytest.mark.skip(reason="the learner's upstream floors are switched off (learner/worker.py USE_UPSTREAM_FLOORS)")
 def test_empty_partitions_hold_nothing_back_once_the_services_before_say_nothing_older_is_coming(settings, run_service):
     """One entity: its events take one features partition, and the other five stay empty. An empty
     partition might still get an older event, so without word from upstream the learner would

@@ -20,6 +20,17 @@ def test_stalled_pipeline_gives_up_and_names_the_service_that_is_not_there(setti
     assert "looks stuck: learner" in message
 
 
+def test_a_stall_report_gives_the_learners_own_account_of_where_it_is(settings, run_service):
+    """The learner answers but learns nothing (no features service): the report says whether it
+    is active, how far it has got and what it holds back, next to the service that is missing."""
+    start_pipeline(run_service, services=("ingestion", "learner"))
+    with pytest.raises(ReplayStalled) as err:
+        replay_report(settings, "sea-stationary", limit=200, stall_timeout_s=4)
+    message = str(err.value)
+    assert "learner    healthy (state active, position 0, waiting_labels 200, held_events 0)" in message, message
+    assert "features   not answering" in message and "looks stuck: features" in message
+
+
 LOGREG = "preprocessing.StandardScaler() | linear_model.LogisticRegression()"
 
 

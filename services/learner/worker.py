@@ -63,10 +63,6 @@ CONTROL_CATCH_UP_S = 1.0  # the longest the learner waits for control records it
 # 0.1 s by default. Live, an event waits a few ms for the next label of each partition: reading the
 # commits for each such wait blocked the loop up to ten times a second for nothing.
 FLOOR_CHECK_S = 0.1
-# Off: with them on, a drifting replay with the default feature set (tests/test_observability_live.py)
-# scored some events after labels later than them, about one run in four. Not yet found why; the
-# services still commit their event times. See the README's "Watermarks through the commits".
-USE_UPSTREAM_FLOORS = False
 DRIFT_CHECK_S = 0.2  # how often the drift service's position is asked for at most (a few broker round trips)
 
 
@@ -169,9 +165,8 @@ class LearnerWorker(StreamWorker):
                     raise RestartLoop("stopped while waiting for Kafka") from None
         if told:
             log.warning("learner %s: Kafka is back; learning resumes", self.name)
-        if USE_UPSTREAM_FLOORS:
-            self.read_floors()  # now, not when the first events wait: it connects to the upstream groups' coordinators
-            self.floors_now = {}
+        self.read_floors()  # now, not when the first events wait: it connects to the upstream groups' coordinators
+        self.floors_now = {}
         self.state = "active"
         return consumer
 
@@ -256,8 +251,6 @@ class LearnerWorker(StreamWorker):
     def waits_on_upstream(self, mark: float, label_mark: float, now: float) -> bool:
         """An event held back for FLOOR_CHECK_S, or (none held) the newest label beyond the label
         watermark quiet for as long: the end of a stream, whose last labels wait for it."""
-        if not USE_UPSTREAM_FLOORS:
-            return False
         if self.held:
             return mark < self.held.events[0].ts and now - self.held.events[0].seen >= FLOOR_CHECK_S
         newest = self.join.waiting[-1] if self.join.waiting else None
@@ -599,4 +592,4 @@ class LearnerWorker(StreamWorker):
 
     def status(self) -> dict[str, Any]:
         return {"state": self.state, "model": self.name, "position": self.position,
-                "waiting_labels": len(self.join.waiting), **Roles.describe(self.roles)}
+                "waiting_labels": len(self.join.waiting), "held_events": len(self.held), **Roles.describe(self.roles)}

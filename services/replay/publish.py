@@ -519,15 +519,20 @@ def diagnose(settings: Settings, prefix: str, labels_sent: int, accounted: set[s
     for service in PIPELINE:
         url = f"http://{settings.host}:{settings.port_of(service)}/health"
         try:
-            code = httpx.get(url, timeout=2.0).status_code
-            health = "healthy" if code == 200 else f"unhealthy (GET /health -> {code})"
-        except httpx.HTTPError:
+            answer = httpx.get(url, timeout=2.0)
+            health = "healthy" if answer.status_code == 200 else f"unhealthy (GET /health -> {answer.status_code})"
+            body = answer.json() if answer.headers.get("content-type", "").startswith("application/json") else {}
+            # The learner's own account: active or standby, where it is, what it holds back.
+            said = {k: body[k] for k in ("state", "position", "waiting_labels", "held_events") if k in body}
+            if said:
+                health += f" ({', '.join(f'{k} {v}' for k, v in said.items())})"
+        except (httpx.HTTPError, ValueError):
             health = f"not answering on {url}"
         lag = group_lag(settings, topics.group(service), inputs[service])
         backlog = ("no committed offsets on its input topics" if lag is None else f"{lag:,} messages behind on "
                    f"{', '.join(topics.base(t) for t in inputs[service])}")
         lines.append(f"  {service:<10} {health}; {backlog}")
-        if health != "healthy" or lag:
+        if not health.startswith("healthy") or lag:
             suspects.append(service)
     if suspects:
         lines.append(f"looks stuck: {suspects[0]} (see its log; `driftline serve {suspects[0]}` runs it).")
