@@ -178,9 +178,12 @@ class Kafka(Component):
         # The JIT's first tier only: this broker lives for a demo, a test or a bench, and on a
         # small machine the optimising compiler cost ~45% of its CPU for minutes after each start
         # (~60 of 150 us per event, competing with the services for the cores); without it the
-        # broker is at its steady cost from the first run. See reports/bench/profiles/README.md.
+        # broker is at its steady cost from the first run. The serial collector for the same
+        # reason: on this small heap G1's barriers and refinement cost the request handlers ~25-30
+        # us per event more (two alternating rounds of 4 replays each, broker_gc_cost.py); its
+        # young pauses are short at 768 MB. See reports/bench/profiles/README.md.
         return [
-            "java", "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true",
+            "java", "-Xms256m", "-Xmx768m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true",
             f"-Dlog4j.configuration=file:{KAFKA_LOG4J}", f"-Dkafka.logs.dir={self.settings.home / 'logs'}",
             "-cp", f"{self.libs}/*", main, *args,
         ]
