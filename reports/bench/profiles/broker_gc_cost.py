@@ -1,0 +1,40 @@
+"""The broker's CPU per event over repeated replays by thread kind (JIT compiler, request
+handlers, garbage collector, the rest), with the services' beside it, for a choice of collector:
+
+    python broker_gc_cost.py RUNS ROWS                              # the local stack as it is
+    JVM_GC=-XX:+UseG1GC python broker_gc_cost.py 4 10000            # with another collector
+
+(broker_jit_cost.py with the collector swapped in; run the variants alternately, on a quiet machine.)
+"""
+import sys, os, re, collections, json
+from pathlib import Path
+from driftline.bench import pipeline as P
+from driftline.infra import stack
+from driftline.replay.publish import replay
+from driftline.replay.datasets import load
+extra = os.environ.get("JVM_EXTRA", "").split(); gc = os.environ.get("JVM_GC")
+orig = stack.Kafka._java
+stack.Kafka._java = lambda self, main, *a: (lambda cmd: [gc if gc and a.startswith("-XX:+Use") and a.endswith("GC") else a for a in cmd[:cmd.index("-cp")]] + extra + cmd[cmd.index("-cp"):])(orig(self, main, *a))
+runs = int(sys.argv[1]); rows = int(sys.argv[2])
+tck = os.sysconf("SC_CLK_TCK")
+def threads(pid):
+    out = collections.Counter()
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            st = open(f"/proc/{pid}/task/{t}/stat").read(); name = open(f"/proc/{pid}/task/{t}/comm").read().strip()
+        except OSError: continue
+        f = st.rpartition(")")[2].split()
+        out["compiler" if "Compiler" in name else "data-plane" if "data-plane" in name else "gc" if ("GC" in name or "G1" in name or name == "VM Thread") else "other"] += (int(f[11]) + int(f[12])) / tck
+    return out
+with P.BenchStack(Path("/tmp/tp")) as b:
+    for i in range(runs):
+        s = b.start(P.MODELS["logreg"], "raw")
+        kpid = {c.name: c.pid() for c in stack.components(b.settings) if c.running()}["kafka"]
+        pids = {n: proc.pid for n, proc in zip(P.SERVICES, b.procs[-len(P.SERVICES):])}
+        cb = {n: P.cpu_seconds(p) for n, p in pids.items()}
+        before = threads(kpid)
+        r = replay(s, load("elec2"), limit=rows, label_delay=P.THROUGHPUT_DELAY, model=P.MODELS["logreg"], features="raw", report_dir=None, stall_timeout_s=120, console=P.console)
+        after = threads(kpid)
+        cpu = {n: round((P.cpu_seconds(p) - cb[n]) * 1e6 / rows) for n, p in pids.items()}
+        b.stop_services()
+        print(json.dumps({"run": i, "ev_s": r["throughput_events_per_s"], "broker_us": {k: round((after[k] - before[k]) * 1e6 / rows) for k in after}, "services_us": cpu}), flush=True)
