@@ -69,21 +69,30 @@ def is_regressor(model: Any) -> bool:
         >>> is_regressor(linear_model.LinearRegression()), is_regressor(linear_model.LogisticRegression())
         (True, False)
     """
+    # Asked several times for every prediction and label, and a model's task never changes:
+    # the answer is kept on the model (~1.3 us per question for a pipeline, ~4 per example).
+    try:
+        return model.__dict__[_REGRESSOR]
+    except (AttributeError, KeyError):
+        pass
+    found = _find_regressor(model)
+    try:
+        model.__dict__[_REGRESSOR] = found
+    except AttributeError:  # no instance dict (slots): asked again next time
+        pass
+    return found
+
+
+_REGRESSOR = "_driftline_regressor"  # set by is_regressor; pickled with the model, harmlessly
+
+
+def _find_regressor(model: Any) -> bool:
     from river import base
 
     while _is_pipeline(type(model)) and model.steps:  # a pipeline's task is its last step's
         model = next(reversed(model.steps.values()))
-    if hasattr(model, "_last_step"):  # river asks a wrapper's last step: not a question of its type
-        return isinstance(model, base.Regressor)
-    # Asked for every prediction and label; river's isinstance is a Python-level metaclass hook.
-    kind = type(model)
-    found = _REGRESSOR_TYPES.get(kind)
-    if found is None:
-        found = _REGRESSOR_TYPES[kind] = isinstance(model, base.Regressor)
-    return found
-
-
-_REGRESSOR_TYPES: dict[type, bool] = {}
+    # A wrapper (river asks its last step) or a plain model: river's isinstance says.
+    return isinstance(model, base.Regressor)
 
 
 class LabelError(ValueError):
