@@ -180,7 +180,7 @@ class Kafka(Component):
         # (~60 of 150 us per event, competing with the services for the cores); without it the
         # broker is at its steady cost from the first run. The serial collector for the same
         # reason: on this small heap G1's barriers and refinement cost the request handlers ~25-30
-        # us per event more (two alternating rounds of 4 replays each, broker_gc_cost.py); its
+        # us per event more (two alternating rounds of 4 replays each, broker_jit_cost.py with JVM_GC); its
         # young pauses are short at 768 MB. See reports/bench/profiles/README.md.
         return [
             "java", "-Xms256m", "-Xmx768m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true",

@@ -107,10 +107,8 @@ class LearnerWorker(StreamWorker):
         self.held_control: list[Control] = state.held_control if state else []
         self.watermark = LabelWatermark(self.cfg.label_idle_s, state.label_ts_by_partition if state else None)
         # ("features" | "labels", partition) -> (offset, ts): from `offset` on, nothing older than ts
-        # comes there (Inputs.upstream_floors); floors_now: nothing older among what is published
-        # now (true when read: used for the marks of that moment only).
+        # comes there (Inputs.upstream_floors). What holds only now is read_floors' answer.
         self.floors: dict[tuple[str, int], tuple[int, float]] = {}
-        self.floors_now: dict[tuple[str, int], tuple[int, float]] = {}
         self.floors_read_at = 0.0
         self.out_of_order = 0  # labels learned after a later one this session (logged, first few)
         self.replay = Replay()  # after a crash: labels to re-learn first, outcomes not to publish again
@@ -166,7 +164,6 @@ class LearnerWorker(StreamWorker):
         if told:
             log.warning("learner %s: Kafka is back; learning resumes", self.name)
         self.read_floors()  # now, not when the first events wait: it connects to the upstream groups' coordinators
-        self.floors_now = {}
         self.state = "active"
         return consumer
 
@@ -218,9 +215,8 @@ class LearnerWorker(StreamWorker):
             feature_ends = self.inputs.feature_ends(self.offsets)
             label_mark, mark = self.marks(feature_ends, now)
             if self.waits_on_upstream(mark, label_mark, now) and time.monotonic() - self.floors_read_at >= FLOOR_CHECK_S:
-                self.read_floors()  # held back for a while: how far have the services before us got?
-                label_mark, mark = self.marks(feature_ends, now)
-                self.floors_now = {}
+                # Held back for a while: how far have the services before us got?
+                label_mark, mark = self.marks(feature_ends, now, self.read_floors())
             self.join.label_mark = label_mark
             if self.held and mark < min(label_mark, self.held.events[0].ts) and self.inputs.upstream_drained():
                 # Nothing left upstream: a features partition read to its (fresh) end is done,
@@ -256,27 +252,34 @@ class LearnerWorker(StreamWorker):
         newest = self.join.waiting[-1] if self.join.waiting else None
         return newest is not None and newest.ts > label_mark and now - newest.seen >= FLOOR_CHECK_S
 
-    def marks(self, feature_ends: list[tuple[int, bool]], now: float) -> tuple[float, float]:
-        """(the labels' watermark, where events are released: the least of it and the features')."""
+    def marks(self, feature_ends: list[tuple[int, bool]], now: float,
+              floors_now: dict[tuple[str, int], tuple[int, float]] | None = None) -> tuple[float, float]:
+        """(the labels' watermark, where events are released: the least of it and the features');
+        `floors_now`: read_floors' answer, true at this moment only."""
         newest_held = self.held.events[-1].ts if self.held else INF
+        floors_now = floors_now or {}
         label_mark = self.watermark.mark(self.inputs.label_ends(self.offsets), now, self.labels_drained,
-                                         self.floor_of("labels", self.topics.labels_valid), newest_held)
+                                         self.floor_of("labels", self.topics.labels_valid, floors_now), newest_held)
         return label_mark, min(label_mark, self.feature_marks.mark(
-            feature_ends, now, self.features_drained, self.floor_of("features", self.topics.features), newest_held))
+            feature_ends, now, self.features_drained, self.floor_of("features", self.topics.features, floors_now),
+            newest_held))
 
-    def read_floors(self) -> None:
+    def read_floors(self) -> dict[tuple[str, int], tuple[int, float]]:
+        """Keep the lasting floors the upstream commits give; return those that hold only now."""
         self.floors_read_at = time.monotonic()
+        floors_now = {}
         for key, (offset, lasting, at_once) in (self.inputs.upstream_floors() or {}).items():
             if lasting != INF and lasting > self.floors.get(key, (0, -INF))[1]:
                 self.floors[key] = (offset, lasting)
-            self.floors_now[key] = (offset, at_once)
+            floors_now[key] = (offset, at_once)
+        return floors_now
 
-    def floor_of(self, side: str, topic: str):
+    def floor_of(self, side: str, topic: str, floors_now: dict[tuple[str, int], tuple[int, float]]):
         """partition -> the event time below which nothing more comes to it (ordering.LabelWatermark.mark)."""
         def floor(partition: int) -> float:
             read, best = self.offsets.get((topic, partition), 0), -INF
             for offset, ts in (self.floors.get((side, partition), (None, -INF)),
-                               self.floors_now.get((side, partition), (None, -INF))):
+                               floors_now.get((side, partition), (None, -INF))):
                 if offset is not None and read >= offset:  # read all that was there when it was said
                     # A record to come may have that very time: not quite up to it.
                     best = max(best, ts if ts == INF else math.nextafter(ts, -INF))

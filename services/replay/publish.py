@@ -151,11 +151,16 @@ class Collector(threading.Thread):
     def _mine(self, event_id: str | None) -> bool:
         return bool(event_id) and event_id.startswith(self.prefix)
 
-    def _decode(self, msg, expect: str) -> dict | None:
+    def _decode(self, blob: bytes, expect: str) -> dict | None:
         try:
-            return self.codec.decode(msg.value(), expect=expect)
+            return self.codec.decode(blob, expect=expect)
         except DecodeError:
             return None
+
+    def progress(self) -> tuple[int, int]:
+        """(labels accounted for, outcomes read and not decoded yet: challengers' among them)."""
+        with self.lock:
+            return len(self.data.accounted), len(self.data.outcomes_raw)
 
     def _outcome(self, msg) -> None:
         # Kept as bytes, decoded when the count may be complete (decode_outcomes): decoding each
@@ -172,11 +177,8 @@ class Collector(threading.Thread):
         with self.lock:
             raw, self.data.outcomes_raw = self.data.outcomes_raw, []
         for value, broker_ms in raw:
-            try:
-                o = self.codec.decode(value, expect="Outcome")
-            except DecodeError:
-                continue
-            if not self._mine(o["event_id"]):
+            o = self._decode(value, "Outcome")
+            if not o or not self._mine(o["event_id"]):
                 continue
             with self.lock:
                 if o["role"] != "champion":
@@ -187,14 +189,10 @@ class Collector(threading.Thread):
                 self.data.learned_at_s.append(broker_ms / 1000.0)
 
     def _dead_id(self, msg, record: str) -> tuple[dict | None, str | None]:
-        dl = self._decode(msg, "DeadLetter")
+        dl = self._decode(msg.value(), "DeadLetter")
         if dl is None:
             return None, None
-        original = None
-        try:
-            original = self.codec.decode(dl["payload"], expect=record)
-        except DecodeError:
-            pass
+        original = self._decode(dl["payload"], record)
         event_id = original["event_id"] if original else None
         if event_id is None and record == "Label" and dl.get("key"):
             event_id = bytes(dl["key"]).decode(errors="replace")
@@ -232,12 +230,10 @@ class Collector(threading.Thread):
         """The distinct valid events of this replay, and the copies beyond the first (after stop())."""
         data = self.data
         for blob in data.events_valid_raw:
-            try:
-                event_id = self.codec.decode(blob, expect="Event")["event_id"]
-            except DecodeError:
+            event = self._decode(blob, "Event")
+            if not event or not self._mine(event["event_id"]):
                 continue
-            if not self._mine(event_id):
-                continue
+            event_id = event["event_id"]
             if event_id in data.events_valid:
                 data.events_valid_copies += 1
             else:
@@ -245,13 +241,13 @@ class Collector(threading.Thread):
         data.events_valid_raw = []
 
     def _drift(self, msg) -> None:
-        d = self._decode(msg, "DriftEvent")
+        d = self._decode(msg.value(), "DriftEvent")
         if d:
             with self.lock:
                 self.data.drift.append(d)
 
     def _swap(self, msg) -> None:
-        s = self._decode(msg, "ModelSwap")
+        s = self._decode(msg.value(), "ModelSwap")
         if s:
             with self.lock:
                 self.data.swaps.append(s)
@@ -403,7 +399,7 @@ def _publish(settings: Settings, rows: list, run_id: str, label_delay: int, rate
         if (events_sent + labels_sent) % 500 == 0:
             producer.poll(0)
             bar.update(sent_task, completed=events_sent)
-            bar.update(learned_task, completed=len(collector.data.accounted) + len(collector.data.outcomes_raw))
+            bar.update(learned_task, completed=sum(collector.progress()))
     remaining = wait_delivered(producer)
     if remaining or failed:
         raise ReplayStalled(f"{remaining + len(failed)} messages could not be delivered to Kafka at "
@@ -449,13 +445,12 @@ def _wait_accounted(settings, collector: Collector, labels_sent: int, stall_time
     while True:
         if collector.error is not None:
             raise RuntimeError(f"the replay's collector failed: {collector.error!r}") from collector.error
+        done, pending = collector.progress()
         with collector.lock:
-            done, pending = len(collector.data.accounted), len(collector.data.outcomes_raw)
             idle = time.monotonic() - collector.data.last_progress
         if done + pending >= labels_sent or idle > stall_timeout_s:  # may be complete: count for real
             collector.decode_outcomes()
-            with collector.lock:
-                done, pending = len(collector.data.accounted), len(collector.data.outcomes_raw)
+            done, pending = collector.progress()
         bar.update(task, completed=min(labels_sent, done + pending))  # pending: challengers' too
         if done >= labels_sent:
             return
@@ -520,19 +515,20 @@ def diagnose(settings: Settings, prefix: str, labels_sent: int, accounted: set[s
         url = f"http://{settings.host}:{settings.port_of(service)}/health"
         try:
             answer = httpx.get(url, timeout=2.0)
-            health = "healthy" if answer.status_code == 200 else f"unhealthy (GET /health -> {answer.status_code})"
+            ok = answer.status_code == 200
+            health = "healthy" if ok else f"unhealthy (GET /health -> {answer.status_code})"
             body = answer.json() if answer.headers.get("content-type", "").startswith("application/json") else {}
             # The learner's own account: active or standby, where it is, what it holds back.
             said = {k: body[k] for k in ("state", "position", "waiting_labels", "held_events") if k in body}
             if said:
                 health += f" ({', '.join(f'{k} {v}' for k, v in said.items())})"
         except (httpx.HTTPError, ValueError):
-            health = f"not answering on {url}"
+            ok, health = False, f"not answering on {url}"
         lag = group_lag(settings, topics.group(service), inputs[service])
         backlog = ("no committed offsets on its input topics" if lag is None else f"{lag:,} messages behind on "
                    f"{', '.join(topics.base(t) for t in inputs[service])}")
         lines.append(f"  {service:<10} {health}; {backlog}")
-        if not health.startswith("healthy") or lag:
+        if not ok or lag:
             suspects.append(service)
     if suspects:
         lines.append(f"looks stuck: {suspects[0]} (see its log; `driftline serve {suspects[0]}` runs it).")

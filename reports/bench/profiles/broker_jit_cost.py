@@ -1,8 +1,12 @@
 """The broker's CPU per event over repeated replays, split into its JIT compiler threads, its
-request handlers (data-plane) and the rest, with the services' CPU per event beside it:
+request handlers (data-plane), its garbage collector and the rest, with the services' CPU per
+event beside it:
 
     python broker_jit_cost.py RUNS ROWS                                  # the local stack as it is
     JVM_EXTRA=-XX:TieredStopAtLevel=4 python broker_jit_cost.py 8 10000  # with the optimising JIT
+    JVM_GC=-XX:+UseG1GC python broker_jit_cost.py 4 10000                # with another collector
+
+(Compare variants in alternating rounds, on a quiet machine.)
 """
 import sys, os, re, collections, json
 from pathlib import Path
@@ -11,8 +15,9 @@ from driftline.infra import stack
 from driftline.replay.publish import replay
 from driftline.replay.datasets import load
 extra = os.environ.get("JVM_EXTRA", "").split()
+gc = os.environ.get("JVM_GC")  # replaces the stack's -XX:+Use...GC
 orig = stack.Kafka._java
-stack.Kafka._java = lambda self, main, *a: (lambda cmd: cmd[:cmd.index('-cp')] + extra + cmd[cmd.index('-cp'):])(orig(self, main, *a))
+stack.Kafka._java = lambda self, main, *a: (lambda cmd: [gc if gc and a.startswith("-XX:+Use") and a.endswith("GC") else a for a in cmd[:cmd.index('-cp')]] + extra + cmd[cmd.index('-cp'):])(orig(self, main, *a))
 runs = int(sys.argv[1]); rows = int(sys.argv[2])
 tck = os.sysconf("SC_CLK_TCK")
 def threads(pid):
@@ -22,7 +27,7 @@ def threads(pid):
             st = open(f"/proc/{pid}/task/{t}/stat").read(); name = open(f"/proc/{pid}/task/{t}/comm").read().strip()
         except OSError: continue
         f = st.rpartition(")")[2].split()
-        out["compiler" if "Compiler" in name else "data-plane" if "data-plane" in name else "other"] += (int(f[11]) + int(f[12])) / tck
+        out["compiler" if "Compiler" in name else "data-plane" if "data-plane" in name else "gc" if ("GC" in name or "G1" in name or name == "VM Thread") else "other"] += (int(f[11]) + int(f[12])) / tck
     return out
 with P.BenchStack(Path("/tmp/tp")) as b:
     for i in range(runs):
