@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench infra-up infra-down clean
+.PHONY: setup demo test test-unit bench infra-up infra-down clean
 
 setup: $(STAMP)
 	@$(BIN)/driftline infra install
@@ -21,6 +21,10 @@ demo: setup
 
 test: setup
 	$(BIN)/pytest -q -ra
+
+# Every test that needs no broker or Redis: starts nothing, a couple of minutes.
+test-unit: $(STAMP)
+	TEST_NOTHING_STARTS=1 $(BIN)/pytest -q -ra -m "not live and not slow" -p no:cacheprovider
 
 bench: setup
 	$(BIN)/driftline bench

@@ -3,6 +3,11 @@ ports, started by driftline's own infra code and stopped at the end.
 
 Each test gets its own `settings`: a fresh namespace (its own topics, consumer groups and Redis
 keys), its own service ports and home folder, so tests never see each other's messages.
+
+Every test that uses the live stack (the `infra` fixture, directly or through `settings`,
+`run_service`, ...) is marked `live` when collected, so `pytest -m "not live"` (`make test-unit`)
+runs the rest: no broker, no Redis, nothing started. With TEST_NOTHING_STARTS=1 (set by
+`make test-unit`) a test that would start a broker or Redis anyway fails at once and says so.
 """
 
 from __future__ import annotations
@@ -23,6 +28,33 @@ import redis as redis_lib
 from driftline.infra import stack
 from driftline.shared.kafka import ensure_topics
 from driftline.shared.settings import Ports, Settings, ensure_local_secrets, settings_env
+
+
+LIVE_FIXTURES = frozenset({"infra", "infra_settings", "own_stack"})
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark what needs the live stack: any test whose fixtures (transitively) include one of
+    LIVE_FIXTURES, and any test already marked e2e."""
+    for item in items:
+        if LIVE_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.live)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_starts():
+    """Under `make test-unit`: starting a broker or Redis is a test that is not a unit test."""
+    if os.environ.get("TEST_NOTHING_STARTS") != "1":
+        yield
+        return
+
+    def refuse(*_args, **_kwargs):
+        raise RuntimeError("a unit test tried to start a broker or Redis: mark it live (use the infra fixture)")
+
+    saved = stack.Component._spawn  # how Kafka, Redis and Prometheus are started
+    stack.Component._spawn = refuse
+    yield
+    stack.Component._spawn = saved
 
 
 @pytest.fixture(scope="session")

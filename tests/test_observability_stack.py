@@ -77,6 +77,7 @@ def test_infra_up_with_prometheus_scrapes_the_services_at_the_settings_ports(on_
     assert (s.home / "prometheus" / "data").is_dir()  # its data lives under the home
 
 
+@pytest.mark.live  # starts its own Prometheus
 def test_infra_down_stops_prometheus(tmp_path):
     s = Settings(home=tmp_path / "home", prometheus_port=stack.free_port(),
                  kafka_bootstrap=f"127.0.0.1:{stack.free_port()}", redis_url=f"redis://127.0.0.1:{stack.free_port()}/0")

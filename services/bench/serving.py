@@ -14,7 +14,7 @@ Every 50 rows it reads `/v1/models` and the learner's `/health`: the served mode
 the learner, in examples. It also times one pickle round trip of the final model (what every
 model.update costs the learner and each replica; large for ARF).
 
-    >>> result = run(Path("reports/bench"), quick=True)
+    result = run(Path("reports/bench"), quick=True)   # `driftline bench serving --quick`
 """
 
 from __future__ import annotations
