@@ -1,5 +1,10 @@
-"""The drift service through real Kafka and Redis: synthetic champion outcomes in, drift events and
-retrain requests out, each trigger with its reason, the cooldown, the admin route and the CLI."""
+"""The drift loop through real Kafka and Redis: features and labels into a real learner, which
+detects drift where it learns and publishes drift events and retrain requests, each trigger with
+its reason, the cooldown across a crash; and the drift service, which asks for retraining on
+demand (admin route, `driftline retrain`) and on a schedule, and shows what the loop sees.
+
+The champion is river's NoChangeClassifier (it answers the last label it learned), so its error at
+each example is whether the label changed: a label sequence sets the error rate exactly."""
 
 from __future__ import annotations
 
@@ -7,137 +12,94 @@ import os
 import random
 import subprocess
 import sys
-import time
-import uuid
 
 import httpx
-from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from learner_harness import Driver, read_all, wait_for
 from pipeline import metric
 
-from driftline.shared import kafka
-from driftline.shared.codec import get_codec
 from driftline.shared.settings import settings_env
 from driftline.shared.topics import Topics
 
 TOKEN = "drift-admin-token"
+NO_CHANGE = "dummy.NoChangeClassifier()"
 
 
-def publish_outcomes(settings, segments, start=0, version=1, seed=11) -> int:
-    """Champion outcomes, in order, for segments of (count, error rate); returns the next position."""
-    codec, topics = get_codec(), Topics(settings.namespace)
-    producer = kafka.producer(settings)
-    rng = random.Random(seed)
-    position = start
+def rows_with_error_rates(segments, start: int = 0, seed: int = 11, x=lambda i, rng: rng.gauss(0, 1)):
+    """(event_id, fields, label) whose label changes with the given probability in each (count, rate)
+    segment: the NoChange champion's error rate there."""
+    rng, rows, label, i = random.Random(seed), [], "0", start
     for count, rate in segments:
         for _ in range(count):
-            wrong = rng.random() < rate
-            record = {"event_id": f"e{position}", "entity_id": "a", "model": settings.learner.model_name,
-                      "model_version": version, "role": "champion", "y_true": "1", "y_pred": "0" if wrong else "1",
-                      "proba": {"1": 0.4 if wrong else 0.9}, "position": position, "ts": float(position)}
-            kafka.produce(producer, topics.outcomes, codec.encode("Outcome", record), key="a")
-            position += 1
-    assert producer.flush(30) == 0
-    return position
+            if rng.random() < rate:
+                label = "1" if label == "0" else "0"
+            rows.append((f"e{i}", {"x": x(i, rng)}, label))
+            i += 1
+    return rows
 
 
-def publish_features(settings, values) -> None:
-    codec, topics = get_codec(), Topics(settings.namespace)
-    producer = kafka.producer(settings)
-    for i, x in enumerate(values):
-        # One entity, so one partition: the service sees the values in the order they were made.
-        record = {"event_id": f"f{i}", "entity_id": "n", "ts": float(i), "features": {"x": x, "one": 1.0},
-                  "feature_set": "raw", "published_ms": None}
-        kafka.produce(producer, topics.features, codec.encode("FeatureVector", record), key="n")
-    assert producer.flush(30) == 0
+def learned(learner) -> int:
+    return int(httpx.get(learner.url + "/health", timeout=5).json()["position"])
 
 
-def read_topic(settings, base: str, record: str, timeout: float = 30.0) -> list[dict]:
-    """Every record on a topic so far: reads each partition up to its high watermark."""
-    topic = Topics(settings.namespace).name(base)
-    consumer = kafka.consumer(settings, f"reader-{uuid.uuid4().hex}")
-    parts = kafka.partitions_of(settings, topic)
-    todo = {}
-    for tp in parts:
-        _low, high = consumer.get_watermark_offsets(tp, timeout=10)
-        if high > 0:
-            todo[tp.partition] = high - 1
-    consumer.assign([TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING) for tp in parts])
-    out, deadline = [], time.monotonic() + timeout
-    try:
-        while todo and time.monotonic() < deadline:
-            m = consumer.poll(0.2)
-            if m is not None and m.error() is None:
-                out.append(get_codec().decode(m.value(), expect=record))
-                if m.offset() >= todo.get(m.partition(), -1):
-                    todo.pop(m.partition(), None)
-    finally:
-        consumer.close()
-    assert not todo, f"could not read {topic} to its end"
-    return out
+def wait_learned(learner, n: int, timeout: float = 120.0) -> None:
+    wait_for(lambda: learned(learner) >= n, timeout, f"{n} labels learned:\n{learner.log_tail()}")
 
 
-def wait_position(service, position: int, timeout: float = 60.0) -> dict:
-    """Wait until the drift service has handled the champion outcome at `position`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = httpx.get(service.url + "/v1/drift", timeout=2).json()
-        if state["position"] >= position:
-            return state
-        time.sleep(0.2)
-    raise TimeoutError(f"drift service stuck at {state}:\n{service.log_tail()}")
-
-
-def test_only_a_rising_error_rate_raises_a_concept_drift_near_the_change_and_one_retrain(settings, run_service):
-    drift = run_service("drift", DRIFTLINE_DRIFT__DATA_DRIFT="false")
+def test_only_a_rising_error_rate_raises_a_concept_drift_near_the_change_and_one_retrain(settings, redis_client,
+                                                                                         run_service):
+    learner = run_service("learner", DRIFTLINE_LEARNER__MODEL=NO_CHANGE, DRIFTLINE_DRIFT__DATA_DRIFT="false")
+    driver = Driver(settings, redis_client)
     # The error rate falls at 3000 (ADWIN alarms on that too): nothing to publish.
-    middle = publish_outcomes(settings, [(3000, 0.40), (3000, 0.10)])
-    wait_position(drift, middle - 1)
-    assert read_topic(settings, "drift.events", "DriftEvent") == []
-    assert read_topic(settings, "retrain.requests", "RetrainRequest") == []
-    # It rises at 6000: one concept drift, one retrain request.
-    end = publish_outcomes(settings, [(3000, 0.40)], start=middle, seed=12)
-    wait_position(drift, end - 1)
-    events = read_topic(settings, "drift.events", "DriftEvent")
+    driver.send(rows_with_error_rates([(3000, 0.40), (3000, 0.10)]), entities=1)
+    wait_learned(learner, 6000)
+    assert read_all(settings, driver.topics.drift_events, "DriftEvent") == []
+    assert read_all(settings, driver.topics.retrain_requests, "RetrainRequest") == []
+    # It rises at 6000: one concept drift, one retrain request, both from the learner.
+    driver.send(rows_with_error_rates([(3000, 0.40)], start=6000, seed=12), entities=1)
+    wait_learned(learner, 9000)
+    events = read_all(settings, driver.topics.drift_events, "DriftEvent")
     assert [(e["kind"], e["level"], e["detector"]) for e in events] == [("concept", "drift", "ADWIN")]
     event = events[0]
-    assert middle <= event["position"] <= middle + 500
+    assert 6000 <= event["position"] <= 6500
     assert event["error_before"] < 0.15 and event["error_after"] > 0.3 and event["model_version"] == 1
-    requests = read_topic(settings, "retrain.requests", "RetrainRequest")
-    assert [(r["reason"], r["drift_id"], r["model_version"]) for r in requests] == [
-        ("concept_drift", event["drift_id"], 1)]
-    assert metric(drift, "driftline_drift_events_total", kind="concept", level="drift") == 1
-    assert metric(drift, "driftline_retrain_requests_total", reason="concept_drift") == 1
-    assert 0.3 < metric(drift, "driftline_drift_error_rate", version="1") < 0.5
+    requests = read_all(settings, driver.topics.retrain_requests, "RetrainRequest")
+    assert [(r["reason"], r["drift_id"], r["model_version"], r["position"]) for r in requests] == [
+        ("concept_drift", event["drift_id"], 1, event["position"])]
+    assert metric(learner, "driftline_drift_events_total", kind="concept", level="drift") == 1
+    assert metric(learner, "driftline_retrain_requests_total", reason="concept_drift") == 1
+    assert 0.3 < metric(learner, "driftline_drift_error_rate", version="1") < 0.5
+    # The learner acted on its own request where it made it, and did not take it again from the topic.
+    models = httpx.get(learner.url + "/v1/models", timeout=5).json()
+    assert models["live"]["challenger"]["version"] == 2, models
 
 
-def test_each_trigger_produces_a_retrain_request_with_its_reason(settings, run_service):
-    drift = run_service(
-        "drift", DRIFTLINE_ADMIN_TOKEN=TOKEN, DRIFTLINE_DRIFT__COOLDOWN="0", DRIFTLINE_DRIFT__ON_NEW_DATA="2500",
-        DRIFTLINE_DRIFT__ON_SCHEDULE_S="1", DRIFTLINE_DRIFT__ON_ACCURACY_BELOW="0.7",
-        DRIFTLINE_DRIFT__ACCURACY_WINDOW="300", DRIFTLINE_DRIFT__DATA_DRIFT_RETRAINS="true",
-        DRIFTLINE_DRIFT__DATA_DRIFT_SAMPLE="1", DRIFTLINE_DRIFT__DATA_DRIFT_WINDOW="300")
-    # concept drift and performance (accuracy 0.9 -> 0.55 < 0.7), new data at position 2499
-    end = publish_outcomes(settings, [(2000, 0.10), (1000, 0.45)])
-    # data drift: feature x moves from around 0 to around 5
-    rng = random.Random(5)
-    publish_features(settings, [rng.gauss(0, 1) for _ in range(900)] + [rng.gauss(5, 1) for _ in range(600)])
+def test_each_trigger_produces_a_retrain_request_with_its_reason(settings, redis_client, run_service):
+    learner = run_service(
+        "learner", DRIFTLINE_LEARNER__MODEL=NO_CHANGE, DRIFTLINE_LEARNER__MAX_SHADOW="50",
+        DRIFTLINE_DRIFT__COOLDOWN="0", DRIFTLINE_DRIFT__ON_NEW_DATA="2500",
+        DRIFTLINE_DRIFT__ON_ACCURACY_BELOW="0.7", DRIFTLINE_DRIFT__ACCURACY_WINDOW="300",
+        DRIFTLINE_DRIFT__DATA_DRIFT_RETRAINS="true", DRIFTLINE_DRIFT__DATA_DRIFT_SAMPLE="1",
+        DRIFTLINE_DRIFT__DATA_DRIFT_WINDOW="300")
+    drift = run_service("drift", DRIFTLINE_ADMIN_TOKEN=TOKEN, DRIFTLINE_DRIFT__ON_SCHEDULE_S="1")
+    driver = Driver(settings, redis_client)
+    # concept drift and performance (accuracy 0.9 -> 0.55 < 0.7), new data at position 2499, and
+    # data drift: feature x moves from around 0 to around 5 at row 2000
+    shifted = lambda i, rng: rng.gauss(5 if i >= 2000 else 0, 1)  # noqa: E731
+    driver.send(rows_with_error_rates([(2000, 0.10), (1000, 0.45)], x=shifted), entities=1)
     # on demand, over HTTP, with the admin token only
     url = drift.url + "/v1/retrain"
     assert httpx.post(url, timeout=5).status_code == 401
     assert httpx.post(url, headers={"Authorization": "Bearer wrong"}, timeout=5).status_code == 401
     assert httpx.post(url, headers={"Authorization": f"Bearer {TOKEN}"}, json={"reason": "whim"},
                       timeout=5).status_code == 422
-    accepted = httpx.post(drift.url + "/v1/retrain", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    accepted = httpx.post(url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
     assert accepted.status_code == 202, accepted.text
-    wait_position(drift, end - 1)
+    wait_learned(learner, 3000)
     expected = {"concept_drift", "performance", "new_data", "data_drift", "schedule", "demand"}
-    deadline = time.monotonic() + 30
-    while True:  # the features are handled after the outcomes; the schedule fires every second
-        requests = read_topic(settings, "retrain.requests", "RetrainRequest")
-        if {r["reason"] for r in requests} >= expected or time.monotonic() > deadline:
-            break
+    requests = read_all(settings, driver.topics.retrain_requests, "RetrainRequest",
+                        until=lambda rs: {r["reason"] for r in rs} >= expected, timeout=30)
     assert {r["reason"] for r in requests} == expected, requests
-    events = {e["drift_id"]: e for e in read_topic(settings, "drift.events", "DriftEvent")}
+    events = {e["drift_id"]: e for e in read_all(settings, driver.topics.drift_events, "DriftEvent")}
     for r in requests:
         if r["reason"] in ("concept_drift", "data_drift"):
             assert events[r["drift_id"]]["kind"] == r["reason"].split("_")[0]
@@ -145,26 +107,36 @@ def test_each_trigger_produces_a_retrain_request_with_its_reason(settings, run_s
     assert [r["request_id"] for r in requests if r["reason"] == "demand"] == [accepted.json()["request_id"]]
     data_events = [e for e in events.values() if e["kind"] == "data"]
     assert [e["feature"] for e in data_events] == ["x"] and data_events[0]["statistic"] >= 0.25
+    assert 2000 <= data_events[0]["position"] <= 2400
+    # /v1/drift shows what the learner's loop sees, and the alarms it raised.
+    view = httpx.get(drift.url + "/v1/drift", timeout=5).json()
+    assert view["model_version"] == 1 and {a["kind"] for a in view["recent_alarms"]} == {"concept", "data"}
 
 
-def test_cooldown_holds_a_burst_of_triggers_but_not_a_demand_and_survives_a_crash(settings, run_service):
-    env = dict(DRIFTLINE_ADMIN_TOKEN=TOKEN, DRIFTLINE_DRIFT__COOLDOWN="100000", DRIFTLINE_DRIFT__ON_NEW_DATA="100",
-               DRIFTLINE_DRIFT__DATA_DRIFT="false")
-    drift = run_service("drift", **env)
-    end = publish_outcomes(settings, [(1000, 0.1)])
-    wait_position(drift, end - 1)
-    assert metric(drift, "driftline_retrains_suppressed_total", reason="new_data") == 9
-    drift.kill9()  # state was saved before the offsets were committed
-    drift.restart()
-    end = publish_outcomes(settings, [(1000, 0.1)], start=end)
-    state = wait_position(drift, end - 1)
-    assert state["last_retrain_position"] == 99 and state["cooling_down"]
-    assert metric(drift, "driftline_retrains_suppressed_total", reason="new_data") == 10
+def test_cooldown_holds_a_burst_of_triggers_but_not_a_demand_and_survives_a_crash(settings, redis_client,
+                                                                                    run_service):
+    env = dict(DRIFTLINE_LEARNER__MODEL=NO_CHANGE, DRIFTLINE_DRIFT__COOLDOWN="100000",
+               DRIFTLINE_DRIFT__ON_NEW_DATA="100", DRIFTLINE_DRIFT__DATA_DRIFT="false")
+    learner = run_service("learner", **env)
+    driver = Driver(settings, redis_client)
+    driver.send(rows_with_error_rates([(1000, 0.1)]), entities=1)
+    wait_learned(learner, 1000)
+    assert metric(learner, "driftline_retrains_suppressed_total", reason="new_data") == 9
+    learner.kill9()  # the policy's state rides in the checkpoint, with the offsets
+    learner.restart()
+    driver.send(rows_with_error_rates([(1000, 0.1)], start=1000, seed=12), entities=1)
+    wait_learned(learner, 2000)
+    state = httpx.get(learner.url + "/health", timeout=5).json()
+    assert state["position"] == 2000
+    requests = read_all(settings, driver.topics.retrain_requests, "RetrainRequest")
+    assert [(r["reason"], r["position"]) for r in requests] == [("new_data", 99)]
+    drift = run_service("drift", DRIFTLINE_ADMIN_TOKEN=TOKEN)
     demand = httpx.post(drift.url + "/v1/retrain", json={"reason": "demand"},
                         headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
     assert demand.status_code == 202
-    requests = read_topic(settings, "retrain.requests", "RetrainRequest")
-    assert [(r["reason"], r["position"]) for r in requests] == [("new_data", 99), ("demand", end - 1)]
+    requests = read_all(settings, driver.topics.retrain_requests, "RetrainRequest",
+                        until=lambda rs: len(rs) == 2)
+    assert [r["reason"] for r in requests] == ["new_data", "demand"]
 
 
 def test_driftline_retrain_command_publishes_an_on_demand_request(settings):
@@ -172,6 +144,7 @@ def test_driftline_retrain_command_publishes_an_on_demand_request(settings):
     done = subprocess.run([sys.executable, "-m", "driftline.cli", "retrain"], env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    requests = read_topic(settings, "retrain.requests", "RetrainRequest")
+    requests = read_all(settings, Topics(settings.namespace).retrain_requests, "RetrainRequest",
+                        until=lambda rs: len(rs) >= 1)
     assert [(r["reason"], r["model"]) for r in requests] == [("demand", settings.learner.model_name)]
     assert requests[0]["request_id"] in done.stdout

@@ -1,5 +1,6 @@
 """Counters from zero, on the real thing: a real Prometheus (1 s scrapes and rule evaluation)
-scrapes the real ingestion and drift services from their start; their labelled counters are
+scrapes the real ingestion service and learner (whose drift loop raises concept drift) from
+their start; their labelled counters are
 there at 0 before anything happens, so the very first dead letter makes DeadLetterRateHigh
 active and the very first concept drift makes `increase()` (ConceptDriftDetected) see it.
 
@@ -12,7 +13,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from test_drift_service import publish_outcomes, wait_position
+from learner_harness import Driver
+from test_drift_service import NO_CHANGE, rows_with_error_rates, wait_learned
 from test_observability_live import prometheus, wait_for  # noqa: F401 (the fixture)
 
 from driftline.shared import kafka
@@ -21,9 +23,10 @@ from driftline.shared.topics import Topics
 pytestmark = pytest.mark.e2e
 
 
-def test_first_dead_letter_and_first_drift_fire_their_alerts(settings, run_service, prometheus):  # noqa: F811
+def test_first_dead_letter_and_first_drift_fire_their_alerts(settings, redis_client, run_service,
+                                                             prometheus):  # noqa: F811
     ingestion = run_service("ingestion")
-    drift = run_service("drift", DRIFTLINE_DRIFT__DATA_DRIFT="false")
+    learner = run_service("learner", DRIFTLINE_LEARNER__MODEL=NO_CHANGE, DRIFTLINE_DRIFT__DATA_DRIFT="false")
     scraped = wait_for("zero series scraped", lambda: len(prometheus.instant(
         'driftline_dead_letters_total{service="ingestion", topic="events", reason="not_avro"} == 0')) == 1
         and len(prometheus.instant('driftline_drift_events_total{kind="concept", level="drift"} == 0')) == 1
@@ -42,9 +45,9 @@ def test_first_dead_letter_and_first_drift_fire_their_alerts(settings, run_servi
     assert active[0]["state"] == "pending"  # it fires after its `for: 5m` if dead letters go on
     assert prometheus.instant('increase(driftline_dead_letters_total{reason="not_avro"}[1m]) > 0')
 
-    # The first concept drift: the error rate rises from 10% to 45%.
-    end = publish_outcomes(settings, [(2000, 0.10), (1000, 0.45)])
-    wait_position(drift, end - 1)
+    # The first concept drift: the champion's error rate rises from 10% to 45%.
+    Driver(settings, redis_client).send(rows_with_error_rates([(2000, 0.10), (1000, 0.45)]), entities=1)
+    wait_learned(learner, 3000)
     seen = wait_for("increase() sees the first drift", lambda: prometheus.instant(
         'increase(driftline_drift_events_total{kind="concept", level="drift"}[10m]) > 0'), timeout=30)
     assert seen, prometheus.instant("driftline_drift_events_total")

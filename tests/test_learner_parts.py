@@ -9,7 +9,7 @@ import json
 import pytest
 
 from driftline.features.store import Snapshot
-from driftline.learner.champion import Contest, Roles, Slot, warm_start
+from driftline.learner.champion import Contest, Roles, Slot, predict, warm_start
 from driftline.learner.checkpoint import LearnerState, Replay, load_checkpoint
 from driftline.learner.examples import ExampleBuffer
 from driftline.learner.join import DelayedJoin
@@ -258,8 +258,9 @@ def test_a_challenger_that_wins_the_contest_is_promoted_and_one_that_does_not_is
                "challenger": {"model_version": 2, "y_pred": "1", "proba": {}}}
     assert roles.learn({}, "1", answers).verdict is None
     assert roles.learn({}, "1", answers).verdict == "promote"
-    old, new = roles.promote()
-    assert (old.version, new.version, new.role, roles.challenger, roles.contest) == (1, 2, "champion", None, None)
+    old, new, gone = roles.promote()
+    assert (old.version, new.version, new.role, roles.challenger, roles.contest, gone) == (
+        1, 2, "champion", None, None, None)
 
     roles.start(slot("challenger", 3), Contest("margin", promote_after=1, window=5, margin=0.5, max_shadow=1))
     same = {"champion": {"model_version": 2, "y_pred": "1", "proba": {}},
@@ -277,12 +278,40 @@ def test_a_champion_chosen_elsewhere_restarts_the_contest_or_ends_the_challenger
     assert roles.champion.version == 2 and roles.champion.role == "champion" and roles.challenger is None
 
 
-def test_warm_start_records_only_the_current_champions_answers():
-    model, contest = parse_model("dummy.NoChangeClassifier()"), Contest("margin", 1, 10, 0.0, 100)
-    examples = [({}, "1", True, 1), ({}, "1", False, 1), ({}, "1", None, 1), ({}, "1", True, 0)]
-    assert warm_start(model, examples, champion_version=1, contest=contest) == 4
-    # 1st: the champion right, the untaught challenger not; 2nd: the reverse; 3rd: no answer; 4th: v0 answered
-    assert contest.shared == 2 and contest.disagreements() == (1, 1)
+def test_a_warm_start_teaches_the_challenger_and_is_no_evidence_in_its_contest():
+    """The warm-start examples are those on which the detector saw the champion fail: judged on
+    them a new model looks better than it is, so they teach and do not count."""
+    model = parse_model("dummy.NoChangeClassifier()")
+    examples = [({}, "1", False, 1), ({}, "0", False, 1), ({}, "1", None, 1), ({}, "1", True, 0)]
+    assert warm_start(model, examples) == 4
+    assert predict(model, {}) == "1"  # it learned them all, oldest first
+
+
+def test_a_displaced_champion_shadows_and_comes_back_when_it_does_better():
+    contest = lambda: Contest("margin", promote_after=2, window=2, margin=0.1, max_shadow=4)  # noqa: E731
+    roles = Roles(slot("champion", 1))
+    roles.start(slot("challenger", 2), contest())
+    old, new, _ = roles.promote(recall=contest())
+    assert (roles.champion, roles.previous, old.role) == (new, old, "previous")
+    assert [s.role for s in roles.slots()] == ["champion"]  # the displaced one answers only to its contest
+    assert set(roles.score({})) == {"champion", "previous"}
+    wrong_then_right = {"champion": {"model_version": 2, "y_pred": "0", "proba": {}},
+                        "previous": {"model_version": 1, "y_pred": "1", "proba": {}}}
+    assert roles.learn({}, "1", wrong_then_right).recall is None
+    assert roles.learn({}, "1", wrong_then_right).recall == "promote"
+    gone, back = roles.restore_previous()
+    assert (gone.version, back.version, back.role, roles.previous, roles.recall) == (2, 1, "champion", None, None)
+
+
+def test_a_displaced_champion_that_does_not_do_better_stops_shadowing():
+    roles = Roles(slot("champion", 1))
+    roles.start(slot("challenger", 2), Contest("margin", 1, 10, 0.0, 100))
+    roles.promote(recall=Contest("margin", promote_after=1, window=5, margin=0.5, max_shadow=2))
+    same = {"champion": {"model_version": 2, "y_pred": "1", "proba": {}},
+            "previous": {"model_version": 1, "y_pred": "1", "proba": {}}}
+    assert roles.learn({}, "1", same).recall is None
+    assert roles.learn({}, "1", same).recall == "drop"
+    assert roles.forget_previous().version == 1 and roles.every_slot() == [roles.champion]
 
 
 # -- records and checkpoint ------------------------------------------------------------------------

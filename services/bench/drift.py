@@ -3,11 +3,12 @@ with a known drift (and on stationary ones), next to the same model never retrai
 HoeffdingAdaptiveTreeClassifier (HAT), all in-process.
 
 What runs: IN-PROCESS, not through Kafka. Each stream is replayed with label delay 0 through the
-same code the services run -- `drift.policy.RetrainPolicy` (detector, error-went-up gate, cooldown)
-fed with the champion's errors, and the learner's own `learner.champion.Roles` (both roles' test-then-
-train, the contest, promotion) and `warm_start` (test-then-train since the change point) -- so the
-figures measure the learner's logic, not a copy, and do not depend on the machine's load. The end-to-end tests
-(tests/test_drift_e2e.py) check the same behaviour through the real services.
+very object the learner runs, `learner.adaptation.Adaptation` (the retraining policy on the
+champion's errors and on the features, the warm start, the contests, promotion and the displaced
+champion's way back), in the order the learner takes a replay (`simulate`), so the figures
+measure the learner's logic, not a copy, and do not depend on the machine's load. It is the
+reference the services are held to: tests/test_drift_determinism.py replays through the real
+services at full speed and checks the same drift positions, swaps and predictions.
 
     result = run(Path("reports/bench"), quick=True)     # JSON + drift.md table + drift.png
 
@@ -28,10 +29,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from ..drift.policy import RetrainPolicy
-from ..learner.champion import Contest, Roles, Slot, predict, warm_start
+from ..learner.adaptation import Adaptation
+from ..learner.champion import predict
 from ..learner.labels import error, is_regressor, learn, to_river
-from ..learner.prequential import Prequential
 from ..learner.spec import parse_model
 from ..replay.datasets import load
 from ..shared.settings import DriftSettings, LearnerSettings
@@ -79,52 +79,54 @@ def hat_hits(dataset: str, limit: int | None = None) -> list[float]:
 
 
 def simulate(dataset: str, spec: str, drift: DriftSettings | None = None,
-             learner: LearnerSettings | None = None) -> dict[str, Any]:
-    """The champion's hits with driftline's policy and the learner's roles, contest and warm start
-    (`learner.champion.Roles`, `warm_start`), plus what happened."""
+             learner: LearnerSettings | None = None, label_delay: int = 0, limit: int | None = None,
+             rows: list | None = None) -> dict[str, Any]:
+    """The champion's hits under the learner's own drift loop (`learner.adaptation.Adaptation`:
+    the policy, the warm start, the contests, the displaced champion's way back), in the order the
+    learner takes a replay with this label delay: event j is scored, then the label of event
+    j - label_delay is learned. This is the reference the services must match, decision for
+    decision (tests/test_drift_determinism.py)."""
     drift = drift or DriftSettings()
     learner = learner or LearnerSettings()
-    policy = RetrainPolicy(drift, model="bench", clock=lambda: 0.0)
-    roles = Roles(Slot("champion", 1, parse_model(spec), Prequential(learner.window)))
-    policy.swap(roles.champion.version)
-    buffer: deque = deque(maxlen=max(1, learner.warm_start))  # (position, x, y, champion hit, its version)
-    regression = is_regressor(roles.champion.model)
-    hits, alarms, requests, swaps, dropped = [], [], [], [], []
-    for position, (x, y, _) in enumerate(load(dataset).rows()):
-        answers = roles.score(x)  # label delay 0: each example is scored, then learned at once
-        version = roles.champion.version
-        if regression:  # the champion's absolute error stands for its hit (policy, contest, curves)
-            hit = abs(error(answers["champion"]["y_pred"], y) or 0.0)
-            hits.append(hit)
-            observed = policy.observe(position, False, version, error=hit)
-        else:
-            hit = answers["champion"]["y_pred"] == y
-            hits.append(int(hit))
-            observed = policy.observe(position, hit, version)
-        for action in observed:
-            if action.kind == "drift":
-                alarms.append({k: action.record[k] for k in ("position", "level", "error_before", "error_after")})
-            elif action.kind == "retrain":
-                requests.append(position)
-                if roles.challenger is None:  # as the learner does: warm start test-then-train since the change
-                    since = action.record.get("since_position")
-                    model, contest = parse_model(spec), Contest.from_settings(learner)
-                    warm_start(model, ((bx, by, bhit, bversion) for bp, bx, by, bhit, bversion in buffer
-                                       if since is None or bp >= since), version, contest)
-                    roles.start(Slot("challenger", version + 1, model, Prequential(learner.window)), contest)
-        learned = roles.learn(x, y, answers)
-        buffer.append((position, x, y, hit, version))
-        verdict = learned.verdict
-        if verdict is None and roles.contest is not None and len(learned.hits) < 2:
-            verdict = roles.contest.verdict()  # a challenger made on this row may win on its replayed record
-        if verdict == "promote":
-            roles.promote()
-            policy.swap(roles.champion.version)
-            swaps.append(position)
-        elif verdict == "drop":
-            roles.drop()
-            dropped.append(position)
-    return {"hits": hits, "alarms": alarms, "requests": requests, "swaps": swaps, "dropped": dropped}
+    loop = Adaptation.fresh(spec, learner, drift, "bench")
+    regression = is_regressor(loop.roles.champion.model)
+    hits, predictions = [], []
+    events: dict[str, list] = {"alarms": [], "requests": [], "swaps": [], "dropped": [], "restored": []}
+
+    def note(changes) -> None:
+        for change in changes:
+            if change.kind == "alarm":
+                events["alarms"].append({k: change.record[k] for k in ("position", "kind", "level", "error_before",
+                                                                        "error_after", "feature")})
+            elif change.kind == "request":
+                events["requests"].append(change.record["position"])
+            elif change.kind in ("promoted", "restored"):
+                events["swaps"].append({"position": change.position, "from_version": change.other.version,
+                                        "to_version": change.slot.version, "reason": change.kind})
+                if change.kind == "restored":
+                    events["restored"].append(change.position)
+            elif change.kind == "dropped":
+                events["dropped"].append(change.position)
+
+    pending: deque = deque()
+    source = rows if rows is not None else load(dataset).rows()
+    for x, y, _ in itertools.islice(source, limit):
+        answers, changes = loop.score(x)
+        note(changes)
+        predictions.append(answers["champion"]["y_pred"])
+        pending.append((x, y, answers))
+        while len(pending) > label_delay:
+            lx, ly, la = pending.popleft()
+            champion_answer = la["champion"]["y_pred"]
+            hits.append(abs(error(champion_answer, ly) or 0.0) if regression else int(champion_answer == ly))
+            note(loop.learn(lx, ly, la, len(hits) - 1).changes)
+    while pending:
+        lx, ly, la = pending.popleft()
+        champion_answer = la["champion"]["y_pred"]
+        hits.append(abs(error(champion_answer, ly) or 0.0) if regression else int(champion_answer == ly))
+        note(loop.learn(lx, ly, la, len(hits) - 1).changes)
+    return {"hits": hits, "predictions": predictions, **events,
+            "swap_positions": [s["position"] for s in events["swaps"]]}
 
 
 def mean(xs) -> float:
@@ -138,15 +140,16 @@ def evaluate(dataset: str, spec: str, hat_reference: list[float] | None = None) 
     sim = simulate(dataset, spec)
     never = prequential_hits(dataset, spec)
     hat = hat_reference if hat_reference is not None else hat_hits(dataset)
-    concept = [a for a in sim["alarms"] if a["level"] == "drift"]
+    concept = [a for a in sim["alarms"] if a["level"] == "drift" and a["kind"] == "concept"]
     row: dict[str, Any] = {"dataset": dataset, "model": spec, "examples": len(sim["hits"]),
                            "alarms": [a["position"] for a in concept], "retrain_requests": sim["requests"],
-                           "swaps": sim["swaps"], "challengers_dropped": sim["dropped"]}
+                           "swaps": sim["swap_positions"], "restored": sim["restored"],
+                           "challengers_dropped": sim["dropped"]}
     if ds.drift_positions:
         at = ds.drift_positions[0]
         start = at - ds.drift_width // 2  # a gradual drift starts half its width early
         after = [a["position"] for a in concept if a["position"] >= start]
-        later_swaps = [s for s in sim["swaps"] if s >= start]
+        later_swaps = [s for s in sim["swap_positions"] if s >= start]
         window = slice(at, at + AFTER)
         row.update({
             "drift_at": at,
@@ -179,16 +182,17 @@ def evaluate_regression(dataset: str, spec: str, references: dict[str, list[floa
     never = prequential_errors(dataset, spec)
     references = references if references is not None else {
         name: prequential_errors(dataset, ref) for name, ref in ADAPTIVE_REGRESSORS.items()}
-    concept = [a for a in sim["alarms"] if a["level"] == "drift"]
+    concept = [a for a in sim["alarms"] if a["level"] == "drift" and a["kind"] == "concept"]
     at = ds.drift_positions[0]
     start = at - ds.drift_width // 2
     after = [a["position"] for a in concept if a["position"] >= start]
-    later_swaps = [s for s in sim["swaps"] if s >= start]
+    later_swaps = [s for s in sim["swap_positions"] if s >= start]
     window = slice(at, at + AFTER)
     row: dict[str, Any] = {
         "dataset": dataset, "model": spec, "task": "regression", "examples": len(sim["hits"]),
-        "alarms": [a["position"] for a in concept], "retrain_requests": sim["requests"], "swaps": sim["swaps"],
-        "challengers_dropped": sim["dropped"], "drift_at": at,
+        "alarms": [a["position"] for a in concept], "retrain_requests": sim["requests"],
+        "swaps": sim["swap_positions"], "restored": sim["restored"], "challengers_dropped": sim["dropped"],
+        "drift_at": at,
         "detection_delay": after[0] - at if after else None,
         "false_alarms": sum(1 for a in concept if a["position"] < start),
         "examples_to_swap": later_swaps[0] - at if later_swaps else None,
@@ -233,7 +237,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
     print(table)
     settings = DriftSettings()
     return {
-        "mode": "in-process: drift.policy.RetrainPolicy + learner Contest/warm start (not through Kafka)",
+        "mode": "in-process: learner.adaptation.Adaptation, the learner's own drift loop (not through Kafka)",
         "detector": settings.detector, "cooldown": settings.cooldown,
         "min_error_increase": settings.min_error_increase,
         "learner": {k: getattr(LearnerSettings(), k) for k in ("warm_start", "promotion_rule", "promote_after",

@@ -119,7 +119,7 @@ class RetrainPolicy:
         """An on-demand request: never held back by the cooldown."""
         if reason not in REASONS:
             raise ValueError(f"unknown retrain reason {reason!r}; choose from {', '.join(REASONS)}")
-        return Action("retrain", self._request(reason))
+        return Action("retrain", self._request(reason, stable=False))
 
     # -- state ----------------------------------------------------------------------------------
     @property
@@ -179,18 +179,23 @@ class RetrainPolicy:
         if self.cooling_down():
             return [Action("suppressed", {"reason": reason, "drift_id": drift_id})]
         self.last_retrain = max(self.position, 0)
-        return [Action("retrain", self._request(reason, drift_id, since_position))]
+        return [Action("retrain", self._request(reason, drift_id, since_position, stable=reason != "schedule"))]
 
     # -- records ----------------------------------------------------------------------------------
-    def _request(self, reason: str, drift_id: str | None = None, since_position: int | None = None) -> dict[str, Any]:
+    def _request(self, reason: str, drift_id: str | None = None, since_position: int | None = None,
+                 stable: bool = True) -> dict[str, Any]:
+        """`stable`: a decision of the stream (its id follows from where it was taken); a demand
+        or a schedule is not, and gets a fresh id each time."""
+        request_id = decision_id(self.model, reason, self.version, self.position) if stable else None
         return retrain_request(self.model, reason, version=self.version, position=self.position,
-                               drift_id=drift_id, ts=self.clock(), since_position=since_position)
+                               drift_id=drift_id, ts=self.clock(), since_position=since_position,
+                               request_id=request_id)
 
     def _drift_event(self, kind: str, level: str, detector: str, *, feature: str | None = None,
                      error_before: float | None = None, error_after: float | None = None,
                      statistic: float | None = None) -> dict[str, Any]:
         return {
-            "drift_id": uuid.uuid4().hex,
+            "drift_id": decision_id(self.model, kind, level, self.version, self.position, feature or ""),
             "model": self.model,
             "model_version": self.version or 0,
             "kind": kind,
@@ -241,14 +246,25 @@ class RetrainPolicy:
                 "min_error_increase": s.min_error_increase, "accuracy_window": s.accuracy_window}
 
 
+def decision_id(*parts: Any) -> str:
+    """A stable id for a decision taken at a given point of the stream: the same stream makes the
+    same ids, so a consumer (or a learner that restarts and takes the decision again) can tell a
+    repeat from a new one.
+
+        >>> decision_id("default", "concept_drift", 1, 4170) == decision_id("default", "concept_drift", 1, 4170)
+        True
+    """
+    return uuid.uuid5(uuid.NAMESPACE_URL, "driftline:" + "/".join(map(str, parts))).hex
+
+
 def retrain_request(model: str, reason: str, *, version: int | None, position: int,
                     drift_id: str | None = None, ts: float | None = None,
-                    since_position: int | None = None) -> dict[str, Any]:
-    """A RetrainRequest record (schemas/RetrainRequest.avsc)."""
+                    since_position: int | None = None, request_id: str | None = None) -> dict[str, Any]:
+    """A RetrainRequest record (schemas/RetrainRequest.avsc); a random id unless one is given."""
     if reason not in REASONS:
         raise ValueError(f"unknown retrain reason {reason!r}; choose from {', '.join(REASONS)}")
     return {
-        "request_id": uuid.uuid4().hex,
+        "request_id": request_id or uuid.uuid4().hex,
         "model": model,
         "reason": reason,
         "drift_id": drift_id,

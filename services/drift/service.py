@@ -1,21 +1,25 @@
-"""The drift service (port 8004): watches the champion's errors and the features' distributions,
-publishes `drift.events`, and asks the learner for a challenger on `retrain.requests`.
+"""The drift service (port 8004): the operators' side of the drift loop.
 
-    outcomes     -> RetrainPolicy.observe (concept drift, new data, performance) -> drift.events, retrain.requests
-    model.swaps  -> RetrainPolicy.swap (a new champion is watched from scratch)
-    features     -> DataDriftMonitor (1 message in `data_drift_sample`) -> drift.events (kind data)
-    clock        -> RetrainPolicy.tick (schedule)
-    POST /v1/retrain (admin token) -> retrain.requests (reason demand)
+    drift.events -> the latest alarms, for /v1/drift
+    model.swaps  -> which version is the champion (the subject of a scheduled or demanded retrain)
+    clock        -> a retrain request every `drift.on_schedule_s` (reason schedule)
+    POST /v1/retrain (admin token) -> a retrain request now (reason demand)
+    GET /v1/drift  -> what the learner's drift loop sees (its policy's state) and the latest alarms
 
-The policy's state (positions, cooldown, detector) is saved to Redis, signed, after the batch's
-messages are produced and before the offsets are committed; outcomes at or below the saved position
-are skipped after a restart, so a crash neither repeats nor loses a retrain request.
+Detection itself (concept drift on the champion's errors, data drift on the features, the
+label-count and accuracy triggers) runs inside the learner, at the example where it is seen
+(`learner.adaptation`, with the policy of `drift.policy`): acting on a drift must not depend on
+another process keeping up with the learner, and the same stream must give the same decisions at
+any speed. What cannot come from the stream -- a person's demand, a clock -- comes from here, as a
+retrain request the learner takes at the position it has reached when it reads it.
 It never trains or swaps a model itself: that is the learner's job.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
 from typing import Literal
 
 import redis
@@ -23,158 +27,88 @@ from confluent_kafka import Message
 from fastapi import Body, FastAPI, Header, HTTPException
 from pydantic import BaseModel, Field
 
-from ..shared import deps, kafka, metrics
+from ..shared import deps, metrics
+from ..shared.admin import check_admin
 from ..shared.codec import DecodeError, get_codec
 from ..shared.kafka import base_topic
-from ..shared.admin import check_admin
 from ..shared.keys import Keys
-from ..shared.registry import TamperedArtifact, dumps_signed, loads_signed
+from ..shared.registry import ModelRegistry
 from ..shared.runtime import StreamWorker, run_app, service_app
 from ..shared.settings import Settings
 from ..shared.vocabulary import RETRAIN_REASONS
-from .datadrift import DataDriftMonitor
-from .policy import Action, RetrainPolicy
+from .policy import retrain_request
 
 log = logging.getLogger(__name__)
 SERVICE = "drift"
+RECENT_ALARMS = 50  # alarms /v1/drift lists
 
 
 class DriftWorker(StreamWorker):
     service = SERVICE
-    batch_size = 2000
+    commit_interval_s = 1.0  # two low-volume topics: nothing downstream waits for these commits
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.codec = get_codec()
         self.model = settings.learner.model_name
-        self.policy = RetrainPolicy(settings.drift, self.model)
-        self.data = DataDriftMonitor(settings.drift.data_drift_window, settings.drift.data_drift_psi,
-                                     ignore=settings.drift.data_drift_ignore)
         self.redis = deps.redis_client(settings)  # waits out a Redis outage
         self.keys = Keys(settings.namespace)
-        self.signing_key = settings.model_key.get_secret_value().encode()
-        self.features_seen = 0
-        self.gauge_version: int | None = None
+        self.registry = ModelRegistry(self.redis, self.keys, self.model, settings.model_key.get_secret_value().encode())
+        self.alarms: deque[dict] = deque(maxlen=RECENT_ALARMS)
+        self.champion: int | None = None
+        self.last_schedule = time.monotonic()
 
     def input_topics(self) -> list[str]:
-        topics = [self.topics.outcomes, self.topics.model_swaps]
-        if self.settings.drift.data_drift:
-            topics.append(self.topics.features)
-        return topics
+        return [self.topics.drift_events, self.topics.model_swaps]
 
-    def open_consumer(self):
-        self.load_state()
-        # A small prefetch: with librdkafka's default (100k messages per partition) an outcome would
-        # queue behind a whole backlog of the features firehose and drift would be noticed late.
-        c = kafka.consumer(self.settings, self.topics.group(self.service), **{"queued.min.messages": 2000})
-        c.subscribe(self.input_topics())
-        return c
-
-    # -- the loop: decode -> decide -> publish (the base class flushes, then commit() saves) ------
     def handle(self, messages: list[Message]) -> None:
         for m in messages:
             topic = base_topic(m.topic())
-            if topic == "outcomes":
-                outcome = self.decode(m, "Outcome")
-                if outcome is not None and outcome["role"] == "champion":
-                    correct = outcome["y_pred"] is not None and outcome["y_pred"] == outcome["y_true"]
-                    self.publish(self.policy.observe(outcome["position"], correct, outcome["model_version"],
-                                                     outcome.get("error")))
-            elif topic == "model.swaps":
-                swap = self.decode(m, "ModelSwap")
-                if swap is not None and swap["model"] == self.model:
-                    self.policy.swap(swap["to_version"])
-            elif topic == "features":
-                self.features_seen += 1
-                if self.features_seen % max(1, self.settings.drift.data_drift_sample) == 0:
-                    vector = self.decode(m, "FeatureVector")
-                    for alarm in self.data.update(vector["features"]) if vector is not None else ():
-                        self.publish(self.policy.data_drift(alarm.feature, alarm.psi, "PSI"))
-        self.export_error_rate()
+            try:
+                record = self.codec.decode(m.value(), expect="DriftEvent" if topic == "drift.events" else "ModelSwap")
+            except DecodeError as exc:  # internal topics have no DLQ: count it, say it, skip it
+                metrics.DEAD_LETTERS.labels(SERVICE, topic, exc.reason).inc()
+                log.warning("skipping undecodable %s message at %s/%s: %s", topic, m.partition(), m.offset(), exc)
+                continue
+            if record["model"] != self.model:
+                continue
+            if topic == "drift.events":
+                self.alarms.append(record)
+            else:
+                self.champion = record["to_version"]
 
     def tick(self) -> None:
-        actions = self.policy.tick()
-        if actions:
-            self.publish(actions)
-            self.producer.flush()
-            self.save_state()
+        every = self.settings.drift.on_schedule_s
+        if every > 0 and time.monotonic() - self.last_schedule >= every:
+            self.last_schedule = time.monotonic()
+            self.send("schedule")
 
-    def commit(self) -> None:
-        self.save_state()  # after the produced messages are acknowledged (run() flushed them)
-        super().commit()
-
-    # -- helpers --------------------------------------------------------------------------------
-    def decode(self, m: Message, expect: str) -> dict | None:
-        try:
-            return self.codec.decode(m.value(), expect=expect)
-        except DecodeError as exc:
-            # Internal topics have no DLQ: count it, say it, skip it (never crash on input).
-            metrics.DEAD_LETTERS.labels(SERVICE, base_topic(m.topic()), exc.reason).inc()
-            log.warning("skipping undecodable %s message at %s/%s: %s", base_topic(m.topic()),
-                        m.partition(), m.offset(), exc)
-            return None
-
-    def publish(self, actions: list[Action]) -> None:
-        for action in actions:
-            if action.kind == "drift":
-                record = action.record
-                self.produce(self.topics.drift_events, self.codec.encode("DriftEvent", record), key=self.model)
-                metrics.DRIFT_EVENTS.labels(self.model, record["kind"], record["level"], record["detector"]).inc()
-                log.info("drift %s/%s at %s: %s", record["kind"], record["level"], record["position"],
-                         {k: record[k] for k in ("feature", "error_before", "error_after", "statistic")})
-            elif action.kind == "retrain":
-                self.send_retrain(action.record)
-            elif action.kind == "suppressed":
-                metrics.RETRAINS_SUPPRESSED.labels(self.model, action.record["reason"]).inc()
-
-    def send_retrain(self, record: dict) -> None:
+    def send(self, reason: str) -> dict:
+        """A retrain request for the current champion, at the learner's position, published now."""
+        state = self.learner_state()
+        version = self.champion or self.registry_champion()
+        record = retrain_request(self.model, reason, version=version, position=int(state.get("position") or 0))
         self.produce(self.topics.retrain_requests, self.codec.encode("RetrainRequest", record), key=self.model)
-        metrics.RETRAIN_REQUESTS.labels(self.model, record["reason"]).inc()
-        log.info("retrain request %s (%s) at position %s", record["request_id"], record["reason"], record["position"])
-
-    def export_error_rate(self) -> None:
-        version = self.policy.version
-        if version is None:
-            return
-        if self.gauge_version is not None and self.gauge_version != version:
-            try:
-                metrics.ERROR_RATE.remove(self.model, str(self.gauge_version))  # one series per live version
-            except KeyError:
-                pass
-        self.gauge_version = version
-        metrics.ERROR_RATE.labels(self.model, str(version)).set(self.policy.error_rate)
-
-    # -- state in Redis ---------------------------------------------------------------------------
-    def save_state(self) -> None:
-        snap = self.policy.snapshot()
-        try:
-            self.redis.hset(self.keys.drift_state(self.model), mapping={
-                "state": dumps_signed(snap, self.signing_key),
-                "position": snap["position"],
-                "last_retrain": "" if snap["last_retrain"] is None else snap["last_retrain"],
-                "version": "" if snap["version"] is None else snap["version"],
-            })
-        except redis.RedisError:
-            log.warning("could not save the drift state; it will be retried after the next batch", exc_info=True)
-
-    def load_state(self) -> None:
-        blob = self.redis.hget(self.keys.drift_state(self.model), "state")
-        if blob is None:
-            return
-        try:
-            self.policy.restore(loads_signed(blob, self.signing_key))
-            log.info("drift state restored at position %s (last retrain at %s)",
-                     self.policy.position, self.policy.last_retrain)
-        except TamperedArtifact:
-            log.error("REFUSED the saved drift state: its signature does not match; starting afresh")
-
-    def demand(self, reason: str) -> dict:
-        """An on-demand retrain request, published now (called from the HTTP thread)."""
-        record = self.policy.demand(reason).record
-        self.send_retrain(record)
         if self.producer.flush(10) > 0:
             raise RuntimeError("Kafka did not acknowledge the retrain request")
+        metrics.RETRAIN_REQUESTS.labels(self.model, reason).inc()
+        log.info("retrain request %s (%s) for v%s at position %s", record["request_id"], reason, version,
+                 record["position"])
         return record
+
+    def registry_champion(self) -> int | None:
+        try:
+            return self.registry.champion()
+        except redis.RedisError:
+            return None
+
+    def learner_state(self) -> dict[str, str]:
+        """What the learner's drift loop published at its last checkpoint (empty before one)."""
+        try:
+            raw = self.redis.hgetall(self.keys.drift_state(self.model))
+        except redis.RedisError:
+            return {}
+        return {k.decode(): v.decode() for k, v in raw.items()}
 
 
 class RetrainBody(BaseModel):
@@ -190,6 +124,10 @@ class RetrainAccepted(BaseModel):
     position: int
 
 
+def _number(text: str | None) -> float | None:
+    return float(text) if text not in (None, "") else None
+
+
 def build_app(settings: Settings, worker: DriftWorker) -> FastAPI:
     app = service_app(SERVICE, worker=worker, title="driftline drift")
 
@@ -199,18 +137,22 @@ def build_app(settings: Settings, worker: DriftWorker) -> FastAPI:
                 authorization: str | None = Header(None)) -> RetrainAccepted:
         check_admin(settings, authorization)
         try:
-            record = worker.demand((body or RetrainBody()).reason)
+            record = worker.send((body or RetrainBody()).reason)
         except RuntimeError as exc:
             raise HTTPException(503, str(exc)) from None
         return RetrainAccepted(**{k: record[k] for k in RetrainAccepted.model_fields})
 
-    @app.get("/v1/drift", tags=["ops"], summary="What the drift service watches and when it last asked to retrain")
+    @app.get("/v1/drift", tags=["ops"], summary="What the learner's drift loop sees, and the latest alarms")
     def state() -> dict:
-        p = worker.policy
-        return {"model": worker.model, "detector": settings.drift.detector, "model_version": p.version,
-                "position": p.position, "error_rate": p.error_rate, "rolling_accuracy": p.rolling_accuracy,
-                "last_retrain_position": p.last_retrain, "cooling_down": p.cooling_down(),
-                "cooldown": settings.drift.cooldown}
+        learner = worker.learner_state()
+        return {"model": worker.model, "detector": settings.drift.detector, "cooldown": settings.drift.cooldown,
+                "model_version": int(learner["version"]) if learner.get("version") else worker.champion,
+                "position": int(learner.get("position") or 0),
+                "error_rate": _number(learner.get("error_rate")),
+                "rolling_accuracy": _number(learner.get("rolling_accuracy")),
+                "last_retrain_position": int(learner["last_retrain"]) if learner.get("last_retrain") else None,
+                "cooling_down": learner.get("cooling_down") == "1",
+                "recent_alarms": list(worker.alarms)[-10:]}
 
     return app
 

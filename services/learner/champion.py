@@ -6,27 +6,37 @@
     'promote'
 
 While a challenger exists both models score every event and learn every label; the champion alone
-answers. The contest compares them on the *same* examples, the last `window` shared ones, once
-there are `promote_after` of them:
+answers. The contest compares them on the *same* examples, each judged on the answer it gave at
+event time, once there are `promote_after` of them:
 
-- ``mcnemar`` (default): McNemar's exact test on the examples where the two disagree. The
-  challenger is promoted when it is right-where-the-champion-is-wrong more often than the
-  reverse with one-sided confidence `confidence`, and leads by at least `margin`. A clearly
-  better model wins within a hundred or two examples; a coin-flip lead never does.
-- ``margin``: the challenger's accuracy beats the champion's by at least `margin`.
+- ``mcnemar`` (default): McNemar's comparison on the discordant pairs (the examples where exactly
+  one of the two is right), run as an anytime-valid sequential test: the evidence that the
+  challenger is right more often than the champion where they disagree is a likelihood ratio
+  (a uniform mixture over every win rate above one half), and the challenger is promoted once it
+  reaches 1 / (1 - `confidence`) and the challenger leads the last `window` shared examples by at
+  least `margin`. The contest is watched after every example, which a fixed-size test does not
+  allow (peeking at a 1% test after every example promotes a coin flip far more often than 1%);
+  by Ville's inequality this one keeps its level however often it is looked at.
+- ``margin``: the challenger's accuracy over the window beats the champion's by at least `margin`.
 
-For regressors the contest records each model's absolute error on the shared examples instead of
-its hit: ``mcnemar`` becomes the paired test that fits errors, Wilcoxon's signed-rank test (one-
-sided: the challenger's errors are smaller), and `margin` is the relative MAE improvement required
-(0.01 = the challenger's MAE is at least 1% below the champion's).
+For regressors the pairs are the two absolute errors: the challenger "wins" an example where its
+error is the smaller, and `margin` is the relative MAE improvement required (0.01 = the
+challenger's MAE is at least 1% below the champion's).
 
-A challenger that has not won after `max_shadow` shared examples is dropped. Plain picklable
-state: it lives in the learner's checkpoint, so a crash while a challenger is shadowing loses
-nothing.
+Only answers given at event time count as evidence. A challenger's warm start (`warm_start`)
+teaches it the examples since the drift's change point, but those are the very examples on which
+the detector saw the champion fail: judged on them, any new model looks better than it is, and on
+a stream of short regimes (Elec2) that alone promoted models that then did worse.
 
-`Roles` holds the two slots and their contest and does one example's test-then-train for both;
-`warm_start` replays a challenger's first examples against the champion's recorded answers. The
-learner and `driftline bench drift` both run these, so the benchmark measures the learner's rule.
+A promotion is not final: the champion it displaced keeps learning and shadowing as `previous`
+for `max_shadow` examples, in a contest of its own against the new champion under the same rule,
+and comes back if it wins (a recurring concept, or a promotion that did not pay). A challenger
+that has not won after `max_shadow` shared examples is dropped. Plain picklable state: it lives in
+the learner's checkpoint, so a crash while a challenger is shadowing loses nothing.
+
+`Roles` holds the slots and their contests and does one example's test-then-train for all of them;
+`warm_start` teaches a new challenger the recent examples. The learner and `driftline bench drift`
+both run these through `adaptation.Adaptation`, so the benchmark measures the learner's rule.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from scipy.stats import binomtest, wilcoxon
+from scipy.special import betainc, betaln
 
 from .labels import answer, error, is_regressor, learn
 from .prequential import Prequential
@@ -90,9 +100,24 @@ def judge(model: Any, x: dict[str, float], y: str) -> bool | float | None:
     return y_pred == y
 
 
+def evidence_for(wins: int, losses: int) -> float:
+    """The likelihood ratio that the challenger wins more than half of the discordant pairs,
+    against exactly half: a uniform mixture over win rates in (1/2, 1]. Under "no better" it is a
+    nonnegative supermartingale, so it ever reaches 1/alpha with probability at most alpha.
+
+        >>> round(evidence_for(0, 0), 3), round(evidence_for(30, 10), 1), round(evidence_for(10, 30), 3)
+        (1.0, 63.2, 0.046)
+    """
+    n = wins + losses
+    tail = 1.0 - float(betainc(wins + 1, losses + 1, 0.5))  # the mass of the mixture above one half
+    if tail <= 0.0:
+        return 0.0
+    return math.exp((n + 1) * math.log(2.0) + float(betaln(wins + 1, losses + 1)) + math.log(tail))
+
+
 @dataclass
 class Contest:
-    """The challenger's shadow record against the champion on shared examples."""
+    """A shadow's record against the champion on shared examples (each judged on its event-time answer)."""
 
     rule: Rule
     promote_after: int
@@ -102,6 +127,8 @@ class Contest:
     confidence: float = 0.99
     shared: int = 0
     recent: deque = field(default_factory=deque)  # (champion_hit, challenger_hit), the last `window`
+    wins: int = 0  # discordant pairs since the contest began: the challenger's
+    losses: int = 0  # ... and the champion's
 
     @classmethod
     def from_settings(cls, cfg) -> Contest:
@@ -113,9 +140,14 @@ class Contest:
         """One shared example: each model's hit (bool), or for regressors each absolute error (float)."""
         self.shared += 1
         if isinstance(champion_hit, bool) or isinstance(challenger_hit, bool):
-            self.recent.append((int(champion_hit), int(challenger_hit)))
+            pair = (int(champion_hit), int(challenger_hit))
+            better, worse = pair[1] > pair[0], pair[0] > pair[1]
         else:
-            self.recent.append((float(champion_hit), float(challenger_hit)))
+            pair = (float(champion_hit), float(challenger_hit))
+            better, worse = pair[1] < pair[0], pair[0] < pair[1]  # errors: smaller is better
+        self.wins += better
+        self.losses += worse
+        self.recent.append(pair)
         while len(self.recent) > self.window:
             self.recent.popleft()
 
@@ -141,61 +173,46 @@ class Contest:
     def regression(self) -> bool:
         return bool(self.recent) and isinstance(self.recent[0][0], float)
 
-    def p_value(self) -> float:
-        """McNemar's exact one-sided test: how likely this many wins out of the disagreements are
-        if the two models were equally good. For errors, Wilcoxon's signed-rank test on the paired
-        differences (challenger's errors smaller)."""
+    def evidence(self) -> float:
+        """`evidence_for` the discordant pairs since the contest began."""
+        return evidence_for(self.wins, self.losses)
+
+    def lead(self) -> float:
+        """The challenger's lead over the window: accuracy points, or for errors the relative MAE drop."""
         if self.regression:
-            diffs = [champion - challenger for champion, challenger in self.recent if champion != challenger]
-            if len(diffs) < 2:
-                return 1.0
-            return float(wilcoxon(diffs, alternative="greater").pvalue)
-        wins, losses = self.disagreements()
-        if wins + losses == 0:
-            return 1.0
-        return float(binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue)
+            return (self.champion_accuracy - self.challenger_accuracy) / max(self.champion_accuracy, 1e-12)
+        return self.challenger_accuracy - self.champion_accuracy
 
     def verdict(self) -> Verdict:
         if self.shared >= self.promote_after and self.recent:
-            lead = self.challenger_accuracy - self.champion_accuracy
-            if self.regression:  # relative MAE improvement (the "accuracies" are mean errors)
-                lead = (self.champion_accuracy - self.challenger_accuracy) / max(self.champion_accuracy, 1e-12)
+            lead = self.lead()
             if lead > 0 and lead >= self.margin - 1e-12:
-                if self.rule == "margin" or self.p_value() <= 1 - self.confidence:
+                if self.rule == "margin" or self.evidence() >= 1.0 / max(1e-12, 1.0 - self.confidence):
                     return "promote"
         if self.shared >= self.max_shadow:
             return "drop"
         return None
 
-    def evidence(self) -> dict[str, float]:
+    def report(self) -> dict[str, float]:
+        """What the registry keeps of the contest (a version's lineage)."""
         wins, losses = self.disagreements()
-        if self.regression:
-            return {"rule": self.rule, "shared": self.shared, "window": len(self.recent),
-                    "champion_mae": self.champion_accuracy, "challenger_mae": self.challenger_accuracy,
-                    "challenger_wins": wins, "champion_wins": losses, "p_value": round(self.p_value(), 6)}
+        names = ("champion_mae", "challenger_mae") if self.regression else ("champion_accuracy", "challenger_accuracy")
         return {"rule": self.rule, "shared": self.shared, "window": len(self.recent),
-                "champion_accuracy": self.champion_accuracy, "challenger_accuracy": self.challenger_accuracy,
-                "challenger_wins": wins, "champion_wins": losses, "p_value": round(self.p_value(), 6)}
+                names[0]: self.champion_accuracy, names[1]: self.challenger_accuracy,
+                "challenger_wins": wins, "champion_wins": losses,
+                "discordant_since_start": [self.wins, self.losses],
+                "evidence": round(min(self.evidence(), 1e12), 3)}
 
 
-def warm_start(model: Any, examples: Iterable[tuple[dict, str, bool | None, int | None]], champion_version: int,
-               contest: Contest) -> int:
+def warm_start(model: Any, examples: Iterable[tuple[dict, str, bool | None, int | None]]) -> int:
     """Teach a new challenger `examples` (x, y, the champion's hit, the champion version then), oldest
-    first, test-then-train: each example the current champion answered enters the contest as if the
-    challenger had shadowed since then. Returns how many it learned.
+    first. Returns how many it learned. Nothing here enters the contest (see the module's doc).
 
-    >>> model, contest = parse_model("dummy.NoChangeClassifier()"), Contest("margin", 1, 10, 0.0, 100)
-    >>> warm_start(model, [({}, "1", False, 1), ({}, "1", True, 1), ({}, "0", True, 0)], 1, contest)
-    3
-    >>> contest.shared, contest.challenger_accuracy
-    (2, 0.5)
+    >>> warm_start(parse_model("dummy.NoChangeClassifier()"), [({}, "1", False, 1), ({}, "0", True, 1)])
+    2
     """
     n = 0
-    for x, y, champion_hit, version_then in examples:
-        if champion_hit is not None and version_then == champion_version:  # this champion's answers only
-            mine = judge(model, x, y)
-            if mine is not None:
-                contest.record(champion_hit if isinstance(champion_hit, bool) else float(champion_hit), mine)
+    for x, y, _champion_hit, _version in examples:
         learn(model, x, y)
         n += 1
     return n
@@ -204,17 +221,22 @@ def warm_start(model: Any, examples: Iterable[tuple[dict, str, bool | None, int 
 @dataclass
 class Learned:
     """What one labelled example did: each role's hit (for the versions that answered it), the
-    answers to publish as outcomes (role, Prediction), and the contest's verdict when the example
-    entered the contest."""
+    answers to publish as outcomes (role, Prediction), and each contest's verdict: the
+    challenger's (`verdict`) and the displaced champion's (`recall`)."""
 
     hits: dict[str, bool]
     answers: list[tuple[str, dict]]
     verdict: Verdict = None
+    recall: Verdict = None
+
+
+PUBLISHED = ("champion", "challenger")  # the roles whose answers go to predictions and outcomes
 
 
 @dataclass
 class Roles:
-    """The champion, the challenger shadowing it (or None) and their contest.
+    """The champion, the challenger shadowing it (or None), the champion a promotion displaced
+    (`previous`, or None) and their contests.
 
     >>> roles = Roles(Slot("champion", 1, parse_model("dummy.NoChangeClassifier()"), Prequential()))
     >>> answers = roles.score({"a": 1.0})          # before the label: {role: Prediction fields}
@@ -227,24 +249,36 @@ class Roles:
     champion: Slot
     challenger: Slot | None = None
     contest: Contest | None = None
+    previous: Slot | None = None
+    recall: Contest | None = None  # the previous champion's contest against the one that replaced it
+
+    def __setstate__(self, state: dict) -> None:  # a checkpoint written before `previous` existed
+        self.__dict__.update({"previous": None, "recall": None, **state})
 
     @staticmethod
     def describe(roles: Roles | None) -> dict[str, Any]:
-        """Each role's version, examples and statistics, and the contest's evidence (for /health)."""
+        """Each role's version, examples and statistics, and the contests' records (for /health)."""
         def slot(s: Slot | None):
             return None if s is None else {"version": s.version, "examples": s.examples, **s.stats.as_dict()}
 
         return {"champion": slot(roles.champion if roles else None),
                 "challenger": slot(roles.challenger if roles else None),
-                "contest": roles.contest.evidence() if roles and roles.contest else None}
+                "contest": roles.contest.report() if roles and roles.contest else None,
+                "previous": slot(roles.previous if roles else None),
+                "recall": roles.recall.report() if roles and roles.recall else None}
 
     def slots(self) -> list[Slot]:
+        """The roles that answer in public (predictions, outcomes, telemetry)."""
         return [s for s in (self.champion, self.challenger) if s is not None]
+
+    def every_slot(self) -> list[Slot]:
+        """Every model that scores and learns: the public roles and the displaced champion."""
+        return [s for s in (self.champion, self.challenger, self.previous) if s is not None]
 
     def score(self, x: dict[str, float]) -> dict[str, dict]:
         """Each role's answer for an event, before its label: {role: {model_version, y_pred, proba}}."""
         out = {}
-        for slot in self.slots():
+        for slot in self.every_slot():
             y_pred, proba = slot.score(x)
             out[slot.role] = {"model_version": slot.version, "y_pred": y_pred, "proba": proba}
         return out
@@ -252,10 +286,10 @@ class Roles:
     def learn(self, x: dict[str, float], y: str, answers: dict[str, dict]) -> Learned:
         """Test-then-train on one label: score the answers made at event time (a version scores
         only its own answers; a champion without one, past the label's grace, answers now), then
-        both models learn, and a label both versions answered enters the contest."""
+        every model learns, and a label both sides of a contest answered enters that contest."""
         hits: dict[str, bool] = {}
         published: list[tuple[str, dict]] = []
-        for slot in self.slots():
+        for slot in self.every_slot():
             p = answers.get(slot.role)
             if p is None and slot.role == "champion":
                 y_pred, proba = slot.score(x)
@@ -264,26 +298,47 @@ class Roles:
                 hit = slot.update_stats(y, p)
                 if hit is not None:  # a regressor with no prediction yet has no error to count
                     hits[slot.role] = hit
-            if p is not None and (slot.role == "champion" or p["model_version"] == slot.version):
+            if p is not None and slot.role in PUBLISHED and (slot.role == "champion"
+                                                             or p["model_version"] == slot.version):
                 published.append((slot.role, p))
-        for slot in self.slots():
+        for slot in self.every_slot():
             slot.learn(x, y)
-        verdict = None
-        if self.contest is not None and len(hits) == 2:
+        learned = Learned(hits, published)
+        if self.contest is not None and "champion" in hits and "challenger" in hits:
             self.contest.record(hits["champion"], hits["challenger"])
-            verdict = self.contest.verdict()
-        return Learned(hits, published, verdict)
+            learned.verdict = self.contest.verdict()
+        if self.recall is not None and "champion" in hits and "previous" in hits:
+            self.recall.record(hits["champion"], hits["previous"])
+            learned.recall = self.recall.verdict()
+        return learned
 
     def start(self, challenger: Slot, contest: Contest) -> None:
         self.challenger, self.contest = challenger, contest
 
-    def promote(self) -> tuple[Slot, Slot]:
-        """The challenger becomes the champion: (old champion, new champion)."""
-        old, new = self.champion, self.challenger
+    def promote(self, recall: Contest | None = None) -> tuple[Slot, Slot, Slot | None]:
+        """The challenger becomes the champion: (old champion, new champion, the earlier previous
+        champion that leaves now, if any). With `recall`, the old champion stays as `previous`."""
+        old, new, gone = self.champion, self.challenger, self.previous
         assert new is not None
         new.role = "champion"
         self.champion, self.challenger, self.contest = new, None, None
-        return old, new
+        self.previous, self.recall = None, None
+        if recall is not None:
+            old.role = "previous"
+            self.previous, self.recall = old, recall
+        return old, new, gone
+
+    def restore_previous(self, contest: Contest | None = None) -> tuple[Slot, Slot]:
+        """The displaced champion won its contest: it is the champion again and the one that
+        replaced it leaves (its promotion is undone). A shadowing challenger restarts its contest
+        (`contest`). Returns (the champion that leaves, the one restored)."""
+        gone, back = self.champion, self.previous
+        assert back is not None
+        back.role = "champion"
+        self.champion, self.previous, self.recall = back, None, None
+        if self.contest is not None:
+            self.contest = contest
+        return gone, back
 
     def drop(self) -> Slot:
         """The challenger goes: it did not win."""
@@ -292,14 +347,23 @@ class Roles:
         self.challenger, self.contest = None, None
         return slot
 
+    def forget_previous(self) -> Slot:
+        """The displaced champion goes: it did not win back its place within its contest."""
+        slot = self.previous
+        assert slot is not None
+        self.previous, self.recall = None, None
+        return slot
+
     def replace_champion(self, new: Slot, contest: Contest | None = None) -> Slot:
         """A champion chosen elsewhere (rollback, manual promotion) takes over; returns the old one.
-        A shadowing challenger restarts its contest (`contest`) against the new champion."""
+        A shadowing challenger restarts its contest (`contest`) against the new champion; a
+        displaced champion's contest ends (an operator chose)."""
         old = self.champion
         new.role = "champion"
         if self.challenger is not None and self.challenger.version == new.version:
             self.challenger, self.contest = None, None
         elif self.contest is not None:
             self.contest = contest
+        self.previous, self.recall = None, None
         self.champion = new
         return old

@@ -57,6 +57,7 @@ class LearnerState:
     held_control: list[Control]  # control records read, not yet applied
     label_ts_by_partition: dict[int, float] = field(default_factory=dict)
     examples: list | None = None  # the warm-start buffer's rows (examples.py); None: written before it was here
+    adaptation: dict | None = None  # the drift loop's policy and data-drift monitor (Adaptation.state)
 
     # Behind a backlog tens of thousands of labels and events wait, and pickling them one object
     # at a time cost ~160 ms per 40,000 (~15% of the learner at full speed): they are kept as
@@ -73,6 +74,7 @@ class LearnerState:
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("examples", None)
+        state.setdefault("adaptation", None)
         if "waiting_columns" in state:  # else a checkpoint written before the columns: objects as they are
             state = dict(state)
             state["waiting"] = [Label(*row) for row in zip(*state.pop("waiting_columns"))]

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec
+from confluent_kafka.admin import OffsetSpec
 
 from ..shared import kafka
 from ..shared.deps import DEPS, backoff_delays
@@ -50,8 +50,6 @@ class Inputs:
         self.upstream_delays: dict[str, Any] = {}  # side -> its backoff in progress
         self.upstream_failed: dict[str, bool] = {}  # side -> the last question failed (logged once)
         self.rescore_below: dict[tuple[str, int], int] = {}  # features offsets consumed before this session
-        self.drift_reader: tuple[Consumer, list[TopicPartition]] | None = None  # the drift group's commits
-        self.admin: AdminClient | None = None  # asks whether the drift group has members
 
     def open(self, offsets: dict[tuple[str, int], int]) -> Consumer:
         self.label_partitions, self.feature_partitions, self.rescore_below, self.paused = [], [], {}, set()
@@ -92,17 +90,6 @@ class Inputs:
         if first is None:
             return control
         return control + [first, *self.consumer.consume(num_messages=batch_size - 1, timeout=0)]
-
-    def control_ends(self) -> dict[tuple[str, int], tuple[int, int]]:
-        """Each control partition's (low, high) watermarks, asked of the broker; empty when it
-        cannot say now."""
-        try:
-            return {(tp.topic, tp.partition): self.control.get_watermark_offsets(tp, timeout=UPSTREAM_TIMEOUT_S,
-                                                                                 cached=False)
-                    for tp in self.control.assignment()}
-        except KafkaException:  # the broker away: nothing to catch up with that can be read now
-            log.debug("the control topics' ends are unavailable", exc_info=True)
-            return {}
 
     def label_ends(self, offsets: dict[tuple[str, int], int]) -> list[tuple[int, bool]]:
         """Each labels.valid partition and whether it is read to its end (the consumer's cached
@@ -283,56 +270,6 @@ class Inputs:
             except Exception:  # closing a consumer that never joined a group: nothing to lose
                 log.debug("closing an upstream consumer failed", exc_info=True)
 
-    def drift_position(self) -> tuple[int | None, int] | None:
-        """(the drift service's committed offsets on `outcomes`, summed -- None if it has never
-        committed --, the outcomes published so far), or None when the broker cannot say now."""
-        if DEPS.is_down("kafka"):
-            return None
-        try:
-            if self.drift_reader is None:
-                topic = self.topics.outcomes
-                self.drift_reader = (kafka.consumer(self.settings, self.topics.group("drift")),  # reads commits only
-                                     [TopicPartition(topic, tp.partition) for tp in
-                                      kafka.partitions_of(self.settings, topic, timeout=UPSTREAM_TIMEOUT_S)])
-            c, parts = self.drift_reader
-            committed = [tp.offset for tp in c.committed(parts, timeout=UPSTREAM_TIMEOUT_S)]
-            published = sum(max(0, c.get_watermark_offsets(tp, timeout=UPSTREAM_TIMEOUT_S, cached=False)[1])
-                            for tp in parts)
-        except Exception:  # the broker away: the learner does not wait on what it cannot ask
-            log.debug("the drift service's position is unavailable", exc_info=True)
-            self.close_drift_reader()
-            return None
-        if all(offset < 0 for offset in committed):
-            return None, published
-        return sum(max(0, offset) for offset in committed), published
-
-    def drift_members(self) -> int | None:
-        """How many consumers the drift service's group has now (None: the broker cannot say)."""
-        if DEPS.is_down("kafka"):
-            return None
-        group = self.topics.group("drift")
-        try:
-            if self.admin is None:
-                self.admin = kafka.admin(self.settings)
-            described = self.admin.describe_consumer_groups([group], request_timeout=UPSTREAM_TIMEOUT_S)
-            return len(described[group].result(timeout=UPSTREAM_TIMEOUT_S).members)
-        except Exception:  # the broker away: the learner does not wait on what it cannot ask
-            log.debug("the drift service's group is unavailable", exc_info=True)
-            self.admin = None
-            return None
-
-    def close_drift_reader(self) -> None:
-        if self.drift_reader is not None:
-            try:
-                self.drift_reader[0].close()
-            except Exception:  # never joined a group: nothing to lose
-                log.debug("closing the drift reader failed", exc_info=True)
-        self.drift_reader = None
-
-    def all_stream_partitions(self) -> set[tuple[str, int]]:
-        return ({("features", tp.partition) for tp in self.feature_partitions}
-                | {("labels", tp.partition) for tp in self.label_partitions})
-
     def maybe_scored(self, event: Event) -> bool:
         """Read before this session began? Then a prediction stored for it (made at event time) is kept."""
         return event.offset < self.rescore_below.get((event.topic, event.partition), 0)
@@ -357,4 +294,3 @@ class Inputs:
         self.control = None
         for side in list(self.upstream):
             self.close_upstream(side)
-        self.close_drift_reader()

@@ -1,30 +1,33 @@
-"""The model roles over time: retrain requests, promotions, drops and swaps made elsewhere, each
-applied to `champion.Roles` and recorded in the registry as a version with its lineage (why it
-was made, what it replaced, its contest), with `model.swaps` for each champion change.
+"""The model roles over time, in the registry: each change the drift loop makes (`adaptation.Change`)
+recorded as a version with its lineage (why it was made, what it replaced, its contest), with
+`model.swaps` for each champion change; and the changes made elsewhere (an operator's rollback or
+promotion) taken up.
 
     lineage = Lineage(registry, settings.learner, publish=lambda old, new, reason: ..., telemetry=t)
     roles = Roles(lineage.first_champion())       # the registry's champion, or a new version 1
-    lineage.retrain(roles, request, position, warm=buffer.since)   # True: the roles changed
+    lineage.record(change)                        # after Adaptation.learn / request
 
-`champion.Roles` holds the rules of one example; this holds what happens between examples. The
-learner's worker calls one method per control record or verdict.
+`adaptation.Adaptation` decides; this writes down. It is also the loop's source of version numbers
+(`challenger`): a challenger registered by a learner that crashed before its checkpoint keeps its
+number when the restarted learner takes the same decision again.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from ..shared import metrics
 from ..shared.registry import ModelRegistry, TamperedArtifact, UnknownVersion
 from ..shared.settings import LearnerSettings
-from .champion import Contest, Roles, Slot, Verdict, warm_start
+from .adaptation import Change
+from .champion import Contest, Roles, Slot
 from .prequential import Prequential
 from .spec import describe, parse_model
 from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
-WarmExamples = list[tuple[dict, str, bool | None, int | None]]
 
 
 class Lineage:
@@ -36,54 +39,99 @@ class Lineage:
         self.publish = publish  # (from_version, to_version, reason) -> model.swaps
         self.telemetry = telemetry
 
-    # -- decisions: each returns whether the roles changed (the worker checkpoints then) ---------
-    def retrain(self, roles: Roles, req: dict, position: int, warm: Callable[[int | None, int], WarmExamples]) -> bool:
-        """A retrain request: a challenger warm-started on `warm(since_position, position)`, unless
-        the request is about a replaced champion or a challenger is still shadowing."""
-        champion, challenger = roles.champion, roles.challenger
-        asked_of = req.get("model_version")
-        if req["reason"] != "demand" and asked_of is not None and asked_of != champion.version:
-            # Drift seen in the errors of a champion that has been replaced since: the new one is
-            # watched from scratch, and a challenger against it would be built on stale evidence.
-            log.info("learner %s: retrain request %s (%s) about v%s ignored: v%d is the champion now", self.name,
-                     req["request_id"], req["reason"], asked_of, champion.version)
-            return False
-        if challenger is not None:
-            log.info("learner %s: retrain request %s (%s) ignored: challenger v%d is still shadowing",
-                     self.name, req["request_id"], req["reason"], challenger.version)
-            self.ignored(challenger, req, position)
-            return False
-        slot, contest = self.challenger(req, champion, position, warm(req.get("since_position"), position))
-        roles.start(slot, contest)
-        log.info("learner %s: challenger v%d (%s, warm start %d, %d shadowed in replay) shadows champion v%d",
-                 self.name, slot.version, req["reason"], slot.examples, contest.shared, champion.version)
-        if contest.verdict() == "promote":  # the replayed evidence is already conclusive
-            self.conclude(roles, "promote", position)
-        return True
+    # -- the loop's decisions ----------------------------------------------------------------------
+    def challenger(self, request: dict, model: Any, parent: int, warm: int, position: int) -> int:
+        """The version of the challenger `request` asks for (adaptation.Versions): a new one, or
+        the one a learner that crashed before its checkpoint registered for the same request."""
+        version = next((m["version"] for m in self.registry.versions() if m.get("request_id") == request["request_id"]),
+                       None)
+        if version is None:
+            version = self.registry.register(
+                model, spec=self.cfg.model, reason=request["reason"], parent=parent,
+                drift_id=request.get("drift_id"), examples_seen=warm, position=position)
+            self.registry.annotate(version, request_id=request["request_id"], warm_start=warm,
+                                   requested_at=request.get("position"))
+        return version
 
-    def conclude(self, roles: Roles, verdict: Verdict, position: int) -> None:
-        """The contest's verdict: promote the challenger, or drop it."""
-        evidence = roles.contest.evidence()
-        if verdict == "promote":
-            self.telemetry.retire(roles.champion, roles.challenger)
-            old, new = roles.promote()
-            self.promoted(old, new, evidence, position)
-            log.info("learner %s: PROMOTED v%d over v%d at position %d (%s)", self.name, new.version, old.version,
-                     position, evidence)
-        else:
-            self.telemetry.retire(roles.challenger)
-            slot = roles.drop()
-            self.dropped(slot, evidence, position)
+    def record(self, change: Change) -> bool:
+        """Write one change down; True when the roles changed (the worker checkpoints then)."""
+        kind, slot, other, position = change.kind, change.slot, change.other, change.position
+        if kind == "started":
+            req = change.record["request"]
+            self.registry.set_role("challenger", slot.version)
+            log.info("learner %s: challenger v%d (%s, warm start %d) shadows the champion", self.name, slot.version,
+                     req["reason"], change.record["warm_start"])
+            return True
+        if kind == "ignored":
+            req = change.record["request"]
+            log.info("learner %s: retrain request %s (%s) ignored: %s", self.name, req["request_id"], req["reason"],
+                     change.record["why"])
+            if slot is not None:
+                meta = self.registry.meta(slot.version)
+                ignored = meta.get("ignored_requests", []) + [{"request_id": req["request_id"], "reason": req["reason"],
+                                                               "position": position}]
+                self.registry.annotate(slot.version, ignored_requests=ignored[-50:])
+            return False
+        if kind == "promoted":
+            self.telemetry.retire(other, slot)  # its gauges as challenger, the old champion's
+            other.revision = self.save(other)
+            slot.revision = self.save(slot)
+            already = self.registry.champion() == slot.version  # a crashed learner promoted it already
+            self.registry.set_role("champion", slot.version)
+            self.registry.set_role("challenger", None)
+            self.registry.annotate(slot.version, promoted_at=position, replaced=other.version,
+                                   contest=change.record["evidence"])
+            self.registry.annotate(other.version, retired_at=position, retired_by=slot.version, shadowing=True)
+            gone = change.record.get("forgotten")
+            if gone is not None:
+                self.registry.annotate(gone.version, shadowing=False)
+            if not already:
+                self.publish(other.version, slot.version, "promotion")
+            log.info("learner %s: PROMOTED v%d over v%d at position %d (%s); v%d shadows it", self.name,
+                     slot.version, other.version, position, change.record["evidence"], other.version)
+            return True
+        if kind == "restored":
+            self.telemetry.retire(other)
+            other.revision = self.save(other)
+            slot.revision = self.save(slot)
+            already = self.registry.champion() == slot.version
+            self.registry.set_role("champion", slot.version)
+            self.registry.annotate(slot.version, restored_at=position, shadowing=False,
+                                   recall=change.record["evidence"])
+            self.registry.annotate(other.version, retired_at=position, retired_by=slot.version)
+            if not already:
+                self.publish(other.version, slot.version, "restored")
+            log.info("learner %s: v%d is the champion again at position %d: it did better than v%d, which "
+                     "replaced it (%s)", self.name, slot.version, position, other.version, change.record["evidence"])
+            return True
+        if kind == "dropped":
+            self.telemetry.retire(slot)
+            why = ("replaced by a challenger for a later change, while it was not ahead"
+                   if change.record.get("why") == "replaced" else
+                   f"did not beat the champion ({self.cfg.promotion_rule}, margin {self.cfg.promote_margin:g}) "
+                   f"within {self.cfg.max_shadow} shared examples")
+            self.registry.annotate(slot.version, dropped_at=position, contest=change.record["evidence"],
+                                   drop_reason=why, metrics=slot.stats.as_dict())
+            self.registry.set_role("challenger", None)
             metrics.CHALLENGERS_DROPPED.labels(self.name).inc()
             log.info("learner %s: challenger v%d dropped at position %d (%s)", self.name, slot.version, position,
-                     evidence)
+                     change.record["evidence"])
+            return True
+        if kind == "forgotten":
+            self.registry.annotate(slot.version, shadowing=False, recall=change.record["evidence"])
+            log.info("learner %s: v%d, displaced at its promotion, stops shadowing at position %d (%s)", self.name,
+                     slot.version, position, change.record["evidence"])
+            return True
+        return False
 
-    def follow(self, roles: Roles, swap: dict) -> bool:
+    # -- changes made elsewhere ------------------------------------------------------------------
+    def follow(self, roles: Roles, swap: dict) -> Slot | None:
         """A champion change published elsewhere (a rollback or a manual promotion through the
-        prediction service or our admin route): adopted when the registry agrees."""
-        new = self.followed(swap, roles.champion, roles.challenger)
+        prediction service or our admin route): adopted when the registry agrees. Returns the new
+        champion, None when nothing changed."""
+        new = self.followed(swap, roles)
         if new is None:
-            return False
+            return None
         if new is roles.challenger:
             self.telemetry.retire(new)
         old = roles.replace_champion(new, Contest.from_settings(self.cfg))
@@ -91,10 +139,9 @@ class Lineage:
         self.telemetry.retire(old)
         log.info("learner %s: champion is now v%d (%s, from v%s)", self.name, new.version, swap["reason"],
                  old.version)
-        return True
+        return new
 
     # -- the registry records ---------------------------------------------------------------------
-
     def slot(self, role: str, version: int, model, examples: int = 0, revision: int = 0) -> Slot:
         return Slot(role, version, model, Prequential(self.cfg.window), examples=examples, revision=revision)
 
@@ -113,64 +160,18 @@ class Lineage:
         log.info("learner %s: first start, champion v%d = %s", self.name, version, describe(model))
         return slot
 
-    def challenger(self, req: dict, champion: Slot, position: int, warm: WarmExamples) -> tuple[Slot, Contest]:
-        """The challenger a retrain request asks for, warm-started on `warm` (see `warm_start`);
-        one registered by a learner that crashed before its checkpoint is taken up again."""
-        version = next((m["version"] for m in self.registry.versions() if m.get("request_id") == req["request_id"]),
-                       None)
-        contest = Contest.from_settings(self.cfg)
-        if version is not None:  # its warm-up record was not kept: the contest starts afresh
-            model, meta = self.registry.load(version)
-            examples = int(meta.get("examples_seen", 0))
-        else:
-            model = parse_model(self.cfg.model)
-            # Test-then-train, as if the challenger had shadowed since the change point: the request
-            # reaches us a batch or more after the drift, and this way that delay costs no evidence.
-            examples = warm_start(model, warm, champion.version, contest)
-            version = self.registry.register(
-                model, spec=self.cfg.model, reason=req["reason"], parent=champion.version,
-                drift_id=req.get("drift_id"), examples_seen=examples, position=position)
-            self.registry.annotate(version, request_id=req["request_id"], warm_start=examples,
-                                   requested_at=req.get("position"))
-        self.registry.set_role("challenger", version)
-        return self.slot("challenger", version, model, examples=examples), contest
-
-    def ignored(self, challenger: Slot, req: dict, position: int) -> None:
-        """A retrain request that came while `challenger` shadows: noted on the challenger."""
-        meta = self.registry.meta(challenger.version)
-        ignored = meta.get("ignored_requests", []) + [{"request_id": req["request_id"], "reason": req["reason"],
-                                                       "position": position}]
-        self.registry.annotate(challenger.version, ignored_requests=ignored[-50:])
-
-    def promoted(self, old: Slot, new: Slot, evidence: dict, position: int) -> None:
-        old.revision = self.save(old)
-        new.revision = self.save(new)
-        already = self.registry.champion() == new.version  # a crashed learner promoted it already
-        self.registry.set_role("champion", new.version)
-        self.registry.set_role("challenger", None)
-        self.registry.annotate(new.version, promoted_at=position, replaced=old.version, contest=evidence)
-        self.registry.annotate(old.version, retired_at=position, retired_by=new.version)
-        if not already:
-            self.publish(old.version, new.version, "promotion")
-
-    def dropped(self, slot: Slot, evidence: dict, position: int) -> None:
-        self.registry.annotate(slot.version, dropped_at=position, contest=evidence,
-                               drop_reason=f"did not beat the champion ({self.cfg.promotion_rule}, margin "
-                                           f"{self.cfg.promote_margin:g}) within {self.cfg.max_shadow} shared "
-                                           f"examples",
-                               metrics=slot.stats.as_dict())
-        self.registry.set_role("challenger", None)
-
-    def followed(self, swap: dict, champion: Slot, challenger: Slot | None) -> Slot | None:
+    def followed(self, swap: dict, roles: Roles) -> Slot | None:
         """The new champion of a swap made elsewhere, when the registry agrees (None: ignore it)."""
-        target = swap["to_version"]
-        if target == champion.version or self.registry.champion() != target:
+        target, challenger = swap["to_version"], roles.challenger
+        if target == roles.champion.version or self.registry.champion() != target:
             return None  # ours, or already superseded by a later change
+        if swap["reason"] in ("promotion", "restored") and target in {s.version for s in roles.every_slot()}:
+            return None  # our own change, lost in a crash: the replay will make it again
         if challenger is not None and challenger.version == target:
-            if swap["reason"] == "promotion":
-                return None  # our own promotion, lost in a crash: the replay will make it again
             self.registry.set_role("challenger", None)
             return challenger
+        if roles.previous is not None and roles.previous.version == target:
+            return roles.previous  # a rollback to the champion it replaced, which has kept learning
         try:
             model, meta = self.registry.load(target)
         except (TamperedArtifact, UnknownVersion) as exc:

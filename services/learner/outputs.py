@@ -1,5 +1,5 @@
 """What the learner publishes, each record built in one place: predictions, outcomes, model
-updates, model swaps and the labels it dead-letters.
+updates, model swaps, the drift loop's alarms and retrain requests, and the labels it dead-letters.
 
     out = Outputs(producer, Topics(""), "default", telemetry)
     blob = out.prediction(event, slot.role, slot.version, y_pred, proba)   # produced; the blob for Redis
@@ -10,6 +10,7 @@ Produce only: the worker flushes before each checkpoint (its commit).
 
 from __future__ import annotations
 
+import logging
 import time
 
 from confluent_kafka import Producer
@@ -24,7 +25,11 @@ from .labels import error
 from .records import Event, Label
 from .telemetry import Telemetry
 
+log = logging.getLogger(__name__)
 SERVICE = "learner"
+# A retrain request the learner made itself carries this header: it reads retrain.requests for
+# requests from elsewhere, and acted on its own where it decided them.
+ORIGIN_HEADER = "driftline-origin"
 
 
 class Outputs:
@@ -78,6 +83,21 @@ class Outputs:
     def swap(self, from_version: int | None, to_version: int, reason: str, position: int) -> bool:
         return publish_swap(self.producer, self.topics, model=self.model, from_version=from_version,
                             to_version=to_version, reason=reason, position=position, service=SERVICE)
+
+    def drift_event(self, record: dict) -> None:
+        """A DriftEvent the drift loop raised (concept or data drift)."""
+        self.produce(self.topics.drift_events, self.codec.encode("DriftEvent", record), self.model)
+        metrics.DRIFT_EVENTS.labels(self.model, record["kind"], record["level"], record["detector"]).inc()
+        log.info("drift %s/%s at %s: %s", record["kind"], record["level"], record["position"],
+                 {k: record[k] for k in ("feature", "error_before", "error_after", "statistic")})
+
+    def retrain_request(self, record: dict) -> None:
+        """A RetrainRequest the drift loop made and acted on: published for the record."""
+        kafka.produce(self.producer, self.topics.retrain_requests, self.codec.encode("RetrainRequest", record),
+                      self.model, headers=[(ORIGIN_HEADER, SERVICE.encode())])
+        self.telemetry.sent(self.topics.retrain_requests)
+        metrics.RETRAIN_REQUESTS.labels(self.model, record["reason"]).inc()
+        log.info("retrain request %s (%s) at position %s", record["request_id"], record["reason"], record["position"])
 
     def dead_letter(self, raw: bytes | None, key, partition: int, offset: int, reason: str, detail: str) -> None:
         """A labels.valid message to labels.dlq."""

@@ -27,6 +27,7 @@ class Telemetry:
         # Counted per event, added to the metrics once per loop (`flush_counts`, from the worker's
         # tick): each increment of a prometheus child takes a lock, ~5% of the learner at full speed.
         self._counts: dict[Any, int] = {}
+        self._error_version: str | None = None
 
     def sent(self, topic: str) -> None:
         self._counts[topic] = self._counts.get(topic, 0) + 1
@@ -53,7 +54,17 @@ class Telemetry:
         for key, n in counts.items():
             self._child(key).inc(n)
 
-    def export(self, roles: Roles | None) -> None:
+    def export(self, roles: Roles | None, error_rate: float | None = None) -> None:
+        """Each public role's figures; `error_rate`: what the drift policy sees of the champion."""
+        if roles is not None and error_rate is not None:
+            version = str(roles.champion.version)
+            if self._error_version not in (None, version):
+                try:  # one series per live version
+                    metrics.ERROR_RATE.remove(self.model, self._error_version)
+                except KeyError:
+                    pass
+            self._error_version = version
+            metrics.ERROR_RATE.labels(self.model, version).set(error_rate)
         for slot in roles.slots() if roles else ():
             labels = (self.model, str(slot.version), slot.role)
             if is_regressor(slot.model):  # a regressor's figures; accuracy would be a meaningless 0

@@ -5,18 +5,21 @@ takes over from the last checkpoint when the active one stops renewing. The acti
 all partitions of `features`, `labels.valid`, `retrain.requests` and `model.swaps` from the offsets
 of its checkpoint (never group-managed offsets: the checkpoint *is* the commit), and per batch:
 
-    read (inputs.py) -> decode (records.py) -> control: retrain, swaps (lineage.py) -> release the
-    events whose older labels are all in (ordering.py) -> walk them in ts order: learn the labels
-    due before each one, joined with the event's vector and predictions (join.py), then score it
-    (champion.py) -> produce (outputs.py) + one Redis pipeline -> checkpoint every N labels / T
-    seconds (checkpoint.py)
+    read (inputs.py) -> decode (records.py) -> control: retrain requests, swaps made elsewhere ->
+    release the events whose older labels are all in (ordering.py) -> walk them in ts order:
+    learn the labels due before each one, joined with the event's vector and predictions (join.py),
+    then score it -> the drift loop decides at each example (adaptation.py: detect, retrain,
+    contest, promote) -> produce (outputs.py) + one Redis pipeline; the registry records what the
+    loop decided (lineage.py) -> checkpoint every N labels / T seconds (checkpoint.py)
 
 The loop itself is the shared runtime's (`StreamWorker.run`), inside the lease loop below; the
 checkpoint is the commit, so nothing is flushed or committed per batch.
 
-A retrain request builds a challenger warm-started on the labels since the drift's change point,
-replayed test-then-train against the champion's recorded answers, so the contest has its evidence
-at once however late the request came; it may promote on the spot (lineage.py records it).
+Concept drift, data drift and the label-count and accuracy triggers are decided here, in the
+learner's own loop, at the example where they are seen: nothing waits for another service, and
+the same stream gives the same decisions at any speed. The drift service publishes what does not
+come from the stream (an operator's demand, a schedule) as retrain requests, taken at the position
+the learner has reached when it reads them.
 
 It must never learn a label twice nor skip one: offsets, models, waiting labels and counters are
 checkpointed together, and after a crash the outcomes already published since the checkpoint are
@@ -41,7 +44,8 @@ from ..shared.keys import Keys
 from ..shared.registry import ModelRegistry
 from ..shared.runtime import RestartLoop, StreamWorker
 from ..shared.settings import Settings
-from .champion import Roles
+from .adaptation import Adaptation, Change
+from .champion import PUBLISHED, Roles
 from .checkpoint import (Lease, LearnerState, Replay, high_watermark, load_checkpoint, outcomes_since,
                          save_checkpoint)
 from .examples import ExampleBuffer
@@ -50,20 +54,19 @@ from .join import DelayedJoin
 from .labels import is_regressor, label_problem
 from .lineage import Lineage
 from .outputs import Outputs
-from .ordering import INF, DriftPace, FlowControl, HeldEvents, LabelWatermark, features_mark
+from .ordering import INF, FlowControl, HeldEvents, LabelWatermark, features_mark
 from .records import Control, Event, Label, decode
+from .outputs import ORIGIN_HEADER
 from .telemetry import Telemetry
 from .updates import UpdatePacer
 
 log = logging.getLogger(__name__)
 SERVICE = "learner"
-CONTROL_CATCH_UP_S = 1.0  # the longest the learner waits for control records it knows are on the broker
 # How long an event waits before the upstream services' commits are read (and then how often, at
 # most, while it still waits): a few broker round trips, and ingestion and features commit every
 # 0.1 s by default. Live, an event waits a few ms for the next label of each partition: reading the
 # commits for each such wait blocked the loop up to ten times a second for nothing.
 FLOOR_CHECK_S = 0.1
-DRIFT_CHECK_S = 0.2  # how often the drift service's position is asked for at most (a few broker round trips)
 
 
 class LearnerWorker(StreamWorker):
@@ -87,20 +90,28 @@ class LearnerWorker(StreamWorker):
         self.snapshots = Snapshots(self.r, self.keys, settings.features.snapshot_ttl_s, SERVICE)
         self.hold_s = settings.features.max_reorder_wait_ms / 1000
         self.inputs = Inputs(settings, self.topics)
-        self.state, self.roles = "standby", None
+        self.state, self.loop = "standby", None
         self.reset_session()
+
+    @property
+    def roles(self) -> Roles | None:
+        return self.loop.roles if self.loop is not None else None
 
     def reset_session(self, state: LearnerState | None = None) -> None:
         """Everything a checkpoint holds (from `state`), plus this session's bookkeeping."""
-        self.roles: Roles | None = state.roles if state else None
+        self.loop: Adaptation | None = None
+        if state is not None:
+            examples = state.examples
+            if examples is None:  # a checkpoint from before the buffer was in it
+                examples = ExampleBuffer.from_redis_list(self.r, self.keys.example_buffer(self.name),
+                                                         self.cfg.warm_start, state.position).rows()
+            self.loop = self.adaptation(state.roles, {**(state.adaptation or {}), "examples": examples})
         self.offsets: dict[tuple[str, int], int] = state.offsets if state else {}
         self.position = state.position if state else 0  # champion labels learned so far
         self.join = DelayedJoin(self.hold_s, max(5 * self.hold_s, self.cfg.label_grace_s / 3), self.cfg.label_grace_s,
                                 state.waiting if state else (), state.clock if state else float("-inf"))
         self.held = HeldEvents(state.held_events if state else ())
         self.flow = FlowControl(self.cfg.max_held_events, self.cfg.max_waiting_labels)
-        self.drift_pace = DriftPace(self.cfg.max_ahead_of_drift, self.cfg.label_idle_s)
-        self.pacing, self.drift_checked_at, self.drift_checked_position = False, 0.0, -1
         # The same rule for the features partitions: one that stops at its end holds events back at
         # its latest ts until it has been idle for label_idle_s, or nothing is left upstream.
         self.feature_marks = LabelWatermark(self.cfg.label_idle_s, empty_is_idle=True)
@@ -117,13 +128,12 @@ class LearnerWorker(StreamWorker):
         self.since_checkpoint = self.since_update = 0
         self.last_checkpoint = self.last_update = time.monotonic()
         self.update_pacer = UpdatePacer.from_settings(self.cfg)
-        if state is not None and state.examples is None:  # a checkpoint from before the buffer was in it
-            self.examples = ExampleBuffer.from_redis_list(self.r, self.keys.example_buffer(self.name),
-                                                          self.cfg.warm_start, self.position)
-        else:
-            self.examples = ExampleBuffer(self.cfg.warm_start, state.examples if state else ())
         self.pipe = None
         self.new_predictions: list[tuple[str, dict[str, bytes]]] = []  # scored in this batch, for Redis
+
+    def adaptation(self, roles: Roles, state: dict | None = None) -> Adaptation:
+        """The drift loop over these roles (adaptation.py), numbering challengers in the registry."""
+        return Adaptation(roles, self.cfg, self.settings.drift, self.name, self.lineage, state)
 
     # -- the session: standby until the lease is ours, then the base loop until it is not -----
     def run(self) -> None:
@@ -207,10 +217,6 @@ class LearnerWorker(StreamWorker):
             self.catch_up()
         if not self.replay:
             self.apply_control()  # first: a retrain request read now must not wait for the batch's examples
-            if self.waiting_for_drift():
-                self.inputs.pause_only(self.inputs.all_stream_partitions())
-                self.flush_batch()
-                return
             now = time.time()
             feature_ends = self.inputs.feature_ends(self.offsets)
             label_mark, mark = self.marks(feature_ends, now)
@@ -232,8 +238,6 @@ class LearnerWorker(StreamWorker):
                     break
                 if self.read_control():
                     self.apply_control()
-                if self.waiting_for_drift():
-                    break  # the rest stays held until the drift service has caught up
             if not all(end for _, end in feature_ends):
                 now = time.time()  # after the walk: it may have taken seconds
                 self.watermark.features_pending(now)
@@ -296,19 +300,6 @@ class LearnerWorker(StreamWorker):
                 self.held_control.append(record)
         return bool(self.held_control)
 
-    def catch_up_control(self) -> None:
-        """Read retrain.requests and model.swaps to their ends and apply them. The drift service
-        produces a retrain request before it commits the outcomes that led to it, so once its
-        commit has moved the request is on the broker: taken now, before the learner goes on, it
-        is acted on at the same position however late its fetch would have come (a chunk or two
-        of examples later on a loaded machine)."""
-        ends = self.inputs.control_ends()
-        deadline = time.monotonic() + CONTROL_CATCH_UP_S
-        while any(max(self.offsets.get(where, 0), low) < high for where, (low, high) in ends.items()) \
-                and time.monotonic() < deadline:
-            self.read_control(timeout=0.05)
-        self.apply_control()
-
     def read(self, m: Message, now: float) -> Event | Label | Control | None:
         """One message's record, its offset taken; None if it was read already (a fetch repeated
         around a pause/resume: never twice) or does not decode (dead-lettered)."""
@@ -317,6 +308,8 @@ class LearnerWorker(StreamWorker):
             return None
         self.offsets[where] = m.offset() + 1
         self.dirty = True
+        if m.topic() == self.topics.retrain_requests and (ORIGIN_HEADER, SERVICE.encode()) in (m.headers() or ()):
+            return None  # one of ours: acted on where it was decided
         try:
             return decode(self.codec, base_topic(m.topic()), m.topic(), m.partition(), m.offset(), m.key(),
                           m.value(), now)
@@ -325,39 +318,33 @@ class LearnerWorker(StreamWorker):
             return None
 
     def apply_control(self) -> None:
+        """Retrain requests from outside the stream (demand, schedule, a candidate trained offline)
+        and champion changes made elsewhere (an operator's rollback or promotion), at this position.
+        The requests this learner published itself were acted on when it made them."""
         control, self.held_control = self.held_control, []
         for c in control:
             if c.value.get("model") != self.name:
                 continue
             if c.kind == "retrain":
-                changed = self.lineage.retrain(self.roles, c.value, self.position, self.examples.since)
+                self.record(self.loop.request(c.value, self.position))
             else:
-                changed = self.lineage.follow(self.roles, c.value)
-            self.checkpoint_now |= changed
+                new = self.lineage.follow(self.roles, c.value)
+                if new is not None:
+                    self.loop.followed(new)
+                    self.checkpoint_now = True
 
-    def waiting_for_drift(self) -> bool:
-        """Too far ahead of the drift service (ordering.DriftPace)? Asked of the broker at most
-        every DRIFT_CHECK_S."""
-        now = time.monotonic()
-        # While learning goes on (or while waiting, to resume): nothing to ask when nothing moved.
-        if now - self.drift_checked_at >= DRIFT_CHECK_S and (self.pacing or self.position != self.drift_checked_position):
-            self.drift_checked_at, self.drift_checked_position = now, self.position
-            position = self.inputs.drift_position()
-            was, read_before = self.pacing, self.drift_pace.committed
-            if position is None:  # the broker did not answer: as before, for a while (DriftPace.unanswered)
-                self.pacing = self.pacing and self.drift_pace.unanswered(now)
+    def record(self, changes: list[Change]) -> None:
+        """What the drift loop decided: published (drift.events, retrain.requests) and written
+        down in the registry (lineage.py, which also publishes model.swaps)."""
+        for change in changes:
+            if change.kind == "alarm":
+                self.out.drift_event(change.record)
+            elif change.kind == "request":
+                self.out.retrain_request(change.record)
+            elif change.kind == "suppressed":
+                metrics.RETRAINS_SUPPRESSED.labels(self.name, change.record["reason"]).inc()
             else:
-                self.pacing = self.drift_pace.decide(position[0], position[1], now, self.inputs.drift_members)
-            if self.drift_pace.committed != read_before:
-                self.catch_up_control()
-            if self.pacing and not was:
-                log.info("learner %s: %d outcomes ahead of the drift service; waiting for it (max_ahead_of_drift=%d)",
-                         self.name, position[1] - position[0], self.cfg.max_ahead_of_drift)
-            elif was and not self.pacing and position is not None and position[0] is not None \
-                    and position[1] - position[0] > self.cfg.max_ahead_of_drift:
-                log.warning("learner %s: the drift service has not read for %.0f s and its group has no member "
-                            "(or the broker cannot say); going on without it", self.name, self.cfg.label_idle_s)
-        return self.pacing
+                self.checkpoint_now |= self.lineage.record(change)
 
     def step(self, events: list[Event], features_at_end: bool) -> None:
         """Score `events` (ts order), learning before each the labels due before it (join.py)."""
@@ -444,16 +431,21 @@ class LearnerWorker(StreamWorker):
                       event.event_id, event.ts, self.join.learned_ts)
         if fv.get("published_ms"):
             metrics.END_TO_END_SECONDS.observe(max(0.0, time.time() - fv["published_ms"] / 1000))
-        answers = {s.role: stored.predictions[s.role] for s in self.roles.slots() if s.role in stored.predictions}
+        answers = {s.role: stored.predictions[s.role] for s in self.roles.every_slot() if s.role in stored.predictions}
         blobs = {}
-        for slot in self.roles.slots():
-            if slot.role not in answers:
-                answers[slot.role], blobs[slot.role] = self.out.prediction(event, slot.role, slot.version,
-                                                                           *slot.score(fv["features"]))
-                answers[slot.role]["known"] = self.position  # labels learned when scored (in the outcome)
+        for slot in self.roles.every_slot():
+            if slot.role in answers:
+                continue
+            y_pred, proba = slot.score(fv["features"])
+            if slot.role in PUBLISHED:
+                answers[slot.role], blobs[slot.role] = self.out.prediction(event, slot.role, slot.version, y_pred, proba)
+            else:  # the displaced champion answers only to its contest
+                answers[slot.role] = {"model_version": slot.version, "y_pred": y_pred, "proba": proba}
+            answers[slot.role]["known"] = self.position  # labels learned when scored (in the outcome)
         if blobs:
             self.new_predictions.append((event.event_id, blobs))  # into Redis with the batch (flush_batch)
         self.join.scored(event, Snapshot(fv, answers))
+        self.record(self.loop.saw(fv["features"]))
 
     def learn(self, label: Label, stored: dict[str, Snapshot]) -> bool:
         """Join a label with its event, emit outcomes, learn once. False = not ready (keeps waiting)."""
@@ -470,8 +462,8 @@ class LearnerWorker(StreamWorker):
             self.join.learn(label)
             self.out.dead_letter(label.raw, label.key, label.partition, label.offset, "non_numeric_label", problem)
             return True
-        learned = self.roles.learn(x, label.label, snap.predictions)
-        for role, p in learned.answers:
+        step = self.loop.learn(x, label.label, snap.predictions, self.position)
+        for role, p in step.learned.answers:
             if not self.replay.published(label.event_id, role):
                 self.out.outcome(snap.vector, label, p, role, self.position, regression)
         for slot in self.roles.slots():
@@ -484,15 +476,11 @@ class LearnerWorker(StreamWorker):
                 log.warning("learner %s: label of %s (ts %.3f, labels.valid %d@%d) learned after one of ts %.3f "
                             "(%d so far): learning order left the stream's", self.name, label.event_id, label.ts,
                             label.partition, label.offset, learned_ts, self.out_of_order)
-        # With the champion's hit: a late challenger replays these test-then-train against it.
-        self.examples.add(self.position, x, label.label, learned.hits.get("champion"), self.roles.champion.version)
         self.position += 1
         self.since_checkpoint += 1
         self.since_update += 1
         self.dirty = True
-        if learned.verdict is not None:
-            self.lineage.conclude(self.roles, learned.verdict, self.position)
-            self.checkpoint_now = True
+        self.record(step.changes)
         return True
 
     def undecodable(self, m: Message, exc: DecodeError) -> None:
@@ -509,11 +497,11 @@ class LearnerWorker(StreamWorker):
         self.pipe.execute()
         metrics.REDIS_SECONDS.labels(SERVICE, "write").observe(time.perf_counter() - started)
         self.pipe = None
-        self.telemetry.export(self.roles)
+        self.telemetry.export(self.roles, self.loop.policy.error_rate if self.loop else None)
 
     def tick(self) -> None:
         now = time.monotonic()
-        if (self.join.waiting or self.held or self.pacing) and not self.replay and now >= self.next_retry:
+        if (self.join.waiting or self.held) and not self.replay and now >= self.next_retry:
             self.next_retry = now + 0.05  # labels past their hold, events whose labels are all in
             self.handle([])
         if self.replay and now > self.replay.deadline:
@@ -557,14 +545,16 @@ class LearnerWorker(StreamWorker):
         except KafkaException as exc:  # the broker went away meanwhile: the next tick tries again
             log.warning("learner %s: checkpoint postponed, the end of outcomes is unknown (%s)", self.name, exc)
             return False
+        loop = self.loop.state()
         state = LearnerState(self.cfg.model, self.roles, dict(self.offsets),
                              outcomes_end, self.join.waiting, self.position,
                              self.join.clock, self.held.events, self.held_control, self.watermark.ts_by_partition,
-                             self.examples.rows())
+                             loop.pop("examples"), adaptation=loop)
         if not save_checkpoint(self.r, self.keys, self.name, self.lease, state, self.signing_key):
             log.error("learner %s: lease lost; checkpoint refused", self.name)
             return False
         metrics.CHECKPOINTS.labels(self.name).inc()
+        self.publish_drift_state()
         try:
             self.inputs.commit(self.offsets)
         except Exception:
@@ -578,7 +568,7 @@ class LearnerWorker(StreamWorker):
         state = load_checkpoint(self.r, self.keys, self.name, self.signing_key)  # TamperedArtifact: refuse loudly
         self.reset_session(state)
         if state is None:
-            self.roles = Roles(self.lineage.first_champion())
+            self.loop = self.adaptation(Roles(self.lineage.first_champion()))
             self.checkpoint_now = True
             return
         self.replay = Replay(outcomes_since(self.settings, self.topics.outcomes, state.outcomes_offset, self.name),
@@ -588,6 +578,19 @@ class LearnerWorker(StreamWorker):
                  "published since will be re-learned without publishing them again", self.name, self.position,
                  self.roles.champion.version, f"v{challenger.version}" if challenger else "none", len(self.replay))
         self.telemetry.versions(self.roles)
+
+    def publish_drift_state(self) -> None:
+        """What the drift service's /v1/drift and `driftline retrain` show: the policy's view, at
+        each checkpoint (best effort: the checkpoint itself is what matters)."""
+        policy = self.loop.policy
+        try:
+            self.r.hset(self.keys.drift_state(self.name), mapping={
+                "position": self.position, "version": policy.version or "",
+                "last_retrain": "" if policy.last_retrain is None else policy.last_retrain,
+                "error_rate": policy.error_rate, "rolling_accuracy": "" if policy.rolling_accuracy is None
+                else policy.rolling_accuracy, "cooling_down": int(policy.cooling_down())})
+        except redis.RedisError:
+            log.debug("could not publish the drift state", exc_info=True)
 
     # -- introspection ---------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:

@@ -130,9 +130,12 @@ def demo(
 
 
 def _supervise(supervisor: Supervisor, stop: threading.Event, procs: dict[str, subprocess.Popen]) -> None:
-    while not stop.wait(1.0):
-        if supervisor.check():
-            procs.update(supervisor.procs)  # _stop_all stops the restarted ones
+    try:
+        while not stop.wait(1.0):
+            if supervisor.check():
+                procs.update(supervisor.procs)  # _stop_all stops the restarted ones
+    finally:
+        supervisor.close()
 
 
 def _stop_all(procs: dict[str, subprocess.Popen], timeout: float = 20.0) -> None:

@@ -200,11 +200,17 @@ def lag_of(c: Consumer, assignment: Iterable[TopicPartition] | None = None) -> l
 
 @functools.lru_cache(maxsize=1024)  # asked per message; a process sees a handful of topics
 def base_topic(name: str) -> str:
-    """docs/DESIGN.md name of a topic (without a namespace) when it is one of ours."""
+    """docs/DESIGN.md name of a topic (without a namespace) when it is one of ours; the longest
+    that fits, since one name ends another (`ns.drift.events` is drift.events, not events).
+
+        >>> base_topic("t1.drift.events"), base_topic("events"), base_topic("elsewhere")
+        ('drift.events', 'events', 'elsewhere')
+    """
+    found = name
     for spec_name in SPEC_BY_NAME:
-        if name == spec_name or name.endswith("." + spec_name):
-            return spec_name
-    return name
+        if (name == spec_name or name.endswith("." + spec_name)) and (found == name or len(spec_name) > len(found)):
+            found = spec_name
+    return found
 
 
 def aiokafka_options(settings: Settings) -> dict:

@@ -210,7 +210,7 @@ def start_at_zero(service: str, settings) -> None:
         OFFLINE_ROWS.labels(model)
         for reason in ("timeout", "delivery_failed", "shutdown"):
             PREDICTION_LOG_DROPPED.labels(reason)
-    if service == "drift":
+    if service in ("learner", "drift"):  # the learner decides from the stream, drift on demand and schedule
         from .vocabulary import RETRAIN_REASONS
 
         for level in ("warning", "drift"):

@@ -140,20 +140,20 @@ class LearnerSettings(BaseModel):
     max_waiting_labels: int = Field(
         20_000, description="labels waiting for their events before the labels.valid partitions running ahead are paused"
     )
-    max_ahead_of_drift: int = Field(
-        1000, description="outcome messages the learner may publish beyond what the drift service has read "
-                          "(behind a backlog a drift is then acted on within this many examples; 0 = never wait)"
-    )
     lease_ttl_s: float = Field(5.0, description="a standby takes over this long after the active learner dies")
     warm_start: int = Field(2000, description="challenger warm-up on the last W labelled examples (0 = fresh)")
     promotion_rule: Literal["mcnemar", "margin"] = Field(
-        "mcnemar", description="mcnemar: exact test on the examples where the two disagree; margin: accuracy lead alone"
+        "mcnemar", description="mcnemar: an anytime-valid sequential test on the examples where the two disagree, "
+                               "plus the margin; margin: the accuracy lead alone"
     )
-    promote_after: int = Field(200, description="shared examples before a challenger may be promoted")
-    promote_window: int = Field(500, description="the contest compares the last K shared examples")
-    promote_margin: float = Field(0.01, description="accuracy the challenger must win by")
-    promote_confidence: float = Field(0.99, description="mcnemar: one-sided confidence that the challenger is better")
-    max_shadow: int = Field(5000, description="a challenger that has not won after this many is dropped")
+    promote_after: int = Field(100, description="shared examples, answered by both at event time, before a "
+                                                "challenger may be promoted")
+    promote_window: int = Field(500, description="the margin is measured over the last K shared examples")
+    promote_margin: float = Field(0.01, description="accuracy the challenger must lead by (regressors: relative MAE)")
+    promote_confidence: float = Field(0.99, description="mcnemar: the evidence a promotion needs is "
+                                                        "1 / (1 - confidence) (a likelihood ratio)")
+    max_shadow: int = Field(5000, description="a challenger that has not won after this many shared examples is "
+                                              "dropped; a displaced champion shadows this long for its way back")
     max_ensemble: int = Field(100, description="largest n_models (or list of models) a model spec may ask for")
 
 
@@ -166,7 +166,7 @@ class DriftSettings(BaseModel):
     )
     data_drift: bool = True
     data_drift_retrains: bool = False
-    data_drift_sample: int = Field(10, description="look at one features message in N (the topic is the firehose)")
+    data_drift_sample: int = Field(10, description="one scored event in N feeds the data-drift monitor")
     data_drift_window: int = Field(1000, description="values per feature in the reference and the recent window")
     data_drift_psi: float = Field(0.25, description="PSI between reference and recent window that counts as data drift")
     data_drift_ignore: list[str] = Field(
