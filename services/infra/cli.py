@@ -72,12 +72,13 @@ def topics() -> None:
 
 def _register_schemas(settings) -> None:
     """driftline's schemas under `<topic>-value` (compatibility BACKWARD) in the configured registry."""
-    from ..shared.schema_registry import SchemaRegistry
+    from ..shared.schema_registry import register_waiting
     from ..shared.topics import Topics
 
     url = redact_url(settings.schema_registry_url)
-    try:
-        ids = SchemaRegistry(settings.schema_registry_url).register(Topics(settings.namespace))
+    try:  # the registry may be starting beside us (compose): wait for it a while
+        with console.status(f"registering driftline's schemas at {url}"):
+            ids = register_waiting(settings.schema_registry_url, Topics(settings.namespace), wait_s=180)
     except Exception as exc:
         console.print(f"[red]registering driftline's schemas at {url} failed:[/] {exc}")
         raise typer.Exit(1) from None

@@ -86,7 +86,6 @@ class Ingestor:
         self.producer = producer
         self.codec = get_codec()
         self.registry = registry_for(settings)  # None: single-object input only
-        self.reader = self.registry or self.codec
         topics, keys = Topics(settings.namespace), Keys(settings.namespace)
         self.dedup = Dedup(client, keys, self.limits.dedup_ttl_s, SERVICE)
         self.events = Stream("events", "Event", topics.events, topics.events_valid, topics.events_dlq,
@@ -95,6 +94,11 @@ class Ingestor:
                              keys.seen_label, validate.check_label_avro, validate.check_label_json)
         self.by_topic = {s.source: s for s in (self.events, self.labels)}
         self.by_name = {s.name: s for s in (self.events, self.labels)}
+
+    @property
+    def reader(self) -> validate.Reader:
+        """What reads the Avro door's messages: the registry (both framings) or the codec."""
+        return self.registry or self.codec
 
     # -- deciding ---------------------------------------------------------------------------
     def decide_message(self, m: Message, now: float) -> Decision:

@@ -207,21 +207,29 @@ def prepare_output(settings: Settings, wait_s: float = OUTAGE_WAIT_S) -> None:
         _prepare(settings.schema_registry_url, settings.namespace, tuple(settings.schema_registry_output), wait_s)
 
 
-@lru_cache(maxsize=16)
-def _prepare(url: str, namespace: str, outputs: tuple[str, ...], wait_s: float) -> None:
-    registry, topics = SchemaRegistry(url), Topics(namespace)
+def register_waiting(url: str, topics: Topics, bases: tuple[str, ...] = REGISTERED,
+                     wait_s: float = OUTAGE_WAIT_S) -> dict[str, int]:
+    """`SchemaRegistry.register`, waiting with backoff for a registry that is not there yet (one
+    starting beside driftline) for up to `wait_s`; then RegistryUnavailable."""
+    registry = SchemaRegistry(url)
     deadline, delays = time.monotonic() + wait_s, backoff_delays(0.5, 5.0)
     while True:
         try:
-            ids = registry.register(topics, tuple(dict.fromkeys(REGISTERED + outputs)))
+            ids = registry.register(topics, bases)
             DEPS.up(DEPENDENCY)
-            break
+            return ids
         except Exception as exc:
             DEPS.down(DEPENDENCY, f"{redact_url(url)}: {exc}")
             if time.monotonic() >= deadline:
                 raise RegistryUnavailable(f"could not register driftline's schemas at {redact_url(url)} "
                                           f"within {wait_s:.0f} s: {exc}") from exc
             time.sleep(next(delays))
+
+
+@lru_cache(maxsize=16)
+def _prepare(url: str, namespace: str, outputs: tuple[str, ...], wait_s: float) -> None:
+    topics = Topics(namespace)
+    ids = register_waiting(url, topics, tuple(dict.fromkeys(REGISTERED + outputs)), wait_s)
     codec = get_codec()
     for base in outputs:
         if base not in ids:
