@@ -6,7 +6,7 @@ a Confluent-framed message, looked up by its id, and driftline's own schemas, re
     registry.register(Topics(""))               # {"events": 1, "labels": 2, ...}, compatibility BACKWARD
 
 The REST calls are confluent-kafka's `SchemaRegistryClient`. A writer schema is fetched once per id
-and kept (a bounded LRU; the 404 of an id no registry knows is kept a minute), so the hot path
+and kept (up to 1,024 ids; the 404 of an id no registry knows is kept a minute), so the hot path
 costs a dict lookup: a writer whose parsing canonical form is a version driftline ships is that
 version (its bytes pass on as they are), any other is resolved to the current schema by Avro's
 rules (`schemas.incompatibility` says whether it can be; `AvroCodec.read` does it).
@@ -30,7 +30,7 @@ from functools import lru_cache
 from typing import Any
 
 import fastavro
-from cachetools import LRUCache, TTLCache
+from cachetools import TTLCache
 
 from . import framing
 from .codec import AvroCodec, DecodeError, RecordType, get_codec
@@ -65,7 +65,9 @@ class SchemaRegistry:
                                             "retries.wait.ms": 100, "retries.max.wait.ms": 500,
                                             "cache.capacity": cache_size})
         self.codec = codec or get_codec()
-        self.writers: LRUCache[int, RecordType] = LRUCache(cache_size)
+        # A plain dict, oldest entry dropped past cache_size: its get is the hot path's only cost.
+        self.writers: dict[int, RecordType] = {}
+        self.cache_size = cache_size
         self.refused: TTLCache[int, DecodeError] = TTLCache(cache_size, NOT_FOUND_TTL_S)
         self.retry_at = 0.0
         self._delays = None
@@ -123,8 +125,13 @@ class SchemaRegistry:
             raise self._unavailable(exc) from None
         self._answered()
         writer = self._writer_of(schema_id, schema.schema_type, schema.schema_str, schema.references)
-        self.writers[schema_id] = writer
+        self._keep(schema_id, writer)
         return writer
+
+    def _keep(self, schema_id: int, writer: RecordType) -> None:
+        if len(self.writers) >= self.cache_size:
+            del self.writers[next(iter(self.writers))]
+        self.writers[schema_id] = writer
 
     def _writer_of(self, schema_id: int, schema_type: str | None, text: str | None, references) -> RecordType:
         origin = f"registry schema id {schema_id}"
@@ -189,7 +196,7 @@ class SchemaRegistry:
                 log.warning("schema registry: %s refuses driftline's %s (%s); producers' schemas are read by id",
                             subject, record, exc)
                 continue
-            self.writers[ids[base]] = self.codec.by_name[record]
+            self._keep(ids[base], self.codec.by_name[record])
         return ids
 
 
