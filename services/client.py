@@ -17,6 +17,13 @@ duplicate) with batching (linger, lz4), configured exactly as driftline's own se
 A delivery that fails is never swallowed: it is collected in `failed` and `flush()` raises
 `DeliveryError` with every failure (and when messages are still unacknowledged at its timeout).
 A value the schema cannot hold (a field that is not a number, say) raises at `send_*`.
+
+With a schema registry, the producer can write the Confluent wire format instead (00, the schema
+id, the same Avro body), as Confluent's serializers do; driftline registers its schemas under
+`<topic>-value` and uses their ids. The consumer reads either framing (it asks the registry for an
+id it has not seen, once), so it follows `schema_registry_output`.
+
+    Producer("127.0.0.1:9092", framing="confluent", schema_registry_url="http://127.0.0.1:8081")
 """
 
 from __future__ import annotations
@@ -28,10 +35,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, TopicPartition
 
 from .shared import kafka
 from .shared.codec import DecodeError, get_codec
+from .shared.framing import confluent_header, reframe
+from .shared.schema_registry import RegistryUnavailable, SchemaRegistry, registry_for
 from .shared.settings import Settings
 from .shared.topics import Topics
 
@@ -39,13 +48,16 @@ __all__ = ["Producer", "Consumer", "Message", "DeliveryError", "Failure"]
 log = logging.getLogger(__name__)
 
 
-def _settings(bootstrap: str | None, namespace: str | None, settings: Settings | None) -> Settings:
+def _settings(bootstrap: str | None, namespace: str | None, settings: Settings | None,
+              schema_registry_url: str | None = None) -> Settings:
     base = settings or Settings()
     changes: dict[str, Any] = {}
     if bootstrap is not None:
         changes["kafka_bootstrap"] = bootstrap
     if namespace is not None:
         changes["namespace"] = namespace
+    if schema_registry_url is not None:
+        changes["schema_registry_url"] = schema_registry_url
     return base.model_copy(update=changes) if changes else base
 
 
@@ -72,18 +84,35 @@ class DeliveryError(RuntimeError):
 class Producer:
     """Publishes events and labels to the `events` / `labels` topics (of `namespace`, if any).
 
-    `bootstrap` and `namespace` override the settings (which otherwise come from DRIFTLINE_*
-    variables, as for the services); extra keyword arguments are librdkafka settings."""
+    `bootstrap`, `namespace` and `schema_registry_url` override the settings (which otherwise come
+    from DRIFTLINE_* variables, as for the services); extra keyword arguments are librdkafka
+    settings. `framing` is "single-object" (Avro's own) or "confluent" (needs a registry)."""
 
     def __init__(self, bootstrap: str | None = None, *, namespace: str | None = None,
-                 settings: Settings | None = None, **config: Any) -> None:
-        self.settings = _settings(bootstrap, namespace, settings)
+                 settings: Settings | None = None, framing: str = "single-object",
+                 schema_registry_url: str | None = None, **config: Any) -> None:
+        self.settings = _settings(bootstrap, namespace, settings, schema_registry_url)
         self.topics = Topics(self.settings.namespace)
+        if framing not in ("single-object", "confluent"):
+            raise ValueError(f"framing is 'single-object' or 'confluent', not {framing!r}")
+        self._headers = self._confluent_headers() if framing == "confluent" else {}
         config.setdefault("linger.ms", 20)
         self._producer = kafka.producer(self.settings, **config)
         self._codec = get_codec()
         self.failed: list[Failure] = []
         self.delivered = 0
+
+    def _confluent_headers(self) -> dict[str, bytes]:
+        """Topic -> the Confluent header of driftline's schema, registered under `<topic>-value`."""
+        if not self.settings.schema_registry_url:
+            raise ValueError("framing='confluent' needs a schema registry: schema_registry_url=... or "
+                             "DRIFTLINE_SCHEMA_REGISTRY_URL")
+        ids = SchemaRegistry(self.settings.schema_registry_url).register(self.topics, ("events", "labels"))
+        missing = {"events", "labels"} - set(ids)
+        if missing:
+            raise RuntimeError(f"the schema registry refused driftline's schema for {', '.join(sorted(missing))} "
+                               "(a producer's evolution there is not compatible with it): see the log")
+        return {self.topics.name(base): confluent_header(schema_id) for base, schema_id in ids.items()}
 
     def _on_delivery(self, err: KafkaError | None, msg) -> None:
         if err is None:
@@ -93,6 +122,8 @@ class Producer:
             self.failed.append(Failure(msg.topic(), key, str(err)))
 
     def _send(self, topic: str, key: str, value: bytes) -> None:
+        if self._headers:
+            value = reframe(value, self._headers[topic])
         kafka.produce(self._producer, topic, value, key=key, on_delivery=self._on_delivery)
         self._producer.poll(0)  # serve delivery reports as we go
 
@@ -147,37 +178,56 @@ class Consumer:
 
     A message that is not a record of the topic's schema is not silently dropped: it is kept in
     `refused` (topic, partition, offset, reason) and logged. Offsets are committed as messages are
-    handed out (at least once); `from_beginning=False` starts new groups at the end of the topics."""
+    handed out (at least once); `from_beginning=False` starts new groups at the end of the topics.
+    With a schema registry, Confluent-framed messages are read too; one whose schema the registry
+    cannot give now is read again by a later poll."""
 
     def __init__(self, *topics: str, group: str, bootstrap: str | None = None, namespace: str | None = None,
-                 settings: Settings | None = None, from_beginning: bool = True, **config: Any) -> None:
-        self.settings = _settings(bootstrap, namespace, settings)
+                 settings: Settings | None = None, from_beginning: bool = True,
+                 schema_registry_url: str | None = None, **config: Any) -> None:
+        self.settings = _settings(bootstrap, namespace, settings, schema_registry_url)
         names = Topics(self.settings.namespace)
         self._schema = {names.name(t): names.spec(names.name(t)).schema for t in topics or ("predictions",)}
         self._base = {full: names.base(full) for full in self._schema}
-        config = {"enable.auto.commit": True, "auto.offset.reset": "earliest" if from_beginning else "latest",
-                  **config}
+        # Offsets stored as messages are handed out (or refused), not as librdkafka fetches them.
+        config = {"enable.auto.commit": True, "enable.auto.offset.store": False,
+                  "auto.offset.reset": "earliest" if from_beginning else "latest", **config}
         self._consumer = kafka.consumer(self.settings, group, **config)
         self._consumer.subscribe(list(self._schema))
-        self._codec = get_codec()
+        self._reader = registry_for(self.settings) or get_codec()
         self.refused: list[tuple[str, int, int, str]] = []
 
     def poll(self, timeout: float = 1.0, max_messages: int = 500) -> list[Message]:
         """What arrived within `timeout` seconds (possibly nothing)."""
         out = []
-        for m in self._consumer.consume(max_messages, timeout=timeout):
+        messages = self._consumer.consume(max_messages, timeout=timeout)
+        for i, m in enumerate(messages):
             if m.error() is not None:
                 log.warning("consumer error %s", m.error())
                 continue
             try:
-                value = self._codec.decode(m.value(), expect=self._schema[m.topic()])
+                value = self._reader.decode(m.value(), expect=self._schema[m.topic()])
             except DecodeError as exc:
                 self.refused.append((self._base[m.topic()], m.partition(), m.offset(), exc.reason))
                 log.warning("refused %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), exc)
+                self._consumer.store_offsets(m)
                 continue
+            except RegistryUnavailable as exc:
+                log.warning("%s; reading %s[%d] again from %d", exc, m.topic(), m.partition(), m.offset())
+                self._read_again(messages[i:])
+                break
             key = m.key().decode("utf-8", "replace") if m.key() else None
             out.append(Message(self._base[m.topic()], key, value))
+            self._consumer.store_offsets(m)
         return out
+
+    def _read_again(self, messages: list) -> None:
+        first: dict[tuple[str, int], int] = {}
+        for m in messages:
+            if m.error() is None:
+                first.setdefault((m.topic(), m.partition()), m.offset())
+        for (topic, partition), offset in first.items():
+            self._consumer.seek(TopicPartition(topic, partition, offset))
 
     def __iter__(self) -> Iterator[Message]:
         while True:

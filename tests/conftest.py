@@ -30,7 +30,7 @@ from driftline.shared.kafka import ensure_topics
 from driftline.shared.settings import Ports, Settings, ensure_local_secrets, settings_env
 
 
-LIVE_FIXTURES = frozenset({"infra", "infra_settings", "own_stack"})
+LIVE_FIXTURES = frozenset({"infra", "infra_settings", "own_stack", "schema_registry"})
 
 
 def pytest_collection_modifyitems(config, items):
@@ -75,6 +75,22 @@ def infra(infra_settings):
     stack.up(infra_settings, create_topics=False)
     yield infra_settings
     stack.down(infra_settings)
+
+
+@pytest.fixture(scope="session")
+def schema_registry(infra_settings):
+    """A real schema registry (Apicurio, in memory) for the session, on a free loopback port:
+    `.url` is its Confluent-compatible API. Started only by the tests that ask for it."""
+    from driftline.infra.apicurio import ApicurioRegistry
+
+    registry = ApicurioRegistry(infra_settings, port=stack.free_port())
+    registry.install()
+    registry.start()
+    try:
+        registry.wait_ready()
+        yield registry
+    finally:
+        registry.stop()
 
 
 @pytest.fixture(scope="session")

@@ -24,19 +24,25 @@ def bench(
     quick: bool = typer.Option(False, help="smaller runs, for a smoke test"),
     minutes: float = typer.Option(None, help="soak: how long (default 20; 1 with --quick)"),
     rate: float = typer.Option(None, help="soak: events per second (default 100)"),
+    framing: str = typer.Option("single-object", help="ingest: the events' framing, single-object or confluent "
+                                "(a local schema registry; the result goes to ingest-confluent.json)"),
 ) -> None:
     """Run the benchmarks and write their JSON results (`soak` only when named)."""
     chosen = names or list(BENCHMARKS)
     unknown = [n for n in chosen if n not in BENCHMARKS + EXTRA]
     if unknown:
         raise typer.BadParameter(f"unknown benchmark(s) {unknown}; choose from {BENCHMARKS + EXTRA}")
+    if framing not in ("single-object", "confluent"):
+        raise typer.BadParameter(f"--framing is single-object or confluent, not {framing!r}")
     out.mkdir(parents=True, exist_ok=True)
     for name in chosen:
         module = importlib.import_module(f"driftline.bench.{name}")
         console.rule(f"bench {name}")
         extra = {"minutes": minutes, "rate": rate} if name == "soak" else {}
+        if name == "ingest":
+            extra["framing"] = framing
         result = module.run(out_dir=out, quick=quick, **extra)
-        path = out / f"{name}.json"
+        path = out / (f"{name}-{framing}.json" if name == "ingest" and framing != "single-object" else f"{name}.json")
         path.write_text(json.dumps(result, indent=2))
         console.print_json(json.dumps(result))
         console.print(f"[green]wrote {path}[/]")

@@ -14,6 +14,10 @@ own processes (`driftline serve ingestion|features`, as in production), then mea
 When the machine cannot sustain 2,000 ev/s, that latency is mostly queueing; the latency at half
 the measured throughput (`latency_at_half_throughput`) is then measured too.
 
+With `framing="confluent"` the events are in the Confluent wire format instead (a local Apicurio
+registry is started too, driftline's schemas registered in it, the events framed with its id),
+to compare with single-object input: ingestion fetches the schema once and then swaps headers.
+
 It also reports the CPU seconds each process used, to show where the time goes. It stops
 everything it started, also when it fails or is interrupted, and never touches a running stack.
 Without a features service (`driftline.features.service`), it measures up to `events.valid`.
@@ -38,8 +42,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .. import serve
 from ..infra import stack
+from ..infra.apicurio import ApicurioRegistry
 from ..shared import kafka
 from ..shared.codec import get_codec
+from ..shared.framing import confluent_header, reframe
+from ..shared.schema_registry import SchemaRegistry
 from ..shared.settings import Ports, Settings, ensure_local_secrets
 from ..shared.topics import Topics
 
@@ -49,13 +56,13 @@ FIELDS = ("price", "demand", "transfer", "vicprice", "vicdemand", "period")
 console = Console()
 
 
-def run(out_dir: Path, quick: bool) -> dict:
+def run(out_dir: Path, quick: bool, framing: str = "single-object") -> dict:
     n = 20_000 if quick else 200_000
     rate, seconds = 2_000, (5 if quick else 10)
-    with BenchStack() as bench:
+    with BenchStack(framing) as bench:
         bench.warm_up()
         result = {"services": bench.services, "sink_topic": bench.sink_topic, "cores": os.cpu_count(),
-                  "entities": ENTITIES, "fields": len(FIELDS)}
+                  "entities": ENTITIES, "fields": len(FIELDS), "framing": framing}
         result.update(bench.throughput(n))
         result["latency"] = bench.latency(rate, seconds)
         sustainable = int(result["throughput_events_per_s"] / 2)
@@ -66,8 +73,9 @@ def run(out_dir: Path, quick: bool) -> dict:
     return result
 
 
-def make_events(prefix: str, n: int, t0: float) -> list[tuple[str, str, bytes]]:
-    """(event_id, key, Avro bytes) of n events over ENTITIES entities, encoded before the clock runs."""
+def make_events(prefix: str, n: int, t0: float, header: bytes | None = None) -> list[tuple[str, str, bytes]]:
+    """(event_id, key, Avro bytes) of n events over ENTITIES entities, encoded before the clock runs;
+    with `header`, in the Confluent framing it starts."""
     codec = get_codec()
     rng = np.random.default_rng(7)
     values = rng.random((n, len(FIELDS)))
@@ -77,7 +85,8 @@ def make_events(prefix: str, n: int, t0: float) -> list[tuple[str, str, bytes]]:
         event_id = f"{prefix}{i}"
         record = {"event_id": event_id, "entity_id": entity, "ts": t0 + i * 1e-3,
                   "fields": dict(zip(FIELDS, values[i].tolist())), "published_ms": None}
-        out.append((event_id, entity, codec.encode("Event", record)))
+        blob = codec.encode("Event", record)
+        out.append((event_id, entity, blob if header is None else reframe(blob, header)))
     return out
 
 
@@ -136,7 +145,7 @@ class Sink:
 class BenchStack:
     """Kafka, Redis and the services on free ports under a temporary home; stopped on exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, framing: str = "single-object") -> None:
         self.home = Path(tempfile.mkdtemp(prefix="driftline-bench-"))
         self.settings = ensure_local_secrets(Settings(
             kafka_bootstrap=f"127.0.0.1:{stack.free_port()}", redis_url=f"redis://127.0.0.1:{stack.free_port()}/0",
@@ -149,11 +158,15 @@ class BenchStack:
         self.sink_topic = "features" if has_features else "events.valid"
         self.procs: dict[str, subprocess.Popen] = {}
         self.failed = False
+        self.registry = ApicurioRegistry(self.settings, stack.free_port()) if framing == "confluent" else None
+        self.header: bytes | None = None  # the events' Confluent header, when that is their framing
 
     def __enter__(self) -> "BenchStack":
         try:
             with console.status("starting Kafka and Redis"):
                 stack.up(self.settings)
+            if self.registry is not None:
+                self.start_registry()
             logs = self.home / "logs"
             for name in self.services:
                 self.procs[name] = serve.start_service(name, log_path=logs / f"{name}.log", settings=self.settings)
@@ -176,18 +189,30 @@ class BenchStack:
             sink.close()
         for proc in self.procs.values():
             serve.stop_process(proc)
+        if self.registry is not None:
+            self.registry.stop()
         stack.down(self.settings)
         if self.failed:
             console.print(f"[red]bench failed; logs kept in {self.home / 'logs'}[/]")
         else:
             shutil.rmtree(self.home, ignore_errors=True)
 
+    def start_registry(self) -> None:
+        """The local registry, driftline's schemas in it, and the services told where it is."""
+        with console.status("starting the schema registry"):
+            self.registry.install()
+            self.registry.start()
+            self.registry.wait_ready()
+        self.settings = self.settings.model_copy(update={"schema_registry_url": self.registry.url})
+        ids = SchemaRegistry(self.registry.url).register(self.topics)
+        self.header = confluent_header(ids["events"])
+
     # -- phases ------------------------------------------------------------------------------
     def warm_up(self, n: int = 5_000) -> None:
         """Consumer groups assigned, connections open, the broker's JIT and the code paths warm:
         then the clock may run."""
         with console.status("warming up"):
-            for _, key, blob in make_events("w-", n, time.time() - 3600):
+            for _, key, blob in make_events("w-", n, time.time() - 3600, self.header):
                 kafka.produce(self.producer, self.topics.events, blob, key)
             self.producer.flush(30)
             if not self.sink.wait_for(n, timeout=120):
@@ -195,7 +220,7 @@ class BenchStack:
         self.sink.reset()
 
     def throughput(self, n: int) -> dict:
-        events = make_events("t-", n, time.time() - 600)
+        events = make_events("t-", n, time.time() - 600, self.header)
         cpu_before = self.cpu_seconds()
         self.sink.reset()
         self.valid_sink.reset()
@@ -225,7 +250,7 @@ class BenchStack:
 
     def latency(self, rate: int, seconds: float) -> dict:
         n = int(rate * seconds)
-        events = make_events(f"l{rate}-", n, time.time())
+        events = make_events(f"l{rate}-", n, time.time(), self.header)
         published: dict[str, float] = {}
         self.sink.reset(timing=True)
         with _progress() as progress:

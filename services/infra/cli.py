@@ -48,11 +48,14 @@ def up(
         console.print(f"  model key and admin token (where not set in the environment): {settings.home / LOCAL_SECRETS}")
     if with_prometheus:
         console.print(f"[green]Prometheus[/]: {stack.Prometheus(settings).url} (alerts: /alerts)")
+    if settings.schema_registry_url:
+        _register_schemas(settings)
 
 
 @infra_app.command()
 def topics() -> None:
-    """Create every topic on the configured broker (one that runs already, e.g. in compose)."""
+    """Create every topic on the configured broker (one that runs already, e.g. in compose), and
+    register driftline's schemas when a schema registry is configured."""
     from ..shared.kafka import ensure_topics
 
     settings = get_settings()
@@ -63,6 +66,23 @@ def topics() -> None:
         raise typer.Exit(1) from None
     console.print(f"topics on {settings.kafka_bootstrap}: created {len(created)}"
                   + (f" ({', '.join(created)})" if created else "; all existed"))
+    if settings.schema_registry_url:
+        _register_schemas(settings)
+
+
+def _register_schemas(settings) -> None:
+    """driftline's schemas under `<topic>-value` (compatibility BACKWARD) in the configured registry."""
+    from ..shared.schema_registry import register_waiting
+    from ..shared.topics import Topics
+
+    url = redact_url(settings.schema_registry_url)
+    try:  # the registry may be starting beside us (compose): wait for it a while
+        with console.status(f"registering driftline's schemas at {url}"):
+            ids = register_waiting(settings.schema_registry_url, Topics(settings.namespace), wait_s=180)
+    except Exception as exc:
+        console.print(f"[red]registering driftline's schemas at {url} failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"schemas registered at {url}: " + ", ".join(f"{t}-value id {i}" for t, i in ids.items()))
 
 
 @infra_app.command()

@@ -1,6 +1,7 @@
 """The ingestion service: the one way into the pipeline, through two doors.
 
-- Kafka door: consumes `events` and `labels` (Avro, from producers).
+- Kafka door: consumes `events` and `labels` (Avro, from producers): single-object encoded or, with
+  a schema registry (`schema_registry_url`), in the Confluent wire format too.
 - HTTP door: `POST /v1/events` and `POST /v1/labels` (JSON; see `api.py`).
 
 Both doors apply the same rules (`validate.py`) and the same first-seen test (`dedup.py`), and
@@ -13,6 +14,10 @@ else to `events.dlq` / `labels.dlq` as a DeadLetter with the reason and the orig
 It must never drop an input silently nor crash on one: every input ends in exactly one of valid /
 dead letter / duplicate, and `driftline_ingested_total{door,topic,outcome}` adds up to what came in.
 Inputs are published in the order they were consumed, so per-partition order is kept downstream.
+`events.valid` and `labels.valid` carry the current schema version in single-object encoding
+whatever the input's framing or version. A message whose writer schema the registry cannot give
+right now is neither published nor dead-lettered: its partition is sought back to it and it is
+read again after a backoff (`wait_for_registry`), and nothing past it is committed.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, Message, Producer
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, Message, Producer, TopicPartition
 from fastapi import FastAPI
 
 from ..shared import deps, kafka, metrics
@@ -34,6 +39,7 @@ from ..shared.codec import get_codec
 from ..shared.deadletter import dead_letter, fit_payload
 from ..shared.keys import Keys
 from ..shared.runtime import StreamWorker, run_app, service_app
+from ..shared.schema_registry import RegistryUnavailable, registry_for
 from ..shared.settings import Settings
 from ..shared.topics import Topics
 from . import SERVICE, validate
@@ -79,6 +85,7 @@ class Ingestor:
         self.limits = settings.ingestion
         self.producer = producer
         self.codec = get_codec()
+        self.registry = registry_for(settings)  # None: single-object input only
         topics, keys = Topics(settings.namespace), Keys(settings.namespace)
         self.dedup = Dedup(client, keys, self.limits.dedup_ttl_s, SERVICE)
         self.events = Stream("events", "Event", topics.events, topics.events_valid, topics.events_dlq,
@@ -88,30 +95,43 @@ class Ingestor:
         self.by_topic = {s.source: s for s in (self.events, self.labels)}
         self.by_name = {s.name: s for s in (self.events, self.labels)}
 
+    @property
+    def reader(self) -> validate.Reader:
+        """What reads the Avro door's messages: the registry (both framings) or the codec."""
+        return self.registry or self.codec
+
     # -- deciding ---------------------------------------------------------------------------
     def decide_message(self, m: Message, now: float) -> Decision:
         """One Kafka message -> a Decision. Valid labels pass on their original bytes; valid
-        events get `published_ms` from the message's timestamp (the producer's clock)."""
+        events get `published_ms` from the message's timestamp (the producer's clock). Raises
+        RegistryUnavailable when the message's writer schema cannot be had now (it must wait)."""
         stream = self.by_topic[m.topic()]
         blob = m.value()
-        checked = stream.check_avro(blob, self.limits, now)
+        checked = stream.check_avro(blob, self.limits, now, self.reader)
         if isinstance(checked, Rejection):
             return self.dead(stream, checked, blob or b"", m.key(), m.topic(), m.partition(), m.offset(), now)
         marker = f"{m.partition()}:{m.offset()}"  # the same message is the same claimant after a crash
-        current = self.codec.is_current(blob)  # an older schema version's record is re-encoded as the current one
+        current = self.as_current(blob)  # None: another schema version's record, encoded again as the current one
         if stream is self.labels:
-            value = blob if current else self.codec.encode("Label", checked)
+            value = current if current is not None else self.codec.encode("Label", checked)
             return Decision(stream, value, checked["event_id"], Claim(stream.seen(checked["event_id"]), marker),
                             ts=checked["ts"])
         kind, ts_ms = m.timestamp()
         if kind == TIMESTAMP_NOT_AVAILABLE or ts_ms <= 0:
             ts_ms = checked["published_ms"] or int(now * 1000)
-        if current:
-            value = stamp_published_ms(blob, checked["published_ms"], ts_ms)
+        if current is not None:
+            value = stamp_published_ms(current, checked["published_ms"], ts_ms)
         else:
             value = self.codec.encode("Event", {**checked, "published_ms": ts_ms})
         return Decision(stream, value, checked["entity_id"], Claim(stream.seen(checked["event_id"]), marker),
                         ts=checked["ts"])
+
+    def as_current(self, blob: bytes) -> bytes | None:
+        """A decoded message as single-object bytes of the current version without encoding it
+        again (a header swap at most), or None when it was written with another version."""
+        if self.registry is None:
+            return blob if self.codec.is_current(blob) else None
+        return self.registry.as_current(blob)
 
     def decide_item(self, stream: Stream, item: Any, marker: str, now: float) -> Decision:
         """One JSON item from the HTTP door -> a Decision (its DeadLetter payload is the item's JSON)."""
@@ -239,7 +259,8 @@ class IngestionWorker(StreamWorker):
 
     def handle(self, messages: list[Message]) -> None:
         now = time.time()
-        decisions = [self.ingestor.decide_message(m, now) for m in messages]
+        decisions = self.decide(messages, now)
+        messages = messages[:len(decisions)]  # the rest waits for the schema registry
 
         def delivered(index: int, err: KafkaError | None) -> None:
             if err is not None:
@@ -251,6 +272,29 @@ class IngestionWorker(StreamWorker):
         for m, d in zip(messages, decisions):
             if d.ts is not None:  # a duplicate too: the partition has got that far
                 self.note_event_time(m.topic(), m.partition(), d.ts)
+
+    def decide(self, messages: list[Message], now: float) -> list[Decision]:
+        """The decisions on the messages, in order, up to the first whose writer schema the
+        registry cannot give now: that one and the rest of the batch wait (`wait_for_registry`)."""
+        decisions = []
+        for i, m in enumerate(messages):
+            try:
+                decisions.append(self.ingestor.decide_message(m, now))
+            except RegistryUnavailable:
+                self.wait_for_registry(messages[i:])
+                break
+        return decisions
+
+    def wait_for_registry(self, waiting: list[Message]) -> None:
+        """Seek each partition back to its first waiting message, so that the next polls read them
+        again, and pause until the registry may be asked again (the consumer stays in its group)."""
+        first: dict[tuple[str, int], int] = {}
+        for m in waiting:
+            first.setdefault((m.topic(), m.partition()), m.offset())
+        for (topic, partition), offset in first.items():
+            self.consumer.seek(TopicPartition(topic, partition, offset))
+        pause = self.ingestor.registry.retry_at - time.monotonic()
+        self._stop.wait(min(max(pause, 0.05), 2.0))
 
     def tick(self) -> None:
         # Mark what Kafka acknowledged soon, not only at the commit: an input redelivered after a

@@ -12,13 +12,16 @@ dict that `codec.encode("Event" | "Label", ...)` accepts) or a `Rejection` with 
     'missing_id'
 
 Nothing here does I/O, and nothing raises on bad input: every input ends as a record or a Rejection.
+(An Avro message read through a schema registry, `reader`, may make the registry fetch its writer
+schema once; a registry that does not answer raises `RegistryUnavailable`: that is no verdict on
+the input, which waits.)
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ..shared.codec import DecodeError, get_codec
 from ..shared.deadletter import REASONS
@@ -26,6 +29,11 @@ from ..shared.settings import IngestionSettings
 
 Record = dict[str, Any]
 
+
+class Reader(Protocol):
+    """What reads an Avro message: the codec (single-object) or a `SchemaRegistry` (both framings)."""
+
+    def decode(self, blob: bytes, expect: str | None = None) -> Record: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,25 +49,27 @@ class Rejection:
 
 # -- Avro door -----------------------------------------------------------------------------
 
-def check_event_avro(blob: bytes | None, limits: IngestionSettings, now: float) -> Record | Rejection:
+def check_event_avro(blob: bytes | None, limits: IngestionSettings, now: float,
+                     reader: Reader | None = None) -> Record | Rejection:
     """An `events` message -> the Event it holds, or why not."""
-    record = _decode(blob, "Event", limits)
+    record = _decode(blob, "Event", limits, reader)
     return record if isinstance(record, Rejection) else check_event(record, limits, now)
 
 
-def check_label_avro(blob: bytes | None, limits: IngestionSettings, now: float) -> Record | Rejection:
+def check_label_avro(blob: bytes | None, limits: IngestionSettings, now: float,
+                     reader: Reader | None = None) -> Record | Rejection:
     """A `labels` message -> the Label it holds, or why not."""
-    record = _decode(blob, "Label", limits)
+    record = _decode(blob, "Label", limits, reader)
     return record if isinstance(record, Rejection) else check_label(record, limits, now)
 
 
-def _decode(blob: bytes | None, expect: str, limits: IngestionSettings) -> Record | Rejection:
+def _decode(blob: bytes | None, expect: str, limits: IngestionSettings, reader: Reader | None) -> Record | Rejection:
     if blob is None:
         return Rejection("not_avro", "empty message (no value)")
     if len(blob) > limits.max_event_bytes:
         return Rejection("oversized", f"{len(blob)} bytes, more than max_event_bytes={limits.max_event_bytes}")
     try:
-        return get_codec().decode(blob, expect=expect)
+        return (reader or get_codec()).decode(blob, expect=expect)
     except DecodeError as exc:
         return Rejection(exc.reason, exc.detail)
 

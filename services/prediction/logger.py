@@ -24,6 +24,8 @@ from confluent_kafka import KafkaError
 
 from ..shared import kafka, metrics
 from ..shared.codec import get_codec
+from ..shared.framing import OUTPUT
+from ..shared.schema_registry import prepare_output
 from ..shared.settings import Settings
 from ..shared.topics import Topics
 
@@ -35,6 +37,7 @@ class PredictionLog:
     def __init__(self, settings: Settings) -> None:
         self.topic = Topics(settings.namespace).predictions
         self.codec = get_codec()
+        prepare_output(settings)  # `predictions` in the Confluent wire format, when the settings say so
         self.producer = kafka.producer(
             settings,
             **{
@@ -52,7 +55,7 @@ class PredictionLog:
     def log(self, prediction: dict[str, Any], key: str | None = None) -> bool:
         """Queue one Prediction record; False (and counted) when it had to be dropped."""
         try:
-            blob = self.codec.encode("Prediction", prediction)
+            blob = OUTPUT.frame(self.topic, self.codec.encode("Prediction", prediction))
             self.producer.produce(self.topic, value=blob, key=key or prediction["entity_id"],
                                   on_delivery=self._delivered)
             return True

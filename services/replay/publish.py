@@ -33,6 +33,7 @@ from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
 
 from ..shared import kafka
 from ..shared.codec import DecodeError, get_codec
+from ..shared.schema_registry import prepare_output
 from ..shared.settings import Settings
 from ..shared.topics import Topics
 from .datasets import Dataset
@@ -108,6 +109,7 @@ class Collector(threading.Thread):
         self.topics = Topics(settings.namespace)
         self.prefix = run_prefix
         self.entity_prefix = entity_prefix.encode()  # outcome keys (entity ids) of this run start with it
+        prepare_output(settings)  # outcomes in the Confluent wire format, when the settings say so
         self.codec = get_codec()
         self.data = Collected()
         self.lock = threading.Lock()

@@ -19,6 +19,12 @@ the caller always gets a record of the current shape. A fingerprint that is none
 of another type, or a version the current one cannot read is refused with a reason code
 (`DecodeError.reason`) for the DLQ, never misread.
 
+With a schema registry (`schema_registry.py`), a message may also come in the Confluent wire format
+(`framing.py`: 00, a 4-byte schema id, the same body). The codec reads those whose id it was taught
+(`learn_confluent_id`: driftline's own schemas, registered at start), so every service reads the
+output topics that `schema_registry_output` frames so; a producer's id is the registry reader's to
+resolve (`SchemaRegistry.writer`), and `read` decodes any writer the same way.
+
 Schemas are parsed once, at first use; encoding and decoding are fastavro's schemaless reader and
 writer, which is the hot path of every service.
 """
@@ -33,12 +39,11 @@ from typing import Any
 
 import fastavro
 
+from .framing import HEADER_LEN, MAGIC, body_start, confluent_schema_id, framing_of
 from .schemas import SCHEMAS_DIR, fingerprint_of, incompatibility, load_current, load_history
 
 __all__ = ["SCHEMAS_DIR", "MAGIC", "HEADER_LEN", "DecodeError", "RecordType", "AvroCodec", "get_codec"]
 
-MAGIC = b"\xc3\x01"
-HEADER_LEN = len(MAGIC) + 8
 # DecodeError reasons, for DLQs and metrics.
 REASONS = ("not_avro", "unknown_schema", "wrong_schema", "incompatible_schema", "corrupt_avro")
 
@@ -62,13 +67,18 @@ class RecordType:
     fingerprint: bytes  # 8 bytes, exactly as on the wire after C3 01
     current: bool
     incompatible: str | None = None  # why the current version cannot read this one, if it cannot
+    origin: str | None = None  # where a writer that is no released version came from ("registry schema id 7")
+
+    @property
+    def described(self) -> str:
+        return self.origin or f"version {self.version}"
 
 
 class AvroCodec:
     def __init__(self, schemas_dir: Path = SCHEMAS_DIR) -> None:
         self.by_name: dict[str, RecordType] = {}
         self.by_fingerprint: dict[bytes, RecordType] = {}
-        current = load_current(schemas_dir)
+        self.raw = current = load_current(schemas_dir)  # name -> the current schema's JSON
         history = load_history(schemas_dir)
         for name, raw in current.items():
             fp = fingerprint_of(raw)
@@ -85,6 +95,12 @@ class AvroCodec:
         # refusal so an operator recognises old data (see README, "Upgrading").
         self._pre_fix = {fp[::-1]: r.name for fp, r in self.by_fingerprint.items()}
         self._current = frozenset(r.fingerprint for r in self.by_name.values())
+        self.by_confluent_id: dict[int, RecordType] = {}
+
+    def learn_confluent_id(self, schema_id: int, record_name: str) -> None:
+        """Read Confluent-framed messages with `schema_id` as the current `record_name` (the id a
+        registry gave driftline's own schema)."""
+        self.by_confluent_id[schema_id] = self.by_name[record_name]
 
     def encode(self, record_name: str, value: dict[str, Any]) -> bytes:
         record = self.by_name[record_name]
@@ -96,9 +112,16 @@ class AvroCodec:
 
     def identify(self, blob: bytes) -> RecordType:
         """The schema version a message was written with, or DecodeError."""
-        if not isinstance(blob, (bytes, bytearray, memoryview)) or len(blob) < HEADER_LEN:
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
+            raise DecodeError("not_avro", "message shorter than the single-object header")
+        if self.by_confluent_id and framing_of(blob) == "confluent":
+            return self.confluent_writer(blob)
+        if len(blob) < HEADER_LEN:
             raise DecodeError("not_avro", "message shorter than the single-object header")
         if blob[:2] != MAGIC:
+            if framing_of(blob) == "confluent":
+                raise DecodeError("not_avro", "starts with 00 like the Confluent wire format (00, a schema id), "
+                                              "which is read only with a schema registry (DRIFTLINE_SCHEMA_REGISTRY_URL)")
             raise DecodeError("not_avro", "missing the Avro single-object magic bytes C3 01")
         fp = bytes(blob[2:HEADER_LEN])
         record = self.by_fingerprint.get(fp)
@@ -110,17 +133,32 @@ class AvroCodec:
                                                 f"schemas/history/{hint}")
         return record
 
+    def confluent_writer(self, blob: bytes) -> RecordType:
+        """Driftline's own record type of a Confluent-framed message (`learn_confluent_id`)."""
+        try:
+            schema_id = confluent_schema_id(blob)
+        except ValueError as exc:
+            raise DecodeError("not_avro", str(exc)) from None
+        record = self.by_confluent_id.get(schema_id)
+        if record is None:
+            raise DecodeError("unknown_schema", f"Confluent schema id {schema_id} is not one of driftline's own "
+                                                "registered schemas")
+        return record
+
     def decode(self, blob: bytes, expect: str | None = None) -> dict[str, Any]:
         """The record in `blob`, in the current version of its schema; with `expect`, refuse any
         other record type."""
-        writer = self.identify(blob)
+        return self.read(self.identify(blob), blob, expect)
+
+    def read(self, writer: RecordType, blob: bytes, expect: str | None = None) -> dict[str, Any]:
+        """The body of `blob` (either framing), written with `writer`, in the current version."""
         if expect is not None and writer.name != expect:
             raise DecodeError("wrong_schema", f"expected a {expect}, got a {writer.name}")
         if writer.incompatible:
-            raise DecodeError("incompatible_schema", f"{writer.name} version {writer.version} cannot be read as "
+            raise DecodeError("incompatible_schema", f"{writer.name} {writer.described} cannot be read as "
                                                      f"version {self.by_name[writer.name].version}: {writer.incompatible}")
         buf = io.BytesIO(blob)
-        buf.seek(HEADER_LEN)
+        buf.seek(body_start(blob))
         reader = None if writer.current else self.by_name[writer.name].parsed
         try:
             value = fastavro.schemaless_reader(buf, writer.parsed, reader)
@@ -131,9 +169,13 @@ class AvroCodec:
         return value
 
     def is_current(self, blob: bytes) -> bool:
-        """Whether a message that decodes was written with the current version (its bytes can be
-        passed on as they are; an older version's are re-encoded)."""
+        """Whether a single-object message that decodes was written with the current version (its
+        bytes can be passed on as they are; an older version's are re-encoded)."""
         return bytes(blob[2:HEADER_LEN]) in self._current
+
+    def header(self, record_name: str) -> bytes:
+        """The single-object header of the current `record_name`."""
+        return MAGIC + self.by_name[record_name].fingerprint
 
 
 @lru_cache(maxsize=1)

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from .framing import OUTPUT
 from .settings import Settings
 from .topics import SPEC_BY_NAME, Topics
 
@@ -132,7 +133,9 @@ def admin(settings: Settings) -> AdminClient:
 
 
 def produce(p: Producer, topic: str, value: bytes, key: str | bytes | None = None, **kwargs) -> None:
-    """Produce, waiting for room when the local queue is full instead of failing."""
+    """Produce, waiting for room when the local queue is full instead of failing. An output topic
+    that `schema_registry_output` names gets the message in the Confluent wire format (framing.OUTPUT)."""
+    value = OUTPUT.frame(topic, value)
     while True:
         try:
             p.produce(topic, value=value, key=key, **kwargs)

@@ -36,6 +36,7 @@ from . import kafka, metrics
 from .bodylimit import BodyLimit
 from .deps import DEPS, backoff_delays
 from .kafka import base_topic
+from .schema_registry import prepare_output
 from .settings import Settings, check_model_key
 from .topics import Topics
 
@@ -100,6 +101,7 @@ class StreamWorker:
         # (kafka.event_time_metadata), so the next service knows how far this one has got.
         self.event_times: dict[tuple[str, int], float] = {}
         metrics.start_at_zero(self.service, settings)
+        prepare_output(settings)  # output topics in the Confluent wire format: their registry ids
 
     # -- to implement ----------------------------------------------------------------------
     def input_topics(self) -> list[str]:
@@ -130,11 +132,10 @@ class StreamWorker:
 
     def commit(self) -> None:
         """Commit what was consumed, with each partition's event time (`note_event_time`) in the
-        commit's metadata."""
+        commit's metadata. Always the consumer's positions, never librdkafka's stored offsets: a
+        worker that seeks a partition back to read it again (ingestion, waiting for the schema
+        registry) must not have the messages it has not handled committed."""
         assert self.consumer is not None
-        if not self.event_times:
-            self.consumer.commit(asynchronous=False)
-            return
         offsets = []
         for tp in self.consumer.position(self.consumer.assignment()):
             if tp.offset >= 0:  # something consumed there

@@ -232,6 +232,12 @@ class Settings(BaseSettings):
         description="librdkafka properties for every Kafka client: security.protocol, sasl.*, ssl.* (JSON object)",
     )
     log_level: str = "INFO"
+    schema_registry_url: str | None = Field(
+        None, description="a Confluent-compatible Schema Registry REST API (user:password@ in the URL for basic "
+                          "auth): events and labels then also accept the Confluent wire format; unset = single-object only")
+    schema_registry_output: list[Literal["predictions", "outcomes"]] = Field(
+        default_factory=list, description="output topics written in the Confluent wire format (the registry's ids) "
+                                          "instead of single-object encoding; needs schema_registry_url")
 
     ports: Ports = Ports()
     ingestion: IngestionSettings = IngestionSettings()
@@ -262,6 +268,13 @@ class Settings(BaseSettings):
             raise ValueError(f"not a security property: {', '.join(sorted(wrong))} "
                              "(allowed: security.protocol, sasl.*, ssl.*)")
         return {k: str(v) for k, v in value.items()}
+
+    @model_validator(mode="after")
+    def _output_framing_needs_a_registry(self) -> "Settings":
+        if self.schema_registry_output and not self.schema_registry_url:
+            raise ValueError("schema_registry_output names topics to write in the Confluent wire format: "
+                             "that needs schema_registry_url (DRIFTLINE_SCHEMA_REGISTRY_URL)")
+        return self
 
     @model_validator(mode="after")
     def _local_secrets(self) -> "Settings":
@@ -402,6 +415,7 @@ def settings_view(settings: Settings) -> dict:
     except InsecureSettings as exc:
         data["model_key"] = f"(refused: {str(exc).split(':')[0]})"
     data["redis_url"] = redact_url(settings.redis_url)
+    data["schema_registry_url"] = settings.schema_registry_url and redact_url(settings.schema_registry_url)
     data["kafka_security"] = {k: ("***" if any(w in k for w in SECRET_WORDS) else v)
                               for k, v in settings.kafka_security.items()}
     return data

@@ -36,6 +36,9 @@ import org.apache.kafka.common.serialization.StringSerializer;
  *   encode EVENT.avsc LABEL.avsc N PREFIX FLIP_AT BASE_TS        -> "E hex" / "L hex" lines
  *   decode SCHEMA.avsc...       ("Name hex" lines on stdin)      -> one record (toString) a line
  *   produce BOOTSTRAP EVENT.avsc LABEL.avsc EVENTS LABELS N PREFIX FLIP_AT BASE_TS
+ *   produce-registry BOOTSTRAP REGISTRY_URL EVENT.avsc LABEL.avsc EVENTS LABELS N PREFIX FLIP_AT BASE_TS
+ *       (Apicurio's AvroKafkaSerializer in Confluent mode: 00, the 4-byte content id, the body;
+ *        each schema registered under TOPIC-value at REGISTRY_URL, Apicurio's own API)
  *   consume BOOTSTRAP TIMEOUT_S GROUP COUNT TOPIC=SCHEMA.avsc... -> "topic TAB record" a line
  *       (at least COUNT records, then until the topics are quiet for a second)
  * </pre>
@@ -96,6 +99,7 @@ public final class Interop {
       case "encode" -> encode(args);
       case "decode" -> decode(args);
       case "produce" -> produce(args);
+      case "produce-registry" -> produceRegistry(args);
       case "consume" -> consume(args);
       default -> throw new IllegalArgumentException("unknown mode " + args[0]);
     }
@@ -165,6 +169,44 @@ public final class Interop {
       producer.flush();
       for (java.util.concurrent.Future<?> f : sent) {
         f.get();  // a failed delivery fails the test
+      }
+    }
+    System.out.println("produced " + n);
+  }
+
+  static void produceRegistry(String[] a) throws Exception {
+    Schema es = schema(a[3]);
+    Schema ls = schema(a[4]);
+    int n = Integer.parseInt(a[7]);
+    int flipAt = Integer.parseInt(a[9]);
+    double baseTs = Double.parseDouble(a[10]);
+    Properties p = new Properties();
+    p.put("bootstrap.servers", a[1]);
+    p.put("enable.idempotence", "true");
+    p.put("acks", "all");
+    p.put("linger.ms", "5");
+    // What a Confluent-world consumer reads: the id in the payload (not in Kafka headers), 4 bytes.
+    Map<String, Object> serde = new HashMap<>();
+    serde.put("apicurio.registry.url", a[2]);
+    serde.put("apicurio.registry.auto-register", "true");
+    serde.put("apicurio.registry.as-confluent", "true");
+    serde.put("apicurio.registry.use-id", "contentId");
+    serde.put("apicurio.registry.headers.enabled", "false");
+    try (io.apicurio.registry.serde.avro.AvroKafkaSerializer<GenericRecord> values =
+            new io.apicurio.registry.serde.avro.AvroKafkaSerializer<>();
+        KafkaProducer<String, GenericRecord> producer =
+            new KafkaProducer<>(p, new StringSerializer(), values)) {
+      values.configure(serde, false);
+      List<java.util.concurrent.Future<?>> sent = new ArrayList<>();
+      for (int i = 0; i < n; i++) {
+        GenericRecord e = event(es, a[8], i, baseTs);
+        sent.add(producer.send(new ProducerRecord<>(a[5], e.get("entity_id").toString(), e)));
+        GenericRecord l = label(ls, a[8], i, flipAt, baseTs);
+        sent.add(producer.send(new ProducerRecord<>(a[6], l.get("event_id").toString(), l)));
+      }
+      producer.flush();
+      for (java.util.concurrent.Future<?> f : sent) {
+        f.get();
       }
     }
     System.out.println("produced " + n);
