@@ -1,6 +1,7 @@
-"""`report.png`: windowed prequential accuracy (MAE for a regressor) over the stream, with the known drift positions
-shaded, concept drift events as red lines, data drift events as grey ticks, model swaps as green
-triangles.
+"""`report.png`: windowed prequential accuracy (MAE for a regressor) over the stream, with the
+no-change classifier's accuracy beside it and kappa-temporal in the title (how much of the
+accuracy is skill), the known drift positions shaded, concept drift events as red lines, data
+drift events as grey ticks, model swaps as green triangles.
 
     plot_report(report, Path("reports/demo/report.png"))
 
@@ -30,6 +31,9 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
     ax.plot(ends, accs, marker="o", markersize=2.5, linewidth=1.2, color="#1f77b4",
             label=f"{what} per {pq.get('window', 1000):,} examples")
     ax.axhline(overall, color="#1f77b4", linestyle=":", linewidth=1, label=f"overall {overall:.3f}")
+    if not regression and windows and windows[0].get("no_change_accuracy") is not None:
+        ax.plot(ends, [w["no_change_accuracy"] for w in windows], linewidth=1.0, color="#7f7f7f",
+                label=f"no-change classifier (previous label), overall {pq['no_change_accuracy']:.3f}")
     width = max(int(report.get("drift_width") or 0), 0)
     for i, p in enumerate(report.get("known_drift_positions", [])):
         half = max(width / 2, 150)
@@ -54,12 +58,16 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
     if regression:  # an error: lower is better, from 0
         ax.set_ylim(0.0, max(accs + [overall]) * 1.1 + 1e-9)
     else:
-        low = min(accs) if accs else 0.0
+        baseline = [w["no_change_accuracy"] for w in windows if w.get("no_change_accuracy") is not None]
+        low = min(accs + baseline) if accs else 0.0
         ax.set_ylim(max(0.0, min(low, overall) - 0.05), 1.03)
     ax.set_xlabel("labelled examples (stream order)")
     ax.set_ylabel(f"prequential {what}")
+    skill = ""
+    if not regression and pq.get("kappa_temporal") is not None:
+        skill = f" · kappa {pq['kappa']:.3f}, kappa-temporal {pq['kappa_temporal']:.3f}"
     ax.set_title(f"{report['dataset']} · {report['model']} · features {report.get('features')} · "
-                 f"label delay {report['label_delay']}", fontsize=10)
+                 f"label delay {report['label_delay']}{skill}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8, ncol=3)
     fig.tight_layout()

@@ -5,6 +5,15 @@
     >>> r["prequential"]["accuracy"], r["examples_learned"]
     (1.0, 1)
 
+Beside accuracy, a classifier's figures say how much of it is skill: Cohen's kappa (against a
+guess with the same class frequencies, river's `CohenKappa`) and Žliobaitė's kappa-temporal,
+against the no-change classifier that answers each example with the label of the one before it
+(on a stream of long runs of one class, such as Elec2, a high accuracy can be all persistence):
+
+    >>> pq = prequential([{"y_true": y, "y_pred": p} for y, p in zip("0011", "0010")], window=4)
+    >>> pq["no_change_accuracy"], round(pq["kappa_temporal"], 3)
+    (0.5, 0.5)
+
 A regressor's outcomes carry their error (Outcome v2): then the figures are MAE, RMSE and R²
 (river's metrics) and each window has its MAE.
 
@@ -44,34 +53,56 @@ def short_model_name(spec: str) -> str:
     return " | ".join(parts)
 
 
+def kappa_temporal(accuracy: float, no_change_accuracy: float) -> float | None:
+    """Žliobaitė's kappa-temporal: 1 = always right, 0 = as good as answering the previous label,
+    below 0 = worse than that. None when the no-change classifier is always right."""
+    if no_change_accuracy >= 1.0:
+        return None
+    return (accuracy - no_change_accuracy) / (1.0 - no_change_accuracy)
+
+
 def prequential(outcomes: list[dict], window: int = 1000) -> dict[str, Any]:
-    """Accuracy (and log loss, where probabilities came) of predictions made before learning,
-    over the whole stream and per window of `window` examples. `outcomes` in stream order."""
+    """Accuracy, kappa, kappa-temporal (and log loss, where probabilities came) of predictions made
+    before learning, over the whole stream and per window of `window` examples, with the no-change
+    baseline. `outcomes` in stream order."""
     if any(o.get("error") is not None for o in outcomes):
         return _regression(outcomes, window)
-    correct = 0
+    from river import metrics
+
+    kappa = metrics.CohenKappa()
+    correct = no_change = 0
     loss_sum, loss_n = 0.0, 0
     windows = []
-    w_correct = w_n = 0
+    w_correct = w_no_change = w_n = 0
+    previous = None  # the label before: the no-change classifier's answer
     for o in outcomes:
         hit = o.get("y_pred") is not None and o["y_pred"] == o["y_true"]
+        kappa.update(o["y_true"], o.get("y_pred"))
+        same = previous is not None and previous == o["y_true"]
+        previous = o["y_true"]
         correct += hit
+        no_change += same
         w_correct += hit
+        w_no_change += same
         w_n += 1
         proba = o.get("proba") or {}
         if proba:
             p = min(max(float(proba.get(o["y_true"], 0.0)), 1e-15), 1.0)
             loss_sum -= math.log(p)
             loss_n += 1
-        if w_n == window:
-            windows.append({"end": len(windows) * window + w_n, "accuracy": w_correct / w_n, "n": w_n})
-            w_correct = w_n = 0
-    if w_n:
-        windows.append({"end": len(outcomes), "accuracy": w_correct / w_n, "n": w_n})
+        if w_n == window or o is outcomes[-1]:
+            end = len(windows) * window + w_n
+            windows.append({"end": end, "accuracy": w_correct / w_n, "no_change_accuracy": w_no_change / w_n,
+                            "kappa_temporal": kappa_temporal(w_correct / w_n, w_no_change / w_n), "n": w_n})
+            w_correct = w_no_change = w_n = 0
     n = len(outcomes)
+    accuracy, baseline = (correct / n, no_change / n) if n else (0.0, 0.0)
     return {
         "task": "classification",
-        "accuracy": correct / n if n else 0.0,
+        "accuracy": accuracy,
+        "kappa": kappa.get() if n else None,
+        "kappa_temporal": kappa_temporal(accuracy, baseline) if n else None,
+        "no_change_accuracy": baseline,
         "log_loss": loss_sum / loss_n if loss_n else None,
         "mae": None, "rmse": None, "r2": None,
         "window": window,
@@ -206,6 +237,10 @@ def write_report(report: dict[str, Any], report_dir: Path) -> Path:
     return path
 
 
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
 def summary_table(report: dict[str, Any]):
     """A rich Table of the headline figures."""
     from rich.table import Table
@@ -224,6 +259,8 @@ def summary_table(report: dict[str, Any]):
         *([("prequential MAE / RMSE / R²", f"{pq['mae']:.4f} / {pq['rmse']:.4f} / {pq['r2']:.4f}")]
           if pq.get("task") == "regression" else
           [("prequential accuracy", f"{pq['accuracy']:.4f}"),
+           ("kappa / kappa-temporal", f"{_fmt(pq.get('kappa'))} / {_fmt(pq.get('kappa_temporal'))}"),
+           ("no-change baseline (previous label)", f"{_fmt(pq.get('no_change_accuracy'))}"),
            ("log loss", f"{pq['log_loss']:.4f}" if pq.get("log_loss") is not None else "-")]),
         ("drift events (warnings)", f"{len(report['drift_events'])} ({len(report.get('drift_warnings', []))})"),
         ("model swaps", ", ".join(f"v{s['from_version']}->v{s['to_version']}@{s['position']}"
