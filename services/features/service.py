@@ -32,6 +32,13 @@ distinct values, goes to events.dlq (`too_many_feature_names`, `too_many_entity_
 Idempotence: an event at an offset <= its entity's `_off` was applied before a crash; it is not
 applied again, its vector is re-published from its snapshot. Labels are idempotent by design.
 
+Aggregates keyed by another field (docs/features.md): an event also reads, then folds into, the
+state of each entity its key fields name (a merchant). Those events come from every partition and
+every replica, so such a state keeps one guard per events.valid partition (`_o:<p>`: an event at
+an offset <= it was folded before) and is written by compare-and-set (`FeatureStore.queue_keyed`):
+a worker that lost the race reads the state again and refolds its events, in its batch's order.
+Events of a worker's partitions are merged by event time first (`ReorderBuffer.align_events`).
+
 The feature set comes from `settings.features.set`: `default`, `raw` or a TOML/YAML file with the
 keys of `definitions.FeatureSpec` (each documented there, once; `example.toml` next to this file
 shows them all).
@@ -56,11 +63,15 @@ from ..shared.deadletter import dead_letter
 from ..shared.keys import Keys
 from ..shared.runtime import RestartLoop, StreamWorker, run_app, service_app
 from ..shared.settings import Settings
-from .definitions import FeatureSet, load_feature_set
-from .store import OFFSET_FIELD, PARTITION_FIELD, Categories, FeatureStore, FieldNames
+from .definitions import ENTITY_KEY, FeatureSet, load_feature_set
+from .store import GUARD_PREFIX, OFFSET_FIELD, PARTITION_FIELD, Categories, FeatureStore, FieldNames
+from .windows import DROPPED, IN_ORDER, LATE
 
 log = logging.getLogger(__name__)
 SERVICE = "features"
+KEYED_ATTEMPTS = 50  # compare-and-set rounds before the batch is given up (and read again from Kafka)
+HANDLING = {LATE: "placed", DROPPED: "dropped"}
+CLOCK_READ_S = 0.5  # how often the partitions' clocks are read for the staleness metric
 
 # Merge order at equal event time: labels first (a label with ts <= the event's ts is applied
 # before the event's vector), then events. Bad messages never wait (they only hold their offset).
@@ -104,6 +115,7 @@ class ReorderBuffer:
 
     wait_s: float
     cap: int = 20_000
+    align_events: bool = False  # events also wait for this worker's event partitions still reading behind them
     queues: dict[tuple[str, int], deque[Item]] = field(default_factory=dict)
     latest: dict[tuple[str, int], tuple[int, float]] = field(default_factory=dict)  # tp -> (kind, max ts seen)
     done: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset to commit
@@ -138,17 +150,26 @@ class ReorderBuffer:
         heapq.heapify(heap)
         marks = {LABEL: self.mark(EVENT), EVENT: self.mark(LABEL)}  # what each kind waits for
         behind = {LABEL: [], EVENT: []}  # per kind, the times of the other kind's lagging partitions
+        events_behind = math.inf  # the earliest time a lagging event partition has shown
         for tp in lagging:
             if tp in self.latest:
                 kind, ts = self.latest[tp]
                 behind[LABEL if kind == EVENT else EVENT].append(ts)
+                if kind == EVENT:
+                    events_behind = min(events_behind, ts)
+        if not self.align_events:
+            events_behind = math.inf
         out: list[Item] = []
         while heap:
             tp = heap[0][3]
             q = self.queues[tp]
             head = q[0]
-            if not (head.kind == BAD or head.ts <= marks[head.kind] or self.pending > self.cap
-                    or (now - head.received >= self.wait_s and all(ts >= head.ts for ts in behind[head.kind]))):
+            # With aggregates keyed by another field, an entity's events come from every partition:
+            # an event waits for the partitions of this worker that are still reading earlier times.
+            aligned = head.kind != EVENT or head.ts <= events_behind
+            if not (head.kind == BAD or self.pending > self.cap
+                    or (aligned and (head.ts <= marks[head.kind] or (
+                        now - head.received >= self.wait_s and all(ts >= head.ts for ts in behind[head.kind]))))):
                 break  # everything after it in time waits too
             item = q.popleft()
             self.pending -= 1
@@ -209,7 +230,14 @@ class FeaturesWorker(StreamWorker):
         self.max_entity_fields = settings.features.max_entity_fields
         # A feature set without the last label has nothing to wait for: events go at once.
         wait_s = settings.features.max_reorder_wait_ms / 1000.0 if self.feature_set.spec.last_label else 0.0
-        self.buffer = ReorderBuffer(wait_s=wait_s, cap=max(20 * self.batch_size, 1000))
+        self.buffer = ReorderBuffer(wait_s=wait_s, cap=max(20 * self.batch_size, 1000),
+                                    align_events=bool(self.feature_set.keys))
+        self.clock_key = Keys(settings.namespace).features_clock()
+        self._clock: dict[int, float] = {}  # events.valid partition -> event time folded up to (all workers)
+        self._clock_read_at = -math.inf
+        for key in ((ENTITY_KEY,) if ENTITY_KEY in self.feature_set.windows else ()) + self.feature_set.keys:
+            for handling in HANDLING.values():
+                metrics.LATE_EVENTS.labels(key, handling)
         self._positions: dict[tuple[str, int], int] = {}  # next offset to read, per partition
         self._highs: dict[tuple[str, int], int] = {}  # the broker's high watermark, as last known
         self._committed: dict[tuple[str, int], int] = {}
@@ -219,7 +247,7 @@ class FeaturesWorker(StreamWorker):
         # other stream instead of buffering one (librdkafka hands out a partition in big chunks).
         self.max_waiting_per_partition = self.batch_size
         self.counts = {"events": 0, "labels": 0, "redelivered": 0, "labels_unmatched": 0, "dead_letters": 0,
-                       "rebuilds": 0, "duplicates": 0}
+                       "rebuilds": 0, "duplicates": 0, "late_events": 0, "keyed_conflicts": 0}
         self.applied_key = Keys(settings.namespace).features_applied()
         self._applied_local: dict[tuple[str, int], int] = {}  # the applied offsets this worker wrote last
 
@@ -406,10 +434,11 @@ class FeaturesWorker(StreamWorker):
                                 f"the model already has {self.names.limit} distinct field names "
                                 f"(features.max_feature_names); new: {sorted(refused & set(item.value['fields']))[:5]}")
         texts: dict[str, dict[str, None]] = {}
+        keys = self.feature_set.keys  # key fields name entities: identifiers, not categories of the model
         for item in items:
             if item.kind == EVENT:
                 for name, value in item.value["fields"].items():
-                    if isinstance(value, str):
+                    if isinstance(value, str) and name not in keys:
                         texts.setdefault(name, {})[value] = None
         refused_texts = self.categories.admit(texts) if texts else set()
         if refused_texts:
@@ -436,10 +465,15 @@ class FeaturesWorker(StreamWorker):
         wanted = [i.value["event_id"] for i in items if i.kind == LABEL and i.value["event_id"] not in in_batch]
         with _stage("read"):
             entity_ids = [e["entity_id"] for e in events] if fs.stateful else []
-            states, snapshots, folded = self.store.read_batch(entity_ids, wanted if fs.spec.last_label else (),
-                                                              folded_of=[e["event_id"] for e in events])
+            named = [kv for e in events for kv in fs.key_values(e["fields"]).items()] if fs.keys else []
+            read = self.store.read_batch(entity_ids, wanted if fs.spec.last_label else (),
+                                         folded_of=[e["event_id"] for e in events], keyed=named)
+            states, snapshots, folded, keyed = read.states, read.snapshots, read.folded, read.keyed
+            if named and time.monotonic() - self._clock_read_at >= CLOCK_READ_S:
+                self._clock, self._clock_read_at = self.read_clock(), time.monotonic()
         with _stage("compute"):
             vectors, markers, dirty, redelivered = [], [], set(), []
+            folds: dict[tuple[str, str], list[Item]] = {}  # key entity -> the events folded into it
             labels: dict[str, tuple[str, float]] = {}  # entity -> its latest label in the batch
             for item in items:
                 if item.kind == EVENT:
@@ -451,8 +485,10 @@ class FeaturesWorker(StreamWorker):
                         metrics.DUPLICATES.labels(SERVICE, "events.valid").inc()
                         continue
                     state = states.get(ev["entity_id"], {})
+                    names = fs.key_values(ev["fields"]) if fs.keys else {}
                     if _applied(state, item):
                         redelivered.append(ev["event_id"])
+                        self.fold_keyed(item, names, keyed, folds)  # unless they were folded too
                         continue
                     new = fs.untracked(state, ev["fields"]) if fs.stateful else ()
                     if new and len(fs.tracked(state)) + len(new) > self.max_entity_fields:
@@ -461,12 +497,16 @@ class FeaturesWorker(StreamWorker):
                                     f"{self.max_entity_fields} distinct fields (features.max_entity_fields)")
                         in_batch.pop(ev["event_id"], None)  # its label must not reach the state either
                         continue
-                    vectors.append(self.vector_of(ev, fs.vector(state, ev["fields"], ev["ts"])))
+                    x = fs.vector(state, ev["fields"], ev["ts"], keyed={k: keyed[(k, v)] for k, v in names.items()})
+                    vectors.append(self.vector_of(ev, x))
                     markers.append(marker)
+                    if names:
+                        self.observe_staleness(ev["ts"])
                     if fs.stateful:
-                        fs.apply_event(state, ev["fields"], ev["ts"])
+                        self.count_late(ENTITY_KEY, fs.apply_event(state, ev["fields"], ev["ts"]))
                         state[OFFSET_FIELD], state[PARTITION_FIELD] = item.offset, item.partition
                         dirty.add(ev["entity_id"])
+                    self.fold_keyed(item, names, keyed, folds)
                 elif item.kind == LABEL and fs.spec.last_label:  # else labels change nothing here
                     where = self.locate(item.value["event_id"], in_batch, snapshots)
                     if where is None:
@@ -486,10 +526,18 @@ class FeaturesWorker(StreamWorker):
             self.store.queue_states(pipe, {e: states[e] for e in dirty})
             for entity_id, (label, event_ts) in labels.items():
                 self.store.queue_label(pipe, entity_id, label, event_ts)
+            first_keyed = len(pipe)
+            for key, value in folds:
+                self.store.queue_keyed(pipe, key, value, keyed[(key, value)])
             # Last: how far this batch's effects go (the AOF keeps a prefix of the writes).
             applied = {i.tp: i.offset + 1 for i in items}
             pipe.hset(self.applied_key, mapping={f"{t}/{p}": o for (t, p), o in applied.items()})
-            self.store.execute(pipe, "write_batch")
+            if fs.keys:
+                self.queue_clock(pipe, {tp for tp in applied if tp[0] == self.topics.events_valid})
+            replies = self.store.execute(pipe, "write_batch")
+            lost = [kv for kv, ok in zip(folds, replies[first_keyed:first_keyed + len(folds)]) if not ok]
+            if lost:
+                self.refold(lost, folds)
             self._applied_local.update(applied)
         if redelivered:
             recovered = self.recover(redelivered)
@@ -502,6 +550,67 @@ class FeaturesWorker(StreamWorker):
                 if item.kind == BAD:
                     self.dead_letter(item)
         self.counts["events"] += len(events)
+
+    # -- key entities: folded by every worker, guarded per partition, written by compare-and-set
+    def fold_keyed(self, item: Item, names: dict[str, str], keyed: dict, folds: dict, count: bool = True) -> None:
+        """Fold an event into the key entities it names, unless its offset says it already was."""
+        ev = item.value
+        guard = f"{GUARD_PREFIX}{item.partition}"
+        for key, value in names.items():
+            state = keyed[(key, value)]
+            if state.get(guard, -1) >= item.offset:
+                continue  # folded before a crash, or by this worker's previous round
+            outcome = self.feature_set.apply_keyed(key, state, ev["fields"], ev["ts"])
+            state[guard] = item.offset
+            folds.setdefault((key, value), []).append(item)
+            if count:
+                self.count_late(key, outcome)
+
+    def refold(self, lost: list[tuple[str, str]], folds: dict[tuple[str, str], list[Item]]) -> None:
+        """Another worker wrote these key entities between our read and our write: read them
+        again, fold this batch's events in again (the guards skip what is in already), retry."""
+        for attempt in range(KEYED_ATTEMPTS):
+            self.counts["keyed_conflicts"] += len(lost)
+            metrics.KEYED_CONFLICTS.inc(len(lost))
+            fresh = self.store.read_keyed(lost)
+            pipe = self.redis.pipeline(transaction=False)
+            for key, value in lost:
+                for item in folds[(key, value)]:
+                    self.fold_keyed(item, {key: value}, fresh, {}, count=False)
+                self.store.queue_keyed(pipe, key, value, fresh[(key, value)])
+            replies = self.store.execute(pipe, "write_keyed")
+            lost = [kv for kv, ok in zip(lost, replies) if not ok]
+            if not lost:
+                return
+            time.sleep(0.001 * (attempt + 1))
+        raise RestartLoop(f"{len(lost)} key entities kept changing under this worker's writes; reading the batch again")
+
+    def count_late(self, key: str, outcome: int) -> None:
+        if outcome != IN_ORDER:
+            self.counts["late_events"] += 1
+            metrics.LATE_EVENTS.labels(key, HANDLING[outcome]).inc()
+
+    # -- staleness of key entities: how far behind the slowest partition still folding is ----
+    def queue_clock(self, pipe, tps: set[tuple[str, int]]) -> None:
+        """Per events.valid partition of this batch: the event time up to which its events are
+        folded (the first one still waiting, else the latest let go), or "inf" when nothing of it
+        is left to read."""
+        lagging = self.lagging() if self.consumer is not None else set()
+        clock = {}
+        for tp in tps:
+            ts = self.buffer.event_time_at_commit(tp)
+            done = tp not in lagging and not self.buffer.queues.get(tp)
+            clock[str(tp[1])] = "inf" if done or ts is None else repr(ts)
+        if clock:
+            pipe.hset(self.clock_key, mapping=clock)
+
+    def read_clock(self) -> dict[int, float]:
+        return {int(p): float(ts) for p, ts in self.redis.hgetall(self.clock_key).items()}
+
+    def observe_staleness(self, ts: float) -> None:
+        """Events older than the slowest partition's clock are all folded; younger ones may not be."""
+        slowest = min(self._clock.values(), default=math.inf)
+        metrics.KEYED_STALENESS.observe(max(0.0, ts - slowest) if math.isfinite(slowest) else 0.0)
 
     def vector_of(self, ev: dict, features: dict[str, float]) -> dict:
         return {"event_id": ev["event_id"], "entity_id": ev["entity_id"], "ts": ev["ts"], "features": features,
