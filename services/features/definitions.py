@@ -46,11 +46,16 @@ from typing import Any
 
 import yaml
 
-from .windows import DEFAULT_TILES, IN_ORDER, Series, SeriesSpec, Summary, key_text, parse_window, value_hash
+from .windows import (
+    DEFAULT_TILES, EXTREMES, IN_ORDER, LAST, SQUARES, SUMS, Series, SeriesSpec, Summary, key_text, parse_window,
+    value_hash,
+)
 
 State = dict[str, Any]
 ENTITY_KEY = "entity_id"
 AGGREGATE_FNS = ("count", "sum", "mean", "min", "max", "std", "last", "distinct")
+NEEDS = {"count": 0, "distinct": 0, "sum": SUMS, "mean": SUMS, "std": SUMS | SQUARES, "min": EXTREMES,
+         "max": EXTREMES, "last": LAST}  # what each asks a window's summary for
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,8 @@ class Aggregate:
             raise ValueError(f"{where}: {self.fn} needs a field")
         if self.field is not None and self.field == self.key:
             raise ValueError(f"{where}: the key field {self.key!r} cannot be aggregated over itself")
+        if self.field == ENTITY_KEY and self.fn != "distinct":
+            raise ValueError(f"{where}: entity_id (the event's own entity) can only be counted as distinct")
         if not isinstance(self.tiles, int) or not 1 <= self.tiles <= 240:
             raise ValueError(f"{where}: tiles must be a whole number from 1 to 240")
         parse_window(self.window)
@@ -142,22 +149,31 @@ def _aggregates(spec: FeatureSpec) -> list[Aggregate]:
 
 @dataclass(frozen=True)
 class _KeyWindows:
-    """The series of one key and, per series, the aggregates read from it: (fn, name)."""
+    """The series of one key and, per series, what its summary must hold and the aggregates read
+    from it: (fn, name)."""
 
     key: str
-    series: tuple[tuple[SeriesSpec, tuple[tuple[str, str], ...]], ...]
+    series: tuple[tuple[SeriesSpec, int, tuple[tuple[str, str], ...]], ...]
 
     @property
     def longest_s(self) -> float:
-        return max(spec.window_s + min(spec.lateness_s, spec.window_s) for spec, _ in self.series)
+        return max(spec.reach for spec, _, _ in self.series)
 
 
 def _compile_windows(aggregates: list[Aggregate], lateness_s: float) -> dict[str, _KeyWindows]:
     by_key: dict[str, dict[SeriesSpec, list[tuple[str, str]]]] = {}
     for a in aggregates:
         by_key.setdefault(a.key, {}).setdefault(a.series(lateness_s), []).append((a.fn, a.name))
-    return {key: _KeyWindows(key, tuple((spec, tuple(aggs)) for spec, aggs in series.items()))
-            for key, series in by_key.items()}
+    out = {}
+    for key, series in by_key.items():
+        entries = []
+        for spec, aggs in series.items():
+            needs = 0
+            for fn, _name in aggs:
+                needs |= NEEDS[fn]
+            entries.append((spec, needs, tuple(aggs)))
+        out[key] = _KeyWindows(key, tuple(entries))
+    return out
 
 
 def _value(fn: str, s: Summary) -> float | None:
@@ -332,10 +348,12 @@ class FeatureSet:
             pass
         return {"_last_label_known": 1.0, f"_last_label={label}": 1.0}
 
-    def apply_keyed(self, key: str, state: State, fields: dict[str, float | str], ts: float) -> int:
+    def apply_keyed(self, key: str, state: State, fields: dict[str, float | str], ts: float,
+                    entity_id: str | None = None) -> int:
         """Fold an event into the state of the entity its field `key` names (after its vector was
-        taken). Returns `windows.IN_ORDER`, `LATE` or `DROPPED` (see windows.py)."""
-        return _fold_windows(self.windows[key], state, fields, ts)
+        taken); `entity_id` is the event's own (for `distinct` of `entity_id`: the cards a
+        merchant saw). Returns `windows.IN_ORDER`, `LATE` or `DROPPED` (see windows.py)."""
+        return _fold_windows(self.windows[key], state, fields, ts, entity_id)
 
     def apply_event(self, state: State, fields: dict[str, float], ts: float) -> int:
         """Fold an event into its entity's state (after its vector was taken). Returns what its
@@ -386,23 +404,27 @@ def _series(state: State, spec: SeriesSpec) -> Series | None:
     return series
 
 
+_EMPTY = Summary()
+
+
 def _read_windows(windows: _KeyWindows, state: State, ts: float, x: dict) -> None:
-    for spec, aggregates in windows.series:
+    for spec, needs, aggregates in windows.series:
         series = _series(state, spec)
-        summary = series.summary(ts) if series is not None else Summary()
+        summary = series.summary(ts, needs) if series is not None else _EMPTY
         for fn, name in aggregates:
             value = _value(fn, summary)
             if value is not None:
                 x[name] = value
 
 
-def _fold_windows(windows: _KeyWindows, state: State, fields: dict[str, float | str], ts: float) -> int:
+def _fold_windows(windows: _KeyWindows, state: State, fields: dict[str, float | str], ts: float,
+                  entity_id: str | None = None) -> int:
     outcome = IN_ORDER
-    for spec, _aggregates in windows.series:
+    for spec, _needs, _aggregates in windows.series:
         if spec.field is None:
             value = 0.0  # count: every event of the key
         else:
-            value = fields.get(spec.field)
+            value = entity_id if spec.field == ENTITY_KEY else fields.get(spec.field)
             if value is None:
                 continue
             if spec.distinct:

@@ -71,7 +71,7 @@ log = logging.getLogger(__name__)
 SERVICE = "features"
 KEYED_ATTEMPTS = 50  # compare-and-set rounds before the batch is given up (and read again from Kafka)
 HANDLING = {LATE: "placed", DROPPED: "dropped"}
-CLOCK_READ_S = 0.5  # how often the partitions' clocks are read for the staleness metric
+CLOCK_S = 0.05  # how often the partitions' clocks (features:clock) are written and read
 
 # Merge order at equal event time: labels first (a label with ts <= the event's ts is applied
 # before the event's vector), then events. Bad messages never wait (they only hold their offset).
@@ -144,8 +144,10 @@ class ReorderBuffer:
         """How far in time every partition of a stream has got (-inf before it showed anything)."""
         return min((ts for k, ts in self.latest.values() if k == kind), default=-math.inf)
 
-    def pop_ready(self, now: float, lagging: frozenset | set = frozenset()) -> list[Item]:
-        """The items that may go now, in merged order."""
+    def pop_ready(self, now: float, lagging: frozenset | set = frozenset(), floor: float = math.inf,
+                  hold_s: float = 0.0) -> list[Item]:
+        """The items that may go now, in merged order. An event later than `floor` (how far the
+        other workers' partitions have got, plus the skew allowed) waits for them, at most `hold_s`."""
         heap = [(q[0].ts, q[0].kind, q[0].seq, tp) for tp, q in self.queues.items() if q]
         heapq.heapify(heap)
         marks = {LABEL: self.mark(EVENT), EVENT: self.mark(LABEL)}  # what each kind waits for
@@ -166,7 +168,8 @@ class ReorderBuffer:
             head = q[0]
             # With aggregates keyed by another field, an entity's events come from every partition:
             # an event waits for the partitions of this worker that are still reading earlier times.
-            aligned = head.kind != EVENT or head.ts <= events_behind
+            aligned = head.kind != EVENT or (head.ts <= events_behind and (
+                head.ts <= floor or now - head.received >= hold_s))
             if not (head.kind == BAD or self.pending > self.cap
                     or (aligned and (head.ts <= marks[head.kind] or (
                         now - head.received >= self.wait_s and all(ts >= head.ts for ts in behind[head.kind]))))):
@@ -234,7 +237,10 @@ class FeaturesWorker(StreamWorker):
                                     align_events=bool(self.feature_set.keys))
         self.clock_key = Keys(settings.namespace).features_clock()
         self._clock: dict[int, float] = {}  # events.valid partition -> event time folded up to (all workers)
-        self._clock_read_at = -math.inf
+        self._clock_read_at = self._clock_written_at = -math.inf
+        self._partitions: set[int] = set()
+        self.keyed_skew_s = settings.features.keyed_skew_ms / 1000.0
+        self.keyed_hold_s = settings.features.keyed_hold_ms / 1000.0
         for key in ((ENTITY_KEY,) if ENTITY_KEY in self.feature_set.windows else ()) + self.feature_set.keys:
             for handling in HANDLING.values():
                 metrics.LATE_EVENTS.labels(key, handling)
@@ -335,6 +341,8 @@ class FeaturesWorker(StreamWorker):
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.settle_on_revoke(consumer, partitions)  # commit what was handled while the partitions are ours
         tps = [(p.topic, p.partition) for p in partitions]
+        if self.feature_set.keys:
+            self.publish_clock(revoked=tps)  # the others wait for their next owner
         self.buffer.drop(tps)
         paused = [TopicPartition(*tp) for tp in tps if tp in self._paused]
         if paused:  # a pause outlives a rebalance in librdkafka; never hand one on
@@ -368,19 +376,33 @@ class FeaturesWorker(StreamWorker):
             for m in messages:
                 self.buffer.add(self.decode(m, now))
                 self._positions[(m.topic(), m.partition())] = m.offset() + 1
-        self.process(self.buffer.pop_ready(time.monotonic(), self.lagging()))
+        self.process(self.pop_ready())
         self.flow_control()
 
     def tick(self) -> None:
         """Between batches: let items go whose wait is over, then flush and commit them."""
         self.expect_assigned()
+        if self.feature_set.keys:
+            self.publish_clock()
         if self.buffer.pending:
-            items = self.buffer.pop_ready(time.monotonic(), self.lagging())
+            items = self.pop_ready()
             if items:
                 self.process(items)
                 if self.flush_until_stopped():  # a rebalance or an outage refusing the commit is not fatal
                     self.safe_commit()
             self.flow_control()
+
+    def pop_ready(self) -> list[Item]:
+        """What the merge lets go now. With key entities, events also wait (at most
+        features.keyed_hold_ms) for the other workers' partitions to get within
+        features.keyed_skew_ms of their time: that bounds how stale a key entity's aggregates are."""
+        floor = math.inf
+        if self.feature_set.keys:
+            self.refresh_clock()
+            mine = {p for t, p in self._positions if t == self.topics.events_valid}
+            others = self.partitions() - mine  # a partition no worker has said anything of yet: unknown
+            floor = min((self._clock.get(p, -math.inf) for p in others), default=math.inf) + self.keyed_skew_s
+        return self.buffer.pop_ready(time.monotonic(), self.lagging(), floor, self.keyed_hold_s)
 
     def lagging(self) -> set[tuple[str, int]]:
         """Partitions with unread data in the broker (librdkafka's cached high watermarks: no
@@ -469,8 +491,6 @@ class FeaturesWorker(StreamWorker):
             read = self.store.read_batch(entity_ids, wanted if fs.spec.last_label else (),
                                          folded_of=[e["event_id"] for e in events], keyed=named)
             states, snapshots, folded, keyed = read.states, read.snapshots, read.folded, read.keyed
-            if named and time.monotonic() - self._clock_read_at >= CLOCK_READ_S:
-                self._clock, self._clock_read_at = self.read_clock(), time.monotonic()
         with _stage("compute"):
             vectors, markers, dirty, redelivered = [], [], set(), []
             folds: dict[tuple[str, str], list[Item]] = {}  # key entity -> the events folded into it
@@ -532,8 +552,6 @@ class FeaturesWorker(StreamWorker):
             # Last: how far this batch's effects go (the AOF keeps a prefix of the writes).
             applied = {i.tp: i.offset + 1 for i in items}
             pipe.hset(self.applied_key, mapping={f"{t}/{p}": o for (t, p), o in applied.items()})
-            if fs.keys:
-                self.queue_clock(pipe, {tp for tp in applied if tp[0] == self.topics.events_valid})
             replies = self.store.execute(pipe, "write_batch")
             lost = [kv for kv, ok in zip(folds, replies[first_keyed:first_keyed + len(folds)]) if not ok]
             if lost:
@@ -560,7 +578,7 @@ class FeaturesWorker(StreamWorker):
             state = keyed[(key, value)]
             if state.get(guard, -1) >= item.offset:
                 continue  # folded before a crash, or by this worker's previous round
-            outcome = self.feature_set.apply_keyed(key, state, ev["fields"], ev["ts"])
+            outcome = self.feature_set.apply_keyed(key, state, ev["fields"], ev["ts"], ev["entity_id"])
             state[guard] = item.offset
             folds.setdefault((key, value), []).append(item)
             if count:
@@ -590,22 +608,47 @@ class FeaturesWorker(StreamWorker):
             self.counts["late_events"] += 1
             metrics.LATE_EVENTS.labels(key, HANDLING[outcome]).inc()
 
-    # -- staleness of key entities: how far behind the slowest partition still folding is ----
-    def queue_clock(self, pipe, tps: set[tuple[str, int]]) -> None:
-        """Per events.valid partition of this batch: the event time up to which its events are
-        folded (the first one still waiting, else the latest let go), or "inf" when nothing of it
-        is left to read."""
-        lagging = self.lagging() if self.consumer is not None else set()
-        clock = {}
-        for tp in tps:
+    # -- the partitions' clocks: how far each events.valid partition is folded, for every worker
+    def publish_clock(self, revoked: list[tuple[str, int]] = ()) -> None:
+        """Per events.valid partition of this worker: the event time its events are folded up to
+        (the first one still waiting, else the latest let go), "inf" when nothing of it is left to
+        read, "-inf" when nothing of it was read yet; a partition handed on is "-inf" until its
+        next owner says. Written every CLOCK_S, also while events wait: the earliest waiting
+        event of all workers is always free to go."""
+        now = time.monotonic()
+        if not revoked and now - self._clock_written_at < CLOCK_S:
+            return
+        self._clock_written_at = now
+        lagging = self.lagging() if self.consumer is not None and not revoked else set()
+        clock = {str(p): "-inf" for t, p in revoked if t == self.topics.events_valid}
+        for tp in self._positions:
+            if tp[0] != self.topics.events_valid or revoked:
+                continue
             ts = self.buffer.event_time_at_commit(tp)
-            done = tp not in lagging and not self.buffer.queues.get(tp)
-            clock[str(tp[1])] = "inf" if done or ts is None else repr(ts)
+            if not self.buffer.queues.get(tp) and tp not in lagging:
+                clock[str(tp[1])] = "inf"
+            else:
+                clock[str(tp[1])] = "-inf" if ts is None else repr(ts)
         if clock:
-            pipe.hset(self.clock_key, mapping=clock)
+            try:
+                self.redis.hset(self.clock_key, mapping=clock)
+            except redis.RedisError:  # the next tick says it again
+                log.warning("could not write the partitions' clocks", exc_info=True)
 
-    def read_clock(self) -> dict[int, float]:
-        return {int(p): float(ts) for p, ts in self.redis.hgetall(self.clock_key).items()}
+    def partitions(self) -> set[int]:
+        """The partitions of events.valid (asked once)."""
+        if not self._partitions and self.consumer is not None:
+            try:
+                meta = self.consumer.list_topics(self.topics.events_valid, timeout=5)
+                self._partitions = set(meta.topics[self.topics.events_valid].partitions)
+            except (KafkaException, KeyError):
+                log.warning("could not read the partitions of %s", self.topics.events_valid, exc_info=True)
+        return self._partitions
+
+    def refresh_clock(self) -> None:
+        if time.monotonic() - self._clock_read_at >= CLOCK_S:
+            self._clock = {int(p): float(ts) for p, ts in self.redis.hgetall(self.clock_key).items()}
+            self._clock_read_at = time.monotonic()
 
     def observe_staleness(self, ts: float) -> None:
         """Events older than the slowest partition's clock are all folded; younger ones may not be."""

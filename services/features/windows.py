@@ -43,6 +43,7 @@ import re
 from array import array
 from bisect import bisect_left, bisect_right, insort
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 
 TAIL = 32  # newest events kept exactly, per series
 SKETCH = 64  # hashes kept per tile for `distinct`
@@ -51,6 +52,9 @@ HASH_BITS = 52  # a hash fits a double exactly
 FORMAT = 1.0
 
 IN_ORDER, LATE, DROPPED = 0, 1, 2  # what `fold` did with an event
+# What a summary must compute (the aggregates of a series ask for only what they need).
+SUMS, SQUARES, EXTREMES, LAST = 1, 2, 4, 8
+EVERYTHING = SUMS | SQUARES | EXTREMES | LAST
 
 _WINDOW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -82,6 +86,7 @@ def key_text(value: float | str) -> str:
     return repr(value)
 
 
+@lru_cache(maxsize=65_536)  # the same merchants and cards come again and again
 def value_hash(value: float | str) -> float:
     """A stable 52-bit hash of a value (the same in every process), as an exact double."""
     digest = hashlib.blake2b(key_text(value).encode(), digest_size=8).digest()
@@ -99,21 +104,26 @@ class SeriesSpec:
     distinct: bool = False
     lateness_s: float = 300.0
 
-    @property
+    @cached_property
     def id(self) -> str:
         """Its field name in the entity's hash: the spec in short, so a changed definition starts afresh."""
         return f"w:{self.field or ''}:{self.window_s:g}:{self.tiles}:{'d' if self.distinct else 'n'}"
 
-    @property
+    @cached_property
     def width(self) -> float:
         return self.window_s / self.tiles
 
-    @property
+    @cached_property
     def lateness(self) -> float:
         """How far behind its key's newest event an event may be and still be placed (at most a window)."""
         return min(self.lateness_s, self.window_s)
 
-    @property
+    @cached_property
+    def reach(self) -> float:
+        """How far back from its newest event a series keeps anything: the window and the lateness."""
+        return self.window_s + self.lateness
+
+    @cached_property
     def retained_tiles(self) -> int:
         """At most this many tiles: the window's, and those a late event may still need."""
         return self.tiles + math.ceil(self.lateness / self.width) + 1
@@ -227,60 +237,68 @@ class Series:
     def _prune(self) -> None:
         """Forget what no event within the lateness can need (bounded memory)."""
         spec = self.spec
-        oldest = math.floor((self.newest - spec.lateness - spec.window_s) / spec.width)
-        idx = self.tile["idx"]
-        if idx and idx[0] < oldest:
-            cut = bisect_left(idx, oldest)
+        cutoff = self.newest - spec.reach
+        idx, ts = self.tile["idx"], self.ts
+        if idx and (idx[0] + 1) * spec.width <= cutoff:
+            cut = bisect_left(idx, math.floor(cutoff / spec.width))
             for column in self.tile.values():
                 del column[:cut]
-        if self.ts and self.ts[0] < oldest * self.spec.width:
-            cut = bisect_left(self.ts, oldest * self.spec.width)
-            del self.ts[:cut], self.xs[:cut]
+        if ts and ts[0] < cutoff:
+            cut = bisect_left(ts, cutoff)
+            del ts[:cut], self.xs[:cut]
 
     # -- reading -------------------------------------------------------------------------------
-    def summary(self, t: float) -> Summary:
+    def summary(self, t: float, needs: int = EVERYTHING) -> Summary:
         """The events within (t - window, t], from the tail exactly and from the tiles that lie
-        wholly inside (see the module's error bound)."""
+        wholly inside (see the module's error bound). `needs` (SUMS | SQUARES | EXTREMES | LAST)
+        says what to compute beyond the count."""
         spec = self.spec
         start = t - spec.window_s
         a, b = bisect_right(self.ts, start), bisect_right(self.ts, t)
         out = Summary(shift=self.shift or 0.0)
-        tiles = self._tiles_within(start, t)
+        tiles = self._tiles_within(start, t) if self.tile["idx"] else None
         if spec.distinct:
             return self._distinct(out, a, b, tiles)
-        if b > a:
+        out.n = b - a
+        if b > a and needs:
             xs = self.xs[a:b]
-            shift = out.shift
-            ds = [x - shift for x in xs] if shift else xs
-            out.n = b - a
-            out.shifted_sum = sum(ds)
-            out.shifted_squares = sum([d * d for d in ds])
-            out.low, out.high, out.last = min(xs), max(xs), xs[-1]
+            if needs & (SUMS | SQUARES):
+                shift = out.shift
+                ds = [x - shift for x in xs] if shift else xs
+                out.shifted_sum = sum(ds)
+                if needs & SQUARES:
+                    out.shifted_squares = sum([d * d for d in ds])
+            if needs & EXTREMES:
+                out.low, out.high = min(xs), max(xs)
+            out.last = xs[-1]
         if tiles is not None:
-            t_ = self.tile
-            i, j, edges = tiles
-            ranges = [(i, j)] + [(e, e + 1) for e in edges]
-            for lo, hi in ranges:
-                if lo >= hi:
-                    continue
-                out.n += int(sum(t_["n"][lo:hi]))
+            self._add_tiles(out, tiles, needs, last=b <= a)
+        return out
+
+    def _add_tiles(self, out: Summary, tiles: tuple[int, int, list[int]], needs: int, last: bool) -> None:
+        t_ = self.tile
+        i, j, edges = tiles
+        ranges = [(i, j)] + [(e, e + 1) for e in edges]
+        for lo, hi in ranges:
+            if lo >= hi:
+                continue
+            out.n += int(sum(t_["n"][lo:hi]))
+            if needs & (SUMS | SQUARES):
                 out.shifted_sum += sum(t_["sum"][lo:hi])
                 out.shifted_squares += sum(t_["squares"][lo:hi])
+            if needs & EXTREMES:
                 low, high = min(t_["min"][lo:hi]), max(t_["max"][lo:hi])
                 out.low = low if out.low is None else min(out.low, low)
                 out.high = high if out.high is None else max(out.high, high)
-            if b <= a:  # no tail event in the window: the newest included tile has the last value
-                newest = max((k for lo, hi in ranges for k in range(lo, hi)), key=lambda k: t_["hi"][k], default=None)
-                if newest is not None:
-                    out.last = t_["last"][newest]
-        return out
+        if last:  # no tail event in the window: the newest included tile has the last value
+            newest = max((k for lo, hi in ranges for k in range(lo, hi)), key=lambda k: t_["hi"][k], default=None)
+            if newest is not None:
+                out.last = t_["last"][newest]
 
-    def _tiles_within(self, start: float, t: float) -> tuple[int, int, list[int]] | None:
+    def _tiles_within(self, start: float, t: float) -> tuple[int, int, list[int]]:
         """Tiles wholly within (start, t]: a slice [i, j) of tiles strictly inside by their
         index, and the (at most two) edge tiles whose oldest and newest times say they are inside."""
         idx = self.tile["idx"]
-        if not idx:
-            return None
         width = self.spec.width
         first, last = math.floor(start / width), math.floor(t / width)
         i, j = bisect_right(idx, first), bisect_left(idx, last)
