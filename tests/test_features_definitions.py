@@ -168,3 +168,105 @@ def test_state_survives_the_redis_hash_encoding_exactly():
     stored = {k.encode(): v.encode() for k, v in encode_state(state).items()}  # as HGETALL returns it
     assert decode_state(stored) == state
     assert fs.vector(decode_state(stored), {"a": 2.0, "b": 1.0}, 9.0) == fs.vector(state, {"a": 2.0, "b": 1.0}, 9.0)
+
+
+# -- windowed aggregates ---------------------------------------------------------------------
+PAYMENTS = [
+    {"key": "card", "fn": "count", "window": "10m", "name": "card_count_10m"},
+    {"fn": "sum", "field": "amount", "window": "1h", "name": "entity_amount_1h"},
+    {"key": "merchant", "fn": "mean", "field": "amount", "window": "1h", "name": "merchant_mean_1h"},
+    {"key": "merchant", "fn": "distinct", "field": "card", "window": "1h", "name": "merchant_cards_1h"},
+]
+
+
+def test_aggregates_read_the_state_before_the_event_and_fold_after_it():
+    fs = FeatureSet(FeatureSpec(name="t", fields=False, aggregate=PAYMENTS))
+    entity, cards, merchants = {}, {}, {}
+    stream = [(0.0, "c1", "m1", 10.0), (60.0, "c1", "m1", 20.0), (120.0, "c2", "m1", 30.0), (700.0, "c1", "m2", 5.0)]
+    seen = []
+    for ts, card, merchant, amount in stream:
+        fields = {"card": card, "merchant": merchant, "amount": amount}
+        card_state, merchant_state = cards.setdefault(card, {}), merchants.setdefault(merchant, {})
+        seen.append(fs.vector(entity, fields, ts, keyed={"card": card_state, "merchant": merchant_state}))
+        fs.apply_event(entity, fields, ts)
+        fs.apply_keyed("card", card_state, fields, ts)
+        fs.apply_keyed("merchant", merchant_state, fields, ts)
+    assert seen == [
+        {"card_count_10m": 0.0, "entity_amount_1h": 0.0, "merchant_cards_1h": 0.0},
+        {"card_count_10m": 1.0, "entity_amount_1h": 10.0, "merchant_mean_1h": 10.0, "merchant_cards_1h": 1.0},
+        {"card_count_10m": 0.0, "entity_amount_1h": 30.0, "merchant_mean_1h": 15.0, "merchant_cards_1h": 1.0},
+        # 700 s: c1's events at 0 and 60 left its 10-minute window; m2 is new
+        {"card_count_10m": 0.0, "entity_amount_1h": 60.0, "merchant_cards_1h": 0.0},
+    ]
+
+
+def test_key_fields_are_identifiers_not_features():
+    fs = FeatureSet(FeatureSpec(name="t", delta=["*"], ewm_alphas=[0.5], ewm_fields=["*"], ewm_outputs=["mean"],
+                                aggregate=[{"key": "merchant", "fn": "count", "window": "1h", "name": "m_n"}]))
+    x = fs.vector({}, {"merchant": 17.0, "amount": 3.0}, 0.0, keyed={"merchant": {}})
+    assert x == {"amount": 3.0, "amount_delta": 0.0, "amount_ewm0.5": 3.0, "m_n": 0.0}
+    state: dict = {}
+    fs.apply_event(state, {"merchant": 17.0, "amount": 3.0}, 0.0)
+    assert "prev:merchant" not in state and fs.key_values({"merchant": 17.0}) == {"merchant": "17"}
+
+
+def test_an_event_without_the_key_field_has_none_of_its_aggregates_and_folds_nothing_there():
+    fs = FeatureSet(FeatureSpec(name="t", fields=False, aggregate=PAYMENTS[2:3]))
+    assert fs.vector({}, {"amount": 3.0}, 0.0) == {}
+    assert fs.key_values({"amount": 3.0}) == {}
+
+
+def test_text_in_a_numeric_aggregates_field_is_left_out_of_it():
+    fs = FeatureSet(FeatureSpec(name="t", fields=False, aggregate=[
+        {"fn": "max", "field": "amount", "window": "1h", "name": "max_1h"},
+        {"fn": "count", "window": "1h", "name": "n_1h"}]))
+    state: dict = {}
+    for ts, amount in ((0.0, 4.0), (1.0, "n/a"), (2.0, 2.0)):
+        fs.apply_event(state, {"amount": amount}, ts)
+    assert fs.vector(state, {}, 3.0) == {"max_1h": 4.0, "n_1h": 3.0}
+
+
+def test_window_state_survives_the_redis_hash_encoding_exactly():
+    fs = FeatureSet(FeatureSpec(name="t", count=True, aggregate=PAYMENTS[1:2] + [
+        {"fn": "std", "field": "amount", "window": "30s", "name": "amount_std_30s", "tiles": 3}]))
+    state: dict = {}
+    for i in range(100):
+        fs.apply_event(state, {"amount": float(i % 13)}, i * 0.7)
+    encoded = encode_state(state)
+    stored = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in encoded.items()}
+    assert fs.vector(decode_state(stored), {"amount": 1.0}, 71.0) == fs.vector(state, {"amount": 1.0}, 71.0)
+
+
+def test_a_feature_file_holds_aggregates_beside_or_without_the_features_table(tmp_path):
+    with_table = tmp_path / "a.toml"
+    with_table.write_text('[features]\ncount = true\n\n[[aggregate]]\nkey = "merchant"\nfn = "count"\n'
+                          'window = "10m"\nname = "merchant_count_10m"\n')
+    bare = tmp_path / "b.yaml"
+    bare.write_text("aggregate:\n  - {fn: max, field: amount, window: 1h, name: amount_max_1h, tiles: 12}\n")
+    a, b = load_feature_set(str(with_table)), load_feature_set(str(bare))
+    assert a.spec.count and a.keys == ("merchant",) and a.stateful
+    assert b.keys == () and b.stateful and b.aggregates[0].tiles == 12
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"fn": "median", "field": "x", "window": "1h", "name": "a"}, "fn 'median'"),
+    ({"fn": "sum", "window": "1h", "name": "a"}, "sum needs a field"),
+    ({"fn": "count", "field": "x", "window": "1h", "name": "a"}, "count takes no field"),
+    ({"fn": "count", "window": "an hour", "name": "a"}, "window"),
+    ({"fn": "count", "window": "1h"}, "missing"),
+    ({"fn": "count", "window": "1h", "name": "a", "step": "1m"}, "unknown keys"),
+    ({"fn": "count", "window": "1h", "name": "a", "tiles": 0}, "tiles"),
+    ({"key": "card", "fn": "distinct", "field": "card", "window": "1h", "name": "a"}, "itself"),
+])
+def test_a_bad_aggregate_is_refused_with_what_is_wrong(tmp_path, entry, message):
+    path = tmp_path / "f.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump({"aggregate": [entry]}))
+    with pytest.raises(ValueError, match=message):
+        load_feature_set(str(path))
+
+
+def test_two_aggregates_may_not_share_a_name():
+    with pytest.raises(ValueError, match="unique"):
+        FeatureSet(FeatureSpec(aggregate=[PAYMENTS[0], {**PAYMENTS[1], "name": "card_count_10m"}]))

@@ -8,6 +8,7 @@ entity state it is given: the state *before* the event (point-in-time correct, n
     >>> state = {}
     >>> x = fs.vector(state, {"price": 1.0}, ts=0.0)     # from the state before the event
     >>> fs.apply_event(state, {"price": 1.0}, ts=0.0)     # then the event updates the state
+    0
 
 Text values are categories (`{"country": "KR"}`): they pass into the vector as they are, for a
 model that handles them (`preprocessing.OneHotEncoder()`, a tree, naive Bayes), and the per-field
@@ -18,6 +19,19 @@ statistics (delta, moving averages) cover the numeric fields only.
 
 Definitions are data: `default`, `raw` (the event's fields alone) or a TOML/YAML file with the keys
 of `FeatureSpec`. The entity state is a flat dict of floats and strings, stored as a Redis hash.
+
+Windowed aggregates (`[[aggregate]]` in the file, `Aggregate` here) read and fold `windows.Series`
+kept in the state of their key's entity: the event's own entity (`key = "entity_id"`), or the
+entity another field names (a merchant, a device), whose state the caller passes in `keyed`.
+A key field is an identifier, not a feature: it is left out of the vector.
+
+    >>> fs = FeatureSet(FeatureSpec(name="t", aggregate=[
+    ...     {"key": "merchant", "fn": "count", "window": "10m", "name": "merchant_count_10m"}]))
+    >>> merchant = {}
+    >>> fs.apply_keyed("merchant", merchant, {"merchant": "m1", "amount": 9.0}, ts=0.0)
+    0
+    >>> fs.vector({}, {"merchant": "m1", "amount": 5.0}, ts=60.0, keyed={"merchant": merchant})
+    {'amount': 5.0, 'merchant_count_10m': 1.0}
 """
 
 from __future__ import annotations
@@ -32,7 +46,16 @@ from typing import Any
 
 import yaml
 
+from .windows import (
+    DEFAULT_TILES, EXTREMES, IN_ORDER, LAST, SQUARES, SUMS, Series, SeriesSpec, Summary, key_text, parse_window,
+    value_hash,
+)
+
 State = dict[str, Any]
+ENTITY_KEY = "entity_id"
+AGGREGATE_FNS = ("count", "sum", "mean", "min", "max", "std", "last", "distinct")
+NEEDS = {"count": 0, "distinct": 0, "sum": SUMS, "mean": SUMS, "std": SUMS | SQUARES, "min": EXTREMES,
+         "max": EXTREMES, "last": LAST}  # what each asks a window's summary for
 
 
 @dataclass(frozen=True)
@@ -48,6 +71,8 @@ class FeatureSpec:
     ewm_fields: list[str] = field(default_factory=list)
     ewm_outputs: list[str] = field(default_factory=lambda: ["mean", "dev", "z"])  # of mean, std, dev, z
     last_label: bool = False  # the entity's last known label (numeric, or one-hot per class)
+    aggregate: list[dict] = field(default_factory=list)  # windowed aggregates (`Aggregate`'s keys)
+    lateness: str = "5m"  # how late (behind its key's newest event) an event may come and still be placed
 
 
 PRESETS: dict[str, FeatureSpec] = {
@@ -65,9 +90,116 @@ PRESETS: dict[str, FeatureSpec] = {
 }
 
 
-def _pick(names: list[str], fields: dict[str, float | str]) -> list[str]:
-    """The numeric fields named (text values are categories: no delta or moving average of them)."""
-    numeric = [n for n, v in fields.items() if not isinstance(v, str)]
+@dataclass(frozen=True)
+class Aggregate:
+    """One `[[aggregate]]` entry: `fn` of `field` over the events of the entity `key` names within
+    the last `window`, before the current event. `tiles` (optional) sets the error bound: a
+    busy key's value may miss the events of one tile, `window / tiles`, at the old edge."""
+
+    fn: str
+    window: str
+    name: str
+    key: str = ENTITY_KEY
+    field: str | None = None
+    tiles: int = DEFAULT_TILES
+
+    def __post_init__(self) -> None:
+        where = f"aggregate {self.name!r}"
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError("every aggregate needs a name (its name in the vector)")
+        if self.fn not in AGGREGATE_FNS:
+            raise ValueError(f"{where}: fn {self.fn!r} is not one of {', '.join(AGGREGATE_FNS)}")
+        if not isinstance(self.key, str) or not self.key:
+            raise ValueError(f"{where}: key must name an event field (or entity_id)")
+        if self.fn == "count" and self.field is not None:
+            raise ValueError(f"{where}: count takes no field (it counts the key's events)")
+        if self.fn != "count" and not (isinstance(self.field, str) and self.field):
+            raise ValueError(f"{where}: {self.fn} needs a field")
+        if self.field is not None and self.field == self.key:
+            raise ValueError(f"{where}: the key field {self.key!r} cannot be aggregated over itself")
+        if self.field == ENTITY_KEY and self.fn != "distinct":
+            raise ValueError(f"{where}: entity_id (the event's own entity) can only be counted as distinct")
+        if not isinstance(self.tiles, int) or not 1 <= self.tiles <= 240:
+            raise ValueError(f"{where}: tiles must be a whole number from 1 to 240")
+        parse_window(self.window)
+
+    def series(self, lateness_s: float) -> SeriesSpec:
+        return SeriesSpec(field=self.field, window_s=parse_window(self.window), tiles=self.tiles,
+                          distinct=self.fn == "distinct", lateness_s=lateness_s)
+
+
+def _aggregates(spec: FeatureSpec) -> list[Aggregate]:
+    out = []
+    for entry in spec.aggregate:
+        if not isinstance(entry, dict):
+            raise ValueError(f"an [[aggregate]] entry is a table of keys, got {entry!r}")
+        unknown = set(entry) - set(Aggregate.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"aggregate {entry.get('name')!r}: unknown keys {sorted(unknown)}")
+        missing = {"fn", "window", "name"} - set(entry)
+        if missing:
+            raise ValueError(f"aggregate {entry.get('name')!r}: missing {sorted(missing)}")
+        out.append(Aggregate(**entry))
+    names = [a.name for a in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"aggregate names must be unique: {twice}")
+    return out
+
+
+@dataclass(frozen=True)
+class _KeyWindows:
+    """The series of one key and, per series, what its summary must hold and the aggregates read
+    from it: (fn, name)."""
+
+    key: str
+    series: tuple[tuple[SeriesSpec, int, tuple[tuple[str, str], ...]], ...]
+
+    @property
+    def longest_s(self) -> float:
+        return max(spec.reach for spec, _, _ in self.series)
+
+
+def _compile_windows(aggregates: list[Aggregate], lateness_s: float) -> dict[str, _KeyWindows]:
+    by_key: dict[str, dict[SeriesSpec, list[tuple[str, str]]]] = {}
+    for a in aggregates:
+        by_key.setdefault(a.key, {}).setdefault(a.series(lateness_s), []).append((a.fn, a.name))
+    out = {}
+    for key, series in by_key.items():
+        entries = []
+        for spec, aggs in series.items():
+            needs = 0
+            for fn, _name in aggs:
+                needs |= NEEDS[fn]
+            entries.append((spec, needs, tuple(aggs)))
+        out[key] = _KeyWindows(key, tuple(entries))
+    return out
+
+
+def _value(fn: str, s: Summary) -> float | None:
+    """One aggregate of a window's summary; None (left out of the vector) where an empty window
+    has no value: a mean, std, min, max or last of nothing."""
+    if fn == "count":
+        return float(s.n)
+    if fn == "sum":
+        return s.total if s.n else 0.0
+    if fn == "distinct":
+        return s.distinct
+    if fn == "mean":
+        return s.mean
+    if fn == "std":
+        return s.std
+    if fn == "min":
+        return s.low
+    if fn == "max":
+        return s.high
+    return s.last
+
+
+def _pick(names: list[str], fields: dict[str, float | str], skip: frozenset = frozenset()) -> list[str]:
+    """The numeric fields named (text values are categories: no delta or moving average of them;
+    key fields are identifiers: none either)."""
+    numeric = [n for n, v in fields.items() if not isinstance(v, str) and n not in skip]
     return sorted(numeric) if names == ["*"] else [n for n in names if n in numeric]
 
 
@@ -90,20 +222,41 @@ class FeatureSet:
         digest = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:8]
         self.name = f"{spec.name}@{digest}"
         self._plans: dict[tuple[str, ...], _Plan] = {}
+        self.aggregates = _aggregates(spec)
+        self.windows = _compile_windows(self.aggregates, parse_window(spec.lateness))
+        self._own = self.windows.get(ENTITY_KEY)  # aggregates over the event's own entity
+        self.keys: tuple[str, ...] = tuple(k for k in self.windows if k != ENTITY_KEY)  # other entities
+        self._key_fields = frozenset(self.keys)
 
     @property
     def stateful(self) -> bool:
         s = self.spec
-        return bool(s.count or s.since_last or s.delta or s.ewm_alphas or s.last_label)
+        return bool(s.count or s.since_last or s.delta or s.ewm_alphas or s.last_label or self._own)
+
+    def key_values(self, fields: dict[str, float | str]) -> dict[str, str]:
+        """The entities an event names besides its own: key field -> key text (absent when the
+        event does not carry that field).
+
+            >>> fs = FeatureSet(FeatureSpec(aggregate=[{"key": "merchant", "fn": "count", "window": "1h", "name": "n"}]))
+            >>> fs.key_values({"merchant": 17.0, "amount": 3.0}), fs.key_values({"amount": 3.0})
+            ({'merchant': '17'}, {})
+        """
+        return {k: key_text(fields[k]) for k in self.keys if k in fields}
+
+    def key_ttl_s(self, key: str, entity_ttl_s: int) -> int:
+        """How long an idle key entity's state is kept: nothing in it outlives its longest window
+        (and lateness), so twice that and an hour, or `entity_ttl_s` when that is shorter (0: no bound)."""
+        needed = int(2 * self.windows[key].longest_s + 3600)
+        return min(needed, entity_ttl_s) if entity_ttl_s > 0 else needed
 
     def _plan(self, fields: dict[str, float | str]) -> _Plan:
         # A field may be a number in one event and text in another: the plan depends on both.
         names = tuple(k if v.__class__ is not str else k + "\x00" for k, v in fields.items())
         plan = self._plans.get(names)
         if plan is None:
-            s, outs = self.spec, self.spec.ewm_outputs
+            s, outs, keys = self.spec, self.spec.ewm_outputs, self._key_fields
             plan = _Plan(
-                deltas=[(f, f"prev:{f}", f"{f}_delta") for f in _pick(s.delta, fields)],
+                deltas=[(f, f"prev:{f}", f"{f}_delta") for f in _pick(s.delta, fields, keys)],
                 ewms=[
                     (alpha, f, f"ewm:{alpha}:{f}", f"ewv:{alpha}:{f}", (
                         f"{f}_ewm{alpha}" if "mean" in outs else None,
@@ -111,7 +264,7 @@ class FeatureSet:
                         f"{f}_dev{alpha}" if "dev" in outs else None,
                         f"{f}_z{alpha}" if "z" in outs else None,
                     ))
-                    for alpha in s.ewm_alphas for f in _pick(s.ewm_fields, fields)
+                    for alpha in s.ewm_alphas for f in _pick(s.ewm_fields, fields, keys)
                 ],
             )
             if len(self._plans) >= self._MAX_PLANS:  # events with ever-new field names
@@ -141,11 +294,17 @@ class FeatureSet:
                     names.add(parts[2])
         return names
 
-    def vector(self, state: State, fields: dict[str, float], ts: float) -> dict[str, float]:
-        """The features of an event, from the entity's state before it."""
+    def vector(self, state: State, fields: dict[str, float], ts: float,
+               keyed: dict[str, State] | None = None) -> dict[str, float]:
+        """The features of an event, from the entity's state before it (and, for aggregates keyed
+        by another field, from `keyed`: key field -> that entity's state before it)."""
         s = self.spec
         plan = self._plan(fields)
-        x: dict[str, float] = dict(fields) if s.fields else {}
+        if s.fields:
+            x: dict[str, float] = ({k: v for k, v in fields.items() if k not in self._key_fields}
+                                   if self._key_fields else dict(fields))
+        else:
+            x = {}
         if s.count:
             x["_count"] = math.log1p(float(state.get("n", 0)))
         if s.since_last:
@@ -170,6 +329,11 @@ class FeatureSet:
                 x[z_name] = dev / std if std > 1e-9 else 0.0
         if s.last_label:
             x.update(self._label_features(state.get("label")))
+        if self._own is not None:
+            _read_windows(self._own, state, ts, x)
+        for key in self.keys:
+            if key in fields:  # an event that names no such entity has none of its aggregates
+                _read_windows(self.windows[key], (keyed or {}).get(key) or {}, ts, x)
         return x
 
     @staticmethod
@@ -184,8 +348,17 @@ class FeatureSet:
             pass
         return {"_last_label_known": 1.0, f"_last_label={label}": 1.0}
 
-    def apply_event(self, state: State, fields: dict[str, float], ts: float) -> None:
-        """Fold an event into its entity's state (after its vector was taken)."""
+    def apply_keyed(self, key: str, state: State, fields: dict[str, float | str], ts: float,
+                    entity_id: str | None = None) -> int:
+        """Fold an event into the state of the entity its field `key` names (after its vector was
+        taken); `entity_id` is the event's own (for `distinct` of `entity_id`: the cards a
+        merchant saw). Returns `windows.IN_ORDER`, `LATE` or `DROPPED` (see windows.py)."""
+        return _fold_windows(self.windows[key], state, fields, ts, entity_id)
+
+    def apply_event(self, state: State, fields: dict[str, float], ts: float) -> int:
+        """Fold an event into its entity's state (after its vector was taken). Returns what its
+        own windowed aggregates made of it (`windows.IN_ORDER` without any)."""
+        outcome = _fold_windows(self._own, state, fields, ts) if self._own is not None else IN_ORDER
         plan = self._plan(fields)
         state["n"] = int(state.get("n", 0)) + 1
         state["ts"] = ts
@@ -205,6 +378,7 @@ class FeatureSet:
             incr = alpha * diff
             state[mean_key] = mean + incr
             state[var_key] = (1 - alpha) * (var + diff * incr)
+        return outcome
 
     def apply_label(self, state: State, label: str, event_ts: float) -> bool:
         """Record a label as the entity's last known one, unless a label of a later event is
@@ -219,8 +393,54 @@ class FeatureSet:
         return True
 
 
+def _series(state: State, spec: SeriesSpec) -> Series | None:
+    """The series a state holds for `spec`, decoded once (Redis gives its bytes) and kept in the
+    state as an object until the state is written back."""
+    held = state.get(spec.id)
+    if held is None or isinstance(held, Series):
+        return held
+    series = Series.decode(spec, held)
+    state[spec.id] = series
+    return series
+
+
+_EMPTY = Summary()
+
+
+def _read_windows(windows: _KeyWindows, state: State, ts: float, x: dict) -> None:
+    for spec, needs, aggregates in windows.series:
+        series = _series(state, spec)
+        summary = series.summary(ts, needs) if series is not None else _EMPTY
+        for fn, name in aggregates:
+            value = _value(fn, summary)
+            if value is not None:
+                x[name] = value
+
+
+def _fold_windows(windows: _KeyWindows, state: State, fields: dict[str, float | str], ts: float,
+                  entity_id: str | None = None) -> int:
+    outcome = IN_ORDER
+    for spec, _needs, _aggregates in windows.series:
+        if spec.field is None:
+            value = 0.0  # count: every event of the key
+        else:
+            value = entity_id if spec.field == ENTITY_KEY else fields.get(spec.field)
+            if value is None:
+                continue
+            if spec.distinct:
+                value = value_hash(value)
+            elif isinstance(value, str):  # text in a numeric aggregate's field: it has no number to add
+                continue
+        series = _series(state, spec)
+        if series is None:
+            series = state[spec.id] = Series.new(spec)
+        outcome = max(outcome, series.fold(ts, value))
+    return outcome
+
+
 def load_feature_set(spec: str = "default") -> FeatureSet:
-    """`default`, `raw`, or the path of a TOML/YAML file with FeatureSpec's keys."""
+    """`default`, `raw`, or the path of a TOML/YAML file with FeatureSpec's keys (at the top or
+    under `[features]`) and any number of `[[aggregate]]` entries."""
     if spec in PRESETS:
         return FeatureSet(PRESETS[spec])
     path = Path(spec)
@@ -228,9 +448,20 @@ def load_feature_set(spec: str = "default") -> FeatureSet:
         raise ValueError(f"feature set {spec!r}: not 'default', 'raw' or a readable file")
     text = path.read_text()
     data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-    data = data.get("features", data)
+    if not isinstance(data, dict):
+        raise ValueError(f"feature set {spec!r}: not a table of keys")
+    if "features" in data:  # FeatureSpec's keys under [features], aggregates beside it
+        outer = {k: v for k, v in data.items() if k != "features"}
+        data = {**data["features"]}
+        if "aggregate" in outer:
+            data["aggregate"] = [*data.get("aggregate", []), *outer.pop("aggregate")]
+        if outer:
+            raise ValueError(f"feature set {spec!r}: unknown keys {sorted(outer)} beside [features]")
     unknown = set(data) - set(FeatureSpec.__dataclass_fields__)
     if unknown:
         raise ValueError(f"feature set {spec!r}: unknown keys {sorted(unknown)}")
     data.setdefault("name", path.stem)
-    return FeatureSet(FeatureSpec(**data))
+    try:
+        return FeatureSet(FeatureSpec(**data))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"feature set {spec!r}: {exc}") from None

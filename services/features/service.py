@@ -32,6 +32,13 @@ distinct values, goes to events.dlq (`too_many_feature_names`, `too_many_entity_
 Idempotence: an event at an offset <= its entity's `_off` was applied before a crash; it is not
 applied again, its vector is re-published from its snapshot. Labels are idempotent by design.
 
+Aggregates keyed by another field (docs/features.md): an event also reads, then folds into, the
+state of each entity its key fields name (a merchant). Those events come from every partition and
+every replica, so such a state keeps one guard per events.valid partition (`_o:<p>`: an event at
+an offset <= it was folded before) and is written by compare-and-set (`FeatureStore.queue_keyed`):
+a worker that lost the race reads the state again and refolds its events, in its batch's order.
+Events of a worker's partitions are merged by event time first (`ReorderBuffer.align_events`).
+
 The feature set comes from `settings.features.set`: `default`, `raw` or a TOML/YAML file with the
 keys of `definitions.FeatureSpec` (each documented there, once; `example.toml` next to this file
 shows them all).
@@ -56,11 +63,15 @@ from ..shared.deadletter import dead_letter
 from ..shared.keys import Keys
 from ..shared.runtime import RestartLoop, StreamWorker, run_app, service_app
 from ..shared.settings import Settings
-from .definitions import FeatureSet, load_feature_set
-from .store import OFFSET_FIELD, PARTITION_FIELD, Categories, FeatureStore, FieldNames
+from .definitions import ENTITY_KEY, FeatureSet, load_feature_set
+from .store import GUARD_PREFIX, OFFSET_FIELD, PARTITION_FIELD, Categories, FeatureStore, FieldNames
+from .windows import DROPPED, IN_ORDER, LATE
 
 log = logging.getLogger(__name__)
 SERVICE = "features"
+KEYED_ATTEMPTS = 50  # compare-and-set rounds before the batch is given up (and read again from Kafka)
+HANDLING = {LATE: "placed", DROPPED: "dropped"}
+CLOCK_S = 0.05  # how often the partitions' clocks (features:clock) are written and read
 
 # Merge order at equal event time: labels first (a label with ts <= the event's ts is applied
 # before the event's vector), then events. Bad messages never wait (they only hold their offset).
@@ -104,6 +115,7 @@ class ReorderBuffer:
 
     wait_s: float
     cap: int = 20_000
+    align_events: bool = False  # events also wait for this worker's event partitions still reading behind them
     queues: dict[tuple[str, int], deque[Item]] = field(default_factory=dict)
     latest: dict[tuple[str, int], tuple[int, float]] = field(default_factory=dict)  # tp -> (kind, max ts seen)
     done: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset to commit
@@ -132,23 +144,35 @@ class ReorderBuffer:
         """How far in time every partition of a stream has got (-inf before it showed anything)."""
         return min((ts for k, ts in self.latest.values() if k == kind), default=-math.inf)
 
-    def pop_ready(self, now: float, lagging: frozenset | set = frozenset()) -> list[Item]:
-        """The items that may go now, in merged order."""
+    def pop_ready(self, now: float, lagging: frozenset | set = frozenset(), floor: float = math.inf,
+                  hold_s: float = 0.0) -> list[Item]:
+        """The items that may go now, in merged order. An event later than `floor` (how far the
+        other workers' partitions have got, plus the skew allowed) waits for them, at most `hold_s`."""
         heap = [(q[0].ts, q[0].kind, q[0].seq, tp) for tp, q in self.queues.items() if q]
         heapq.heapify(heap)
         marks = {LABEL: self.mark(EVENT), EVENT: self.mark(LABEL)}  # what each kind waits for
         behind = {LABEL: [], EVENT: []}  # per kind, the times of the other kind's lagging partitions
+        events_behind = math.inf  # the earliest time a lagging event partition has shown
         for tp in lagging:
             if tp in self.latest:
                 kind, ts = self.latest[tp]
                 behind[LABEL if kind == EVENT else EVENT].append(ts)
+                if kind == EVENT:
+                    events_behind = min(events_behind, ts)
+        if not self.align_events:
+            events_behind = math.inf
         out: list[Item] = []
         while heap:
             tp = heap[0][3]
             q = self.queues[tp]
             head = q[0]
-            if not (head.kind == BAD or head.ts <= marks[head.kind] or self.pending > self.cap
-                    or (now - head.received >= self.wait_s and all(ts >= head.ts for ts in behind[head.kind]))):
+            # With aggregates keyed by another field, an entity's events come from every partition:
+            # an event waits for the partitions of this worker that are still reading earlier times.
+            aligned = head.kind != EVENT or (head.ts <= events_behind and (
+                head.ts <= floor or now - head.received >= hold_s))
+            if not (head.kind == BAD or self.pending > self.cap
+                    or (aligned and (head.ts <= marks[head.kind] or (
+                        now - head.received >= self.wait_s and all(ts >= head.ts for ts in behind[head.kind]))))):
                 break  # everything after it in time waits too
             item = q.popleft()
             self.pending -= 1
@@ -209,7 +233,17 @@ class FeaturesWorker(StreamWorker):
         self.max_entity_fields = settings.features.max_entity_fields
         # A feature set without the last label has nothing to wait for: events go at once.
         wait_s = settings.features.max_reorder_wait_ms / 1000.0 if self.feature_set.spec.last_label else 0.0
-        self.buffer = ReorderBuffer(wait_s=wait_s, cap=max(20 * self.batch_size, 1000))
+        self.buffer = ReorderBuffer(wait_s=wait_s, cap=max(20 * self.batch_size, 1000),
+                                    align_events=bool(self.feature_set.keys))
+        self.clock_key = Keys(settings.namespace).features_clock()
+        self._clock: dict[int, float] = {}  # events.valid partition -> event time folded up to (all workers)
+        self._clock_read_at = self._clock_written_at = -math.inf
+        self._partitions: set[int] = set()
+        self.keyed_skew_s = settings.features.keyed_skew_ms / 1000.0
+        self.keyed_hold_s = settings.features.keyed_hold_ms / 1000.0
+        for key in ((ENTITY_KEY,) if ENTITY_KEY in self.feature_set.windows else ()) + self.feature_set.keys:
+            for handling in HANDLING.values():
+                metrics.LATE_EVENTS.labels(key, handling)
         self._positions: dict[tuple[str, int], int] = {}  # next offset to read, per partition
         self._highs: dict[tuple[str, int], int] = {}  # the broker's high watermark, as last known
         self._committed: dict[tuple[str, int], int] = {}
@@ -219,7 +253,7 @@ class FeaturesWorker(StreamWorker):
         # other stream instead of buffering one (librdkafka hands out a partition in big chunks).
         self.max_waiting_per_partition = self.batch_size
         self.counts = {"events": 0, "labels": 0, "redelivered": 0, "labels_unmatched": 0, "dead_letters": 0,
-                       "rebuilds": 0, "duplicates": 0}
+                       "rebuilds": 0, "duplicates": 0, "late_events": 0, "keyed_conflicts": 0}
         self.applied_key = Keys(settings.namespace).features_applied()
         self._applied_local: dict[tuple[str, int], int] = {}  # the applied offsets this worker wrote last
 
@@ -307,6 +341,8 @@ class FeaturesWorker(StreamWorker):
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.settle_on_revoke(consumer, partitions)  # commit what was handled while the partitions are ours
         tps = [(p.topic, p.partition) for p in partitions]
+        if self.feature_set.keys:
+            self.publish_clock(revoked=tps)  # the others wait for their next owner
         self.buffer.drop(tps)
         paused = [TopicPartition(*tp) for tp in tps if tp in self._paused]
         if paused:  # a pause outlives a rebalance in librdkafka; never hand one on
@@ -340,19 +376,33 @@ class FeaturesWorker(StreamWorker):
             for m in messages:
                 self.buffer.add(self.decode(m, now))
                 self._positions[(m.topic(), m.partition())] = m.offset() + 1
-        self.process(self.buffer.pop_ready(time.monotonic(), self.lagging()))
+        self.process(self.pop_ready())
         self.flow_control()
 
     def tick(self) -> None:
         """Between batches: let items go whose wait is over, then flush and commit them."""
         self.expect_assigned()
+        if self.feature_set.keys:
+            self.publish_clock()
         if self.buffer.pending:
-            items = self.buffer.pop_ready(time.monotonic(), self.lagging())
+            items = self.pop_ready()
             if items:
                 self.process(items)
                 if self.flush_until_stopped():  # a rebalance or an outage refusing the commit is not fatal
                     self.safe_commit()
             self.flow_control()
+
+    def pop_ready(self) -> list[Item]:
+        """What the merge lets go now. With key entities, events also wait (at most
+        features.keyed_hold_ms) for the other workers' partitions to get within
+        features.keyed_skew_ms of their time: that bounds how stale a key entity's aggregates are."""
+        floor = math.inf
+        if self.feature_set.keys:
+            self.refresh_clock()
+            mine = {p for t, p in self._positions if t == self.topics.events_valid}
+            others = self.partitions() - mine  # a partition no worker has said anything of yet: unknown
+            floor = min((self._clock.get(p, -math.inf) for p in others), default=math.inf) + self.keyed_skew_s
+        return self.buffer.pop_ready(time.monotonic(), self.lagging(), floor, self.keyed_hold_s)
 
     def lagging(self) -> set[tuple[str, int]]:
         """Partitions with unread data in the broker (librdkafka's cached high watermarks: no
@@ -406,10 +456,11 @@ class FeaturesWorker(StreamWorker):
                                 f"the model already has {self.names.limit} distinct field names "
                                 f"(features.max_feature_names); new: {sorted(refused & set(item.value['fields']))[:5]}")
         texts: dict[str, dict[str, None]] = {}
+        keys = self.feature_set.keys  # key fields name entities: identifiers, not categories of the model
         for item in items:
             if item.kind == EVENT:
                 for name, value in item.value["fields"].items():
-                    if isinstance(value, str):
+                    if isinstance(value, str) and name not in keys:
                         texts.setdefault(name, {})[value] = None
         refused_texts = self.categories.admit(texts) if texts else set()
         if refused_texts:
@@ -436,10 +487,13 @@ class FeaturesWorker(StreamWorker):
         wanted = [i.value["event_id"] for i in items if i.kind == LABEL and i.value["event_id"] not in in_batch]
         with _stage("read"):
             entity_ids = [e["entity_id"] for e in events] if fs.stateful else []
-            states, snapshots, folded = self.store.read_batch(entity_ids, wanted if fs.spec.last_label else (),
-                                                              folded_of=[e["event_id"] for e in events])
+            named = [kv for e in events for kv in fs.key_values(e["fields"]).items()] if fs.keys else []
+            read = self.store.read_batch(entity_ids, wanted if fs.spec.last_label else (),
+                                         folded_of=[e["event_id"] for e in events], keyed=named)
+            states, snapshots, folded, keyed = read.states, read.snapshots, read.folded, read.keyed
         with _stage("compute"):
             vectors, markers, dirty, redelivered = [], [], set(), []
+            folds: dict[tuple[str, str], list[Item]] = {}  # key entity -> the events folded into it
             labels: dict[str, tuple[str, float]] = {}  # entity -> its latest label in the batch
             for item in items:
                 if item.kind == EVENT:
@@ -451,8 +505,10 @@ class FeaturesWorker(StreamWorker):
                         metrics.DUPLICATES.labels(SERVICE, "events.valid").inc()
                         continue
                     state = states.get(ev["entity_id"], {})
+                    names = fs.key_values(ev["fields"]) if fs.keys else {}
                     if _applied(state, item):
                         redelivered.append(ev["event_id"])
+                        self.fold_keyed(item, names, keyed, folds)  # unless they were folded too
                         continue
                     new = fs.untracked(state, ev["fields"]) if fs.stateful else ()
                     if new and len(fs.tracked(state)) + len(new) > self.max_entity_fields:
@@ -461,12 +517,16 @@ class FeaturesWorker(StreamWorker):
                                     f"{self.max_entity_fields} distinct fields (features.max_entity_fields)")
                         in_batch.pop(ev["event_id"], None)  # its label must not reach the state either
                         continue
-                    vectors.append(self.vector_of(ev, fs.vector(state, ev["fields"], ev["ts"])))
+                    x = fs.vector(state, ev["fields"], ev["ts"], keyed={k: keyed[(k, v)] for k, v in names.items()})
+                    vectors.append(self.vector_of(ev, x))
                     markers.append(marker)
+                    if names:
+                        self.observe_staleness(ev["ts"])
                     if fs.stateful:
-                        fs.apply_event(state, ev["fields"], ev["ts"])
+                        self.count_late(ENTITY_KEY, fs.apply_event(state, ev["fields"], ev["ts"]))
                         state[OFFSET_FIELD], state[PARTITION_FIELD] = item.offset, item.partition
                         dirty.add(ev["entity_id"])
+                    self.fold_keyed(item, names, keyed, folds)
                 elif item.kind == LABEL and fs.spec.last_label:  # else labels change nothing here
                     where = self.locate(item.value["event_id"], in_batch, snapshots)
                     if where is None:
@@ -486,10 +546,16 @@ class FeaturesWorker(StreamWorker):
             self.store.queue_states(pipe, {e: states[e] for e in dirty})
             for entity_id, (label, event_ts) in labels.items():
                 self.store.queue_label(pipe, entity_id, label, event_ts)
+            first_keyed = len(pipe)
+            for key, value in folds:
+                self.store.queue_keyed(pipe, key, value, keyed[(key, value)])
             # Last: how far this batch's effects go (the AOF keeps a prefix of the writes).
             applied = {i.tp: i.offset + 1 for i in items}
             pipe.hset(self.applied_key, mapping={f"{t}/{p}": o for (t, p), o in applied.items()})
-            self.store.execute(pipe, "write_batch")
+            replies = self.store.execute(pipe, "write_batch")
+            lost = [kv for kv, ok in zip(folds, replies[first_keyed:first_keyed + len(folds)]) if not ok]
+            if lost:
+                self.refold(lost, folds)
             self._applied_local.update(applied)
         if redelivered:
             recovered = self.recover(redelivered)
@@ -502,6 +568,92 @@ class FeaturesWorker(StreamWorker):
                 if item.kind == BAD:
                     self.dead_letter(item)
         self.counts["events"] += len(events)
+
+    # -- key entities: folded by every worker, guarded per partition, written by compare-and-set
+    def fold_keyed(self, item: Item, names: dict[str, str], keyed: dict, folds: dict, count: bool = True) -> None:
+        """Fold an event into the key entities it names, unless its offset says it already was."""
+        ev = item.value
+        guard = f"{GUARD_PREFIX}{item.partition}"
+        for key, value in names.items():
+            state = keyed[(key, value)]
+            if state.get(guard, -1) >= item.offset:
+                continue  # folded before a crash, or by this worker's previous round
+            outcome = self.feature_set.apply_keyed(key, state, ev["fields"], ev["ts"], ev["entity_id"])
+            state[guard] = item.offset
+            folds.setdefault((key, value), []).append(item)
+            if count:
+                self.count_late(key, outcome)
+
+    def refold(self, lost: list[tuple[str, str]], folds: dict[tuple[str, str], list[Item]]) -> None:
+        """Another worker wrote these key entities between our read and our write: read them
+        again, fold this batch's events in again (the guards skip what is in already), retry."""
+        for attempt in range(KEYED_ATTEMPTS):
+            self.counts["keyed_conflicts"] += len(lost)
+            metrics.KEYED_CONFLICTS.inc(len(lost))
+            fresh = self.store.read_keyed(lost)
+            pipe = self.redis.pipeline(transaction=False)
+            for key, value in lost:
+                for item in folds[(key, value)]:
+                    self.fold_keyed(item, {key: value}, fresh, {}, count=False)
+                self.store.queue_keyed(pipe, key, value, fresh[(key, value)])
+            replies = self.store.execute(pipe, "write_keyed")
+            lost = [kv for kv, ok in zip(lost, replies) if not ok]
+            if not lost:
+                return
+            time.sleep(0.001 * (attempt + 1))
+        raise RestartLoop(f"{len(lost)} key entities kept changing under this worker's writes; reading the batch again")
+
+    def count_late(self, key: str, outcome: int) -> None:
+        if outcome != IN_ORDER:
+            self.counts["late_events"] += 1
+            metrics.LATE_EVENTS.labels(key, HANDLING[outcome]).inc()
+
+    # -- the partitions' clocks: how far each events.valid partition is folded, for every worker
+    def publish_clock(self, revoked: list[tuple[str, int]] = ()) -> None:
+        """Per events.valid partition of this worker: the event time its events are folded up to
+        (the first one still waiting, else the latest let go), "inf" when nothing of it is left to
+        read, "-inf" when nothing of it was read yet; a partition handed on is "-inf" until its
+        next owner says. Written every CLOCK_S, also while events wait: the earliest waiting
+        event of all workers is always free to go."""
+        now = time.monotonic()
+        if not revoked and now - self._clock_written_at < CLOCK_S:
+            return
+        self._clock_written_at = now
+        lagging = self.lagging() if self.consumer is not None and not revoked else set()
+        clock = {str(p): "-inf" for t, p in revoked if t == self.topics.events_valid}
+        for tp in self._positions:
+            if tp[0] != self.topics.events_valid or revoked:
+                continue
+            ts = self.buffer.event_time_at_commit(tp)
+            if not self.buffer.queues.get(tp) and tp not in lagging:
+                clock[str(tp[1])] = "inf"
+            else:
+                clock[str(tp[1])] = "-inf" if ts is None else repr(ts)
+        if clock:
+            try:
+                self.redis.hset(self.clock_key, mapping=clock)
+            except redis.RedisError:  # the next tick says it again
+                log.warning("could not write the partitions' clocks", exc_info=True)
+
+    def partitions(self) -> set[int]:
+        """The partitions of events.valid (asked once)."""
+        if not self._partitions and self.consumer is not None:
+            try:
+                meta = self.consumer.list_topics(self.topics.events_valid, timeout=5)
+                self._partitions = set(meta.topics[self.topics.events_valid].partitions)
+            except (KafkaException, KeyError):
+                log.warning("could not read the partitions of %s", self.topics.events_valid, exc_info=True)
+        return self._partitions
+
+    def refresh_clock(self) -> None:
+        if time.monotonic() - self._clock_read_at >= CLOCK_S:
+            self._clock = {int(p): float(ts) for p, ts in self.redis.hgetall(self.clock_key).items()}
+            self._clock_read_at = time.monotonic()
+
+    def observe_staleness(self, ts: float) -> None:
+        """Events older than the slowest partition's clock are all folded; younger ones may not be."""
+        slowest = min(self._clock.values(), default=math.inf)
+        metrics.KEYED_STALENESS.observe(max(0.0, ts - slowest) if math.isfinite(slowest) else 0.0)
 
     def vector_of(self, ev: dict, features: dict[str, float]) -> dict:
         return {"event_id": ev["event_id"], "entity_id": ev["entity_id"], "ts": ev["ts"], "features": features,

@@ -20,8 +20,18 @@ Layout (keys from `Keys`, hash-tagged by entity or event, so a Redis Cluster wor
   scored with, fields `p.<role>` = the Avro Prediction each role made for it (written by the learner
   and the prediction service). `Snapshots` below is the only code that reads or writes this hash.
 
-Entity states expire after `features.entity_ttl_s` without a write; `FieldNames` bounds the
-distinct field names of a model (a Redis set per model).
+- `Keys.keyed_entity(key, value)` — hash, the state of an entity another field of the event
+  names (`merchant` = `m-17`): its windowed aggregates' series (`w:...`, binary, windows.py),
+  `_o:<partition>`, the events.valid offset of the last event folded in from each partition
+  (events of one merchant come from every partition), and `_v`, a version that every write
+  bumps. Several workers write the same merchant: `queue_keyed` writes only if `_v` is still the
+  one read (compare-and-set in one script, one key), else the worker reads again and refolds.
+
+Window series (`w:` fields) are binary in both hashes; everything else is text.
+
+Entity states expire after `features.entity_ttl_s` without a write, key entities after twice
+their longest window and an hour (or that TTL if shorter); `FieldNames` bounds the distinct field
+names of a model (a Redis set per model).
 
 Labels are folded in by a one-key Lua script that keeps the label of the latest event (by event
 time), so a label never overwrites a later one and a redelivered label changes nothing, even when
@@ -40,6 +50,7 @@ from ..shared import metrics
 from ..shared.codec import DecodeError, get_codec
 from ..shared.keys import Keys
 from .definitions import FeatureSet, State
+from .windows import Series
 
 log = logging.getLogger(__name__)
 SNAPSHOT_FIELD = "fv"
@@ -53,7 +64,21 @@ OFFSET_FIELD = "_off"
 PARTITION_FIELD = "_p"
 LABEL_FIELDS = ("label", "label_ts")  # written only by SET_LABEL_LUA
 STRING_FIELDS = frozenset({"label"})
-INT_FIELDS = frozenset({"n", OFFSET_FIELD, PARTITION_FIELD})
+VERSION_FIELD = "_v"  # a key entity's write count (compare-and-set)
+GUARD_PREFIX = "_o:"  # a key entity's last folded offset per events.valid partition
+INT_FIELDS = frozenset({"n", OFFSET_FIELD, PARTITION_FIELD, VERSION_FIELD})
+WINDOW_PREFIX = "w:"  # a window series, binary (windows.Series.to_bytes)
+
+# KEYS[1] a key entity's state; ARGV[1] the version read ('' = none), ARGV[2] the TTL (0 = none),
+# then field, value pairs. Writes only when no other worker wrote since the read, then bumps the
+# version: returns 1, or 0 for "read again".
+SET_KEYED_LUA = """
+local v = redis.call('HGET', KEYS[1], '_v')
+if (v or '') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], '_v', (tonumber(v) or 0) + 1, unpack(ARGV, 3))
+if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
 
 # KEYS[1] entity hash; ARGV: label, event ts (repr). Same rule as FeatureSet.apply_label:
 # a label of an earlier event than the known one is ignored; equal ts overwrites (idempotent).
@@ -144,8 +169,13 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
 
 
-def encode_value(value: Any) -> str:
-    """One state value as stored: numbers as their repr (exact round trip), strings as they are."""
+def encode_value(value: Any) -> str | bytes:
+    """One state value as stored: numbers as their repr (exact round trip), strings as they are,
+    window series as their bytes."""
+    if isinstance(value, Series):
+        return value.to_bytes()
+    if isinstance(value, bytes):
+        return value
     if isinstance(value, bool):
         return "1" if value else "0"
     if isinstance(value, (int, float)):
@@ -153,20 +183,25 @@ def encode_value(value: Any) -> str:
     return str(value)
 
 
-def encode_state(state: Mapping[str, Any], exclude: Iterable[str] = ()) -> dict[str, str]:
+def encode_state(state: Mapping[str, Any], exclude: Iterable[str] = ()) -> dict[str, str | bytes]:
     """The hash fields of a state (None values are left out: a missing field means unknown)."""
     skip = set(exclude)
     return {k: encode_value(v) for k, v in state.items() if v is not None and k not in skip}
 
 
 def decode_state(raw: Mapping[Any, Any]) -> State:
-    """A state from HGETALL (bytes or str): `label` stays a string, counters are ints, the rest floats."""
+    """A state from HGETALL (bytes or str): `label` stays a string, counters are ints, window
+    series stay bytes (decoded when a feature reads them), the rest floats."""
     state: State = {}
     for key, value in raw.items():
-        k, v = _text(key), _text(value)
+        k = _text(key)
+        if k.startswith(WINDOW_PREFIX):
+            state[k] = value
+            continue
+        v = _text(value)
         if k in STRING_FIELDS:
             state[k] = v
-        elif k in INT_FIELDS:
+        elif k in INT_FIELDS or k.startswith(GUARD_PREFIX):
             state[k] = int(v)
         else:
             try:
@@ -243,22 +278,25 @@ class FeatureStore:
     # -- reads --------------------------------------------------------------------------------
     def read_states(self, entity_ids: Iterable[str]) -> dict[str, State]:
         """The states of these entities ({} for a new one), in one pipelined round trip."""
-        states, _, _ = self.read_batch(entity_ids, ())
-        return states
+        return self.read_batch(entity_ids, ()).states
 
-    def read_batch(self, entity_ids: Iterable[str], event_ids: Iterable[str],
-                   folded_of: Iterable[str] = ()) -> tuple[dict[str, State], dict[str, dict], dict[str, str]]:
-        """Entity states, the snapshot vectors (`fv`, decoded) of `event_ids`, and the fold markers
-        of `folded_of` (`Snapshots.queue_folded`), one round trip. Events whose snapshot is missing or
-        unreadable are absent from the second dict."""
+    def read_batch(self, entity_ids: Iterable[str], event_ids: Iterable[str], folded_of: Iterable[str] = (),
+                   keyed: Iterable[tuple[str, str]] = ()) -> "BatchRead":
+        """Entity states, the snapshot vectors (`fv`, decoded) of `event_ids`, the fold markers
+        of `folded_of` (`Snapshots.queue_folded`) and the states of the key entities `keyed`
+        ((key field, key text) pairs), one round trip. Events whose snapshot is missing or
+        unreadable are absent from the snapshots."""
         entity_ids = list(dict.fromkeys(entity_ids))
         event_ids = list(dict.fromkeys(event_ids))
         folded_of = list(dict.fromkeys(folded_of))
-        if not entity_ids and not event_ids and not folded_of:
-            return {}, {}, {}
+        keyed = list(dict.fromkeys(keyed))
+        if not entity_ids and not event_ids and not folded_of and not keyed:
+            return BatchRead()
         pipe = self.client.pipeline(transaction=False)
         for entity_id in entity_ids:
             pipe.hgetall(self.keys.entity(entity_id))
+        for key, value in keyed:
+            pipe.hgetall(self.keys.keyed_entity(key, value))
         for event_id in event_ids:
             pipe.hget(self.keys.snapshot(event_id), SNAPSHOT_FIELD)
         if folded_of:
@@ -266,31 +304,58 @@ class FeatureStore:
         started = time.perf_counter()
         replies = pipe.execute()
         metrics.REDIS_SECONDS.labels(self.service, "read_batch").observe(time.perf_counter() - started)
-        states = {e: decode_state(r or {}) for e, r in zip(entity_ids, replies)}
-        vectors: dict[str, dict] = {}
-        for event_id, blob in zip(event_ids, replies[len(entity_ids):len(entity_ids) + len(event_ids)]):
+        out = BatchRead()
+        out.states = {e: decode_state(r or {}) for e, r in zip(entity_ids, replies)}
+        at = len(entity_ids)
+        out.keyed = {k: decode_state(r or {}) for k, r in zip(keyed, replies[at:at + len(keyed)])}
+        at += len(keyed)
+        for event_id, blob in zip(event_ids, replies[at:at + len(event_ids)]):
             if blob is None:
                 continue
             try:
-                vectors[event_id] = self.codec.decode(blob, expect="FeatureVector")
+                out.snapshots[event_id] = self.codec.decode(blob, expect="FeatureVector")
             except DecodeError:
                 continue
-        folded = self.snapshots.folded_reply(folded_of, replies[-1]) if folded_of else {}
-        return states, vectors, folded
+        out.folded = self.snapshots.folded_reply(folded_of, replies[-1]) if folded_of else {}
+        return out
+
+    def read_keyed(self, keyed: Iterable[tuple[str, str]]) -> dict[tuple[str, str], State]:
+        """The states of these key entities, one round trip."""
+        return self.read_batch((), (), keyed=keyed).keyed
 
     def read_snapshots(self, event_ids: Iterable[str]) -> dict[str, dict]:
         """The FeatureVectors kept for these events (missing or expired ones are left out)."""
-        return self.read_batch((), event_ids)[1]
+        return self.read_batch((), event_ids).snapshots
+
+    def state_keys(self, entity_id: str, fields: Mapping[str, Any]) -> list[str]:
+        """The Redis hashes a request's vector reads: its entity's, then each key entity's its
+        fields name (none for a stateless feature set). `vector_from` takes their HGETALLs."""
+        fs = self.feature_set
+        keys = [self.keys.entity(entity_id)] if fs.stateful else []
+        return keys + [self.keys.keyed_entity(k, v) for k, v in fs.key_values(fields).items()]
+
+    def vector_from(self, replies: list, fields: dict[str, float], ts: float) -> dict[str, float]:
+        """The same `FeatureSet.vector` the features service computes, from the HGETALL replies
+        of `state_keys` (in that order)."""
+        fs = self.feature_set
+        replies = list(replies)
+        state = decode_state(replies.pop(0) or {}) if fs.stateful else {}
+        keyed = {k: decode_state(r or {}) for k, r in zip(fs.key_values(fields), replies)}
+        return fs.vector(state, fields, ts, keyed=keyed)
 
     def vector(self, entity_id: str, fields: dict[str, float], ts: float) -> dict[str, float]:
-        """The features of an event from its entity's current state: one round trip (none for a
-        stateless feature set), then the same `FeatureSet.vector` the features service uses."""
-        if not self.feature_set.stateful:
+        """The features of an event from the current state of its entity (and of the key entities
+        it names): one round trip (none for a set without state), then `FeatureSet.vector`."""
+        keys = self.state_keys(entity_id, fields)
+        if not keys:
             return self.feature_set.vector({}, fields, ts)
         started = time.perf_counter()
-        raw = self.client.hgetall(self.keys.entity(entity_id))
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        replies = pipe.execute()
         metrics.REDIS_SECONDS.labels(self.service, "read_state").observe(time.perf_counter() - started)
-        return self.feature_set.vector(decode_state(raw or {}), fields, ts)
+        return self.vector_from(replies, fields, ts)
 
     # -- writes -------------------------------------------------------------------------------
     def queue_snapshots(self, pipe, vectors: Iterable[Mapping[str, Any]]) -> None:
@@ -313,6 +378,17 @@ class FeatureStore:
                 pipe.hset(key, mapping=mapping)
                 if self.entity_ttl_s > 0:
                     pipe.expire(key, self.entity_ttl_s)
+
+    def queue_keyed(self, pipe, key: str, value: str, state: State) -> None:
+        """Write a key entity's state if no other worker wrote it since it was read (its `_v`);
+        the reply in the pipeline is 1, or 0 for "read it again and refold". The TTL is the key's
+        (`FeatureSet.key_ttl_s`)."""
+        version = state.get(VERSION_FIELD)
+        args: list[Any] = ["" if version is None else str(version),
+                           self.feature_set.key_ttl_s(key, self.entity_ttl_s)]
+        for field_, encoded in encode_state(state, exclude=(VERSION_FIELD,)).items():
+            args += [field_, encoded]
+        pipe.eval(SET_KEYED_LUA, 1, self.keys.keyed_entity(key, value), *args)
 
     def queue_label(self, pipe, entity_id: str, label: str, event_ts: float) -> None:
         # Plain EVAL, not a registered Script: redis-py would add a SCRIPT EXISTS round trip to
@@ -338,6 +414,17 @@ class FeatureStore:
         out = pipe.execute()
         metrics.REDIS_SECONDS.labels(self.service, op).observe(time.perf_counter() - started)
         return out
+
+
+@dataclass(slots=True)
+class BatchRead:
+    """What `FeatureStore.read_batch` read: entity states, snapshot vectors, fold markers and
+    key entities' states ((key field, key text) -> state)."""
+
+    states: dict[str, State] = field(default_factory=dict)
+    snapshots: dict[str, dict] = field(default_factory=dict)
+    folded: dict[str, str] = field(default_factory=dict)
+    keyed: dict[tuple[str, str], State] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -29,6 +29,7 @@ never turn client input into a 5xx.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -39,7 +40,7 @@ import redis
 import redis.asyncio
 
 from ..features.definitions import load_feature_set
-from ..features.store import FeatureStore, FieldNames, decode_state
+from ..features.store import FeatureStore, FieldNames
 from ..ingestion.validate import check_fields
 from ..shared import kafka, metrics
 from ..shared.codec import get_codec
@@ -220,14 +221,18 @@ class Predictor:
         return answer
 
     async def _avector(self, entity_id: str, fields: dict[str, float], ts: float) -> dict[str, float]:
-        if not self.feature_set.stateful:
+        keys = self.store.state_keys(entity_id, fields)  # its entity's, and each key entity's it names
+        if not keys:
             return self.feature_set.vector({}, fields, ts)
         if self.state_reads is None:
             raise NotReady("the prediction service is not started")
         started = time.perf_counter()
-        raw = await self.state_reads.read(self.keys.entity(entity_id))
+        if len(keys) == 1:
+            replies = [await self.state_reads.read(keys[0])]
+        else:
+            replies = await asyncio.gather(*(self.state_reads.read(key) for key in keys))
         self._read_seconds.observe(time.perf_counter() - started)
-        return self.feature_set.vector(decode_state(raw or {}), fields, ts)
+        return self.store.vector_from(replies, fields, ts)
 
     def predict_batch(self, reqs: list[PredictRequest]) -> tuple[list[dict[str, Any]], int]:
         """Every item scored by the same champion (or, when the canary routes its entity there, the
@@ -235,14 +240,18 @@ class Predictor:
         self.check(reqs, batch=True)
         served = self.serving()
         now = time.time()
+        fs = self.feature_set
+        named = [fs.key_values(r.fields) for r in reqs]
         try:
-            states = self.store.read_states(r.entity_id for r in reqs)
+            read = self.store.read_batch([r.entity_id for r in reqs], (),
+                                         keyed=[kv for names in named for kv in names.items()])
         except redis.RedisError as exc:
             raise NotReady(f"feature store (Redis) does not answer: {exc}") from None
         answers, joined = [], []
-        for req in reqs:
+        for req, names in zip(reqs, named):
             ts = req.ts if req.ts is not None else now
-            x = self.feature_set.vector(states[req.entity_id], req.fields, ts)
+            x = fs.vector(read.states[req.entity_id], req.fields, ts,
+                          keyed={k: read.keyed[(k, v)] for k, v in names.items()})
             answer = self._answer(served, req, x, ts)
             answers.append(answer)
             if req.event_id is not None:

@@ -8,7 +8,9 @@ positions, and any CSV file.
 
 Every row is `(fields, label, entity_id)`: a dict of finite floats (and text, for a CSV's
 categorical columns), the true class or the regression target as text (the
-contract's labels are strings: `"1"`, `"0"`, `"spam"`), and whose row it is. `rows()` starts the
+contract's labels are strings: `"1"`, `"0"`, `"spam"`), and whose row it is. A `timed` dataset
+(`payments`) adds a fourth item, the row's time in seconds from the stream's start; the others
+are one second apart. `rows()` starts the
 stream afresh and yields the same rows every time (generators are seeded). A dataset never
 touches Kafka or Redis: publishing is `publish.py`'s business.
 
@@ -45,6 +47,9 @@ class Dataset:
     drift_width: int = 0  # 0 = abrupt; else the width of the change (rows)
     description: str = ""
     target: str = "class"
+    timed: bool = False  # rows carry their own time (seconds from the start) as a fourth item
+    keys: tuple[str, ...] = ()  # fields naming other entities (a replay makes them its own, as entity ids)
+    features: str | None = None  # the feature definition file that suits it (the demo's default)
 
     def metadata(self) -> dict:
         return {
@@ -152,7 +157,18 @@ def _generators() -> dict[str, Dataset]:
 GENERATORS = ("agrawal-abrupt", "agrawal-gradual", "sea-abrupt", "hyperplane", "agrawal-stationary", "sea-stationary",
               "friedman-abrupt", "friedman-gradual")
 REGRESSION = ("friedman-abrupt", "friedman-gradual")  # datasets whose labels are numbers
-NAMES = ("elec2", *GENERATORS, "csv:PATH")
+NAMES = ("elec2", *GENERATORS, "payments", "csv:PATH")
+FEATURES_DIR = Path(__file__).resolve().parents[1] / "features"
+
+
+def payments() -> Dataset:
+    """The seeded synthetic card payments of payments.py, with the feature file that suits them."""
+    from . import payments as gen
+
+    return Dataset("payments", lambda: gen.generate(), None, description=(
+        "synthetic card payments (seeded): cards, merchants, busy hours, card-testing attacks and account "
+        "takeovers over 3 days; label 1 = fraud"), target="fraud", timed=True, keys=("merchant",),
+        features=str(FEATURES_DIR / "payments.toml"))
 
 
 def load(spec: str, target: str | None = None, entity: str | None = None) -> Dataset:
@@ -164,6 +180,8 @@ def load(spec: str, target: str | None = None, entity: str | None = None) -> Dat
         if not target:
             raise DatasetError("a csv: dataset needs --target COLUMN (the column holding the label)")
         return csv_dataset(Path(spec[4:]), target=target, entity=entity)
+    if spec == "payments":
+        return payments()
     generators = _generators()
     if spec in generators:
         return generators[spec]

@@ -75,6 +75,8 @@ def demo(
     base = ensure_local_secrets(get_settings())  # zero-config: a random key and token, once per home
     if model is None and dataset.name in REGRESSION and not _regressor(base.learner.model):
         model = REGRESSION_MODEL  # a regression stream needs a regressor; the configured model is a classifier
+    if features is None and dataset.features is not None:
+        features = dataset.features  # payments: its windowed aggregates are what the stream is about
     settings = demo_settings(base, model, features, uuid.uuid4().hex[:6])
     t0 = time.monotonic()
     already = {c.name for c in stack.components(base) if c.running()}

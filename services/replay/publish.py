@@ -13,9 +13,12 @@ had when the replay began. It never reads or writes a service's state, and it ne
 Ids: event i of a replay is `<run id>-<i>` and its entity `<run id>/<entity>`, so that replays into
 one namespace never share entity state or collide in ingestion's de-duplication.
 
-Time: event i has ts = START + i seconds; the label of event i is published right after event
-i+N (N = label delay) with ts = ts(i+N) + 1 ms, so the features service's ordered merge applies it
-after event i+N's vector and before event i+N+1's.
+Time: event i has ts = START + i seconds (a `timed` dataset's rows carry their own: START + their
+offset); the label of event i is published right after event i+N (N = label delay) with ts =
+ts(i+N) + 1 ms (less when the next event is closer), so the features service's ordered merge
+applies it after event i+N's vector and before event i+N+1's.
+
+Fields that name other entities (`Dataset.keys`: a merchant) get the run id as their entity ids do.
 """
 
 from __future__ import annotations
@@ -315,7 +318,8 @@ def replay(
             sent_task = bar.add_task("publish", total=n)
             learned_task = bar.add_task("learned", total=n)
             events_sent, labels_sent, t_first = _publish(settings, rows, run_id, label_delay, rate, collector, bar,
-                                                         sent_task, learned_task)
+                                                         sent_task, learned_task, times=times_of(dataset, rows),
+                                                         keys=dataset.keys)
             publish_s = time.time() - (t_first or time.time())
             with collector.lock:  # the stall clock starts when publishing ends
                 collector.data.last_progress = max(collector.data.last_progress, time.monotonic())
@@ -355,9 +359,37 @@ def replay(
     return report
 
 
+def times_of(dataset: Dataset, rows: list) -> list[float]:
+    """Each row's event time: its own for a timed dataset, else one second apart.
+
+    >>> from .datasets import Dataset
+    >>> times_of(Dataset("t", list, 2, timed=True), [({}, "0", "a", 0.5), ({}, "1", "a", 2.0)])
+    [1700000000.5, 1700000002.0]
+    """
+    if dataset.timed:
+        return [START_TS + row[3] for row in rows]
+    return [event_ts(i) for i in range(len(rows))]
+
+
+def label_time(times: list[float], i: int, delay: int) -> float:
+    """The label of event i: just after event i+delay (before the next one); past the last
+    event, a second apart as if the stream went on.
+
+    >>> round(label_time([0.0, 10.0, 10.0005], 0, 1), 6), label_time([0.0, 1.0], 1, 2)
+    (10.00025, 3.001)
+    """
+    j = i + delay
+    if j >= len(times):
+        return times[-1] + (j - len(times) + 1) * STEP_S + LABEL_EPSILON_S
+    gap = times[j + 1] - times[j] if j + 1 < len(times) else STEP_S
+    return times[j] + min(LABEL_EPSILON_S, gap / 2 if gap > 0 else LABEL_EPSILON_S)
+
+
 def _publish(settings: Settings, rows: list, run_id: str, label_delay: int, rate: float, collector: Collector,
-             bar, sent_task, learned_task) -> tuple[int, int, float | None]:
+             bar, sent_task, learned_task, times: list[float] | None = None,
+             keys: tuple[str, ...] = ()) -> tuple[int, int, float | None]:
     """Events and labels in `schedule` order through the `events` and `labels` doors."""
+    times = times if times is not None else [event_ts(i) for i in range(len(rows))]
     topics = Topics(settings.namespace)
     codec = get_codec()
     producer = kafka.producer(settings, **{"message.timeout.ms": int(DELIVERY_TIMEOUT_S * 1000)})
@@ -374,17 +406,19 @@ def _publish(settings: Settings, rows: list, run_id: str, label_delay: int, rate
     encode_task = bar.add_task("encode", total=len(rows))
     messages = []
     for kind, i in schedule(len(rows), label_delay):
-        fields, label, entity = rows[i]
+        fields, label, entity = rows[i][:3]
         entity = f"{run_id}/{entity}"  # each replay's entities start with a fresh state
         if kind == "event":
+            if keys:  # and so do the other entities its fields name
+                fields = {k: f"{run_id}/{v}" if k in keys and isinstance(v, str) else v for k, v in fields.items()}
             messages.append((i, topics.events, entity, codec.encode("Event", {
-                "event_id": f"{prefix}{i}", "entity_id": entity, "ts": event_ts(i), "fields": fields,
+                "event_id": f"{prefix}{i}", "entity_id": entity, "ts": times[i], "fields": fields,
                 "published_ms": None})))
             if i % 1000 == 0:
                 bar.update(encode_task, completed=i)
         else:
             messages.append((None, topics.labels, f"{prefix}{i}", codec.encode("Label", {
-                "event_id": f"{prefix}{i}", "label": label, "ts": label_ts(i, label_delay)})))
+                "event_id": f"{prefix}{i}", "label": label, "ts": label_time(times, i, label_delay)})))
     bar.update(encode_task, completed=len(rows))
     t_first = None
     events_sent = labels_sent = 0

@@ -22,6 +22,15 @@ class Keys:
         """Hash: the entity's online state (counts, last values, EWMs, last label, offsets)."""
         return f"{self.prefix}ent:{{{entity_id}}}"
 
+    def keyed_entity(self, key: str, value: str) -> str:
+        """Hash: the state of an entity that another field of events names (`merchant` = `m-17`):
+        its windowed aggregates, written by every worker whose events name it.
+
+            >>> Keys("").keyed_entity("merchant", "m-17")
+            'dl:key:{merchant=m-17}'
+        """
+        return f"{self.prefix}key:{{{key}={value}}}"
+
     def snapshot(self, event_id: str) -> str:
         """Hash: the feature vector an event was scored with (+ its prediction), kept with a TTL
         until its label comes."""
@@ -32,6 +41,12 @@ class Keys:
         Redis (written last in each batch's pipeline: if it survived a Redis crash, so did the
         states before it). Behind the committed offset = Redis lost writes: re-read from Kafka."""
         return f"{self.prefix}features:applied"
+
+    def features_clock(self) -> str:
+        """Hash events.valid partition -> the event time its events are folded up to ("inf": none
+        left to read), written by whichever worker owns it: how stale a key entity's aggregates
+        may be (docs/features.md)."""
+        return f"{self.prefix}features:clock"
 
     # -- ingestion: de-duplication ---------------------------------------------------------
     def seen_event(self, event_id: str) -> str:

@@ -47,6 +47,23 @@ CONSUMER_LAG = Gauge(
 REDIS_SECONDS = Histogram(
     "driftline_redis_seconds", "Redis round-trip time, by operation.", ["service", "op"], buckets=REDIS_BUCKETS
 )
+# -- windowed aggregates (docs/features.md) ----------------------------------------------------
+LATE_EVENTS = Counter(
+    "driftline_features_late_events_total",
+    "Events older than their key entity's newest one, by key field and handling: placed (by event time) "
+    "or dropped (older than the key's lateness: folded into nothing).",
+    ["key", "handling"],
+)
+KEYED_CONFLICTS = Counter(
+    "driftline_features_keyed_conflicts_total",
+    "Writes of a key entity's state that another worker wrote first (read again and refolded).",
+)
+KEYED_STALENESS = Histogram(
+    "driftline_features_keyed_staleness_seconds",
+    "How far an event's time runs ahead of the slowest events.valid partition with data still to fold "
+    "(events of that partition younger than this may be missing from its key entities' aggregates).",
+    buckets=(0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0),
+)
 END_TO_END_SECONDS = Histogram(
     "driftline_event_to_prediction_seconds",
     "From the event's publication by its producer to its prediction by the learner.",

@@ -112,6 +112,15 @@ class FeatureSettings(BaseModel):
     max_reorder_wait_ms: int = Field(
         200, description="how long an event may wait for labels with earlier timestamps"
     )
+    keyed_skew_ms: int = Field(
+        1000, description="with aggregates keyed by another field (a merchant): how far in event time an event may "
+                          "run ahead of another worker's events.valid partition that still has events to fold "
+                          "(the bound on how stale a key entity's aggregates are; docs/features.md)"
+    )
+    keyed_hold_ms: int = Field(
+        10_000, description="how long an event waits at most for another worker's partition to catch up "
+                            "(keyed_skew_ms); a worker that stopped must not stop the others"
+    )
 
 
 class LearnerSettings(BaseModel):
