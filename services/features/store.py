@@ -59,7 +59,7 @@ SNAPSHOT_FIELD = "fv"
 # and its published mark) then has another marker and is not folded a second time, for as long
 # as the snapshot lives (features.snapshot_ttl_s). /v1/predict's snapshots have no marker.
 FOLDED_FIELD = "f"
-ROLES = ("champion", "challenger")
+ROLES = ("champion", "challenger", "previous")  # previous: a displaced champion, kept for its contest only
 OFFSET_FIELD = "_off"
 PARTITION_FIELD = "_p"
 LABEL_FIELDS = ("label", "label_ts")  # written only by SET_LABEL_LUA

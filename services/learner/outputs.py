@@ -45,15 +45,17 @@ class Outputs:
         self.telemetry.sent(topic)
 
     def prediction(self, event: Event, role: str, version: int, y_pred: str | None,
-                   proba: dict[str, float]) -> tuple[dict, bytes]:
-        """A role's Prediction for an event, produced; (the record, its bytes for the snapshot)."""
+                   proba: dict[str, float], publish: bool = True) -> tuple[dict, bytes]:
+        """A role's Prediction for an event, produced unless `publish` is false (a displaced
+        champion answers only to its contest); (the record, its bytes for the snapshot)."""
         fv = event.vector
         p = {"event_id": event.event_id, "entity_id": fv["entity_id"], "ts": event.ts, "model": self.model,
              "model_version": version, "role": role, "y_pred": y_pred, "proba": proba, "source": SERVICE,
              "published_ms": fv.get("published_ms")}
         blob = self.codec.encode("Prediction", p)
-        self.produce(self.topics.predictions, blob, fv["entity_id"])
-        self.telemetry.count("predictions", role)
+        if publish:
+            self.produce(self.topics.predictions, blob, fv["entity_id"])
+            self.telemetry.count("predictions", role)
         return p, blob
 
     def outcome(self, fv: dict, label: Label, answer: dict, role: str, position: int,

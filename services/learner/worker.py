@@ -436,11 +436,11 @@ class LearnerWorker(StreamWorker):
         for slot in self.roles.every_slot():
             if slot.role in answers:
                 continue
-            y_pred, proba = slot.score(fv["features"])
-            if slot.role in PUBLISHED:
-                answers[slot.role], blobs[slot.role] = self.out.prediction(event, slot.role, slot.version, y_pred, proba)
-            else:  # the displaced champion answers only to its contest
-                answers[slot.role] = {"model_version": slot.version, "y_pred": y_pred, "proba": proba}
+            # Kept in the snapshot for every role (after a crash its contest still has it); the
+            # displaced champion's answer is not published: it answers only to its contest.
+            answers[slot.role], blobs[slot.role] = self.out.prediction(event, slot.role, slot.version,
+                                                                       *slot.score(fv["features"]),
+                                                                       publish=slot.role in PUBLISHED)
             answers[slot.role]["known"] = self.position  # labels learned when scored (in the outcome)
         if blobs:
             self.new_predictions.append((event.event_id, blobs))  # into Redis with the batch (flush_batch)

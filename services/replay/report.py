@@ -165,7 +165,9 @@ def build_report(
     def rel(position: int) -> int:
         return int(position) - base
 
-    drift = drift or []
+    # A learner that restarts takes the decisions since its checkpoint again and may publish an
+    # alarm twice: the same drift_id (it follows from where it was taken), counted once.
+    drift = list({d.get("drift_id") or id(d): d for d in reversed(drift or [])}.values())[::-1]
     drift_events = [_drift_entry(d, rel) for d in drift if d.get("level", "drift") == "drift"]
     warnings = [_drift_entry(d, rel) for d in drift if d.get("level", "drift") != "drift"]
     model_swaps = [
