@@ -9,6 +9,7 @@ restarted with backoff (1 s doubling to 60 s; back to 1 s after 5 minutes up), a
 
 from __future__ import annotations
 
+import http.client
 import importlib
 import os
 import signal
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from urllib.parse import urlsplit
 
 import typer
 from rich.console import Console
@@ -190,28 +192,37 @@ class Supervisor:
         self.watched = {name: Watched(name, proc, now) for name, proc in procs.items()}
         self.start, self.url_of, self.say = start, url_of, say
         self.unhealthy_s, self.grace_s = unhealthy_s, grace_s
-        self._client = None
+        self._connections: dict[str, http.client.HTTPConnection] = {}
 
     @property
     def procs(self) -> dict[str, subprocess.Popen]:
         return {name: w.proc for name, w in self.watched.items()}
 
     def health(self, name: str) -> int | None:
-        import httpx
-
-        if self._client is None:
-            # One client for the supervisor's life: httpx.get() builds a new client, with its own
-            # TLS context, on every call, which cost more CPU than a service's whole work per event.
-            self._client = httpx.Client(timeout=2.0)
-        try:
-            return self._client.get(self.url_of(name) + "/health").status_code
-        except httpx.HTTPError:
-            return None
+        """GET /health's status, None for no answer. One kept-alive connection per service, with
+        the standard library's client: the supervisor runs beside the services it watches, and
+        httpx's machinery cost it ~1 ms of CPU a check (~20-30 µs per event of a replay)."""
+        url = urlsplit(self.url_of(name))
+        for attempt in (1, 2):  # a kept-alive connection the service closed: one retry on a new one
+            conn = self._connections.get(name)
+            if conn is None:
+                conn = self._connections[name] = http.client.HTTPConnection(url.hostname, url.port, timeout=2.0)
+            try:
+                conn.request("GET", (url.path.rstrip("/") or "") + "/health")
+                response = conn.getresponse()
+                response.read()
+                return response.status
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                self._connections.pop(name, None)
+                if attempt == 2:
+                    return None
+        return None
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        for conn in self._connections.values():
+            conn.close()
+        self._connections.clear()
 
     def check(self) -> list[str]:
         """One pass over the services; returns those restarted now."""

@@ -1,25 +1,30 @@
-"""`driftline bench pipeline`: the whole loop (events + labels through ingestion, features and the
-learner) against river's own in-process loop, the latency to a prediction, and the quality figure.
+"""`driftline bench pipeline`: the product as users run it (`driftline serve all`: the five
+services, the offline store's sink and their supervisor, the drift loop on) against river's own
+in-process loop, beside the hot path alone (ingestion, features and the learner); the latency to
+a prediction, and the quality figure.
 
     result = run(Path("reports/bench"), quick=True)
     result["throughput"]["logreg"]["ratio"], result["latency"]["steady_latency_ms"]["p99"]
 
 It starts its own Kafka and Redis (free ports, a temporary home); each phase gets a fresh
-namespace and its own ingestion, features and learner processes (`driftline serve NAME`, as in
-production) with the model and features it needs, and replays Elec2 through them with
+namespace and its own processes -- `driftline serve all` itself, or `driftline serve NAME` for the
+hot path -- with the model and features it needs, and replays Elec2 through them with
 `driftline replay`'s code. Phases:
 
-0. warm-up: one replay not measured (a new broker's JVM first compiles its hot paths);
+0. warm-up: replays not measured (a new broker's JVM first compiles its hot paths);
 1. throughput, per model (StandardScaler | LogisticRegression, ARFClassifier): raw features,
-   label delay 100, as fast as it goes; examples learned per second from the first event published
-   to the last label learned, next to river's predict_proba_one + learn_one loop on the same rows
-   in this process, in this run, as a ratio; with each service's (and the broker's and Redis's)
-   CPU microseconds per event;
-2. latency: events at 1,000 ev/s (labels 100 behind); for each event, the time from its
-   publication (`published_ms`, the producer's Kafka timestamp) to its prediction arriving on
-   `predictions` (p50, p95, p99), over all events and over those after the first STEADY_AFTER_S;
-3. quality: Elec2 with the default features and label delay 0, prequential accuracy of the
-   default model (quick: the first 10,000 rows).
+   label delay 100, as fast as it goes, through `serve all`; examples learned per second from the
+   first event published to the last label learned, next to river's predict_proba_one +
+   learn_one loop on the same rows in this process, in this run, as a ratio; with each process's
+   CPU microseconds per event (every service, the supervisor, the broker, Redis) and the drift
+   events and swaps the loop made. For logistic regression the same replay through the hot path
+   alone too (`hot_path`), and the ratio of the two;
+2. latency: events at 1,000 ev/s (labels 100 behind), through `serve all`; for each event, the
+   time from its publication (`published_ms`, the producer's Kafka timestamp) to its prediction
+   arriving on `predictions` (p50, p95, p99), over all events and over those after the first
+   STEADY_AFTER_S;
+3. quality: Elec2 with the default features and label delay 0, through `serve all`: prequential
+   accuracy, kappa and kappa-temporal of the default model (quick: the first 10,000 rows).
 
 Not a test: nothing here asserts. Stops everything it started, also on failure or Ctrl-C.
 """
@@ -30,6 +35,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -47,13 +53,14 @@ from ..replay.datasets import load
 from ..replay.publish import replay
 from ..shared import kafka
 from ..shared.codec import get_codec
-from ..shared.settings import DEFAULT_MODEL, Ports, Settings, ensure_local_secrets
+from ..shared.settings import DEFAULT_MODEL, Ports, Settings, ensure_local_secrets, settings_env
 from ..shared.topics import Topics
 
 MODELS = {"logreg": DEFAULT_MODEL, "arf": "forest.ARFClassifier(seed=42)"}
 AIM_RATIO = {"logreg": 0.10, "arf": 0.8}
 AIM_QUALITY = 0.89
-SERVICES = ("ingestion", "features", "learner")
+HOT_PATH = ("ingestion", "features", "learner")
+WHOLE = serve.SERVICES + serve.SINKS  # what `driftline serve all` runs
 THROUGHPUT_DELAY = 100
 STEADY_AFTER_S = 5.0  # the latency phase's steady figure leaves out its first seconds (see latency())
 # BENCH_PIPELINE_PROFILE=1: a py-spy flame graph of every service during each throughput phase
@@ -81,36 +88,57 @@ def run(out_dir: Path, quick: bool) -> dict:
                                                               max_runs=2 if quick else 5)
         result["throughput"] = {}
         for name, spec in MODELS.items():
-            console.rule(f"throughput: {name}")
+            console.rule(f"throughput: {name}, serve all")
             in_process = in_process_rate(spec, rows[name])
             report = bench.replay(spec, "raw", limit=rows[name], label_delay=THROUGHPUT_DELAY,
                                   profile_as=f"pipeline-{name}" if PROFILE else None)
-            pipeline = report["throughput_events_per_s"]
-            result["throughput"][name] = {
-                "model": spec, "rows": rows[name], "pipeline_events_per_s": pipeline,
-                "in_process_events_per_s": round(in_process, 1),
-                "ratio": round(pipeline / in_process, 3) if in_process else None,
-                "aim_ratio": AIM_RATIO[name], "wall_s": report["wall_s"],
-                "accuracy_pipeline": round(report["prequential"]["accuracy"], 4),
-                "examples_learned": report["examples_learned"],
-                "cpu_us_per_event": {service: round(seconds * 1e6 / rows[name], 1)
-                                     for service, seconds in report["cpu_s"].items()},
-                # The ratio above is of the whole run, filling up included; this is once it runs.
-                **report["timeline"],
-                "steady_ratio": (round(report["timeline"]["steady_events_per_s"] / in_process, 3)
-                                 if report["timeline"] and in_process else None),
-            }
-        console.rule("latency at 1,000 ev/s")
+            result["throughput"][name] = {"model": spec, "rows": rows[name],
+                                          "in_process_events_per_s": round(in_process, 1),
+                                          "aim_ratio": AIM_RATIO[name], **figures(report, rows[name], in_process)}
+            if name == "logreg":
+                console.rule(f"throughput: {name}, hot path alone (ingestion, features, learner)")
+                hot = bench.replay(spec, "raw", limit=rows[name], label_delay=THROUGHPUT_DELAY, whole=False)
+                whole = result["throughput"][name]
+                whole["hot_path"] = figures(hot, rows[name], in_process)
+                whole["whole_over_hot_path"] = round(whole["pipeline_events_per_s"] /
+                                                     whole["hot_path"]["pipeline_events_per_s"], 3)
+        console.rule("latency at 1,000 ev/s, serve all")
         result["latency"] = bench.latency(rate=1000, seconds=latency_s)
-        console.rule("quality: Elec2, default features, label delay 0")
+        console.rule("quality: Elec2, default features, label delay 0, serve all")
         report = bench.replay(DEFAULT_MODEL, "default", limit=quality_rows, label_delay=0)
+        pq = report["prequential"]
         result["quality"] = {"dataset": "elec2", "rows": report["examples_learned"], "features": "default",
-                             "model": DEFAULT_MODEL, "label_delay": 0,
-                             "accuracy": round(report["prequential"]["accuracy"], 4), "aim": AIM_QUALITY,
-                             "wall_s": report["wall_s"], "events_per_s": report["throughput_events_per_s"]}
+                             "model": DEFAULT_MODEL, "label_delay": 0, "accuracy": round(pq["accuracy"], 4),
+                             "kappa": round(pq["kappa"], 4), "kappa_temporal": round(pq["kappa_temporal"], 4),
+                             "no_change_accuracy": round(pq["no_change_accuracy"], 4), "aim": AIM_QUALITY,
+                             "wall_s": report["wall_s"], "events_per_s": report["throughput_events_per_s"],
+                             "drift_events": len(report["drift_events"]), "model_swaps": swaps_of(report)}
     plot(result, Path(out_dir) / "pipeline.png")
     result["plot"] = str(Path(out_dir) / "pipeline.png")
     return result
+
+
+def figures(report: dict, rows: int, in_process: float) -> dict:
+    """One throughput replay's figures: the rate and its ratio to in-process, CPU per event per
+    process, what the drift loop did, and the rate once the pipeline runs (the timeline)."""
+    pq, rate = report["prequential"], report["throughput_events_per_s"]
+    return {
+        "processes": report["processes"], "pipeline_events_per_s": rate,
+        "ratio": round(rate / in_process, 3) if in_process else None, "wall_s": report["wall_s"],
+        "accuracy_pipeline": round(pq["accuracy"], 4), "kappa_temporal": round(pq["kappa_temporal"], 4),
+        "examples_learned": report["examples_learned"],
+        "drift_events": len(report["drift_events"]), "model_swaps": swaps_of(report),
+        "cpu_us_per_event": {name: round(seconds * 1e6 / rows, 1) for name, seconds in report["cpu_s"].items()},
+        # The ratio above is of the whole run, filling up included; this is once it runs.
+        **report["timeline"],
+        "steady_ratio": (round(report["timeline"]["steady_events_per_s"] / in_process, 3)
+                         if report["timeline"] and in_process else None),
+    }
+
+
+def swaps_of(report: dict) -> list[dict]:
+    return [{k: s[k] for k in ("position", "from_version", "to_version", "reason")} for s in report["model_swaps"]
+            if s["reason"] != "initial"]
 
 
 def broker_warm(runs: list[float], within: float = 0.15) -> bool:
@@ -176,22 +204,36 @@ class BenchStack:
         else:
             shutil.rmtree(self.home, ignore_errors=True)
 
-    def start(self, model: str, features: str) -> Settings:
-        """A fresh namespace with the pipeline's three services running the given model/features."""
+    def start(self, model: str, features: str, whole: bool = True) -> tuple[Settings, dict[str, int]]:
+        """A fresh namespace running the given model/features: `driftline serve all` (whole), or the
+        hot path's three services. Returns the settings and each process's pid (the supervisor's too)."""
         settings = self.settings.model_copy(update={
             "namespace": f"bench-{uuid.uuid4().hex[:6]}",
             "ports": Ports(**{name: stack.free_port() for name in Ports.model_fields}),
+            "offline": self.settings.offline.model_copy(update={"dir": self.home / "offline"}),
         })
         kafka.ensure_topics(settings)
-        env = {"DRIFTLINE_LEARNER__MODEL": model, "DRIFTLINE_FEATURES__SET": features}
+        env = {**os.environ, **settings_env(settings), "DRIFTLINE_LEARNER__MODEL": model,
+               "DRIFTLINE_FEATURES__SET": features}
         logs = self.home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        started = {name: serve.start_service(name, env=env, log_path=logs / f"{settings.namespace}-{name}.log",
-                                             settings=settings) for name in SERVICES}
-        self.procs.extend(started.values())
-        with console.status(f"starting {', '.join(SERVICES)}"):
-            serve.wait_healthy(SERVICES, timeout=180, procs=started, settings=settings)
-        return settings
+        names = WHOLE if whole else HOT_PATH
+        with console.status(f"starting {'serve all' if whole else ', '.join(names)}"):
+            if whole:
+                log = open(logs / f"{settings.namespace}-serve-all.log", "ab")
+                supervisor = subprocess.Popen([sys.executable, "-m", "driftline.cli", "serve", "all"], env=env,
+                                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                self.procs.append(supervisor)
+                serve.wait_healthy(names, timeout=180, settings=settings)
+                pids = {"supervisor": supervisor.pid, **{name: int(serve.pid_file(name, settings).read_text())
+                                                        for name in names}}
+            else:
+                started = {name: serve.start_service(name, env=env, log_path=logs / f"{settings.namespace}-{name}.log")
+                           for name in names}
+                self.procs.extend(started.values())
+                serve.wait_healthy(names, timeout=180, procs=started, settings=settings)
+                pids = {name: proc.pid for name, proc in started.items()}
+        return settings, pids
 
     def stop_services(self) -> None:
         for proc in self.procs:
@@ -206,11 +248,11 @@ class BenchStack:
         self.procs = []
 
     def replay(self, model: str, features: str, limit: int | None, label_delay: int, rate: float = 0.0,
-               profile_as: str | None = None) -> dict:
-        """One replay through fresh services; the report also has each service's CPU seconds
-        during it (`cpu_s`), and with `profile_as` a py-spy flame graph per service."""
-        settings = self.start(model, features)
-        pids = {name: proc.pid for name, proc in zip(SERVICES, self.procs[-len(SERVICES):])}
+               profile_as: str | None = None, whole: bool = True) -> dict:
+        """One replay through fresh services (`serve all`, or the hot path alone); the report also
+        has each process's CPU seconds during it (`cpu_s`), and with `profile_as` a py-spy flame
+        graph per service."""
+        settings, pids = self.start(model, features, whole)
         infra = {c.name: c.pid() for c in stack.components(self.settings) if c.running()}
         spies = [profile(pid, self.out_dir / "profiles" / f"{profile_as}-{name}.{PROFILE_SUFFIX}", seconds=120,
                          fmt=PROFILE_FORMAT) for name, pid in pids.items()] if profile_as else []
@@ -220,6 +262,7 @@ class BenchStack:
                             features=features, report_dir=None, stall_timeout_s=120, console=console,
                             keep_outcomes=True)
             report["cpu_s"] = {name: round(cpu_seconds(pid) - before[name], 3) for name, pid in (pids | infra).items()}
+            report["processes"] = "serve all" if whole else "hot path: " + ", ".join(HOT_PATH)
             report["timeline"] = outcome_timeline(report.pop("_learned_at_s"))
             del report["_outcomes"]
             return report
@@ -242,7 +285,7 @@ class BenchStack:
         return runs
 
     def latency(self, rate: int, seconds: float) -> dict:
-        settings = self.start(DEFAULT_MODEL, "raw")
+        settings, _pids = self.start(DEFAULT_MODEL, "raw")
         sink = PredictionSink(settings)
         try:
             report = replay(settings, load("elec2"), limit=int(rate * seconds), label_delay=THROUGHPUT_DELAY,
@@ -340,17 +383,19 @@ def plot(result: dict, path: Path) -> None:
     pipe = [result["throughput"][n]["pipeline_events_per_s"] for n in names]
     local = [result["throughput"][n]["in_process_events_per_s"] for n in names]
     steady = [result["throughput"][n].get("steady_events_per_s") or 0 for n in names]
+    hot = [(result["throughput"][n].get("hot_path") or {}).get("pipeline_events_per_s") or 0 for n in names]
     x = np.arange(len(names))
-    ax1.bar(x - 0.27, local, 0.27, label="river in-process")
-    ax1.bar(x, pipe, 0.27, label="driftline, whole run")
-    ax1.bar(x + 0.27, steady, 0.27, label="driftline, once filled")
+    ax1.bar(x - 0.3, local, 0.2, label="river in-process")
+    ax1.bar(x - 0.1, pipe, 0.2, label="serve all, whole run")
+    ax1.bar(x + 0.1, steady, 0.2, label="serve all, once filled")
+    ax1.bar(x + 0.3, hot, 0.2, label="hot path alone, whole run")
     for i, n in enumerate(names):
-        ax1.annotate(f"{result['throughput'][n]['ratio']:.3f}x", (x[i], pipe[i]), ha="center",
+        ax1.annotate(f"{result['throughput'][n]['ratio']:.3f}x", (x[i] - 0.1, pipe[i]), ha="center",
                      va="bottom", fontsize=7)
     ax1.set_xticks(x, names)
     ax1.set_yscale("log")
     ax1.set_ylabel("examples / s")
-    ax1.set_title("whole loop vs in-process", fontsize=10)
+    ax1.set_title("serve all (drift loop on) vs in-process", fontsize=10)
     ax1.legend(fontsize=8)
     lat = result["latency"].get("steady_latency_ms") or result["latency"].get("latency_ms") or {}
     keys = [k for k in ("p50", "p95", "p99", "max") if k in lat]
