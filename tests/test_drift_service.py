@@ -19,7 +19,7 @@ from driftline.shared.codec import get_codec
 from driftline.shared.settings import settings_env
 from driftline.shared.topics import Topics
 
-TOKEN = "drift-admin-token"
+TOKEN = "drift-admin-token-4f9c2e7a1b"
 
 
 def publish_outcomes(settings, segments, start=0, version=1, seed=11) -> int:
