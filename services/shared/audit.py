@@ -33,6 +33,8 @@ def record(*, service: str, action: str, who: str, client: str | None, path: str
     """An audit record in its one shape (the keys and their order are a contract: docs/security.md)."""
     when = datetime.fromtimestamp(time.time() if ts is None else ts, timezone.utc)
     outcome = "done" if 200 <= status < 300 else "refused" if status in (401, 403) else "failed"
+    if hasattr(answer, "model_dump"):  # a route's response model
+        answer = answer.model_dump(mode="json")
     return {"ts": when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "service": service, "action": action, "who": who,
             "client": client, "path": path, "target": target, "status": status, "outcome": outcome,
             "detail": detail, "answer": answer}
