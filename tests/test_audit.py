@@ -112,3 +112,20 @@ def test_every_admin_request_of_every_service_leaves_one_record(apps, caplog):
     text = trail.read_text()
     assert ALICE not in text and BOB not in text
     assert stat.S_IMODE(os.stat(trail).st_mode) == 0o600
+
+
+def test_the_retrain_command_writes_its_own_record_as_the_os_user(settings, tmp_path):
+    import getpass
+    import subprocess
+    import sys
+
+    from driftline.shared.settings import settings_env
+
+    s = settings.model_copy(update={"audit_log": tmp_path / "audit.jsonl"})
+    done = subprocess.run([sys.executable, "-m", "driftline.cli", "retrain", "--reason", "demand"],
+                          env={**os.environ, **settings_env(s)}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    entry, = [json.loads(line) for line in s.audit_log.read_text().splitlines()]
+    assert (entry["service"], entry["action"], entry["who"], entry["status"], entry["outcome"]) == (
+        "cli", "retrain", f"os:{getpass.getuser()}", 202, "done")
+    assert entry["target"] == {"reason": "demand"} and entry["answer"]["request_id"] in done.stdout

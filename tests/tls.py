@@ -1,14 +1,15 @@
-"""Certificates for TLS tests, made with the openssl command line: a CA of the test's own and, signed
-by it, a server certificate for 127.0.0.1 (and localhost) and a client certificate.
+"""Certificates for TLS tests, made by `infra/secure/make-secrets.sh` (what an operator runs for
+docker-compose.secure.yml): a CA of the test's own and, signed by it, a server certificate for
+127.0.0.1 (also kafka, redis, localhost) and a client certificate.
 
     from tls import make_certificates
 
-    certs = make_certificates(tmp_path)
+    certs = make_certificates(tmp_path / "secrets")
     certs.server   # ServerTls(cert, key, ca) for stack.Kafka / stack.Redis
     certs.client_cert, certs.client_key, certs.ca
 
-Keys are RSA 2048, PKCS#8, not encrypted; certificates last two days. `stranger_ca` is a CA that
-signed nothing here: a client that trusts only it must refuse the server.
+`stranger_ca` is another CA that signed nothing here: a client that trusts only it must refuse the
+servers.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from driftline.infra.stack import ServerTls
+from driftline.infra.stack import REPO, ServerTls
+
+MAKE_SECRETS = REPO / "infra" / "secure" / "make-secrets.sh"
 
 
 @dataclass(frozen=True)
 class Certificates:
+    folder: Path
     ca: Path
     server: ServerTls
     client_cert: Path
@@ -29,36 +33,13 @@ class Certificates:
     stranger_ca: Path
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    result = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"openssl {' '.join(args[:2])} failed:\n{result.stderr}")
-
-
-def _ca(folder: Path, name: str) -> tuple[Path, Path]:
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
-             "-keyout", f"{name}.key", "-out", f"{name}.pem",
-             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-             cwd=folder)
-    return folder / f"{name}.pem", folder / f"{name}.key"
-
-
-def _issue(folder: Path, name: str, subject: str, extensions: str, ca: tuple[Path, Path]) -> tuple[Path, Path]:
-    (folder / f"{name}.ext").write_text(extensions)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", f"{name}.key",
-             "-out", f"{name}.csr", cwd=folder)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-CAcreateserial",
-             "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=folder)
-    return folder / f"{name}.pem", folder / f"{name}.key"
-
-
 def make_certificates(folder: Path) -> Certificates:
-    folder.mkdir(parents=True, exist_ok=True)
-    ca = _ca(folder, "driftline-test-ca")
-    # The broker is also its own client (inter-broker listener), so its certificate serves both ends.
-    server = _issue(folder, "server", "/CN=127.0.0.1",
-                    "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n", ca)
-    client = _issue(folder, "client", "/CN=driftline-app", "extendedKeyUsage=clientAuth\n", ca)
-    stranger, _ = _ca(folder, "stranger-ca")
-    return Certificates(ca=ca[0], server=ServerTls(cert=server[0], key=server[1], ca=ca[0]),
-                        client_cert=client[0], client_key=client[1], stranger_ca=stranger)
+    made = subprocess.run(["bash", str(MAKE_SECRETS), str(folder)], capture_output=True, text=True)
+    if made.returncode != 0:
+        raise RuntimeError(f"{MAKE_SECRETS.name} failed:\n{made.stdout}{made.stderr}")
+    stranger = folder.parent / f"{folder.name}-stranger-ca.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=stranger",
+                    "-keyout", str(stranger.with_suffix(".key")), "-out", str(stranger)], check=True, capture_output=True)
+    return Certificates(folder=folder, ca=folder / "ca.pem",
+                        server=ServerTls(cert=folder / "server.pem", key=folder / "server.key", ca=folder / "ca.pem"),
+                        client_cert=folder / "client.pem", client_key=folder / "client.key", stranger_ca=stranger)
