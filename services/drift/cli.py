@@ -16,10 +16,10 @@ from ..shared.vocabulary import RETRAIN_REASONS as REASONS
 
 def retrain(reason: str = typer.Option("demand", help=f"one of {', '.join(REASONS)}")) -> None:
     """Ask the learner for a challenger now (published to retrain.requests)."""
-    from rich.console import Console
-
     import getpass
     import socket
+
+    from rich.console import Console
 
     from ..shared import audit, kafka
     from ..shared.codec import get_codec

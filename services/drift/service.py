@@ -20,7 +20,7 @@ from typing import Literal
 
 import redis
 from confluent_kafka import Message
-from fastapi import Body, Depends, FastAPI, HTTPException
+from fastapi import Body, FastAPI, HTTPException
 from pydantic import BaseModel, Field
 
 from ..shared import deps, kafka, metrics
@@ -196,7 +196,7 @@ def build_app(settings: Settings, worker: DriftWorker) -> FastAPI:
     @app.post("/v1/retrain", status_code=202, response_model=RetrainAccepted, tags=["admin"],
               summary="Ask the learner for a challenger now (reason demand); needs the admin token")
     def retrain(body: RetrainBody | None = Body(None),
-                act: AdminAction = Depends(admin_action(settings, SERVICE, "retrain", success=202))) -> RetrainAccepted:
+                act: AdminAction = admin_action(settings, SERVICE, "retrain", success=202)) -> RetrainAccepted:
         reason = (body or RetrainBody()).reason
         act.about(reason=reason)
         try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import Body, Depends, FastAPI, HTTPException
+from fastapi import Body, FastAPI, HTTPException
 
 from ..shared.admin import AdminAction, admin_action  # the one admin guard of every service, audited
 from ..shared.registry import TamperedArtifact, UnknownVersion
@@ -47,7 +47,7 @@ def create_app(settings: Settings, worker: LearnerWorker | None = None) -> FastA
 
     @app.post("/v1/models/rollback", tags=["models"], summary="Make an earlier version the champion again")
     def rollback(body: dict | None = Body(None),
-                 act: AdminAction = Depends(admin_action(settings, SERVICE, "rollback"))) -> dict[str, Any]:
+                 act: AdminAction = admin_action(settings, SERVICE, "rollback")) -> dict[str, Any]:
         version = (body or {}).get("version") or rollback_target(registry)
         act.about(version=version)
         if not isinstance(version, int):
@@ -55,7 +55,7 @@ def create_app(settings: Settings, worker: LearnerWorker | None = None) -> FastA
         return act.answered(swap(version, "rollback"))
 
     @app.post("/v1/models/{version}/promote", tags=["models"], summary="Make a version the champion")
-    def promote(version: int, act: AdminAction = Depends(admin_action(settings, SERVICE, "promote"))) -> dict[str, Any]:
+    def promote(version: int, act: AdminAction = admin_action(settings, SERVICE, "promote")) -> dict[str, Any]:
         return act.about(version=version).answered(swap(version, "manual"))
 
     return app

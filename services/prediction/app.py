@@ -27,7 +27,7 @@ import os
 from typing import Any, TypeVar
 
 import redis
-from fastapi import Body, Depends, FastAPI, Path, Request, Response
+from fastapi import Body, FastAPI, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
@@ -145,7 +145,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     guard = DoorGuard.of(SERVICE, settings)  # who may call /v1/predict and /v1/predict/batch
 
     def admin(action: str) -> Any:  # the one admin guard of every service, with the audit record
-        return Depends(admin_action(settings, SERVICE, action))
+        return admin_action(settings, SERVICE, action)
 
     max_batch = settings.prediction.max_batch
     worker = str(os.getpid())

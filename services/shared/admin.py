@@ -18,7 +18,7 @@ the audit then says which of them acted.
 
 An admin route takes `admin_action(...)` as a dependency: it checks the token before the body is
 validated, hands the route an `AdminAction` to say what the request is about, and writes the
-audit record (`audit.py`) with the answer, whatever it is.
+audit record (`audit.py`) with the answer, whatever it is, before the answer is sent.
 """
 
 from __future__ import annotations
@@ -78,9 +78,10 @@ class AdminAction:
         return result
 
 
-def admin_action(settings: Settings, service: str, action: str, success: int = 200):
-    """The dependency of an admin route: `admin: AdminAction = Depends(admin_action(settings,
-    "prediction", "promote"))`. `success` is the route's status when it succeeds."""
+def admin_action(settings: Settings, service: str, action: str, success: int = 200) -> Any:
+    """The dependency of an admin route: `act: AdminAction = admin_action(settings, "prediction",
+    "promote")`. `success` is the route's status when it succeeds. The record is written before the
+    answer leaves (the dependency's function scope), so a client that got its answer finds it."""
     trail = settings.audit_log
     audit.open_trail(trail)
 
@@ -104,7 +105,7 @@ def admin_action(settings: Settings, service: str, action: str, success: int = 2
             raise
         write(act.who, act.target, success, None, act.answer)
 
-    return require_admin
+    return Depends(require_admin, scope="function")
 
 
 def _answer_of(exc: Exception) -> tuple[int, str]:

@@ -37,17 +37,16 @@ from .tokens import TokenSet
 
 log = logging.getLogger(__name__)
 
-DOORS = {  # service -> (its token list, the routes it guards)
-    "ingestion": ("DRIFTLINE_INGEST_TOKENS", "POST /v1/events and /v1/labels"),
-    "prediction": ("DRIFTLINE_PREDICT_TOKENS", "POST /v1/predict and /v1/predict/batch"),
+DOORS = {  # service -> (the setting of its token list, its variable, the routes it guards)
+    "ingestion": ("ingest_tokens", "DRIFTLINE_INGEST_TOKENS", "POST /v1/events and /v1/labels"),
+    "prediction": ("predict_tokens", "DRIFTLINE_PREDICT_TOKENS", "POST /v1/predict and /v1/predict/batch"),
 }
-REJECTIONS = ("missing", "invalid", "rate_limited")
 
 
 class DoorGuard:
     def __init__(self, service: str, holders: list[ClientToken] | None, rate_limit: str | None) -> None:
         self.service = service
-        self.variable, self.routes = DOORS[service]
+        _, self.variable, self.routes = DOORS[service]
         self.tokens = None if holders is None else TokenSet(holders)
         names = self.tokens.names if self.tokens is not None else (ANONYMOUS_CLIENT,)
         own: dict[str, str | None] = {}
@@ -69,9 +68,8 @@ class DoorGuard:
     @classmethod
     def of(cls, service: str, settings: Settings) -> "DoorGuard":
         """The guard of `service`'s door as the settings say, announced in the log."""
-        section = getattr(settings, service)
-        guard = cls(service, getattr(settings, "ingest_tokens" if service == "ingestion" else "predict_tokens"),
-                    section.rate_limit)
+        tokens = getattr(settings, DOORS[service][0])
+        guard = cls(service, tokens, getattr(settings, service).rate_limit)
         guard.announce()
         return guard
 
