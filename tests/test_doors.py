@@ -26,7 +26,6 @@ from driftline.shared.settings import (
     check_secrets,
     settings_env,
     settings_view,
-    tokens_problem,
     unknown_env_names,
 )
 from driftline.shared.tokens import TokenSet
@@ -147,20 +146,20 @@ def test_a_guarded_door_answers_401_and_counts_each_client_by_name(caplog):
         guard = DoorGuard.of("prediction", Settings(predict_tokens=holders(shop=SHOP, partner=PARTNER)))
     assert "need a bearer token of DRIFTLINE_PREDICT_TOKENS (2 tokens: shop, partner)" in caplog.text
     labels = {"service": "prediction"}
-    before = {k: count(v[0], **v[1]) for k, v in {
-        "shop": ("driftline_client_requests_total", {**labels, "client": "shop"}),
-        "missing": ("driftline_client_rejections_total", {**labels, "client": "unknown", "reason": "missing"}),
-        "invalid": ("driftline_client_rejections_total", {**labels, "client": "unknown", "reason": "invalid"}),
-    }.items()}
+
+    def counts() -> tuple[float, float, float]:
+        return (count("driftline_client_requests_total", **labels, client="shop"),
+                count("driftline_client_rejections_total", **labels, client="unknown", reason="missing"),
+                count("driftline_client_rejections_total", **labels, client="unknown", reason="invalid"))
+
+    before = counts()
     assert guard.admit(f"Bearer {SHOP}") == "shop"
     for header, kind in ((None, "none was sent"), (f"Bearer {SHOP[::-1]}", "the one sent is not known")):
         with pytest.raises(HTTPException) as refused:
             guard.admit(header)
         assert refused.value.status_code == 401 and refused.value.headers == {"WWW-Authenticate": "Bearer"}
         assert kind in refused.value.detail and "DRIFTLINE_PREDICT_TOKENS" in refused.value.detail
-    assert count("driftline_client_requests_total", **labels, client="shop") == before["shop"] + 1
-    assert count("driftline_client_rejections_total", **labels, client="unknown", reason="missing") == before["missing"] + 1
-    assert count("driftline_client_rejections_total", **labels, client="unknown", reason="invalid") == before["invalid"] + 1
+    assert counts() == tuple(n + 1 for n in before)  # one let in as shop, one missing, one invalid
     # every client's series exists from the start, and no token is ever a label
     assert REGISTRY.get_sample_value("driftline_client_requests_total", {**labels, "client": "partner"}) is not None
     text = generate_latest(REGISTRY).decode()
