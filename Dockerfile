@@ -24,5 +24,8 @@ RUN pip install --no-deps -e . \
     && useradd --system --create-home --home-dir /var/lib/driftline driftline
 
 USER driftline
+# Mount points of the named volumes (offline store, audit log): made here, so that Docker gives
+# each new volume this owner instead of root.
+RUN mkdir -p /var/lib/driftline/offline /var/lib/driftline/audit
 EXPOSE 8000 8001 8002 8003 8004
 CMD ["driftline", "--help"]

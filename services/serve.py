@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import typer
 from rich.console import Console
 
-from .shared.settings import InsecureSettings, Settings, check_model_key, get_settings, settings_env
+from .shared.settings import InsecureSettings, Settings, check_secrets, get_settings, settings_env
 
 SERVICES = ("ingestion", "features", "learner", "drift", "prediction")
 SINKS = ("offline",)  # beside the five: the offline store's sink reads outcomes, off the hot path
@@ -45,7 +45,7 @@ def serve(service: ServiceName = typer.Argument(..., help="a service, or 'all'")
     """Run a service (or all five) on the host and ports the settings name."""
     settings = get_settings()
     try:
-        check_model_key(settings)  # before anything listens: a guessable key is remote code execution
+        check_secrets(settings)  # before anything listens: a guessable key is remote code execution
     except InsecureSettings as exc:
         console.print(f"[red]driftline serve {service.value}: refusing to start:[/] {exc}", soft_wrap=True)
         raise typer.Exit(2) from None

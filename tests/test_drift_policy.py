@@ -14,7 +14,7 @@ from pydantic import SecretStr
 from driftline.drift.datadrift import DataDriftMonitor, psi
 from driftline.drift.detectors import DETECTORS, ConceptMonitor, change_point, make_detector
 from driftline.drift.policy import RetrainPolicy
-from driftline.drift.service import check_admin
+from driftline.shared.admin import check_admin
 from driftline.shared.settings import DriftSettings, Settings
 
 

@@ -20,7 +20,7 @@ from pipeline import metric
 from driftline.shared.settings import settings_env
 from driftline.shared.topics import Topics
 
-TOKEN = "drift-admin-token"
+TOKEN = "drift-admin-token-4f9c2e7a1b"
 NO_CHANGE = "dummy.NoChangeClassifier()"
 
 

@@ -154,7 +154,7 @@ def test_retrain_shadow_kill9_promote_and_rollback(settings, redis_client, run_s
     reg = registry_of(settings, redis_client)
     reg.set_role("champion", reg.register(dummy.PriorClassifier(), spec="dummy.PriorClassifier()", reason="initial"))
     env = {"DRIFTLINE_LEARNER__WARM_START": "100", "DRIFTLINE_LEARNER__PROMOTE_AFTER": "300",
-           "DRIFTLINE_LEARNER__PROMOTE_MARGIN": "0.1", "DRIFTLINE_ADMIN_TOKEN": "s3cret"}
+           "DRIFTLINE_LEARNER__PROMOTE_MARGIN": "0.1", "DRIFTLINE_ADMIN_TOKEN": "s3cret-learner-admin-8c4f1a"}
     learner = run_service("learner", **env)
     driver = Driver(settings, redis_client)
     rows = make_rows(900, seed=5)
@@ -191,11 +191,11 @@ def test_retrain_shadow_kill9_promote_and_rollback(settings, redis_client, run_s
 
     assert httpx.post(learner.url + "/v1/models/rollback").status_code == 401
     assert httpx.post(learner.url + "/v1/models/rollback", headers={"Authorization": "Bearer nope"}).status_code == 401
-    r = httpx.post(learner.url + "/v1/models/rollback", headers={"Authorization": "Bearer s3cret"})
+    r = httpx.post(learner.url + "/v1/models/rollback", headers={"Authorization": "Bearer s3cret-learner-admin-8c4f1a"})
     assert r.status_code == 200 and r.json()["to_version"] == 1
     wait_for(lambda: status(learner)["live"]["champion"]["version"] == 1, what="the learner follows the rollback")
     assert reg.champion() == 1
-    assert httpx.post(learner.url + "/v1/models/9/promote", headers={"Authorization": "Bearer s3cret"}).status_code == 404
+    assert httpx.post(learner.url + "/v1/models/9/promote", headers={"Authorization": "Bearer s3cret-learner-admin-8c4f1a"}).status_code == 404
 
 
 def test_a_challenger_learns_its_warm_start_and_is_promoted_on_what_it_answers_live(settings, redis_client,

@@ -31,7 +31,7 @@ from driftline.shared.topics import Topics
 from conftest import make_settings
 
 FS = load_feature_set("default")
-TOKEN = "s3cret-admin"
+TOKEN = "s3cret-admin-7d1e9b4c2a6f"
 
 
 def toy_model(seed: int, n: int = 200):

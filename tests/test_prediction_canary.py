@@ -19,7 +19,7 @@ from driftline.shared.codec import get_codec
 from driftline.shared.topics import Topics
 from pipeline import metric, replay_report, start_pipeline
 
-TOKEN = "canary-admin"
+TOKEN = "canary-admin-3b8e1f6d9c2a"
 LINEAR = "preprocessing.StandardScaler() | linear_model.LogisticRegression()"
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-BENCHMARKS = ("ingest", "features", "pipeline", "predict", "serving", "drift")
+BENCHMARKS = ("ingest", "features", "pipeline", "predict", "serving", "drift", "doors")
 EXTRA = ("soak",)  # long: only when named (`driftline bench soak`)
 console = Console()
 

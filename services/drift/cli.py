@@ -16,9 +16,12 @@ from ..shared.vocabulary import RETRAIN_REASONS as REASONS
 
 def retrain(reason: str = typer.Option("demand", help=f"one of {', '.join(REASONS)}")) -> None:
     """Ask the learner for a challenger now (published to retrain.requests)."""
+    import getpass
+    import socket
+
     from rich.console import Console
 
-    from ..shared import kafka
+    from ..shared import audit, kafka
     from ..shared.codec import get_codec
     from ..shared.settings import get_settings
     from ..shared.topics import Topics
@@ -33,7 +36,13 @@ def retrain(reason: str = typer.Option("demand", help=f"one of {', '.join(REASON
     producer = kafka.producer(settings)
     topic = Topics(settings.namespace).retrain_requests
     kafka.produce(producer, topic, get_codec().encode("RetrainRequest", record), key=model)
-    if producer.flush(15) > 0:
+    acknowledged = producer.flush(15) == 0
+    # Straight to Kafka (its ACLs guard it), so the audit record is this command's own, as the OS user.
+    audit.write(audit.record(service="cli", action="retrain", who=f"os:{getpass.getuser()}", client=socket.gethostname(),
+                             path="driftline retrain", target={"reason": reason}, status=202 if acknowledged else 503,
+                             detail=None if acknowledged else "Kafka did not acknowledge", answer=record),
+                settings.audit_log)
+    if not acknowledged:
         raise typer.Exit(f"Kafka at {settings.kafka_bootstrap} did not acknowledge the request")
     Console().print(f"retrain request {record['request_id']} ({reason}) sent to {topic} "
                     f"for model {model} v{version} at position {record['position']}")

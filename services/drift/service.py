@@ -24,13 +24,13 @@ from typing import Literal
 
 import redis
 from confluent_kafka import Message
-from fastapi import Body, FastAPI, Header, HTTPException
+from fastapi import Body, FastAPI, HTTPException
 from pydantic import BaseModel, Field
 
 from ..shared import deps, metrics
-from ..shared.admin import check_admin
 from ..shared.codec import DecodeError, get_codec
 from ..shared.kafka import base_topic
+from ..shared.admin import AdminAction, admin_action
 from ..shared.keys import Keys
 from ..shared.registry import ModelRegistry
 from ..shared.runtime import StreamWorker, run_app, service_app
@@ -134,13 +134,14 @@ def build_app(settings: Settings, worker: DriftWorker) -> FastAPI:
     @app.post("/v1/retrain", status_code=202, response_model=RetrainAccepted, tags=["admin"],
               summary="Ask the learner for a challenger now (reason demand); needs the admin token")
     def retrain(body: RetrainBody | None = Body(None),
-                authorization: str | None = Header(None)) -> RetrainAccepted:
-        check_admin(settings, authorization)
+                act: AdminAction = admin_action(settings, SERVICE, "retrain", success=202)) -> RetrainAccepted:
+        reason = (body or RetrainBody()).reason
+        act.about(reason=reason)
         try:
-            record = worker.send((body or RetrainBody()).reason)
+            record = worker.send(reason)
         except RuntimeError as exc:
             raise HTTPException(503, str(exc)) from None
-        return RetrainAccepted(**{k: record[k] for k in RetrainAccepted.model_fields})
+        return act.answered(RetrainAccepted(**{k: record[k] for k in RetrainAccepted.model_fields}))
 
     @app.get("/v1/drift", tags=["ops"], summary="What the learner's drift loop sees, and the latest alarms")
     def state() -> dict:

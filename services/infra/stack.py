@@ -137,16 +137,40 @@ class Component:
         return True
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """A server's TLS identity, as PEM files: its certificate (chain), its private key (PKCS#8, not
+    encrypted) and the CA it trusts for the certificates of clients it asks for one."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
 class Kafka(Component):
     """The broker. With `scram_users` ({name: password}) its client listener is SASL_PLAINTEXT
     with SCRAM-SHA-256 and those users (the first is the broker's own and a super user); with
     `acls` too, the StandardAuthorizer refuses whatever no ACL allows. Clients then need
-    `kafka_security` (security.protocol, sasl.mechanism, sasl.username, sasl.password)."""
+    `kafka_security` (security.protocol, sasl.mechanism, sasl.username, sasl.password).
 
-    def __init__(self, settings: Settings, scram_users: dict[str, str] | None = None, acls: bool = False) -> None:
+    `listeners` ({protocol: port}, the first the broker's own) replaces the one client listener:
+    `{"SSL": p1, "SASL_SSL": p2}` with `tls` serves both on one broker. An SSL listener asks every
+    client for a certificate signed by `tls.ca` (mutual TLS: the principal is its subject); a
+    SASL_SSL one authenticates by SCRAM inside TLS. Clients need `ssl.ca.location` (and, for SSL,
+    `ssl.certificate.location` and `ssl.key.location`)."""
+
+    def __init__(self, settings: Settings, scram_users: dict[str, str] | None = None, acls: bool = False,
+                 tls: ServerTls | None = None, listeners: dict[str, int] | None = None) -> None:
         super().__init__("kafka", settings)
         self.scram_users = scram_users or {}
         self.acls = acls
+        self.tls = tls
+        self.listeners = listeners or {
+            "SASL_PLAINTEXT" if self.scram_users else "PLAINTEXT": settings.kafka_host_port[1]}
+        if any(p.endswith("SSL") for p in self.listeners) and tls is None:
+            raise InfraError("an SSL or SASL_SSL listener needs the broker's certificate (tls=ServerTls(...))")
+        if any(p.startswith("SASL_") for p in self.listeners) and not self.scram_users:
+            raise InfraError("a SASL listener needs scram_users")
 
     @property
     def libs(self) -> Path:
@@ -195,7 +219,8 @@ class Kafka(Component):
         self.dir.mkdir(parents=True, exist_ok=True)
         controller_port = self._controller_port(host, port, config)
         config.write_text(KAFKA_TEMPLATE.read_text().format(
-            host=host, port=port, controller_port=controller_port, data_dir=data.resolve()) + self._sasl_config(controller_port))
+            host=host, port=port, controller_port=controller_port, data_dir=data.resolve())
+            + self._listener_config(controller_port))
         if not (data / "meta.properties").exists():
             cluster_id = "-"
             while cluster_id.startswith("-"):  # the storage tool would read a leading '-' as an option
@@ -209,28 +234,48 @@ class Kafka(Component):
                 raise InfraError(f"formatting the KRaft storage failed:\n{fmt.stdout}{fmt.stderr}")
         self._spawn(self._java("kafka.Kafka", str(config)))
 
-    def _sasl_config(self, controller_port: int) -> str:
-        """Overrides of the template (later lines win) for a SCRAM listener, and ACLs."""
-        if not self.scram_users:
+    def _listener_config(self, controller_port: int) -> str:
+        """Overrides of the template (later lines win) for other listeners than one PLAINTEXT: SCRAM,
+        TLS, and ACLs."""
+        if set(self.listeners) == {"PLAINTEXT"}:
             return ""
-        host, port = self.settings.kafka_host_port
-        broker, password = next(iter(self.scram_users.items()))
+        host, _ = self.settings.kafka_host_port
+        names = list(self.listeners)
+        served = ",".join(f"{name}://{host}:{port}" for name, port in self.listeners.items())
         lines = [
-            "", "# SASL/SCRAM on the client listener (driftline.infra.stack.Kafka(scram_users=...))",
-            f"listeners=SASL_PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}",
-            f"advertised.listeners=SASL_PLAINTEXT://{host}:{port}",
-            "inter.broker.listener.name=SASL_PLAINTEXT",
-            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT",
-            "sasl.enabled.mechanisms=SCRAM-SHA-256",
-            "sasl.mechanism.inter.broker.protocol=SCRAM-SHA-256",
-            "listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config="
-            f'org.apache.kafka.common.security.scram.ScramLoginModule required username="{broker}" password="{password}";',
+            "", "# Listeners of driftline.infra.stack.Kafka(listeners=..., scram_users=..., tls=...)",
+            f"listeners={served},CONTROLLER://{host}:{controller_port}",
+            f"advertised.listeners={served}",
+            f"inter.broker.listener.name={names[0]}",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT," + ",".join(f"{name}:{name}" for name in names),
         ]
+        if self.scram_users:
+            broker, password = next(iter(self.scram_users.items()))
+            lines += ["sasl.enabled.mechanisms=SCRAM-SHA-256", "sasl.mechanism.inter.broker.protocol=SCRAM-SHA-256"]
+            lines += [f"listener.name.{name.lower()}.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security"
+                      f'.scram.ScramLoginModule required username="{broker}" password="{password}";'
+                      for name in names if name.startswith("SASL_")]
+        if self.tls is not None:
+            lines += ["ssl.keystore.type=PEM", f"ssl.keystore.location={self._keystore()}",
+                      "ssl.truststore.type=PEM", f"ssl.truststore.location={self.tls.ca.resolve()}"]
+            if "SSL" in names:
+                lines.append("listener.name.ssl.ssl.client.auth=required")
         if self.acls:
             # The controller listener (loopback, broker-internal) is PLAINTEXT: its principal is ANONYMOUS.
+            broker = next(iter(self.scram_users), "ANONYMOUS")
             lines += ["authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
                       f"super.users=User:{broker};User:ANONYMOUS", "allow.everyone.if.no.acl.found=false"]
         return "\n".join(lines) + "\n"
+
+    def _keystore(self) -> Path:
+        """The broker's key and certificate in one private PEM file, as Kafka's PEM key store takes them."""
+        assert self.tls is not None
+        path = self.dir / "keystore.pem"
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.tls.key.read_text() + self.tls.cert.read_text())
+        return path.resolve()
 
     def _controller_port(self, host: str, port: int, config: Path) -> int:
         # Keep the controller port of an existing data dir (the quorum remembers it).
@@ -256,8 +301,13 @@ class Kafka(Component):
 
 
 class Redis(Component):
-    def __init__(self, settings: Settings) -> None:
+    """Debian's redis-server on the settings' URL. With `tls` it speaks TLS alone on that port (no
+    plain port), for a `rediss://` URL (whose `ssl_ca_certs` names the CA; client certificates are
+    not asked for: the password authenticates)."""
+
+    def __init__(self, settings: Settings, tls: ServerTls | None = None) -> None:
         super().__init__("redis", settings)
+        self.tls = tls
 
     def installed(self) -> bool:
         return shutil.which("redis-server") is not None
@@ -272,10 +322,18 @@ class Redis(Component):
 
     def start(self) -> None:
         host, port = self.settings.redis_host_port
+        tls = self.settings.redis_url.startswith("rediss://")
+        if tls != (self.tls is not None):
+            raise InfraError("DRIFTLINE_REDIS_URL is rediss:// but this Redis has no certificate: use redis:// for "
+                             "the local one" if tls else "a Redis with a certificate needs a rediss:// URL")
         self.dir.mkdir(parents=True, exist_ok=True)
+        listen = ["--port", str(port)] if self.tls is None else [
+            "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(self.tls.cert.resolve()),
+            "--tls-key-file", str(self.tls.key.resolve()), "--tls-ca-cert-file", str(self.tls.ca.resolve()),
+            "--tls-auth-clients", "no"]
         self._spawn([
             shutil.which("redis-server") or "redis-server", str(self._config()),
-            "--bind", host, "--port", str(port), "--dir", str(self.dir.resolve()),
+            "--bind", host, *listen, "--dir", str(self.dir.resolve()),
             "--pidfile", "",  # we keep our own pid file
         ])
 

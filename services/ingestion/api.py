@@ -12,6 +12,8 @@ when it is neither an object nor an array. Otherwise each item is decided on its
 counts the accepted and duplicate ones and says, for each rejected one, why (and it goes to the
 DLQ with its JSON as payload, so the counts add up). Client input never causes a 5xx; a 503 means
 Kafka or Redis did not answer, and nothing of that request was kept, so it is safe to retry.
+When DRIFTLINE_INGEST_TOKENS is set, a request needs `Authorization: Bearer <one of them>` (401
+otherwise, 429 over the client's rate limit), checked before its body is read (`shared/doors.py`).
 
 Parsing, Redis and Kafka run in the threadpool: the event loop only moves bytes.
 """
@@ -29,6 +31,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..shared import kafka, metrics
+from ..shared.doors import DOOR_RESPONSES, DoorGuard
 from ..shared.settings import Settings
 from . import SERVICE
 from .validate import REASONS
@@ -231,25 +234,29 @@ def _body_doc(model: type[BaseModel], limit_items: int) -> dict:
 
 ERRORS = {
     400: {"model": Problem, "description": "the body is not JSON"},
+    **{status: {"model": Problem, **doc} for status, doc in DOOR_RESPONSES.items()},
     413: {"model": Problem, "description": "the body is too large or holds too many items"},
     422: {"model": Problem, "description": "the body is neither an object nor an array"},
     503: {"model": Problem, "description": "Kafka or Redis did not answer; nothing was kept, retry"},
 }
 
 
-def router(door: HttpDoor) -> APIRouter:
+def router(door: HttpDoor, guard: DoorGuard) -> APIRouter:
+    """The two routes; `guard` lets a caller in (its token, its rate limit) before the body is read."""
     api = APIRouter(tags=["ingestion"])
     max_items = door.limits.max_http_items
 
     @api.post("/v1/events", response_model=IngestResult, responses=ERRORS, openapi_extra=_body_doc(EventIn, max_items),
               summary="Ingest events (one JSON object or an array)")
     async def post_events(request: Request) -> IngestResult:
+        guard.admit(request.headers.get("authorization"))
         body = await door.read_body(request)
         return await run_in_threadpool(door.ingest, "events", body)
 
     @api.post("/v1/labels", response_model=IngestResult, responses=ERRORS, openapi_extra=_body_doc(LabelIn, max_items),
               summary="Ingest labels (one JSON object or an array)")
     async def post_labels(request: Request) -> IngestResult:
+        guard.admit(request.headers.get("authorization"))
         body = await door.read_body(request)
         return await run_in_threadpool(door.ingest, "labels", body)
 

@@ -37,6 +37,7 @@ from fastapi import FastAPI
 from ..shared import deps, kafka, metrics
 from ..shared.codec import get_codec
 from ..shared.deadletter import dead_letter, fit_payload
+from ..shared.doors import DoorGuard
 from ..shared.keys import Keys
 from ..shared.runtime import StreamWorker, run_app, service_app
 from ..shared.schema_registry import RegistryUnavailable, registry_for
@@ -329,7 +330,9 @@ def build_app(settings: Settings) -> FastAPI:
         description="Validates events and labels from producers (Kafka or HTTP), drops duplicates, "
                     "and publishes them to events.valid / labels.valid; the rest goes to the DLQs with a reason.",
     )
-    app.include_router(router(door))
+    guard = DoorGuard.of(SERVICE, settings)
+    app.include_router(router(door, guard))
+    guard.document(app, ("/v1/events", "/v1/labels"))
     return app
 
 

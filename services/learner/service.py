@@ -12,9 +12,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import Body, FastAPI, Header, HTTPException
+from fastapi import Body, FastAPI, HTTPException
 
-from ..shared.admin import check_admin  # the one admin guard of every service
+from ..shared.admin import AdminAction, admin_action  # the one admin guard of every service, audited
 from ..shared.registry import TamperedArtifact, UnknownVersion
 from ..shared.runtime import configure_logging, run_app, service_app
 from ..shared.settings import Settings
@@ -46,17 +46,17 @@ def create_app(settings: Settings, worker: LearnerWorker | None = None) -> FastA
                 "position": worker.position, "ts": time.time(), "published": published}
 
     @app.post("/v1/models/rollback", tags=["models"], summary="Make an earlier version the champion again")
-    def rollback(body: dict | None = Body(None), authorization: str | None = Header(None)) -> dict[str, Any]:
-        check_admin(settings, authorization)
+    def rollback(body: dict | None = Body(None),
+                 act: AdminAction = admin_action(settings, SERVICE, "rollback")) -> dict[str, Any]:
         version = (body or {}).get("version") or rollback_target(registry)
+        act.about(version=version)
         if not isinstance(version, int):
             raise HTTPException(409, "nothing to roll back to: name a version in {'version': N}")
-        return swap(version, "rollback")
+        return act.answered(swap(version, "rollback"))
 
     @app.post("/v1/models/{version}/promote", tags=["models"], summary="Make a version the champion")
-    def promote(version: int, authorization: str | None = Header(None)) -> dict[str, Any]:
-        check_admin(settings, authorization)
-        return swap(version, "manual")
+    def promote(version: int, act: AdminAction = admin_action(settings, SERVICE, "promote")) -> dict[str, Any]:
+        return act.about(version=version).answered(swap(version, "manual"))
 
     return app
 

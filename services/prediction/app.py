@@ -9,7 +9,9 @@
     GET  /health /ready /metrics      alive / model loaded and Redis and Kafka answer / Prometheus
 
 Admin routes need `Authorization: Bearer $DRIFTLINE_ADMIN_TOKEN` (the shared guard,
-`driftline.shared.admin`: 401 without it or with a wrong one; 403 when no token is configured). Client input never causes a 5xx: a body over
+`driftline.shared.admin`: 401 without it or with a wrong one; 403 when no token is configured), and
+each request leaves an audit record. With DRIFTLINE_PREDICT_TOKENS set, the predict routes need a
+client token (`driftline.shared.doors`: 401, or 429 over the client's rate limit). Client input never causes a 5xx: a body over
 `prediction.max_body_bytes` is 413 before it is parsed, anything that does not fit the schema
 (including NaN/Infinity, which Python's json accepts) is 422 naming the field. 503 means the
 service itself cannot answer yet (no model, Redis down) and says why.
@@ -22,17 +24,18 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
-from fastapi import Body, Depends, FastAPI, Path, Request, Response
+from fastapi import Body, FastAPI, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from ..shared import metrics
-from ..shared.admin import admin_dependency
+from ..shared.admin import AdminAction, admin_action
+from ..shared.doors import DOOR_RESPONSES, DoorGuard
 from ..shared.runtime import service_app
 from ..shared.settings import Settings, get_settings
 from .models import NonFiniteOutput
@@ -52,8 +55,10 @@ from .schemas import (
 )
 
 SERVICE = "prediction"
+RequestModel = TypeVar("RequestModel", bound=BaseModel)
 
 PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
+    **{status: {"model": ErrorResponse, **doc} for status, doc in DOOR_RESPONSES.items()},
     413: {"model": ErrorResponse, "description": "body larger than prediction.max_body_bytes"},
     422: {"model": ErrorResponse, "description": "input that does not fit the schema; `loc` names the field"},
     503: {"model": ErrorResponse, "description": "no model loaded yet, or the feature store does not answer"},
@@ -66,19 +71,48 @@ ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-# The request body of /v1/predict as the OpenAPI shows it (the route reads the raw body itself).
-PREDICT_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"application/json": {
-    "schema": PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """The request body of a route that reads the raw body itself, as the OpenAPI shows it: the
+    model's JSON schema with its nested models written out (FastAPI registers no components for it)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            return inline(defs[ref.rsplit("/", 1)[-1]]) if ref.startswith("#/$defs/") else {
+                key: inline(value) for key, value in node.items()}
+        return [inline(item) for item in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
-def _validate_python(body: bytes) -> PredictRequest:
+PREDICT_BODY = _body_doc(PredictRequest)
+BATCH_BODY = _body_doc(BatchRequest)
+
+
+def parse_body(model: type[RequestModel], body: bytes) -> RequestModel:
+    """The body parsed and validated in one step by pydantic's JSON parser (no json.loads then dict
+    walk, no FastAPI body machinery); a 422 with the field's `loc` when it does not fit."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors()
+        if any(e["type"] == "json_invalid" for e in errors):
+            # pydantic's parser refuses what Python's json reads (a lone surrogate escape): parse
+            # it as before, so the 422 names the field, or says where the JSON is broken.
+            return _validate_python(model, body)
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
+
+
+def _validate_python(model: type[RequestModel], body: bytes) -> RequestModel:
     try:
         data = json.loads(body)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise RequestValidationError([{"loc": ("body", getattr(exc, "pos", 0)), "msg": "JSON decode error",
                                        "type": "json_invalid"}]) from None
     try:
-        return PredictRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
@@ -108,7 +142,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body_limit_setting="prediction.max_body_bytes",
     )
     app.state.predictor = predictor
-    require_admin = admin_dependency(settings)  # the one guard of every service
+    guard = DoorGuard.of(SERVICE, settings)  # who may call /v1/predict and /v1/predict/batch
+
+    def admin(action: str) -> Any:  # the one admin guard of every service, with the audit record
+        return admin_action(settings, SERVICE, action)
+
     max_batch = settings.prediction.max_batch
     worker = str(os.getpid())
 
@@ -147,28 +185,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # All on the event loop: the Redis round trip is awaited (asyncio client), so requests overlap
     # their waits without a thread-pool hop; the answer (already in the PredictResponse shape) is
     # returned as a response, which skips FastAPI's second validation of it. The header names the
-    # worker process.
-    # The body is parsed and validated in one step by pydantic's JSON parser (no json.loads then
-    # dict walk, no FastAPI body machinery); the OpenAPI still names PredictRequest (openapi_extra).
+    # worker process. The guard admits the caller before the body is read; the body is parsed by
+    # `parse_body` (the OpenAPI still names the request model: openapi_extra).
     @app.post("/v1/predict", response_model=PredictResponse, responses=PREDICT_ERRORS, tags=["predict"],
               summary="Predict for one event with the champion", openapi_extra=PREDICT_BODY)
     async def predict(request: Request) -> JSONResponse:
-        body = await request.body()
-        try:
-            req = PredictRequest.model_validate_json(body)
-        except ValidationError as exc:
-            errors = exc.errors()
-            if any(e["type"] == "json_invalid" for e in errors):
-                # pydantic's parser refuses what Python's json reads (a lone surrogate escape): parse
-                # it as before, so the 422 names the field, or says where the JSON is broken.
-                req = _validate_python(body)
-            else:
-                raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
+        guard.admit(request.headers.get("authorization"))
+        req = parse_body(PredictRequest, await request.body())
         return JSONResponse(await predictor.apredict(req), headers={"x-driftline-worker": worker})
 
     @app.post("/v1/predict/batch", response_model=BatchResponse, responses=PREDICT_ERRORS, tags=["predict"],
-              summary="Predict for many events, all with one model version")
-    async def predict_batch(batch: BatchRequest, response: Response) -> dict[str, Any]:
+              summary="Predict for many events, all with one model version", openapi_extra=BATCH_BODY)
+    async def predict_batch(request: Request, response: Response) -> dict[str, Any]:
+        guard.admit(request.headers.get("authorization"))
+        batch = parse_body(BatchRequest, await request.body())
         response.headers["x-driftline-worker"] = worker
         if len(batch.items) > max_batch:
             raise validation_error(("body", "items"), f"at most {max_batch} items per batch "
@@ -183,33 +213,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {**predictor.models(), "worker": os.getpid()}
 
     @app.post("/v1/models/rollback", response_model=SwapResponse, responses=ADMIN_ERRORS, tags=["models"],
-              summary="Admin: make the champion's parent (or a given version) the champion",
-              dependencies=[Depends(require_admin)])
-    def rollback(body: RollbackRequest | None = Body(None)) -> dict[str, Any]:
-        return predictor.rollback(body.version if body else None)
+              summary="Admin: make the champion's parent (or a given version) the champion")
+    def rollback(body: RollbackRequest | None = Body(None), act: AdminAction = admin("rollback")) -> dict[str, Any]:
+        version = body.version if body else None
+        return act.about(version=version).answered(predictor.rollback(version))
 
     @app.post("/v1/models/{version}/promote", response_model=SwapResponse, responses=ADMIN_ERRORS,
-              tags=["models"], summary="Admin: make this version the champion",
-              dependencies=[Depends(require_admin)])
-    def promote(version: int = Path(..., ge=1, le=2**31 - 1)) -> dict[str, Any]:
-        return predictor.promote(version)
+              tags=["models"], summary="Admin: make this version the champion")
+    def promote(version: int = Path(..., ge=1, le=2**31 - 1), act: AdminAction = admin("promote")) -> dict[str, Any]:
+        return act.about(version=version).answered(predictor.promote(version))
 
     # -- canary (canary.py) --------------------------------------------------------------------
     @app.post("/v1/canary", response_model=CanaryState, responses=ADMIN_ERRORS, tags=["models"],
-              summary="Admin: route a share of /v1/predict to the challenger (sticky by entity id); 0 stops",
-              dependencies=[Depends(require_admin)])
-    def canary(body: CanaryRequest) -> dict[str, Any]:
-        return predictor.canary_share(body.share)
+              summary="Admin: route a share of /v1/predict to the challenger (sticky by entity id); 0 stops")
+    def canary(body: CanaryRequest, act: AdminAction = admin("canary_share")) -> dict[str, Any]:
+        return act.about(share=body.share).answered(predictor.canary_share(body.share))
 
     @app.post("/v1/canary/promote", response_model=SwapResponse, responses=ADMIN_ERRORS, tags=["models"],
-              summary="Admin: make the canary's challenger the champion", dependencies=[Depends(require_admin)])
-    def canary_promote() -> dict[str, Any]:
-        return predictor.canary_promote()
+              summary="Admin: make the canary's challenger the champion")
+    def canary_promote(act: AdminAction = admin("canary_promote")) -> dict[str, Any]:
+        return act.answered(predictor.canary_promote())
 
     @app.post("/v1/canary/rollback", response_model=CanaryState, responses=ADMIN_ERRORS, tags=["models"],
-              summary="Admin: stop routing to the challenger", dependencies=[Depends(require_admin)])
-    def canary_rollback() -> dict[str, Any]:
-        return predictor.canary_rollback()
+              summary="Admin: stop routing to the challenger")
+    def canary_rollback(act: AdminAction = admin("canary_rollback")) -> dict[str, Any]:
+        return act.answered(predictor.canary_rollback())
 
     # -- readiness -----------------------------------------------------------------------------
     @app.get("/ready", response_model=ReadyResponse, tags=["ops"], responses={503: {"model": ReadyResponse}},
@@ -220,4 +248,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body = {"ready": ok, "model_version": served.version if served else None, "reasons": reasons}
         return JSONResponse(body, status_code=200 if ok else 503)
 
+    guard.document(app, ("/v1/predict", "/v1/predict/batch"))
     return app

@@ -129,6 +129,17 @@ HTTP_SECONDS = Histogram(
     "driftline_http_request_seconds", "HTTP request latency, by route.", ["service", "route"],
     buckets=LATENCY_BUCKETS,
 )
+CLIENT_REQUESTS = Counter(
+    "driftline_client_requests_total",
+    "Requests a client door let in, by client: the name of the token (anonymous when the door is open).",
+    ["service", "client"],
+)
+CLIENT_REJECTIONS = Counter(
+    "driftline_client_rejections_total",
+    "Requests a client door turned away, by client (unknown: no token or an unknown one) and reason "
+    "(missing|invalid|rate_limited).",
+    ["service", "client", "reason"],
+)
 SERVING_VERSION = Gauge("driftline_serving_model_version", "Champion version this replica serves.", ["model"])
 MODEL_READY = Gauge("driftline_model_ready", "1 when the service has a model and its dependencies answer.",
                     ["service"])

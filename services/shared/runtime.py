@@ -37,7 +37,7 @@ from .bodylimit import BodyLimit
 from .deps import DEPS, backoff_delays
 from .kafka import base_topic
 from .schema_registry import prepare_output
-from .settings import Settings, check_model_key
+from .settings import Settings, check_secrets
 from .topics import Topics
 
 log = logging.getLogger(__name__)
@@ -488,10 +488,10 @@ def metrics_registry():
 
 def run_app(app: FastAPI, port: int, settings: Settings, workers: int = 1, factory: str | None = None) -> None:
     """Serve `app` with uvicorn on the settings' host (`factory` import string when workers > 1).
-    Never with a weak model key (`driftline serve` says so first; this is the last line)."""
+    Never with a weak model key or token (`driftline serve` says so first; this is the last line)."""
     import uvicorn
 
-    check_model_key(settings)
+    check_secrets(settings)
     if workers > 1 and factory:
         uvicorn.run(factory, factory=True, host=settings.host, port=port, workers=workers,
                     log_level=settings.log_level.lower(), access_log=False)

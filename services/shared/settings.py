@@ -13,17 +13,30 @@ Nothing else in driftline reads `os.environ` for its configuration.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import secrets
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, Field, PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -36,12 +49,78 @@ PUBLISHED_KEYS = frozenset({"driftline-dev-key-change-me"})
 MIN_KEY_BYTES = 32
 LOCAL_SECRETS = "secrets.json"  # under the home: the zero-config key and admin token (mode 0600)
 KAFKA_SECURITY_PREFIXES = ("sasl.", "ssl.")
+# Secrets that may come from a file instead (`<name>_file`, DRIFTLINE_<NAME>_FILE: Docker's secrets).
+SECRET_FILES = ("model_key", "admin_token", "ingest_tokens", "predict_tokens", "redis_url", "kafka_security")
 # Read before the settings (which file to read), or by docker-compose.yml alone (it puts the Redis
 # password into DRIFTLINE_REDIS_URL and Redis' requirepass): known, but no setting of their own.
 EXTRA_ENV_NAMES = frozenset({"DRIFTLINE_CONFIG", "DRIFTLINE_REDIS_PASSWORD"})
 
 DEFAULT_MODEL = "preprocessing.StandardScaler() | linear_model.LogisticRegression()"
 DriftDetectorName = Literal[tuple(DRIFT_DETECTORS)]  # type: ignore[valid-type]
+
+
+def _check_rate_limit(value: str | None) -> str | None:
+    """A rate in the `limits` package's notation ('100/second', '10 per minute', '5/2 seconds')."""
+    if value is None:
+        return None
+    from limits import parse
+
+    try:
+        parse(value)
+    except ValueError:
+        raise ValueError("a rate limit reads like '100/second', '6000 per minute' or '5/2 seconds'") from None
+    return value
+
+
+RateLimit = Annotated[str, AfterValidator(_check_rate_limit)]
+
+# Names of the metric's `client` label for callers that hold no known token: a client may not take them.
+UNKNOWN_CLIENT, ANONYMOUS_CLIENT = "unknown", "anonymous"
+
+
+class ClientToken(BaseModel):
+    """One holder of a bearer token: a client of a door, or an admin. Its name is what metrics and
+    the audit say (never the token); a bare token is named by its fingerprint.
+
+        >>> ClientToken(name="shop", token="x").name, ClientToken(token="x").name
+        ('shop', 'token-2d711642')
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("", pattern=r"^([A-Za-z0-9][A-Za-z0-9_.@-]{0,63})?$",
+                      description="who holds it: letters, digits, _.@- (at most 64)")
+    token: SecretStr = Field(description="the bearer token itself")
+    rate_limit: RateLimit | None = Field(None, description="this client's own rate limit, instead of the door's")
+
+    @model_validator(mode="after")
+    def _named(self) -> "ClientToken":
+        if not self.name:
+            self.name = "token-" + hashlib.sha256(self.token.get_secret_value().encode()).hexdigest()[:8]
+        if self.name in (UNKNOWN_CLIENT, ANONYMOUS_CLIENT):
+            raise ValueError(f"{self.name!r} is the name of callers without a known token: choose another")
+        return self
+
+
+def parse_token_list(value: object) -> object:
+    """A JSON list (or a list) of tokens or of {"name", "token"} objects, as ClientToken fields.
+
+        >>> parse_token_list('["abc", {"name": "shop", "token": "def"}]')
+        [{'token': 'abc'}, {'name': 'shop', 'token': 'def'}]
+    """
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = None
+    if not isinstance(value, list):  # the message never repeats the value: it holds secrets
+        raise ValueError('must be a JSON list of tokens or of {"name": ..., "token": ...} objects')
+    return [{"token": item} if isinstance(item, str) else item for item in value]
+
+
+TokenList = Annotated[list[ClientToken] | None, NoDecode, BeforeValidator(parse_token_list)]
 
 
 class Ports(BaseModel):
@@ -76,6 +155,10 @@ class IngestionSettings(BaseModel):
         0.1, description="the Kafka door goes on reading while its output is acknowledged, and commits at "
                          "most this long after a batch (or when its input pauses); 0 = wait and commit "
                          "after every batch"
+    )
+    rate_limit: RateLimit | None = Field(
+        None, description="requests per client to POST /v1/events and /v1/labels (e.g. '100/second'; 429 with "
+                          "Retry-After beyond it, per process); unset = no limit"
     )
     _allowed: tuple | None = PrivateAttr(None)
 
@@ -200,6 +283,10 @@ class PredictionSettings(BaseModel):
     canary_window: int = Field(1000, description="served labels per arm the canary is judged on (the last N)")
     canary_max_error_increase: float = Field(
         0.05, description="a canary whose served error rate is worse than the champion's by more is rolled back")
+    rate_limit: RateLimit | None = Field(
+        None, description="requests per client to POST /v1/predict and /v1/predict/batch (e.g. '1000/second'; 429 "
+                          "with Retry-After beyond it, per worker process); unset = no limit"
+    )
 
 
 class OfflineSettings(BaseModel):
@@ -240,6 +327,21 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="librdkafka properties for every Kafka client: security.protocol, sasl.*, ssl.* (JSON object)",
     )
+    ingest_tokens: TokenList = Field(
+        None, description='bearer tokens of POST /v1/events and /v1/labels: a JSON list of tokens or of {"name", '
+                          '"token"} objects (and an optional "rate_limit"); unset = open to any caller')
+    predict_tokens: TokenList = Field(
+        None, description="bearer tokens of POST /v1/predict and /v1/predict/batch, as ingest_tokens; unset = open "
+                          "to any caller")
+    audit_log: Path | None = Field(
+        None, description="also append every admin request's audit record here (one JSON object a line)")
+    # Docker's secrets convention: a secret read from a file (e.g. /run/secrets/...) instead of the environment.
+    model_key_file: Path | None = Field(None, description="read DRIFTLINE_MODEL_KEY from this file")
+    admin_token_file: Path | None = Field(None, description="read DRIFTLINE_ADMIN_TOKEN from this file")
+    ingest_tokens_file: Path | None = Field(None, description="read DRIFTLINE_INGEST_TOKENS from this file")
+    predict_tokens_file: Path | None = Field(None, description="read DRIFTLINE_PREDICT_TOKENS from this file")
+    redis_url_file: Path | None = Field(None, description="read DRIFTLINE_REDIS_URL (with its password) from this file")
+    kafka_security_file: Path | None = Field(None, description="read DRIFTLINE_KAFKA_SECURITY from this file")
     log_level: str = "INFO"
     schema_registry_url: str | None = Field(
         None, description="a Confluent-compatible Schema Registry REST API (user:password@ in the URL for basic "
@@ -266,6 +368,37 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_from_files(cls, data: object) -> object:
+        """`<secret>_file`: the secret is that file's text (without its final newline)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name in SECRET_FILES:
+            path = data.get(f"{name}_file")
+            if not path:
+                continue
+            variable = f"DRIFTLINE_{name.upper()}"
+            if data.get(name) is not None:
+                raise ValueError(f"{variable} and {variable}_FILE are both set: give one of them")
+            try:
+                text = Path(path).read_text().rstrip("\r\n")
+            except OSError as exc:
+                raise ValueError(f"{variable}_FILE: cannot read {path}: {exc.strerror}") from None
+            try:
+                data[name] = json.loads(text) if name == "kafka_security" else text
+            except ValueError:
+                raise ValueError(f"{variable}_FILE: {path} does not hold a JSON object") from None
+        return data
+
+    @field_validator("admin_token")
+    @classmethod
+    def _admin_list(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value().lstrip().startswith("["):
+            admin_holders(value)  # a malformed list stops here, as a malformed door list does
+        return value
 
     @field_validator("kafka_security")
     @classmethod
@@ -303,6 +436,11 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def admin_holders(self) -> list[ClientToken]:
+        """Who holds an admin token: `admin` alone, or the names of a list (empty: admin routes closed)."""
+        return admin_holders(self.admin_token)
+
+    @property
     def signing_key(self) -> bytes:
         return self.model_key.get_secret_value().encode()
 
@@ -318,6 +456,25 @@ class Settings(BaseSettings):
 
     def port_of(self, service: str) -> int:
         return getattr(self.ports, service)
+
+
+def admin_holders(token: SecretStr | None) -> list[ClientToken]:
+    """DRIFTLINE_ADMIN_TOKEN's holders: one token (named `admin`), or a JSON list like the door
+    tokens' that names each operator (the audit then says who).
+
+        >>> [h.name for h in admin_holders(SecretStr('[{"name": "alice", "token": "t1"}, {"name": "bob", "token": "t2"}]'))]
+        ['alice', 'bob']
+        >>> [h.name for h in admin_holders(SecretStr("t0"))], admin_holders(SecretStr(""))
+        (['admin'], [])
+    """
+    value = token.get_secret_value() if token is not None else ""
+    if not value:
+        return []
+    if not value.lstrip().startswith("["):
+        return [ClientToken(name="admin", token=SecretStr(value))]
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(TokenList, config=ConfigDict(hide_input_in_errors=True)).validate_python(value) or []
 
 
 class InsecureSettings(ValueError):
@@ -340,6 +497,78 @@ def check_model_key(settings: Settings) -> None:
         f"DRIFTLINE_MODEL_KEY {problem}: it signs the model artifacts, so it must be a secret of at least "
         f"{MIN_KEY_BYTES} bytes (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`); "
         "`driftline infra up` generates one into the local home for development")
+
+
+MIN_TOKEN_CHARS = 24
+MIN_TOKEN_DISTINCT = 6  # 24 random characters of any alphabet have (far) more: fewer is a pattern
+# RFC 6750's b64token: what an `Authorization: Bearer` header carries as it is
+BEARER_CHARS = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+TOKEN_HINT = "e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+
+
+def token_weakness(token: str) -> str | None:
+    """Why a bearer token will not do, or None.
+
+        >>> token_weakness("0123456789abcdefghijklmnop") is None
+        True
+        >>> token_weakness("s3cret"), token_weakness("a" * 30)
+        ('is too short (6 of at least 24 characters)', 'is too regular to be random (6 different characters at least)')
+    """
+    if not BEARER_CHARS.fullmatch(token):
+        return "has characters a bearer token cannot carry (letters, digits and -._~+/ then = only)"
+    if len(token) < MIN_TOKEN_CHARS:
+        return f"is too short ({len(token)} of at least {MIN_TOKEN_CHARS} characters)"
+    if len(set(token)) < MIN_TOKEN_DISTINCT:
+        return f"is too regular to be random ({MIN_TOKEN_DISTINCT} different characters at least)"
+    return None
+
+
+def token_lists(settings: Settings) -> dict[str, list[ClientToken] | None]:
+    """Every configured list of bearer tokens by its variable; None = that door is open."""
+    return {"DRIFTLINE_ADMIN_TOKEN": settings.admin_holders, "DRIFTLINE_INGEST_TOKENS": settings.ingest_tokens,
+            "DRIFTLINE_PREDICT_TOKENS": settings.predict_tokens}
+
+
+def tokens_problem(settings: Settings, variable: str) -> str | None:
+    """What is wrong with one list of tokens (`token_lists`' variable), or None. Refused: an empty
+    door list (a door nobody can open, or a typo for an open one), a token too short or too regular
+    to be secret, one token for two holders, a client holding an admin token, one name with two
+    different rate limits. The answer names holders, never a token."""
+    lists = token_lists(settings)
+    holders = lists[variable]
+    if holders is None:
+        return None
+    if not holders and variable != "DRIFTLINE_ADMIN_TOKEN":  # an empty admin token closes the admin routes
+        return f"{variable} lists no token: unset it to leave the door open, or list the clients' tokens"
+    admin = {h.token.get_secret_value() for h in lists["DRIFTLINE_ADMIN_TOKEN"]}
+    owners: dict[str, str] = {}
+    limits: dict[str, str | None] = {}
+    for holder in holders:
+        token = holder.token.get_secret_value()
+        weakness = token_weakness(token)
+        if weakness:
+            return f"{variable}: the token of {holder.name!r} {weakness}; {TOKEN_HINT}"
+        if token in owners:
+            return f"{variable}: {owners[token]!r} and {holder.name!r} hold the same token"
+        if token in admin and variable != "DRIFTLINE_ADMIN_TOKEN":
+            return f"{variable}: {holder.name!r} holds an admin token; give clients tokens of their own"
+        if limits.setdefault(holder.name, holder.rate_limit) != holder.rate_limit:
+            return f"{variable}: {holder.name!r} is listed twice with different rate limits"
+        owners[token] = holder.name
+    return None
+
+
+def check_tokens(settings: Settings) -> None:
+    for variable in token_lists(settings):
+        problem = tokens_problem(settings, variable)
+        if problem:
+            raise InsecureSettings(problem)
+
+
+def check_secrets(settings: Settings) -> None:
+    """What a service checks before it listens: the model key and every token."""
+    check_model_key(settings)
+    check_tokens(settings)
 
 
 def env_names(model: type[BaseModel] = Settings, prefix: str = "DRIFTLINE_") -> set[str] | None:
@@ -427,6 +656,16 @@ def settings_view(settings: Settings) -> dict:
     data["schema_registry_url"] = settings.schema_registry_url and redact_url(settings.schema_registry_url)
     data["kafka_security"] = {k: ("***" if any(w in k for w in SECRET_WORDS) else v)
                               for k, v in settings.kafka_security.items()}
+    if settings.admin_token is not None and settings.admin_token.get_secret_value().lstrip().startswith("["):
+        data["admin_token"] = "(set: " + ", ".join(h.name for h in settings.admin_holders) + ")"
+    for name in ("ingest_tokens", "predict_tokens"):
+        holders = getattr(settings, name)
+        data[name] = ("(not set: open to any caller)" if holders is None else
+                      f"({len(holders)} tokens: " + ", ".join(dict.fromkeys(h.name for h in holders)) + ")")
+    for variable in token_lists(settings):
+        problem = tokens_problem(settings, variable)
+        if problem:
+            data[variable.removeprefix("DRIFTLINE_").lower()] = f"(refused: {problem})"
     return data
 
 
@@ -458,5 +697,13 @@ def settings_env(settings: Settings) -> dict[str, str]:
     data = settings.model_dump()
     data["admin_token"] = settings.admin_token.get_secret_value() if settings.admin_token else None
     data["model_key"] = settings.model_key.get_secret_value()
+    for name in ("ingest_tokens", "predict_tokens"):
+        holders = getattr(settings, name)
+        data[name] = None if holders is None else [
+            {"name": h.name, "token": h.token.get_secret_value(), **({"rate_limit": h.rate_limit} if h.rate_limit else {})}
+            for h in holders]
+    for name in SECRET_FILES:  # read from a file: the child reads the same file
+        if data.get(f"{name}_file"):
+            data[name] = None
     put("DRIFTLINE_", data)
     return env
