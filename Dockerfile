@@ -1,6 +1,10 @@
 # One image for the five driftline services; docker-compose.yml runs it with different commands
 # (`driftline serve ingestion`, ... `driftline infra topics`). Settings come from DRIFTLINE_* env.
-FROM python:3.11-slim
+#
+# BASE_IMAGE: any image with Python 3.11+ whose `python` and `pip` come first on PATH (a venv on a
+# Debian base will do, where the official image cannot be pulled: docs/deploy.md).
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
