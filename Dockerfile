@@ -24,9 +24,11 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 
 # The repo itself, installed in place: the code reads schemas/ and infra/ next to services/.
 COPY . .
+# A fixed, numeric uid: Kubernetes can then check runAsNonRoot (infra/kubernetes/).
 RUN pip install --no-deps -e . \
-    && useradd --system --create-home --home-dir /var/lib/driftline driftline
+    && groupadd --system --gid 10001 driftline \
+    && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /var/lib/driftline driftline
 
-USER driftline
-EXPOSE 8000 8001 8002 8003 8004
+USER 10001:10001
+EXPOSE 8000 8001 8002 8003 8004 8005
 CMD ["driftline", "--help"]
