@@ -205,7 +205,12 @@ def ensure_standin(image: str, log=print) -> str:
     """`image` as the store has it, or, when it is not there, a stand-in built under its name.
     Returns what was used ("store" or "stand-in")."""
     repository, _, version = image.rpartition(":")
-    name = STANDINS[repository]
+    name = STANDINS.get(repository)
+    if name is None and image_label(image, STANDIN_LABEL) is None:
+        raise LookupError(f"{image} is not in podman's store and has no stand-in: add tests/deploy/NAME/Containerfile "
+                          "and name it in podman_stack.STANDINS")
+    if name is None:
+        return "store"
     context = DEPLOY / name
     files = sorted(p for p in context.rglob("*") if p.is_file())
     recipe = _recipe(version, [(str(p.relative_to(context)), p.read_bytes()) for p in files])

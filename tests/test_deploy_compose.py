@@ -11,10 +11,10 @@ where those images are not in podman's store; Grafana (AGPL) is not run: its das
 checked against Grafana's schema in tests/test_dashboards.py. The stack lives in a network
 namespace of its own with only a loopback.
 
-Slow: SLOW_TESTS=1 (`.ci/run` installs podman, runc and debootstrap when it is set). Measured on
-the shared 2-core machine: a cold run (base image ~60 s, stand-ins ~35 s, project image ~85 s)
-takes about 8 minutes; a warm one (images cached, the project image rebuilt from podman's layer
-cache) about 4.
+Slow: SLOW_TESTS=1 (`.ci/run` installs podman, runc, debootstrap and the rest when it is set).
+Measured on the shared 2-core machine: a cold run (no image in podman's store: the base ~70 s, the
+project's image ~70 s, the three stand-ins ~40 s, then the stack ~100 s) took 4 min 42 s; warm
+runs (images cached, the project's image from podman's layer cache) took 1.5 to 2.2 minutes.
 """
 
 from __future__ import annotations

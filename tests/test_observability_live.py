@@ -202,7 +202,7 @@ def test_every_dashboard_query_and_alert_returns_data_from_prometheus_during_a_d
 
 def test_a_regressors_dashboard_rows_return_data_and_a_classifiers_stay_away(settings, run_service, prometheus):
     """The regression rows, on a regressor's real metrics: every query returns data, and the
-    classification rows' variable finds no model (Grafana then draws no classification row)."""
+    classification rows' variable finds no model to repeat them for."""
     model = "preprocessing.StandardScaler() | linear_model.LinearRegression()"
     services = ("ingestion", "features", "learner", "drift")  # drift: its retrain requests start challengers
     # A challenger shadows 300 examples (3 s at 100 ev/s): long enough for a 1 s scrape to see it.
