@@ -5,9 +5,9 @@ What stands in for what, and why:
 - Images. A Debian base made by debootstrap and `podman import`ed (built once, cached in podman's
   store under BASE_IMAGE); the driftline image is the project's Dockerfile built on it
   (`--build-arg BASE_IMAGE`). Each public image the compose file names that is not in the store
-  is built as a stand-in under the same name from Debian's packages (Redis, Prometheus) or the
-  broker jars from Maven Central (Kafka), by the Containerfiles in tests/deploy/; the stand-ins
-  carry the label STANDIN_LABEL. Grafana (AGPL) is neither run nor built: its dashboards are
+  is built as a stand-in under the same name from Debian's packages (Redis, Prometheus) or
+  releases from Maven Central on Debian's Java (Kafka, Apicurio Registry), by the Containerfiles
+  in tests/deploy/; the stand-ins carry the label STANDIN_LABEL. Grafana (AGPL) is neither run nor built: its dashboards are
   checked against Grafana's own schema (tests/test_dashboards.py).
 - Network. The stack gets a network namespace of its own with nothing but a loopback (`ip netns`):
   every container joins it, the compose service names resolve to 127.0.0.1 there, the compose
@@ -31,6 +31,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -74,7 +75,8 @@ BASE_ENV = {
 }
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 # What each stand-in is built from (tests/deploy/NAME/Containerfile), by the image's repository.
-STANDINS = {"apache/kafka": "kafka", "redis": "redis", "prom/prometheus": "prometheus"}
+STANDINS = {"apache/kafka": "kafka", "redis": "redis", "prom/prometheus": "prometheus",
+            "apicurio/apicurio-registry-mem": "apicurio"}
 NOT_RUN = ("grafana",)  # AGPL: not run here (see above)
 
 
@@ -229,9 +231,35 @@ def ensure_standin(image: str, log=print) -> str:
             assert version == stack.kafka_version(), f"{image}: the jars cached are Kafka {stack.kafka_version()}"
             shutil.copytree(kafka.libs, build_dir / "libs")
             shutil.copy(REPO / "infra/kafka/log4j.properties", build_dir / "log4j.properties")
+        if name == "apicurio":  # the release's runner jar and its lib/, under a name the entrypoint knows
+            release = apicurio_release(version)
+            shutil.copytree(release, build_dir / "registry", ignore=shutil.ignore_patterns(".complete"))
+            (build_dir / "registry" / f"apicurio-registry-app-{version}-runner.jar").rename(
+                build_dir / "registry" / "registry-runner.jar")
         build(image, build_dir, labels={STANDIN_LABEL: recipe})
     log(f"stand-in {image} built from {context.relative_to(REPO)} in {time.monotonic() - t0:.0f} s")
     return "stand-in"
+
+
+def apicurio_release(version: str) -> Path:
+    """Apicurio Registry's release (Quarkus runner jar + lib/) from Maven Central, unpacked once
+    into the cache folder the local stack's registry uses too."""
+    home = CACHE / f"apicurio-registry-{version}"
+    if (home / ".complete").exists():
+        return home
+    artifact = f"io.apicurio:apicurio-registry-app:{version}:tar.gz:all"
+    with tempfile.TemporaryDirectory(prefix="driftline-apicurio-") as tmp:
+        subprocess.run(["mvn", "-q", "-B", "dependency:copy", f"-Dartifact={artifact}", f"-DoutputDirectory={tmp}"],
+                       check=True, capture_output=True, timeout=900)
+        (archive,) = Path(tmp).glob("*.tar.gz")
+        partial = home.with_name(home.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(partial, filter="data")
+        shutil.rmtree(home, ignore_errors=True)
+        partial.rename(home)
+    (home / ".complete").write_text(version)
+    return home
 
 
 def podman_compose() -> list[str]:

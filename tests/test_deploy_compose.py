@@ -5,9 +5,10 @@ Prometheus, a service container killed and restarted by its policy (and learning
 `compose down --volumes` leaving nothing behind.
 
 How it runs on a machine without Docker or a public registry (tests/podman_stack.py): images on a
-Debian base built by debootstrap; Kafka, Redis and Prometheus as stand-ins under the compose file's
-image names (Kafka 3.9.1's own jars on Debian's Java, Debian's Redis 7.0 and Prometheus 2.42)
-where those images are not in podman's store; Grafana (AGPL) is not run: its dashboards are
+Debian base built by debootstrap; Kafka, Redis, Prometheus (and Apicurio Registry, when the compose
+file runs one) as stand-ins under the compose file's image names (Kafka 3.9.1's own jars on
+Debian's Java, Debian's Redis 7.0 and Prometheus 2.42, Apicurio's release from Maven Central) where
+those images are not in podman's store; Grafana (AGPL) is not run: its dashboards are
 checked against Grafana's schema in tests/test_dashboards.py. The stack lives in a network
 namespace of its own with only a loopback.
 
@@ -61,8 +62,8 @@ def compose_stack(tmp_path):
     env = {"DRIFTLINE_MODEL_KEY": secrets.token_urlsafe(48), "DRIFTLINE_ADMIN_TOKEN": secrets.token_urlsafe(24),
            "DRIFTLINE_REDIS_PASSWORD": secrets.token_urlsafe(24)}
     stack = podman_stack.Stack(podman_stack.new_project(), env, tmp_path, log=say)
-    stack.create_namespace()
     try:
+        stack.create_namespace()
         yield stack
     finally:
         stack.force_remove()
