@@ -429,15 +429,18 @@ class Stack:
             for container, due in list(self._checks.items()):
                 if time.monotonic() < due:
                     continue
-                if container not in intervals:
-                    config = json.loads(podman("inspect", container, check=False).stdout or "[{}]")[0]
-                    check = (config.get("Config") or {}).get("Healthcheck")
-                    if not check:
-                        del self._checks[container]
-                        continue
-                    intervals[container] = _seconds(check.get("Interval"), 30.0)
-                podman("healthcheck", "run", container, check=False, timeout=60)
-                self._checks[container] = time.monotonic() + intervals[container]
+                try:
+                    if container not in intervals:
+                        found = json.loads(podman("inspect", container, check=False).stdout or "[]")
+                        check = found and (found[0].get("Config") or {}).get("Healthcheck")
+                        if not check:
+                            del self._checks[container]
+                            continue
+                        intervals[container] = _seconds(check.get("Interval"), 30.0)
+                    podman("healthcheck", "run", container, check=False, timeout=60)
+                except (subprocess.SubprocessError, ValueError) as exc:  # a hung check: the next one may answer
+                    self.log(f"  healthcheck of {container}: {exc}")
+                self._checks[container] = time.monotonic() + intervals.get(container, 10.0)
 
     def logs(self, service: str, tail: int = 40) -> str:
         result = podman("logs", "--tail", str(tail), self.container(service), check=False)

@@ -15,7 +15,7 @@ namespace of its own with only a loopback.
 Slow: SLOW_TESTS=1 (`.ci/run` installs podman, runc, debootstrap and the rest when it is set).
 Measured on the shared 2-core machine: a cold run (no image in podman's store: the base ~70 s, the
 project's image ~70 s, the three stand-ins ~40 s, then the stack ~100 s) took 4 min 42 s; warm
-runs (images cached, the project's image from podman's layer cache) took 1.5 to 2.2 minutes.
+runs (images cached, the project's image from podman's layer cache) took 1.5 to 3.1 minutes.
 """
 
 from __future__ import annotations
