@@ -173,3 +173,20 @@ def test_the_compose_healthcheck_stops_the_service_after_n_failures_in_a_row(fak
         assert service.wait(5) == -signal.SIGTERM
     finally:
         service.kill()
+
+
+def test_the_compose_healthcheck_counts_failures_across_its_processes(fakes, tmp_path):
+    """Docker runs each check as a new process: the count of failures must carry over."""
+    fakes.start("svc")
+    fakes.status("svc", 503)
+    url = fakes.url("svc") + "/health"
+    service = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # stands for PID 1
+    code = ("import sys; from driftline.infra.healthcheck import main; "
+            f"sys.exit(main([{url!r}, '2'], pid={service.pid}, state_dir={str(tmp_path)!r}))")
+    try:
+        assert subprocess.run([sys.executable, "-c", code], timeout=30).returncode == 1
+        assert service.poll() is None
+        assert subprocess.run([sys.executable, "-c", code], timeout=30).returncode == 1
+        assert service.wait(5) == -signal.SIGTERM
+    finally:
+        service.kill()

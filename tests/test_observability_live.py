@@ -1,8 +1,9 @@
 """The dashboards and alerts work on the real thing: Debian's Prometheus scrapes the five real
 services (1 s scrape and rule evaluation) while a drifting stream is replayed through Kafka; then
-every dashboard query returns data over the replay's time range (as Grafana asks it: a range
-query), every alert expression returns data with its threshold taken out, the concept-drift
-alert fires, and a killed service makes ServiceDown pending.
+every dashboard query a classifier's operator sees (the task-neutral panels and the classification
+rows) returns data over the replay's time range (as Grafana asks it: a range query), every alert
+expression returns data with its threshold taken out, the concept-drift alert fires, and a killed
+service makes ServiceDown pending.
 
 A query without data names the metrics in it that no service exported, so a missing metric
 points at the service that must emit it.
@@ -162,7 +163,9 @@ def test_every_dashboard_query_and_alert_returns_data_from_prometheus_during_a_d
     side_traffic(settings, procs["prediction"].url)  # with a model by now: 200s, version served
 
     # Every dashboard query (panels, annotations, variables) over the replay, as Grafana asks it.
-    queries = [(f"{board}: {what}", as_prometheus_query(expr)) for board, what, expr in dashboard_queries()]
+    # The replay's model is a classifier: the regression rows' panels cannot have data.
+    queries = [(f"{board}: {what}", as_prometheus_query(expr))
+               for board, what, expr in dashboard_queries(tasks={"classification"})]
     queries += [(f"rules.yml: alert {rule['alert']}", without_threshold(rule["expr"])) for rule in alert_rules()]
 
     def empty() -> list[tuple[str, str]]:
@@ -195,3 +198,30 @@ def test_every_dashboard_query_and_alert_returns_data_from_prometheus_during_a_d
     assert [a["labels"]["service"] for a in down] == ["drift"]
     assert down[0]["state"] == "pending"
     print(f"drift alert fired, ServiceDown pending; {time.monotonic() - t0:.1f} s in all")
+
+
+def test_a_regressors_dashboard_rows_return_data_and_a_classifiers_stay_away(settings, run_service, prometheus):
+    """The regression rows, on a regressor's real metrics: every query returns data, and the
+    classification rows' variable finds no model to repeat them for."""
+    model = "preprocessing.StandardScaler() | linear_model.LinearRegression()"
+    services = ("ingestion", "features", "learner", "drift")  # drift: its retrain requests start challengers
+    # A challenger shadows 300 examples (3 s at 100 ev/s): long enough for a 1 s scrape to see it.
+    start_pipeline(run_service, services=services, model=model, features="raw",
+                   **{**FAST, "DRIFTLINE_LEARNER__MAX_SHADOW": "300"})
+    wait_for("four targets up", lambda: len(prometheus.instant('up{job="driftline"} == 1')) == len(services))
+    start = time.time()
+    report = replay_report(settings, "friedman-abrupt", limit=800, label_delay=LABEL_DELAY, rate=100, model=model,
+                           features="raw")
+    assert report["examples_learned"] == 800 and report["prequential"]["task"] == "regression"
+
+    regression = set(dashboard_queries(tasks={"regression"})) - set(dashboard_queries(tasks=set()))
+    assert len(regression) >= 8
+    queries = [(f"{board}: {what}", as_prometheus_query(expr)) for board, what, expr in regression]
+
+    def empty() -> list[str]:
+        return [what for what, expr in queries if not prometheus.range(expr, start, time.time())]
+
+    assert wait_for("regression rows' data", lambda: not empty(), timeout=30), empty()
+    classification_only = set(dashboard_queries(tasks={"classification"})) - set(dashboard_queries(tasks=set()))
+    variable = next(expr for _, what, expr in classification_only if what.startswith("variable"))
+    assert prometheus.instant(as_prometheus_query(variable)) == []

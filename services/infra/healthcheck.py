@@ -17,12 +17,14 @@ import os
 import signal
 import sys
 import urllib.request
+import zlib
 from pathlib import Path
 
 
 def main(argv: list[str], pid: int | None = 1, state_dir: str = "/tmp") -> int:
     url, limit = argv[0], int(argv[1]) if len(argv) > 1 else 3
-    counter = Path(state_dir) / f"driftline-health-{abs(hash(url)) % 10**8}"
+    # Each check is a new process: the file's name must not depend on its hash seed (hash() does).
+    counter = Path(state_dir) / f"driftline-health-{zlib.crc32(url.encode()):08x}"
     try:
         with urllib.request.urlopen(url, timeout=3) as response:
             ok = response.status == 200

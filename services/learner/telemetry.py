@@ -86,8 +86,7 @@ class Telemetry:
 
     def retire(self, *slots: Slot) -> None:
         for slot in slots:
-            for gauge in (metrics.ACCURACY, metrics.WINDOW_ACCURACY, metrics.LOG_LOSS, metrics.MAE, metrics.RMSE,
-                          metrics.R2, metrics.WINDOW_MAE):
+            for gauge in (gauge for gauges in metrics.TASK_GAUGES.values() for gauge in gauges):
                 try:
                     gauge.remove(self.model, str(slot.version), slot.role)
                 except KeyError:

@@ -103,6 +103,12 @@ RMSE = Gauge("driftline_model_rmse", "Regression: prequential root mean squared 
 R2 = Gauge("driftline_model_r2", "Regression: prequential R² since the version was created.", ["model", "version", "role"])
 WINDOW_MAE = Gauge("driftline_model_window_mae", "Regression: prequential MAE over the last window of examples.",
                    ["model", "version", "role"])
+# A learner exports the prequential figures of its model's task only (learner/telemetry.py), so a
+# dashboard panel that reads one of these belongs to that task (tests/test_dashboards.py).
+TASK_GAUGES = {
+    "classification": (ACCURACY, WINDOW_ACCURACY, LOG_LOSS),
+    "regression": (MAE, RMSE, R2, WINDOW_MAE),
+}
 MODEL_VERSION = Gauge("driftline_model_version", "Version currently in each role (0 = none).", ["model", "role"])
 CHECKPOINTS = Counter("driftline_checkpoints_total", "Learner checkpoints written.", ["model"])
 MODEL_UPDATES = Counter("driftline_model_updates_total", "model.updates published.", ["model"])
