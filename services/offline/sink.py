@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
 
@@ -99,8 +100,8 @@ class OfflineSink(StreamWorker):
         for p, (first, last) in sorted(self.span.items()):
             rows = self.rows.get(p, [])
             self.store.write_batch(topic, p, first, last, rows)
-            for row in rows:
-                metrics.OFFLINE_ROWS.labels(row["model"]).inc()
+            for model, n in Counter(row["model"] for row in rows).items():
+                metrics.OFFLINE_ROWS.labels(model).inc(n)
         done = [TopicPartition(topic, p, last + 1) for p, (_, last) in self.span.items()]
         with_coordinator(lambda: self.consumer.commit(offsets=done, asynchronous=False))
         metrics.PROCESSING_SECONDS.labels(SERVICE, "write").observe(time.perf_counter() - started)

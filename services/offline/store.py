@@ -25,6 +25,7 @@ same rows are written again, whole). Nothing here ever writes to Kafka or Redis:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import re
 from collections import defaultdict
@@ -101,8 +102,18 @@ def vector_of(features, categories) -> dict:
     return {**dict(features or {}), **dict(categories or {})}
 
 
+@functools.lru_cache(maxsize=64)
+def _day(days_since_epoch: int) -> str:
+    return dt.datetime.fromtimestamp(days_since_epoch * 86400, dt.timezone.utc).strftime("%Y-%m-%d")
+
+
 def day_of(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d")
+    """The UTC date of an epoch time (cached by day: it is asked once per stored row).
+
+    >>> day_of(0.0), day_of(86399.9), day_of(1.7e9)
+    ('1970-01-01', '1970-01-01', '2023-11-14')
+    """
+    return _day(int(ts // 86400))
 
 
 class OfflineStore:
@@ -137,7 +148,9 @@ class OfflineStore:
             folder = self.folder(model, day)
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"part-{partition}-{first:012d}-{last:012d}.parquet"
-            table = pa.Table.from_pylist(group, schema=SCHEMA)
+            # Column by column: from_pylist converts dict by dict, ~15% of the sink's time.
+            table = pa.Table.from_pydict({name: [row[name] for row in group] for name in SCHEMA.names},
+                                         schema=SCHEMA)
             tmp = path.with_name(path.name + ".tmp")
             pq.write_table(table, tmp)
             _fsync(tmp)
