@@ -337,7 +337,7 @@ def test_compose_environment_names_are_settings(monkeypatch, tmp_path):
         names |= {n for n in svc["environment"] if n.startswith("DRIFTLINE_")}
         assert svc["environment"]["DRIFTLINE_HOST"] == "0.0.0.0"  # listen on the container network
         assert svc["environment"]["DRIFTLINE_KAFKA_BOOTSTRAP"] == "kafka:9092"
-        # with the password compose requires (issue 13)
+        # with the password compose requires
         assert re.fullmatch(r"redis://:\$\{DRIFTLINE_REDIS_PASSWORD:\?[^}]*\}@redis:6379/0",
                             svc["environment"]["DRIFTLINE_REDIS_URL"])
     assert len(names) >= 5

@@ -11,7 +11,7 @@ stream order that must be exactly max(0, j - N) for event j: fewer would be a la
 more a label known too early (leakage).
 
 The flow-control bounds are set low so that the partitions running ahead really are paused.
-`make test` replays 20,000 rows (4 entities, so 4 features partitions); the issue's 200,000-row run
+`make test` replays 20,000 rows (4 entities, so 4 features partitions); the 200,000-row run
 is marked `slow` and runs only with SLOW_TESTS=1 (several minutes at today's throughput).
 """
 

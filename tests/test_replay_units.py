@@ -38,7 +38,7 @@ def test_generators_are_seeded_numeric_and_carry_their_drift_positions(name):
         assert ds.drift_positions == ()
     else:
         assert ds.drift_positions == (10_000,)
-        assert ds.size - ds.drift_positions[0] >= 10_000, "issue 5 scores the 10,000 rows after the drift"
+        assert ds.size - ds.drift_positions[0] >= 10_000, "bench drift scores the 10,000 rows after the drift"
 
 
 def test_abrupt_drift_changes_the_concept_exactly_at_its_position():

@@ -1,4 +1,4 @@
-"""Secure by default (issue 13): the model key, the admin guard, body limits, bounded state, Kafka
+"""Secure by default: the model key, the admin guard, body limits, bounded state, Kafka
 and Redis authentication, settings hygiene and the model-spec parser. Pure rules are unit tests;
 the rest runs against the real Kafka and Redis of the session (and, for SASL, a broker of its own)."""
 
