@@ -1,4 +1,5 @@
-"""The `driftline` command line: infra, serve, replay, demo, bench, retrain, export, train, reproduce.
+"""The `driftline` command line: infra, serve, replay, demo, bench, retrain, export, train, reproduce,
+reference.
 
 Each command is a thin shell over a function of its service's package; heavy imports happen
 inside the commands so that `driftline --help` is instant.
@@ -12,6 +13,7 @@ from .bench.cli import bench
 from .drift.cli import retrain
 from .infra.cli import infra_app
 from .offline import cli as offline
+from .reference.cli import reference
 from .replay.cli import demo, replay
 from .serve import serve
 
@@ -48,6 +50,7 @@ app.command()(retrain)
 app.command()(offline.export)
 app.command()(offline.train)
 app.command()(offline.reproduce)
+app.command()(reference)
 
 if __name__ == "__main__":
     app()

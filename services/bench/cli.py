@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -16,6 +17,20 @@ from rich.console import Console
 BENCHMARKS = ("ingest", "features", "pipeline", "predict", "serving", "drift", "doors")
 EXTRA = ("soak",)  # long: only when named (`driftline bench soak`)
 console = Console()
+
+
+def measured_under(quick: bool) -> dict:
+    """When, on which commit and under what load a result was measured (docs/benchmarks.md shows it)."""
+    import datetime as dt
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
+            "cores": os.cpu_count(), "load_average_before": round(os.getloadavg()[0], 1), "quick": quick}
 
 
 def bench(
@@ -41,7 +56,9 @@ def bench(
         extra = {"minutes": minutes, "rate": rate} if name == "soak" else {}
         if name == "ingest":
             extra["framing"] = framing
+        before = measured_under(quick)
         result = module.run(out_dir=out, quick=quick, **extra)
+        result["measured"] = {**before, "load_average_after": round(os.getloadavg()[0], 1)}
         path = out / (f"{name}-{framing}.json" if name == "ingest" and framing != "single-object" else f"{name}.json")
         path.write_text(json.dumps(result, indent=2))
         console.print_json(json.dumps(result))

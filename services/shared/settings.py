@@ -126,12 +126,12 @@ TokenList = Annotated[list[ClientToken] | None, NoDecode, BeforeValidator(parse_
 class Ports(BaseModel):
     """HTTP port of each service (GET /health and /metrics on every one)."""
 
-    prediction: int = 8000
-    ingestion: int = 8001
-    features: int = 8002
-    learner: int = 8003
-    drift: int = 8004
-    offline: int = 8005  # the offline store's sink (health and metrics only)
+    prediction: int = Field(8000, description="HTTP port of the prediction service")
+    ingestion: int = Field(8001, description="HTTP port of ingestion")
+    features: int = Field(8002, description="HTTP port of the features service")
+    learner: int = Field(8003, description="HTTP port of the learner")
+    drift: int = Field(8004, description="HTTP port of the drift service")
+    offline: int = Field(8005, description="HTTP port of the offline store's sink (health and metrics only)")
 
 
 class IngestionSettings(BaseModel):
@@ -150,7 +150,7 @@ class IngestionSettings(BaseModel):
     dedup_ttl_s: int = Field(24 * 3600, description="how long an event_id is remembered")
     max_clock_skew_s: float = Field(24 * 3600, description="events further in the future are invalid")
     min_ts: float = Field(0.0, description="events before this epoch second are invalid")
-    batch_size: int = 1000
+    batch_size: int = Field(1000, description="most messages read and handled as one batch")
     commit_interval_s: float = Field(
         0.1, description="the Kafka door goes on reading while its output is acknowledged, and commits at "
                          "most this long after a batch (or when its input pauses); 0 = wait and commit "
@@ -187,7 +187,7 @@ class FeatureSettings(BaseModel):
     max_categories: int = Field(
         1000, description="distinct text values one field may take for one model; events with more go to the DLQ"
     )
-    batch_size: int = 1000
+    batch_size: int = Field(1000, description="most messages read and handled as one batch")
     commit_interval_s: float = Field(
         0.1, description="reads on while its output is acknowledged, and commits at most this long after a "
                          "batch (or when its input pauses); 0 = wait and commit after every batch"
@@ -207,7 +207,7 @@ class FeatureSettings(BaseModel):
 
 
 class LearnerSettings(BaseModel):
-    model: str = DEFAULT_MODEL
+    model: str = Field(DEFAULT_MODEL, description="the river model: a safely parsed expression of river classes, literal arguments and |")
     model_name: str = Field("default", description="one active learner per model name")
     # Mostly time-driven, as Flink's and Kafka Streams' commits are: a checkpoint flushes the
     # producer and pickles what is held, so one every 1,000 labels cost ~10% of the learner at
@@ -250,14 +250,14 @@ class LearnerSettings(BaseModel):
 
 
 class DriftSettings(BaseModel):
-    detector: DriftDetectorName = "ADWIN"
-    detector_params: dict[str, float] = Field(default_factory=dict)
+    detector: DriftDetectorName = Field("ADWIN", description="river detector on the champion's errors: ADWIN, PageHinkley, KSWIN, DDM, HDDM_A or HDDM_W")
+    detector_params: dict[str, float] = Field(default_factory=dict, description="the detector's arguments (JSON object), e.g. {\"delta\": 0.001}")
     cooldown: int = Field(1000, description="labelled examples between two retrain requests")
     min_error_increase: float = Field(
         0.02, description="a concept drift counts only if the error rate rose by at least this"
     )
-    data_drift: bool = True
-    data_drift_retrains: bool = False
+    data_drift: bool = Field(True, description="watch the features' distributions (PSI per feature) and publish data drift events")
+    data_drift_retrains: bool = Field(False, description="whether data drift alone asks for a challenger")
     data_drift_sample: int = Field(10, description="one scored event in N feeds the data-drift monitor")
     data_drift_window: int = Field(1000, description="values per feature in the reference and the recent window")
     data_drift_psi: float = Field(0.25, description="PSI between reference and recent window that counts as data drift")
@@ -268,15 +268,15 @@ class DriftSettings(BaseModel):
     on_schedule_s: float = Field(0.0, description="retrain every T seconds (0 = off)")
     on_new_data: int = Field(0, description="retrain every N labels (0 = off)")
     on_accuracy_below: float = Field(0.0, description="retrain when rolling accuracy drops under this (0 = off)")
-    accuracy_window: int = 500
+    accuracy_window: int = Field(500, description="labels of the rolling accuracy the performance trigger watches")
 
 
 class PredictionSettings(BaseModel):
-    max_batch: int = 1000
-    max_body_bytes: int = 1024 * 1024
+    max_batch: int = Field(1000, description="rows a /v1/predict/batch request may carry")
+    max_body_bytes: int = Field(1024 * 1024, description="largest request body of the prediction service (413 beyond)")
     log_queue: int = Field(100_000, description="predictions waiting for Kafka before they are counted as lost")
     log_timeout_ms: int = Field(10_000, description="a prediction Kafka has not taken by then is dropped (counted)")
-    workers: int = 1
+    workers: int = Field(1, description="uvicorn worker processes of the prediction service")
     canary_share: float = Field(0.0, ge=0.0, le=1.0, description="share of /v1/predict routed to the challenger "
                                 "(sticky by entity id); the admin route POST /v1/canary changes it at run time")
     canary_min_labels: int = Field(200, description="served labels per arm before the canary is judged")
@@ -306,8 +306,8 @@ class Settings(BaseSettings):
         hide_input_in_errors=True,  # a refused value may be a password: errors name the field only
     )
 
-    kafka_bootstrap: str = "127.0.0.1:9092"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis (rediss:// for TLS)")
     namespace: str = Field(
         "", description="prefix for topics, consumer groups and Redis keys (several pipelines on one broker)"
     )
@@ -315,7 +315,7 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(
         Path.home() / ".cache" / "driftline", description="downloaded broker jars, shared by every clone"
     )
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="where the services listen (0.0.0.0 in containers)")
     prometheus_port: int = Field(9090, description="`driftline infra up --with-prometheus` listens here (on host)")
     admin_token: SecretStr | None = Field(
         None, description="bearer token of the admin routes; unset or empty = those routes are closed (403)"
@@ -342,7 +342,7 @@ class Settings(BaseSettings):
     predict_tokens_file: Path | None = Field(None, description="read DRIFTLINE_PREDICT_TOKENS from this file")
     redis_url_file: Path | None = Field(None, description="read DRIFTLINE_REDIS_URL (with its password) from this file")
     kafka_security_file: Path | None = Field(None, description="read DRIFTLINE_KAFKA_SECURITY from this file")
-    log_level: str = "INFO"
+    log_level: str = Field("INFO", description="log level of every service")
     schema_registry_url: str | None = Field(
         None, description="a Confluent-compatible Schema Registry REST API (user:password@ in the URL for basic "
                           "auth): events and labels then also accept the Confluent wire format; unset = single-object only")

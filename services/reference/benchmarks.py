@@ -1,0 +1,110 @@
+"""docs/benchmarks.md: the headline figures of every result under reports/bench/, one table each,
+with when, on which commit and under what load they were measured (`driftline bench` records it).
+
+    >>> headline("pipeline", {"throughput": {"logreg": {"ratio": 0.061, "pipeline_events_per_s": 4900,
+    ...     "processes": "serve all", "in_process_events_per_s": 80000, "aim_ratio": 0.1}}})[0]
+    ('logreg, serve all: examples/s (ratio to river in-process)', '4,900 (0.061; aim 0.1)')
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HEADER = """# Benchmarks
+
+Generated from `reports/bench/*.json` by `driftline reference benchmarks --write`; each result
+was written by `driftline bench NAME` (`make bench` runs them all), which starts its own Kafka,
+Redis and services on free ports, measures, and stops them. Speed and memory targets are checked
+here, never in timed tests. The machine is the development machine (2 cores, 24 GiB); on two
+shared cores only ratios measured in one run compare, and each table says the load it ran under.
+"""
+
+Rows = list[tuple[str, str]]
+
+
+def _n(x: Any, digits: int = 0) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, (int, float)):
+        return f"{x:,.{digits}f}"
+    return str(x)
+
+
+def _pipeline(r: dict) -> Rows:
+    rows: Rows = []
+    for name, t in r.get("throughput", {}).items():
+        what = t.get("processes", "ingestion, features, learner")
+        rows.append((f"{name}, {what}: examples/s (ratio to river in-process)",
+                     f"{_n(t['pipeline_events_per_s'])} ({t['ratio']}; aim {t.get('aim_ratio')})"))
+        if t.get("hot_path"):
+            hot = t["hot_path"]
+            rows.append((f"{name}, hot path alone (ingestion, features, learner)",
+                         f"{_n(hot['pipeline_events_per_s'])} ({hot['ratio']}); serve all / hot path "
+                         f"{t.get('whole_over_hot_path')}"))
+        if t.get("cpu_us_per_event"):
+            rows.append((f"{name}, CPU µs per event", ", ".join(f"{k} {_n(v)}" for k, v in t["cpu_us_per_event"].items())))
+        if "drift_events" in t:
+            rows.append((f"{name}, drift events / swaps", f"{t['drift_events']} / {len(t.get('model_swaps', []))}"))
+    lat = r.get("latency", {})
+    steady = lat.get("steady_latency_ms") or lat.get("latency_ms")
+    if steady:
+        rows.append((f"publish → prediction at {_n(lat.get('rate_eps'))} ev/s, p50 / p95 / p99 ms",
+                     f"{steady['p50']} / {steady['p95']} / {steady['p99']}"))
+    q = r.get("quality")
+    if q:
+        rows.append((f"quality: {q['dataset']}, {q['features']} features, delay {q['label_delay']}",
+                     f"accuracy {q['accuracy']}, kappa-temporal {q.get('kappa_temporal', '-')} "
+                     f"(no-change {q.get('no_change_accuracy', '-')})"))
+    return rows
+
+
+def _ingest(r: dict) -> Rows:
+    rows = [("events/s, ingestion → features end to end", _n(r.get("throughput_events_per_s"))),
+            ("events/s, ingestion stage alone", _n(r.get("ingestion_stage_events_per_s")))]
+    lat = r.get("latency") or {}
+    if isinstance(lat, dict) and lat.get("latency_ms"):
+        rows.append((f"latency at {_n(lat.get('rate_eps'))} ev/s, p50 / p99 ms",
+                     f"{lat['latency_ms'].get('p50')} / {lat['latency_ms'].get('p99')}"))
+    return rows
+
+
+def _predict(r: dict) -> Rows:
+    rows: Rows = []
+    for conns in ("c16", "c64"):
+        c = r.get(conns)
+        if c:
+            p = c["predict"]
+            rows.append((f"/v1/predict, {conns[1:]} connections: req/s, p50 / p99 ms, server CPU ms/req",
+                         f"{_n(p['requests_per_s'])}, {p['p50_ms']} / {p['p99_ms']}, "
+                         f"{p.get('server_cpu_ms_per_request')}"))
+            rows.append((f"{conns[1:]} connections: predict / health, health / bare FastAPI",
+                         f"{c.get('ratio')} / {c.get('health_ratio')}"))
+    return rows
+
+
+def _generic(r: dict) -> Rows:
+    """Any other result: its top-level numbers and flags."""
+    return [(k, _n(v, 3) if isinstance(v, float) else str(v)) for k, v in r.items()
+            if isinstance(v, (int, float, bool, str)) and k not in ("plot", "table")][:12]
+
+
+HEADLINES: dict[str, Callable[[dict], Rows]] = {"pipeline": _pipeline, "ingest": _ingest, "predict": _predict}
+
+
+def headline(name: str, result: dict) -> Rows:
+    return HEADLINES.get(name.split("-")[0], _generic)(result)
+
+
+def render(folder: Path = Path("reports/bench")) -> str:
+    lines = [HEADER]
+    for path in sorted(Path(folder).glob("*.json")):
+        result = json.loads(path.read_text())
+        measured = result.get("measured", {})
+        when = ", ".join(f"{k} {v}" for k, v in measured.items()) or "(not recorded)"
+        lines += ["", f"## {path.stem}", "", f"[{path.name}](../reports/bench/{path.name}) — measured: {when}", "",
+                  "| figure | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in headline(path.stem, result)]
+    return "\n".join(lines) + "\n"
