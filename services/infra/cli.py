@@ -88,7 +88,10 @@ def _register_schemas(settings) -> None:
 @infra_app.command()
 def down() -> None:
     """Stop the services, Prometheus, Redis and Kafka that driftline started."""
-    stopped = stack.down(get_settings())
+    from ..serve import stop_services
+
+    settings = get_settings()
+    stopped = stop_services(settings=settings) + stack.down(settings)
     console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
 
 

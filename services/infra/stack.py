@@ -495,10 +495,9 @@ def up(settings: Settings, timeout: float = 90.0, create_topics: bool = True,
 
 
 def down(settings: Settings) -> list[str]:
-    """Stop every service `serve all` left, then Redis and Kafka. Returns what was stopped."""
-    from ..serve import stop_services
-
-    stopped = stop_services(settings=settings)
+    """Stop Prometheus, Redis and Kafka (those driftline started). Returns what was stopped.
+    (`driftline infra down` first stops the services `serve all` left: serve.stop_services.)"""
+    stopped = []
     for component in [Prometheus(settings), *reversed(components(settings))]:
         if component.stop():
             stopped.append(component.name)

@@ -85,13 +85,35 @@ def _predict(r: dict) -> Rows:
     return rows
 
 
+def _drift(r: dict) -> Rows:
+    rows: Rows = []
+    for row in r.get("rows", []):
+        model = row["model"].split(".")[-1].split("(")[0]
+        if "drift_at" in row:
+            rows.append((f"{row['dataset']}, {model}: accuracy over the 10,000 rows after the drift "
+                         f"(driftline / never retrained / HAT); swap after",
+                         f"{row['accuracy_after']} / {row['accuracy_after_never_retrained']} / "
+                         f"{row['accuracy_after_hat']}; {row['examples_to_swap']}"))
+        else:
+            rows.append((f"{row['dataset']}, {model}: accuracy (driftline / never retrained); false alarms",
+                         f"{row['accuracy']} / {row['accuracy_never_retrained']}; {row['false_alarms']}"))
+    for row in r.get("recurring_rows", []):
+        model = row["model"].split(".")[-1].split("(")[0]
+        rows.append((f"{row['dataset']}, {model}, label delay {row['label_delay']}: accuracy (driftline / never "
+                     f"retrained), kappa-temporal, swaps (restored)",
+                     f"{row['accuracy']} / {row['accuracy_never_retrained']}, {row['kappa_temporal']} / "
+                     f"{row['kappa_temporal_never_retrained']}, {row['swaps']} ({row['restored']})"))
+    return rows
+
+
 def _generic(r: dict) -> Rows:
     """Any other result: its top-level numbers and flags."""
     return [(k, _n(v, 3) if isinstance(v, float) else str(v)) for k, v in r.items()
             if isinstance(v, (int, float, bool, str)) and k not in ("plot", "table")][:12]
 
 
-HEADLINES: dict[str, Callable[[dict], Rows]] = {"pipeline": _pipeline, "ingest": _ingest, "predict": _predict}
+HEADLINES: dict[str, Callable[[dict], Rows]] = {"pipeline": _pipeline, "ingest": _ingest, "predict": _predict,
+                                                "drift": _drift}
 
 
 def headline(name: str, result: dict) -> Rows:
