@@ -53,10 +53,9 @@ from .inputs import Inputs
 from .join import DelayedJoin
 from .labels import is_regressor, label_problem
 from .lineage import Lineage
-from .outputs import Outputs
+from .outputs import ORIGIN_HEADER, Outputs
 from .ordering import INF, FlowControl, HeldEvents, LabelWatermark, features_mark
 from .records import Control, Event, Label, decode
-from .outputs import ORIGIN_HEADER
 from .telemetry import Telemetry
 from .updates import UpdatePacer
 
