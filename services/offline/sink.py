@@ -44,7 +44,11 @@ class OfflineSink(StreamWorker):
         return [self.topics.outcomes]
 
     def open_consumer(self):
-        c = kafka.consumer(self.settings, self.topics.group(self.service))
+        # Off the hot path and written in batches of seconds: large fetches, few of them. With the
+        # default fetch.min.bytes (1) a consumer behind a busy topic asks the broker for each few
+        # records as they come, and the broker's CPU per request is what the hot path shares.
+        c = kafka.consumer(self.settings, self.topics.group(self.service),
+                           **{"fetch.min.bytes": 256 * 1024, "fetch.wait.max.ms": 500})
         topic = self.topics.outcomes
         parts = kafka.partitions_of(self.settings, topic)
         committed = {tp.partition: tp.offset for tp in with_coordinator(lambda: c.committed(parts, timeout=10)) if tp.offset >= 0}
