@@ -134,15 +134,15 @@ def ident(record: dict) -> tuple:
                                               "source", "position"))
 
 
-def readme_block(language: str, containing: str) -> str:
-    readme = (SCHEMAS_DIR.parent / "README.md").read_text()
-    blocks = [b for b in re.findall(rf"```{language}\n(.*?)```", readme, flags=re.S) if containing in b]
-    assert len(blocks) == 1, f"one {language} block with {containing!r} in the README"
+def docs_block(page: str, language: str, containing: str) -> str:
+    text = (SCHEMAS_DIR.parent / "docs" / page).read_text()
+    blocks = [b for b in re.findall(rf"```{language}\n(.*?)```", text, flags=re.S) if containing in b]
+    assert len(blocks) == 1, f"one {language} block with {containing!r} in docs/{page}"
     return blocks[0]
 
 
-def test_the_readme_java_snippet_publishes_an_event_that_driftline_reads(java, settings, tmp_path):
-    source = readme_block("java", "BinaryMessageEncoder")
+def test_the_documented_java_snippet_publishes_an_event_that_driftline_reads(java, settings, tmp_path):
+    source = docs_block("producers.md", "java", "BinaryMessageEncoder")
     source = (source.replace('"127.0.0.1:9092"', f'"{settings.kafka_bootstrap}"')
               .replace('"events"', f'"{settings.namespace}.events"')
               .replace('"schemas/Event.avsc"', f'"{schema_path("Event")}"'))

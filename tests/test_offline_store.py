@@ -136,8 +136,8 @@ def test_kill_9_of_the_sink_neither_loses_nor_duplicates_a_row(settings, run_ser
 
 
 def readme_query() -> str:
-    """The README's point-in-time training set snippet (a python block that uses duckdb)."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    """docs/offline-store.md's point-in-time training set snippet (a python block that uses duckdb)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "offline-store.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     return next(b for b in blocks if "import duckdb" in b)
 
@@ -174,9 +174,9 @@ def test_every_learned_example_reaches_the_store_and_export_and_the_readme_query
     assert export(settings, tmp_path / "range", since=some[0], until=some[-1]) == len(
         [r for r in rows if some[0] <= r["event_ts"] < some[-1]])
 
-    # The README's DuckDB query, over this test's store and a range that covers its events
+    # The documented DuckDB query, over this test's store and a range that covers its events
     code = readme_query().replace('".driftline/offline"', repr(str(store.root)))
     code = code.replace("2026-01-01", "1970-01-01").replace("2026-02-01", "2100-01-01")
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, "docs/offline-store.md", "exec"), scope)
     assert [r[0] for r in scope["rows"]] == [r["event_id"] for r in sorted(champion, key=lambda r: r["event_ts"])]

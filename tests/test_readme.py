@@ -1,4 +1,5 @@
-"""The README is the front door: its metric table and its commands must stay true."""
+"""The README is the front door and docs/ the rest of the house: what they say must stay true, and
+the front door must stay short."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from typer.testing import CliRunner
 import driftline.shared.metrics as metrics
 from driftline.cli import app
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+OBSERVABILITY = (ROOT / "docs" / "observability.md").read_text()
+PAGES = sorted((ROOT / "docs").glob("*.md"))
 
 
 def defined_metrics() -> set[str]:
@@ -21,15 +25,35 @@ def defined_metrics() -> set[str]:
     return names
 
 
-def test_the_readme_metric_table_lists_exactly_the_metrics_that_exist():
-    listed = set(re.findall(r"^\| `(driftline_[a-z0-9_]+)` \|", README, flags=re.M))
+def test_the_metric_table_lists_exactly_the_metrics_that_exist():
+    listed = set(re.findall(r"^\| `(driftline_[a-z0-9_]+)` \|", OBSERVABILITY, flags=re.M))
     assert listed == defined_metrics()
 
 
 def test_every_command_the_readme_shows_exists_in_the_cli():
     runner = CliRunner()
     shown = set(re.findall(r"^driftline ([a-z]+)", README, flags=re.M))
-    assert {"infra", "serve", "replay", "demo", "retrain", "bench"} <= shown
+    assert {"infra", "serve", "replay", "demo", "retrain", "bench", "reference"} <= shown
     for command in shown:
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0, (command, result.output)
+
+
+def test_the_readme_is_a_front_door_not_a_notebook():
+    assert len(README.splitlines()) <= 350
+    assert max(len(line) for line in README.splitlines()) <= 400  # table rows, not essays
+
+
+def test_every_link_of_the_readme_and_the_docs_leads_somewhere():
+    for page in [ROOT / "README.md", *PAGES]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to {target}, which is not there"
+
+
+def test_the_docs_say_how_things_are_not_how_they_came_to_be():
+    narration = re.compile(r"\bissue \d+|this issue|this session|session \d+|at the start of", re.I)
+    for page in [ROOT / "README.md", *PAGES]:
+        found = narration.findall(page.read_text())
+        assert not found, f"{page.relative_to(ROOT)}: {found}"

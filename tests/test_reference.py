@@ -20,3 +20,8 @@ def test_every_setting_says_what_it_means():
 
 def test_the_benchmarks_page_is_the_committed_results():
     assert (ROOT / "docs" / "benchmarks.md").read_text() == benchmarks.render(ROOT / "reports" / "bench")
+
+
+def test_the_readme_figures_are_the_committed_results():
+    readme = (ROOT / "README.md").read_text()
+    assert readme == benchmarks.readme_with_figures(readme, ROOT / "reports" / "bench")

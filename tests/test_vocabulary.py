@@ -1,4 +1,4 @@
-"""One list per concept: the settings, the factories, the API and the README all follow the lists
+"""One list per concept: the settings, the factories, the API and the docs all follow the lists
 in `shared.vocabulary` and `shared.deadletter`."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from driftline.shared.deadletter import REASONS as DLQ_REASONS
 from driftline.shared.settings import DriftSettings
 from driftline.shared.vocabulary import DRIFT_DETECTORS, RETRAIN_REASONS
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+CONFIGURATION = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
 
 @pytest.mark.parametrize("name", list(DRIFT_DETECTORS))
@@ -32,9 +32,9 @@ def test_an_unlisted_detector_is_refused_by_settings_and_factory():
         make_detector("EDDM")
 
 
-def test_the_readme_names_exactly_the_listed_detectors():
-    row = next(line for line in README.read_text().splitlines() if line.startswith("| `DRIFTLINE_DRIFT__DETECTOR`"))
-    assert row.split("|")[3].strip() == ", ".join(f"`{name}`" for name in DRIFT_DETECTORS)
+def test_the_configuration_reference_names_exactly_the_listed_detectors():
+    row = next(line for line in CONFIGURATION.read_text().splitlines() if line.startswith("| `DRIFTLINE_DRIFT__DETECTOR`"))
+    assert row.split("|")[3].strip().split(": ", 1)[1] == ", ".join(DRIFT_DETECTORS)
 
 
 def test_retrain_reasons_and_dead_letter_reasons_are_one_list_each():

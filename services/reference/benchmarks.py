@@ -120,6 +120,65 @@ def headline(name: str, result: dict) -> Rows:
     return HEADLINES.get(name.split("-")[0], _generic)(result)
 
 
+def _first(rows: list[dict], **match) -> dict | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def figures(folder: Path = Path("reports/bench")) -> Rows:
+    """The README's figures: one row per result, the figure a reader asks for first."""
+    results = {p.stem: json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))}
+    rows: Rows = []
+    pipeline = results.get("pipeline", {})
+    lr = pipeline.get("throughput", {}).get("logreg")
+    if lr:
+        hot = lr.get("hot_path")
+        extra = (f"; hot path alone {hot['ratio']}, serve all / hot path {lr.get('whole_over_hot_path')}"
+                 if hot else "")
+        rows.append((f"throughput, {lr.get('processes', 'ingestion, features, learner')}, LR, Elec2 raw, label delay "
+                     f"{pipeline.get('label_delay_throughput')}",
+                     f"{_n(lr['pipeline_events_per_s'])} ev/s = **{lr['ratio']}** of river in-process{extra}"))
+    lat = (pipeline.get("latency") or {}).get("steady_latency_ms")
+    if lat:
+        rows.append((f"publish → prediction at {_n(pipeline['latency'].get('rate_eps'))} ev/s, p50 / p95 / p99",
+                     f"{lat['p50']} / {lat['p95']} / {lat['p99']} ms"))
+    quality = pipeline.get("quality")
+    if quality:
+        kt = quality.get("kappa_temporal")
+        rows.append(("Elec2, default features, label delay 0",
+                     f"accuracy {quality['accuracy']}" + (f", kappa-temporal {kt}" if kt is not None else "")))
+    drift = results.get("drift", {})
+    abrupt = _first(drift.get("rows", []), dataset="agrawal-abrupt", model="tree.HoeffdingTreeClassifier()")
+    if abrupt:
+        rows.append(("abrupt drift (Agrawal, Hoeffding tree): accuracy after the change, driftline / HAT / never",
+                     f"{abrupt['accuracy_after']} / {abrupt['accuracy_after_hat']} / "
+                     f"{abrupt['accuracy_after_never_retrained']} (swap {abrupt['examples_to_swap']} rows after)"))
+    for delay in (100, 0):
+        rec = _first(drift.get("recurring_rows", []), dataset="elec2", label_delay=delay,
+                     model="preprocessing.StandardScaler() | linear_model.LogisticRegression()")
+        if rec:
+            rows.append((f"recurring regimes (Elec2, raw LR, label delay {delay}): driftline / never retrained",
+                         f"{rec['accuracy']} / {rec['accuracy_never_retrained']}"))
+    ingest = results.get("ingest")
+    if ingest:
+        rows.append(("ingestion → features, default features, 1,000 entities",
+                     f"{_n(ingest.get('throughput_events_per_s'))} ev/s"))
+    predict = (results.get("predict") or {}).get("c16")
+    if predict:
+        rows.append(("/v1/predict, one worker, 16 connections: p99, req/s ÷ /health's",
+                     f"{predict['predict']['p99_ms']} ms, {predict.get('ratio')}"))
+    return rows
+
+
+README_START, README_END = "<!-- figures: driftline reference benchmarks --write -->", "<!-- /figures -->"
+
+
+def readme_with_figures(readme: str, folder: Path = Path("reports/bench")) -> str:
+    """The README with its figures table (between the markers) made from the results."""
+    table = "\n".join(["| what | figure |", "|---|---|", *(f"| {k} | {v} |" for k, v in figures(folder))])
+    start, end = readme.index(README_START) + len(README_START), readme.index(README_END)
+    return readme[:start] + "\n" + table + "\n" + readme[end:]
+
+
 def render(folder: Path = Path("reports/bench")) -> str:
     lines = [HEADER]
     for path in sorted(Path(folder).glob("*.json")):

@@ -15,7 +15,8 @@ class Page(str, Enum):
 
 def reference(page: Page = typer.Argument(..., help="configuration (from the settings class) or benchmarks "
                                                     "(from reports/bench/*.json)"),
-              write: bool = typer.Option(False, help="write docs/<page>.md instead of printing it")) -> None:
+              write: bool = typer.Option(False, help="write docs/<page>.md (and, for benchmarks, the README's "
+                                                     "figures) instead of printing it")) -> None:
     """Generate a reference page of the docs from the code or the benchmark results."""
     from . import benchmarks, configuration
 
@@ -24,5 +25,9 @@ def reference(page: Page = typer.Argument(..., help="configuration (from the set
         path = Path("docs") / f"{page.value}.md"
         path.write_text(text)
         typer.echo(f"wrote {path}")
+        if page is Page.benchmarks:
+            readme = Path("README.md")
+            readme.write_text(benchmarks.readme_with_figures(readme.read_text()))
+            typer.echo(f"wrote the figures of {readme}")
     else:
         typer.echo(text, nl=False)

@@ -250,7 +250,8 @@ class LearnerSettings(BaseModel):
 
 
 class DriftSettings(BaseModel):
-    detector: DriftDetectorName = Field("ADWIN", description="river detector on the champion's errors: ADWIN, PageHinkley, KSWIN, DDM, HDDM_A or HDDM_W")
+    detector: DriftDetectorName = Field("ADWIN", description="river detector on the champion's errors: "
+                                                           + ", ".join(DRIFT_DETECTORS))
     detector_params: dict[str, float] = Field(default_factory=dict, description="the detector's arguments (JSON object), e.g. {\"delta\": 0.001}")
     cooldown: int = Field(1000, description="labelled examples between two retrain requests")
     min_error_increase: float = Field(
