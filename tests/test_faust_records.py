@@ -108,11 +108,11 @@ def test_a_faust_worker_publishes_events_and_labels_and_reads_predictions_and_dr
         time.sleep(0.5)
 
 
-def test_the_readme_faust_snippet_declares_an_app_on_driftlines_topics():
+def test_the_documented_faust_snippet_declares_an_app_on_driftlines_topics():
     import faust
-    from test_interop_java import readme_block
+    from test_interop_java import docs_block
 
     scope: dict = {"__name__": "readme_faust"}  # faust names agents by their module
-    exec(readme_block("python", "driftline.faust_records"), scope)
+    exec(docs_block("architecture.md", "python", "driftline.faust_records"), scope)
     assert isinstance(scope["app"], faust.App)
     assert scope["events"].get_topic_name() == "events" and scope["predictions"].value_type is RECORDS["Prediction"]

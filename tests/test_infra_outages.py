@@ -1,6 +1,6 @@
 """The pipeline rides out its dependencies' outages: Redis or the Kafka broker is killed (kill -9)
 in the middle of a replay and started again OUTAGE_S later (15 s here, TEST_OUTAGE_S to
-try longer; 60 s was checked by hand, see the README). Nothing restarts the services: they wait
+try longer; 60 s was checked by hand, see docs/operations.md). Nothing restarts the services: they wait
 with backoff, say on /ready and /health what is missing, and resume. Afterwards every label is
 learned exactly once, no outcome is published twice, the counts add up, and every entity's
 feature state and every feature vector equal those of an uninterrupted run of the same stream.
