@@ -1,4 +1,5 @@
-"""The local stack: a real single-node Kafka (KRaft) from Maven Central jars and Debian's Redis.
+"""The local stack: a real single-node Kafka (KRaft) from Maven Central jars and Debian's Redis
+(or a local Redis Cluster of Debian's redis-server: redis_cluster.py).
 
     up(settings)        # install if needed, start both, wait until they answer, create topics
     up(settings, with_prometheus=True)   # and Debian's Prometheus scraping the five services
@@ -382,6 +383,13 @@ def _apt_install(package: str, installed) -> None:
 
 
 def components(settings: Settings) -> list[Component]:
+    """Kafka and Redis; a local Redis Cluster (redis_cluster.py) when DRIFTLINE_REDIS_URL names one."""
+    from ..shared.redis_clients import is_cluster_url
+
+    if is_cluster_url(settings.redis_url):
+        from .redis_cluster import RedisCluster
+
+        return [Kafka(settings), RedisCluster(settings)]
     return [Kafka(settings), Redis(settings)]
 
 

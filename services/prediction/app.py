@@ -24,14 +24,13 @@ import json
 import os
 from typing import Any
 
-import redis
 from fastapi import Body, Depends, FastAPI, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from ..shared import metrics
+from ..shared import metrics, redis_clients
 from ..shared.admin import admin_dependency
 from ..shared.runtime import service_app
 from ..shared.settings import Settings, get_settings
@@ -129,9 +128,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def not_ready(_request: Request, exc: NotReady) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=503)
 
-    @app.exception_handler(redis.RedisError)
-    async def redis_down(_request: Request, exc: redis.RedisError) -> JSONResponse:
+    async def redis_down(_request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": f"Redis does not answer: {exc}"}, status_code=503)
+
+    for unavailable in redis_clients.UNAVAILABLE:
+        app.add_exception_handler(unavailable, redis_down)
 
     @app.exception_handler(FieldsRefused)
     async def fields_refused(_request: Request, exc: FieldsRefused) -> JSONResponse:
