@@ -27,7 +27,8 @@ import pytest
 from conftest import ServiceProcess, make_settings
 from redis.crc import key_slot
 
-from driftline.features.store import OFFSET_FIELD, PARTITION_FIELD
+from driftline.features.definitions import load_feature_set
+from driftline.features.store import OFFSET_FIELD, PARTITION_FIELD, FeatureStore
 from driftline.infra.redis_cluster import RedisCluster, on_free_ports
 from driftline.replay.datasets import load
 from driftline.shared import kafka, redis_clients
@@ -97,6 +98,7 @@ class Pipeline:
     def __init__(self, s, folder, features_path, services=("ingestion", "features", "learner")) -> None:
         env = {**os.environ, **settings_env(s), "DRIFTLINE_LEARNER__MODEL": MODEL,
                "DRIFTLINE_FEATURES__SET": str(features_path), "DRIFTLINE_LEARNER__CHECKPOINT_INTERVAL_S": "2"}
+        self.settings = s
         self.procs = {name: ServiceProcess(name, s, env, folder / f"{name}.log") for name in services}
 
     def __enter__(self) -> "Pipeline":
@@ -187,9 +189,11 @@ def feature_vectors(s) -> dict[str, dict]:
     return out
 
 
-def predictions(pipeline: Pipeline) -> list[tuple]:
-    """/v1/predict/batch for every entity once the prediction service serves the model that
-    learned every label: (prediction, proba) per entity."""
+def predictions(pipeline: Pipeline) -> dict[str, list]:
+    """Once the prediction service serves the model that learned every label, (prediction, proba)
+    for every entity: from /v1/predict/batch (the sync client's pipelined reads) and from one
+    /v1/predict each (the asyncio client's coalesced reads; with an event_id, so that its
+    snapshot is written through the asyncio pipeline too)."""
     url = pipeline.procs["prediction"].url
     wait(lambda: httpx.get(url + "/v1/models", timeout=5).json().get("serving_examples_seen") == ROWS, 60,
          "the prediction service serves the model that learned every label")
@@ -197,7 +201,16 @@ def predictions(pipeline: Pipeline) -> list[tuple]:
              for i in range(ENTITIES)]
     response = httpx.post(url + "/v1/predict/batch", json={"items": items}, timeout=10)
     assert response.status_code == 200, response.text
-    return [(a["prediction"], a["proba"]) for a in response.json()["items"]]
+    one_by_one = []
+    for i, item in enumerate(items):
+        answer = httpx.post(url + "/v1/predict", json={**item, "event_id": f"served-{i}"}, timeout=10)
+        assert answer.status_code == 200, answer.text
+        one_by_one.append((answer.json()["prediction"], answer.json()["proba"]))
+    client = redis_clients.connect(pipeline.settings.redis_url)
+    store = FeatureStore(client, Keys(pipeline.settings.namespace), load_feature_set("raw"), 60)
+    assert len(store.read_snapshots([f"served-{i}" for i in range(ENTITIES)])) == ENTITIES
+    client.close()
+    return {"batch": [(a["prediction"], a["proba"]) for a in response.json()["items"]], "one_by_one": one_by_one}
 
 
 def run(s, data, services=("ingestion", "features", "learner"), during=None) -> dict:
@@ -233,8 +246,7 @@ def same_as(got: dict, want: dict) -> None:
 
 
 def test_store_scripts_and_multi_key_writes_give_the_same_on_a_cluster_as_on_one_node(infra, redis_cluster):
-    from driftline.features.definitions import load_feature_set
-    from driftline.features.store import Categories, FeatureStore, FieldNames
+    from driftline.features.store import Categories, FieldNames
     from driftline.ingestion.dedup import Claim, Dedup
     from driftline.learner.checkpoint import Lease, save_checkpoint
     from driftline.shared import deps
@@ -309,6 +321,7 @@ def test_the_same_replay_through_a_cluster_learns_predicts_and_keeps_the_same_st
     got = run(s, dataset, services=("ingestion", "features", "learner", "prediction"))
     same_as(got, one_node)
     assert got["predictions"] == one_node["predictions"]
+    assert got["predictions"]["batch"] == got["predictions"]["one_by_one"]
     # The keys really are spread over the primaries: the run wrote to each of them.
     per_primary = {}
     for node in redis_cluster.primaries():

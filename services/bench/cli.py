@@ -24,6 +24,9 @@ def bench(
     quick: bool = typer.Option(False, help="smaller runs, for a smoke test"),
     minutes: float = typer.Option(None, help="soak: how long (default 20; 1 with --quick)"),
     rate: float = typer.Option(None, help="soak: events per second (default 100)"),
+    redis_cluster: bool = typer.Option(False, "--redis-cluster",
+                                       help="pipeline: the throughput phase through a local Redis Cluster too "
+                                            "(3 primaries + 3 replicas), beside one node's"),
 ) -> None:
     """Run the benchmarks and write their JSON results (`soak` only when named)."""
     chosen = names or list(BENCHMARKS)
@@ -35,6 +38,8 @@ def bench(
         module = importlib.import_module(f"driftline.bench.{name}")
         console.rule(f"bench {name}")
         extra = {"minutes": minutes, "rate": rate} if name == "soak" else {}
+        if name == "pipeline" and redis_cluster:
+            extra["redis_cluster"] = True
         result = module.run(out_dir=out, quick=quick, **extra)
         path = out / f"{name}.json"
         path.write_text(json.dumps(result, indent=2))

@@ -9,7 +9,7 @@ primary when the URL names six nodes or more: 3 primaries + 3 replicas for six).
     cluster.stop()
 
 `driftline infra up` starts one when DRIFTLINE_REDIS_URL is a cluster URL of this machine. Each
-node keeps its config, `nodes.conf` and append-only files under `<home>/redis/<port>/`; its cluster
+node keeps its config, `nodes.conf` and append-only files under `<home>/redis-cluster/<port>/`; its cluster
 bus port is chosen free at its first start and kept in its config, so a node started again
 rejoins (as a replica, when a failover promoted another meanwhile). Nothing is created twice: a
 cluster whose nodes already hold slots is only started.
@@ -39,7 +39,7 @@ class RedisClusterNode(Component):
 
     @property
     def dir(self) -> Path:
-        return self.settings.home / "redis" / str(self.port)
+        return self.settings.home / "redis-cluster" / str(self.port)
 
     @property
     def address(self) -> str:
@@ -112,6 +112,9 @@ class RedisCluster(Component):
     def pid(self) -> int | None:
         return next((pid for node in self.nodes if (pid := node.pid()) and node.running()), None)
 
+    def pids(self) -> dict[str, int]:
+        return {name: pid for node in self.nodes for name, pid in node.pids().items()}
+
     def running(self) -> bool:
         return any(node.running() for node in self.nodes)
 
@@ -154,6 +157,10 @@ class RedisCluster(Component):
     def stop(self, timeout: float = 30.0) -> bool:
         stopped = [node.stop(timeout) for node in self.nodes]
         return any(stopped)
+
+    @property
+    def log_path(self) -> Path:
+        return self.nodes[0].log_path  # the others' sit next to it (redis-<port>.log)
 
     def log_tail(self, lines: int = 20) -> str:
         return "\n".join(f"== {node.address}\n{node.log_tail(lines)}" for node in self.nodes)

@@ -103,6 +103,11 @@ class Component:
     def running(self) -> bool:
         return pid_alive(self.pid())
 
+    def pids(self) -> dict[str, int]:
+        """Name -> pid of each of its processes that runs (one here; a cluster's nodes)."""
+        pid = self.pid()
+        return {self.name: pid} if pid and pid_alive(pid) else {}
+
     def _spawn(self, argv: list[str], cwd: Path | None = None) -> subprocess.Popen:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.pid_path.parent.mkdir(parents=True, exist_ok=True)

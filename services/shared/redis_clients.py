@@ -320,7 +320,15 @@ def queue_script_per_slot(pipe: Any, script: str, keys: Sequence[str], key_args:
     """
     groups = slot_groups(pipe, keys)
     for group in groups:
-        eval_script(pipe, script, [keys[i] for i in group], [*shared_args, *(a for i in group for a in key_args[i])])
+        argv = list(shared_args)
+        if len(groups) == 1:  # one node: the batch as it is
+            for args in key_args:
+                argv.extend(args)
+            eval_script(pipe, script, keys, argv)
+            break
+        for i in group:
+            argv.extend(key_args[i])
+        eval_script(pipe, script, [keys[i] for i in group], argv)
     return groups
 
 
