@@ -197,6 +197,7 @@ def predictions(pipeline: Pipeline) -> dict[str, list]:
     url = pipeline.procs["prediction"].url
     wait(lambda: httpx.get(url + "/v1/models", timeout=5).json().get("serving_examples_seen") == ROWS, 60,
          "the prediction service serves the model that learned every label")
+    assert httpx.get(url + "/ready", timeout=5).status_code == 200  # Redis (or the cluster) answers its ping
     items = [{"entity_id": f"shop{i}", "fields": {"x": 1.0 + i / 10, "y": 4.5}, "ts": float(ROWS + i)}
              for i in range(ENTITIES)]
     response = httpx.post(url + "/v1/predict/batch", json={"items": items}, timeout=10)
@@ -239,14 +240,20 @@ def on_cluster(infra, cluster: RedisCluster, tmp_path):
     return make_settings(infra, tmp_path, redis_url=cluster.settings.redis_url)
 
 
-def same_as(got: dict, want: dict) -> None:
+def same_as(got: dict, want: dict, learner_restarted: bool = False) -> None:
     assert got["states"] == want["states"]
     assert len(got["vectors"]) == ROWS and got["vectors"] == want["vectors"]
+    if learner_restarted:
+        # Events scored before the learner went back to its checkpoint are learned with the
+        # prediction kept in their snapshot, which does not record `known`: compared where it is.
+        got = {**got, "outcomes": {row: (*o[:3], want["outcomes"][row][3] if o[3] is None else o[3], o[4])
+                                   for row, o in got["outcomes"].items()}}
     assert got["outcomes"] == want["outcomes"]  # the same examples learned, in the same order, same answers
 
 
 def test_store_scripts_and_multi_key_writes_give_the_same_on_a_cluster_as_on_one_node(infra, redis_cluster):
     from driftline.features.store import Categories, FieldNames
+    from driftline.replay.demo import _drop_namespace
     from driftline.ingestion.dedup import Claim, Dedup
     from driftline.learner.checkpoint import Lease, save_checkpoint
     from driftline.shared import deps
@@ -304,6 +311,10 @@ def test_store_scripts_and_multi_key_writes_give_the_same_on_a_cluster_as_on_one
         lease.release()
         out.append((client.get(keys.checkpoint("default")), rival.try_acquire()))
         rival.release()
+        # `driftline demo`'s clean-up finds the namespace's keys on every node and deletes them
+        namespace = keys.prefix.split(":")[1]
+        _drop_namespace(infra.model_copy(update={"redis_url": url, "namespace": namespace}))
+        out.append(list(client.scan_iter(match=f"dl:{namespace}:*")))
         client.close()
         return out
 
@@ -313,6 +324,7 @@ def test_store_scripts_and_multi_key_writes_give_the_same_on_a_cluster_as_on_one
             a, b = (a[0], a[1][0], a[2]), (b[0], b[1][0], b[2])
         assert a == b
     assert one[6] == [True] * 200 and one[7] == [True] * 50 + [False]  # the claims did claim
+    assert one[-1] == [] == cluster[-1]
 
 
 def test_the_same_replay_through_a_cluster_learns_predicts_and_keeps_the_same_states_as_one_node(
@@ -340,7 +352,8 @@ def test_a_primary_killed_mid_replay_is_replaced_by_its_replica_and_nothing_is_l
     """The primary that holds the learner's lease and checkpoint (and a third of everything else)
     is killed with kill -9; the cluster promotes its replica after cluster-node-timeout. The
     services wait the failover out (no restart), and the killed node, started again, rejoins as a
-    replica."""
+    replica. When the lease (5 s) runs out before the promotion, the learner goes on from its last
+    checkpoint as after a crash: the same labels learned, once."""
     s = on_cluster(infra, redis_cluster, tmp_path)
     lease_slot = key_slot(Keys(s.namespace).lease(s.learner.model_name).encode())
     timings = {}
@@ -358,8 +371,11 @@ def test_a_primary_killed_mid_replay_is_replaced_by_its_replica_and_nothing_is_l
         wait(redis_cluster.ready, 60, "the cluster whole again")
 
     got = run(s, dataset, during=fail_over)
-    print(f"replica promoted {timings['failover_s']:.1f} s after its primary was killed")
-    same_as(got, one_node)
+    restarted = "restored checkpoint" in got["logs"]["learner"]
+    print(f"replica promoted {timings['failover_s']:.1f} s after its primary was killed; the learner "
+          + ("lost its lease (it ran out before the promotion) and went on from its checkpoint" if restarted
+             else "kept its lease"))
+    same_as(got, one_node, learner_restarted=restarted)
 
 
 def _owner_port(node, slot: int) -> int:
@@ -419,3 +435,31 @@ def test_slots_migrated_mid_replay_cost_only_redirects_and_retries(infra, redis_
     print(f"4096 slots moved in {moved['s']:.1f} s mid-replay; redirects answered: {redirects}")
     assert redirects["MOVED"] + redirects["ASK"] > 0  # the services did run into the migration
     same_as(got, one_node)
+
+
+def test_a_worker_waits_for_a_whole_cluster_to_come_back(infra, redis_cluster):
+    """Every node stopped (kill -9) and started again 3 s later: a worker's pipeline and command
+    wait for the cluster instead of failing, and lose nothing the cluster acknowledged. (A
+    pipeline that met the outage is sent again whole, as redis-py does on one node: every worker
+    write is idempotent.)"""
+    from driftline.shared import deps
+
+    client = deps.redis_client(infra.model_copy(update={"redis_url": redis_cluster.settings.redis_url}), wait_s=60)
+    keys = [Keys("outage").entity(f"e{i}") for i in range(40)]
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.hset(key, "n", 1)
+    pipe.execute()
+    for node in redis_cluster.nodes:
+        kill9(node)
+    threading.Timer(3.0, redis_cluster.start).start()
+    started = time.monotonic()
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.hset(key, mapping={"n": 2, "m": 1})
+    assert len(pipe.execute()) == len(keys)  # answered once the cluster came back
+    assert [client.hmget(key, "n", "m") for key in keys] == [[b"2", b"1"]] * len(keys)
+    assert 2.5 < time.monotonic() - started < 60
+    assert deps.DEPS.status()["redis"] == "ok"
+    client.close()
+    wait(redis_cluster.ready, 60, "the cluster ok again")

@@ -115,7 +115,7 @@ class Predictor:
     def start(self) -> None:
         # Made here, inside the server's event loop (its connections belong to that loop).
         self.aredis = redis_clients.connect_async(self.settings.redis_url, socket_timeout=2.0,
-                                                   socket_connect_timeout=1.0, health_check_interval=30)
+                                                  socket_connect_timeout=1.0, health_check_interval=30)
         self.state_reads = CoalescedReads(self.aredis)  # concurrent requests share a round trip
         try:
             self.holder.sync_champion(self.registry)

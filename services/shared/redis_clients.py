@@ -41,7 +41,6 @@ from redis.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import (
     ClusterDownError,
-    RedisClusterException,
     RedisClusterUnreachableError,
     SlotNotCoveredError,
     TryAgainError,
@@ -201,10 +200,9 @@ class WaitingCluster(RedisCluster):
 
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
         pipe = super().pipeline(transaction, shard_hint)
-        if transaction:  # MULTI/EXEC on one slot: redis-py retries it, nothing is added to it
-            return pipe
         pipe.__class__ = WaitingClusterPipeline  # redis-py builds the pipeline; it only gains behaviour
-        pipe.outage_wait, pipe.replication, pipe.queued = self.outage_wait, self.replication, []
+        # A MULTI/EXEC (keys of one slot) cannot hold a WAIT: it waits out an outage only.
+        pipe.outage_wait, pipe.replication, pipe.queued = self.outage_wait, None if transaction else self.replication, []
         return pipe
 
 
@@ -217,7 +215,7 @@ class WaitingClusterPipeline(ClusterPipeline):
     """A worker's cluster pipeline (made by WaitingCluster.pipeline)."""
 
     outage_wait: OutageWait
-    replication: "ReplicaAcks"
+    replication: "ReplicaAcks | None"
     queued: list
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
@@ -234,7 +232,8 @@ class WaitingClusterPipeline(ClusterPipeline):
             if len(self) == 0:  # a failed attempt emptied the pipeline: the same commands again
                 for args, kwargs in queued:
                     ClusterPipeline.execute_command(self, *args, **dict(kwargs))
-            acks[:] = self.replication.nodes_to_ack(self, queued)  # the slot map may have changed
+            # asked on every attempt: the slot map may have changed since the last one
+            acks[:] = self.replication.nodes_to_ack(self, queued) if self.replication else []
             for node in acks:
                 ClusterPipeline.execute_command(self, "WAIT", 1, REPLICA_ACK_TIMEOUT_MS, target_nodes=node)
             replies = ClusterPipeline.execute(self, raise_on_error=False)
@@ -247,7 +246,8 @@ class WaitingClusterPipeline(ClusterPipeline):
             return replies
 
         replies = self.outage_wait.call_with_retry(attempt, lambda _error: None)
-        self.replication.acknowledged(acks, replies[len(queued):])
+        if self.replication:
+            self.replication.acknowledged(acks, replies[len(queued):])
         return replies[:len(queued)]
 
     def reset(self) -> None:
