@@ -4,19 +4,20 @@ the end. DRIFTLINE_REDIS_URL is `redis+cluster://...` and nothing else changes.
 
 - every Lua script and multi-key write of the store, dedup, registry and lease gives on the
   cluster what it gives on one node;
-- the same replay through the cluster as through one node (the session's Redis): the same learned
-  examples and outcomes, the same entity states and feature vectors, the same /v1/predict answers;
+- the same replay through the cluster as through one node (the session's Redis): the same
+  examples learned with the same predictions, the same entity states and feature vectors, the
+  same /v1/predict answers;
 - a primary killed with kill -9 mid-replay, its replica promoted by the cluster (automatic
   failover, cluster-node-timeout 2 s): every label learned once, nothing counted twice, the
   states and vectors those of the undisturbed run;
 - slots migrated mid-replay (`redis-cli --cluster reshard`): the MOVED and ASK replies it causes
-  cost retries only, with the same end result.
+  cost retries only, with the same end result;
+- every node killed and started again: a worker's pipeline waits for the cluster.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -28,15 +29,14 @@ from conftest import ServiceProcess, make_settings
 from redis.crc import key_slot
 
 from driftline.features.definitions import load_feature_set
-from driftline.features.store import OFFSET_FIELD, PARTITION_FIELD, FeatureStore
+from driftline.features.store import OFFSET_FIELD, FeatureStore
 from driftline.infra.redis_cluster import RedisCluster, on_free_ports
 from driftline.replay.datasets import load
 from driftline.shared import kafka, redis_clients
-from driftline.shared.codec import get_codec
 from driftline.shared.keys import Keys
 from driftline.shared.settings import settings_env
-from driftline.shared.topics import Topics
 from pipeline import replay_report
+from test_infra_outages import entity_states, feature_vectors, kill9, wait
 
 pytestmark = pytest.mark.e2e
 
@@ -69,14 +69,6 @@ def redis_cluster(infra, tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
-
-
-def wait(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.2)
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -154,41 +146,6 @@ def outcomes(report) -> dict[str, tuple]:
             for o in report["_outcomes"]}
 
 
-def entity_states(s) -> dict[str, dict]:
-    client = redis_clients.connect(s.redis_url, decode_responses=True)
-    keys = Keys(s.namespace)
-    try:
-        return {f"shop{i}": {k: v for k, v in client.hgetall(keys.entity(f"shop{i}")).items()
-                             if k not in (OFFSET_FIELD, PARTITION_FIELD)}  # offsets: where the events sat
-                for i in range(ENTITIES)}
-    finally:
-        client.close()
-
-
-def feature_vectors(s) -> dict[str, dict]:
-    """row -> its published FeatureVector's features (a vector published twice must be the same)."""
-    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
-
-    topic = Topics(s.namespace).features
-    c = kafka.consumer(s, f"check-{uuid.uuid4().hex[:8]}")
-    ends = {tp.partition: c.get_watermark_offsets(tp, timeout=10)[1] for tp in kafka.partitions_of(s, topic)}
-    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p, high in ends.items() if high > 0])
-    todo, out = {p for p, high in ends.items() if high > 0}, {}
-    deadline = time.monotonic() + 60
-    while todo and time.monotonic() < deadline:
-        m = c.poll(0.5)
-        if m is None or m.error():
-            continue
-        fv = get_codec().decode(m.value(), expect="FeatureVector")
-        row = fv["event_id"].rsplit("-", 1)[1]
-        assert out.setdefault(row, fv["features"]) == fv["features"], fv["event_id"]
-        if m.offset() >= ends[m.partition()] - 1:
-            todo.discard(m.partition())
-    c.close()
-    assert not todo
-    return out
-
-
 def predictions(pipeline: Pipeline) -> dict[str, list]:
     """Once the prediction service serves the model that learned every label, (prediction, proba)
     for every entity: from /v1/predict/batch (the sync client's pipelined reads) and from one
@@ -221,7 +178,7 @@ def run(s, data, services=("ingestion", "features", "learner"), during=None) -> 
         report = replay(s, data, during)
         check_report(report)
         pipeline.alive()
-        got = {"report": report, "outcomes": outcomes(report), "states": entity_states(s),
+        got = {"report": report, "outcomes": outcomes(report), "states": entity_states(s, ENTITIES),
                "vectors": feature_vectors(s)}
         if "prediction" in services:
             got["predictions"] = predictions(pipeline)
@@ -240,22 +197,27 @@ def on_cluster(infra, cluster: RedisCluster, tmp_path):
     return make_settings(infra, tmp_path, redis_url=cluster.settings.redis_url)
 
 
-def same_as(got: dict, want: dict, learner_restarted: bool = False) -> None:
+def same_as(got: dict, want: dict) -> None:
     assert got["states"] == want["states"]
     assert len(got["vectors"]) == ROWS and got["vectors"] == want["vectors"]
-    if learner_restarted:
-        # Events scored before the learner went back to its checkpoint are learned with the
-        # prediction kept in their snapshot, which does not record `known`: compared where it is.
-        got = {**got, "outcomes": {row: (*o[:3], want["outcomes"][row][3] if o[3] is None else o[3], o[4])
-                                   for row, o in got["outcomes"].items()}}
-    assert got["outcomes"] == want["outcomes"]  # the same examples learned, in the same order, same answers
+    # The same examples learned, each once, with the same answers. The order is checked as a
+    # permutation, not row by row: at a stream's end the learner may take two labels in either
+    # order whatever the Redis (the README's known gaps; seen once in a dozen runs here), which
+    # moves their positions and the last bits of later probabilities. `known` is left out: a
+    # learner that went back to its checkpoint learns the events it had scored with the
+    # prediction kept in their snapshot, which does not record it.
+    assert got["outcomes"].keys() == want["outcomes"].keys()
+    assert sorted(o[4] for o in got["outcomes"].values()) == list(range(ROWS))
+    for row, (y_true, y_pred, proba, _known, _position) in got["outcomes"].items():
+        assert (y_true, y_pred) == want["outcomes"][row][:2], row
+        assert proba == pytest.approx(want["outcomes"][row][2], rel=1e-9, abs=1e-12), row
 
 
 def test_store_scripts_and_multi_key_writes_give_the_same_on_a_cluster_as_on_one_node(infra, redis_cluster):
     from driftline.features.store import Categories, FieldNames
     from driftline.replay.demo import _drop_namespace
     from driftline.ingestion.dedup import Claim, Dedup
-    from driftline.learner.checkpoint import Lease, save_checkpoint
+    from driftline.learner.checkpoint import Lease
     from driftline.shared import deps
     from driftline.shared.registry import ModelRegistry
 
@@ -332,19 +294,16 @@ def test_the_same_replay_through_a_cluster_learns_predicts_and_keeps_the_same_st
     s = on_cluster(infra, redis_cluster, tmp_path)
     got = run(s, dataset, services=("ingestion", "features", "learner", "prediction"))
     same_as(got, one_node)
-    assert got["predictions"] == one_node["predictions"]
-    assert got["predictions"]["batch"] == got["predictions"]["one_by_one"]
+    assert got["predictions"]["batch"] == got["predictions"]["one_by_one"]  # sync and asyncio reads agree
+    for (label, proba), (want_label, want_proba) in zip(got["predictions"]["batch"], one_node["predictions"]["batch"],
+                                                        strict=True):
+        assert label == want_label and proba == pytest.approx(want_proba, rel=1e-9, abs=1e-12)
     # The keys really are spread over the primaries: the run wrote to each of them.
     per_primary = {}
     for node in redis_cluster.primaries():
         with node.client() as c:
             per_primary[node.address] = sum(1 for _ in c.scan_iter(match=f"dl:{s.namespace}:*", count=1000))
     assert len(per_primary) == 3 and all(n > 0 for n in per_primary.values()), per_primary
-
-
-def kill9(node) -> None:
-    os.kill(node.pid(), signal.SIGKILL)
-    wait(lambda: not node.running(), 10, f"{node.address} dead")
 
 
 def test_a_primary_killed_mid_replay_is_replaced_by_its_replica_and_nothing_is_lost_or_counted_twice(
@@ -375,7 +334,7 @@ def test_a_primary_killed_mid_replay_is_replaced_by_its_replica_and_nothing_is_l
     print(f"replica promoted {timings['failover_s']:.1f} s after its primary was killed; the learner "
           + ("lost its lease (it ran out before the promotion) and went on from its checkpoint" if restarted
              else "kept its lease"))
-    same_as(got, one_node, learner_restarted=restarted)
+    same_as(got, one_node)
 
 
 def _owner_port(node, slot: int) -> int:
