@@ -9,10 +9,10 @@ primary when the URL names six nodes or more: 3 primaries + 3 replicas for six).
     cluster.stop()
 
 `driftline infra up` starts one when DRIFTLINE_REDIS_URL is a cluster URL of this machine. Each
-node keeps its config, `nodes.conf` and append-only files under `<home>/redis-cluster/<port>/`; its cluster
-bus port is chosen free at its first start and kept in its config, so a node started again
-rejoins (as a replica, when a failover promoted another meanwhile). Nothing is created twice: a
-cluster whose nodes already hold slots is only started.
+node keeps its config, `nodes.conf` and append-only files under `<home>/redis-cluster/<port>/`;
+its cluster bus port is chosen free at its first start and kept in its config, so a node started
+again rejoins (as a replica, when a failover promoted another meanwhile). Nothing is created
+twice: a cluster whose nodes already hold slots is only started.
 """
 
 from __future__ import annotations

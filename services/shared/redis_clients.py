@@ -202,7 +202,8 @@ class WaitingCluster(RedisCluster):
         pipe = super().pipeline(transaction, shard_hint)
         pipe.__class__ = WaitingClusterPipeline  # redis-py builds the pipeline; it only gains behaviour
         # A MULTI/EXEC (keys of one slot) cannot hold a WAIT: it waits out an outage only.
-        pipe.outage_wait, pipe.replication, pipe.queued = self.outage_wait, None if transaction else self.replication, []
+        pipe.outage_wait, pipe.queued = self.outage_wait, []
+        pipe.replication = None if transaction else self.replication
         return pipe
 
 
