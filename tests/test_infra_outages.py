@@ -24,7 +24,7 @@ from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from driftline.features.store import OFFSET_FIELD, PARTITION_FIELD
 from driftline.infra import stack
 from driftline.replay.datasets import load
-from driftline.shared import kafka
+from driftline.shared import kafka, redis_clients
 from driftline.shared.codec import get_codec
 from driftline.shared.deps import WaitOutOutage
 from driftline.shared.keys import Keys
@@ -66,11 +66,11 @@ def stop(procs) -> None:
         p.stop()
 
 
-def entity_states(s) -> dict[str, dict]:
-    client = redis_lib.Redis.from_url(s.redis_url, decode_responses=True)
+def entity_states(s, entities: int = ENTITIES) -> dict[str, dict]:
+    client = redis_clients.connect(s.redis_url, decode_responses=True)  # one node or a cluster
     keys = Keys(s.namespace)
     out = {}
-    for i in range(ENTITIES):
+    for i in range(entities):
         state = client.hgetall(keys.entity(f"shop{i}"))
         # The offsets differ between two runs when a redelivery put a duplicate into events.valid.
         out[f"shop{i}"] = {k: v for k, v in state.items() if k not in (OFFSET_FIELD, PARTITION_FIELD)}

@@ -41,6 +41,9 @@ def bench(
     rate: float = typer.Option(None, help="soak: events per second (default 100)"),
     framing: str = typer.Option("single-object", help="ingest: the events' framing, single-object or confluent "
                                 "(a local schema registry; the result goes to ingest-confluent.json)"),
+    redis_cluster: bool = typer.Option(False, "--redis-cluster",
+                                       help="pipeline: the throughput phase through a local Redis Cluster too "
+                                            "(3 primaries + 3 replicas), beside one node's"),
 ) -> None:
     """Run the benchmarks and write their JSON results (`soak` only when named)."""
     chosen = names or list(BENCHMARKS)
@@ -57,6 +60,8 @@ def bench(
         if name == "ingest":
             extra["framing"] = framing
         before = measured_under(quick)
+        if name == "pipeline" and redis_cluster:
+            extra["redis_cluster"] = True
         result = module.run(out_dir=out, quick=quick, **extra)
         result["measured"] = {**before, "load_average_after": round(os.getloadavg()[0], 1)}
         path = out / (f"{name}-{framing}.json" if name == "ingest" and framing != "single-object" else f"{name}.json")

@@ -72,7 +72,7 @@ PROFILE_SUFFIX = "txt" if PROFILE_FORMAT == "raw" else "svg"
 console = Console(stderr=True)
 
 
-def run(out_dir: Path, quick: bool) -> dict:
+def run(out_dir: Path, quick: bool, redis_cluster: bool = False) -> dict:
     # Long enough to be sustained throughput: a new stream first waits out label_idle_s once (see latency()).
     rows = {"logreg": 5_000 if quick else 45_000, "arf": 3_000 if quick else 20_000}
     latency_s = 5 if quick else 15
@@ -102,6 +102,10 @@ def run(out_dir: Path, quick: bool) -> dict:
                 whole["hot_path"] = figures(hot, rows[name], in_process)
                 whole["whole_over_hot_path"] = round(whole["pipeline_events_per_s"] /
                                                      whole["hot_path"]["pipeline_events_per_s"], 3)
+        if redis_cluster:  # the same phase through a local Redis Cluster, beside one node's figures
+            from .redis_cluster import throughput_through_cluster
+
+            result["throughput_redis_cluster"] = throughput_through_cluster(bench, rows, result["throughput"])
         console.rule("latency at 1,000 ev/s, serve all")
         result["latency"] = bench.latency(rate=1000, seconds=latency_s)
         console.rule("quality: Elec2, default features, label delay 0, serve all")
@@ -253,7 +257,7 @@ class BenchStack:
         has each process's CPU seconds during it (`cpu_s`), and with `profile_as` a py-spy flame
         graph per service."""
         settings, pids = self.start(model, features, whole)
-        infra = {c.name: c.pid() for c in stack.components(self.settings) if c.running()}
+        infra = {name: pid for c in stack.components(self.settings) for name, pid in c.pids().items()}
         spies = [profile(pid, self.out_dir / "profiles" / f"{profile_as}-{name}.{PROFILE_SUFFIX}", seconds=120,
                          fmt=PROFILE_FORMAT) for name, pid in pids.items()] if profile_as else []
         before = {name: cpu_seconds(pid) for name, pid in (pids | infra).items()}

@@ -50,15 +50,14 @@ def retrain(reason: str = typer.Option("demand", help=f"one of {', '.join(REASON
 
 def _champion_and_position(settings, model: str) -> tuple[int | None, int]:
     """Best effort: the registry's champion and the drift service's position (None, 0 without Redis)."""
-    import redis
-
+    from ..shared import redis_clients
     from ..shared.keys import Keys
 
     keys = Keys(settings.namespace)
     try:
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        client = redis_clients.connect(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
         champion = client.hget(keys.registry_roles(model), "champion")
         position = client.hget(keys.drift_state(model), "position")
         return (int(champion) if champion else None), max(0, int(position or 0))
-    except (redis.RedisError, ValueError):
+    except (*redis_clients.UNAVAILABLE, ValueError):
         return None, 0

@@ -11,7 +11,8 @@ and never issue one Redis round trip per field or per event of a batch.
     store.save_snapshots([{"event_id": "e1", "entity_id": "meter-7", "ts": 1.0, "features": x,
                            "feature_set": store.feature_set.name, "published_ms": None}])
 
-Layout (keys from `Keys`, hash-tagged by entity or event, so a Redis Cluster works):
+Layout (keys from `Keys`, hash-tagged by entity or event: on a Redis Cluster every script and
+multi-key command below runs on keys of one slot, a batch's scripts once per slot):
 - `Keys.entity(entity_id)` — hash, the entity state: numbers as `repr` strings, `label` as the
   label string, plus bookkeeping fields that start with `_`: `_off`/`_p`, the events.valid offset
   and partition of the last event folded into the state (a redelivered event at an offset <= `_off`
@@ -49,6 +50,7 @@ from typing import Any
 from ..shared import metrics
 from ..shared.codec import DecodeError, get_codec
 from ..shared.keys import Keys
+from ..shared.redis_clients import eval_script, per_key, queue_script_per_slot
 from .definitions import FeatureSet, State
 from .windows import Series
 
@@ -233,7 +235,7 @@ class FieldNames:
         new = [n for n in dict.fromkeys(names) if n not in self.known]
         if not new:
             return set()
-        refused = {_text(n) for n in self.client.eval(ADMIT_NAMES_LUA, 1, self.key, self.limit, *new)}
+        refused = {_text(n) for n in eval_script(self.client, ADMIT_NAMES_LUA, [self.key], [self.limit, *new])}
         self.known.update(n for n in new if n not in refused)
         return refused
 
@@ -299,8 +301,7 @@ class FeatureStore:
             pipe.hgetall(self.keys.keyed_entity(key, value))
         for event_id in event_ids:
             pipe.hget(self.keys.snapshot(event_id), SNAPSHOT_FIELD)
-        if folded_of:
-            self.snapshots.queue_folded(pipe, folded_of)
+        folded_groups = self.snapshots.queue_folded(pipe, folded_of) if folded_of else []
         started = time.perf_counter()
         replies = pipe.execute()
         metrics.REDIS_SECONDS.labels(self.service, "read_batch").observe(time.perf_counter() - started)
@@ -316,7 +317,8 @@ class FeatureStore:
                 out.snapshots[event_id] = self.codec.decode(blob, expect="FeatureVector")
             except DecodeError:
                 continue
-        out.folded = self.snapshots.folded_reply(folded_of, replies[-1]) if folded_of else {}
+        out.folded = (self.snapshots.folded_reply(folded_of, folded_groups, replies[len(replies) - len(folded_groups):])
+                      if folded_of else {})
         return out
 
     def read_keyed(self, keyed: Iterable[tuple[str, str]]) -> dict[tuple[str, str], State]:
@@ -391,10 +393,8 @@ class FeatureStore:
         pipe.eval(SET_KEYED_LUA, 1, self.keys.keyed_entity(key, value), *args)
 
     def queue_label(self, pipe, entity_id: str, label: str, event_ts: float) -> None:
-        # Plain EVAL, not a registered Script: redis-py would add a SCRIPT EXISTS round trip to
-        # every pipeline that carries one, and Redis caches the compiled script by its hash anyway.
-        pipe.eval(SET_LABEL_LUA, 1, self.keys.entity(entity_id), label, encode_value(float(event_ts)),
-                  self.entity_ttl_s)
+        eval_script(pipe, SET_LABEL_LUA, [self.keys.entity(entity_id)],
+                    [label, encode_value(float(event_ts)), self.entity_ttl_s])
 
     def save_snapshots(self, vectors: Iterable[Mapping[str, Any]]) -> None:
         """Keep these FeatureVector dicts under their event ids with the TTL (one round trip)."""
@@ -449,28 +449,29 @@ class Snapshots:
         self.ttl_s = int(ttl_s)
         self.service = service
         self.codec = get_codec()
-        self._set_predictions = client.register_script(SET_PREDICTIONS_LUA)
 
     def queue_vectors(self, pipe, blobs: Iterable[tuple[str, bytes, str]]) -> None:
         """(event_id, encoded FeatureVector, folded marker or '') triples, each with the snapshot
         TTL: one command for them all (a pipelined HSET + EXPIRE per event cost the service more
-        CPU to build and parse than Redis spent on them)."""
+        CPU to build and parse than Redis spent on them); one per hash slot on a cluster."""
         keys, values = [], []
         for event_id, blob, marker in blobs:
             keys.append(self.keys.snapshot(event_id))
-            values += [blob, marker]
+            values.append((blob, marker))
         if keys:
-            pipe.eval(SAVE_VECTORS_LUA, len(keys), *keys, SNAPSHOT_FIELD, self.ttl_s, FOLDED_FIELD, *values)
+            queue_script_per_slot(pipe, SAVE_VECTORS_LUA, keys, values, (SNAPSHOT_FIELD, self.ttl_s, FOLDED_FIELD))
 
-    def queue_folded(self, pipe, event_ids: list[str]) -> None:
+    def queue_folded(self, pipe, event_ids: list[str]) -> list[list[int]]:
         """Which input each event's snapshot was folded from (FOLDED_FIELD), asked in a pipeline of
-        the caller's, one script call for them all; `folded_reply` reads its reply."""
-        pipe.eval(READ_FOLDED_LUA, len(event_ids), *(self.keys.snapshot(e) for e in event_ids), FOLDED_FIELD)
+        the caller's, one script call for them all (one per slot on a cluster); `folded_reply`
+        reads the replies of the calls it returns."""
+        keys = [self.keys.snapshot(e) for e in event_ids]
+        return queue_script_per_slot(pipe, READ_FOLDED_LUA, keys, [()] * len(keys), (FOLDED_FIELD,))
 
     @staticmethod
-    def folded_reply(event_ids: list[str], reply: list) -> dict[str, str]:
+    def folded_reply(event_ids: list[str], groups: list[list[int]], replies: list) -> dict[str, str]:
         """event_id -> its marker, for those that have one."""
-        return {e: _text(r) for e, r in zip(event_ids, reply) if r is not None}
+        return {e: _text(r) for e, r in zip(event_ids, per_key(groups, replies)) if r is not None}
 
     def queue_new(self, pipe, event_id: str, vector: bytes, predictions: Mapping[str, bytes]) -> None:
         """A whole snapshot (the vector, role -> Prediction), written only where the event has none
@@ -479,7 +480,7 @@ class Snapshots:
         args: list[Any] = [SNAPSHOT_FIELD, vector]
         for role, blob in predictions.items():
             args += [prediction_field(role), blob]
-        pipe.eval(NEW_SNAPSHOT_LUA, 1, self.keys.snapshot(event_id), self.ttl_s, *args)
+        eval_script(pipe, NEW_SNAPSHOT_LUA, [self.keys.snapshot(event_id)], [self.ttl_s, *args])
 
     def queue_prediction(self, pipe, event_id: str, role: str, blob: bytes) -> None:
         """A role's Prediction next to a vector queued in the same pipeline (HSET keeps the TTL)."""
@@ -488,17 +489,18 @@ class Snapshots:
     def queue_predictions_if_present(self, pipe, predictions: Iterable[tuple[str, Mapping[str, bytes]]],
                                      keep_existing: bool = True) -> None:
         """(event_id, role -> encoded Prediction) pairs into the snapshots that exist, in one
-        script call however many (a batch's worth: one EVALSHA, not one per event);
-        `keep_existing` keeps a prediction stored earlier for the same role."""
+        script call however many (a batch's worth: one call, not one per event; one per slot on
+        a cluster); `keep_existing` keeps a prediction stored earlier for the same role."""
         keys: list[str] = []
-        args: list[Any] = ["nx" if keep_existing else "set"]
+        key_args: list[list[Any]] = []
         for event_id, blobs in predictions:
             keys.append(self.keys.snapshot(event_id))
-            args.append(len(blobs))
+            args: list[Any] = [len(blobs)]
             for role, blob in blobs.items():
                 args += [prediction_field(role), blob]
+            key_args.append(args)
         if keys:
-            self._set_predictions(keys=keys, args=args, client=pipe)
+            queue_script_per_slot(pipe, SET_PREDICTIONS_LUA, keys, key_args, ("nx" if keep_existing else "set",))
 
     def read_vectors(self, event_ids: Iterable[str]) -> dict[str, dict]:
         """The FeatureVectors kept for these events (missing or expired ones are left out)."""

@@ -1,4 +1,5 @@
-"""The local stack: a real single-node Kafka (KRaft) from Maven Central jars and Debian's Redis.
+"""The local stack: a real single-node Kafka (KRaft) from Maven Central jars and Debian's Redis
+(or a local Redis Cluster of Debian's redis-server: redis_cluster.py).
 
     up(settings)        # install if needed, start both, wait until they answer, create topics
     up(settings, with_prometheus=True)   # and Debian's Prometheus scraping the five services
@@ -101,6 +102,11 @@ class Component:
 
     def running(self) -> bool:
         return pid_alive(self.pid())
+
+    def pids(self) -> dict[str, int]:
+        """Name -> pid of each of its processes that runs (one here; a cluster's nodes)."""
+        pid = self.pid()
+        return {self.name: pid} if pid and pid_alive(pid) else {}
 
     def _spawn(self, argv: list[str], cwd: Path | None = None) -> subprocess.Popen:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -440,6 +446,13 @@ def _apt_install(package: str, installed) -> None:
 
 
 def components(settings: Settings) -> list[Component]:
+    """Kafka and Redis; a local Redis Cluster (redis_cluster.py) when DRIFTLINE_REDIS_URL names one."""
+    from ..shared.redis_clients import is_cluster_url
+
+    if is_cluster_url(settings.redis_url):
+        from .redis_cluster import RedisCluster
+
+        return [Kafka(settings), RedisCluster(settings)]
     return [Kafka(settings), Redis(settings)]
 
 

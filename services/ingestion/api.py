@@ -25,12 +25,11 @@ import time
 import uuid
 from typing import Any
 
-import redis
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..shared import kafka, metrics
+from ..shared import kafka, metrics, redis_clients
 from ..shared.doors import DOOR_RESPONSES, DoorGuard
 from ..shared.settings import Settings
 from . import SERVICE
@@ -186,7 +185,7 @@ class HttpDoor:
         try:
             outcomes = self.ingestor.publish(
                 decisions, "http", on_delivery=lambda i, err: err is None and delivered.add(i))
-        except redis.RedisError as exc:
+        except redis_clients.UNAVAILABLE as exc:
             raise HTTPException(503, f"Redis did not answer ({exc}); nothing was kept, retry") from None
         self.producer.flush(DELIVERY_TIMEOUT_MS / 1000 + 5)
         lost = [i for i, o in enumerate(outcomes) if o != "duplicate" and i not in delivered]

@@ -2,7 +2,8 @@
 
 Each input claims its id with `SET seen-key marker NX GET EX ttl` (Redis >= 7.0), all claims of a
 batch in ONE script call (one command with a batch's keys, not a command per input: building and
-parsing a thousand pipelined commands cost the service more CPU than the commands cost Redis).
+parsing a thousand pipelined commands cost the service more CPU than the commands cost Redis). On a
+Redis Cluster a script only takes keys of one hash slot: one call per slot, in one pipeline.
 The marker names the input (topic:partition:offset on the Kafka door, a request id and index on
 the HTTP door), so
 
@@ -31,6 +32,7 @@ import redis
 
 from ..shared import metrics
 from ..shared.keys import Keys
+from ..shared.redis_clients import eval_script, per_key, queue_script_per_slot, slot_groups
 
 # Undo a claim only if it is still ours (a failed HTTP delivery must not block the client's retry).
 _RELEASE = """
@@ -69,18 +71,26 @@ class Dedup:
         self.keys = keys
         self.ttl_s = ttl_s
         self._seconds = metrics.REDIS_SECONDS.labels(service, "dedup")
-        self._release = client.register_script(_RELEASE)
-        self._claim = client.register_script(_CLAIM)
-        self._mark_published = client.register_script(_MARK_PUBLISHED)
 
     def claim(self, claims: list[Claim]) -> list[bool]:
         """For each claim in order: True when this input owns its id (first, or itself again)."""
         if not claims:
             return []
         started = time.perf_counter()
-        owned = self._claim(keys=[c.key for c in claims], args=[self.ttl_s, *(c.marker for c in claims)])
+        owned = per_key(*self._per_slot(_CLAIM, claims, (self.ttl_s,)))
         self._seconds.observe(time.perf_counter() - started)
         return [flag == 1 for flag in owned]
+
+    def _per_slot(self, script: str, claims: list[Claim], shared_args: tuple = ()) -> tuple[list[list[int]], list]:
+        """Run a claims script: one call on one node; on a cluster one per hash slot, pipelined.
+        Returns the claims' positions per call and the calls' replies."""
+        keys = [c.key for c in claims]
+        groups = slot_groups(self.client, keys)
+        if len(groups) == 1:
+            return groups, [eval_script(self.client, script, keys, [*shared_args, *(c.marker for c in claims)])]
+        pipe = self.client.pipeline(transaction=False)
+        groups = queue_script_per_slot(pipe, script, keys, [(c.marker,) for c in claims], shared_args)
+        return groups, pipe.execute()
 
     def mark_published(self, claims: list[Claim]) -> None:
         """These inputs' outputs are acknowledged by Kafka: their claims say so, and the same
@@ -88,7 +98,7 @@ class Dedup:
         stays gone: XX.)"""
         if not claims:
             return
-        self._mark_published(keys=[c.key for c in claims], args=[c.marker for c in claims])
+        self._per_slot(_MARK_PUBLISHED, claims)
 
     def release(self, claims: list[Claim]) -> None:
         """Forget claims that are still ours (their input was not delivered after all)."""
@@ -96,5 +106,5 @@ class Dedup:
             return
         pipe = self.client.pipeline(transaction=False)
         for c in claims:
-            self._release(keys=[c.key], args=[c.marker], client=pipe)
+            eval_script(pipe, _RELEASE, [c.key], [c.marker])
         pipe.execute()

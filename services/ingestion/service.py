@@ -34,7 +34,7 @@ import redis
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, Message, Producer, TopicPartition
 from fastapi import FastAPI
 
-from ..shared import deps, kafka, metrics
+from ..shared import deps, kafka, metrics, redis_clients
 from ..shared.codec import get_codec
 from ..shared.deadletter import dead_letter, fit_payload
 from ..shared.doors import DoorGuard
@@ -321,7 +321,7 @@ class IngestionWorker(StreamWorker):
 
 def build_app(settings: Settings) -> FastAPI:
     """The ingestion process: the Kafka door's worker and the HTTP door on one FastAPI app."""
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_clients.connect(settings.redis_url)
     worker = IngestionWorker(settings)  # its own client, which waits out a Redis outage
     door = HttpDoor(settings, Ingestor(settings, HttpDoor.producer(settings), client))  # answers 503 at once
     app = service_app(

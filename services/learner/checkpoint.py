@@ -138,7 +138,8 @@ class Lease:
             while not self._stop.wait(self.ttl_ms / 3000):
                 try:
                     if not self.renew():
-                        log.error("learner lease %s lost to another instance", self.key)
+                        log.error("learner lease %s lost: another instance holds it, or it ran out while Redis "
+                                  "was away (a failover of its shard)", self.key)
                         return
                 except redis.RedisError:  # a blip: try again; the TTL covers a few misses
                     log.warning("lease renewal failed", exc_info=True)

@@ -110,12 +110,11 @@ def environment() -> dict[str, str]:
 
 
 def registry_of(settings: Settings):
-    import redis
-
+    from ..shared import redis_clients
     from ..shared.keys import Keys
     from ..shared.registry import ModelRegistry
 
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_clients.connect(settings.redis_url)
     return ModelRegistry(client, Keys(settings.namespace), settings.learner.model_name,
                          settings.model_key.get_secret_value().encode())
 

@@ -26,14 +26,13 @@ import json
 import os
 from typing import Any, TypeVar
 
-import redis
 from fastapi import Body, FastAPI, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from ..shared import metrics
+from ..shared import metrics, redis_clients
 from ..shared.admin import AdminAction, admin_action
 from ..shared.doors import DOOR_RESPONSES, DoorGuard
 from ..shared.runtime import service_app
@@ -167,9 +166,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def not_ready(_request: Request, exc: NotReady) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=503)
 
-    @app.exception_handler(redis.RedisError)
-    async def redis_down(_request: Request, exc: redis.RedisError) -> JSONResponse:
+    async def redis_down(_request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": f"Redis does not answer: {exc}"}, status_code=503)
+
+    for unavailable in redis_clients.UNAVAILABLE:
+        app.add_exception_handler(unavailable, redis_down)
 
     @app.exception_handler(FieldsRefused)
     async def fields_refused(_request: Request, exc: FieldsRefused) -> JSONResponse:

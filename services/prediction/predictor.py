@@ -36,13 +36,12 @@ import time
 import uuid
 from typing import Any
 
-import redis
 import redis.asyncio
 
 from ..features.definitions import load_feature_set
 from ..features.store import FeatureStore, FieldNames
 from ..ingestion.validate import check_fields
-from ..shared import kafka, metrics
+from ..shared import kafka, metrics, redis_clients
 from ..shared.codec import get_codec
 from ..shared.keys import Keys
 from ..shared.registry import ModelRegistry, TamperedArtifact, UnknownVersion
@@ -92,8 +91,8 @@ class Predictor:
         self.topics = Topics(settings.namespace)
         self.codec = get_codec()
         # Short timeouts: a Redis that stalls must turn into a quick 503, not a pile of hung requests.
-        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=1.0,
-                                          health_check_interval=30)
+        self.redis = redis_clients.connect(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=1.0,
+                                           health_check_interval=30)
         # /v1/predict reads with the asyncio client on the event loop: a sync client on the thread
         # pool costs two thread hops and GIL hand-overs per request (p99 x10 under 16 connections).
         self.aredis: redis.asyncio.Redis | None = None
@@ -116,12 +115,12 @@ class Predictor:
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
         # Made here, inside the server's event loop (its connections belong to that loop).
-        self.aredis = redis.asyncio.Redis.from_url(self.settings.redis_url, socket_timeout=2.0,
-                                                   socket_connect_timeout=1.0, health_check_interval=30)
+        self.aredis = redis_clients.connect_async(self.settings.redis_url, socket_timeout=2.0,
+                                                  socket_connect_timeout=1.0, health_check_interval=30)
         self.state_reads = CoalescedReads(self.aredis)  # concurrent requests share a round trip
         try:
             self.holder.sync_champion(self.registry)
-        except redis.RedisError as exc:  # the follower retries; /ready says why meanwhile
+        except redis_clients.UNAVAILABLE as exc:  # the follower retries; /ready says why meanwhile
             log.warning("could not read the registry at start (%s); will follow it", exc)
         self.plog.start()
         self.follower.start()
@@ -178,7 +177,7 @@ class Predictor:
         if joining:
             try:
                 refused = self.names.admit(joining)
-            except redis.RedisError as exc:
+            except redis_clients.UNAVAILABLE as exc:
                 raise NotReady(f"feature store (Redis) does not answer: {exc}") from None
             if refused:
                 raise FieldsRefused("too_many_feature_names",
@@ -191,7 +190,7 @@ class Predictor:
         ts = req.ts if req.ts is not None else time.time()
         try:
             x = self.store.vector(req.entity_id, req.fields, ts)
-        except redis.RedisError as exc:
+        except redis_clients.UNAVAILABLE as exc:
             raise NotReady(f"feature store (Redis) does not answer: {exc}") from None
         answer = self._answer(served, req, x, ts)
         if req.event_id is not None:
@@ -206,7 +205,7 @@ class Predictor:
         ts = req.ts if req.ts is not None else time.time()
         try:
             x = await self._avector(req.entity_id, req.fields, ts)
-        except redis.RedisError as exc:
+        except redis_clients.UNAVAILABLE as exc:
             raise NotReady(f"feature store (Redis) does not answer: {exc}") from None
         answer = self._answer(served, req, x, ts)
         if req.event_id is not None:
@@ -215,7 +214,7 @@ class Predictor:
                 started = time.perf_counter()
                 written = await pipe.execute()
                 metrics.REDIS_SECONDS.labels(SERVICE, "write_snapshots").observe(time.perf_counter() - started)
-            except redis.RedisError as exc:
+            except redis_clients.UNAVAILABLE as exc:
                 raise NotReady(f"feature store (Redis) does not answer: {exc}") from None
             self._log_new(records, written)
         return answer
@@ -245,7 +244,7 @@ class Predictor:
         try:
             read = self.store.read_batch([r.entity_id for r in reqs], (),
                                          keyed=[kv for names in named for kv in names.items()])
-        except redis.RedisError as exc:
+        except redis_clients.UNAVAILABLE as exc:
             raise NotReady(f"feature store (Redis) does not answer: {exc}") from None
         answers, joined = [], []
         for req, names in zip(reqs, named):
@@ -279,7 +278,7 @@ class Predictor:
         records, pipe = self._queue_join(joined, served, self.redis.pipeline(transaction=False))
         try:
             written = self.store.execute(pipe, "write_snapshots")
-        except redis.RedisError as exc:
+        except redis_clients.UNAVAILABLE as exc:
             raise NotReady(f"feature store (Redis) does not answer: {exc}") from None
         self._log_new(records, written)
 
@@ -314,7 +313,7 @@ class Predictor:
             reasons.append(f"no model loaded: the registry has no (loadable) champion for {self.model_name!r}")
         try:
             self.redis.ping()
-        except redis.RedisError as exc:
+        except redis_clients.UNAVAILABLE as exc:
             reasons.append(f"redis does not answer: {exc}")
         try:
             self.plog.producer.list_topics(self.topics.predictions, timeout=1.0)

@@ -183,10 +183,10 @@ def _log_tail(base: Settings, exc: Exception, lines: int = 15) -> str:
 
 def _drop_namespace(settings: Settings) -> None:
     """Delete the demo's topics and Redis keys (only its own namespace, only if reachable)."""
-    import redis
+    from ..shared import redis_clients
 
     try:
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=2)
+        client = redis_clients.connect(settings.redis_url, socket_timeout=2)
         batch = []
         for key in client.scan_iter(match=f"dl:{settings.namespace}:*", count=1000):
             batch.append(key)

@@ -575,15 +575,14 @@ def check_pipeline(settings: Settings, model: str, features: str, outcomes: list
     """`--model` and `--features` cannot change running services: compare them with what the
     learner's champion was built from (registry) and what the features service computed (the
     snapshot of an event of this replay), and warn when they differ."""
-    import redis
-
     from ..features.definitions import load_feature_set
     from ..features.store import Snapshots
+    from ..shared import redis_clients
     from ..shared.keys import Keys
     from ..shared.registry import ModelRegistry
 
     checks: dict[str, Any] = {}
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_clients.connect(settings.redis_url)
     keys = Keys(settings.namespace)
     try:
         registry = ModelRegistry(client, keys, settings.learner.model_name, settings.model_key.get_secret_value().encode())

@@ -12,7 +12,8 @@ and the supervisor restarts the process. A retried command may run twice when Re
 but the reply was lost: every worker write is idempotent (full-state HSET with its offset, SET of
 a snapshot, a first-seen claim with the claimant's marker), which a crash needs anyway.
 
-HTTP paths keep a plain client: a request must answer 503 at once, not wait for Redis.
+HTTP paths keep a plain client: a request must answer 503 at once, not wait for Redis. On a Redis
+Cluster the same holds (`redis_clients`: a failover or a migration is waited out the same way).
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from typing import TypeVar
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from . import redis_clients
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -118,7 +121,7 @@ class WaitOutOutage(Retry):
 
     def __init__(self, wait_s: float = OUTAGE_WAIT_S, name: str = "redis") -> None:
         super().__init__(NoBackoff(), -1, (RedisConnectionError, RedisTimeoutError, socket.timeout,
-                                           ConnectionResetError, BrokenPipeError))
+                                           ConnectionResetError, BrokenPipeError, *redis_clients.CLUSTER_OUTAGE))
         self.wait_s = wait_s
         self.name = name
 
@@ -146,7 +149,8 @@ class WaitOutOutage(Retry):
                 time.sleep(min(next(delays), max(0.0, deadline - now)))
 
 
-def redis_client(settings: Settings, wait_s: float = OUTAGE_WAIT_S) -> redis.Redis:
-    """A Redis client for a worker loop: each command waits out an outage of up to `wait_s`."""
-    return redis.Redis.from_url(settings.redis_url, retry=WaitOutOutage(wait_s),
-                                socket_connect_timeout=2.0, socket_timeout=30.0)
+def redis_client(settings: Settings, wait_s: float = OUTAGE_WAIT_S) -> redis.Redis | RedisCluster:
+    """A Redis client for a worker loop (one node or a cluster, as DRIFTLINE_REDIS_URL says):
+    each command waits out an outage of up to `wait_s`."""
+    return redis_clients.connect(settings.redis_url, wait=WaitOutOutage(wait_s),
+                                 socket_connect_timeout=2.0, socket_timeout=30.0)

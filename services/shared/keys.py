@@ -1,8 +1,15 @@
 """The Redis key layout, defined once.
 
-Every key starts with `dl:` plus the namespace, and carries a hash tag (`{...}`) so that a
-clustered Redis keeps what must change together in one slot: an entity's state by entity id, an
-event's snapshot by event id, a model's registry, checkpoint and buffer by model name.
+Every key starts with `dl:` plus the namespace, and carries a hash tag (`{...}`): a Redis Cluster
+hashes only the tag, so what one script or multi-key command touches must share it. An entity's
+state is tagged by entity id, an event's snapshot and first-seen claims by event id, a model's
+registry, lease, checkpoint and sets by model name (its lease and checkpoint are written by one
+script; a version's artifact and lineage in one transaction).
+
+The rule for a new key: build it here, with a hash tag naming what it belongs to (`_tagged`),
+and give a script or a multi-key command only keys of one tag -- or split the call per slot
+(`redis_clients.slot_groups`), as the batch scripts of the feature store and of dedup do. A
+unit test checks that every key built here has a tag.
 
     >>> Keys("").entity("meter-7")
     'dl:ent:{meter-7}'
@@ -15,12 +22,18 @@ from __future__ import annotations
 
 class Keys:
     def __init__(self, namespace: str = "") -> None:
+        if "{" in namespace or "}" in namespace:  # a brace before the tag would become the tag
+            raise ValueError(f"a namespace has no braces: {namespace!r}")
         self.prefix = f"dl:{namespace}:" if namespace else "dl:"
+
+    def _tagged(self, kind: str, tag: str, rest: str = "") -> str:
+        """`dl:<namespace>:<kind>:{<tag>}[:<rest>]`: the key's slot follows `tag` alone."""
+        return f"{self.prefix}{kind}:{{{tag}}}" + (f":{rest}" if rest else "")
 
     # -- features: per-entity state and per-event snapshots ---------------------------------
     def entity(self, entity_id: str) -> str:
         """Hash: the entity's online state (counts, last values, EWMs, last label, offsets)."""
-        return f"{self.prefix}ent:{{{entity_id}}}"
+        return self._tagged("ent", entity_id)
 
     def keyed_entity(self, key: str, value: str) -> str:
         """Hash: the state of an entity that another field of events names (`merchant` = `m-17`):
@@ -29,35 +42,35 @@ class Keys:
             >>> Keys("").keyed_entity("merchant", "m-17")
             'dl:key:{merchant=m-17}'
         """
-        return f"{self.prefix}key:{{{key}={value}}}"
+        return self._tagged("key", f"{key}={value}")
 
     def snapshot(self, event_id: str) -> str:
         """Hash: the feature vector an event was scored with (+ its prediction), kept with a TTL
         until its label comes."""
-        return f"{self.prefix}snap:{{{event_id}}}"
+        return self._tagged("snap", event_id)
 
     def features_applied(self) -> str:
         """Hash "topic/partition" -> the next offset whose effects on the entity states are in
         Redis (written last in each batch's pipeline: if it survived a Redis crash, so did the
         states before it). Behind the committed offset = Redis lost writes: re-read from Kafka."""
-        return f"{self.prefix}features:applied"
+        return self._tagged("features", "applied")
 
     def features_clock(self) -> str:
         """Hash events.valid partition -> the event time its events are folded up to ("inf": none
         left to read), written by whichever worker owns it: how stale a key entity's aggregates
         may be (docs/features.md)."""
-        return f"{self.prefix}features:clock"
+        return self._tagged("features", "clock")
 
     # -- ingestion: de-duplication ---------------------------------------------------------
     def seen_event(self, event_id: str) -> str:
-        return f"{self.prefix}seen:ev:{{{event_id}}}"
+        return self._tagged("seen:ev", event_id)
 
     def seen_label(self, event_id: str) -> str:
-        return f"{self.prefix}seen:lb:{{{event_id}}}"
+        return self._tagged("seen:lb", event_id)
 
     # -- learner and registry: one hash tag per model ----------------------------------------
     def _model(self, model: str, what: str) -> str:
-        return f"{self.prefix}model:{{{model}}}:{what}"
+        return self._tagged("model", model, what)
 
     def registry_versions(self, model: str) -> str:
         """Hash: version -> lineage JSON."""

@@ -308,7 +308,12 @@ class Settings(BaseSettings):
     )
 
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis (rediss:// for TLS)")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="one Redis node (redis:// or rediss://), or a Redis Cluster: "
+                    "redis+cluster://[:password@]host:port[,host:port...] (rediss+cluster:// over TLS); "
+                    "see docs/scaling.md",
+    )
     namespace: str = Field(
         "", description="prefix for topics, consumer groups and Redis keys (several pipelines on one broker)"
     )
@@ -452,8 +457,10 @@ class Settings(BaseSettings):
 
     @property
     def redis_host_port(self) -> tuple[str, int]:
-        url = urlparse(self.redis_url)
-        return url.hostname or "127.0.0.1", url.port or 6379
+        """The Redis node (a cluster's first seed node) the URL names."""
+        from .redis_clients import parse
+
+        return parse(self.redis_url).host_port
 
     def port_of(self, service: str) -> int:
         return getattr(self.ports, service)
