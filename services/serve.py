@@ -52,7 +52,7 @@ def serve(service: ServiceName = typer.Argument(..., help="a service, or 'all'")
     if service is ServiceName.all:
         serve_all()
         return
-    from .shared.runtime import configure_logging
+    from .shared.process import configure_logging
 
     configure_logging(settings)
     module = importlib.import_module(f"driftline.{service.value}.{'sink' if service.value in SINKS else 'service'}")

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from driftline.shared import audit
-from driftline.shared.runtime import configure_logging
+from driftline.shared.process import configure_logging
 from driftline.shared.settings import Settings
 
 ALICE, BOB = "alice-" + uuid.uuid4().hex, "bob-" + uuid.uuid4().hex

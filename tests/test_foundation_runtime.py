@@ -1,4 +1,4 @@
-"""The stream services' loop (shared/runtime.py): against a Kafka that is not there, and committing at
+"""The stream services' loop (shared/loop.py, shared/commits.py): against a Kafka that is not there, and committing at
 an interval on the real broker."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from confluent_kafka.admin import NewTopic
 
 from driftline.infra import stack
 from driftline.shared import kafka
-from driftline.shared.runtime import StreamWorker
+from driftline.shared.loop import StreamWorker
 from driftline.shared.settings import Settings
 from driftline.shared.topics import Topics
 
@@ -23,7 +23,7 @@ def test_a_worker_waiting_for_kafka_to_acknowledge_still_hears_stop():
     worker.produce("nowhere", b"x")
     threading.Timer(1.5, worker._stop.set).start()
     started = time.monotonic()
-    assert worker.flush_until_stopped() is False  # not acknowledged: the caller must not commit
+    assert worker.commits.flush_until_stopped() is False  # not acknowledged: the caller must not commit
     assert time.monotonic() - started < 10
     assert len(worker.producer) == 1
 

@@ -459,7 +459,7 @@ def test_an_idle_service_retries_a_refused_commit_until_its_group_has_committed_
     partitions are reassigned and read again, which hides the gap (checked by hand)."""
     from confluent_kafka import KafkaError, KafkaException
 
-    from driftline.shared.runtime import StreamWorker
+    from driftline.shared.loop import StreamWorker
 
     topics, n, refusals = Topics(settings.namespace), 30, 3
     producer = kafka.producer(settings)
@@ -500,7 +500,7 @@ def test_an_idle_service_retries_a_refused_commit_until_its_group_has_committed_
         wait(committed_to_the_end, 30, "the group committed to the end")
         assert len(attempts) == refusals and len(seen) == n  # refused, retried; nothing read twice
         assert all(b - a >= 0.04 for a, b in zip(attempts, attempts[1:]))  # with backoff, no busy loop
-        assert worker.alive and worker.commit_owed is False
+        assert worker.alive and worker.commits.owed is False
     finally:
         worker.stop()
         group.close()

@@ -33,7 +33,9 @@ from ..shared.kafka import base_topic
 from ..shared.admin import AdminAction, admin_action
 from ..shared.keys import Keys
 from ..shared.registry import ModelRegistry
-from ..shared.runtime import StreamWorker, run_app, service_app
+from ..shared.app import service_app
+from ..shared.loop import StreamWorker
+from ..shared.process import run_app
 from ..shared.settings import Settings
 from ..shared.vocabulary import RETRAIN_REASONS
 from .policy import retrain_request

@@ -61,7 +61,9 @@ from ..shared import deps, kafka, metrics
 from ..shared.codec import DecodeError, get_codec
 from ..shared.deadletter import dead_letter
 from ..shared.keys import Keys
-from ..shared.runtime import RestartLoop, StreamWorker, run_app, service_app
+from ..shared.app import service_app
+from ..shared.loop import RestartLoop, StreamWorker
+from ..shared.process import run_app
 from ..shared.settings import Settings
 from .definitions import ENTITY_KEY, FeatureSet, load_feature_set
 from .store import GUARD_PREFIX, OFFSET_FIELD, PARTITION_FIELD, Categories, FeatureStore, FieldNames
@@ -388,8 +390,8 @@ class FeaturesWorker(StreamWorker):
             items = self.pop_ready()
             if items:
                 self.process(items)
-                if self.flush_until_stopped():  # a rebalance or an outage refusing the commit is not fatal
-                    self.safe_commit()
+                if self.commits.flush_until_stopped():  # a rebalance or an outage refusing the commit is not fatal
+                    self.commits.safe_commit()
             self.flow_control()
 
     def pop_ready(self) -> list[Item]:

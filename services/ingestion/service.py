@@ -39,7 +39,9 @@ from ..shared.codec import get_codec
 from ..shared.deadletter import dead_letter, fit_payload
 from ..shared.doors import DoorGuard
 from ..shared.keys import Keys
-from ..shared.runtime import StreamWorker, run_app, service_app
+from ..shared.app import service_app
+from ..shared.loop import StreamWorker
+from ..shared.process import run_app
 from ..shared.schema_registry import RegistryUnavailable, registry_for
 from ..shared.settings import Settings
 from ..shared.topics import Topics

@@ -16,7 +16,8 @@ from fastapi import Body, FastAPI, HTTPException
 
 from ..shared.admin import AdminAction, admin_action  # the one admin guard of every service, audited
 from ..shared.registry import TamperedArtifact, UnknownVersion
-from ..shared.runtime import configure_logging, run_app, service_app
+from ..shared.app import service_app
+from ..shared.process import configure_logging, run_app
 from ..shared.settings import Settings
 from ..shared.swaps import make_champion, publish_swap, rollback_target
 from .worker import SERVICE, LearnerWorker

@@ -12,8 +12,9 @@ of its checkpoint (never group-managed offsets: the checkpoint *is* the commit),
     contest, promote) -> produce (outputs.py) + one Redis pipeline; the registry records what the
     loop decided (lineage.py) -> checkpoint every N labels / T seconds (checkpoint.py)
 
-The loop itself is the shared runtime's (`StreamWorker.run`), inside the lease loop below; the
-checkpoint is the commit, so nothing is flushed or committed per batch.
+The loop itself is the shared one (`loop.StreamWorker.run`), inside the lease loop below; its
+commit policy is the checkpoint (`commits.CheckpointCommits`): nothing is flushed or committed per
+batch.
 
 Concept drift, data drift and the label-count and accuracy triggers are decided here, in the
 learner's own loop, at the example where they are seen: nothing waits for another service, and
@@ -42,7 +43,8 @@ from ..shared.codec import DecodeError, get_codec
 from ..shared.kafka import base_topic
 from ..shared.keys import Keys
 from ..shared.registry import ModelRegistry
-from ..shared.runtime import RestartLoop, StreamWorker
+from ..shared.commits import CheckpointCommits
+from ..shared.loop import RestartLoop, StreamWorker
 from ..shared.settings import Settings
 from .adaptation import Adaptation, Change
 from .champion import PUBLISHED, Roles
@@ -74,7 +76,7 @@ class LearnerWorker(StreamWorker):
     poll_timeout_s = 0.05
 
     def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
+        super().__init__(settings, commits=CheckpointCommits())  # the checkpoint is the commit
         self.cfg = settings.learner
         self.name = self.cfg.model_name
         self.keys = Keys(settings.namespace)
@@ -178,16 +180,6 @@ class LearnerWorker(StreamWorker):
 
     def next_batch(self) -> list[Message]:
         return self.inputs.next_batch(self.batch_size, self.poll_timeout_s)
-
-    def flush_until_stopped(self) -> bool:
-        return True  # nothing to wait for per batch: a checkpoint (the commit) flushes first
-
-    def commit(self) -> None:
-        """The checkpoint is the commit (see `checkpoint`)."""
-
-    def safe_commit(self) -> None:
-        """Nothing is committed per batch, so a batch says nothing of Kafka's health either (the
-        base class would mark it back after every batch, also mid-outage from prefetched records)."""
 
     def close(self) -> None:
         if self.lease.lost.is_set():

@@ -19,7 +19,9 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Messag
 from ..shared import kafka, metrics
 from ..shared.codec import DecodeError, get_codec
 from ..shared.kafka import base_topic
-from ..shared.runtime import StreamWorker, configure_logging, run_app, service_app
+from ..shared.app import service_app
+from ..shared.loop import StreamWorker
+from ..shared.process import configure_logging, run_app
 from ..shared.settings import Settings
 from .store import OfflineStore, row_of
 

@@ -35,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from ..shared import metrics, redis_clients
 from ..shared.admin import AdminAction, admin_action
 from ..shared.doors import DOOR_RESPONSES, DoorGuard
-from ..shared.runtime import service_app
+from ..shared.app import service_app
 from ..shared.settings import Settings, get_settings
 from .models import NonFiniteOutput
 from .predictor import AdminError, FieldsRefused, NotReady, Predictor

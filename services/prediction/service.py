@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from ..shared.runtime import run_app
+from ..shared.process import run_app
 from ..shared.settings import Settings, settings_env
 
 FACTORY = "driftline.prediction.app:create_app"

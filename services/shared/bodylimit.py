@@ -1,6 +1,6 @@
 """ASGI middleware that refuses a request body over a size limit with 413, before anything parses it.
 
-Every service has it, outermost (`runtime.service_app`): before routing and before the admin
+Every service has it, outermost (`app.service_app`): before routing and before the admin
 guard, so an unauthenticated request can never make a service read or parse a large body.
 
 A declared `Content-Length` over the limit is refused without reading a byte; a body sent without

@@ -1,0 +1,154 @@
+"""A service's HTTP app: GET /health, GET /ready, GET /metrics and per-route HTTP metrics, and
+the start and stop of its stream worker (loop.py) with the app.
+
+    app = service_app("drift", worker=worker)    # then process.run_app(app, port, settings)
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from . import metrics
+from .bodylimit import BodyLimit
+from .deps import DEPS
+from .loop import StreamWorker
+
+# Services whose only bodies are admin requests ({"version": 3}, {"reason": "demand"}) take this much.
+ADMIN_BODY_BYTES = 64 * 1024
+
+
+class HttpMetrics:
+    """Request count and latency per route template, as pure ASGI middleware: Starlette's
+    `BaseHTTPMiddleware` (`@app.middleware("http")`) runs every request through an extra task and
+    memory streams, which cost more than a whole fast route. The labelled children are cached."""
+
+    def __init__(self, app, service: str) -> None:
+        self.app = app
+        self.service = service
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def children(self, path: str, method: str, status: int) -> tuple[Any, Any]:
+        key = (path, method, status)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = (metrics.HTTP_REQUESTS.labels(self.service, path, method, str(status)),
+                                           metrics.HTTP_SECONDS.labels(self.service, path))
+        return found
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            # The router writes the matched route into this same scope dict.
+            path = getattr(scope.get("route"), "path", "unmatched")  # the template, never the raw path
+            count, seconds = self.children(path, scope["method"], status)
+            count.inc()
+            seconds.observe(time.perf_counter() - started)
+
+
+def service_app(
+    service: str,
+    worker: StreamWorker | None = None,
+    title: str | None = None,
+    on_start: Callable[[], None] | None = None,
+    on_stop: Callable[[], None] | None = None,
+    max_body_bytes: int = ADMIN_BODY_BYTES,
+    body_limit_setting: str = "(the admin routes' limit)",
+    **fastapi_kwargs: Any,
+) -> FastAPI:
+    """A FastAPI app with /health, /metrics and HTTP metrics; starts and stops the worker.
+    Every request body is limited to `max_body_bytes` (413) before routing and before any auth."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        if on_start:
+            on_start()
+        # What is loaded by now (modules, the app, a served model) lives as long as the process:
+        # frozen out of the collector's sight, a full collection no longer walks it all while a
+        # request waits (bench predict, 16 connections: p99 55-69 ms -> 9 ms, CPU per request -15%).
+        gc.freeze()
+        if worker is not None:
+            worker.start()
+        yield
+        if worker is not None:
+            worker.stop()
+        if on_stop:
+            on_stop()
+
+    # /docs and /redoc load Swagger UI / ReDoc from the installed fastapi-offline package, not a CDN:
+    # the docs open on a machine without internet.
+    app = FastAPIOffline(title=title or f"driftline {service}", lifespan=lifespan, **fastapi_kwargs)
+    app.state.worker = worker
+
+    app.add_middleware(HttpMetrics, service=service)
+
+    # Added last, so outermost: a too-large body is refused before routing, auth or parsing.
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, service=service, setting=body_limit_setting)
+
+    # `async def`: answered on the event loop, no thread-pool hop, except for a stream worker's
+    # details (its Kafka probe may wait up to a second while the broker is away).
+    @app.get("/health", tags=["ops"], summary="Is the process alive and its loop running?")
+    async def health() -> JSONResponse:
+        body: dict[str, Any] = {"service": service, "status": "ok"}
+        if worker is not None:
+            body.update(await run_in_threadpool(worker.health))
+            if not worker.alive:
+                body["status"] = "worker stopped"
+                return JSONResponse(body, status_code=503)
+            # Alive but waiting for Redis or Kafka: still 200 (a restart would not bring them
+            # back); /ready says 503 meanwhile.
+            missing = DEPS.missing()
+            if missing:
+                body["status"] = "waiting: " + "; ".join(missing)
+        return JSONResponse(body)
+
+    if worker is not None:  # the prediction service has its own /ready (model loaded, ...)
+        @app.get("/ready", tags=["ops"], summary="Is the loop running and are Redis and Kafka there?")
+        def ready() -> JSONResponse:
+            worker.probe_kafka()
+            reasons = ([] if worker.alive else ["worker stopped"]) + DEPS.missing()
+            return JSONResponse({"service": service, "ready": not reasons, "reasons": reasons},
+                                status_code=503 if reasons else 200)
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics_registry()), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def metrics_registry():
+    """What /metrics exports: this process's metrics or, when a service runs several worker processes
+    (prometheus_client's multiprocess mode, PROMETHEUS_MULTIPROC_DIR set before they start), the
+    sum over all of them."""
+    import os
+
+    from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
+
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return registry
