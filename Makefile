@@ -35,6 +35,8 @@ infra-up: setup
 infra-down:
 	$(BIN)/driftline infra down
 
+# The local stack's data and the reports of demos and replays; the committed benchmark results
+# (reports/bench) stay.
 clean:
 	-$(BIN)/driftline infra down
-	rm -rf .driftline reports
+	rm -rf .driftline reports/demo reports/replay

@@ -25,3 +25,7 @@ def pytest_collect_file(file_path: Path, parent):
             if alias not in sys.modules:
                 sys.modules[alias] = importlib.import_module(".".join(("driftline",) + parts[1:i]))
     return None
+
+# Probe scripts (services/bench/probes/): one-off measurements that start their own stack when run;
+# never imported by the test run.
+collect_ignore = ["services/bench/probes"]

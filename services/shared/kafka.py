@@ -68,7 +68,7 @@ MERGING_CONSUMER = {"fetch.wait.max.ms": 20}
 # For the producers' topics (events, labels): a producer may write them in transactions, and the
 # records of an aborted one must not be ingested. The broker answers a read_committed fetch parked
 # at its end late, though: up to the whole fetch.wait.max.ms for ~5% of the records at 500 ms
-# (produce -> poll p95 ~550 ms, reports/bench/profiles/fetch_isolation_latency.py), ~8 ms at 100.
+# (produce -> poll p95 ~550 ms, services/bench/probes/fetch_isolation_latency.py), ~8 ms at 100.
 INPUT_CONSUMER = {"isolation.level": "read_committed", "fetch.wait.max.ms": 100}
 
 

@@ -3,7 +3,7 @@ fetch.wait.max.ms (its own bench stack; 600 records 5 ms apart, the producer's l
 
     python fetch_isolation_latency.py
 
-Session 7 (quiet machine): read_committed with fetch.wait.max.ms 500 left ~5% of the records
+On a quiet machine: read_committed with fetch.wait.max.ms 500 left ~5% of the records
 waiting for the parked fetch to time out (p95 554 ms, p99 678 ms); read_uncommitted at 500 had
 p95 7.8 / p99 9.1 ms, read_committed at 100 p95 7.4 / p99 7.9 ms, at 20 p95 7.6 / p99 10.0 ms.
 """
