@@ -81,12 +81,16 @@ class Collector(threading.Thread):
 
     def read_to_end(self, topics: list[str], timeout_s: float = 10.0) -> bool:
         """Wait until the topics are read up to the ends they have now (what the pipeline produced
-        before its last outcome: a drift event, a swap); False if that took longer than timeout_s."""
+        before its last outcome: a drift event, a swap); False if that took longer than timeout_s.
+        The ends are asked with a consumer of its own: this thread's consumer is busy in run()."""
+        asker = kafka.consumer(self.settings, f"driftline.replay.ends.{uuid.uuid4().hex[:8]}")
         try:
-            ends = {(tp.topic, tp.partition): self.consumer.get_watermark_offsets(tp, timeout=5, cached=False)[1]
+            ends = {(tp.topic, tp.partition): asker.get_watermark_offsets(tp, timeout=5, cached=False)[1]
                     for topic in topics for tp in kafka.partitions_of(self.settings, topic)}
         except KafkaException:
             return False
+        finally:
+            asker.close()
         deadline = time.monotonic() + timeout_s
         while any(self.read_to.get(where, 0) < end for where, end in ends.items()):
             if time.monotonic() > deadline or self.error is not None or not self.is_alive():
