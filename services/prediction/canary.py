@@ -175,7 +175,10 @@ class Canary:
         """Thread: labels.valid from its end, joined with what this replica served."""
         codec, topic = get_codec(), Topics(self.settings.namespace).labels_valid
         while not self._stop.is_set():
-            c = kafka.consumer(self.settings, f"driftline.canary.{id(self)}", **{"logger": log})
+            # Served accuracy is a dashboard's figure, not the hot path's: large fetches, few of them
+            # (the broker's CPU per fetch request is shared with the hot path).
+            c = kafka.consumer(self.settings, f"driftline.canary.{id(self)}",
+                               **{"logger": log, "fetch.min.bytes": 64 * 1024, "fetch.wait.max.ms": 500})
             try:
                 c.assign([TopicPartition(topic, tp.partition, OFFSET_END)
                           for tp in kafka.partitions_of(self.settings, topic)])
