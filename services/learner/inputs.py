@@ -49,7 +49,7 @@ class Inputs:
         self.upstream_retry_at: dict[str, float] = {}  # side -> not asked again before (after a failure)
         self.upstream_delays: dict[str, Any] = {}  # side -> its backoff in progress
         self.upstream_failed: dict[str, bool] = {}  # side -> the last question failed (logged once)
-        self.rescore_below: dict[tuple[str, int], int] = {}  # features offsets consumed before this session
+        self.rescore_below: dict[tuple[str, int], int] = {}  # features offsets consumed before the lease was taken
 
     def open(self, offsets: dict[tuple[str, int], int]) -> Consumer:
         self.label_partitions, self.feature_partitions, self.rescore_below, self.paused = [], [], {}, set()
@@ -271,7 +271,7 @@ class Inputs:
                 log.debug("closing an upstream consumer failed", exc_info=True)
 
     def maybe_scored(self, event: Event) -> bool:
-        """Read before this session began? Then a prediction stored for it (made at event time) is kept."""
+        """Read before the lease was taken? Then a prediction stored for it (made at event time) is kept."""
         return event.offset < self.rescore_below.get((event.topic, event.partition), 0)
 
     def commit(self, offsets: dict[tuple[str, int], int]) -> None:
@@ -279,7 +279,7 @@ class Inputs:
         self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=True)
 
     def close_all(self) -> None:
-        """Every consumer this session opened (a start given up half-way: the broker away)."""
+        """Every consumer opened since the lease was taken (a start given up half-way: the broker away)."""
         if self.consumer is not None:
             try:
                 self.consumer.close()

@@ -123,7 +123,7 @@ class LabelWatermark:
             quiet_since = max(self.seen_at.get(partition, 0.0), self.features_resumed_at)
             if bound < enough and at_end and now - quiet_since >= self.idle_s:
                 if self.empty_is_idle and partition not in self.seen_at:
-                    continue  # never had a record this session: an empty partition
+                    continue  # never had a record since the lease was taken: an empty partition
                 if drained(partition):
                     continue
             mark = min(mark, bound)

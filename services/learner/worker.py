@@ -99,7 +99,7 @@ class LearnerWorker(StreamWorker):
         return self.loop.roles if self.loop is not None else None
 
     def reset_session(self, state: LearnerState | None = None) -> None:
-        """Everything a checkpoint holds (from `state`), plus this session's bookkeeping."""
+        """Everything a checkpoint holds (from `state`), plus what only this run keeps (not checkpointed)."""
         self.loop: Adaptation | None = None
         if state is not None:
             examples = state.examples
@@ -122,7 +122,7 @@ class LearnerWorker(StreamWorker):
         # comes there (Inputs.upstream_floors). What holds only now is read_floors' answer.
         self.floors: dict[tuple[str, int], tuple[int, float]] = {}
         self.floors_read_at = 0.0
-        self.out_of_order = 0  # labels learned after a later one this session (logged, first few)
+        self.out_of_order = 0  # labels learned after a later one since the lease was taken (logged, first few)
         self.replay = Replay()  # after a crash: labels to re-learn first, outcomes not to publish again
         self.next_retry = 0.0
         self.dirty = self.checkpoint_now = False
