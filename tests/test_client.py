@@ -3,7 +3,9 @@ to publish events and labels and to read predictions and outcomes."""
 
 from __future__ import annotations
 
+import re
 import time
+from pathlib import Path
 
 import pytest
 from pipeline import metric, start_pipeline
@@ -91,15 +93,21 @@ def test_the_consumer_keeps_what_it_refuses(settings):
     assert c.refused[0][0] == "predictions" and c.refused[0][3] == "not_avro"
 
 
-def test_the_readme_python_snippet_publishes_through_the_client(settings):
-    from test_interop_java import readme_block
+def snippet(path: str, containing: str) -> str:
+    """The one python block of README.md or a docs page that has `containing`."""
+    text = (Path(__file__).parent.parent / path).read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if containing in b]
+    assert len(blocks) == 1, f"one python block with {containing!r} in {path}"
+    return blocks[0]
 
-    source = readme_block("python", "from driftline.client import")
-    producing = source.split("\nwith Consumer")[0]  # the consuming half loops for ever
+
+@pytest.mark.parametrize("path", ["README.md", "docs/producers.md"])
+def test_the_documented_python_snippet_publishes_through_the_client(settings, path):
+    source = snippet(path, "from driftline.client import")
+    producing = source.split("\nwith Consumer")[0]  # the consuming half (docs) loops for ever
     exec(producing.replace('Producer("127.0.0.1:9092")',
                            f'Producer("{settings.kafka_bootstrap}", namespace="{settings.namespace}")'), {})
     with Consumer("events", "labels", group="readme", settings=settings) as c:
         got = {m.topic: m.value for m in drain(c, lambda ms: len(ms) >= 2, 30)}
     assert got["events"]["fields"] == {"load": 0.42, "temp": 17.5}
     assert got["labels"] == {"event_id": got["events"]["event_id"], "label": "1", "ts": got["labels"]["ts"]}
-    assert "with Consumer(" in source

@@ -16,7 +16,7 @@ import threading
 import time
 
 import pytest
-from pipeline import replay_report, start_pipeline
+from pipeline import metric, replay_report, start_pipeline
 
 from driftline.bench.drift import TREE, simulate
 from driftline.replay.datasets import load
@@ -80,13 +80,20 @@ def test_a_learner_behind_the_whole_stream_decides_as_in_process(settings, run_s
     assert_same(decisions(report), reference)
 
 
-def test_a_learner_killed_mid_stream_and_restarted_decides_as_in_process(settings, run_service, reference):
-    procs = start_pipeline(run_service, SERVICES + ("learner",), model=TREE, features="raw",
-                           DRIFTLINE_LEARNER__CHECKPOINT_INTERVAL_S="1")
+@pytest.mark.parametrize("behind", [False, True], ids=["at-full-speed", "behind-a-backlog"])
+def test_a_learner_killed_mid_stream_and_restarted_decides_as_in_process(settings, run_service, reference, behind):
+    """Behind a backlog one batch releases thousands of events: checkpoints are still taken as it
+    goes, and what a crash leaves published is re-learned from stored snapshots, in order."""
+    learner_env = dict(DRIFTLINE_LEARNER__CHECKPOINT_INTERVAL_S="1")
+    procs = start_pipeline(run_service, SERVICES if behind else SERVICES + ("learner",), model=TREE,
+                           features="raw", **({} if behind else learner_env))
     report: dict = {}
     replaying = threading.Thread(target=lambda: report.update(replay_report(
         settings, DATASET, label_delay=DELAY, model=TREE, features="raw", stall_timeout_s=300)))
     replaying.start()
+    if behind:
+        time.sleep(15)  # the stream is published and featurized while no learner reads it
+        procs.update(start_pipeline(run_service, ("learner",), model=TREE, features="raw", **learner_env))
     learner = procs["learner"]
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and learner_position(learner) < 12_000:  # after the first promotion
@@ -96,6 +103,8 @@ def test_a_learner_killed_mid_stream_and_restarted_decides_as_in_process(setting
     replaying.join(600)
     assert report["examples_learned"] == load(DATASET).size and report["outcome_duplicates"] == 0
     assert_same(decisions(report), reference)
+    assert metric(learner, "driftline_scored_ahead_of_labels_total") == 0
+    assert "giving up the ordered replay" not in learner.log_tail(10_000)
 
 
 def learner_position(learner) -> int:

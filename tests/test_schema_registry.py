@@ -292,8 +292,6 @@ def test_a_java_apicurio_producer_in_confluent_mode_is_learned_from_and_confluen
         assert time.monotonic() < deadline, procs["learner"].log_tail()
         time.sleep(0.5)
     assert metric(procs["ingestion"], "driftline_ingested_total", outcome="dead_letter") == 0
-    assert metric(procs["drift"], "driftline_messages_in_total", topic="outcomes") >= n
-    assert metric(procs["drift"], "driftline_dead_letters_total", topic="outcomes") == 0
 
     # A Confluent-world consumer: confluent-kafka's deserializer, the writer schema by id from the registry.
     deserialize = AvroDeserializer(SchemaRegistryClient({"url": registry_url}))

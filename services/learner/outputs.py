@@ -5,7 +5,10 @@ updates, model swaps, the drift loop's alarms and retrain requests, and the labe
     blob = out.prediction(event, slot.role, slot.version, y_pred, proba)   # produced; the blob for Redis
     out.outcome(event_vector, label, answer, "champion", position)
 
-Produce only: the worker flushes before each checkpoint (its commit).
+Produce only: the worker flushes before each checkpoint (its commit). Predictions and outcomes
+are held back until the worker has stored the batch's snapshots in Redis (`release`): after a
+crash, an outcome on the topic is re-learned from its event's stored snapshot, so none may be
+published before that snapshot is stored.
 """
 
 from __future__ import annotations
@@ -39,6 +42,17 @@ class Outputs:
         self.model = model
         self.telemetry = telemetry
         self.codec = get_codec()
+        self.held_back: list[tuple[str, bytes, str]] = []  # predictions and outcomes until `release`
+
+    def release(self) -> None:
+        """Publish the predictions and outcomes held back: their snapshots are stored now."""
+        for topic, value, key in self.held_back:
+            self.produce(topic, value, key)
+        self.held_back.clear()
+
+    def forget(self) -> None:
+        """A new session starts from the checkpoint: what was held back will be decided again."""
+        self.held_back.clear()
 
     def produce(self, topic: str, value: bytes, key: str | bytes | None = None) -> None:
         kafka.produce(self.producer, topic, value, key)
@@ -54,7 +68,7 @@ class Outputs:
              "published_ms": fv.get("published_ms")}
         blob = self.codec.encode("Prediction", p)
         if publish:
-            self.produce(self.topics.predictions, blob, fv["entity_id"])
+            self.held_back.append((self.topics.predictions, blob, fv["entity_id"]))
             self.telemetry.count("predictions", role)
         return p, blob
 
@@ -73,7 +87,7 @@ class Outputs:
              "label_partition": label.partition, "label_offset": label.offset,
              "error": error(answer["y_pred"], label.label) if regression else None,
              "known": answer.get("known")}
-        self.produce(self.topics.outcomes, self.codec.encode("Outcome", o), fv["entity_id"])
+        self.held_back.append((self.topics.outcomes, self.codec.encode("Outcome", o), fv["entity_id"]))
 
     def update(self, slot: Slot) -> None:
         """ModelUpdate: a new revision of the champion's artifact is in the registry."""

@@ -101,6 +101,7 @@ class LearnerWorker(StreamWorker):
     def reset_session(self, state: LearnerState | None = None) -> None:
         """Everything a checkpoint holds (from `state`), plus what only this run keeps (not checkpointed)."""
         self.loop: Adaptation | None = None
+        self.out.forget()
         if state is not None:
             examples = state.examples
             if examples is None:  # a checkpoint from before the buffer was in it
@@ -227,6 +228,7 @@ class LearnerWorker(StreamWorker):
                 self.step(chunk, all(end for _, end in feature_ends))
                 if len(chunk) < self.batch_size:
                     break
+                self.between_chunks()
                 if self.read_control():
                     self.apply_control()
             if not all(end for _, end in feature_ends):
@@ -415,18 +417,18 @@ class LearnerWorker(StreamWorker):
         """Each model's prediction for one event, kept in memory for its label; one stored before a
         crash (made at event time) is kept and not published again."""
         fv = event.vector
-        if self.join.learned_ts > event.ts or self.join.learned_before_event(event.event_id):
+        # Answers stored before a crash were made at event time by the roles of that time: they
+        # are the event's answers, as they were, and no role that came later answers it now.
+        answers = dict(stored.predictions)
+        if not answers and (self.join.learned_ts > event.ts or self.join.learned_before_event(event.event_id)):
             # Never expected: the model knows a label from this event's future (its own or later).
             metrics.SCORED_AHEAD.labels(self.name).inc()
             log.error("learner %s: event %s (ts %s) scored after learning a label of ts %s", self.name,
                       event.event_id, event.ts, self.join.learned_ts)
         if fv.get("published_ms"):
             metrics.END_TO_END_SECONDS.observe(max(0.0, time.time() - fv["published_ms"] / 1000))
-        answers = {s.role: stored.predictions[s.role] for s in self.roles.every_slot() if s.role in stored.predictions}
         blobs = {}
-        for slot in self.roles.every_slot():
-            if slot.role in answers:
-                continue
+        for slot in () if answers else self.roles.every_slot():
             # Kept in the snapshot for every role (after a crash its contest still has it); the
             # displaced champion's answer is not published: it answers only to its contest.
             answers[slot.role], blobs[slot.role] = self.out.prediction(event, slot.role, slot.version,
@@ -488,7 +490,17 @@ class LearnerWorker(StreamWorker):
         self.pipe.execute()
         metrics.REDIS_SECONDS.labels(SERVICE, "write").observe(time.perf_counter() - started)
         self.pipe = None
+        self.out.release()  # now that the snapshots they come from are stored
         self.telemetry.export(self.roles, self.loop.policy.error_rate if self.loop else None)
+
+    def between_chunks(self) -> None:
+        """Behind a backlog one batch can release the whole stream: what it scored is stored and
+        published chunk by chunk, and checkpoints are taken as if each chunk were a batch (a crash
+        then re-learns one interval, not the backlog)."""
+        self.flush_batch()
+        if self.checkpoint_due(time.monotonic()):
+            self.checkpoint()
+        self.pipe = self.r.pipeline(transaction=False)
 
     def tick(self) -> None:
         now = time.monotonic()
@@ -502,8 +514,7 @@ class LearnerWorker(StreamWorker):
             self.handle([])
         if self.update_pacer.due(self.since_update, now):  # the serving freshness bound (learner/updates.py)
             self.update_pacer.publish(self.publish_update)
-        if self.checkpoint_now or self.since_checkpoint >= self.cfg.checkpoint_every or (
-                self.dirty and now - self.last_checkpoint >= self.cfg.checkpoint_interval_s):
+        if self.checkpoint_due(now):
             self.checkpoint()
         self.telemetry.flush_counts()  # after every batch and idle poll (the loop's tick)
         self.producer.poll(0)
@@ -521,6 +532,10 @@ class LearnerWorker(StreamWorker):
         self.out.swap(from_version, to_version, reason, self.position)
 
     # -- checkpoint and restore --------------------------------------------------------------------
+    def checkpoint_due(self, now: float) -> bool:
+        return self.checkpoint_now or self.since_checkpoint >= self.cfg.checkpoint_every or (
+            self.dirty and now - self.last_checkpoint >= self.cfg.checkpoint_interval_s)
+
     def checkpoint(self, force: bool = False) -> bool:
         if self.replay or self.roles is None:
             return False  # mid-recovery: offsets are ahead of what has been applied
