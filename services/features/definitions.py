@@ -297,14 +297,36 @@ class FeatureSet:
     def vector(self, state: State, fields: dict[str, float], ts: float,
                keyed: dict[str, State] | None = None) -> dict[str, float]:
         """The features of an event, from the entity's state before it (and, for aggregates keyed
-        by another field, from `keyed`: key field -> that entity's state before it)."""
+        by another field, from `keyed`: key field -> that entity's state before it). The same as
+        `field_features`, then `own_features`, then `key_features` of each key field in order: the
+        parts the features service computes where each state lives (docs/features.md)."""
+        x = self.field_features(fields)
+        self._own_features(state, fields, ts, x)
+        for key in self.keys:
+            if key in fields:  # an event that names no such entity has none of its aggregates
+                self.key_features(key, (keyed or {}).get(key) or {}, ts, x)
+        return x
+
+    def field_features(self, fields: dict[str, float | str]) -> dict[str, float | str]:
+        """The event's own fields as features (none for `fields = false`; key fields never)."""
+        if not self.spec.fields:
+            return {}
+        return {k: v for k, v in fields.items() if k not in self._key_fields} if self._key_fields else dict(fields)
+
+    def own_features(self, state: State, fields: dict[str, float], ts: float) -> dict[str, float]:
+        """The numeric features of the event's own entity (its count, deltas, moving averages, last
+        label, windowed aggregates), from its state before the event.
+
+            >>> FeatureSet(PRESETS["default"]).own_features({}, {"x": 2.0}, ts=0.0)["x_delta"]
+            0.0
+        """
+        x: dict[str, float] = {}
+        self._own_features(state, fields, ts, x)
+        return x
+
+    def _own_features(self, state: State, fields: dict[str, float], ts: float, x: dict) -> None:
         s = self.spec
         plan = self._plan(fields)
-        if s.fields:
-            x: dict[str, float] = ({k: v for k, v in fields.items() if k not in self._key_fields}
-                                   if self._key_fields else dict(fields))
-        else:
-            x = {}
         if s.count:
             x["_count"] = math.log1p(float(state.get("n", 0)))
         if s.since_last:
@@ -331,10 +353,11 @@ class FeatureSet:
             x.update(self._label_features(state.get("label")))
         if self._own is not None:
             _read_windows(self._own, state, ts, x)
-        for key in self.keys:
-            if key in fields:  # an event that names no such entity has none of its aggregates
-                _read_windows(self.windows[key], (keyed or {}).get(key) or {}, ts, x)
-        return x
+
+    def key_features(self, key: str, state: State, ts: float, x: dict) -> None:
+        """Add the aggregates of key field `key` to `x`, from the state of the entity it names
+        before the event (the features service calls it where that state lives)."""
+        _read_windows(self.windows[key], state, ts, x)
 
     @staticmethod
     def _label_features(label: Any) -> dict[str, float]:

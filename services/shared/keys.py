@@ -42,11 +42,11 @@ class Keys:
         states before it). Behind the committed offset = Redis lost writes: re-read from Kafka."""
         return f"{self.prefix}features:applied"
 
-    def features_clock(self) -> str:
-        """Hash events.valid partition -> the event time its events are folded up to ("inf": none
-        left to read), written by whichever worker owns it: how stale a key entity's aggregates
-        may be (docs/features.md)."""
-        return f"{self.prefix}features:clock"
+    def features_order(self) -> str:
+        """Hash "topic/partition" (of events.valid) -> the latest event time of the partition up to
+        the applied offset: the merge time its events carry to the key fields' stages (written with
+        the applied offsets, so that a restart goes on from the same value; docs/features.md)."""
+        return f"{self.prefix}features:order"
 
     # -- ingestion: de-duplication ---------------------------------------------------------
     def seen_event(self, event_id: str) -> str:
