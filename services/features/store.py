@@ -283,19 +283,23 @@ class FeatureStore:
         """The states of these entities ({} for a new one), in one pipelined round trip."""
         return self.read_batch(entity_ids, ()).states
 
-    def read_batch(self, entity_ids: Iterable[str], event_ids: Iterable[str],
-                   folded_of: Iterable[str] = ()) -> "BatchRead":
-        """Entity states, the snapshot vectors (`fv`, decoded) of `event_ids` and the fold markers
-        of `folded_of` (`Snapshots.queue_folded`), one round trip. Events whose snapshot is missing
-        or unreadable are absent from the snapshots."""
+    def read_batch(self, entity_ids: Iterable[str], event_ids: Iterable[str], folded_of: Iterable[str] = (),
+                   keyed: Iterable[tuple[str, str]] = ()) -> "BatchRead":
+        """Entity states, the snapshot vectors (`fv`, decoded) of `event_ids`, the fold markers
+        of `folded_of` (`Snapshots.queue_folded`) and the states of the key entities `keyed`
+        ((key field, key text) pairs: /v1/predict/batch), one round trip. Events whose snapshot
+        is missing or unreadable are absent from the snapshots."""
         entity_ids = list(dict.fromkeys(entity_ids))
         event_ids = list(dict.fromkeys(event_ids))
         folded_of = list(dict.fromkeys(folded_of))
-        if not entity_ids and not event_ids and not folded_of:
+        keyed = list(dict.fromkeys(keyed))
+        if not entity_ids and not event_ids and not folded_of and not keyed:
             return BatchRead()
         pipe = self.client.pipeline(transaction=False)
         for entity_id in entity_ids:
             pipe.hgetall(self.keys.entity(entity_id))
+        for key, value in keyed:
+            pipe.hgetall(self.keys.keyed_entity(key, value))
         for event_id in event_ids:
             pipe.hget(self.keys.snapshot(event_id), SNAPSHOT_FIELD)
         if folded_of:
@@ -306,6 +310,8 @@ class FeatureStore:
         out = BatchRead()
         out.states = {e: decode_state(r or {}) for e, r in zip(entity_ids, replies)}
         at = len(entity_ids)
+        out.keyed = {k: decode_state(r or {}) for k, r in zip(keyed, replies[at:at + len(keyed)])}
+        at += len(keyed)
         for event_id, blob in zip(event_ids, replies[at:at + len(event_ids)]):
             if blob is None:
                 continue
@@ -416,11 +422,13 @@ class FeatureStore:
 
 @dataclass(slots=True)
 class BatchRead:
-    """What `FeatureStore.read_batch` read: entity states, snapshot vectors and fold markers."""
+    """What `FeatureStore.read_batch` read: entity states, snapshot vectors, fold markers and
+    key entities' states ((key field, key text) -> state)."""
 
     states: dict[str, State] = field(default_factory=dict)
     snapshots: dict[str, dict] = field(default_factory=dict)
     folded: dict[str, str] = field(default_factory=dict)
+    keyed: dict[tuple[str, str], State] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
