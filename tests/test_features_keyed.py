@@ -28,7 +28,7 @@ from driftline.shared.runtime import RestartLoop
 from driftline.shared import kafka
 from driftline.shared.codec import get_codec
 from driftline.shared.topics import Topics
-from test_features_service import event, publish, read_topic
+from test_features_service import event, publish
 
 FEATURES = """
 [features]
@@ -276,16 +276,15 @@ def test_a_second_owner_of_a_key_partition_never_overwrites_the_first(settings, 
                      idle_wait_s=0.0, hold_s=30.0, cache_entities=10, queue_limit=100, service="features")
         s.assigned([(topics.keyed("merchant", 0), k)], now=0.0)
         for source in range(1, 6):  # the other sources have nothing to say
-            s.take(topics.keyed("merchant", source), k, 0, codec.encode("KeyedEvent", {
-                "order_ts": math.inf, "origin_partition": -1, "origin_offset": -1, "route": [], "idle": True,
-                "event": None}), now=0.0)
+            s.take(topics.keyed("merchant", source), k, 0,
+                   codec.encode("KeyedEvents", {"mark": math.inf, "idle": True, "events": []}), now=0.0)
         return s
 
     def give(s: KeyStage, offset: int) -> None:
         ev = event(f"e{offset}", "card-1", 1000.0 + offset, merchant="m-0", amount=5.0, hour=1.0, online=0.0)
-        s.take(topics.keyed("merchant", 0), k, offset, codec.encode("KeyedEvent", {
-            "order_ts": ev["ts"], "origin_partition": 0, "origin_offset": offset, "route": [], "idle": False,
-            "event": {**ev, "features": {}}}), now=0.0)
+        s.take(topics.keyed("merchant", 0), k, offset, codec.encode("KeyedEvents", {"mark": ev["ts"], "events": [{
+            **ev, "order_ts": ev["ts"], "origin_partition": 0, "origin_offset": offset, "route": [],
+            "features": {}}]}), now=0.0)
         s.process(now=0.0, lagging=set())
 
     first, second = stage(), stage()
@@ -293,6 +292,6 @@ def test_a_second_owner_of_a_key_partition_never_overwrites_the_first(settings, 
     give(second, 1)  # reads what first wrote, writes over it: its version is the newer one now
     with pytest.raises(RestartLoop, match="another worker"):
         give(first, 2)  # first's cached version is behind: it must not write
-    assert first.states == {} and len(published) == 2
+    assert len(first.cache) == 0 and len(published) == 2
     after = store.vector("nobody", {"merchant": "m-0"}, 2000.0)
     assert after["merchant_count_1d"] == 2.0  # e0 and e1, once each

@@ -26,6 +26,7 @@ def bench(
     rate: float = typer.Option(None, help="soak: events per second (default 100)"),
     framing: str = typer.Option("single-object", help="ingest: the events' framing, single-object or confluent "
                                 "(a local schema registry; the result goes to ingest-confluent.json)"),
+    profile: bool = typer.Option(False, help="features: record the worker with py-spy into OUT/profiles/"),
 ) -> None:
     """Run the benchmarks and write their JSON results (`soak` only when named)."""
     chosen = names or list(BENCHMARKS)
@@ -41,6 +42,8 @@ def bench(
         extra = {"minutes": minutes, "rate": rate} if name == "soak" else {}
         if name == "ingest":
             extra["framing"] = framing
+        if name == "features":
+            extra["profile"] = profile
         result = module.run(out_dir=out, quick=quick, **extra)
         path = out / (f"{name}-{framing}.json" if name == "ingest" and framing != "single-object" else f"{name}.json")
         path.write_text(json.dumps(result, indent=2))

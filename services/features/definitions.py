@@ -222,6 +222,7 @@ class FeatureSet:
         digest = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:8]
         self.name = f"{spec.name}@{digest}"
         self._plans: dict[tuple[str, ...], _Plan] = {}
+        self._no_fields_plan = _Plan([], []) if not (spec.delta or spec.ewm_alphas) else None
         self.aggregates = _aggregates(spec)
         self.windows = _compile_windows(self.aggregates, parse_window(spec.lateness))
         self._own = self.windows.get(ENTITY_KEY)  # aggregates over the event's own entity
@@ -250,6 +251,8 @@ class FeatureSet:
         return min(needed, entity_ttl_s) if entity_ttl_s > 0 else needed
 
     def _plan(self, fields: dict[str, float | str]) -> _Plan:
+        if self._no_fields_plan is not None:  # no deltas, no moving averages: nothing per field
+            return self._no_fields_plan
         # A field may be a number in one event and text in another: the plan depends on both.
         names = tuple(k if v.__class__ is not str else k + "\x00" for k, v in fields.items())
         plan = self._plans.get(names)

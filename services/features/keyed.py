@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
@@ -38,9 +37,10 @@ from typing import Any
 from confluent_kafka import Producer
 
 from ..shared import kafka, metrics
-from ..shared.codec import AvroCodec
+from ..shared.codec import AvroCodec, DecodeError
 from ..shared.runtime import RestartLoop
 from ..shared.topics import Topics
+from .cache import StateCache
 from .definitions import FeatureSet, State
 from .merge import Pending, WatermarkMerge
 from .store import GUARD_PREFIX, VERSION_FIELD, FeatureStore, decode_state
@@ -64,9 +64,10 @@ def key_partition(value: str, partitions: int) -> int:
 
 class Forwarder:
     """Sends events on to one key field's stage, in the order given, from `source` (a partition of
-    the stage before it) to partition `key_partition(to)` of `features.by.<key>.<source>`; and
-    the watermarks of the sources it writes for, to every partition that has not heard them (all
-    of them again after a rebalance: `forget`)."""
+    the stage before it) to partition `key_partition(to)` of `features.by.<key>.<source>`, one
+    message per partition and batch (`send` queues, `flush` writes); and the watermarks of the
+    sources it writes for, to every partition that has not heard them (all of them again after a
+    rebalance: `forget`)."""
 
     def __init__(self, producer: Producer, codec: AvroCodec, topics: Topics, key: str, partitions: int,
                  service: str) -> None:
@@ -76,21 +77,29 @@ class Forwarder:
         self.key = key
         self.partitions = partitions
         self.topic_of = [topics.keyed(key, s) for s in range(partitions)]
+        self.queued: dict[tuple[int, int], list[dict[str, Any]]] = {}  # (source, partition) -> events
         self.told: dict[tuple[int, int], tuple[float, bool, float]] = {}  # (source, partition) -> (mark, idle, when)
         self.said_at = -math.inf
         self.sent = metrics.MESSAGES_OUT.labels(service, f"features.by.{key}")
 
     def send(self, source: int, order: tuple[float, int, int], event: dict[str, Any], to: str,
              route: list[int]) -> None:
-        """An event to the partition key value `to` hashes to; `route`: the key partitions it went
-        through before (its copies keep their order along it)."""
-        k = key_partition(to, self.partitions)
-        blob = self.codec.encode("KeyedEvent", {"order_ts": order[0], "origin_partition": order[1],
-                                                "origin_offset": order[2], "route": route, "idle": False,
-                                                "event": event})
-        kafka.produce(self.producer, self.topic_of[source], blob, partition=k)
-        self.told[(source, k)] = (order[0], False, time.monotonic())
-        self.sent.inc()
+        """Queue an event for the partition key value `to` hashes to; `event` has the event's
+        record fields and `features`; `route`: the key partitions it went through before (its
+        copies keep their order along it)."""
+        self.queued.setdefault((source, key_partition(to, self.partitions)), []).append(
+            {**event, "order_ts": order[0], "origin_partition": order[1], "origin_offset": order[2], "route": route})
+
+    def flush(self) -> None:
+        """Write what `send` queued: one message per (source, partition), its events in order."""
+        now = time.monotonic()
+        for (source, k), events in self.queued.items():
+            mark = events[-1]["order_ts"]
+            blob = self.codec.encode("KeyedEvents", {"mark": mark, "idle": False, "events": events})
+            kafka.produce(self.producer, self.topic_of[source], blob, partition=k)
+            self.told[(source, k)] = (mark, False, now)
+            self.sent.inc(len(events))
+        self.queued.clear()
 
     def watermarks(self, now: float, marks: dict[int, tuple[float, bool]]) -> None:
         """Per source of ours, (mark, idle): said to each partition that has not heard it, at most
@@ -102,14 +111,13 @@ class Forwarder:
             for k in range(self.partitions):
                 told = self.told.get((source, k))
                 if told is None or mark > told[0] or idle != told[1] or now - told[2] >= HEARTBEAT_S:
-                    blob = self.codec.encode("KeyedEvent", {"order_ts": mark, "origin_partition": -1,
-                                                            "origin_offset": -1, "route": [], "idle": idle,
-                                                            "event": None})
+                    blob = self.codec.encode("KeyedEvents", {"mark": mark, "idle": idle, "events": []})
                     kafka.produce(self.producer, self.topic_of[source], blob, partition=k)
                     self.told[(source, k)] = (mark, idle, now)
 
     def forget(self) -> None:
         """After a rebalance: say everything again (the partitions may have new owners)."""
+        self.queued.clear()
         self.told.clear()
         self.said_at = -math.inf
 
@@ -133,18 +141,18 @@ class KeyStage:
         self.forward = forward  # None: the last key field, which publishes the vectors
         self.idle_wait_s = idle_wait_s
         self.hold_s = hold_s
-        self.cache_entities = cache_entities
         self.queue_limit = queue_limit
         self.service = service
         self.topic_of = [topics.keyed(key, s) for s in range(partitions)]
         self.source_of = {t: s for s, t in enumerate(self.topic_of)}
         self.merges: dict[int, WatermarkMerge] = {}  # key partition -> its sources' merge
-        self.states: OrderedDict[str, State] = OrderedDict()  # key text -> state, least recent first
+        self.cache = StateCache(cache_entities)  # key text -> state (this worker is its only writer)
         self.ttl_s = feature_set.key_ttl_s(key, store.entity_ttl_s)
         self.counts = {"keyed_events": 0, "keyed_duplicates": 0, "keyed_stale": 0}
         self.late = {outcome: metrics.LATE_EVENTS.labels(key, handling) for outcome, handling in HANDLING.items()}
         self.staleness = metrics.KEYED_STALENESS.labels(key)
         self.stale = metrics.KEYED_STALE.labels(key)
+        self.seconds = metrics.PROCESSING_SECONDS.labels(service, "keyed")
 
     # -- partitions ------------------------------------------------------------------------------
     def topics_read(self) -> list[str]:
@@ -162,27 +170,24 @@ class KeyStage:
         for topic, k in tps:
             if topic in self.source_of:
                 self.merges.pop(k, None)
-        self.states.clear()
+        self.cache.clear()
 
     # -- in ----------------------------------------------------------------------------------------
     def take(self, topic: str, k: int, offset: int, blob: bytes, now: float) -> bool:
-        """A message of ours: a watermark, or an event for the merge. False: it is not readable (the
-        caller dead-letters it)."""
+        """A message of ours: events for the merge, and how far their source has got. False: it is
+        not readable (written by something else than driftline; the caller counts it)."""
         merge = self.merges.get(k)
         if merge is None:  # a partition we no longer own (its messages still in the fetch queue)
             return True
         try:
-            record = self.codec.decode(blob, expect="KeyedEvent")
-        except Exception:  # DecodeError: written by something else than driftline
-            log.warning("%s/%d@%d: not a KeyedEvent; skipped", topic, k, offset)
+            record = self.codec.decode(blob, expect="KeyedEvents")
+        except DecodeError as exc:
+            log.warning("%s/%d@%d: not KeyedEvents (%s); skipped", topic, k, offset, exc)
             return False
         source = self.source_of[topic]
-        event = record["event"]
-        if event is None:
-            merge.watermark(source, offset, record["order_ts"], now, idle=record["idle"])
-        else:
-            merge.add(source, offset, (record["order_ts"], record["origin_partition"], record["origin_offset"]),
-                      now, (event, tuple(record["route"])))
+        for ev in record["events"]:
+            merge.add(source, offset, (ev["order_ts"], ev["origin_partition"], ev["origin_offset"]), now, ev)
+        merge.watermark(source, offset, record["mark"], now, idle=record["idle"])
         return True
 
     # -- the stage -------------------------------------------------------------------------------
@@ -195,15 +200,16 @@ class KeyStage:
             released += [(k, r) for r in merge.pop_ready(now, behind)]
         if not released:
             return {}
-        states = self._states({key_text(r.value[0]["fields"][self.key]) for _, r in released
-                                if self.key in r.value[0]["fields"]})
+        started = time.perf_counter()
+        states = self._states({key_text(r.value["fields"][self.key]) for _, r in released
+                                if self.key in r.value["fields"]})
         fs, key = self.fs, self.key
         dirty: set[str] = set()
         vectors: list[tuple[str, str, bytes]] = []  # event id, entity id, FeatureVector
         again: list[str] = []
         applied: dict[tuple[str, int], int] = {}
         for k, r in released:
-            ev, route = r.value
+            ev = r.value
             fields = ev["fields"]
             applied[(self.topic_of[r.source], k)] = r.offset + 1
             _ts, origin, offset = r.order
@@ -211,7 +217,7 @@ class KeyStage:
             if value is not None:
                 name = key_text(value)
                 state = states[name]
-                guard = guard_field(origin, route)
+                guard = guard_field(origin, tuple(ev["route"]))
                 if state.get(guard, -1) >= offset:  # folded before a crash: sent on (or kept) then
                     self.counts["keyed_duplicates"] += 1
                     if self.forward is None:
@@ -227,7 +233,7 @@ class KeyStage:
             self.counts["keyed_events"] += 1
             if self.forward is not None:
                 to = fields.get(self.forward.key)
-                self.forward.send(k, r.order, ev, ev["entity_id"] if to is None else key_text(to), [*route, k])
+                self.forward.send(k, r.order, ev, ev["entity_id"] if to is None else key_text(to), [*ev["route"], k])
             else:
                 vectors.append((ev["event_id"], ev["entity_id"], self.codec.encode("FeatureVector", {
                     "event_id": ev["event_id"], "entity_id": ev["entity_id"], "ts": ev["ts"],
@@ -242,7 +248,7 @@ class KeyStage:
                 if event_id in found:
                     fv = found[event_id]
                     self.produce(self.topics.features, self.codec.encode("FeatureVector", fv), fv["entity_id"])
-        self._evict()
+        self.seconds.observe(time.perf_counter() - started)
         return applied
 
     def _observe(self, staleness: float | None) -> None:
@@ -257,6 +263,7 @@ class KeyStage:
         """What was sent on is acknowledged first (a state that says "folded" implies it), then one
         pipeline: the last stage's snapshots, the states (compare-and-set), the applied offsets."""
         if self.forward is not None:
+            self.forward.flush()
             self.flush()
         pipe = self.store.client.pipeline(transaction=False)
         if vectors:
@@ -274,7 +281,7 @@ class KeyStage:
                 state[VERSION_FIELD] = int(state.get(VERSION_FIELD) or 0) + 1
         if lost:
             metrics.KEYED_CONFLICTS.inc(len(lost))
-            self.states.clear()
+            self.cache.clear()
             raise RestartLoop(f"{len(lost)} {self.key} entities were written by another worker meanwhile "
                               f"(two owners of one key partition, a rebalance under way): reading them again")
 
@@ -282,23 +289,19 @@ class KeyStage:
         """The states of these key entities: cached, else read in one round trip."""
         out, missing = {}, []
         for name in names:
-            state = self.states.get(name)
+            state = self.cache.get(name)
             if state is None:
                 missing.append(name)
             else:
-                self.states.move_to_end(name)
                 out[name] = state
         if missing:
             pipe = self.store.client.pipeline(transaction=False)
             for name in missing:
                 pipe.hgetall(self.store.keys.keyed_entity(self.key, name))
             for name, raw in zip(missing, self.store.execute(pipe, f"read_{self.key}")):
-                out[name] = self.states[name] = decode_state(raw or {})
+                out[name] = decode_state(raw or {})
+                self.cache.put(name, out[name])
         return out
-
-    def _evict(self) -> None:
-        while len(self.states) > self.cache_entities:
-            self.states.popitem(last=False)
 
     # -- where it stands -------------------------------------------------------------------------
     def marks(self, now: float, lagging: set[tuple[str, int]]) -> dict[int, tuple[float, bool]]:

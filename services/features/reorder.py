@@ -53,6 +53,10 @@ class ReorderBuffer:
 
     wait_s: float
     cap: int = 20_000
+    # Events also wait while an events partition of this worker that holds unread data has shown
+    # only earlier times: what a worker sends on to the key fields' stages then moves on evenly in
+    # event time (those stages wait for their slowest source anyway, holding the others).
+    align_events: bool = False
     queues: dict[tuple[str, int], deque[Item]] = field(default_factory=dict)
     latest: dict[tuple[str, int], tuple[int, float]] = field(default_factory=dict)  # tp -> (kind, max ts seen)
     done: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset to commit
@@ -87,17 +91,22 @@ class ReorderBuffer:
         heapq.heapify(heap)
         marks = {LABEL: self.mark(EVENT), EVENT: self.mark(LABEL)}  # what each kind waits for
         behind = {LABEL: [], EVENT: []}  # per kind, the times of the other kind's lagging partitions
+        events_behind = math.inf  # the earliest time a lagging events partition has shown
         for tp in lagging:
             if tp in self.latest:
                 kind, ts = self.latest[tp]
                 behind[LABEL if kind == EVENT else EVENT].append(ts)
+                if kind == EVENT and self.align_events:
+                    events_behind = min(events_behind, ts)
         out: list[Item] = []
         while heap:
             tp = heap[0][3]
             q = self.queues[tp]
             head = q[0]
-            if not (head.kind == BAD or head.ts <= marks[head.kind] or self.pending > self.cap
-                    or (now - head.received >= self.wait_s and all(ts >= head.ts for ts in behind[head.kind]))):
+            aligned = head.kind != EVENT or head.ts <= events_behind
+            if not (head.kind == BAD or self.pending > self.cap or (aligned and (
+                    head.ts <= marks[head.kind]
+                    or (now - head.received >= self.wait_s and all(ts >= head.ts for ts in behind[head.kind]))))):
                 break  # everything after it in time waits too
             item = q.popleft()
             self.pending -= 1

@@ -284,22 +284,26 @@ class FeatureStore:
         return self.read_batch(entity_ids, ()).states
 
     def read_batch(self, entity_ids: Iterable[str], event_ids: Iterable[str], folded_of: Iterable[str] = (),
-                   keyed: Iterable[tuple[str, str]] = ()) -> "BatchRead":
+                   keyed: Iterable[tuple[str, str]] = (), labels_of: Iterable[str] = ()) -> "BatchRead":
         """Entity states, the snapshot vectors (`fv`, decoded) of `event_ids`, the fold markers
-        of `folded_of` (`Snapshots.queue_folded`) and the states of the key entities `keyed`
-        ((key field, key text) pairs: /v1/predict/batch), one round trip. Events whose snapshot
-        is missing or unreadable are absent from the snapshots."""
+        of `folded_of` (`Snapshots.queue_folded`), the states of the key entities `keyed`
+        ((key field, key text) pairs: /v1/predict/batch) and the label fields of `labels_of` (the
+        entities whose state the caller holds: any replica may write their label), one round
+        trip. Events whose snapshot is missing or unreadable are absent from the snapshots."""
         entity_ids = list(dict.fromkeys(entity_ids))
         event_ids = list(dict.fromkeys(event_ids))
         folded_of = list(dict.fromkeys(folded_of))
         keyed = list(dict.fromkeys(keyed))
-        if not entity_ids and not event_ids and not folded_of and not keyed:
+        labels_of = list(dict.fromkeys(labels_of))
+        if not entity_ids and not event_ids and not folded_of and not keyed and not labels_of:
             return BatchRead()
         pipe = self.client.pipeline(transaction=False)
         for entity_id in entity_ids:
             pipe.hgetall(self.keys.entity(entity_id))
         for key, value in keyed:
             pipe.hgetall(self.keys.keyed_entity(key, value))
+        for entity_id in labels_of:
+            pipe.hmget(self.keys.entity(entity_id), *LABEL_FIELDS)
         for event_id in event_ids:
             pipe.hget(self.keys.snapshot(event_id), SNAPSHOT_FIELD)
         if folded_of:
@@ -312,6 +316,10 @@ class FeatureStore:
         at = len(entity_ids)
         out.keyed = {k: decode_state(r or {}) for k, r in zip(keyed, replies[at:at + len(keyed)])}
         at += len(keyed)
+        for entity_id, (label, label_ts) in zip(labels_of, replies[at:at + len(labels_of)]):
+            out.labels[entity_id] = (None if label is None else _text(label),
+                                     None if label_ts is None else float(_text(label_ts)))
+        at += len(labels_of)
         for event_id, blob in zip(event_ids, replies[at:at + len(event_ids)]):
             if blob is None:
                 continue
@@ -422,13 +430,14 @@ class FeatureStore:
 
 @dataclass(slots=True)
 class BatchRead:
-    """What `FeatureStore.read_batch` read: entity states, snapshot vectors, fold markers and
-    key entities' states ((key field, key text) -> state)."""
+    """What `FeatureStore.read_batch` read: entity states, snapshot vectors, fold markers, key
+    entities' states ((key field, key text) -> state) and label fields."""
 
     states: dict[str, State] = field(default_factory=dict)
     snapshots: dict[str, dict] = field(default_factory=dict)
     folded: dict[str, str] = field(default_factory=dict)
     keyed: dict[tuple[str, str], State] = field(default_factory=dict)
+    labels: dict[str, tuple[str | None, float | None]] = field(default_factory=dict)  # entity -> (label, label_ts)
 
 
 @dataclass(slots=True)

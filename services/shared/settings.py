@@ -117,9 +117,9 @@ class FeatureSettings(BaseModel):
                             "its key's stage for a source that has stopped moving (its worker gone) before it "
                             "goes without it, its key aggregates then stale (docs/features.md)"
     )
-    keyed_cache_entities: int = Field(
-        100_000, description="key entities (merchants) a features worker keeps decoded in memory per key field "
-                             "(it is their only writer; the others are read from Redis when needed)"
+    cache_entities: int = Field(
+        100_000, description="entities (and, per key field, key entities) a features worker keeps decoded in memory "
+                             "between batches: it is their only writer; the others are read from Redis when needed"
     )
 
 

@@ -12,7 +12,7 @@ partition: one active learner writes them, and their consumers need them in orde
 
 Aggregates keyed by another field (a merchant) add the features service's internal topics
 (docs/features.md): `features.by.<key>.<source>`, one per key field and per partition of the stage
-before it, each with as many partitions as events.valid (`KeyedEvent` records).
+before it, each with as many partitions as events.valid (`KeyedEvents` records).
 
     >>> Topics("t1").keyed("merchant", 3)
     't1.features.by.merchant.3'
@@ -50,7 +50,7 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
 )
 SPEC_BY_NAME = {spec.name: spec for spec in TOPIC_SPECS}
 KEYED_PREFIX = "features.by."  # + key field + "." + source partition: the features service's own topics
-KEYED_SCHEMA = "KeyedEvent"
+KEYED_SCHEMA = "KeyedEvents"
 
 
 class Topics:
