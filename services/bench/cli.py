@@ -27,6 +27,8 @@ def bench(
     framing: str = typer.Option("single-object", help="ingest: the events' framing, single-object or confluent "
                                 "(a local schema registry; the result goes to ingest-confluent.json)"),
     profile: bool = typer.Option(False, help="features: record the worker with py-spy into OUT/profiles/"),
+    dataset: str = typer.Option("synthetic", help="ingest: synthetic (default features) or payments "
+                                "(payments.toml; the result goes to ingest-payments.json)"),
 ) -> None:
     """Run the benchmarks and write their JSON results (`soak` only when named)."""
     chosen = names or list(BENCHMARKS)
@@ -42,10 +44,12 @@ def bench(
         extra = {"minutes": minutes, "rate": rate} if name == "soak" else {}
         if name == "ingest":
             extra["framing"] = framing
+            extra["dataset"] = dataset
         if name == "features":
             extra["profile"] = profile
         result = module.run(out_dir=out, quick=quick, **extra)
-        path = out / (f"{name}-{framing}.json" if name == "ingest" and framing != "single-object" else f"{name}.json")
+        suffix = "".join(f"-{v}" for v, default in ((framing, "single-object"), (dataset, "synthetic")) if v != default)
+        path = out / (f"{name}{suffix}.json" if name == "ingest" else f"{name}.json")
         path.write_text(json.dumps(result, indent=2))
         console.print_json(json.dumps(result))
         console.print(f"[green]wrote {path}[/]")

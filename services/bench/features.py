@@ -1,7 +1,7 @@
 """`driftline bench features`: the features service alone, with windowed aggregates over two keys.
 
 It starts its own Kafka and Redis (free ports, a temporary home), publishes the payments stream
-(`replay/payments.py`: cards paying merchants, several days of it) to events.valid, and then runs
+(`replay/payments.endless`: cards paying merchants, days of it) to events.valid, and then runs
 the features worker (`FeaturesWorker`, the loop `driftline serve features` runs) in this process
 over that backlog with `features/payments.toml`: 10 aggregates over the card (entity_id) and the
 merchant, so every event goes through the card's stage, the internal topic and the merchant's
@@ -32,7 +32,7 @@ from ..features.definitions import load_feature_set
 from ..features.service import FeaturesWorker
 from ..infra import stack
 from ..replay.datasets import FEATURES_DIR
-from ..replay.payments import DAY, DAYS, generate
+from ..replay.payments import endless
 from ..shared import kafka, metrics
 from ..shared.codec import get_codec
 from ..shared.settings import Ports, Settings, ensure_local_secrets
@@ -41,19 +41,6 @@ from ..shared.topics import Topics
 AIM_CPU_US_PER_EVENT = 100.0
 STAGES = ("decode", "read", "compute", "write", "produce", "keyed")
 console = Console()
-
-
-def payments(n: int, t0: float = 1.7e9):
-    """(event_id, card, ts, fields) of the first n payments: the seeded stream again and again, each
-    round DAYS later, so that it goes on in time for as long as asked."""
-    i, round_ = 0, 0
-    while True:
-        for fields, _label, card, ts in generate():
-            if i >= n:
-                return
-            yield f"b{i}", card, t0 + round_ * DAYS * DAY + ts, fields
-            i += 1
-        round_ += 1
 
 
 def run(out_dir: Path, quick: bool, profile: bool = False) -> dict:
@@ -103,8 +90,8 @@ def run(out_dir: Path, quick: bool, profile: bool = False) -> dict:
 def publish(settings: Settings, n: int) -> None:
     codec, topic = get_codec(), Topics(settings.namespace).events_valid
     producer = kafka.producer(settings)
-    for event_id, card, ts, fields in payments(n):
-        kafka.produce(producer, topic, codec.encode("Event", {"event_id": event_id, "entity_id": card, "ts": ts,
+    for i, (card, fields, ts) in zip(range(n), endless(1.7e9)):
+        kafka.produce(producer, topic, codec.encode("Event", {"event_id": f"b{i}", "entity_id": card, "ts": ts,
                                                               "fields": fields, "published_ms": None}), key=card)
     if producer.flush(60):
         raise RuntimeError("the payments were not all acknowledged by the broker")
