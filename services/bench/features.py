@@ -11,8 +11,9 @@ its threads, librdkafka's included; the aim: at most 100 µs) and the wall time 
     result = run(Path("reports/bench"), quick=True)
     result["cpu_us_per_event"]
 
-`profile=True` records the worker with py-spy (`pip install py-spy`) while it runs and writes the
-collapsed stacks and a flame graph under `reports/bench/profiles/` (not kept in git).
+`profile=True` records this process with py-spy (`pip install -e '.[profile]'`) while the worker
+runs and writes its collapsed stacks to `<out>/profiles/features.collapsed` (reports/ is not kept in
+git; flamegraph.pl or speedscope draw them). docs/features.md says what they showed.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def _seconds(stage: str) -> float:
 def _py_spy() -> str:
     found = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if found is None:
-        raise RuntimeError("--profile needs py-spy: pip install py-spy")
+        raise RuntimeError("--profile needs py-spy: pip install -e '.[profile]'")
     return found
 
 

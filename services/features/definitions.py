@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ from .windows import (
 State = dict[str, Any]
 ENTITY_KEY = "entity_id"
 AGGREGATE_FNS = ("count", "sum", "mean", "min", "max", "std", "last", "distinct")
+KEY_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")  # a key field: in topic names, so Kafka's characters, no dot
 NEEDS = {"count": 0, "distinct": 0, "sum": SUMS, "mean": SUMS, "std": SUMS | SQUARES, "min": EXTREMES,
          "max": EXTREMES, "last": LAST}  # what each asks a window's summary for
 
@@ -109,8 +111,9 @@ class Aggregate:
             raise ValueError("every aggregate needs a name (its name in the vector)")
         if self.fn not in AGGREGATE_FNS:
             raise ValueError(f"{where}: fn {self.fn!r} is not one of {', '.join(AGGREGATE_FNS)}")
-        if not isinstance(self.key, str) or not self.key:
-            raise ValueError(f"{where}: key must name an event field (or entity_id)")
+        if not isinstance(self.key, str) or not KEY_NAME.fullmatch(self.key):
+            raise ValueError(f"{where}: key must name an event field (or entity_id) of letters, digits, '_' and "
+                             f"'-' (up to 100; it names the internal topics features.by.<key>.<p>), not {self.key!r}")
         if self.fn == "count" and self.field is not None:
             raise ValueError(f"{where}: count takes no field (it counts the key's events)")
         if self.fn != "count" and not (isinstance(self.field, str) and self.field):
