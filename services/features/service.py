@@ -73,9 +73,9 @@ __all__ = ["SERVICE", "BAD", "EVENT", "LABEL", "Item", "ReorderBuffer", "Feature
 log = logging.getLogger(__name__)
 SERVICE = "features"
 # The cyclic collector's thresholds for this process: every event makes short-lived dicts, and the
-# states held between batches are many. At Python's (700, 10, 10), collections took ~19 µs per
-# event of `bench features` (py-spy put it on whatever allocated); at these, ~3. What is garbage
-# is freed by reference counting as before; only cycles wait longer.
+# states held between batches are many. At Python's (700, 10, 10), collections take ~19 µs per
+# event of `bench features` (py-spy puts it on whatever allocated); at these, ~3. Garbage is still
+# freed by reference counting at once; only cycles wait longer.
 GC_THRESHOLDS = (20_000, 50, 100)
 
 
@@ -137,7 +137,7 @@ class FeaturesWorker(StreamWorker):
             partitions = len(kafka.partitions_of(self.settings, self.topics.events_valid))
             kafka.ensure_internal_topics(self.settings, [self.topics.keyed(k, s) for k in fs.keys
                                                          for s in range(partitions)], partitions)
-        except KafkaException as exc:
+        except (KafkaException, TimeoutError) as exc:  # the broker away or slow: asked again
             raise RestartLoop(f"could not make the key fields' internal topics: {exc}") from exc
         hold_s = self.settings.features.keyed_hold_ms / 1000.0
         idle_wait_s = self.settings.features.max_reorder_wait_ms / 1000.0

@@ -203,7 +203,7 @@ def ensure_internal_topics(settings: Settings, names: list[str], partitions: int
                and all(p.leader >= 0 for p in listed[n].partitions.values()) for n in names):
             return
         time.sleep(0.1)
-    raise RuntimeError(f"internal topics {names[:3]}... not ready within {timeout:.0f} s")
+    raise TimeoutError(f"internal topics {names[:3]}... not ready within {timeout:.0f} s")
 
 
 def partitions_of(settings: Settings, topic: str, timeout: float = 10) -> list[TopicPartition]:

@@ -45,8 +45,12 @@ class Keys:
     def features_order(self) -> str:
         """Hash "topic/partition" (of events.valid) -> the latest event time of the partition up to
         the applied offset: the merge time its events carry to the key fields' stages (written with
-        the applied offsets, so that a restart goes on from the same value; docs/features.md)."""
-        return f"{self.prefix}features:order"
+        the applied offsets, so that a restart goes on from the same value; docs/features.md).
+
+            >>> Keys("").features_order()
+            'dl:features:{order}'
+        """
+        return f"{self.prefix}features:{{order}}"
 
     # -- ingestion: de-duplication ---------------------------------------------------------
     def seen_event(self, event_id: str) -> str:
