@@ -165,13 +165,6 @@ class KeyStage:
                 self.merges[k] = WatermarkMerge(range(self.partitions), self.idle_wait_s, self.hold_s, now,
                                                 silence_s=SILENCE_S)
 
-    def revoked(self, tps: list[tuple[str, int]]) -> None:
-        """Partitions taken away: their merges and every cached state go (a new owner reads them)."""
-        for topic, k in tps:
-            if topic in self.source_of:
-                self.merges.pop(k, None)
-        self.cache.clear()
-
     # -- in ----------------------------------------------------------------------------------------
     def take(self, topic: str, k: int, offset: int, blob: bytes, now: float) -> bool:
         """A message of ours: events for the merge, and how far their source has got. False: it is

@@ -171,6 +171,7 @@ class FeaturesWorker(StreamWorker):
     def open_consumer(self) -> Consumer:
         self.build_stages()
         self.forget_states()
+        self.forget_forwards()
         # range: a member gets the same partitions of every topic with as many (events.valid k and
         # partition k of every internal topic), which makes it the one owner of key partition k.
         c = kafka.consumer(self.settings, self.topics.group(self.service), **kafka.MERGING_CONSUMER,
@@ -275,22 +276,28 @@ class FeaturesWorker(StreamWorker):
                 self.order[p] = max(self.order.get(p, -math.inf), float(value))
 
     def forget_states(self) -> None:
-        """Whatever this worker held of its entities' states: it may no longer be their only writer
-        (its partitions moved, its loop starts over after Redis lost writes)."""
+        """Whatever this worker held of its entities' states, and what its key fields' stages held
+        waiting: it may no longer be their only writer (its partitions moved, its loop starts over
+        after Redis lost writes); what waited is read again from the committed offsets."""
         self.entities.clear()
         for stage in self.stages:
             stage.cache.clear()
+            stage.merges.clear()
+
+    def forget_forwards(self) -> None:
+        """What was queued for the next stages and what they were told: after a rebalance or a
+        start over, the partitions' next owners hear every watermark again, and events of a batch
+        given up are sent again when it is read again."""
+        for forward in [self.forward] + [s.forward for s in self.stages]:
+            if forward is not None:
+                forward.forget()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.settle_on_revoke(consumer, partitions)  # commit what was handled while the partitions are ours
         tps = [(p.topic, p.partition) for p in partitions]
         self.forget_states()
         self.buffer.drop(tps)
-        for stage in self.stages:
-            stage.revoked(tps)
-        for forward in [self.forward] + [s.forward for s in self.stages]:
-            if forward is not None:
-                forward.forget()  # the partitions' next owners hear every watermark again
+        self.forget_forwards()
         paused = [TopicPartition(*tp) for tp in tps if tp in self._paused]
         if paused:  # a pause outlives a rebalance in librdkafka; never hand one on
             consumer.resume(paused)
