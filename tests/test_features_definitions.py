@@ -270,3 +270,9 @@ def test_a_bad_aggregate_is_refused_with_what_is_wrong(tmp_path, entry, message)
 def test_two_aggregates_may_not_share_a_name():
     with pytest.raises(ValueError, match="unique"):
         FeatureSet(FeatureSpec(aggregate=[PAYMENTS[0], {**PAYMENTS[1], "name": "card_count_10m"}]))
+
+
+@pytest.mark.parametrize("key", ["merchant id", "shop.name", "", "ü"])
+def test_a_key_field_must_be_a_name_an_internal_topic_can_carry(key):
+    with pytest.raises(ValueError, match="key must name an event field"):
+        FeatureSet(FeatureSpec(aggregate=[{"key": key, "fn": "count", "window": "1h", "name": "n"}]))

@@ -1,121 +1,297 @@
-"""Aggregates keyed by another field, against real Kafka and Redis: a merchant's state is folded
-by every worker whose events name it, once each (two replicas, redelivery), and is read point in
-time; vectors of /v1/predict's path (`FeatureStore.vector`) equal the service's."""
+"""Aggregates keyed by other fields (a merchant, a device), against real Kafka and Redis and real
+`driftline serve features` processes: whatever the replicas, their backlog and a kill -9 among them,
+every event's vector equals what one process computes reading the stream in time order, and every
+key entity holds each of its events once; a replica that stops makes its key partitions' values
+stale only after features.keyed_hold_ms, by exactly its gap, and says so."""
 
 from __future__ import annotations
 
+import math
+import os
 import random
+import re
+import signal
+import threading
+import time
 from collections import defaultdict
+from pathlib import Path
 
-from driftline.features.definitions import FeatureSet, FeatureSpec
-from driftline.features.service import EVENT, FeaturesWorker, Item
+import httpx
+import pytest
+
+from driftline.features.definitions import load_feature_set
+from driftline.features.keyed import KeyStage, key_partition
 from driftline.features.store import FeatureStore
+from driftline.infra import stack
 from driftline.shared.keys import Keys
+from driftline.shared.loop import RestartLoop
+from driftline.shared import kafka
+from driftline.shared.codec import get_codec
 from driftline.shared.topics import Topics
-from test_features_service import event, publish, read_topic, running
+from test_features_service import event, publish
 
-AGGREGATES = [
-    {"key": "merchant", "fn": "count", "window": "10m", "name": "m_count_10m"},
-    {"key": "merchant", "fn": "sum", "field": "amount", "window": "1h", "name": "m_sum_1h"},
-    {"key": "merchant", "fn": "distinct", "field": "entity_id", "window": "1h", "name": "m_cards_1h"},
-    {"fn": "count", "window": "1h", "name": "card_count_1h"},
-]
-# A lateness of a whole window: however far one replica runs ahead of the other, nothing is dropped
-# (the skew hold bounds it in general; here the final state must hold every event exactly once).
-FS = FeatureSet(FeatureSpec(name="keyed", fields=False, aggregate=AGGREGATES, lateness="1h"))
+FEATURES = """
+[features]
+name = "keyed"
+count = true
+lateness = "60s"
+
+[[aggregate]]
+fn = "count"
+window = "10m"
+name = "card_count_10m"
+
+[[aggregate]]
+key = "merchant"
+fn = "count"
+window = "10m"
+name = "m_count_10m"
+
+[[aggregate]]
+key = "merchant"
+fn = "sum"
+field = "amount"
+window = "1h"
+name = "m_sum_1h"
+
+[[aggregate]]
+key = "merchant"
+fn = "distinct"
+field = "entity_id"
+window = "1h"
+name = "m_cards_1h"
+
+[[aggregate]]
+key = "device"
+fn = "count"
+window = "5m"
+name = "d_count_5m"
+
+[[aggregate]]
+key = "device"
+fn = "max"
+field = "amount"
+window = "1h"
+name = "d_max_1h"
+"""
+MERCHANTS = ("m0", "m1", "m2", "m3", "m4")
+
+
+def feature_file(tmp_path: Path) -> str:
+    path = tmp_path / "keyed.toml"
+    path.write_text(FEATURES)
+    return str(path)
 
 
 def stream(n: int, seed: int = 5) -> list[dict]:
-    """Cards (entity ids, so spread over every partition) paying three merchants, one second apart."""
+    """Cards (so on every partition) paying five merchants from twenty devices, half a second apart;
+    one in ten events names no device, one in twenty no merchant."""
     rng = random.Random(seed)
-    return [event(f"k{i}", f"card-{rng.randrange(40)}", 1000.0 + i, merchant=f"m{rng.randrange(3)}",
-                  amount=float(rng.randrange(1, 50))) for i in range(n)]
-
-
-def reference(events: list[dict]) -> dict[str, dict]:
-    """Every event's vector, computed in one process in time order (the exact point-in-time values)."""
-    cards: dict = defaultdict(dict)
-    merchants: dict = defaultdict(dict)
-    out = {}
-    for ev in events:
-        m = merchants[ev["fields"]["merchant"]]
-        out[ev["event_id"]] = FS.vector(cards[ev["entity_id"]], ev["fields"], ev["ts"], keyed={"merchant": m})
-        FS.apply_event(cards[ev["entity_id"]], ev["fields"], ev["ts"])
-        FS.apply_keyed("merchant", m, ev["fields"], ev["ts"], ev["entity_id"])
+    out = []
+    for i in range(n):
+        fields = {"amount": float(rng.randrange(1, 50))}
+        if rng.random() > 0.05:
+            fields["merchant"] = rng.choice(MERCHANTS)
+        if rng.random() > 0.1:
+            fields["device"] = f"dev-{rng.randrange(20)}"
+        out.append(event(f"k{i}", f"card-{rng.randrange(60)}", 1000.0 + 0.5 * i, **fields))
     return out
 
 
-def merchant_part(x: dict) -> dict:
-    return {k: v for k, v in x.items() if k.startswith("m_")}
+def reference(fs, events: list[dict]) -> dict[str, dict]:
+    """Every event's vector, computed in one process in time order: the exact point-in-time values."""
+    own: dict = defaultdict(dict)
+    keyed: dict = defaultdict(dict)
+    out = {}
+    for ev in events:
+        named = {k: keyed[(k, v)] for k, v in fs.key_values(ev["fields"]).items()}
+        out[ev["event_id"]] = fs.vector(own[ev["entity_id"]], ev["fields"], ev["ts"], keyed=named)
+        fs.apply_event(own[ev["entity_id"]], ev["fields"], ev["ts"])
+        for key, state in named.items():
+            fs.apply_keyed(key, state, ev["fields"], ev["ts"], ev["entity_id"])
+    return out
 
 
-def final_merchants(settings, redis_client, probe_ts: float) -> dict[str, dict]:
-    """Each merchant's aggregates as /v1/predict reads them for a new event at `probe_ts`."""
-    store = FeatureStore(redis_client, Keys(settings.namespace), FS, 60)
-    return {m: merchant_part(store.vector("nobody", {"merchant": m}, probe_ts)) for m in ("m0", "m1", "m2")}
+def replica(run_service, settings, path: str, wait: bool = False, **env):
+    """One more `driftline serve features` of the same group, on a port of its own."""
+    own = settings.model_copy(update={"ports": settings.ports.model_copy(update={"features": stack.free_port()})})
+    return run_service("features", wait=wait, settings_override=own, DRIFTLINE_FEATURES__SET=path, **env)
 
 
-def test_two_replicas_fold_every_event_into_its_merchant_once_and_never_read_a_later_one(settings, redis_client):
-    events = stream(600)
-    publish(settings, events=events)
-    with running(settings, FS) as one, running(settings, FS) as two:  # two members of the features group
-        got = {fv["event_id"]: fv["features"] for fv in read_topic(settings, "features", len(events), timeout=90)}
-    counts = (one.counts, two.counts)
-    expected = reference(events)
+def metric(text: str, name: str, **labels) -> float:
+    """The sum of a metric's samples whose labels include these."""
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(rf"^{name}(?:{{(.*)}})? (\S+)$", line)
+        if m and all(f'{k}="{v}"' in (m[1] or "") for k, v in labels.items()):
+            total += float(m[2])
+    return total
+
+
+def vectors_of(settings, event_ids: set[str], timeout: float) -> dict[str, list[dict]]:
+    """Every vector on `features` until each of these events has one (a redelivery may publish one
+    twice: all copies are kept)."""
+    codec = get_codec()
+    c = kafka.consumer(settings, f"probe-{time.monotonic_ns()}")
+    c.subscribe([Topics(settings.namespace).features])
+    out: dict[str, list[dict]] = defaultdict(list)
+    deadline = time.monotonic() + timeout
+    try:
+        while not event_ids <= out.keys() and time.monotonic() < deadline:
+            for m in c.consume(500, timeout=0.5):
+                if m.error() is None:
+                    fv = codec.decode(m.value(), expect="FeatureVector")
+                    out[fv["event_id"]].append(fv["features"])
+    finally:
+        c.close()
+    missing = event_ids - out.keys()
+    assert not missing, f"{len(missing)} of {len(event_ids)} events have no vector, e.g. {sorted(missing)[:5]}"
+    return out
+
+
+def publish_at(settings, events: list[dict], rate: float) -> None:
+    """Publish to events.valid at about `rate` events a second."""
+    codec, topic = get_codec(), Topics(settings.namespace).events_valid
+    p = kafka.producer(settings)
+    started = time.monotonic()
+    for i, ev in enumerate(events):
+        kafka.produce(p, topic, codec.encode("Event", ev), key=ev["entity_id"])
+        if i % 30 == 29:
+            p.poll(0)
+            time.sleep(max(0.0, started + (i + 1) / rate - time.monotonic()))
+    assert p.flush(30) == 0
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def test_replicas_on_a_backlog_with_a_kill_give_every_event_its_single_process_value(settings, redis_client,
+                                                                                        run_service, tmp_path):
+    path = feature_file(tmp_path)
+    fs = load_feature_set(path)
+    events = stream(6_000)
+    publish(settings, events=events)  # the whole backlog is there before any replica starts
+    replicas = [replica(run_service, settings, path, DRIFTLINE_FEATURES__BATCH_SIZE="200") for _ in range(3)]
+    for r in replicas:
+        r.wait_healthy()
+
+    def forwarded() -> list[int]:
+        return [httpx.get(r.url + "/health", timeout=5).json().get("forwarded", 0) for r in replicas]
+
+    wait_for(lambda: sum(forwarded()) > len(events) // 4, 90, "the replicas never got going")
+    progress = forwarded()
+    victim = replicas[progress.index(max(progress))]  # a crash mid-backlog: its partitions go to the others,
+    victim.kill9()  # then it comes back
+    time.sleep(1.0)
+    victim.restart()
+    survivors = [r for r in replicas if r is not victim]
+    got = vectors_of(settings, {e["event_id"] for e in events}, timeout=240)
+    expected = reference(fs, events)
     assert got.keys() == expected.keys()
-    for event_id, x in got.items():
-        # card aggregates: one partition, one writer: exact; merchant ones: never more than the
-        # point-in-time value (a later event never counts), at most what the other replica had not folded yet
-        assert x["card_count_1h"] == expected[event_id]["card_count_1h"]
-        assert x["m_count_10m"] <= expected[event_id]["m_count_10m"]
-        assert x["m_sum_1h"] <= expected[event_id]["m_sum_1h"] + 1e-9
-    # whatever the interleaving, each merchant's state holds every one of its events exactly once
-    after = reference(events + [event(f"p{m}", "nobody", 1600.0, merchant=m) for m in ("m0", "m1", "m2")])
-    assert final_merchants(settings, redis_client, 1600.0) == {m: merchant_part(after[f"p{m}"]) for m in ("m0", "m1", "m2")}, str(counts)
+    wrong = {e: (xs, expected[e]) for e, xs in got.items() if any(x != expected[e] for x in xs)}
+    assert not wrong, f"{len(wrong)} events differ from one process in time order, e.g. {sorted(wrong.items())[:2]}"
+    # and each key entity holds each of its events once: what /v1/predict reads after the stream
+    probe_ts = events[-1]["ts"] + 1.0
+    store = FeatureStore(redis_client, Keys(settings.namespace), fs, 60)
+    for merchant in MERCHANTS:
+        fields = {"merchant": merchant, "device": "dev-0", "amount": 1.0}
+        after = reference(fs, events + [event("probe", "nobody", probe_ts, **fields)])["probe"]
+        assert store.vector("nobody", fields, probe_ts) == after
+    print(f"killed after {sum(progress)} of {len(events)} events had been sent on")
+    for r in survivors:
+        text = httpx.get(r.url + "/metrics").text
+        assert metric(text, "driftline_features_late_events_total", handling="dropped") == 0
+        assert metric(text, "driftline_features_keyed_stale_total") == 0
 
 
-def test_a_redelivered_batch_folds_nothing_twice_into_its_merchants(settings, redis_client):
-    topics = Topics(settings.namespace)
-    events = stream(60, seed=6)
-    offsets = {0: 10, 1: 10}
-    items = []
-    for ev in events:  # an entity's events on one partition, in offset order
-        p = int(ev["entity_id"].rsplit("-", 1)[1]) % 2
-        items.append(Item(EVENT, ev["ts"], topics.events_valid, p, offsets[p], ev))
-        offsets[p] += 1
-    worker = FeaturesWorker(settings, FS)
-    worker.process(items)
-    keys = Keys(settings.namespace)
-    first = {m: redis_client.hgetall(keys.keyed_entity("merchant", m)) for m in ("m0", "m1", "m2")}
-    worker.process(items)  # a crash after the Redis writes, before the commit
-    worker.process(items[len(items) // 2:])  # or a restart from an earlier offset
-    assert {m: redis_client.hgetall(keys.keyed_entity("merchant", m)) for m in ("m0", "m1", "m2")} == first
-    assert worker.counts["redelivered"] == 90 and worker.counts["keyed_conflicts"] == 0
-    after = reference(events + [event(f"p{m}", "nobody", 2000.0, merchant=m) for m in ("m0", "m1", "m2")])
-    assert final_merchants(settings, redis_client, 2000.0) == {m: merchant_part(after[f"p{m}"]) for m in ("m0", "m1", "m2")}
-    worker.producer.flush(10)
-    vectors = read_topic(settings, "features", 60 + 90)
-    assert {fv["event_id"]: fv["features"] for fv in vectors} == reference(events)  # one worker, time order: exact
+def test_a_replica_that_stops_holds_its_partners_for_the_hold_then_they_go_on_stale_and_say_so(
+        settings, run_service, tmp_path):
+    path = feature_file(tmp_path)
+    events = stream(6_000, seed=9)
+    env = dict(DRIFTLINE_FEATURES__KEYED_HOLD_MS="3000", DRIFTLINE_FEATURES__BATCH_SIZE="100")
+    a, b = replica(run_service, settings, path, **env), replica(run_service, settings, path, **env)
+    a.wait_healthy(), b.wait_healthy()
+    stream_on = threading.Thread(target=publish_at, args=(settings, events, 300.0), daemon=True)
+    stream_on.start()  # a live stream, 300 events a second, for 20 s
+
+    def health(r) -> dict:
+        return httpx.get(r.url + "/health", timeout=5).json()
+
+    def stale() -> float:
+        return metric(httpx.get(a.url + "/metrics").text, "driftline_features_keyed_stale_total")
+
+    def both_busy() -> bool:  # each sending events on, in the group as it stands
+        before = [health(r)["forwarded"] for r in (a, b)]
+        time.sleep(1.0)
+        return all(health(r)["forwarded"] > n > 0 for r, n in zip((a, b), before))
+
+    wait_for(both_busy, 15, "not both busy on the stream")
+    os.killpg(b.proc.pid, signal.SIGSTOP)  # frozen: its partitions stay its own a while
+    stopped = time.monotonic()
+    try:
+        assert stale() == 0
+        wait_for(lambda: stale() > 0, 30, "a went on waiting for the frozen replica past the hold")
+        stale_at = time.monotonic()
+    finally:
+        os.killpg(b.proc.pid, signal.SIGCONT)
+    stream_on.join()
+    # a busy replica is never given up on (nothing stale before the stop); a stopped one is, once it
+    # has said nothing for the hold (3 s; it speaks every keyed.HEARTBEAT_S; exactly so in
+    # test_features_merge.py)
+    waited = stale_at - stopped
+    assert 3.0 - 0.6 <= waited <= 3.0 + 10.0, f"the first stale read came {waited:.1f} s after the stop (hold 3 s)"
+    got = vectors_of(settings, {e["event_id"] for e in events}, timeout=180)
+    # a stale value misses events of the frozen replica's partitions: it never counts more than
+    # the events of its key in the window before it (counted one by one, not by tiles)
+    for ev in events:
+        for key, name, window in (("merchant", "m_count_10m", 600.0), ("device", "d_count_5m", 300.0)):
+            if key in ev["fields"]:
+                exact = sum(1 for e in events if e["fields"].get(key) == ev["fields"][key]
+                            and ev["ts"] - window < e["ts"] < ev["ts"])
+                assert all(x[name] <= exact for x in got[ev["event_id"]]), (ev["event_id"], name, exact)
+    text = httpx.get(a.url + "/metrics").text
+    seen = metric(text, "driftline_features_keyed_staleness_seconds_count")
+    total = metric(text, "driftline_features_keyed_staleness_seconds_sum")
+    assert seen > 0 and total > 0
+    print(f"first stale read {waited:.1f} s after the stop; {stale():.0f} stale reads, "
+          f"mean staleness {total / seen:.2f} s over {seen:.0f} reads")
 
 
-def test_a_merchant_written_by_another_worker_meanwhile_is_read_again_and_refolded(settings, redis_client):
-    topics = Topics(settings.namespace)
-    events = stream(40, seed=7)
-    a, b = FeaturesWorker(settings, FS), FeaturesWorker(settings, FS)
-    ours = [Item(EVENT, ev["ts"], topics.events_valid, 0, i, ev) for i, ev in enumerate(events[:20])]
-    theirs = [Item(EVENT, ev["ts"], topics.events_valid, 1, i, ev) for i, ev in enumerate(events[20:])]
-    real_read = a.store.read_batch
+def test_a_second_owner_of_a_key_partition_never_overwrites_the_first(settings, redis_client):
+    """Two stages that both think they own a merchant (a rebalance gone wrong): the one whose cached
+    version is behind refuses to write, forgets what it cached and starts its loop over."""
+    fs = load_feature_set(str(Path(__file__).resolve().parents[1] / "services" / "features" / "payments.toml"))
+    topics, codec = Topics(settings.namespace), get_codec()
+    store = FeatureStore(redis_client, Keys(settings.namespace), fs, 60)
+    k = key_partition("m-0", 6)
+    published = []
 
-    def read_then_the_other_worker_writes(*args, **kwargs):
-        read = real_read(*args, **kwargs)
-        b.process(theirs)  # between a's read and a's write
-        return read
+    def stage() -> KeyStage:
+        s = KeyStage(feature_set=fs, key="merchant", store=store, topics=topics, codec=codec, partitions=6,
+                     produce=lambda topic, blob, key: published.append(blob), flush=lambda: None, forward=None,
+                     idle_wait_s=0.0, hold_s=30.0, cache_entities=10, queue_limit=100, service="features")
+        s.assigned([(topics.keyed("merchant", 0), k)], now=0.0)
+        for source in range(1, 6):  # the other sources have nothing to say
+            s.take(topics.keyed("merchant", source), k, 0,
+                   codec.encode("KeyedEvents", {"mark": math.inf, "idle": True, "events": []}), now=0.0)
+        return s
 
-    a.store.read_batch = read_then_the_other_worker_writes
-    a.process(ours)
-    a.store.read_batch = real_read
-    assert a.counts["keyed_conflicts"] >= 1
-    after = reference(events + [event(f"p{m}", "nobody", 2000.0, merchant=m) for m in ("m0", "m1", "m2")])
-    assert final_merchants(settings, redis_client, 2000.0) == {m: merchant_part(after[f"p{m}"]) for m in ("m0", "m1", "m2")}
-    for w in (a, b):
-        w.producer.flush(10)
+    def give(s: KeyStage, offset: int) -> None:
+        ev = event(f"e{offset}", "card-1", 1000.0 + offset, merchant="m-0", amount=5.0, hour=1.0, online=0.0)
+        s.take(topics.keyed("merchant", 0), k, offset, codec.encode("KeyedEvents", {"mark": ev["ts"], "events": [{
+            **ev, "order_ts": ev["ts"], "origin_partition": 0, "origin_offset": offset, "route": [],
+            "features": {}}]}), now=0.0)
+        s.process(now=0.0, lagging=set())
+
+    first, second = stage(), stage()
+    give(first, 0)
+    give(second, 1)  # reads what first wrote, writes over it: its version is the newer one now
+    with pytest.raises(RestartLoop, match="another worker"):
+        give(first, 2)  # first's cached version is behind: it must not write
+    assert len(first.cache) == 0 and len(published) == 2
+    after = store.vector("nobody", {"merchant": "m-0"}, 2000.0)
+    assert after["merchant_count_1d"] == 2.0  # e0 and e1, once each

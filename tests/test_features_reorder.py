@@ -124,3 +124,13 @@ def test_lost_partitions_are_forgotten():
     buf.add(ev(2.0, partition=1))
     buf.drop([(EV, 1)])
     assert buf.pending == 1 and (EV, 1) not in buf.queues
+
+
+def test_with_key_fields_an_event_waits_for_an_events_partition_still_reading_earlier_times():
+    buf = ReorderBuffer(wait_s=0.0, align_events=True)
+    buf.add(Item(EVENT, 100.0, "events.valid", 0, 0, {}))
+    buf.add(Item(EVENT, 90.0, "events.valid", 1, 0, {}))
+    assert [i.ts for i in buf.pop_ready(now=0.0, lagging={("events.valid", 1)})] == [90.0]  # 1 has shown 90 only
+    buf.add(Item(EVENT, 120.0, "events.valid", 1, 1, {}))  # 1 has got past 100
+    assert [i.ts for i in buf.pop_ready(now=0.0, lagging={("events.valid", 1)})] == [100.0, 120.0]
+    assert ReorderBuffer(wait_s=0.0).align_events is False  # without key fields, nothing waits for it

@@ -118,7 +118,7 @@ def test_snapshots_expire_after_the_configured_ttl(settings, redis_client):
     keys = Keys(settings.namespace)
     ttls = [redis_client.ttl(keys.snapshot(f"s{i}")) for i in range(3)]
     assert all(1200 < t <= 1234 for t in ttls), ttls
-    assert 5600 < redis_client.ttl(keys.entity("a")) <= 5678  # an idle entity's state goes too (issue 13)
+    assert 5600 < redis_client.ttl(keys.entity("a")) <= 5678  # an idle entity's state goes too
 
 
 def test_raw_vectors_are_the_fields_alone_and_default_adds_online_features(settings, redis_client):
@@ -276,7 +276,7 @@ def test_label_fields_are_never_written_by_the_event_path(field, settings, redis
 
 def test_a_copy_of_an_event_published_again_upstream_is_folded_once(settings, redis_client):
     """An ingestion crash between Kafka's acknowledgement of a batch and its published mark sends
-    that batch to events.valid a second time, at new offsets (issue 12). Each copy is recognised
+    that batch to events.valid a second time, at new offsets. Each copy is recognised
     by the event id its snapshot was folded under: the state counts every event once and no second
     vector is published, whether the copy comes in a later batch or in the same one."""
     topics = Topics(settings.namespace)

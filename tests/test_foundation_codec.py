@@ -33,6 +33,10 @@ SAMPLES = {
     "ModelSwap": {"model": "default", "from_version": 3, "to_version": 4, "reason": "promotion",
                   "position": 1700, "ts": 1.7e9},
     "ModelUpdate": {"model": "default", "version": 4, "examples_seen": 2000, "revision": 7, "ts": 1.7e9},
+    "KeyedEvents": {"mark": 1.7e9, "idle": False, "events": [
+        {"order_ts": 1.7e9, "origin_partition": 2, "origin_offset": 17, "route": [4], "event_id": "e-1",
+         "entity_id": "card-7", "ts": 1.7e9, "fields": {"merchant": "m-1"}, "published_ms": None,
+         "features": {"_count": 0.0}}]},
     "DeadLetter": {"source_topic": "events", "reason": "not_avro", "detail": "no magic", "service": "ingestion",
                    "key": b"k", "payload": b"\x00junk", "partition": 2, "offset": 17, "ts": 1.7e9},
 }

@@ -44,6 +44,9 @@ def bench(
     redis_cluster: bool = typer.Option(False, "--redis-cluster",
                                        help="pipeline: the throughput phase through a local Redis Cluster too "
                                             "(3 primaries + 3 replicas), beside one node's"),
+    profile: bool = typer.Option(False, help="features: record the worker with py-spy into OUT/profiles/"),
+    dataset: str = typer.Option("synthetic", help="ingest: synthetic (default features) or payments "
+                                "(payments.toml; the result goes to ingest-payments.json)"),
 ) -> None:
     """Run the benchmarks and write their JSON results (`soak` only when named)."""
     chosen = names or list(BENCHMARKS)
@@ -59,12 +62,16 @@ def bench(
         extra = {"minutes": minutes, "rate": rate} if name == "soak" else {}
         if name == "ingest":
             extra["framing"] = framing
+            extra["dataset"] = dataset
+        if name == "features":
+            extra["profile"] = profile
         before = measured_under(quick)
         if name == "pipeline" and redis_cluster:
             extra["redis_cluster"] = True
         result = module.run(out_dir=out, quick=quick, **extra)
         result["measured"] = {**before, "load_average_after": round(os.getloadavg()[0], 1)}
-        path = out / (f"{name}-{framing}.json" if name == "ingest" and framing != "single-object" else f"{name}.json")
+        suffix = "".join(f"-{v}" for v, default in ((framing, "single-object"), (dataset, "synthetic")) if v != default)
+        path = out / (f"{name}{suffix}.json" if name == "ingest" else f"{name}.json")
         path.write_text(json.dumps(result, indent=2))
         console.print_json(json.dumps(result))
         console.print(f"[green]wrote {path}[/]")

@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ from .windows import (
 State = dict[str, Any]
 ENTITY_KEY = "entity_id"
 AGGREGATE_FNS = ("count", "sum", "mean", "min", "max", "std", "last", "distinct")
+KEY_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")  # a key field: in topic names, so Kafka's characters, no dot
 NEEDS = {"count": 0, "distinct": 0, "sum": SUMS, "mean": SUMS, "std": SUMS | SQUARES, "min": EXTREMES,
          "max": EXTREMES, "last": LAST}  # what each asks a window's summary for
 
@@ -109,8 +111,9 @@ class Aggregate:
             raise ValueError("every aggregate needs a name (its name in the vector)")
         if self.fn not in AGGREGATE_FNS:
             raise ValueError(f"{where}: fn {self.fn!r} is not one of {', '.join(AGGREGATE_FNS)}")
-        if not isinstance(self.key, str) or not self.key:
-            raise ValueError(f"{where}: key must name an event field (or entity_id)")
+        if not isinstance(self.key, str) or not KEY_NAME.fullmatch(self.key):
+            raise ValueError(f"{where}: key must name an event field (or entity_id) of letters, digits, '_' and "
+                             f"'-' (up to 100; it names the internal topics features.by.<key>.<p>), not {self.key!r}")
         if self.fn == "count" and self.field is not None:
             raise ValueError(f"{where}: count takes no field (it counts the key's events)")
         if self.fn != "count" and not (isinstance(self.field, str) and self.field):
@@ -222,6 +225,7 @@ class FeatureSet:
         digest = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:8]
         self.name = f"{spec.name}@{digest}"
         self._plans: dict[tuple[str, ...], _Plan] = {}
+        self._no_fields_plan = _Plan([], []) if not (spec.delta or spec.ewm_alphas) else None
         self.aggregates = _aggregates(spec)
         self.windows = _compile_windows(self.aggregates, parse_window(spec.lateness))
         self._own = self.windows.get(ENTITY_KEY)  # aggregates over the event's own entity
@@ -250,6 +254,8 @@ class FeatureSet:
         return min(needed, entity_ttl_s) if entity_ttl_s > 0 else needed
 
     def _plan(self, fields: dict[str, float | str]) -> _Plan:
+        if self._no_fields_plan is not None:  # no deltas, no moving averages: nothing per field
+            return self._no_fields_plan
         # A field may be a number in one event and text in another: the plan depends on both.
         names = tuple(k if v.__class__ is not str else k + "\x00" for k, v in fields.items())
         plan = self._plans.get(names)
@@ -297,14 +303,36 @@ class FeatureSet:
     def vector(self, state: State, fields: dict[str, float], ts: float,
                keyed: dict[str, State] | None = None) -> dict[str, float]:
         """The features of an event, from the entity's state before it (and, for aggregates keyed
-        by another field, from `keyed`: key field -> that entity's state before it)."""
+        by another field, from `keyed`: key field -> that entity's state before it). The same as
+        `field_features`, then `own_features`, then `key_features` of each key field in order: the
+        parts the features service computes where each state lives (docs/features.md)."""
+        x = self.field_features(fields)
+        self._own_features(state, fields, ts, x)
+        for key in self.keys:
+            if key in fields:  # an event that names no such entity has none of its aggregates
+                self.key_features(key, (keyed or {}).get(key) or {}, ts, x)
+        return x
+
+    def field_features(self, fields: dict[str, float | str]) -> dict[str, float | str]:
+        """The event's own fields as features (none for `fields = false`; key fields never)."""
+        if not self.spec.fields:
+            return {}
+        return {k: v for k, v in fields.items() if k not in self._key_fields} if self._key_fields else dict(fields)
+
+    def own_features(self, state: State, fields: dict[str, float], ts: float) -> dict[str, float]:
+        """The numeric features of the event's own entity (its count, deltas, moving averages, last
+        label, windowed aggregates), from its state before the event.
+
+            >>> FeatureSet(PRESETS["default"]).own_features({}, {"x": 2.0}, ts=0.0)["x_delta"]
+            0.0
+        """
+        x: dict[str, float] = {}
+        self._own_features(state, fields, ts, x)
+        return x
+
+    def _own_features(self, state: State, fields: dict[str, float], ts: float, x: dict) -> None:
         s = self.spec
         plan = self._plan(fields)
-        if s.fields:
-            x: dict[str, float] = ({k: v for k, v in fields.items() if k not in self._key_fields}
-                                   if self._key_fields else dict(fields))
-        else:
-            x = {}
         if s.count:
             x["_count"] = math.log1p(float(state.get("n", 0)))
         if s.since_last:
@@ -331,10 +359,11 @@ class FeatureSet:
             x.update(self._label_features(state.get("label")))
         if self._own is not None:
             _read_windows(self._own, state, ts, x)
-        for key in self.keys:
-            if key in fields:  # an event that names no such entity has none of its aggregates
-                _read_windows(self.windows[key], (keyed or {}).get(key) or {}, ts, x)
-        return x
+
+    def key_features(self, key: str, state: State, ts: float, x: dict) -> None:
+        """Add the aggregates of key field `key` to `x`, from the state of the entity it names
+        before the event (the features service calls it where that state lives)."""
+        _read_windows(self.windows[key], state, ts, x)
 
     @staticmethod
     def _label_features(label: Any) -> dict[str, float]:

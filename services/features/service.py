@@ -10,11 +10,11 @@ fold the same event into a state twice.
 
 How a batch goes (`FeaturesWorker.handle`):
 1. decode; bad bytes go to events.dlq / labels.dlq with the reason (nothing crashes the loop);
-2. `ReorderBuffer`: events and labels are merged by event time. A label with ts <= an event's ts
-   is applied before that event's vector; each side waits for the other's partitions to pass its
-   time, but at most `max_reorder_wait_ms` once they hold nothing unread (a backlog is read, not
-   skipped); each partition stays in offset order; a partition far ahead is paused meanwhile.
-   A feature set without `last_label` does not read labels.valid and waits for nothing;
+2. `ReorderBuffer` (reorder.py): events and labels are merged by event time. A label with ts <= an
+   event's ts is applied before that event's vector; each side waits for the other's partitions to
+   pass its time, but at most `max_reorder_wait_ms` once they hold nothing unread (a backlog is
+   read, not skipped); each partition stays in offset order; a partition far ahead is paused
+   meanwhile. A feature set without `last_label` does not read labels.valid and waits for nothing;
 3. one pipelined Redis read: the states of the batch's entities and the snapshots of the events
    that the batch's labels refer to (when the event is not in the batch itself);
 4. in Python, in merged order: vector from the state, then `apply_event`; labels `apply_label`;
@@ -32,12 +32,12 @@ distinct values, goes to events.dlq (`too_many_feature_names`, `too_many_entity_
 Idempotence: an event at an offset <= its entity's `_off` was applied before a crash; it is not
 applied again, its vector is re-published from its snapshot. Labels are idempotent by design.
 
-Aggregates keyed by another field (docs/features.md): an event also reads, then folds into, the
-state of each entity its key fields name (a merchant). Those events come from every partition and
-every replica, so such a state keeps one guard per events.valid partition (`_o:<p>`: an event at
-an offset <= it was folded before) and is written by compare-and-set (`FeatureStore.queue_keyed`):
-a worker that lost the race reads the state again and refolds its events, in its batch's order.
-Events of a worker's partitions are merged by event time first (`ReorderBuffer.align_events`).
+Aggregates keyed by another field (a merchant; keyed.py, docs/features.md): an event that names
+such an entity is not published here. Its own entity's features go with it, in merge order, to the
+stage of its first key field (`Forwarder`); each key field's stage (`KeyStage`, in the worker that
+owns that key partition) adds its aggregates and sends it on, the last one publishes it. Step 5
+then waits for the broker to acknowledge what was sent on before it writes the states that say
+the events were folded, and keeps each partition's merge time (`features:order`) with them.
 
 The feature set comes from `settings.features.set`: `default`, `raw` or a TOML/YAML file with the
 keys of `definitions.FeatureSpec` (each documented there, once; `example.toml` next to this file
@@ -46,12 +46,10 @@ shows them all).
 
 from __future__ import annotations
 
-import heapq
+import gc
 import logging
 import math
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -65,154 +63,23 @@ from ..shared.app import service_app
 from ..shared.loop import RestartLoop, StreamWorker
 from ..shared.process import run_app
 from ..shared.settings import Settings
+from ..shared.upstream import UpstreamDrained
+from .cache import StateCache
 from .definitions import ENTITY_KEY, FeatureSet, load_feature_set
-from .store import GUARD_PREFIX, OFFSET_FIELD, PARTITION_FIELD, Categories, FeatureStore, FieldNames
-from .windows import DROPPED, IN_ORDER, LATE
+from .keyed import HANDLING, Forwarder, KeyStage
+from .reorder import BAD, EVENT, LABEL, Item, ReorderBuffer
+from .store import OFFSET_FIELD, PARTITION_FIELD, BatchRead, Categories, FeatureStore, FieldNames
+from .windows import IN_ORDER
+
+__all__ = ["SERVICE", "BAD", "EVENT", "LABEL", "Item", "ReorderBuffer", "FeaturesWorker", "serve"]
 
 log = logging.getLogger(__name__)
 SERVICE = "features"
-KEYED_ATTEMPTS = 50  # compare-and-set rounds before the batch is given up (and read again from Kafka)
-HANDLING = {LATE: "placed", DROPPED: "dropped"}
-CLOCK_S = 0.05  # how often the partitions' clocks (features:clock) are written and read
-
-# Merge order at equal event time: labels first (a label with ts <= the event's ts is applied
-# before the event's vector), then events. Bad messages never wait (they only hold their offset).
-BAD, LABEL, EVENT = 0, 1, 2
-
-
-@dataclass
-class Item:
-    kind: int
-    ts: float
-    topic: str
-    partition: int
-    offset: int
-    value: Any  # the decoded record, or the Message for a BAD item
-    received: float = 0.0  # monotonic seconds
-    seq: int = 0
-    reason: str = ""
-    detail: str = ""
-
-    @property
-    def tp(self) -> tuple[str, int]:
-        return (self.topic, self.partition)
-
-
-@dataclass
-class ReorderBuffer:
-    """Merges per-partition queues by event time, with a bounded wait for the other stream.
-
-    An item goes when every partition of the other stream that has shown anything has shown an
-    item at or after its time (so nothing earlier can still come from it, as far as partitions
-    keep their own time order); or when it has waited `wait_s` and none of the partitions it
-    waits for is `lagging` (holds unread data in the broker: that data is on its way, however
-    long a backlog takes to read); or when more than `cap` items wait. Each partition goes in offset order, which keeps every
-    entity's events in offset order.
-
-        >>> buf = ReorderBuffer(wait_s=0.2)
-        >>> buf.add(Item(EVENT, 10.0, "events.valid", 0, 0, {}))
-        >>> buf.pop_ready(now=0.0)            # waits: no label at or after ts 10 yet
-        []
-    """
-
-    wait_s: float
-    cap: int = 20_000
-    align_events: bool = False  # events also wait for this worker's event partitions still reading behind them
-    queues: dict[tuple[str, int], deque[Item]] = field(default_factory=dict)
-    latest: dict[tuple[str, int], tuple[int, float]] = field(default_factory=dict)  # tp -> (kind, max ts seen)
-    done: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset to commit
-    released: dict[tuple[str, int], float] = field(default_factory=dict)  # latest event time let go
-    pending: int = 0
-    _seq: int = 0
-
-    def add(self, item: Item) -> None:
-        q = self.queues.setdefault(item.tp, deque())
-        if item.kind == BAD:  # released right after whatever precedes it in its partition
-            item.ts = q[-1].ts if q else -math.inf
-        else:
-            _kind, seen = self.latest.get(item.tp, (item.kind, -math.inf))
-            self.latest[item.tp] = (item.kind, max(seen, item.ts))
-        self._seq += 1
-        item.seq = self._seq
-        q.append(item)
-        self.pending += 1
-
-    def expect(self, tp: tuple[str, int], kind: int) -> None:
-        """A newly assigned partition that holds unread data: the other stream waits for it too
-        (an empty one does not, or an idle partition would hold everything up)."""
-        self.latest.setdefault(tp, (kind, -math.inf))
-
-    def mark(self, kind: int) -> float:
-        """How far in time every partition of a stream has got (-inf before it showed anything)."""
-        return min((ts for k, ts in self.latest.values() if k == kind), default=-math.inf)
-
-    def pop_ready(self, now: float, lagging: frozenset | set = frozenset(), floor: float = math.inf,
-                  hold_s: float = 0.0) -> list[Item]:
-        """The items that may go now, in merged order. An event later than `floor` (how far the
-        other workers' partitions have got, plus the skew allowed) waits for them, at most `hold_s`."""
-        heap = [(q[0].ts, q[0].kind, q[0].seq, tp) for tp, q in self.queues.items() if q]
-        heapq.heapify(heap)
-        marks = {LABEL: self.mark(EVENT), EVENT: self.mark(LABEL)}  # what each kind waits for
-        behind = {LABEL: [], EVENT: []}  # per kind, the times of the other kind's lagging partitions
-        events_behind = math.inf  # the earliest time a lagging event partition has shown
-        for tp in lagging:
-            if tp in self.latest:
-                kind, ts = self.latest[tp]
-                behind[LABEL if kind == EVENT else EVENT].append(ts)
-                if kind == EVENT:
-                    events_behind = min(events_behind, ts)
-        if not self.align_events:
-            events_behind = math.inf
-        out: list[Item] = []
-        while heap:
-            tp = heap[0][3]
-            q = self.queues[tp]
-            head = q[0]
-            # With aggregates keyed by another field, an entity's events come from every partition:
-            # an event waits for the partitions of this worker that are still reading earlier times.
-            aligned = head.kind != EVENT or (head.ts <= events_behind and (
-                head.ts <= floor or now - head.received >= hold_s))
-            if not (head.kind == BAD or self.pending > self.cap
-                    or (aligned and (head.ts <= marks[head.kind] or (
-                        now - head.received >= self.wait_s and all(ts >= head.ts for ts in behind[head.kind]))))):
-                break  # everything after it in time waits too
-            item = q.popleft()
-            self.pending -= 1
-            self.done[tp] = item.offset + 1
-            if item.kind != BAD and item.ts > self.released.get(tp, -math.inf):
-                self.released[tp] = item.ts
-            out.append(item)
-            if q:
-                heapq.heapreplace(heap, (q[0].ts, q[0].kind, q[0].seq, tp))
-            else:
-                heapq.heappop(heap)
-        return out
-
-    def commit_offsets(self) -> dict[tuple[str, int], int]:
-        """Per partition, the offset up to which everything is processed."""
-        return {tp: (self.queues[tp][0].offset if self.queues.get(tp) else nxt) for tp, nxt in self.done.items()}
-
-    def event_time_at_commit(self, tp: tuple[str, int]) -> float | None:
-        """The least event time from the commit offset on, as far as the partition keeps its time
-        order: the first waiting item's, else the latest let go (None: not known).
-
-            >>> buf = ReorderBuffer(wait_s=0.0)
-            >>> for offset, ts in enumerate((5.0, 7.0)):
-            ...     buf.add(Item(EVENT, ts, "events.valid", 0, offset, {}))
-            >>> [i.ts for i in buf.pop_ready(now=0.0)], buf.event_time_at_commit(("events.valid", 0))
-            ([5.0, 7.0], 7.0)
-        """
-        q = self.queues.get(tp)
-        ts = q[0].ts if q else self.released.get(tp)
-        return ts if ts is not None and math.isfinite(ts) else None
-
-    def drop(self, tps: list[tuple[str, int]]) -> None:
-        """Forget partitions this consumer lost (their new owner starts from the committed offset)."""
-        for tp in tps:
-            self.pending -= len(self.queues.pop(tp, ()))
-            self.latest.pop(tp, None)
-            self.done.pop(tp, None)
-            self.released.pop(tp, None)
+# The cyclic collector's thresholds for this process: every event makes short-lived dicts, and the
+# states held between batches are many. At Python's (700, 10, 10), collections take ~19 µs per
+# event of `bench features` (py-spy puts it on whatever allocated); at these, ~3. Garbage is still
+# freed by reference counting at once; only cycles wait longer.
+GC_THRESHOLDS = (20_000, 50, 100)
 
 
 class FeaturesWorker(StreamWorker):
@@ -220,32 +87,33 @@ class FeaturesWorker(StreamWorker):
 
     def __init__(self, settings: Settings, feature_set: FeatureSet | None = None) -> None:
         super().__init__(settings)
+        gc.set_threshold(*GC_THRESHOLDS)
         self.batch_size = settings.features.batch_size
         self.commit_interval_s = settings.features.commit_interval_s
         self.codec = get_codec()
         self.feature_set = feature_set or load_feature_set(settings.features.set)
         self.redis = deps.redis_client(settings)  # waits out a Redis outage
-        self.store = FeatureStore(self.redis, Keys(settings.namespace), self.feature_set,
+        self.keys = Keys(settings.namespace)
+        self.store = FeatureStore(self.redis, self.keys, self.feature_set,
                                   settings.features.snapshot_ttl_s, service=SERVICE,
                                   entity_ttl_s=settings.features.entity_ttl_s)
-        self.names = FieldNames(self.redis, Keys(settings.namespace), settings.learner.model_name,
+        self.names = FieldNames(self.redis, self.keys, settings.learner.model_name,
                                 settings.features.max_feature_names)
-        self.categories = Categories(self.redis, Keys(settings.namespace), settings.learner.model_name,
+        self.categories = Categories(self.redis, self.keys, settings.learner.model_name,
                                      settings.features.max_categories)
         self.max_entity_fields = settings.features.max_entity_fields
         # A feature set without the last label has nothing to wait for: events go at once.
         wait_s = settings.features.max_reorder_wait_ms / 1000.0 if self.feature_set.spec.last_label else 0.0
         self.buffer = ReorderBuffer(wait_s=wait_s, cap=max(20 * self.batch_size, 1000),
                                     align_events=bool(self.feature_set.keys))
-        self.clock_key = Keys(settings.namespace).features_clock()
-        self._clock: dict[int, float] = {}  # events.valid partition -> event time folded up to (all workers)
-        self._clock_read_at = self._clock_written_at = -math.inf
-        self._partitions: set[int] = set()
-        self.keyed_skew_s = settings.features.keyed_skew_ms / 1000.0
-        self.keyed_hold_s = settings.features.keyed_hold_ms / 1000.0
-        for key in ((ENTITY_KEY,) if ENTITY_KEY in self.feature_set.windows else ()) + self.feature_set.keys:
-            for handling in HANDLING.values():
-                metrics.LATE_EVENTS.labels(key, handling)
+        self.entities = StateCache(settings.features.cache_entities)  # this worker's entities, decoded
+        self.late_own = {outcome: metrics.LATE_EVENTS.labels(ENTITY_KEY, handling)
+                         for outcome, handling in HANDLING.items()}
+        # Key fields' stages (keyed.py): made when the loop starts (they need events.valid's partitions).
+        self.forward: Forwarder | None = None  # to the first key field's stage
+        self.stages: list[KeyStage] = []
+        self.stage_of: dict[str, KeyStage] = {}  # internal topic -> its stage
+        self.order: dict[int, float] = {}  # events.valid partition -> its latest event time (the merge time)
         self._positions: dict[tuple[str, int], int] = {}  # next offset to read, per partition
         self._highs: dict[tuple[str, int], int] = {}  # the broker's high watermark, as last known
         self._committed: dict[tuple[str, int], int] = {}
@@ -255,23 +123,81 @@ class FeaturesWorker(StreamWorker):
         # other stream instead of buffering one (librdkafka hands out a partition in big chunks).
         self.max_waiting_per_partition = self.batch_size
         self.counts = {"events": 0, "labels": 0, "redelivered": 0, "labels_unmatched": 0, "dead_letters": 0,
-                       "rebuilds": 0, "duplicates": 0, "late_events": 0, "keyed_conflicts": 0}
-        self.applied_key = Keys(settings.namespace).features_applied()
+                       "rebuilds": 0, "duplicates": 0, "late_events": 0, "forwarded": 0}
+        self.applied_key = self.keys.features_applied()
+        self.order_key = self.keys.features_order()
         self._applied_local: dict[tuple[str, int], int] = {}  # the applied offsets this worker wrote last
+        self.ingestion_drained: UpstreamDrained | None = None  # with key fields' stages (build_stages)
+
+    # -- the key fields' stages ----------------------------------------------------------------
+    def build_stages(self) -> None:
+        """One stage per key field, in the feature set's order, each forwarding to the next; their
+        internal topics are made here (as many partitions as events.valid). A broker away: the loop
+        starts over (and asks again)."""
+        fs = self.feature_set
+        if not fs.keys or self.stages:
+            return
+        try:
+            partitions = len(kafka.partitions_of(self.settings, self.topics.events_valid))
+            kafka.ensure_internal_topics(self.settings, [self.topics.keyed(k, s) for k in fs.keys
+                                                         for s in range(partitions)], partitions)
+        except (KafkaException, TimeoutError) as exc:  # the broker away or slow: asked again
+            raise RestartLoop(f"could not make the key fields' internal topics: {exc}") from exc
+        hold_s = self.settings.features.keyed_hold_ms / 1000.0
+        idle_wait_s = self.settings.features.max_reorder_wait_ms / 1000.0
+        forwards = [Forwarder(self.producer, self.codec, self.topics, key, partitions, SERVICE) for key in fs.keys]
+        self.forward = forwards[0]
+        # An events.valid partition at its end is idle only once ingestion has nothing in flight
+        # either: behind a loaded ingestion, an earlier event of that partition may still come.
+        self.ingestion_drained = UpstreamDrained(self.settings, self.topics.group("ingestion"), self.topics.events)
+        for i, key in enumerate(fs.keys):
+            stage = KeyStage(feature_set=fs, key=key, store=self.store, topics=self.topics, codec=self.codec,
+                             partitions=partitions, produce=self._produce_vector, flush=self._flush_forwards,
+                             forward=forwards[i + 1] if i + 1 < len(forwards) else None,
+                             idle_wait_s=idle_wait_s, hold_s=hold_s,
+                             cache_entities=self.settings.features.cache_entities,
+                             queue_limit=self.batch_size, service=SERVICE)
+            self.stages.append(stage)
+            self.stage_of.update({t: stage for t in stage.topics_read()})
+
+    def _produce_vector(self, topic: str, blob: bytes, key: str) -> None:
+        self.produce(topic, blob, key=key)
+
+    def _flush_forwards(self) -> None:
+        """Events sent on must be acknowledged before the states that say they were folded are
+        written (a crash in between sends them again; the next stage's guards skip them)."""
+        if not self.commits.flush_until_stopped():
+            raise RestartLoop("stopping while the broker has not acknowledged what was sent on")
 
     def input_topics(self) -> list[str]:
-        if not self.feature_set.spec.last_label:
-            return [self.topics.events_valid]
-        return [self.topics.events_valid, self.topics.labels_valid]
+        topics = [self.topics.events_valid]
+        if self.feature_set.spec.last_label:
+            topics.append(self.topics.labels_valid)
+        return topics + [t for stage in self.stages for t in stage.topics_read()]
 
     def open_consumer(self) -> Consumer:
-        c = kafka.consumer(self.settings, self.topics.group(self.service), **kafka.MERGING_CONSUMER)
+        self.build_stages()
+        self.forget_states()
+        self.forget_forwards()
+        # range: a member gets the same partitions of every topic with as many (events.valid k and
+        # partition k of every internal topic), which makes it the one owner of key partition k.
+        c = kafka.consumer(self.settings, self.topics.group(self.service), **kafka.MERGING_CONSUMER,
+                           **{"partition.assignment.strategy": "range"})
         c.subscribe(self.input_topics(), on_assign=self._on_assign, on_revoke=self._on_revoke)
         return c
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.rewind_to_applied(consumer, partitions)
         self._assigned.extend((p.topic, p.partition) for p in partitions)
+        if self.stages:
+            owned = {(p.topic, p.partition) for p in partitions}
+            for stage in self.stages:
+                for k in {k for t, k in owned if t in stage.source_of}:
+                    missing = [t for t in stage.topic_of if (t, k) not in owned]
+                    if missing:
+                        log.error("key partition %d of %s: this worker was given some of its sources, not %s "
+                                  "(the group's members must all read the same topics, range-assigned)",
+                                  k, stage.key, missing[:3])
 
     def applied_offsets(self) -> dict[tuple[str, int], int]:
         raw = self.redis.hgetall(self.applied_key)
@@ -307,12 +233,12 @@ class FeaturesWorker(StreamWorker):
         if rewound:
             consumer.assign(partitions)
 
-    def verify_applied(self, items: list[Item]) -> None:
+    def verify_applied(self, tps) -> None:
         """Before a batch touches Redis: are the applied offsets still those this worker wrote
         last? Lower = Redis restarted without its last writes; folding events into its older
         states would make wrong ones. Start the loop over instead: the new assignment re-reads
         from the applied offsets (rewind_to_applied), nothing of this batch was written."""
-        tps = sorted({i.tp for i in items if i.tp in self._applied_local})
+        tps = sorted(tp for tp in set(tps) if tp in self._applied_local)
         if not tps:
             return
         stored = self.redis.hmget(self.applied_key, [f"{t}/{p}" for t, p in tps])
@@ -323,10 +249,16 @@ class FeaturesWorker(StreamWorker):
                               "rebuilding the entity states from Kafka")
 
     def expect_assigned(self) -> None:
-        """Tell the merge which new partitions still hold data (asked once per assignment)."""
+        """Tell the merges which new partitions still hold data (asked once per assignment); give
+        the key fields' stages their partitions, and each events.valid partition its merge time."""
         if not self._assigned or self.consumer is None:
             return
         tps, self._assigned = self._assigned, []
+        now = time.monotonic()
+        for stage in self.stages:
+            stage.assigned(tps, now)
+        if self.forward is not None:
+            self.restore_order([p for t, p in tps if t == self.topics.events_valid])
         try:
             committed = self.consumer.committed([TopicPartition(*tp) for tp in tps], timeout=10)
             for tp in committed:
@@ -334,18 +266,45 @@ class FeaturesWorker(StreamWorker):
                 start = tp.offset if tp.offset >= 0 else low
                 self._positions.setdefault((tp.topic, tp.partition), start)
                 self._highs[(tp.topic, tp.partition)] = high
-                if start < high:
+                if start < high and tp.topic in (self.topics.events_valid, self.topics.labels_valid):
                     kind = EVENT if tp.topic == self.topics.events_valid else LABEL
                     self.buffer.expect((tp.topic, tp.partition), kind)
         except KafkaException:  # best effort: without it, the bounded wait still applies
             log.warning("could not read the new partitions' offsets", exc_info=True)
 
+    def restore_order(self, partitions: list[int]) -> None:
+        """The merge time each events.valid partition had got to at its applied offset (written
+        with it), so that what is sent on from a new owner goes on from there."""
+        if not partitions:
+            return
+        stored = self.redis.hmget(self.order_key, [f"{self.topics.events_valid}/{p}" for p in partitions])
+        for p, value in zip(partitions, stored):
+            if value is not None:
+                self.order[p] = max(self.order.get(p, -math.inf), float(value))
+
+    def forget_states(self) -> None:
+        """Whatever this worker held of its entities' states, and what its key fields' stages held
+        waiting: it may no longer be their only writer (its partitions moved, its loop starts over
+        after Redis lost writes); what waited is read again from the committed offsets."""
+        self.entities.clear()
+        for stage in self.stages:
+            stage.cache.clear()
+            stage.merges.clear()
+
+    def forget_forwards(self) -> None:
+        """What was queued for the next stages and what they were told: after a rebalance or a
+        start over, the partitions' next owners hear every watermark again, and events of a batch
+        given up are sent again when it is read again."""
+        for forward in [self.forward] + [s.forward for s in self.stages]:
+            if forward is not None:
+                forward.forget()
+
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.settle_on_revoke(consumer, partitions)  # commit what was handled while the partitions are ours
         tps = [(p.topic, p.partition) for p in partitions]
-        if self.feature_set.keys:
-            self.publish_clock(revoked=tps)  # the others wait for their next owner
+        self.forget_states()
         self.buffer.drop(tps)
+        self.forget_forwards()
         paused = [TopicPartition(*tp) for tp in tps if tp in self._paused]
         if paused:  # a pause outlives a rebalance in librdkafka; never hand one on
             consumer.resume(paused)
@@ -355,14 +314,27 @@ class FeaturesWorker(StreamWorker):
             self._paused.discard(tp)
             self._positions.pop(tp, None)
             self._highs.pop(tp, None)
+            if tp[0] == self.topics.events_valid:
+                self.order.pop(tp[1], None)
+
+    def queued(self, tp: tuple[str, int]) -> int:
+        stage = self.stage_of.get(tp[0])
+        if stage is not None:
+            merge = stage.merges.get(tp[1])
+            return merge.queued(stage.source_of[tp[0]]) if merge is not None else 0
+        return len(self.buffer.queues.get(tp, ()))
 
     def flow_control(self) -> None:
-        """Pause partitions whose items wait for the other stream; resume them once drained.
-        On resume, librdkafka fetches again from the last message it handed us."""
+        """Pause partitions whose items wait (for the other stream, or at a key field's stage for
+        the other sources); resume them once drained. On resume, librdkafka fetches again from the
+        last message it handed us."""
         assert self.consumer is not None
         limit = self.max_waiting_per_partition
-        pause = [tp for tp, q in self.buffer.queues.items() if len(q) > limit and tp not in self._paused]
-        resume = [tp for tp in self._paused if len(self.buffer.queues.get(tp, ())) <= limit // 2]
+        crowded = [tp for tp, q in self.buffer.queues.items() if len(q) > limit]
+        for stage in self.stages:
+            crowded += stage.crowded()
+        pause = [tp for tp in crowded if tp not in self._paused]
+        resume = [tp for tp in self._paused if self.queued(tp) <= limit // 2]
         if pause:
             self.consumer.pause([TopicPartition(*tp) for tp in pause])
             self._paused.update(pause)
@@ -376,35 +348,74 @@ class FeaturesWorker(StreamWorker):
         with _stage("decode"):
             now = time.monotonic()
             for m in messages:
-                self.buffer.add(self.decode(m, now))
-                self._positions[(m.topic(), m.partition())] = m.offset() + 1
-        self.process(self.pop_ready())
+                topic = m.topic()
+                self._positions[(topic, m.partition())] = m.offset() + 1
+                stage = self.stage_of.get(topic)
+                if stage is None:
+                    self.buffer.add(self.decode(m, now))
+                elif not stage.take(topic, m.partition(), m.offset(), m.value(), now):
+                    metrics.DEAD_LETTERS.labels(SERVICE, kafka.base_topic(topic), "not_avro").inc()
+        self.process(self.buffer.pop_ready(time.monotonic(), self.lagging()))
+        self.run_stages()
         self.flow_control()
 
     def tick(self) -> None:
-        """Between batches: let items go whose wait is over, then flush and commit them."""
+        """Between batches: let items go whose wait is over, tell the next stages how far this
+        worker has got; what was handled is flushed and committed by the loop."""
         self.expect_assigned()
-        if self.feature_set.keys:
-            self.publish_clock()
+        handled = False
         if self.buffer.pending:
-            items = self.pop_ready()
+            items = self.buffer.pop_ready(time.monotonic(), self.lagging())
             if items:
                 self.process(items)
-                if self.commits.flush_until_stopped():  # a rebalance or an outage refusing the commit is not fatal
-                    self.commits.safe_commit()
+                handled = True
+        handled = self.run_stages() or handled
+        self.send_watermarks()
+        if handled and self.unsettled_since is None:
+            self.unsettled_since = time.monotonic()  # the loop settles it (flush, commit) when due
+        if self.consumer is not None:
             self.flow_control()
 
-    def pop_ready(self) -> list[Item]:
-        """What the merge lets go now. With key entities, events also wait (at most
-        features.keyed_hold_ms) for the other workers' partitions to get within
-        features.keyed_skew_ms of their time: that bounds how stale a key entity's aggregates are."""
-        floor = math.inf
-        if self.feature_set.keys:
-            self.refresh_clock()
-            mine = {p for t, p in self._positions if t == self.topics.events_valid}
-            others = self.partitions() - mine  # a partition no worker has said anything of yet: unknown
-            floor = min((self._clock.get(p, -math.inf) for p in others), default=math.inf) + self.keyed_skew_s
-        return self.buffer.pop_ready(time.monotonic(), self.lagging(), floor, self.keyed_hold_s)
+    def run_stages(self) -> bool:
+        """Each key field's stage lets go what its merges allow (after this batch's events were sent
+        on to the first one). True if anything was handled."""
+        if not self.stages:
+            return False
+        lagging = self.lagging()
+        self.verify_applied(tp for stage in self.stages for tp in self._applied_local if tp[0] in stage.source_of)
+        handled = False
+        for stage in self.stages:
+            applied = stage.process(time.monotonic(), lagging)
+            if applied:
+                self._applied_local.update(applied)
+                handled = True
+        self.send_watermarks()
+        return handled
+
+    def send_watermarks(self) -> None:
+        """How far each source of ours has got, to the partitions of the next stage that have not
+        heard it (keyed.Forwarder; rate-limited there). An events.valid partition has got to its
+        merge time, or to the time of its first event still waiting here; it is idle when nothing
+        of it waits and nothing is left to read."""
+        if self.forward is None or self.consumer is None:
+            return
+        now = time.monotonic()
+        lagging = self.lagging()
+        marks = {}
+        for (topic, p) in self._positions:
+            if topic != self.topics.events_valid:
+                continue
+            q = self.buffer.queues.get((topic, p))
+            mark = self.order.get(p, -math.inf)
+            if q and q[0].kind == EVENT:
+                mark = max(mark, q[0].ts)
+            marks[p] = (mark, not q and (topic, p) not in lagging)
+        if any(idle for _, idle in marks.values()) and not self.ingestion_drained():
+            marks = {p: (mark, False) for p, (mark, _) in marks.items()}
+        self.forward.watermarks(now, marks)
+        for stage in self.stages:
+            if stage.forward is not None:
+                stage.forward.watermarks(now, stage.marks(now, lagging))
 
     def lagging(self) -> set[tuple[str, int]]:
         """Partitions with unread data in the broker (librdkafka's cached high watermarks: no
@@ -426,10 +437,12 @@ class FeaturesWorker(StreamWorker):
         """Commit up to the first item still waiting, with the event time from there on in the
         commit's metadata (the learner's watermark of what is still on its way)."""
         assert self.consumer is not None
+        wanted = [(tp, o, self.buffer.event_time_at_commit(tp)) for tp, o in self.buffer.commit_offsets().items()]
+        for stage in self.stages:
+            wanted += stage.commit_offsets()
         offsets = []
-        for (t, p), o in self.buffer.commit_offsets().items():
+        for (t, p), o, ts in wanted:
             if self._committed.get((t, p)) != o:
-                ts = self.buffer.event_time_at_commit((t, p))
                 offsets.append(TopicPartition(t, p, o) if ts is None else
                                TopicPartition(t, p, o, metadata=kafka.event_time_metadata(ts)))
         if offsets:
@@ -481,23 +494,27 @@ class FeaturesWorker(StreamWorker):
     def process(self, items: list[Item]) -> None:
         if not items:
             return
-        self.verify_applied(items)
+        self.verify_applied(i.tp for i in items)
         fs = self.feature_set
         items = self.bound_fields(items)
         events = [i.value for i in items if i.kind == EVENT]
         in_batch = {e["event_id"]: (e["entity_id"], e["ts"]) for e in events}
         wanted = [i.value["event_id"] for i in items if i.kind == LABEL and i.value["event_id"] not in in_batch]
+        keyed = self.forward is not None
         with _stage("read"):
-            entity_ids = [e["entity_id"] for e in events] if fs.stateful else []
-            named = [kv for e in events for kv in fs.key_values(e["fields"]).items()] if fs.keys else []
-            read = self.store.read_batch(entity_ids, wanted if fs.spec.last_label else (),
-                                         folded_of=[e["event_id"] for e in events], keyed=named)
-            states, snapshots, folded, keyed = read.states, read.snapshots, read.folded, read.keyed
+            states, read = self.read_states([e["entity_id"] for e in events] if fs.stateful else [],
+                                            wanted if fs.spec.last_label else (), [e["event_id"] for e in events])
+            snapshots, folded = read.snapshots, read.folded
         with _stage("compute"):
-            vectors, markers, dirty, redelivered = [], [], set(), []
-            folds: dict[tuple[str, str], list[Item]] = {}  # key entity -> the events folded into it
+            vectors, snapshot_blobs, dirty, redelivered = [], [], set(), []
             labels: dict[str, tuple[str, float]] = {}  # entity -> its latest label in the batch
+            order, moved = self.order, set()
             for item in items:
+                if keyed and item.topic == self.topics.events_valid and isinstance(item.value, dict):
+                    p = item.partition  # the merge time: the partition's latest event time so far
+                    if item.value["ts"] > order.get(p, -math.inf):
+                        order[p] = item.value["ts"]
+                    moved.add(p)
                 if item.kind == EVENT:
                     ev = item.value
                     marker = f"{item.partition}:{item.offset}"
@@ -507,10 +524,10 @@ class FeaturesWorker(StreamWorker):
                         metrics.DUPLICATES.labels(SERVICE, "events.valid").inc()
                         continue
                     state = states.get(ev["entity_id"], {})
-                    names = fs.key_values(ev["fields"]) if fs.keys else {}
+                    names = fs.key_values(ev["fields"]) if keyed else None
                     if _applied(state, item):
-                        redelivered.append(ev["event_id"])
-                        self.fold_keyed(item, names, keyed, folds)  # unless they were folded too
+                        if not names:  # one sent on was acknowledged before its state was written
+                            redelivered.append(ev["event_id"])
                         continue
                     new = fs.untracked(state, ev["fields"]) if fs.stateful else ()
                     if new and len(fs.tracked(state)) + len(new) > self.max_entity_fields:
@@ -519,16 +536,18 @@ class FeaturesWorker(StreamWorker):
                                     f"{self.max_entity_fields} distinct fields (features.max_entity_fields)")
                         in_batch.pop(ev["event_id"], None)  # its label must not reach the state either
                         continue
-                    x = fs.vector(state, ev["fields"], ev["ts"], keyed={k: keyed[(k, v)] for k, v in names.items()})
-                    vectors.append(self.vector_of(ev, x))
-                    markers.append(marker)
-                    if names:
-                        self.observe_staleness(ev["ts"])
+                    if names:  # its vector is completed (and kept) by its key fields' stages
+                        self.send_on(item, fs.own_features(state, ev["fields"], ev["ts"]), names)
+                        snapshot_blobs.append((ev["event_id"], b"", marker))
+                    else:
+                        fv = self.vector_of(ev, fs.vector(state, ev["fields"], ev["ts"]))
+                        blob = self.codec.encode("FeatureVector", fv)
+                        vectors.append((fv, blob))
+                        snapshot_blobs.append((ev["event_id"], blob, marker))
                     if fs.stateful:
-                        self.count_late(ENTITY_KEY, fs.apply_event(state, ev["fields"], ev["ts"]))
+                        self.count_late(fs.apply_event(state, ev["fields"], ev["ts"]))
                         state[OFFSET_FIELD], state[PARTITION_FIELD] = item.offset, item.partition
                         dirty.add(ev["entity_id"])
-                    self.fold_keyed(item, names, keyed, folds)
                 elif item.kind == LABEL and fs.spec.last_label:  # else labels change nothing here
                     where = self.locate(item.value["event_id"], in_batch, snapshots)
                     if where is None:
@@ -540,25 +559,25 @@ class FeaturesWorker(StreamWorker):
                     if entity_id not in labels or event_ts >= labels[entity_id][1]:
                         labels[entity_id] = (item.value["label"], event_ts)
                     self.counts["labels"] += 1
-            blobs = [self.codec.encode("FeatureVector", fv) for fv in vectors]
         with _stage("write"):
+            if keyed and len(snapshot_blobs) > len(vectors):
+                self.forward.flush()
+                self._flush_forwards()
             pipe = self.redis.pipeline(transaction=False)
             # snapshots before states: a state's `_off` then implies its events' snapshots exist
-            self.store.queue_snapshot_blobs(pipe, ((fv["event_id"], b, m) for fv, b, m in zip(vectors, blobs, markers)))
+            self.store.queue_snapshot_blobs(pipe, snapshot_blobs)
             self.store.queue_states(pipe, {e: states[e] for e in dirty})
             for entity_id, (label, event_ts) in labels.items():
                 self.store.queue_label(pipe, entity_id, label, event_ts)
-            first_keyed = len(pipe)
-            for key, value in folds:
-                self.store.queue_keyed(pipe, key, value, keyed[(key, value)])
+            if moved:
+                pipe.hset(self.order_key, mapping={f"{self.topics.events_valid}/{p}": repr(order[p]) for p in moved})
             # Last: how far this batch's effects go (the AOF keeps a prefix of the writes).
             applied = {i.tp: i.offset + 1 for i in items}
-            pipe.hset(self.applied_key, mapping={f"{t}/{p}": o for (t, p), o in applied.items()})
-            replies = self.store.execute(pipe, "write_batch")
-            lost = [kv for kv, ok in zip(folds, replies[first_keyed:first_keyed + len(folds)]) if not ok]
-            if lost:
-                self.refold(lost, folds)
+            self.store.queue_applied(pipe, applied)
+            self.store.execute(pipe, "write_batch")
             self._applied_local.update(applied)
+        blobs = [blob for _fv, blob in vectors]
+        vectors = [fv for fv, _blob in vectors]
         if redelivered:
             recovered = self.recover(redelivered)
             vectors += recovered
@@ -571,91 +590,45 @@ class FeaturesWorker(StreamWorker):
                     self.dead_letter(item)
         self.counts["events"] += len(events)
 
-    # -- key entities: folded by every worker, guarded per partition, written by compare-and-set
-    def fold_keyed(self, item: Item, names: dict[str, str], keyed: dict, folds: dict, count: bool = True) -> None:
-        """Fold an event into the key entities it names, unless its offset says it already was."""
+    def read_states(self, entity_ids: list[str], snapshots_of, folded_of: list[str]) -> tuple[dict[str, dict], BatchRead]:
+        """The states of these entities: those this worker holds (cache.py; only their label fields,
+        which any replica may write, are read), the others from Redis; and, in the same round
+        trip, the snapshots of `snapshots_of` and the fold markers of `folded_of`."""
+        states, missing = {}, []
+        for entity_id in dict.fromkeys(entity_ids):
+            state = self.entities.get(entity_id)
+            if state is None:
+                missing.append(entity_id)
+            else:
+                states[entity_id] = state
+        read = self.store.read_batch(missing, snapshots_of, folded_of=folded_of,
+                                     labels_of=states if self.feature_set.spec.last_label else ())
+        for entity_id, (label, label_ts) in read.labels.items():
+            state = states[entity_id]
+            for name, value in (("label", label), ("label_ts", label_ts)):
+                if value is None:
+                    state.pop(name, None)
+                else:
+                    state[name] = value
+        for entity_id, state in read.states.items():
+            states[entity_id] = state
+            self.entities.put(entity_id, state)
+        return states, read
+
+    def send_on(self, item: Item, own: dict[str, float], names: dict[str, str]) -> None:
+        """An event that names a key entity goes to its first key field's stage, with its own
+        entity's features and its merge order: (the partition's merge time, partition, offset)."""
         ev = item.value
-        guard = f"{GUARD_PREFIX}{item.partition}"
-        for key, value in names.items():
-            state = keyed[(key, value)]
-            if state.get(guard, -1) >= item.offset:
-                continue  # folded before a crash, or by this worker's previous round
-            outcome = self.feature_set.apply_keyed(key, state, ev["fields"], ev["ts"], ev["entity_id"])
-            state[guard] = item.offset
-            folds.setdefault((key, value), []).append(item)
-            if count:
-                self.count_late(key, outcome)
+        p = item.partition
+        payload = {"event_id": ev["event_id"], "entity_id": ev["entity_id"], "ts": ev["ts"], "fields": ev["fields"],
+                   "published_ms": ev.get("published_ms"), "features": own}
+        self.forward.send(p, (self.order[p], p, item.offset), payload, names.get(self.forward.key, ev["entity_id"]), [])
+        self.counts["forwarded"] += 1
 
-    def refold(self, lost: list[tuple[str, str]], folds: dict[tuple[str, str], list[Item]]) -> None:
-        """Another worker wrote these key entities between our read and our write: read them
-        again, fold this batch's events in again (the guards skip what is in already), retry."""
-        for attempt in range(KEYED_ATTEMPTS):
-            self.counts["keyed_conflicts"] += len(lost)
-            metrics.KEYED_CONFLICTS.inc(len(lost))
-            fresh = self.store.read_keyed(lost)
-            pipe = self.redis.pipeline(transaction=False)
-            for key, value in lost:
-                for item in folds[(key, value)]:
-                    self.fold_keyed(item, {key: value}, fresh, {}, count=False)
-                self.store.queue_keyed(pipe, key, value, fresh[(key, value)])
-            replies = self.store.execute(pipe, "write_keyed")
-            lost = [kv for kv, ok in zip(lost, replies) if not ok]
-            if not lost:
-                return
-            time.sleep(0.001 * (attempt + 1))
-        raise RestartLoop(f"{len(lost)} key entities kept changing under this worker's writes; reading the batch again")
-
-    def count_late(self, key: str, outcome: int) -> None:
+    def count_late(self, outcome: int) -> None:
         if outcome != IN_ORDER:
             self.counts["late_events"] += 1
-            metrics.LATE_EVENTS.labels(key, HANDLING[outcome]).inc()
-
-    # -- the partitions' clocks: how far each events.valid partition is folded, for every worker
-    def publish_clock(self, revoked: list[tuple[str, int]] = ()) -> None:
-        """Per events.valid partition of this worker: the event time its events are folded up to
-        (the first one still waiting, else the latest let go), "inf" when nothing of it is left to
-        read, "-inf" when nothing of it was read yet; a partition handed on is "-inf" until its
-        next owner says. Written every CLOCK_S, also while events wait: the earliest waiting
-        event of all workers is always free to go."""
-        now = time.monotonic()
-        if not revoked and now - self._clock_written_at < CLOCK_S:
-            return
-        self._clock_written_at = now
-        lagging = self.lagging() if self.consumer is not None and not revoked else set()
-        clock = {str(p): "-inf" for t, p in revoked if t == self.topics.events_valid}
-        for tp in self._positions:
-            if tp[0] != self.topics.events_valid or revoked:
-                continue
-            ts = self.buffer.event_time_at_commit(tp)
-            if not self.buffer.queues.get(tp) and tp not in lagging:
-                clock[str(tp[1])] = "inf"
-            else:
-                clock[str(tp[1])] = "-inf" if ts is None else repr(ts)
-        if clock:
-            try:
-                self.redis.hset(self.clock_key, mapping=clock)
-            except redis.RedisError:  # the next tick says it again
-                log.warning("could not write the partitions' clocks", exc_info=True)
-
-    def partitions(self) -> set[int]:
-        """The partitions of events.valid (asked once)."""
-        if not self._partitions and self.consumer is not None:
-            try:
-                meta = self.consumer.list_topics(self.topics.events_valid, timeout=5)
-                self._partitions = set(meta.topics[self.topics.events_valid].partitions)
-            except (KafkaException, KeyError):
-                log.warning("could not read the partitions of %s", self.topics.events_valid, exc_info=True)
-        return self._partitions
-
-    def refresh_clock(self) -> None:
-        if time.monotonic() - self._clock_read_at >= CLOCK_S:
-            self._clock = {int(p): float(ts) for p, ts in self.redis.hgetall(self.clock_key).items()}
-            self._clock_read_at = time.monotonic()
-
-    def observe_staleness(self, ts: float) -> None:
-        """Events older than the slowest partition's clock are all folded; younger ones may not be."""
-        slowest = min(self._clock.values(), default=math.inf)
-        metrics.KEYED_STALENESS.observe(max(0.0, ts - slowest) if math.isfinite(slowest) else 0.0)
+            self.late_own[outcome].inc()
 
     def vector_of(self, ev: dict, features: dict[str, float]) -> dict:
         return {"event_id": ev["event_id"], "entity_id": ev["entity_id"], "ts": ev["ts"], "features": features,
@@ -691,10 +664,16 @@ class FeaturesWorker(StreamWorker):
         self.counts["dead_letters"] += 1
 
     def health(self) -> dict[str, Any]:
+        keyed = {}
+        for stage in self.stages:
+            for name, n in stage.counts.items():
+                keyed[name] = keyed.get(name, 0) + n
         return {**super().health(), "feature_set": self.feature_set.name, "waiting": self.buffer.pending,
-                **self.counts}
+                "keyed_waiting": sum(s.waiting() for s in self.stages), **self.counts, **keyed}
 
     def close(self) -> None:
+        if self.ingestion_drained is not None:
+            self.ingestion_drained.close()
         self.redis.close()
 
 

@@ -25,8 +25,10 @@ multi-key command below runs on keys of one slot, a batch's scripts once per slo
   names (`merchant` = `m-17`): its windowed aggregates' series (`w:...`, binary, windows.py),
   `_o:<partition>`, the events.valid offset of the last event folded in from each partition
   (events of one merchant come from every partition), and `_v`, a version that every write
-  bumps. Several workers write the same merchant: `queue_keyed` writes only if `_v` is still the
-  one read (compare-and-set in one script, one key), else the worker reads again and refolds.
+  bumps. One worker owns a key entity (keyed.py); `queue_keyed` still writes only if `_v` is the
+  one it knows (compare-and-set in one script, one key): two owners never overwrite each other.
+- `Keys.features_applied()` — hash "topic/partition" -> the next input offset whose effects are
+  in Redis (`queue_applied`, last in each batch's pipeline).
 
 Window series (`w:` fields) are binary in both hashes; everything else is text.
 
@@ -125,10 +127,11 @@ return refused
 # re-scored one) or 'set', then field, value pairs. Writes only while the snapshot exists: an
 # expired one is never recreated without its TTL.
 # Vectors into their snapshots, each with the TTL: ARGV = vector field, ttl, folded field, then per
-# key its vector and the marker of the input it was folded from ('' for none).
+# key its vector ('' for none: an event whose vector a key field's stage completes) and the marker
+# of the input it was folded from ('' for none).
 SAVE_VECTORS_LUA = """
 for i = 1, #KEYS do
-  redis.call('hset', KEYS[i], ARGV[1], ARGV[2 * i + 2])
+  if ARGV[2 * i + 2] ~= '' then redis.call('hset', KEYS[i], ARGV[1], ARGV[2 * i + 2]) end
   local marker = ARGV[2 * i + 3]
   if marker ~= '' then redis.call('hset', KEYS[i], ARGV[3], marker) end
   redis.call('expire', KEYS[i], ARGV[2])
@@ -283,22 +286,26 @@ class FeatureStore:
         return self.read_batch(entity_ids, ()).states
 
     def read_batch(self, entity_ids: Iterable[str], event_ids: Iterable[str], folded_of: Iterable[str] = (),
-                   keyed: Iterable[tuple[str, str]] = ()) -> "BatchRead":
+                   keyed: Iterable[tuple[str, str]] = (), labels_of: Iterable[str] = ()) -> "BatchRead":
         """Entity states, the snapshot vectors (`fv`, decoded) of `event_ids`, the fold markers
-        of `folded_of` (`Snapshots.queue_folded`) and the states of the key entities `keyed`
-        ((key field, key text) pairs), one round trip. Events whose snapshot is missing or
-        unreadable are absent from the snapshots."""
+        of `folded_of` (`Snapshots.queue_folded`), the states of the key entities `keyed`
+        ((key field, key text) pairs: /v1/predict/batch) and the label fields of `labels_of` (the
+        entities whose state the caller holds: any replica may write their label), one round
+        trip. Events whose snapshot is missing or unreadable are absent from the snapshots."""
         entity_ids = list(dict.fromkeys(entity_ids))
         event_ids = list(dict.fromkeys(event_ids))
         folded_of = list(dict.fromkeys(folded_of))
         keyed = list(dict.fromkeys(keyed))
-        if not entity_ids and not event_ids and not folded_of and not keyed:
+        labels_of = list(dict.fromkeys(labels_of))
+        if not entity_ids and not event_ids and not folded_of and not keyed and not labels_of:
             return BatchRead()
         pipe = self.client.pipeline(transaction=False)
         for entity_id in entity_ids:
             pipe.hgetall(self.keys.entity(entity_id))
         for key, value in keyed:
             pipe.hgetall(self.keys.keyed_entity(key, value))
+        for entity_id in labels_of:
+            pipe.hmget(self.keys.entity(entity_id), *LABEL_FIELDS)
         for event_id in event_ids:
             pipe.hget(self.keys.snapshot(event_id), SNAPSHOT_FIELD)
         folded_groups = self.snapshots.queue_folded(pipe, folded_of) if folded_of else []
@@ -310,6 +317,10 @@ class FeatureStore:
         at = len(entity_ids)
         out.keyed = {k: decode_state(r or {}) for k, r in zip(keyed, replies[at:at + len(keyed)])}
         at += len(keyed)
+        for entity_id, (label, label_ts) in zip(labels_of, replies[at:at + len(labels_of)]):
+            out.labels[entity_id] = (None if label is None else _text(label),
+                                     None if label_ts is None else float(_text(label_ts)))
+        at += len(labels_of)
         for event_id, blob in zip(event_ids, replies[at:at + len(event_ids)]):
             if blob is None:
                 continue
@@ -320,10 +331,6 @@ class FeatureStore:
         out.folded = (self.snapshots.folded_reply(folded_of, folded_groups, replies[len(replies) - len(folded_groups):])
                       if folded_of else {})
         return out
-
-    def read_keyed(self, keyed: Iterable[tuple[str, str]]) -> dict[tuple[str, str], State]:
-        """The states of these key entities, one round trip."""
-        return self.read_batch((), (), keyed=keyed).keyed
 
     def read_snapshots(self, event_ids: Iterable[str]) -> dict[str, dict]:
         """The FeatureVectors kept for these events (missing or expired ones are left out)."""
@@ -381,16 +388,21 @@ class FeatureStore:
                 if self.entity_ttl_s > 0:
                     pipe.expire(key, self.entity_ttl_s)
 
-    def queue_keyed(self, pipe, key: str, value: str, state: State) -> None:
-        """Write a key entity's state if no other worker wrote it since it was read (its `_v`);
-        the reply in the pipeline is 1, or 0 for "read it again and refold". The TTL is the key's
-        (`FeatureSet.key_ttl_s`)."""
+    def queue_keyed(self, pipe, key: str, value: str, state: State, ttl_s: int) -> None:
+        """Write a key entity's state if no other worker wrote it since the version this one knows
+        (its `_v`); the reply in the pipeline is 1, or 0 for "someone else wrote it". `ttl_s`: the
+        key's (`FeatureSet.key_ttl_s`)."""
         version = state.get(VERSION_FIELD)
-        args: list[Any] = ["" if version is None else str(version),
-                           self.feature_set.key_ttl_s(key, self.entity_ttl_s)]
+        args: list[Any] = ["" if version is None else str(version), ttl_s]
         for field_, encoded in encode_state(state, exclude=(VERSION_FIELD,)).items():
             args += [field_, encoded]
         pipe.eval(SET_KEYED_LUA, 1, self.keys.keyed_entity(key, value), *args)
+
+    def queue_applied(self, pipe, applied: Mapping[tuple[str, int], int]) -> None:
+        """How far each input partition's effects go ((topic, partition) -> next offset): queued last
+        in a batch's pipeline, since Redis' append-only file keeps a prefix of the writes."""
+        if applied:
+            pipe.hset(self.keys.features_applied(), mapping={f"{t}/{p}": o for (t, p), o in applied.items()})
 
     def queue_label(self, pipe, entity_id: str, label: str, event_ts: float) -> None:
         eval_script(pipe, SET_LABEL_LUA, [self.keys.entity(entity_id)],
@@ -418,13 +430,14 @@ class FeatureStore:
 
 @dataclass(slots=True)
 class BatchRead:
-    """What `FeatureStore.read_batch` read: entity states, snapshot vectors, fold markers and
-    key entities' states ((key field, key text) -> state)."""
+    """What `FeatureStore.read_batch` read: entity states, snapshot vectors, fold markers, key
+    entities' states ((key field, key text) -> state) and label fields."""
 
     states: dict[str, State] = field(default_factory=dict)
     snapshots: dict[str, dict] = field(default_factory=dict)
     folded: dict[str, str] = field(default_factory=dict)
     keyed: dict[tuple[str, str], State] = field(default_factory=dict)
+    labels: dict[str, tuple[str | None, float | None]] = field(default_factory=dict)  # entity -> (label, label_ts)
 
 
 @dataclass(slots=True)

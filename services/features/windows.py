@@ -44,6 +44,7 @@ from array import array
 from bisect import bisect_left, bisect_right, insort
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
+from typing import Any
 
 TAIL = 32  # newest events kept exactly, per series
 SKETCH = 64  # hashes kept per tile for `distinct`
@@ -172,8 +173,11 @@ class Series:
         self.xs: list[float] = []  # its values (hashes for distinct)
         # Tiles, columnar and sorted by index (tile k holds times in [k * width, (k + 1) * width)):
         # index, events, then per kind (numbers) shifted sum, shifted squares, min, max, last;
-        # (distinct) a saturated flag and its sorted hashes; both end with the oldest and newest time.
-        self.tile: dict[str, list] = {name: [] for name in (_DISTINCT_COLUMNS if spec.distinct else _NUMERIC_COLUMNS)}
+        # (distinct) a saturated flag and its sorted hashes (a list of arrays); both end with the
+        # oldest and newest time. Arrays of doubles, not lists: what is written to Redis after every
+        # batch is their bytes as they are (to_bytes, decode), not a float object at a time.
+        self.tile: dict[str, Any] = {name: [] if name == "hashes" else array("d")
+                                     for name in (_DISTINCT_COLUMNS if spec.distinct else _NUMERIC_COLUMNS)}
 
     @classmethod
     def new(cls, spec: SeriesSpec) -> "Series":
@@ -210,7 +214,7 @@ class Series:
             idx[at] = k
             t["lo"][at], t["hi"][at] = ts, ts
             if self.spec.distinct:
-                t["hashes"][at] = []
+                t["hashes"][at] = array("d")
         t["n"][at] += 1
         if self.spec.distinct:
             hashes = t["hashes"][at]
@@ -331,18 +335,15 @@ class Series:
         then the tile columns (distinct: then each tile's hashes)."""
         t = self.tile
         n_tiles = len(t["idx"])
-        data = array("d", (FORMAT, self.shift if self.shift is not None else math.nan, self.newest,
-                           len(self.ts), n_tiles))
-        data.extend(self.ts)
-        data.extend(self.xs)
+        parts = [array("d", (FORMAT, self.shift if self.shift is not None else math.nan, self.newest,
+                             len(self.ts), n_tiles)), array("d", self.ts), array("d", self.xs)]
         for name in (_DISTINCT_COLUMNS if self.spec.distinct else _NUMERIC_COLUMNS):
             if name == "hashes":
-                data.extend(len(h) for h in t["hashes"])
-                for h in t["hashes"]:
-                    data.extend(h)
+                parts.append(array("d", [len(h) for h in t["hashes"]]))
+                parts += t["hashes"]
             else:
-                data.extend(t[name])
-        return data.tobytes()
+                parts.append(t[name])
+        return b"".join([part.tobytes() for part in parts])
 
     @classmethod
     def decode(cls, spec: SeriesSpec, blob: bytes | None) -> "Series":
@@ -366,12 +367,11 @@ class Series:
                 at += n_tiles
                 hashes = []
                 for size in sizes:
-                    hashes.append(data[at:at + size].tolist())
+                    hashes.append(data[at:at + size])
                     at += size
                 s.tile["hashes"] = hashes
             else:
-                column = data[at:at + n_tiles].tolist()
-                s.tile[name] = [int(v) for v in column] if name == "idx" else column
+                s.tile[name] = data[at:at + n_tiles]
                 at += n_tiles
         return s
 

@@ -21,6 +21,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import OffsetSpec
 
+from ..features.definitions import load_feature_set
 from ..shared import kafka
 from ..shared.deps import DEPS, backoff_delays
 from ..shared.settings import Settings
@@ -50,6 +51,7 @@ class Inputs:
         self.upstream_delays: dict[str, Any] = {}  # side -> its backoff in progress
         self.upstream_failed: dict[str, bool] = {}  # side -> the last question failed (logged once)
         self.rescore_below: dict[tuple[str, int], int] = {}  # features offsets consumed before the lease was taken
+        self._keyed: list[str] | None = None  # the features service's internal topics, once known
 
     def open(self, offsets: dict[tuple[str, int], int]) -> Consumer:
         self.label_partitions, self.feature_partitions, self.rescore_below, self.paused = [], [], {}, set()
@@ -241,7 +243,7 @@ class Inputs:
                     lasting, at_once = min(lasting, bound), min(at_once, bound)
             return lasting, at_once
 
-        features = floor((self.topics.events, self.topics.events_valid))
+        features = floor((self.topics.events, self.topics.events_valid, *self.keyed_topics()))
         labels = floor((self.topics.labels,))
         return {**{("features", tp.partition): (ends[(tp.topic, tp.partition)], *features)
                    for tp in self.feature_partitions},
@@ -252,7 +254,8 @@ class Inputs:
         """Per service before us, a consumer in its group (never subscribes: reads commits) and its
         input partitions (asked of the broker once)."""
         if side not in self.upstream:
-            hops = ((("ingestion", self.topics.events), ("features", self.topics.events_valid)) if side == "features"
+            hops = ((("ingestion", self.topics.events), ("features", self.topics.events_valid),
+                     *(("features", t) for t in self.keyed_topics())) if side == "features"
                     else (("ingestion", self.topics.labels),))
             for _, topic in hops:
                 if topic not in self.upstream_parts:
@@ -262,6 +265,19 @@ class Inputs:
             self.upstream[side] = [(kafka.consumer(self.settings, self.topics.group(service)),
                                     self.upstream_parts[topic]) for service, topic in hops]
         return self.upstream[side]
+
+    def keyed_topics(self) -> list[str]:
+        """The features service's internal topics (aggregates keyed by another field: events on
+        their way to a key field's stage), asked after events.valid: what features passed on is
+        then known to be through them or behind their commits."""
+        if self._keyed is None:
+            try:
+                keys = load_feature_set(self.settings.features.set).keys
+            except ValueError:  # the features service says what is wrong with it
+                keys = ()
+            n = len(kafka.partitions_of(self.settings, self.topics.events_valid, timeout=UPSTREAM_TIMEOUT_S)) if keys else 0
+            self._keyed = [self.topics.keyed(k, s) for k in keys for s in range(n)]
+        return self._keyed
 
     def close_upstream(self, side: str) -> None:
         for c, _ in self.upstream.pop(side, ()):

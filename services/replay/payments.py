@@ -95,6 +95,19 @@ def generate(seed: int = 42, cards: int = CARDS, merchants: int = MERCHANTS, day
         yield {"amount": round(amount, 2), "merchant": merchant, "hour": hour, "online": is_online}, label, card, ts
 
 
+def endless(t0: float, seed: int = 42) -> Iterator[tuple[str, dict[str, float | str], float]]:
+    """(card, fields, epoch seconds) of the stream again and again from `t0`, each round DAYS
+    later: as long a stream as a benchmark asks for, in time order, the same cards and merchants.
+
+        >>> first = next(endless(1.7e9))
+        >>> first[0].startswith("card-"), first[2] >= 1.7e9
+        (True, True)
+    """
+    for round_ in itertools.count():
+        for fields, _label, card, ts in generate(seed):
+            yield card, fields, t0 + round_ * DAYS * DAY + ts
+
+
 def size(seed: int = 42) -> int:
     """How many rows `generate(seed)` yields (it is cheap to count: a second or two)."""
     return sum(1 for _ in generate(seed))

@@ -19,7 +19,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from .framing import OUTPUT
 from .settings import Settings
-from .topics import SPEC_BY_NAME, Topics
+from .topics import KEYED_PREFIX, SPEC_BY_NAME, Topics
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,34 @@ def ensure_topics(settings: Settings, namespace: str | None = None, timeout: flo
     return created
 
 
+def ensure_internal_topics(settings: Settings, names: list[str], partitions: int, timeout: float = 30.0) -> None:
+    """Create a service's internal topics (features.by.<key>.<source>) with `partitions` each, as
+    Kafka Streams creates its repartition topics; one that exists with another count is an error
+    (its partitions would no longer line up with events.valid's)."""
+    client = admin(settings)
+    listed = client.list_topics(timeout=timeout).topics
+    wrong = {n: len(listed[n].partitions) for n in names if n in listed and len(listed[n].partitions) != partitions}
+    if wrong:
+        raise RuntimeError(f"internal topics {sorted(wrong)} have {sorted(set(wrong.values()))} partitions, not "
+                           f"{partitions} (events.valid's): delete them (they are rebuilt from events.valid)")
+    wanted = [NewTopic(n, num_partitions=partitions, replication_factor=1) for n in names if n not in listed]
+    if wanted:
+        for name, future in client.create_topics(wanted, operation_timeout=timeout).items():
+            try:
+                future.result()
+            except KafkaException as exc:
+                if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
+                    raise
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listed = client.list_topics(timeout=timeout).topics
+        if all(n in listed and len(listed[n].partitions) == partitions
+               and all(p.leader >= 0 for p in listed[n].partitions.values()) for n in names):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"internal topics {names[:3]}... not ready within {timeout:.0f} s")
+
+
 def partitions_of(settings: Settings, topic: str, timeout: float = 10) -> list[TopicPartition]:
     meta = admin(settings).list_topics(topic, timeout=timeout).topics[topic]
     return [TopicPartition(topic, p) for p in sorted(meta.partitions)]
@@ -208,7 +236,12 @@ def base_topic(name: str) -> str:
 
         >>> base_topic("t1.drift.events"), base_topic("events"), base_topic("elsewhere")
         ('drift.events', 'events', 'elsewhere')
+        >>> base_topic("t1.features.by.merchant.2")
+        'features.by.merchant.2'
     """
+    keyed = name.find(KEYED_PREFIX)
+    if keyed >= 0 and (keyed == 0 or name[keyed - 1] == "."):  # the features service's internal topics
+        return name[keyed:]
     found = name
     for spec_name in SPEC_BY_NAME:
         if (name == spec_name or name.endswith("." + spec_name)) and (found == name or len(spec_name) > len(found)):

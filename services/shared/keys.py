@@ -55,11 +55,15 @@ class Keys:
         states before it). Behind the committed offset = Redis lost writes: re-read from Kafka."""
         return self._tagged("features", "applied")
 
-    def features_clock(self) -> str:
-        """Hash events.valid partition -> the event time its events are folded up to ("inf": none
-        left to read), written by whichever worker owns it: how stale a key entity's aggregates
-        may be (docs/features.md)."""
-        return self._tagged("features", "clock")
+    def features_order(self) -> str:
+        """Hash "topic/partition" (of events.valid) -> the latest event time of the partition up to
+        the applied offset: the merge time its events carry to the key fields' stages (written with
+        the applied offsets, so that a restart goes on from the same value; docs/features.md).
+
+            >>> Keys("").features_order()
+            'dl:features:{order}'
+        """
+        return self._tagged("features", "order")
 
     # -- ingestion: de-duplication ---------------------------------------------------------
     def seen_event(self, event_id: str) -> str:

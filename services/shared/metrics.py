@@ -56,13 +56,21 @@ LATE_EVENTS = Counter(
 )
 KEYED_CONFLICTS = Counter(
     "driftline_features_keyed_conflicts_total",
-    "Writes of a key entity's state that another worker wrote first (read again and refolded).",
+    "Writes of a key entity's state that found another worker's version (two owners of one key "
+    "partition during a rebalance): the worker reads them again and starts its loop over.",
 )
 KEYED_STALENESS = Histogram(
     "driftline_features_keyed_staleness_seconds",
-    "How far an event's time runs ahead of the slowest events.valid partition with data still to fold "
-    "(events of that partition younger than this may be missing from its key entities' aggregates).",
+    "Per event read at a key field's stage: how far in event time a source that stopped was behind it "
+    "(0 when every source had got past it: the value is exact; docs/features.md).",
+    ["key"],
     buckets=(0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0),
+)
+KEYED_STALE = Counter(
+    "driftline_features_keyed_stale_total",
+    "Events read at a key field's stage before a source that stopped (features.keyed_hold_ms without "
+    "moving) had got past them: their key aggregates may miss that source's events.",
+    ["key"],
 )
 END_TO_END_SECONDS = Histogram(
     "driftline_event_to_prediction_seconds",

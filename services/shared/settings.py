@@ -195,14 +195,14 @@ class FeatureSettings(BaseModel):
     max_reorder_wait_ms: int = Field(
         200, description="how long an event may wait for labels with earlier timestamps"
     )
-    keyed_skew_ms: int = Field(
-        1000, description="with aggregates keyed by another field (a merchant): how far in event time an event may "
-                          "run ahead of another worker's events.valid partition that still has events to fold "
-                          "(the bound on how stale a key entity's aggregates are; docs/features.md)"
-    )
     keyed_hold_ms: int = Field(
-        10_000, description="how long an event waits at most for another worker's partition to catch up "
-                            "(keyed_skew_ms); a worker that stopped must not stop the others"
+        30_000, description="with aggregates keyed by another field (a merchant): how long an event waits at "
+                            "its key's stage for a source that has stopped moving (its worker gone) before it "
+                            "goes without it, its key aggregates then stale (docs/features.md)"
+    )
+    cache_entities: int = Field(
+        100_000, description="entities (and, per key field, key entities) a features worker keeps decoded in memory "
+                             "between batches: it is their only writer; the others are read from Redis when needed"
     )
 
 

@@ -9,6 +9,13 @@
 Keys are the entity id wherever the record has one, so one entity stays on one partition. The
 model-level topics (outcomes, drift.events, retrain.requests, model.swaps, model.updates) have one
 partition: one active learner writes them, and their consumers need them in order.
+
+Aggregates keyed by another field (a merchant) add the features service's internal topics
+(docs/features.md): `features.by.<key>.<source>`, one per key field and per partition of the stage
+before it, each with as many partitions as events.valid (`KeyedEvents` records).
+
+    >>> Topics("t1").keyed("merchant", 3)
+    't1.features.by.merchant.3'
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
     TopicSpec("model.updates", "ModelUpdate", 1, "model name"),
 )
 SPEC_BY_NAME = {spec.name: spec for spec in TOPIC_SPECS}
+KEYED_PREFIX = "features.by."  # + key field + "." + source partition: the features service's own topics
+KEYED_SCHEMA = "KeyedEvents"
 
 
 class Topics:
@@ -61,7 +70,15 @@ class Topics:
         return full[len(prefix):] if prefix and full.startswith(prefix) else full
 
     def spec(self, full: str) -> TopicSpec:
-        return SPEC_BY_NAME[self.base(full)]
+        base = self.base(full)
+        if base.startswith(KEYED_PREFIX):
+            return TopicSpec(base, KEYED_SCHEMA, STREAM_PARTITIONS, "key entity")
+        return SPEC_BY_NAME[base]
+
+    def keyed(self, key: str, source: int) -> str:
+        """The internal topic that carries events to the entities of key field `key`, from partition
+        `source` of the stage before (events.valid for the first key field)."""
+        return self.name(f"{KEYED_PREFIX}{key}.{source}")
 
     def all(self) -> list[str]:
         return [self.name(spec.name) for spec in TOPIC_SPECS]

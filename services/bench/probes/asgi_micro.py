@@ -42,7 +42,7 @@ def bare(async_route=True, base_mw=False):
     return app
 
 async def main():
-    from driftline.shared.runtime import service_app
+    from driftline.shared.app import service_app
     cases = {"bare FastAPI, async def": bare(),
              "bare, plain def (thread-pool hop)": bare(async_route=False),
              "bare + @app.middleware('http') (BaseHTTPMiddleware)": bare(base_mw=True),
