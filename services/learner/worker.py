@@ -328,9 +328,10 @@ class LearnerWorker(StreamWorker):
             if c.kind == "retrain":
                 self.record(self.loop.request(c.value, self.position))
             else:
-                new = self.lineage.follow(self.roles, c.value)
+                new = self.lineage.follow(self.roles, c.value, self.position)
                 if new is not None:
                     self.loop.followed(new)
+                    self.out.update(new)  # its artifact from this position: replicas follow it from here
                     self.checkpoint_now = True
 
     def record(self, changes: list[Change]) -> None:
@@ -509,7 +510,7 @@ class LearnerWorker(StreamWorker):
                       "ordered replay (their labels will be learned as they come)", self.name, len(self.replay))
             self.replay.give_up()
             self.handle([])
-        if self.update_pacer.due(self.since_update, now):  # the serving freshness bound (learner/updates.py)
+        if not self.replay and self.update_pacer.due(self.since_update, now):  # snapshots for serving (updates.py)
             self.update_pacer.publish(self.publish_update)
         if self.checkpoint_now or self.since_checkpoint >= self.cfg.checkpoint_every or (
                 self.dirty and now - self.last_checkpoint >= self.cfg.checkpoint_interval_s):
@@ -519,10 +520,13 @@ class LearnerWorker(StreamWorker):
 
     # -- registry, model.updates, model.swaps ------------------------------------------------------
     def publish_update(self) -> None:
-        slot = self.roles.champion
-        slot.revision = self.lineage.save(slot, offsets={f"{self.topics.base(t)}/{p}": o
-                                                         for (t, p), o in sorted(self.offsets.items())})
-        self.out.update(slot)
+        """A snapshot of each public role for serving, at this position (updates.py). The outcomes
+        before it go to Kafka first: a replica that loads it finds the ones after it."""
+        self.producer.flush(10)
+        offsets = {f"{self.topics.base(t)}/{p}": o for (t, p), o in sorted(self.offsets.items())}
+        for slot in self.roles.slots():
+            slot.revision = self.lineage.save(slot, self.position, offsets=offsets)
+            self.out.update(slot)
         self.since_update = 0
         self.last_update = time.monotonic()
 

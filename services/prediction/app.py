@@ -25,7 +25,7 @@ import os
 from typing import Any
 
 import redis
-from fastapi import Body, Depends, FastAPI, Path, Request, Response
+from fastapi import Body, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -178,9 +178,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # -- models --------------------------------------------------------------------------------
     @app.get("/v1/models", response_model=ModelsResponse, tags=["models"],
-             summary="Champion, challenger, this worker's version, every version with its lineage")
-    def models() -> dict[str, Any]:
-        return {**predictor.models(), "worker": os.getpid()}
+             summary="Champion, challenger, this worker's version and how fresh it is, every version with its lineage")
+    def models(digest: bool = Query(False, description="also each served model's content hash (docs/serving.md)")
+               ) -> dict[str, Any]:
+        return {**predictor.models(digest=digest), "worker": os.getpid()}
 
     @app.post("/v1/models/rollback", response_model=SwapResponse, responses=ADMIN_ERRORS, tags=["models"],
               summary="Admin: make the champion's parent (or a given version) the champion",

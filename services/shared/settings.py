@@ -131,11 +131,12 @@ class LearnerSettings(BaseModel):
     # thousands of labels/s. The count bounds the work a restart replays at higher rates.
     checkpoint_every: int = Field(20_000, description="labels between checkpoints (at most)")
     checkpoint_interval_s: float = Field(5.0, description="seconds between checkpoints while learning")
-    update_every: int = Field(1000, description="labels between model.updates to serving")
-    update_interval_s: float = Field(0.25, description="at most this long between a label learned and its "
-                                     "model.update (the served model's staleness bound)")
-    update_max_share: float = Field(0.2, description="model.updates never take more than this share of the "
-                                    "learner's time (a slow-to-pickle model ships less often)")
+    update_every: int = Field(50_000, description="labels between snapshots for serving (model.updates), at most")
+    update_interval_s: float = Field(10.0, description="seconds between snapshots for serving while learning: where "
+                                     "a prediction worker starts or catches up from (freshness comes from the "
+                                     "outcomes it learns, docs/serving.md)")
+    update_max_share: float = Field(0.05, description="snapshots never take more than this share of the learner's "
+                                    "time (a slow-to-pickle model is saved less often)")
     label_grace_s: float = Field(
         30.0, description="how long a label waits for its event's vector before it is dead-lettered"
     )
@@ -200,6 +201,9 @@ class PredictionSettings(BaseModel):
     canary_window: int = Field(1000, description="served labels per arm the canary is judged on (the last N)")
     canary_max_error_increase: float = Field(
         0.05, description="a canary whose served error rate is worse than the champion's by more is rolled back")
+    catch_up_from_snapshots: bool = Field(
+        True, description="a worker further behind the learner than loading its newer snapshot costs loads it; "
+                          "false: it always learns the examples in between (docs/serving.md)")
 
 
 class OfflineSettings(BaseModel):
