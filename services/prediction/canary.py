@@ -88,9 +88,11 @@ class Canary:
         self.lock = threading.Lock()
         self.rolled_back: str | None = None
         self._stop = threading.Event()
-        for arm in ARMS:  # exported from zero: the dashboard has series before the first canary
-            metrics.CANARY_REQUESTS.labels(model_name, arm)
-            metrics.CANARY_SECONDS.labels(model_name, arm)
+        # exported from zero (the dashboard has series before the first canary), and kept: a
+        # request counts itself without looking its series up
+        self._requests = {arm: metrics.CANARY_REQUESTS.labels(model_name, arm) for arm in ARMS}
+        self._seconds = {arm: metrics.CANARY_SECONDS.labels(model_name, arm) for arm in ARMS}
+        for arm in ARMS:
             metrics.CANARY_ACCURACY.labels(model_name, arm).set(0)
         metrics.CANARY_ROLLBACKS.labels(model_name)
         metrics.CANARY_SHARE.labels(model_name).set(self.share)
@@ -104,8 +106,8 @@ class Canary:
         return "champion", champion
 
     def answered(self, arm: str, event_id: str, prediction: str | None, seconds: float) -> None:
-        metrics.CANARY_REQUESTS.labels(self.model_name, arm).inc()
-        metrics.CANARY_SECONDS.labels(self.model_name, arm).observe(seconds)
+        self._requests[arm].inc()
+        self._seconds[arm].observe(seconds)
         if self.share <= 0:
             return  # no canary: nothing to judge, so labels need not be joined
         with self.lock:
