@@ -93,6 +93,7 @@ class ModelFollower:
         self.swap_ts: float | None = None  # the oldest swap/update message not reconciled yet
         self.apply_s = 0.0  # seconds per example learned (a moving average)
         self.load_s: dict[int, float] = {}  # version -> seconds its last load took
+        self._unread = metrics.CONSUMER_LAG.labels(SERVICE, "outcomes", "0")
         self._lag = {role: (metrics.SERVING_LAG_EXAMPLES.labels(self.name, role),
                             metrics.SERVING_LAG_SECONDS.labels(self.name, role)) for role in ROLES}
 
@@ -355,7 +356,9 @@ class ModelFollower:
         try:
             _low, high = consumer.get_watermark_offsets(TopicPartition(self.topics.outcomes, 0), cached=True)
             position = consumer.position([TopicPartition(self.topics.outcomes, 0)])[0].offset
-            unread = high >= 0 and position >= 0 and high > position
+            if high >= 0 and position >= 0:
+                unread = high > position
+                self._unread.set(high - position)
         except KafkaException:
             pass
         for role, (examples, seconds) in self._lag.items():
