@@ -38,12 +38,17 @@ log = logging.getLogger(__name__)
 
 class Lineage:
     def __init__(self, registry: ModelRegistry, cfg: LearnerSettings,
-                 publish: Callable[[int | None, int, str], None], telemetry: Telemetry) -> None:
+                 publish: Callable[[int | None, int, str], None], telemetry: Telemetry,
+                 flush: Callable[[], object] = lambda: None) -> None:
         self.registry = registry
         self.cfg = cfg
         self.name = registry.model
         self.publish = publish  # (from_version, to_version, reason) -> model.swaps
         self.telemetry = telemetry
+        # The outcomes learned before an artifact go to Kafka before it is saved: a replica that
+        # loads it must find every one after it, and a learner that crashes must replay the ones
+        # before it, not learn them another way (docs/serving.md).
+        self.flush = flush
 
     # -- the loop's decisions ----------------------------------------------------------------------
     def challenger(self, request: dict, model: Any, parent: int, warm: int, position: int) -> int:
@@ -52,6 +57,7 @@ class Lineage:
         version = next((m["version"] for m in self.registry.versions() if m.get("request_id") == request["request_id"]),
                        None)
         if version is None:
+            self.flush()
             version = self.registry.register(
                 model, spec=self.cfg.model, reason=request["reason"], parent=parent,
                 drift_id=request.get("drift_id"), examples_seen=warm, position=position, next_position=position)
@@ -213,5 +219,6 @@ class Lineage:
     def save(self, slot: Slot, position: int | None, offsets: dict[str, int] | None = None) -> int:
         """The slot's model and statistics into its version, learned up to stream `position` (None:
         the learner stops learning it here); returns the new revision."""
+        self.flush()
         return self.registry.update(slot.version, slot.model, examples_seen=slot.examples,
                                     metrics=slot.stats.as_dict(), offsets=offsets, next_position=position)

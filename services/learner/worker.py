@@ -85,7 +85,8 @@ class LearnerWorker(StreamWorker):
         self.registry = ModelRegistry(self.r, self.keys, self.name, self.signing_key)
         self.telemetry = Telemetry(self.name)
         self.out = Outputs(self.producer, self.topics, self.name, self.telemetry)
-        self.lineage = Lineage(self.registry, self.cfg, self.publish_swap, self.telemetry)
+        self.lineage = Lineage(self.registry, self.cfg, self.publish_swap, self.telemetry,
+                               flush=lambda: self.producer.flush(10))
         self.lease = Lease(self.r, self.keys.lease(self.name), self.cfg.lease_ttl_s)
         self.snapshots = Snapshots(self.r, self.keys, settings.features.snapshot_ttl_s, SERVICE)
         self.hold_s = settings.features.max_reorder_wait_ms / 1000
@@ -520,9 +521,8 @@ class LearnerWorker(StreamWorker):
 
     # -- registry, model.updates, model.swaps ------------------------------------------------------
     def publish_update(self) -> None:
-        """A snapshot of each public role for serving, at this position (updates.py). The outcomes
-        before it go to Kafka first: a replica that loads it finds the ones after it."""
-        self.producer.flush(10)
+        """A snapshot of each public role for serving, at this position (updates.py; the outcomes
+        before it go to Kafka first, lineage.py)."""
         offsets = {f"{self.topics.base(t)}/{p}": o for (t, p), o in sorted(self.offsets.items())}
         for slot in self.roles.slots():
             slot.revision = self.lineage.save(slot, self.position, offsets=offsets)
