@@ -79,12 +79,10 @@ class ModelFollower:
         self.codec = get_codec()
         self.group = replica_group(self.topics)
         self.assigned = False  # True once the consumer follows the three topics
-        self.messages = 0
         self.lock = threading.RLock()  # one writer of the replicas: this thread, or sync_now's caller
         self._sync = threading.Event()  # a reconcile is wanted
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.consumer = None
         # The stream as read: the position after the last champion outcome, and the newest (position, ts).
         self.read_next: int | None = None
         self.newest: tuple[int, float] | None = None
@@ -108,7 +106,6 @@ class ModelFollower:
                 with self.lock:
                     for m in messages:
                         if m.error() is None:
-                            self.messages += 1
                             self._guarded(self.handle, m)
                         else:
                             log.warning("model follower: consumer error %s", m.error())
@@ -123,7 +120,6 @@ class ModelFollower:
                     time.sleep(0)  # let the requests waiting for the GIL in between batches
         finally:
             self.assigned = False
-            self.consumer = None
             consumer.close()
 
     def _next_batch(self, consumer) -> list:
@@ -330,7 +326,6 @@ class ModelFollower:
                 self._partitions(consumer, self.topics.outcomes)
                 parts.append(TopicPartition(self.topics.outcomes, 0, self._offset_at(consumer, start)))
                 consumer.assign(parts)
-                self.consumer = consumer
                 self.assigned = True
                 log.info("model follower %s follows model.swaps, model.updates and outcomes", self.group)
                 return
