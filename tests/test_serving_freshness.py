@@ -23,6 +23,7 @@ import pytest
 import redis as redis_lib
 
 from driftline.drift.policy import retrain_request
+from driftline.infra import stack
 from driftline.learner.labels import answer, learn
 from driftline.learner.spec import parse_model
 from driftline.prediction.canary import Canary
@@ -37,7 +38,7 @@ from driftline.shared.keys import Keys
 from driftline.shared.registry import ModelRegistry
 from driftline.shared.settings import Ports, Settings
 from driftline.shared.topics import Topics
-from pipeline import metric, replay_report, start_pipeline
+from pipeline import replay_report, start_pipeline
 
 CODEC = get_codec()
 LINEAR = "preprocessing.StandardScaler() | linear_model.LogisticRegression()"
@@ -118,7 +119,7 @@ def test_the_digest_is_the_same_in_every_process_whatever_its_string_hashes():
             " rng.choice(['spam', 'ham', 'eggs']))\n"
             "print(model_digest(m))")
     digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                              env={"PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+                              env={"PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
     assert len(digests) == 1
 
 
@@ -236,12 +237,16 @@ def stretch(start: int, n: int) -> Dataset:
     return Dataset(f"hyperplane-{start}", rows, n, timed=True)
 
 
+def samples(url: str, name: str, **labels) -> list[float]:
+    """A metric's values on a service's /metrics (one per worker, several workers) with these labels."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return [float(v) for found, v in re.findall(rf"^{name}(?:\{{([^}}]*)\}})? (\S+)$", text, re.M)
+            if all(f'{k}="{want}"' in (found or "") for k, want in labels.items())]
+
+
 def lag_seconds(url: str, role: str = "champion") -> float:
     """The largest `driftline_serving_lag_seconds` of `role` over a service's workers."""
-    text = httpx.get(url + "/metrics", timeout=10).text
-    values = [float(v) for labels, v in re.findall(r"^driftline_serving_lag_seconds\{([^}]*)\} (\S+)$", text, re.M)
-              if f'role="{role}"' in labels]
-    return max(values, default=0.0)
+    return max(samples(url, "driftline_serving_lag_seconds", role=role), default=0.0)
 
 
 class LagSampler(threading.Thread):
@@ -284,7 +289,7 @@ def test_every_worker_and_replica_serves_exactly_the_learners_model_through_swap
     procs = start_pipeline(run_service, ("ingestion", "features", "learner", "prediction"), model=LINEAR,
                            features="raw", DRIFTLINE_PREDICTION__WORKERS="2", DRIFTLINE_ADMIN_TOKEN=TOKEN, **CHURN)
     other = settings.model_copy(update={"ports": Ports(**{**settings.ports.model_dump(),
-                                                          "prediction": settings.ports.prediction + 1000})})
+                                                          "prediction": stack.free_port()})})
     replica = run_service("prediction", settings_override=other, DRIFTLINE_ADMIN_TOKEN=TOKEN, **CHURN)
     services = {procs["prediction"].url: 2, replica.url: 1}
     learner_url = procs["learner"].url
@@ -324,12 +329,13 @@ def test_every_worker_and_replica_serves_exactly_the_learners_model_through_swap
     assert report["examples_learned"] == 2000
     compare()
     worst = sampler.stop()
-    assert 0 < worst <= LAG_BOUND_S, f"the served models were up to {worst:.2f}s behind the learner"
+    assert sampler.samples and worst <= LAG_BOUND_S, f"the served models were up to {worst:.2f}s behind the learner"
     assert all(lag_seconds(url) == 0 for url in services)
+    for url in services:  # the workers learned the examples themselves, no artifact loaded to catch up
+        assert sum(samples(url, "driftline_serving_learn_delay_seconds_count")) > 0
+        assert sum(samples(url, "driftline_serving_reloads_total", reason="update")) == 0
     lineage = registry.versions()
     assert any("promoted_at" in v for v in lineage) and any("restored_at" in v for v in lineage), lineage
-    for url in services:
-        assert metric(type("S", (), {"url": url}), "driftline_serving_reloads_total", reason="update") == 0
 
     # an operator rolls back to a version the learner no longer learns: the learner takes it up where
     # it is, from its artifact as saved, and every worker with it

@@ -4,7 +4,8 @@ served model stays.
 An application that never touches Kafka: for each row of a data set river ships in its wheel
 (Phishing, Bananas), it calls `POST /v1/predict` with an `event_id`, then posts the row's label to
 ingestion's `POST /v1/labels`, row by row, as fast as it goes (a keep-alive connection to each,
-the standard library's `http.client`: the client's own cost stays small). The learner learns each
+the standard library's `http.client`: the client's own cost stays small), once the first row is
+learned (`served_first`: a learner's start-up is not the loop). The learner learns each
 label from the vector the prediction service kept, and every prediction worker learns the
 learner's outcomes as they come (docs/serving.md). The served accuracy is compared with river's
 own progressive validation at delay 0 (`evaluate.progressive_val_score`, the data set's own
@@ -138,6 +139,8 @@ def http_loop(predict_url: str, ingest_url: str, learner_url: str, rows: list[tu
                                                           "ts": ts})
             correct += answer["prediction"] == y
             ingest.call("POST", "/v1/labels", {"event_id": event_id, "label": y, "ts": ts})
+            if i == 0:
+                served_first(predict, learner_url, timeout_s=120.0)
             if i % sample_every == sample_every - 1:
                 served = predict.call("GET", "/v1/models")["replicas"].get("champion") or {}
                 learned = httpx.get(learner_url + "/health", timeout=10).json().get("position", 0)
@@ -156,6 +159,19 @@ def http_loop(predict_url: str, ingest_url: str, learner_url: str, rows: list[tu
     return {"rows": len(rows), "served_accuracy": round(correct / len(rows), 4), "wall_s": round(wall, 2),
             "rows_per_s": round(len(rows) / wall, 1), "behind_client": spread(behind_client),
             "behind_learner": spread(behind_learner), "samples": len(behind_client)}
+
+
+def served_first(predict: Client, learner_url: str, timeout_s: float) -> None:
+    """Wait until the served model has learned the first row: a learner that has just started
+    learns its first label only once every labels.valid partition has told where it stands (up to
+    a few seconds), and that start-up, not the loop, would then decide a short data set's accuracy."""
+    deadline = time.monotonic() + timeout_s
+    while (served := predict.call("GET", "/v1/models")["replicas"].get("champion") or {}).get("examples", 0) < 1:
+        if time.monotonic() > deadline:
+            learner = httpx.get(learner_url + "/health", timeout=10).json()
+            raise TimeoutError(f"the first label was not served within {timeout_s}s: served {served}; learner "
+                               f"{ {k: learner.get(k) for k in ('state', 'position', 'waiting_labels', 'status')} }")
+        time.sleep(0.01)
 
 
 def learner_latency_ms(settings: Settings, model: str) -> dict[str, float] | None:

@@ -87,6 +87,7 @@ class ModelFollower:
         self.read_next: int | None = None
         self.newest: tuple[int, float] | None = None
         self.seek_s: float | None = None  # seek `outcomes` to this time (learner clock) after the batch
+        self.fetch_from = 0  # the offset `outcomes` was last assigned or sought at
         self.not_before = 0.0  # after a rewind: only artifacts saved later than this are followed
         self.swap_ts: float | None = None  # the oldest swap/update message not reconciled yet
         self.apply_s = 0.0  # seconds per example learned (a moving average)
@@ -295,8 +296,15 @@ class ModelFollower:
         self.seek_s = ts if self.seek_s is None else min(self.seek_s, ts)
 
     def _seek(self, consumer) -> None:
-        consumer.seek(TopicPartition(self.topics.outcomes, 0, self._offset_at(consumer, self.seek_s)))
-        self.seek_s, self.read_next = None, None
+        """Back to the first outcome the replicas need, unless the consumer has not got there yet
+        (a seek to where it stands is not needed, and one made right after librdkafka started
+        fetching the partition could leave it waiting without fetching)."""
+        target = self._offset_at(consumer, self.seek_s)
+        here = consumer.position([TopicPartition(self.topics.outcomes, 0)])[0].offset
+        if target < (here if here >= 0 else self.fetch_from):
+            consumer.seek(TopicPartition(self.topics.outcomes, 0, target))
+            self.fetch_from = target
+        self.seek_s, self.read_next = None, None  # lower positions may come next: a replica needs them
 
     def _offset_at(self, consumer, ts: float) -> int:
         """The first outcome produced at `ts` or later (learner clock), or the partition's end as it
@@ -324,7 +332,8 @@ class ModelFollower:
                     start = min(following) if following else time.time()
                     self.seek_s = None
                 self._partitions(consumer, self.topics.outcomes)
-                parts.append(TopicPartition(self.topics.outcomes, 0, self._offset_at(consumer, start)))
+                self.fetch_from = self._offset_at(consumer, start)
+                parts.append(TopicPartition(self.topics.outcomes, 0, self.fetch_from))
                 consumer.assign(parts)
                 self.assigned = True
                 log.info("model follower %s follows model.swaps, model.updates and outcomes", self.group)
