@@ -5,8 +5,9 @@ accuracy must be river's own progressive validation's at delay 0 within the aims
 and the served model must keep within a bound of the learner meanwhile.
 
 Bananas, and not Phishing, is the data set tested: on Phishing's 1,250 rows a logistic regression
-or a Hoeffding tree loses more than a point to a lag of 15-20 labels, which is what the learner
-itself takes to learn a label here (docs/serving.md; the bench reports both)."""
+or a Hoeffding tree can lose more than a point to a lag of 15-20 labels, which is what the learner
+itself takes to learn a label here (docs/serving.md; the bench reports both). The loop starts once
+its first row is served (`bench.serving.served_first`)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ consumer of its own that never commits). It reads three topics:
   learning the examples in between would take longer than loading it (a worker that fell behind).
 
 A replica loaded from an artifact saved at time T needs the outcomes produced after T: the
-follower seeks the partition there (the broker's time index) and the replica skips what it knows.
+follower reads the partition from there (the broker's time index; it seeks back only when it has
+read past that point) and the replica skips what it knows.
 An outcome produced before its artifact was saved belongs to another stretch of the learner's
 history (a learner that started over), and is not for it. When the learner's positions go back
 (`rewind`: it re-learned history differently) the replicas stop learning until the learner saves
@@ -209,10 +210,6 @@ class ModelFollower:
         """Reconcile at once, in the caller's thread (start, an admin route)."""
         with self.lock:
             self.reconcile()
-
-    def request_sync(self) -> None:
-        """Reconcile at the follower thread's next turn (the canary's share changed)."""
-        self._sync.set()
 
     def reconcile(self) -> None:
         self._sync.clear()
