@@ -123,11 +123,6 @@ class Replica:
         with self.lock:
             return score(self.model, x)
 
-    def score_many(self, xs: list[dict[str, Any]]) -> list[tuple[str | None, dict[str, float]]]:
-        """`score` for many vectors, all with the model in one state."""
-        with self.lock:
-            return [score(self.model, x) for x in xs]
-
     def digest(self) -> str:
         """The model's content hash (`digest.model_digest`), as the learner computes it."""
         with self.lock:
