@@ -17,7 +17,8 @@ from starlette.routing import Route
 
 from driftline.shared.admin import check_admin
 from driftline.shared.bodylimit import BodyLimit
-from driftline.prediction.models import ModelHolder, NonFiniteOutput, ServingModel, score
+from driftline.prediction.models import ModelHolder, NonFiniteOutput, score
+from driftline.prediction.replica import Replica
 from driftline.shared.settings import Settings
 
 
@@ -46,9 +47,9 @@ def test_non_finite_probabilities_are_refused_not_served():
 
 def test_a_swap_replaces_the_whole_pair_a_request_grabbed_keeps_its_own():
     holder = ModelHolder("m")
-    holder.swap(ServingModel(model="old", version=1, revision=0))
+    holder.swap(Replica(model="old", version=1))
     grabbed = holder.current
-    holder.swap(ServingModel(model="new", version=2, revision=0))
+    holder.swap(Replica(model="new", version=2))
     assert (grabbed.model, grabbed.version) == ("old", 1)
     assert (holder.current.model, holder.current.version) == ("new", 2)
 

@@ -11,13 +11,18 @@ the real Redis read), and runs `driftline serve prediction` as a subprocess. The
   aims: predict p99, predict/health and health/bare throughput. The machine may be shared, so
   only ratios measured in one run compare; the load average is recorded before and after;
 - with `BENCH_PREDICT_PROFILE=1`, a py-spy flame graph of the service under /v1/predict load
-  (`profiles/predict.svg` next to the JSON; py-spy from PyPI);
+  (`profiles/predict.svg` next to the JSON; py-spy from PyPI; `=raw`: collapsed stacks, one line
+  per stack and its samples, in `profiles/predict.txt`);
 - the time a swap takes to reach every uvicorn worker: register a new version, make it champion,
   publish `model.swaps`, then poll the workers' `driftline_serving_model_version` gauges (one per
   process in multiprocess mode) until every worker serves the new version.
 
-Aims (issue 17): p99 <= 5 ms at 16 connections with one worker, predict >= 0.6 of /health's
-throughput, /health >= 0.8 of the bare app's. It measures and reports; it never asserts. Everything it starts is stopped at the end.
+- `POST /v1/predict/batch` of 100 rows (the first entities' bodies), one request at a time and
+  four at once: its latency.
+
+Aims: p99 <= 5 ms at 16 connections with one worker, predict >= 0.6 of /health's throughput,
+<= 0.25 ms of server CPU per prediction, /health >= 0.8 of the bare app's, a batch of 100 rows
+<= 10 ms p99. It measures and reports; it never asserts. Everything it starts is stopped at the end.
 
     result = run(Path("reports/bench"), quick=True)
 """
@@ -54,7 +59,16 @@ ENTITIES = 200
 AIM_P99_MS = 5.0
 AIM_RATIO = 0.6
 AIM_HEALTH_RATIO = 0.8
+AIM_CPU_MS = 0.25
 
+BATCH_ROWS = 100
+AIM_BATCH_P99_MS = 10.0
+BATCH_LUA = """
+-- POST /v1/predict/batch: %d rows a request, over entities that have online state
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = %s
+"""
 LUA = """
 -- POST /v1/predict with bodies cycling over entities that have online state
 local bodies = %s
@@ -259,6 +273,8 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         bodies = seed_entities(settings, client)
         script = home / "predict.lua"
         script.write_text(LUA % ("{" + ", ".join(json.dumps(json.dumps(b)) for b in bodies) + "}"))
+        batch_script = home / "batch.lua"
+        batch_script.write_text(BATCH_LUA % (BATCH_ROWS, json.dumps(json.dumps({"items": bodies[:BATCH_ROWS]}))))
 
         proc = serve.start_service("prediction", log_path=home / "prediction.log", settings=settings)
         url = f"http://{settings.host}:{settings.ports.prediction}"
@@ -275,7 +291,9 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         wrk(url + "/v1/predict", 16, 2, script)  # warm-up: connections, caches, lazy imports
         wrk(bare_url + "/health", 16, 1)
         if os.environ.get("BENCH_PREDICT_PROFILE"):
-            spy = profile(proc.pid, out_dir / "profiles" / "predict.svg", seconds)
+            raw = os.environ["BENCH_PREDICT_PROFILE"] == "raw"
+            spy = profile(proc.pid, out_dir / "profiles" / ("predict.txt" if raw else "predict.svg"), seconds,
+                          "raw" if raw else "flamegraph")
             wrk(url + "/v1/predict", 16, seconds, script)
             if spy is not None:
                 spy.wait(seconds + 30)
@@ -295,6 +313,9 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
                 "health_cpu_ratio": round(ceiling["server_cpu_ms_per_request"]
                                           / health["server_cpu_ms_per_request"], 3),
             }
+        # One batch of BATCH_ROWS rows at a time, then four at once: its latency, not throughput.
+        result["batch"] = {f"c{c}": wrk(url + "/v1/predict/batch", c, seconds, batch_script, pgid=proc.pid)
+                           for c in (1, 4)}
         result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
         result["swap"] = swap_reach(settings, registry, url, workers, rounds=3 if quick else 5)
         c16 = result["c16"]
@@ -302,6 +323,8 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
             f"p99_ms_at_16_le_{AIM_P99_MS}": c16["predict"]["p99_ms"] <= AIM_P99_MS,
             f"ratio_at_16_ge_{AIM_RATIO}": c16["ratio"] >= AIM_RATIO,
             f"health_ratio_at_16_ge_{AIM_HEALTH_RATIO}": c16["health_ratio"] >= AIM_HEALTH_RATIO,
+            f"server_cpu_ms_per_predict_le_{AIM_CPU_MS}": c16["predict"]["server_cpu_ms_per_request"] <= AIM_CPU_MS,
+            f"batch_{BATCH_ROWS}_p99_ms_le_{AIM_BATCH_P99_MS}": result["batch"]["c1"]["p99_ms"] <= AIM_BATCH_P99_MS,
         }
         client.close()
     finally:

@@ -196,24 +196,50 @@ def encode_state(state: Mapping[str, Any], exclude: Iterable[str] = ()) -> dict[
 
 def decode_state(raw: Mapping[Any, Any]) -> State:
     """A state from HGETALL (bytes or str): `label` stays a string, counters are ints, window
-    series stay bytes (decoded when a feature reads them), the rest floats."""
+    series stay bytes (decoded when a feature reads them), the rest floats.
+
+        >>> decode_state({b"label": b"spam", b"n": b"3", b"price_last": b"0.5", b"w:x": b"\\x01"})
+        {'label': 'spam', 'n': 3, 'price_last': 0.5, 'w:x': b'\\x01'}
+
+    Read for every prediction and every event, with the same few field names each time: what a
+    name is (`_kind`) is remembered, and numbers are parsed from the bytes as they come."""
     state: State = {}
+    kinds = _FIELD_KINDS
     for key, value in raw.items():
-        k = _text(key)
-        if k.startswith(WINDOW_PREFIX):
-            state[k] = value
-            continue
-        v = _text(value)
-        if k in STRING_FIELDS:
-            state[k] = v
-        elif k in INT_FIELDS or k.startswith(GUARD_PREFIX):
-            state[k] = int(v)
-        else:
+        name, kind = kinds.get(key) or _kind(key)
+        if kind is _FLOAT:
             try:
-                state[k] = float(v)
+                state[name] = float(value)
             except ValueError:  # a field some newer writer added; keep it rather than fail
-                state[k] = v
+                state[name] = _text(value)
+        elif kind is _RAW:
+            state[name] = value
+        elif kind is _INT:
+            state[name] = int(value)
+        else:
+            state[name] = _text(value)
     return state
+
+
+_RAW, _STRING, _INT, _FLOAT = "raw", "string", "int", "float"
+_FIELD_KINDS: dict[Any, tuple[str, str]] = {}  # a stored field name -> (its name, how its value reads)
+_MAX_FIELD_KINDS = 65_536  # names are bounded per model and per entity; this bounds the memory of them all
+
+
+def _kind(key: Any) -> tuple[str, str]:
+    name = _text(key)
+    if name.startswith(WINDOW_PREFIX):
+        kind = _RAW
+    elif name in STRING_FIELDS:
+        kind = _STRING
+    elif name in INT_FIELDS or name.startswith(GUARD_PREFIX):
+        kind = _INT
+    else:
+        kind = _FLOAT
+    if len(_FIELD_KINDS) >= _MAX_FIELD_KINDS:
+        _FIELD_KINDS.clear()
+    _FIELD_KINDS[key] = (name, kind)
+    return name, kind
 
 
 class FieldNames:

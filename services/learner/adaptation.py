@@ -77,6 +77,11 @@ class Versions(Protocol):
 
     def challenger(self, request: dict, model: Any, parent: int, warm: int, position: int) -> int: ...
 
+    def candidate(self, request: dict) -> tuple[int, Any, int] | None:
+        """(version, model, examples seen) of a model registered for `request` elsewhere (a
+        candidate trained offline): it enters the contest as it is, without a warm start."""
+        ...
+
 
 class CountingVersions:
     """Versions from a counter, for runs in memory (`driftline bench drift`)."""
@@ -87,6 +92,9 @@ class CountingVersions:
     def challenger(self, request: dict, model: Any, parent: int, warm: int, position: int) -> int:
         self.last += 1
         return self.last
+
+    def candidate(self, request: dict) -> None:
+        return None
 
 
 class Adaptation:
@@ -197,9 +205,13 @@ class Adaptation:
             # the stream has moved past, and its record would hold the next one back.
             changes.append(Change("dropped", {"evidence": self.roles.contest.report(), "why": "replaced"},
                                   slot=self.roles.drop(), position=position))
-        model = self.new_model()
-        warm = warm_start(model, self.examples.since(req.get("since_position"), position))
-        version = self.versions.challenger(req, model, champion.version, warm, position)
+        candidate = self.versions.candidate(req)
+        if candidate is not None:
+            version, model, warm = candidate
+        else:
+            model = self.new_model()
+            warm = warm_start(model, self.examples.since(req.get("since_position"), position))
+            version = self.versions.challenger(req, model, champion.version, warm, position)
         slot = Slot("challenger", version, model, Prequential(self.cfg.window), examples=warm)
         self.roles.start(slot, Contest.from_settings(self.cfg))
         return changes + [Change("started", {"request": req, "warm_start": warm}, slot=slot, position=position)]

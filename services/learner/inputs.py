@@ -52,6 +52,7 @@ class Inputs:
         self.upstream_failed: dict[str, bool] = {}  # side -> the last question failed (logged once)
         self.rescore_below: dict[tuple[str, int], int] = {}  # features offsets consumed before the lease was taken
         self._keyed: list[str] | None = None  # the features service's internal topics, once known
+        self.admin = None  # asks the broker for many partitions' ends at once (made when first needed)
 
     def open(self, offsets: dict[tuple[str, int], int]) -> Consumer:
         self.label_partitions, self.feature_partitions, self.rescore_below, self.paused = [], [], {}, set()
@@ -107,19 +108,41 @@ class Inputs:
         """A partition we paused is never at its end: it is not idle, we are holding it (and the
         consumer's cached high watermark of it is stale). Nor is one whose end the broker cannot
         tell us now (away)."""
+        asked = [tp for tp in partitions if (side, tp.partition) not in self.paused]
+        marks = self.latest(asked) if fresh else {}
         out = []
         for tp in partitions:
             if (side, tp.partition) in self.paused:
                 out.append((tp.partition, False))
                 continue
             try:
-                low, high = (self.consumer.get_watermark_offsets(tp, timeout=UPSTREAM_TIMEOUT_S, cached=False)
-                             if fresh else self.consumer.get_watermark_offsets(tp, cached=True))
+                if fresh:
+                    low, high = 0, marks.get((tp.topic, tp.partition), -1)
+                    if (tp.topic, tp.partition) not in offsets and high >= 0:
+                        low = self.consumer.get_watermark_offsets(tp, cached=True)[0]
+                else:
+                    low, high = self.consumer.get_watermark_offsets(tp, cached=True)
             except KafkaException:  # the broker away: not known to be at its end, so not at its end
                 log.debug("watermarks of %s unavailable", tp, exc_info=True)
                 low, high = 0, -1
             out.append((tp.partition, high >= 0 and offsets.get((tp.topic, tp.partition), max(low, tp.offset)) >= high))
         return out
+
+    def latest(self, partitions: list[TopicPartition]) -> dict[tuple[str, int], int]:
+        """(topic, partition) -> its end as the broker says now, all in one question (one round
+        trip: asked one partition at a time, these questions were most of a live learner's
+        latency). A partition it cannot say now is left out (not known to be at its end)."""
+        if not partitions:
+            return {}
+        try:
+            if self.admin is None:
+                self.admin = kafka.admin(self.settings)
+            asked = self.admin.list_offsets({TopicPartition(tp.topic, tp.partition): OffsetSpec.latest()
+                                             for tp in partitions}, request_timeout=UPSTREAM_TIMEOUT_S)
+            return {(tp.topic, tp.partition): f.result(timeout=UPSTREAM_TIMEOUT_S).offset for tp, f in asked.items()}
+        except Exception:  # the broker away: nothing known to be at its end
+            log.debug("the ends of %s are unavailable", partitions, exc_info=True)
+            return {}
 
     def pause_only(self, wanted: set[tuple[str, int]]) -> None:
         """Pause exactly these ("features" | "labels", partition); resume the others paused before."""
@@ -161,12 +184,13 @@ class Inputs:
         drained = True
         try:
             for c, parts in self.upstream_consumers(side):
-                for tp in c.committed(parts, timeout=UPSTREAM_TIMEOUT_S):
-                    high = c.get_watermark_offsets(tp, timeout=UPSTREAM_TIMEOUT_S, cached=False)[1]
-                    if high > 0 and tp.offset < high:
-                        drained = False
-                        break
-                if not drained:
+                committed = c.committed(parts, timeout=UPSTREAM_TIMEOUT_S)
+                ends = self.latest(committed)
+                if len(ends) < len(committed):
+                    raise KafkaException(f"the ends of {sorted(ends)} only, of {len(committed)} partitions")
+                if any(ends[(tp.topic, tp.partition)] > 0 and tp.offset < ends[(tp.topic, tp.partition)]
+                       for tp in committed):
+                    drained = False
                     break
         except Exception as exc:  # the broker away: nothing is given up while it cannot be asked
             log.debug("upstream offsets unavailable", exc_info=True)

@@ -10,6 +10,7 @@ strings everywhere downstream. Must never lose a label: anything not integer-loo
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import re
@@ -135,23 +136,44 @@ def one_hot(x: dict[str, Any]) -> dict[str, float]:
     return {(f"{k}={v}" if isinstance(v, str) else k): (1.0 if isinstance(v, str) else v) for k, v in x.items()}
 
 
-_ONE_HOT = "_driftline_one_hot"  # set on a model that failed on text inputs; pickled with it
+_ONE_HOT = "_driftline_one_hot"  # on a model that has learned from text: True = one-hot, False = as it is
 
 
 def _call(model: Any, method: str, x: dict[str, Any], *args: Any) -> Any:
-    """`model.method(x, *args)`; a model that cannot take text values (a linear model, a scaler)
-    gets them one-hot encoded from the first failure on, for the rest of its life, so that a
-    categorical field never crashes a service and the model still learns from it. Trees and naive
-    Bayes take text as it is."""
-    if getattr(model, _ONE_HOT, False):
+    """`model.method(x, *args)`; a model that cannot learn text values (a linear model, a scaler)
+    gets them one-hot encoded from the first text it learns on, for the rest of its life, so that
+    a categorical field never crashes a service and the model still learns from it. Trees and
+    naive Bayes take text as it is.
+
+    Which of the two is decided once, at the first example with text that the model *learns*, on
+    a copy (`_learns_text`): a model that failed halfway through `learn_one` (a scaler that had
+    updated the numbers before it met the text) would be left half-taught, and one taught the
+    same examples elsewhere (a prediction replica) would differ from it. A prediction meanwhile
+    never decides anything: it cannot change what the model learns.
+    """
+    one_hot_mode = getattr(model, _ONE_HOT, None)
+    if one_hot_mode:
         return getattr(model, method)(one_hot(x), *args)
+    if one_hot_mode is None and method == "learn_one" and any(isinstance(v, str) for v in x.values()):
+        one_hot_mode = not _learns_text(model, x, *args)
+        setattr(model, _ONE_HOT, one_hot_mode)
+        return getattr(model, method)(one_hot(x) if one_hot_mode else x, *args)
     try:
         return getattr(model, method)(x, *args)
     except (TypeError, ValueError):
-        if not any(isinstance(v, str) for v in x.values()):
+        if one_hot_mode is not None or not any(isinstance(v, str) for v in x.values()):
             raise
-        setattr(model, _ONE_HOT, True)
-        return getattr(model, method)(one_hot(x), *args)
+        return getattr(model, method)(one_hot(x), *args)  # no text learned yet: the codes are unknown to it
+
+
+def _learns_text(model: Any, x: dict[str, Any], *args: Any) -> bool:
+    """Whether `model` learns `x`, text values as they are, without an error (tried on a copy)."""
+    trial = copy.deepcopy(model)
+    try:
+        trial.learn_one(x, *args)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def answer(model: Any, x: dict[str, Any]) -> tuple[str | None, dict[str, float]]:

@@ -10,6 +10,12 @@ promotion) taken up.
 `adaptation.Adaptation` decides; this writes down. It is also the loop's source of version numbers
 (`challenger`): a challenger registered by a learner that crashed before its checkpoint keeps its
 number when the restarted learner takes the same decision again.
+
+Every artifact saved here carries the stream position it has learned up to (`next_position`), and
+a version the learner stops learning is marked so (`next_position` None): a prediction replica
+follows a version from its artifact by learning the outcomes from that position on, which is
+exact only while the learner learns that version too (docs/serving.md). A version the learner
+takes up again (an operator's rollback to an old one) is saved at the position where it resumes.
 """
 
 from __future__ import annotations
@@ -32,12 +38,17 @@ log = logging.getLogger(__name__)
 
 class Lineage:
     def __init__(self, registry: ModelRegistry, cfg: LearnerSettings,
-                 publish: Callable[[int | None, int, str], None], telemetry: Telemetry) -> None:
+                 publish: Callable[[int | None, int, str], None], telemetry: Telemetry,
+                 flush: Callable[[], object] = lambda: None) -> None:
         self.registry = registry
         self.cfg = cfg
         self.name = registry.model
         self.publish = publish  # (from_version, to_version, reason) -> model.swaps
         self.telemetry = telemetry
+        # The outcomes learned before an artifact go to Kafka before it is saved: a replica that
+        # loads it must find every one after it, and a learner that crashes must replay the ones
+        # before it, not learn them another way (docs/serving.md).
+        self.flush = flush
 
     # -- the loop's decisions ----------------------------------------------------------------------
     def challenger(self, request: dict, model: Any, parent: int, warm: int, position: int) -> int:
@@ -46,18 +57,38 @@ class Lineage:
         version = next((m["version"] for m in self.registry.versions() if m.get("request_id") == request["request_id"]),
                        None)
         if version is None:
+            self.flush()
             version = self.registry.register(
                 model, spec=self.cfg.model, reason=request["reason"], parent=parent,
-                drift_id=request.get("drift_id"), examples_seen=warm, position=position)
+                drift_id=request.get("drift_id"), examples_seen=warm, position=position, next_position=position)
             self.registry.annotate(version, request_id=request["request_id"], warm_start=warm,
                                    requested_at=request.get("position"))
         return version
+
+    def candidate(self, request: dict) -> tuple[int, Any, int] | None:
+        """A version registered for `request` by someone else than a learner (`driftline train`:
+        no warm start recorded), to enter the contest as it is (adaptation.Versions). A version a
+        learner registered is warm-started again, the same way, by `challenger`: its artifact may
+        have learned more since."""
+        meta = next((m for m in self.registry.versions() if m.get("request_id") == request["request_id"]), None)
+        if meta is None or "warm_start" in meta:
+            return None
+        try:
+            model, meta = self.registry.load(meta["version"])
+        except (TamperedArtifact, UnknownVersion) as exc:
+            log.error("learner %s: REFUSED the candidate v%s of request %s: %r", self.name, meta["version"],
+                      request["request_id"], exc)
+            return None
+        return meta["version"], model, int(meta.get("examples_seen", 0))
 
     def record(self, change: Change) -> bool:
         """Write one change down; True when the roles changed (the worker checkpoints then)."""
         kind, slot, other, position = change.kind, change.slot, change.other, change.position
         if kind == "started":
             req = change.record["request"]
+            meta = self.registry.meta(slot.version)
+            if meta.get("next_position") != position or meta.get("revision", 0) != 0:  # not as just registered
+                slot.revision = self.save(slot, position)  # what it learned before the stream, from here on
             self.registry.set_role("challenger", slot.version)
             log.info("learner %s: challenger v%d (%s, warm start %d) shadows the champion", self.name, slot.version,
                      req["reason"], change.record["warm_start"])
@@ -74,8 +105,8 @@ class Lineage:
             return False
         if kind == "promoted":
             self.telemetry.retire(other, slot)  # its gauges as challenger, the old champion's
-            other.revision = self.save(other)
-            slot.revision = self.save(slot)
+            other.revision = self.save(other, position)  # it shadows on as the previous champion
+            slot.revision = self.save(slot, position)
             already = self.registry.champion() == slot.version  # a crashed learner promoted it already
             self.registry.set_role("champion", slot.version)
             self.registry.set_role("challenger", None)
@@ -84,7 +115,7 @@ class Lineage:
             self.registry.annotate(other.version, retired_at=position, retired_by=slot.version, shadowing=True)
             gone = change.record.get("forgotten")
             if gone is not None:
-                self.registry.annotate(gone.version, shadowing=False)
+                self.registry.annotate(gone.version, shadowing=False, next_position=None)
             if not already:
                 self.publish(other.version, slot.version, "promotion")
             log.info("learner %s: PROMOTED v%d over v%d at position %d (%s); v%d shadows it", self.name,
@@ -92,8 +123,8 @@ class Lineage:
             return True
         if kind == "restored":
             self.telemetry.retire(other)
-            other.revision = self.save(other)
-            slot.revision = self.save(slot)
+            other.revision = self.save(other, None)  # it leaves: what it had learned, frozen
+            slot.revision = self.save(slot, position)
             already = self.registry.champion() == slot.version
             self.registry.set_role("champion", slot.version)
             self.registry.annotate(slot.version, restored_at=position, shadowing=False,
@@ -111,31 +142,34 @@ class Lineage:
                    f"did not beat the champion ({self.cfg.promotion_rule}, margin {self.cfg.promote_margin:g}) "
                    f"within {self.cfg.max_shadow} shared examples")
             self.registry.annotate(slot.version, dropped_at=position, contest=change.record["evidence"],
-                                   drop_reason=why, metrics=slot.stats.as_dict())
+                                   drop_reason=why, metrics=slot.stats.as_dict(), next_position=None)
             self.registry.set_role("challenger", None)
             metrics.CHALLENGERS_DROPPED.labels(self.name).inc()
             log.info("learner %s: challenger v%d dropped at position %d (%s)", self.name, slot.version, position,
                      change.record["evidence"])
             return True
         if kind == "forgotten":
-            self.registry.annotate(slot.version, shadowing=False, recall=change.record["evidence"])
+            self.registry.annotate(slot.version, shadowing=False, recall=change.record["evidence"], next_position=None)
             log.info("learner %s: v%d, displaced at its promotion, stops shadowing at position %d (%s)", self.name,
                      slot.version, position, change.record["evidence"])
             return True
         return False
 
     # -- changes made elsewhere ------------------------------------------------------------------
-    def follow(self, roles: Roles, swap: dict) -> Slot | None:
+    def follow(self, roles: Roles, swap: dict, position: int) -> Slot | None:
         """A champion change published elsewhere (a rollback or a manual promotion through the
-        prediction service or our admin route): adopted when the registry agrees. Returns the new
-        champion, None when nothing changed."""
+        prediction service or our admin route): adopted at `position` when the registry agrees.
+        Returns the new champion, None when nothing changed."""
         new = self.followed(swap, roles)
         if new is None:
             return None
         if new is roles.challenger:
             self.telemetry.retire(new)
+        leaving = [s for s in (roles.champion, roles.previous) if s is not None and s is not new]
         old = roles.replace_champion(new, Contest.from_settings(self.cfg))
-        self.save(old)
+        for slot in leaving:
+            slot.revision = self.save(slot, None)
+        new.revision = self.save(new, position)  # it learns the stream from here on
         self.telemetry.retire(old)
         log.info("learner %s: champion is now v%d (%s, from v%s)", self.name, new.version, swap["reason"],
                  old.version)
@@ -151,9 +185,10 @@ class Lineage:
         if version is not None:
             model, meta = self.registry.load(version)
             slot = self.slot("champion", version, model, examples=int(meta.get("examples_seen", 0)))
+            slot.revision = self.save(slot, 0)  # this learner's stream starts here
         else:
             model = parse_model(self.cfg.model)
-            version = self.registry.register(model, spec=self.cfg.model, reason="initial")
+            version = self.registry.register(model, spec=self.cfg.model, reason="initial", next_position=0)
             self.registry.set_role("champion", version)
             slot = self.slot("champion", version, model)
             self.publish(None, version, "initial")
@@ -176,12 +211,14 @@ class Lineage:
             model, meta = self.registry.load(target)
         except (TamperedArtifact, UnknownVersion) as exc:
             log.error("learner %s: REFUSED to follow the swap to v%s: %r; keeping v%d", self.name, target, exc,
-                      champion.version)
+                      roles.champion.version)
             return None
         return self.slot("champion", target, model, examples=int(meta.get("examples_seen", 0)),
                          revision=int(meta.get("revision", 0)))
 
-    def save(self, slot: Slot, offsets: dict[str, int] | None = None) -> int:
-        """The slot's model and statistics into its version; returns the new revision."""
+    def save(self, slot: Slot, position: int | None, offsets: dict[str, int] | None = None) -> int:
+        """The slot's model and statistics into its version, learned up to stream `position` (None:
+        the learner stops learning it here); returns the new revision."""
+        self.flush()
         return self.registry.update(slot.version, slot.model, examples_seen=slot.examples,
-                                    metrics=slot.stats.as_dict(), offsets=offsets)
+                                    metrics=slot.stats.as_dict(), offsets=offsets, next_position=position)

@@ -1,17 +1,18 @@
-"""When the learner ships its champion to serving (`model.updates`): the bound on how stale a
-served model may be.
+"""When the learner saves snapshots of its models for serving (`model.updates`).
 
-Every `update_interval_s` (default 0.25 s) after the first label learned since the last update,
-or as soon as `update_every` labels are waiting, whichever comes first, the learner writes the
-champion's artifact to the registry and publishes a ModelUpdate; every prediction replica and
-worker loads it on its follower thread. So the served model lags the learner by at most about
-`update_interval_s` plus one publish and one load, whatever the label rate.
+Serving does not wait for them to be fresh: every prediction worker learns the learner's outcomes
+as they come, in the learner's order, so the model it serves *is* the learner's a few milliseconds
+later (prediction/replica.py, docs/serving.md). A snapshot (each public role's artifact in the
+registry, at the stream position it has learned up to, and a ModelUpdate) is where a worker starts
+from, and where one that fell far behind catches up from: the examples after it are what a worker
+must learn before it serves the learner's model, so they bound a start-up's work.
 
-The cost of a publish grows with the model (a full pickle, signed: ~1 ms for a logistic
-regression, tens of ms for a large forest), so it is paced: after a publish that took c seconds,
-the next one waits at least c * (1 - share) / share, where share is `update_max_share` (default
-0.2): shipping never takes more than that share of the learner's time. For a model whose pickle
-is that slow, the bound widens to ~ c / share, and `driftline_model_update_seconds` says so.
+Every `update_interval_s` (default 10 s) after the first label learned since the last snapshot, or
+as soon as `update_every` labels are waiting, whichever comes first. The cost of a snapshot grows
+with the model (a full pickle, signed, plus its content hash: ~1 ms for a logistic regression, up to
+seconds for a large forest on a busy machine), so it is paced: after one that took c seconds, the
+next waits at least c * (1 - share) / share, where share is `update_max_share` (default 0.05):
+snapshots never take more than that share of the learner's time.
 
     >>> pacer = UpdatePacer(every=1000, interval_s=0.25, max_share=0.2, now=10.0)
     >>> pacer.due(since_update=0, now=10.0)

@@ -86,7 +86,8 @@ class LearnerWorker(StreamWorker):
         self.registry = ModelRegistry(self.r, self.keys, self.name, self.signing_key)
         self.telemetry = Telemetry(self.name)
         self.out = Outputs(self.producer, self.topics, self.name, self.telemetry)
-        self.lineage = Lineage(self.registry, self.cfg, self.publish_swap, self.telemetry)
+        self.lineage = Lineage(self.registry, self.cfg, self.publish_swap, self.telemetry,
+                               flush=self.publish_learned)
         self.lease = Lease(self.r, self.keys.lease(self.name), self.cfg.lease_ttl_s)
         self.snapshots = Snapshots(self.r, self.keys, settings.features.snapshot_ttl_s, SERVICE)
         self.hold_s = settings.features.max_reorder_wait_ms / 1000
@@ -321,9 +322,10 @@ class LearnerWorker(StreamWorker):
             if c.kind == "retrain":
                 self.record(self.loop.request(c.value, self.position))
             else:
-                new = self.lineage.follow(self.roles, c.value)
+                new = self.lineage.follow(self.roles, c.value, self.position)
                 if new is not None:
                     self.loop.followed(new)
+                    self.out.update(new)  # its artifact from this position: replicas follow it from here
                     self.checkpoint_now = True
 
     def record(self, changes: list[Change]) -> None:
@@ -484,14 +486,27 @@ class LearnerWorker(StreamWorker):
             metrics.DEAD_LETTERS.labels(SERVICE, base_topic(m.topic()), exc.reason).inc()
 
     def flush_batch(self) -> None:
+        self.store_scored()
+        self.pipe = None
+        self.out.release()  # now that the snapshots they come from are stored
+        self.telemetry.export(self.roles, self.loop.policy.error_rate if self.loop else None)
+
+    def store_scored(self) -> None:
+        """What the batch has written so far into Redis, with the snapshots of the events scored."""
         self.snapshots.queue_predictions_if_present(self.pipe, self.new_predictions, keep_existing=True)
         self.new_predictions = []
         started = time.perf_counter()
         self.pipe.execute()
         metrics.REDIS_SECONDS.labels(SERVICE, "write").observe(time.perf_counter() - started)
-        self.pipe = None
-        self.out.release()  # now that the snapshots they come from are stored
-        self.telemetry.export(self.roles, self.loop.policy.error_rate if self.loop else None)
+
+    def publish_learned(self) -> None:
+        """Before an artifact is saved (lineage.py): every outcome learned so far in Kafka, so
+        first the snapshots they were learned from in Redis (mid-batch: a promotion, a snapshot)."""
+        if self.pipe is not None:
+            self.store_scored()
+            self.pipe = self.r.pipeline(transaction=False)
+        self.out.release()
+        self.producer.flush(10)
 
     def between_chunks(self) -> None:
         """Behind a backlog one batch can release the whole stream: what it scored is stored and
@@ -512,7 +527,7 @@ class LearnerWorker(StreamWorker):
                       "ordered replay (their labels will be learned as they come)", self.name, len(self.replay))
             self.replay.give_up()
             self.handle([])
-        if self.update_pacer.due(self.since_update, now):  # the serving freshness bound (learner/updates.py)
+        if not self.replay and self.update_pacer.due(self.since_update, now):  # snapshots for serving (updates.py)
             self.update_pacer.publish(self.publish_update)
         if self.checkpoint_due(now):
             self.checkpoint()
@@ -521,10 +536,12 @@ class LearnerWorker(StreamWorker):
 
     # -- registry, model.updates, model.swaps ------------------------------------------------------
     def publish_update(self) -> None:
-        slot = self.roles.champion
-        slot.revision = self.lineage.save(slot, offsets={f"{self.topics.base(t)}/{p}": o
-                                                         for (t, p), o in sorted(self.offsets.items())})
-        self.out.update(slot)
+        """A snapshot of each public role for serving, at this position (updates.py; the outcomes
+        before it go to Kafka first, lineage.py)."""
+        offsets = {f"{self.topics.base(t)}/{p}": o for (t, p), o in sorted(self.offsets.items())}
+        for slot in self.roles.slots():
+            slot.revision = self.lineage.save(slot, self.position, offsets=offsets)
+            self.out.update(slot)
         self.since_update = 0
         self.last_update = time.monotonic()
 

@@ -26,7 +26,7 @@ import json
 import os
 from typing import Any, TypeVar
 
-from fastapi import Body, FastAPI, Path, Request, Response
+from fastapi import Body, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
@@ -197,21 +197,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/v1/predict/batch", response_model=BatchResponse, responses=PREDICT_ERRORS, tags=["predict"],
               summary="Predict for many events, all with one model version", openapi_extra=BATCH_BODY)
-    async def predict_batch(request: Request, response: Response) -> dict[str, Any]:
+    async def predict_batch(request: Request) -> JSONResponse:
         guard.admit(request.headers.get("authorization"))
         batch = parse_body(BatchRequest, await request.body())
-        response.headers["x-driftline-worker"] = worker
         if len(batch.items) > max_batch:
             raise validation_error(("body", "items"), f"at most {max_batch} items per batch "
                                    f"(prediction.max_batch), got {len(batch.items)}", "too_long")
         items, version = await run_in_threadpool(predictor.predict_batch, batch.items)
-        return {"items": items, "model_version": version}
+        # Already in the BatchResponse shape: returned as it is, not validated again item by item.
+        return JSONResponse({"items": items, "model_version": version}, headers={"x-driftline-worker": worker})
 
     # -- models --------------------------------------------------------------------------------
     @app.get("/v1/models", response_model=ModelsResponse, tags=["models"],
-             summary="Champion, challenger, this worker's version, every version with its lineage")
-    def models() -> dict[str, Any]:
-        return {**predictor.models(), "worker": os.getpid()}
+             summary="Champion, challenger, this worker's version and how fresh it is, every version with its lineage")
+    def models(digest: bool = Query(False, description="also each served model's content hash (docs/serving.md)")
+               ) -> dict[str, Any]:
+        return {**predictor.models(digest=digest), "worker": os.getpid()}
 
     @app.post("/v1/models/rollback", response_model=SwapResponse, responses=ADMIN_ERRORS, tags=["models"],
               summary="Admin: make the champion's parent (or a given version) the champion")

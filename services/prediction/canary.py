@@ -69,13 +69,6 @@ class ArmScores:
             h.clear()
 
 
-class ChallengerHolder(ModelHolder):
-    """The challenger's serving reference (the serving-version gauge stays the champion's)."""
-
-    def swap(self, served) -> None:
-        self.current = served
-
-
 class Canary:
     """The routing state of one prediction replica: the share, the challenger model, the scores."""
 
@@ -87,31 +80,34 @@ class Canary:
         self.key = Keys(settings.namespace).canary(model_name)
         self.model_name = model_name
         self.share = self.cfg.canary_share
-        self.holder = ChallengerHolder(model_name)
+        self.holder = ModelHolder(model_name, gauge=False)  # the challenger, installed by the follower
+        self.changed = threading.Event()  # the challenger to serve may have changed: the follower looks
         self.scores = ArmScores(self.cfg.canary_window)
         self.served: OrderedDict[str, tuple[str, str | None]] = OrderedDict()  # event_id -> (arm, prediction)
         self.max_served = 200_000
         self.lock = threading.Lock()
         self.rolled_back: str | None = None
         self._stop = threading.Event()
-        for arm in ARMS:  # exported from zero: the dashboard has series before the first canary
-            metrics.CANARY_REQUESTS.labels(model_name, arm)
-            metrics.CANARY_SECONDS.labels(model_name, arm)
+        # exported from zero (the dashboard has series before the first canary), and kept: a
+        # request counts itself without looking its series up
+        self._requests = {arm: metrics.CANARY_REQUESTS.labels(model_name, arm) for arm in ARMS}
+        self._seconds = {arm: metrics.CANARY_SECONDS.labels(model_name, arm) for arm in ARMS}
+        for arm in ARMS:
             metrics.CANARY_ACCURACY.labels(model_name, arm).set(0)
         metrics.CANARY_ROLLBACKS.labels(model_name)
         metrics.CANARY_SHARE.labels(model_name).set(self.share)
 
     # -- the request path: no I/O ------------------------------------------------------------
     def pick(self, entity_id: str, champion):
-        """(arm, ServingModel) for this entity: the challenger when its share says so and one is loaded."""
+        """(arm, replica) for this entity: the challenger when its share says so and one is loaded."""
         challenger = self.holder.current
         if self.share > 0 and challenger is not None and arm_of(entity_id, self.share) == "challenger":
             return "challenger", challenger
         return "champion", champion
 
     def answered(self, arm: str, event_id: str, prediction: str | None, seconds: float) -> None:
-        metrics.CANARY_REQUESTS.labels(self.model_name, arm).inc()
-        metrics.CANARY_SECONDS.labels(self.model_name, arm).observe(seconds)
+        self._requests[arm].inc()
+        self._seconds[arm].observe(seconds)
         if self.share <= 0:
             return  # no canary: nothing to judge, so labels need not be joined
         with self.lock:
@@ -126,13 +122,15 @@ class Canary:
             self.share = float(state["share"])
         self.rolled_back = state.get("rolled_back")
         metrics.CANARY_SHARE.labels(self.model_name).set(self.share)
-        challenger = self.registry.challenger()
-        before = self.holder.current.version if self.holder.current else None
-        if self.share > 0 and challenger is not None:
-            self.holder.load(self.registry, challenger)
-        elif challenger is None:
-            self.holder.current = None  # dropped or promoted in the learner: everyone on the champion
-        if self.holder.current is not None and before not in (None, self.holder.current.version):
+        target = self.registry.challenger() if self.share > 0 else None
+        if target != (self.holder.current.version if self.holder.current else None):
+            self.changed.set()  # the follower loads it (or stops serving it: dropped, promoted, share 0)
+
+    def install(self, replica) -> None:
+        """The challenger replica to route to (None: none); the follower's call."""
+        before = self.holder.current
+        self.holder.swap(replica)
+        if replica is not None and before is not None and before.version != replica.version:
             self.scores.reset()  # another challenger: its record starts afresh
 
     def set_share(self, share: float, why: str | None = None, keep_record: bool = False) -> None:

@@ -51,7 +51,8 @@ from ..shared.topics import Topics
 from .canary import Canary
 from .follower import ModelFollower
 from .logger import PredictionLog
-from .models import ModelHolder, ServingModel, score
+from .models import ModelHolder
+from .replica import Replica
 from .reads import CoalescedReads
 from .schemas import PredictRequest
 
@@ -106,10 +107,11 @@ class Predictor:
                                       settings.model_key.get_secret_value().encode())
         self.holder = ModelHolder(self.model_name)
         self.plog = PredictionLog(settings)
-        self.follower = ModelFollower(settings, self.holder, self.registry)
         self._swap_producer = kafka.producer(settings, **{"message.timeout.ms": 10_000, "logger": log})
         self._predictions = metrics.PREDICTIONS.labels(SERVICE, self.model_name, ROLE)
         self.canary = Canary(settings, self.redis, self.registry, self.model_name)  # canary.py: A-B routing
+        # follower.py: the served models learn what the learner learns, in its order
+        self.follower = ModelFollower(settings, self.holder, self.registry, self.canary)
         self._read_seconds = metrics.REDIS_SECONDS.labels(SERVICE, "read_state")
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -119,7 +121,7 @@ class Predictor:
                                                   socket_connect_timeout=1.0, health_check_interval=30)
         self.state_reads = CoalescedReads(self.aredis)  # concurrent requests share a round trip
         try:
-            self.holder.sync_champion(self.registry)
+            self.follower.sync_now()
         except redis_clients.UNAVAILABLE as exc:  # the follower retries; /ready says why meanwhile
             log.warning("could not read the registry at start (%s); will follow it", exc)
         self.plog.start()
@@ -159,7 +161,7 @@ class Predictor:
             self.aredis = None
 
     # -- predictions --------------------------------------------------------------------------
-    def serving(self) -> ServingModel:
+    def serving(self) -> Replica:
         served = self.holder.current  # read once: this request's model and version, whatever swaps next
         if served is None:
             raise NotReady(f"no model to serve yet: the registry has no champion for model {self.model_name!r}")
@@ -259,10 +261,10 @@ class Predictor:
             self._join_learning_loop(joined, served)
         return answers, served.version
 
-    def _answer(self, champion: ServingModel, req: PredictRequest, x: dict[str, float], ts: float) -> dict[str, Any]:
+    def _answer(self, champion: Replica, req: PredictRequest, x: dict[str, float], ts: float) -> dict[str, Any]:
         started = time.perf_counter()
         arm, served = self.canary.pick(req.entity_id, champion)
-        prediction, proba = score(served.model, x)
+        prediction, proba = served.score(x)
         event_id = req.event_id or uuid.uuid4().hex
         self.canary.answered(arm, event_id, prediction, time.perf_counter() - started)
         if arm == ROLE:
@@ -272,7 +274,7 @@ class Predictor:
         return {"event_id": event_id, "prediction": prediction, "proba": proba, "model_version": served.version,
                 "arm": arm}
 
-    def _join_learning_loop(self, joined: list, served: ServingModel) -> None:
+    def _join_learning_loop(self, joined: list, served: Replica) -> None:
         """Keep each event's vector and prediction for its label (one round trip), then log the
         predictions in the background."""
         records, pipe = self._queue_join(joined, served, self.redis.pipeline(transaction=False))
@@ -282,7 +284,7 @@ class Predictor:
             raise NotReady(f"feature store (Redis) does not answer: {exc}") from None
         self._log_new(records, written)
 
-    def _queue_join(self, joined: list, served: ServingModel, pipe) -> tuple[list[dict], Any]:
+    def _queue_join(self, joined: list, served: Replica, pipe) -> tuple[list[dict], Any]:
         """Queue the snapshot writes of these requests on `pipe` (sync or asyncio); their
         Prediction records."""
         now_ms = int(time.time() * 1000)
@@ -327,15 +329,23 @@ class Predictor:
         return ready, reasons
 
     # -- the registry view and admin actions --------------------------------------------------
-    def models(self) -> dict[str, Any]:
+    def models(self, digest: bool = False) -> dict[str, Any]:
+        """The registry's view and this worker's; with `digest`, each served model's content hash
+        (a pickle of the model: for a large forest, a noticeable pause of this worker)."""
         served = self.holder.current
+        replicas = self.follower.freshness()
+        if digest:
+            for role, holder in self.follower.holders.items():
+                if role in replicas and holder.current is not None:
+                    replicas[role]["digest"] = holder.current.digest()
         return {
             "model": self.model_name,
             "champion": self.registry.champion(),
             "challenger": self.registry.challenger(),
             "serving": served.version if served else None,
             "serving_revision": served.revision if served else None,
-            "serving_examples_seen": served.examples_seen if served else None,
+            "serving_examples_seen": served.examples if served else None,
+            "replicas": replicas,
             "refused": {str(v): why for v, why in self.holder.refused.items()},
             "versions": self.registry.versions(),
             "canary": self.canary.state(),
@@ -362,7 +372,7 @@ class Predictor:
             raise AdminError(404, f"model {self.model_name!r} has no version {version}") from None
         except TamperedArtifact as exc:
             raise AdminError(409, f"version {version} is refused: {exc}") from None
-        self.holder.load(self.registry, version)  # this worker at once; the others by model.swaps
+        self.follower.sync_now()  # this worker at once; the others by model.swaps
         published = publish_swap(self._swap_producer, self.topics, model=self.model_name, from_version=from_version,
                                  to_version=version, reason=reason, position=position_of(self.registry, from_version),
                                  service=SERVICE)
@@ -374,6 +384,7 @@ class Predictor:
         if share > 0 and self.registry.challenger() is None:
             raise AdminError(409, f"model {self.model_name!r} has no challenger to route to")
         self.canary.set_share(share)
+        self.follower.sync_now()  # this worker routes to the challenger at once; the others within seconds
         return self.canary.state()
 
     def canary_promote(self) -> dict[str, Any]:

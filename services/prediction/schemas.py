@@ -139,6 +139,22 @@ class CanaryRequest(BaseModel):
     share: float = Field(ge=0.0, le=1.0, description="share of /v1/predict to route to the challenger")
 
 
+class ReplicaState(BaseModel):
+    """One model this worker serves, and how far it is behind the learner (docs/serving.md)."""
+
+    version: int
+    revision: int = Field(description="the registry artifact it was loaded from")
+    position: int | None = Field(description="the learner's stream position of the next example it learns; "
+                                 "null: served as saved, not learning (the learner does not learn this version)")
+    examples: int = Field(description="labelled examples it has learned")
+    following: bool = Field(description="it learns every example the learner learns, as the learner learns it")
+    lag_examples: int = Field(description="examples the learner has learned (of those this worker has read) "
+                              "that it has not")
+    lag_seconds: float = Field(description="how long ago the learner learned the first of those")
+    digest: str | None = Field(None, description="content hash of the model (GET /v1/models?digest=true); equal to "
+                               "the registry's `digest` of the learner's artifact at the same position")
+
+
 class ModelsResponse(BaseModel):
     model: str = Field(description="model name")
     champion: int | None = Field(description="the registry's champion version")
@@ -147,6 +163,8 @@ class ModelsResponse(BaseModel):
     serving_revision: int | None = None
     serving_examples_seen: int | None = Field(None, description="labelled examples the served model has learned "
                                               "(how fresh it is: compare with the learner's)")
+    replicas: dict[str, ReplicaState] = Field(default_factory=dict,
+                                              description="per role served (champion, the canary's challenger)")
     worker: int = Field(description="process id of the worker that answered (several uvicorn workers)")
     refused: dict[str, str] = Field(default_factory=dict,
                                     description="versions whose artifact this worker refused, and why")

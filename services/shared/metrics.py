@@ -164,6 +164,25 @@ SWAP_SECONDS = Histogram(
     "driftline_swap_seconds", "From a model.swaps/model.updates message to the new model serving.",
     buckets=LATENCY_BUCKETS,
 )
+# How far the served models are behind the learner (prediction/follower.py; docs/serving.md).
+SERVING_LAG_EXAMPLES = Gauge(
+    "driftline_serving_lag_examples",
+    "Examples the learner has learned (of the outcomes this worker has read) that the model it serves in this role "
+    "has not.", ["model", "role"])
+SERVING_LAG_SECONDS = Gauge(
+    "driftline_serving_lag_seconds",
+    "How long ago the learner learned the first example the model this worker serves in this role has not (0: none).",
+    ["model", "role"])
+SERVING_LEARN_DELAY = Histogram(
+    "driftline_serving_learn_delay_seconds",
+    "From the learner publishing an example's outcome to this worker's champion learning it.",
+    buckets=LATENCY_BUCKETS,
+)
+SERVING_RELOADS = Counter(
+    "driftline_serving_reloads_total",
+    "Artifacts a worker loaded to serve, by reason: start, swap (another champion), promotion (its canary challenger "
+    "became champion, no load), canary, update (a version the learner took up again, or a worker that fell behind), "
+    "rewind (the learner's positions went back).", ["model", "reason"])
 
 # -- offline store ----------------------------------------------------------------------------
 OFFLINE_ROWS = Counter("driftline_offline_rows_total", "Learned examples written to the offline store.", ["model"])
@@ -191,10 +210,11 @@ INPUTS = {  # service -> (topics it consumes, topics it produces)
     "learner": (("features", "labels.valid", "retrain.requests", "model.swaps"),
                 ("outcomes", "model.updates", "model.swaps", "labels.dlq")),
     "drift": (("outcomes", "model.swaps", "features"), ("drift.events", "retrain.requests")),
-    "prediction": ((), ("predictions", "model.swaps")),
+    "prediction": (("outcomes", "model.swaps", "model.updates"), ("predictions", "model.swaps")),
 }
 SWAP_REASONS = ("initial", "promotion", "rollback", "manual")  # ModelSwap.avsc
 ROLES = ("champion", "challenger")
+RELOAD_REASONS = ("start", "swap", "promotion", "canary", "update", "rewind")
 
 
 def start_at_zero(service: str, settings) -> None:
@@ -244,6 +264,8 @@ def start_at_zero(service: str, settings) -> None:
             MODEL_SWAPS.labels(model, reason)
     if service == "prediction":
         PREDICTIONS.labels(service, model, "champion")
+        for reason in RELOAD_REASONS:
+            SERVING_RELOADS.labels(model, reason)
         CANARY_ROLLBACKS.labels(model)
         CANARY_SHARE.labels(model)
         for role in ROLES:

@@ -7,6 +7,13 @@
 An artifact is `MAGIC | hmac(32 bytes) | pickle`. `load` checks the HMAC before unpickling and
 raises TamperedArtifact otherwise: a blob that this deployment's key did not sign never becomes a
 model (unpickling is code execution, so this check is the line that must never be skipped).
+
+A version's record also says where its artifact stands in the learner's stream: `next_position`,
+the position of the first labelled example the artifact has not learned while the learner keeps
+learning that version (None once the learner does not), and `digest`, the artifact's content hash
+(`digest.model_digest`). A prediction replica loads the artifact and learns the learner's outcomes
+from `next_position` on (docs/serving.md); `load` reads artifact and record in one transaction,
+so the two always belong together.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import Any
 
 import redis
 
+from .digest import model_digest
 from .keys import Keys
 
 log = logging.getLogger(__name__)
@@ -79,8 +87,10 @@ class ModelRegistry:
         metrics: dict[str, float] | None = None,
         offsets: dict[str, int] | None = None,
         position: int = 0,
+        next_position: int | None = None,
     ) -> int:
-        """Store a new version with its lineage; returns its number (1, 2, ...)."""
+        """Store a new version with its lineage; returns its number (1, 2, ...). `next_position`:
+        the learner holds it and learns the stream from there on (None: not the learner's)."""
         version = int(self.r.incr(self.keys.registry_seq(self.model)))
         meta = {
             "version": version,
@@ -96,6 +106,8 @@ class ModelRegistry:
             "metrics": metrics or {},
             "offsets": offsets or {},
             "revision": 0,
+            "next_position": next_position,
+            "digest": model_digest(model),
         }
         pipe = self.r.pipeline(transaction=True)
         pipe.set(self.keys.registry_artifact(self.model, version), dumps_signed(model, self.key))
@@ -104,12 +116,15 @@ class ModelRegistry:
         return version
 
     def update(self, version: int, model: Any, *, examples_seen: int, metrics: dict[str, float] | None = None,
-               offsets: dict[str, int] | None = None) -> int:
-        """Replace a version's artifact as it keeps learning; returns the new revision."""
+               offsets: dict[str, int] | None = None, next_position: int | None = None) -> int:
+        """Replace a version's artifact as it keeps learning; returns the new revision.
+        `next_position`: the learner's stream position it has learned up to (see the module's doc)."""
         meta = self.meta(version)
         meta["revision"] = int(meta.get("revision", 0)) + 1
         meta["examples_seen"] = examples_seen
         meta["updated_at"] = time.time()
+        meta["next_position"] = next_position
+        meta["digest"] = model_digest(model)
         if metrics is not None:
             meta["metrics"] = metrics
         if offsets is not None:
@@ -157,13 +172,16 @@ class ModelRegistry:
         return sorted((json.loads(v) for v in raw.values()), key=lambda m: m["version"])
 
     def load(self, version: int) -> tuple[Any, dict[str, Any]]:
-        """The model of a version (signature checked) and its lineage."""
-        artifact = self.r.get(self.keys.registry_artifact(self.model, version))
-        if artifact is None:
+        """The model of a version (signature checked) and its lineage, read together."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.get(self.keys.registry_artifact(self.model, version))
+        pipe.hget(self.keys.registry_versions(self.model), str(version))
+        artifact, raw = pipe.execute()
+        if artifact is None or raw is None:
             raise UnknownVersion(version)
         try:
             model = loads_signed(artifact, self.key)
         except TamperedArtifact:
             log.error("REFUSED model %s version %s: its artifact signature does not match", self.model, version)
             raise
-        return model, self.meta(version)
+        return model, json.loads(raw)

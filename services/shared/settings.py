@@ -214,11 +214,12 @@ class LearnerSettings(BaseModel):
     # thousands of labels/s. The count bounds the work a restart replays at higher rates.
     checkpoint_every: int = Field(20_000, description="labels between checkpoints (at most)")
     checkpoint_interval_s: float = Field(5.0, description="seconds between checkpoints while learning")
-    update_every: int = Field(1000, description="labels between model.updates to serving")
-    update_interval_s: float = Field(0.25, description="at most this long between a label learned and its "
-                                     "model.update (the served model's staleness bound)")
-    update_max_share: float = Field(0.2, description="model.updates never take more than this share of the "
-                                    "learner's time (a slow-to-pickle model ships less often)")
+    update_every: int = Field(50_000, description="labels between snapshots for serving (model.updates), at most")
+    update_interval_s: float = Field(10.0, description="seconds between snapshots for serving while learning: where "
+                                     "a prediction worker starts or catches up from (freshness comes from the "
+                                     "outcomes it learns, docs/serving.md)")
+    update_max_share: float = Field(0.05, description="snapshots never take more than this share of the learner's "
+                                    "time (a slow-to-pickle model is saved less often)")
     label_grace_s: float = Field(
         30.0, description="how long a label waits for its event's vector before it is dead-lettered"
     )
@@ -288,6 +289,9 @@ class PredictionSettings(BaseModel):
         None, description="requests per client to POST /v1/predict and /v1/predict/batch (e.g. '1000/second'; 429 "
                           "with Retry-After beyond it, per worker process); unset = no limit"
     )
+    catch_up_from_snapshots: bool = Field(
+        True, description="a worker further behind the learner than loading its newer snapshot costs loads it; "
+                          "false: it always learns the examples in between (docs/serving.md)")
 
 
 class OfflineSettings(BaseModel):
