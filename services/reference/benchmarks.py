@@ -162,10 +162,23 @@ def figures(folder: Path = Path("reports/bench")) -> Rows:
     if ingest:
         rows.append(("ingestion → features, default features, 1,000 entities",
                      f"{_n(ingest.get('throughput_events_per_s'))} ev/s"))
+    payments = results.get("ingest-payments")
+    if payments:
+        rows.append(("ingestion → features, payments: 10 windowed aggregates over the card and the merchant",
+                     f"{_n(payments.get('throughput_events_per_s'))} ev/s"))
+    features = results.get("features")
+    if features:
+        rows.append(("features stage, payments aggregates: CPU per event",
+                     f"{features.get('cpu_us_per_event')} µs"))
     predict = (results.get("predict") or {}).get("c16")
     if predict:
         rows.append(("/v1/predict, one worker, 16 connections: p99, req/s ÷ /health's",
                      f"{predict['predict']['p99_ms']} ms, {predict.get('ratio')}"))
+    serving = (results.get("serving") or {}).get("runs") or {}
+    if serving:
+        behind = [r["points_behind_river"] for r in serving.values()]
+        rows.append(("HTTP-only predict-then-label loop (Phishing, Bananas; LR, tree, ARF): points behind river's "
+                     "own loop at delay 0", f"{min(behind)} to {max(behind)}"))
     return rows
 
 
