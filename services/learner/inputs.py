@@ -305,10 +305,7 @@ class Inputs:
 
     def close_upstream(self, side: str) -> None:
         for c, _ in self.upstream.pop(side, ()):
-            try:
-                c.close()
-            except Exception:  # closing a consumer that never joined a group: nothing to lose
-                log.debug("closing an upstream consumer failed", exc_info=True)
+            kafka.close_quietly(c)
 
     def maybe_scored(self, event: Event) -> bool:
         """Read before the lease was taken? Then a prediction stored for it (made at event time) is kept."""

@@ -155,6 +155,13 @@ def ensure_topics(settings: Settings, namespace: str | None = None, timeout: flo
         for name in topics.all()
         if name not in existing
     ]
+    created = _create(client, wanted, timeout)
+    _wait_for_leaders(client, topics.all(), None, timeout)
+    return created
+
+
+def _create(client: AdminClient, wanted: list[NewTopic], timeout: float) -> list[str]:
+    """Create these topics; one made meanwhile by someone else is fine. Returns those made now."""
     created = []
     if wanted:
         for name, future in client.create_topics(wanted, operation_timeout=timeout).items():
@@ -164,18 +171,22 @@ def ensure_topics(settings: Settings, namespace: str | None = None, timeout: flo
             except KafkaException as exc:
                 if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
                     raise
-    # Metadata propagates asynchronously: wait until the broker lists them all and every
-    # partition has a leader (a loaded broker lists a topic before its leaders are elected, and
-    # producing then fails with NOT_LEADER).
+    return created
+
+
+def _wait_for_leaders(client: AdminClient, names: list[str], partitions: int | None, timeout: float) -> bool:
+    """Metadata propagates asynchronously: wait until the broker lists them all (with `partitions`
+    each, if given) and every partition has a leader (a loaded broker lists a topic before its
+    leaders are elected, and producing then fails with NOT_LEADER). False: not within `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         listed = client.list_topics(timeout=timeout).topics
-        if all(name in listed and listed[name].partitions
-               and all(p.leader >= 0 for p in listed[name].partitions.values())
-               for name in topics.all()):
-            break
+        if all(n in listed and listed[n].partitions
+               and (partitions is None or len(listed[n].partitions) == partitions)
+               and all(p.leader >= 0 for p in listed[n].partitions.values()) for n in names):
+            return True
         time.sleep(0.1)
-    return created
+    return False
 
 
 def ensure_internal_topics(settings: Settings, names: list[str], partitions: int, timeout: float = 30.0) -> None:
@@ -188,22 +199,19 @@ def ensure_internal_topics(settings: Settings, names: list[str], partitions: int
     if wrong:
         raise RuntimeError(f"internal topics {sorted(wrong)} have {sorted(set(wrong.values()))} partitions, not "
                            f"{partitions} (events.valid's): delete them (they are rebuilt from events.valid)")
-    wanted = [NewTopic(n, num_partitions=partitions, replication_factor=1) for n in names if n not in listed]
-    if wanted:
-        for name, future in client.create_topics(wanted, operation_timeout=timeout).items():
-            try:
-                future.result()
-            except KafkaException as exc:
-                if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
-                    raise
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        listed = client.list_topics(timeout=timeout).topics
-        if all(n in listed and len(listed[n].partitions) == partitions
-               and all(p.leader >= 0 for p in listed[n].partitions.values()) for n in names):
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"internal topics {names[:3]}... not ready within {timeout:.0f} s")
+    _create(client, [NewTopic(n, num_partitions=partitions, replication_factor=1) for n in names if n not in listed],
+            timeout)
+    if not _wait_for_leaders(client, names, partitions, timeout):
+        raise TimeoutError(f"internal topics {names[:3]}... not ready within {timeout:.0f} s")
+
+
+def close_quietly(c: Consumer) -> None:
+    """Close a consumer made only to read commits or ends: one that never joined a group has
+    nothing to lose, so a failure is logged at debug level and not raised."""
+    try:
+        c.close()
+    except Exception:
+        log.debug("closing a consumer failed", exc_info=True)
 
 
 def partitions_of(settings: Settings, topic: str, timeout: float = 10) -> list[TopicPartition]:

@@ -73,8 +73,5 @@ class UpstreamDrained:
 
     def close(self) -> None:
         if self.consumer is not None:
-            try:
-                self.consumer.close()
-            except Exception:  # never joined a group: nothing to lose
-                log.debug("closing the upstream consumer failed", exc_info=True)
+            kafka.close_quietly(self.consumer)
             self.consumer = None
