@@ -14,6 +14,7 @@ producer. `report["_outcomes"]` holds the champion outcomes as they came (for du
 
 from __future__ import annotations
 
+from collections import defaultdict
 from pathlib import Path
 
 import httpx
@@ -57,3 +58,18 @@ def metric(service, name: str, **labels) -> float:
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def features_in_time_order(fs, events: list[dict]) -> dict[str, dict]:
+    """Every event's vector as one process reading the events in time order computes it (the
+    exact point-in-time values): own entity and key fields' entities, each before the event."""
+    own: dict = defaultdict(dict)
+    keyed: dict = defaultdict(dict)
+    out = {}
+    for ev in sorted(events, key=lambda e: e["ts"]):
+        named = {k: keyed[(k, v)] for k, v in fs.key_values(ev["fields"]).items()}
+        out[ev["event_id"]] = fs.vector(own[ev["entity_id"]], ev["fields"], ev["ts"], keyed=named)
+        fs.apply_event(own[ev["entity_id"]], ev["fields"], ev["ts"])
+        for key, state in named.items():
+            fs.apply_keyed(key, state, ev["fields"], ev["ts"], ev["entity_id"])
+    return out

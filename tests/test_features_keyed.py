@@ -28,6 +28,7 @@ from driftline.shared.loop import RestartLoop
 from driftline.shared import kafka
 from driftline.shared.codec import get_codec
 from driftline.shared.topics import Topics
+from pipeline import features_in_time_order
 from test_features_service import event, publish
 
 FEATURES = """
@@ -95,20 +96,6 @@ def stream(n: int, seed: int = 5) -> list[dict]:
         if rng.random() > 0.1:
             fields["device"] = f"dev-{rng.randrange(20)}"
         out.append(event(f"k{i}", f"card-{rng.randrange(60)}", 1000.0 + 0.5 * i, **fields))
-    return out
-
-
-def reference(fs, events: list[dict]) -> dict[str, dict]:
-    """Every event's vector, computed in one process in time order: the exact point-in-time values."""
-    own: dict = defaultdict(dict)
-    keyed: dict = defaultdict(dict)
-    out = {}
-    for ev in events:
-        named = {k: keyed[(k, v)] for k, v in fs.key_values(ev["fields"]).items()}
-        out[ev["event_id"]] = fs.vector(own[ev["entity_id"]], ev["fields"], ev["ts"], keyed=named)
-        fs.apply_event(own[ev["entity_id"]], ev["fields"], ev["ts"])
-        for key, state in named.items():
-            fs.apply_keyed(key, state, ev["fields"], ev["ts"], ev["entity_id"])
     return out
 
 
@@ -190,7 +177,7 @@ def test_replicas_on_a_backlog_with_a_kill_give_every_event_its_single_process_v
     victim.restart()
     survivors = [r for r in replicas if r is not victim]
     got = vectors_of(settings, {e["event_id"] for e in events}, timeout=240)
-    expected = reference(fs, events)
+    expected = features_in_time_order(fs, events)
     assert got.keys() == expected.keys()
     wrong = {e: (xs, expected[e]) for e, xs in got.items() if any(x != expected[e] for x in xs)}
     assert not wrong, f"{len(wrong)} events differ from one process in time order, e.g. {sorted(wrong.items())[:2]}"
@@ -199,7 +186,7 @@ def test_replicas_on_a_backlog_with_a_kill_give_every_event_its_single_process_v
     store = FeatureStore(redis_client, Keys(settings.namespace), fs, 60)
     for merchant in MERCHANTS:
         fields = {"merchant": merchant, "device": "dev-0", "amount": 1.0}
-        after = reference(fs, events + [event("probe", "nobody", probe_ts, **fields)])["probe"]
+        after = features_in_time_order(fs, events + [event("probe", "nobody", probe_ts, **fields)])["probe"]
         assert store.vector("nobody", fields, probe_ts) == after
     print(f"killed after {sum(progress)} of {len(events)} events had been sent on")
     for r in survivors:

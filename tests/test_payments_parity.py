@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import defaultdict
 
 import httpx
 import pytest
@@ -24,27 +23,13 @@ from driftline.shared.codec import get_codec
 from driftline.shared.keys import Keys
 from driftline.shared.topics import Topics
 from driftline.client import Producer
-from pipeline import replay_report, start_pipeline
+from pipeline import features_in_time_order, replay_report, start_pipeline
 
 pytestmark = pytest.mark.e2e
 PAYMENTS = str(FEATURES_DIR / "payments.toml")
 LOGREG = "preprocessing.StandardScaler() | linear_model.LogisticRegression()"
 ROWS = None  # the whole stream: three days, every attack and rush
 PROBES = 12
-
-
-def reference(fs, events: list[dict]) -> dict[str, dict]:
-    """Every event's vector from one process reading the events in time order."""
-    own: dict = defaultdict(dict)
-    keyed: dict = defaultdict(dict)
-    out = {}
-    for ev in sorted(events, key=lambda e: e["ts"]):
-        named = {k: keyed[(k, v)] for k, v in fs.key_values(ev["fields"]).items()}
-        out[ev["event_id"]] = fs.vector(own[ev["entity_id"]], ev["fields"], ev["ts"], keyed=named)
-        fs.apply_event(own[ev["entity_id"]], ev["fields"], ev["ts"])
-        for key, state in named.items():
-            fs.apply_keyed(key, state, ev["fields"], ev["ts"], ev["entity_id"])
-    return out
 
 
 def as_replayed(ds, rows: list, run_id: str) -> list[dict]:
@@ -106,7 +91,7 @@ def test_payments_vectors_scored_served_and_recomputed_by_one_process_agree(sett
     rows = list(ds.rows())[:ROWS]
     assert report["examples_learned"] == report["labels_sent"] == len(rows)
     events = as_replayed(ds, rows, report["run_id"])
-    expected = reference(fs, events)
+    expected = features_in_time_order(fs, events)
     scored = {o["event_id"]: o["features"] for o in report["_outcomes"]}
     assert scored.keys() == expected.keys()
     wrong = [e for e in scored if scored[e] != expected[e]]
@@ -134,7 +119,7 @@ def test_payments_vectors_scored_served_and_recomputed_by_one_process_agree(sett
         for p in probes:
             producer.send_label(p["event_id"], "0", ts=p["ts"] + 1.0)
     learned = scored_vectors(settings, {p["event_id"] for p in probes}, timeout=90)
-    truth = reference(fs, events + probes)
+    truth = features_in_time_order(fs, events + probes)
     for p in probes:
         x = served[served_ids[p["event_id"]]]["features"]
         assert x == learned[p["event_id"]] == truth[p["event_id"]], (

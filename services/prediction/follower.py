@@ -48,6 +48,7 @@ from ..shared import kafka, metrics
 from ..shared.codec import DecodeError, get_codec
 from ..shared.registry import ModelRegistry, TamperedArtifact, UnknownVersion
 from ..shared.settings import Settings
+from ..shared.threads import BackgroundThread
 from ..shared.topics import Topics
 from .models import ModelHolder
 from .replica import Gap, Replica
@@ -65,12 +66,14 @@ def replica_group(topics: Topics) -> str:
     return topics.group(SERVICE, f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
 
 
-class ModelFollower:
+class ModelFollower(BackgroundThread):
     reconcile_s = 5.0
     retry_s = 1.0
     batch = 500
+    thread_name = "model-follower"
 
     def __init__(self, settings: Settings, holder: ModelHolder, registry: ModelRegistry, canary) -> None:
+        super().__init__()
         self.settings = settings
         self.registry = registry
         self.canary = canary  # canary.py: whether the challenger is served, and its holder
@@ -82,8 +85,6 @@ class ModelFollower:
         self.assigned = False  # True once the consumer follows the three topics
         self.lock = threading.RLock()  # one writer of the replicas: this thread, or sync_now's caller
         self._sync = threading.Event()  # a reconcile is wanted
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         # The stream as read: the position after the last champion outcome, and the newest (position, ts).
         self.read_next: int | None = None
         self.newest: tuple[int, float] | None = None
@@ -394,11 +395,7 @@ class ModelFollower:
         except Exception:  # Redis hiccup, bad artifact...: keep serving what we have, keep following
             log.exception("model follower: could not apply a model change; still serving the current model")
 
-    # -- thread control -----------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._guarded_run, name="model-follower", daemon=True)
-        self._thread.start()
-
+    # -- thread control (shared/threads.py) ---------------------------------------------------
     def _guarded_run(self) -> None:
         while not self._stop.is_set():
             try:
@@ -407,14 +404,6 @@ class ModelFollower:
                 log.exception("model follower died; restarting it")
                 self._stop.wait(self.retry_s)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
 
 def _created_s(m) -> float | None:

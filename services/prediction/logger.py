@@ -16,7 +16,6 @@ answering. It must never block, retry in the request path, or raise into a reque
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any
 
@@ -27,14 +26,18 @@ from ..shared.codec import get_codec
 from ..shared.framing import OUTPUT
 from ..shared.schema_registry import prepare_output
 from ..shared.settings import Settings
+from ..shared.threads import BackgroundThread
 from ..shared.topics import Topics
 
 log = logging.getLogger(__name__)
 SERVICE = "prediction"
 
 
-class PredictionLog:
+class PredictionLog(BackgroundThread):
+    thread_name = "prediction-log"
+
     def __init__(self, settings: Settings) -> None:
+        super().__init__()
         self.topic = Topics(settings.namespace).predictions
         self.codec = get_codec()
         prepare_output(settings)  # `predictions` in the Confluent wire format, when the settings say so
@@ -49,8 +52,6 @@ class PredictionLog:
         )
         self.delivered = 0
         self.dropped = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def log(self, prediction: dict[str, Any], key: str | None = None) -> bool:
         """Queue one Prediction record; False (and counted) when it had to be dropped."""
@@ -79,11 +80,7 @@ class PredictionLog:
         metrics.PREDICTION_LOG_DROPPED.labels(reason).inc()
 
     # -- the poll thread: runs delivery callbacks ---------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
+    def _guarded_run(self) -> None:
         while not self._stop.is_set():
             try:
                 self.producer.poll(0.1)
@@ -95,9 +92,7 @@ class PredictionLog:
         return len(self.producer)
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        super().stop(timeout)
         left = self.producer.flush(timeout)
         if left:
             log.warning("%d predictions were not logged at shutdown", left)

@@ -171,24 +171,21 @@ class Collector(threading.Thread):
         return dl, event_id
 
     def _label_dlq(self, msg) -> None:
-        dl, event_id = self._dead_id(msg, "Label")
-        if dl is None or not self._mine(event_id):
-            return
-        with self.lock:
-            self.data.labels_dlq.append({"event_id": event_id, "reason": dl["reason"], "detail": dl["detail"],
-                                         "service": dl["service"]})
-            self.data.accounted.add(event_id)
-            self.data.last_progress = time.monotonic()
+        self._dead_lettered(msg, "Label", self.data.labels_dlq)
 
     def _event_dlq(self, msg) -> None:
-        dl, event_id = self._dead_id(msg, "Event")
+        # An event's label can never be learned: it is accounted for now rather than after the
+        # learner's grace period dead-letters the label too.
+        self._dead_lettered(msg, "Event", self.data.events_dlq)
+
+    def _dead_lettered(self, msg, record: str, into: list[dict]) -> None:
+        """A DLQ record of one of this run's events or labels: kept, and its event accounted for."""
+        dl, event_id = self._dead_id(msg, record)
         if dl is None or not self._mine(event_id):
             return
         with self.lock:
-            self.data.events_dlq.append({"event_id": event_id, "reason": dl["reason"], "detail": dl["detail"],
-                                         "service": dl["service"]})
-            # Its label can never be learned: count it as accounted for now rather than wait for
-            # the learner's grace period to dead-letter it too.
+            into.append({"event_id": event_id, "reason": dl["reason"], "detail": dl["detail"],
+                         "service": dl["service"]})
             self.data.accounted.add(event_id)
             self.data.last_progress = time.monotonic()
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from typing import Any
 
@@ -27,6 +26,7 @@ from .deps import DEPS
 from .kafka import base_topic
 from .schema_registry import prepare_output
 from .settings import Settings
+from .threads import BackgroundThread
 from .topics import Topics
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class RestartLoop(Exception):
     committed offsets), as a process restart would but without one."""
 
 
-class StreamWorker:
+class StreamWorker(BackgroundThread):
     """Base of the stream services' consume loops. Subclasses set `service` and implement
     `input_topics()` and `handle(messages)`; `tick()` runs between batches for timers."""
 
@@ -49,8 +49,10 @@ class StreamWorker:
     # handled since the last commit are acknowledged (see the module's docstring).
     commit_interval_s = 0.0
     consumer_config: dict[str, Any] = {}  # librdkafka settings of this worker's consumer
+    stop_timeout_s = 15.0
 
     def __init__(self, settings: Settings, commits: OffsetCommits | CheckpointCommits | None = None) -> None:
+        super().__init__()
         self.settings = settings
         self.topics = Topics(settings.namespace)
         self.producer: Producer = kafka.producer(settings)
@@ -58,8 +60,6 @@ class StreamWorker:
         self.error: BaseException | None = None
         self.started_at = time.time()
         self.batches = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._last_lag = 0.0
         self._error_logged: dict[int, float] = {}
         self._last_probe = 0.0
@@ -244,10 +244,10 @@ class StreamWorker:
         kafka.produce(self.producer, topic, value, key)
         metrics.MESSAGES_OUT.labels(self.service, base_topic(topic)).inc()
 
-    # -- thread control ---------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._guarded_run, name=f"{self.service}-loop", daemon=True)
-        self._thread.start()
+    # -- thread control (shared/threads.py) -------------------------------------------------
+    @property
+    def thread_name(self) -> str:
+        return f"{self.service}-loop"
 
     def _guarded_run(self) -> None:
         try:
@@ -262,15 +262,6 @@ class StreamWorker:
         except BaseException as exc:  # recorded for /health; the supervisor restarts us
             self.error = exc
             log.exception("%s worker died", self.service)
-
-    def stop(self, timeout: float = 15.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     def health(self) -> dict[str, Any]:
         self.probe_kafka()
