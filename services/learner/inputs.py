@@ -19,7 +19,6 @@ import time
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
-from confluent_kafka.admin import OffsetSpec
 
 from ..features.definitions import load_feature_set
 from ..shared import kafka
@@ -129,17 +128,14 @@ class Inputs:
         return out
 
     def latest(self, partitions: list[TopicPartition]) -> dict[tuple[str, int], int]:
-        """(topic, partition) -> its end as the broker says now, all in one question (one round
-        trip: asked one partition at a time, these questions were most of a live learner's
-        latency). A partition it cannot say now is left out (not known to be at its end)."""
+        """(topic, partition) -> its end as the broker says now (`kafka.ends`: one round trip). A
+        partition it cannot say now is left out (not known to be at its end)."""
         if not partitions:
             return {}
         try:
             if self.admin is None:
                 self.admin = kafka.admin(self.settings)
-            asked = self.admin.list_offsets({TopicPartition(tp.topic, tp.partition): OffsetSpec.latest()
-                                             for tp in partitions}, request_timeout=UPSTREAM_TIMEOUT_S)
-            return {(tp.topic, tp.partition): f.result(timeout=UPSTREAM_TIMEOUT_S).offset for tp, f in asked.items()}
+            return kafka.ends(self.admin, partitions, UPSTREAM_TIMEOUT_S)
         except Exception:  # the broker away: nothing known to be at its end
             log.debug("the ends of %s are unavailable", partitions, exc_info=True)
             return {}
@@ -241,9 +237,7 @@ class Inputs:
                 self.admin = kafka.admin(self.settings)
             wanted = [TopicPartition(t, p) for t, p in committed] + [
                 TopicPartition(tp.topic, tp.partition) for tp in self.feature_partitions + self.label_partitions]
-            asked = self.admin.list_offsets({tp: OffsetSpec.latest() for tp in wanted},
-                                            request_timeout=UPSTREAM_TIMEOUT_S)
-            ends = {(tp.topic, tp.partition): f.result(timeout=UPSTREAM_TIMEOUT_S).offset for tp, f in asked.items()}
+            ends = kafka.ends(self.admin, wanted, UPSTREAM_TIMEOUT_S)
         except Exception:  # the broker away: no floor now, asked again after a backoff
             log.debug("the upstream services' event times are unavailable", exc_info=True)
             self.upstream_retry_at["floors"] = time.monotonic() + next(

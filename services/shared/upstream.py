@@ -39,6 +39,7 @@ class UpstreamDrained:
         self.check_s = check_s
         self.timeout_s = timeout_s
         self.consumer: Consumer | None = None  # in the upstream group; never subscribes: reads commits
+        self.admin = None  # asks for the partitions' ends (made when first needed)
         self.parts: list[TopicPartition] | None = None
         self.checked_at = -1e9
         self.retry_at = 0.0
@@ -57,10 +58,13 @@ class UpstreamDrained:
             if self.parts is None:
                 self.parts = [TopicPartition(self.topic, tp.partition)
                               for tp in kafka.partitions_of(self.settings, self.topic, timeout=self.timeout_s)]
-            for tp in self.consumer.committed(self.parts, timeout=self.timeout_s):
-                high = self.consumer.get_watermark_offsets(tp, timeout=self.timeout_s, cached=False)[1]
-                if high > 0 and tp.offset < high:
-                    return False
+            committed = self.consumer.committed(self.parts, timeout=self.timeout_s)
+            if self.admin is None:
+                self.admin = kafka.admin(self.settings)
+            # Asked after the commits: a record published in between makes it "no", never a wrong "yes".
+            ends = kafka.ends(self.admin, committed, self.timeout_s)
+            if any(ends[(tp.topic, tp.partition)] > max(tp.offset, 0) for tp in committed):
+                return False
         except Exception:  # the broker away: nothing is taken as drained while it cannot be asked
             log.debug("%s's offsets on %s unavailable", self.group, self.topic, exc_info=True)
             self.delays = self.delays or backoff_delays()
@@ -75,3 +79,4 @@ class UpstreamDrained:
         if self.consumer is not None:
             kafka.close_quietly(self.consumer)
             self.consumer = None
+        self.admin = None
