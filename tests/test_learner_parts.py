@@ -98,6 +98,22 @@ def test_the_features_mark_is_the_slowest_partition_still_being_read():
     assert features_mark({0: 5.0}, [(0, False), (1, False)]) == float("-inf")  # not read yet: holds all
 
 
+def test_labels_held_back_alone_ask_the_services_before_us_once_the_oldest_has_waited():
+    # The HTTP-only loop: no events, a label every few ms over every labels.valid partition. The
+    # oldest label beyond the watermark decides; the newest is never old in a steady stream.
+    from driftline.learner.worker import LABEL_FLOOR_CHECK_S, LearnerWorker
+
+    worker = LearnerWorker.__new__(LearnerWorker)
+    worker.held = HeldEvents()
+    worker.join = DelayedJoin(hold_s=0.0, patience_s=10.0, grace_s=30.0)
+    worker.join.add([label(1, seen=NOW), label(2, seen=NOW + 0.02), label(3, seen=NOW + 0.04)])
+    later = NOW + LABEL_FLOOR_CHECK_S + 0.001
+    assert worker.waits_on_upstream(mark=float("-inf"), label_mark=1.0, now=later)  # e1 (ts 1.5) waited
+    assert not worker.waits_on_upstream(mark=float("-inf"), label_mark=1.0, now=later - 0.002)
+    assert not worker.waits_on_upstream(mark=float("-inf"), label_mark=1.6, now=later)  # e2 has not waited
+    assert not worker.waits_on_upstream(mark=float("-inf"), label_mark=3.5, now=NOW + 60)  # none beyond
+
+
 def test_flow_control_pauses_the_side_that_runs_ahead_and_never_the_partition_that_sets_the_mark():
     from driftline.learner.ordering import FlowControl
     flow = FlowControl(max_held=100, max_waiting=100)
