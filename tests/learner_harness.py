@@ -74,9 +74,10 @@ class Driver:
         return request_id
 
 
-def read_all(settings, topic: str, record: str, until=None, timeout: float = 60.0) -> list[dict]:
+def read_all(settings, topic: str, record: str, until=None, timeout: float = 60.0, headers: bool = False) -> list[dict]:
     """Every record on `topic` (all partitions, from the beginning), waiting until `until(records)`
-    is true (or, without `until`, until nothing new comes for a second)."""
+    is true (or, without `until`, until nothing new comes for a second); `headers`: each record
+    also has its message's headers as a dict under "_headers"."""
     c = kafka.consumer(settings, f"probe-{uuid.uuid4().hex[:8]}", **{"isolation.level": "read_uncommitted"})
     c.assign([TopicPartition(topic, tp.partition, -2) for tp in kafka.partitions_of(settings, topic)])
     codec = get_codec()
@@ -86,7 +87,8 @@ def read_all(settings, topic: str, record: str, until=None, timeout: float = 60.
     try:
         while time.monotonic() < deadline:
             batch = [m for m in c.consume(1000, timeout=0.2) if m.error() is None]
-            out += [codec.decode(m.value(), expect=record) for m in batch]
+            out += [codec.decode(m.value(), expect=record) | ({"_headers": dict(m.headers() or ())} if headers else {})
+                    for m in batch]
             if batch:
                 quiet_since = time.monotonic()
             if until is not None and until(out):

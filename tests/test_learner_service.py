@@ -168,8 +168,11 @@ def test_retrain_shadow_kill9_promote_and_rollback(settings, redis_client, run_s
     assert meta["examples_seen"] == meta["warm_start"] == 100 and meta["position"] == 200
 
     driver.send(rows[200:350])  # shadowing: both score and learn, the champion alone answers
-    read_all(settings, driver.topics.outcomes, "Outcome",
-             until=lambda o: sum(x["role"] == "challenger" for x in o) >= 100)
+    shadowed = read_all(settings, driver.topics.outcomes, "Outcome", headers=True,
+                        until=lambda o: sum(x["role"] == "challenger" for x in o) >= 100)
+    # Whose each outcome is, in its headers too (a prediction worker skips the challenger's undecoded).
+    assert all(o["_headers"] == {"driftline-model": o["model"].encode(), "driftline-role": o["role"].encode()}
+               for o in shadowed)
     learner.kill9()
     learner.restart()
     # Restored from the checkpoint, and the shared examples since then re-learned (not re-published).

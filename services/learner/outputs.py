@@ -22,7 +22,7 @@ from ..shared import kafka, metrics
 from ..shared.codec import get_codec
 from ..shared.deadletter import dead_letter
 from ..shared.swaps import publish_swap
-from ..shared.topics import Topics
+from ..shared.topics import OUTCOME_MODEL_HEADER, OUTCOME_ROLE_HEADER, Topics
 from .champion import Slot
 from .labels import error
 from .records import Event, Label
@@ -42,20 +42,23 @@ class Outputs:
         self.model = model
         self.telemetry = telemetry
         self.codec = get_codec()
-        self.held_back: list[tuple[str, bytes, str]] = []  # predictions and outcomes until `release`
+        # predictions and outcomes until `release`: (topic, value, key, headers)
+        self.held_back: list[tuple[str, bytes, str, list[tuple[str, bytes]] | None]] = []
+        self.headers_of: dict[str, list[tuple[str, bytes]]] = {}  # role -> an outcome's headers
 
     def release(self) -> None:
         """Publish the predictions and outcomes held back: their snapshots are stored now."""
-        for topic, value, key in self.held_back:
-            self.produce(topic, value, key)
+        for topic, value, key, headers in self.held_back:
+            self.produce(topic, value, key, headers)
         self.held_back.clear()
 
     def forget(self) -> None:
         """A new session starts from the checkpoint: what was held back will be decided again."""
         self.held_back.clear()
 
-    def produce(self, topic: str, value: bytes, key: str | bytes | None = None) -> None:
-        kafka.produce(self.producer, topic, value, key)
+    def produce(self, topic: str, value: bytes, key: str | bytes | None = None,
+                headers: list[tuple[str, bytes]] | None = None) -> None:
+        kafka.produce(self.producer, topic, value, key, headers=headers)
         self.telemetry.sent(topic)
 
     def prediction(self, event: Event, role: str, version: int, y_pred: str | None,
@@ -68,7 +71,7 @@ class Outputs:
              "published_ms": fv.get("published_ms")}
         blob = self.codec.encode("Prediction", p)
         if publish:
-            self.held_back.append((self.topics.predictions, blob, fv["entity_id"]))
+            self.held_back.append((self.topics.predictions, blob, fv["entity_id"], None))
             self.telemetry.count("predictions", role)
         return p, blob
 
@@ -87,7 +90,11 @@ class Outputs:
              "label_partition": label.partition, "label_offset": label.offset,
              "error": error(answer["y_pred"], label.label) if regression else None,
              "known": answer.get("known")}
-        self.held_back.append((self.topics.outcomes, self.codec.encode("Outcome", o), fv["entity_id"]))
+        headers = self.headers_of.get(role)
+        if headers is None:
+            headers = self.headers_of[role] = [(OUTCOME_MODEL_HEADER, self.model.encode()),
+                                               (OUTCOME_ROLE_HEADER, role.encode())]
+        self.held_back.append((self.topics.outcomes, self.codec.encode("Outcome", o), fv["entity_id"], headers))
 
     def update(self, slot: Slot) -> None:
         """ModelUpdate: a new revision of the champion's artifact is in the registry."""

@@ -49,7 +49,7 @@ from ..shared.codec import DecodeError, get_codec
 from ..shared.registry import ModelRegistry, TamperedArtifact, UnknownVersion
 from ..shared.settings import Settings
 from ..shared.threads import BackgroundThread
-from ..shared.topics import Topics
+from ..shared.topics import OUTCOME_MODEL_HEADER, OUTCOME_ROLE_HEADER, Topics
 from .models import ModelHolder
 from .replica import Gap, Replica
 
@@ -66,6 +66,23 @@ def replica_group(topics: Topics) -> str:
     return topics.group(SERVICE, f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
 
 
+def not_ours(headers: list[tuple[str, bytes]] | None, model: bytes) -> bool:
+    """An outcome whose headers say it is not the champion's of `model` (one without them, from an
+    older learner, is decoded and looked at).
+
+        >>> not_ours([("driftline-model", b"default"), ("driftline-role", b"challenger")], b"default")
+        True
+        >>> not_ours([("driftline-model", b"default"), ("driftline-role", b"champion")], b"default")
+        False
+        >>> not_ours([("driftline-model", b"other"), ("driftline-role", b"champion")], b"default"), not_ours(None, b"default")
+        (True, False)
+    """
+    for key, value in headers or ():
+        if (key == OUTCOME_ROLE_HEADER and value != b"champion") or (key == OUTCOME_MODEL_HEADER and value != model):
+            return True
+    return False
+
+
 class ModelFollower(BackgroundThread):
     reconcile_s = 5.0
     retry_s = 1.0
@@ -78,6 +95,7 @@ class ModelFollower(BackgroundThread):
         self.registry = registry
         self.canary = canary  # canary.py: whether the challenger is served, and its holder
         self.name = holder.model_name
+        self.name_bytes = self.name.encode()
         self.holders = {"champion": holder, "challenger": canary.holder}
         self.topics = Topics(settings.namespace)
         self.codec = get_codec()
@@ -137,6 +155,8 @@ class ModelFollower(BackgroundThread):
         base = kafka.base_topic(m.topic())
         metrics.MESSAGES_IN.labels(SERVICE, base).inc()
         if base == "outcomes":
+            if not_ours(m.headers(), self.name_bytes):
+                return  # not decoded: a challenger's, or another model's
             self.outcome(self.codec.decode(m.value(), expect="Outcome"), _created_s(m))
             return
         record = self.codec.decode(m.value(), expect="ModelSwap" if base == "model.swaps" else "ModelUpdate")
