@@ -83,6 +83,32 @@ def test_the_wait_is_bounded_but_not_while_what_it_waits_for_is_still_unread():
     assert order(buf.pop_ready(now=1.3, lagging={(EV, 0)})) == [("E", 10.0)]  # its own backlog is no reason
 
 
+def test_what_waits_for_a_stream_known_to_have_nothing_on_its_way_goes_and_what_comes_later_waits_again():
+    buf = ReorderBuffer(wait_s=60)
+    buf.add(ev(10.0, received=0.0))
+    buf.add(ev(12.0, partition=1, received=0.0))
+    assert buf.pop_ready(now=1.0) == [] and buf.waiting_for(now=1.0, waited_s=0.5) == (LABEL, 12.0)
+    assert buf.waiting_for(now=0.1, waited_s=0.5) is None  # has not waited long enough to ask
+    buf.caught_up(LABEL, 12.0)  # the worker asked: no label is on its way
+    assert order(buf.pop_ready(now=1.0)) == [("E", 10.0), ("E", 12.0)]
+    buf.add(ev(13.0, offset=1, received=1.0))
+    assert buf.pop_ready(now=1.0) == []  # later than what was known: waits again
+    buf.add(lb(12.5))  # published after it was asked: late, but merged by time with what still waits
+    buf.add(ev(14.0, partition=1, offset=1, received=1.0))
+    assert order(buf.pop_ready(now=1.0)) == [("L", 12.5)] and buf.pending == 2
+
+
+def test_labels_wait_for_events_the_same_way_and_a_new_partition_with_data_undoes_what_was_known():
+    buf = ReorderBuffer(wait_s=60)
+    buf.add(lb(7.0, received=0.0))
+    assert buf.waiting_for(now=1.0, waited_s=0.5) == (EVENT, 7.0)
+    buf.caught_up(EVENT, 7.0)
+    assert order(buf.pop_ready(now=1.0)) == [("L", 7.0)]
+    buf.expect((EV, 4), EVENT)  # a rebalance gave us a partition with unread events
+    buf.add(lb(8.0, offset=1, received=1.0))
+    assert buf.pop_ready(now=1.0) == [] and buf.mark(EVENT) == float("-inf")
+
+
 def test_too_many_waiting_items_go_ahead_anyway():
     buf = ReorderBuffer(wait_s=100, cap=3)
     for i in range(5):

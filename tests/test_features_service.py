@@ -108,6 +108,39 @@ def test_vectors_are_point_in_time_correct_and_labels_only_reach_later_events(se
     assert (state["n"], state["ts"], state["prev:x"], state["label"], state["label_ts"]) == (5, 140.0, 5.0, "0", 120.0)
 
 
+def test_events_of_a_stream_without_labels_do_not_wait_out_the_reorder_wait(settings):
+    # Nothing is on its way on the labels side (ingestion has passed on every label published,
+    # labels.valid is read to its end): the wait for older labels is over at once, not after an hour.
+    settings.features.max_reorder_wait_ms = 3_600_000
+    publish(settings, events=[event(f"n{i}", f"ent{i % 3}", 100.0 + i, x=float(i)) for i in range(30)])
+    with running(settings, FeatureSet(HAND)) as worker:
+        got = read_topic(settings, "features", 30, timeout=60)
+        assert worker.buffer.pending == 0
+    assert {fv["event_id"] for fv in got} == {f"n{i}" for i in range(30)}
+
+
+def test_a_label_still_on_its_way_through_ingestion_holds_the_events_after_it(settings, redis_client, run_service):
+    # The label is on `labels`, not yet validated: the events wait for it however long ingestion
+    # takes (it could be older than any of them), then the one after it gets it in its vector.
+    settings.features.max_reorder_wait_ms = 3_600_000
+    topics = Topics(settings.namespace)
+    p = kafka.producer(settings)
+    kafka.produce(p, topics.labels, codec.encode("Label", label("w1", "1", 105.0)), key="w1")
+    assert p.flush(30) == 0
+    publish(settings, events=[event("w1", "a", 100.0, x=1.0), event("w2", "a", 110.0, x=2.0)])
+    with running(settings, FeatureSet(HAND)) as worker:
+        deadline = time.monotonic() + 30
+        while worker.buffer.pending < 2:
+            assert time.monotonic() < deadline, "the events were never read"
+            time.sleep(0.05)
+        time.sleep(3.0)  # ample for a wrong release (one came within ~0.1 s of the events being read)
+        assert worker.buffer.pending == 2, "events went before a label on its way through ingestion"
+        run_service("ingestion")
+        got = {fv["event_id"]: fv for fv in read_topic(settings, "features", 2, timeout=60)}
+    assert got["w1"]["features"]["_last_label_known"] == 0.0
+    assert got["w2"]["features"]["_last_label_known"] == 1.0 and got["w2"]["features"]["_last_label"] == 1.0
+
+
 def test_snapshots_expire_after_the_configured_ttl(settings, redis_client):
     settings.features.snapshot_ttl_s = 1234
     settings.features.entity_ttl_s = 5678

@@ -61,6 +61,8 @@ class ReorderBuffer:
     latest: dict[tuple[str, int], tuple[int, float]] = field(default_factory=dict)  # tp -> (kind, max ts seen)
     done: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset to commit
     released: dict[tuple[str, int], float] = field(default_factory=dict)  # latest event time let go
+    # kind -> nothing of that stream at or before this time is still to come (`caught_up`)
+    floor: dict[int, float] = field(default_factory=dict)
     pending: int = 0
     _seq: int = 0
 
@@ -78,12 +80,52 @@ class ReorderBuffer:
 
     def expect(self, tp: tuple[str, int], kind: int) -> None:
         """A newly assigned partition that holds unread data: the other stream waits for it too
-        (an empty one does not, or an idle partition would hold everything up)."""
+        (an empty one does not, or an idle partition would hold everything up). What was known
+        of the stream before (`caught_up`) does not cover the data it holds."""
         self.latest.setdefault(tp, (kind, -math.inf))
+        self.floor.pop(kind, None)
 
     def mark(self, kind: int) -> float:
-        """How far in time every partition of a stream has got (-inf before it showed anything)."""
-        return min((ts for k, ts in self.latest.values() if k == kind), default=-math.inf)
+        """How far in time every partition of a stream has got (-inf before it showed anything),
+        and at least its `floor`."""
+        floor = self.floor.get(kind, -math.inf)
+        return min((max(ts, floor) for k, ts in self.latest.values() if k == kind), default=floor)
+
+    def waiting_for(self, now: float, waited_s: float) -> tuple[int, float] | None:
+        """(the other stream's kind, the newest time of the first item's stream seen so far) when
+        the first item in merged order has waited `waited_s` for the other stream alone; else None.
+
+            >>> buf = ReorderBuffer(wait_s=60.0)
+            >>> buf.add(Item(EVENT, 10.0, "events.valid", 0, 0, {}, received=0.0))
+            >>> buf.add(Item(EVENT, 12.0, "events.valid", 0, 1, {}, received=0.0))
+            >>> buf.waiting_for(now=0.01, waited_s=0.02), buf.waiting_for(now=0.02, waited_s=0.02) == (LABEL, 12.0)
+            (None, True)
+        """
+        heads = [q[0] for q in self.queues.values() if q]
+        if not heads:
+            return None
+        head = min(heads, key=lambda item: (item.ts, item.kind, item.seq))
+        if head.kind == BAD or now - head.received < waited_s:
+            return None
+        other = LABEL if head.kind == EVENT else EVENT
+        if head.ts <= self.mark(other):
+            return None  # not waiting for the other stream (for a lagging partition of its own)
+        return other, max(ts for k, ts in self.latest.values() if k == head.kind)
+
+    def caught_up(self, kind: int, ts: float) -> None:
+        """Nothing of stream `kind` at or before `ts` is still to come (the caller knows it: its
+        partitions are read to their ends and nothing is on its way through the service before):
+        what waits for it goes. What is published later is late, as if it came after the wait.
+
+            >>> buf = ReorderBuffer(wait_s=60.0)
+            >>> buf.add(Item(EVENT, 10.0, "events.valid", 0, 0, {}))
+            >>> buf.pop_ready(now=1.0)                 # no label partition has shown anything
+            []
+            >>> buf.caught_up(LABEL, 10.0)
+            >>> [item.offset for item in buf.pop_ready(now=1.0)]
+            [0]
+        """
+        self.floor[kind] = max(self.floor.get(kind, -math.inf), ts)
 
     def pop_ready(self, now: float, lagging: frozenset | set = frozenset()) -> list[Item]:
         """The items that may go now, in merged order."""

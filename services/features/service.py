@@ -13,8 +13,9 @@ How a batch goes (`FeaturesWorker.handle`):
 2. `ReorderBuffer` (reorder.py): events and labels are merged by event time. A label with ts <= an
    event's ts is applied before that event's vector; each side waits for the other's partitions to
    pass its time, but at most `max_reorder_wait_ms` once they hold nothing unread (a backlog is
-   read, not skipped); each partition stays in offset order; a partition far ahead is paused
-   meanwhile. A feature set without `last_label` does not read labels.valid and waits for nothing;
+   read, not skipped), and an event no longer once no label is on its way through ingestion
+   (`let_go_what_nothing_holds`); each partition stays in offset order; a partition far ahead is
+   paused meanwhile. A feature set without `last_label` does not read labels.valid and waits for nothing;
 3. one pipelined Redis read: the states of the batch's entities and the snapshots of the events
    that the batch's labels refer to (when the event is not in the batch itself);
 4. in Python, in merged order: vector from the state, then `apply_event`; labels `apply_label`;
@@ -80,6 +81,11 @@ SERVICE = "features"
 # event of `bench features` (py-spy puts it on whatever allocated); at these, ~3. Garbage is still
 # freed by reference counting at once; only cycles wait longer.
 GC_THRESHOLDS = (20_000, 50, 100)
+# An event waiting for older labels asks whether any is on its way after this long (and then at
+# most this often): a few ms of broker round trips, against max_reorder_wait_ms.
+LABELS_CHECK_S = 0.02
+IDLE_POLL_S = 0.2
+ENDS_TIMEOUT_S = 2.0
 
 
 class FeaturesWorker(StreamWorker):
@@ -127,7 +133,11 @@ class FeaturesWorker(StreamWorker):
         self.applied_key = self.keys.features_applied()
         self.order_key = self.keys.features_order()
         self._applied_local: dict[tuple[str, int], int] = {}  # the applied offsets this worker wrote last
-        self.ingestion_drained: UpstreamDrained | None = None  # with key fields' stages (build_stages)
+        # Has ingestion passed on all that was published to `events` / `labels`? (shared/upstream.py)
+        self.ingestion_drained = UpstreamDrained(settings, self.topics.group("ingestion"), self.topics.events)
+        self.labels_drained = UpstreamDrained(settings, self.topics.group("ingestion"), self.topics.labels)
+        self.admin = None  # asks for labels.valid's ends (let_go_what_nothing_holds)
+        self.other_checked_at = -math.inf
 
     # -- the key fields' stages ----------------------------------------------------------------
     def build_stages(self) -> None:
@@ -147,9 +157,6 @@ class FeaturesWorker(StreamWorker):
         idle_wait_s = self.settings.features.max_reorder_wait_ms / 1000.0
         forwards = [Forwarder(self.producer, self.codec, self.topics, key, partitions, SERVICE) for key in fs.keys]
         self.forward = forwards[0]
-        # An events.valid partition at its end is idle only once ingestion has nothing in flight
-        # either: behind a loaded ingestion, an earlier event of that partition may still come.
-        self.ingestion_drained = UpstreamDrained(self.settings, self.topics.group("ingestion"), self.topics.events)
         for i, key in enumerate(fs.keys):
             stage = KeyStage(feature_set=fs, key=key, store=self.store, topics=self.topics, codec=self.codec,
                              partitions=partitions, produce=self._produce_vector, flush=self._flush_forwards,
@@ -365,6 +372,7 @@ class FeaturesWorker(StreamWorker):
         self.expect_assigned()
         handled = False
         if self.buffer.pending:
+            self.let_go_what_nothing_holds()
             items = self.buffer.pop_ready(time.monotonic(), self.lagging())
             if items:
                 self.process(items)
@@ -375,6 +383,45 @@ class FeaturesWorker(StreamWorker):
             self.unsettled_since = time.monotonic()  # the loop settles it (flush, commit) when due
         if self.consumer is not None:
             self.flow_control()
+
+    @property
+    def poll_timeout_s(self) -> float:
+        """While items wait, the loop comes back often enough to let them go when they may."""
+        return LABELS_CHECK_S if self.buffer.pending else IDLE_POLL_S
+
+    def let_go_what_nothing_holds(self) -> None:
+        """Events that wait for older labels while no label is on its way: labels.valid's
+        partitions here are read to their ends by the broker's count now, and ingestion has passed
+        on all that was published to `labels`. Nothing older can come through driftline then, and
+        waiting out `max_reorder_wait_ms` would only add latency to every event of a stream whose
+        labels are rare. Asked at most every LABELS_CHECK_S, and of the broker only once an
+        event has waited that long and the consumer knows of nothing unread on labels.valid.
+
+        A label still in its producer's buffer, or being written by ingestion's HTTP door, then
+        reaches the events after it as a late label would: their vectors carry the label before
+        it. Labels that wait for events are not let go this way: a label that overtook its event
+        in a producer would reach that event's own vector."""
+        now = time.monotonic()
+        if now - self.other_checked_at < LABELS_CHECK_S:
+            return
+        waiting = self.buffer.waiting_for(now, LABELS_CHECK_S)
+        if waiting is None or waiting[0] != LABEL:
+            return
+        self.other_checked_at = now
+        ours = [tp for tp in self._positions if tp[0] == self.topics.labels_valid]
+        # Ingestion's commits first: what it wrote before them is then below the ends asked after.
+        if self.lagging().intersection(ours) or not self.labels_drained():
+            return
+        try:
+            if self.admin is None:
+                self.admin = kafka.admin(self.settings)
+            ends = kafka.ends(self.admin, [TopicPartition(*tp) for tp in ours], ENDS_TIMEOUT_S)
+        except Exception:  # the broker away: the bounded wait applies
+            log.debug("the ends of labels.valid unavailable", exc_info=True)
+            self.admin = None
+            return
+        if all(ends.get(tp, math.inf) <= self._positions[tp] for tp in ours):
+            self.buffer.caught_up(LABEL, waiting[1])
 
     def run_stages(self) -> bool:
         """Each key field's stage lets go what its merges allow (after this batch's events were sent
@@ -410,6 +457,8 @@ class FeaturesWorker(StreamWorker):
             if q and q[0].kind == EVENT:
                 mark = max(mark, q[0].ts)
             marks[p] = (mark, not q and (topic, p) not in lagging)
+        # An events.valid partition at its end is idle only once ingestion has nothing in flight
+        # either: behind a loaded ingestion, an earlier event of that partition may still come.
         if any(idle for _, idle in marks.values()) and not self.ingestion_drained():
             marks = {p: (mark, False) for p, (mark, _) in marks.items()}
         self.forward.watermarks(now, marks)
@@ -672,8 +721,9 @@ class FeaturesWorker(StreamWorker):
                 "keyed_waiting": sum(s.waiting() for s in self.stages), **self.counts, **keyed}
 
     def close(self) -> None:
-        if self.ingestion_drained is not None:
-            self.ingestion_drained.close()
+        self.ingestion_drained.close()
+        self.labels_drained.close()
+        self.admin = None
         self.redis.close()
 
 

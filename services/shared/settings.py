@@ -193,7 +193,8 @@ class FeatureSettings(BaseModel):
                          "batch (or when its input pauses); 0 = wait and commit after every batch"
     )
     max_reorder_wait_ms: int = Field(
-        200, description="how long an event may wait for labels with earlier timestamps"
+        200, description="how long an event may wait for labels with earlier timestamps (less once none is on "
+                         "its way through ingestion)"
     )
     keyed_hold_ms: int = Field(
         30_000, description="with aggregates keyed by another field (a merchant): how long an event waits at "
