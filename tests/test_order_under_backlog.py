@@ -72,10 +72,12 @@ def in_process(rows, spec: str, delay: int) -> list[str | None]:
     return preds
 
 
-def check_exact_order(settings, run_service, spec: str, n: int, delay: int, entities: int = 4, **env) -> dict:
+def check_exact_order(settings, run_service, spec: str, n: int, delay: int, entities: int = 4, rate: float = 0.0,
+                      **env) -> dict:
     procs = start_pipeline(run_service, model=spec, features="raw", **{**BOUNDS, **env})
     dataset = agrawal(n, entities)
-    report = replay_report(settings, dataset, label_delay=delay, model=spec, features="raw", stall_timeout_s=120)
+    report = replay_report(settings, dataset, label_delay=delay, rate=rate, model=spec, features="raw",
+                           stall_timeout_s=120)
     rows = list(dataset.rows())
     expected = in_process(rows, spec, delay)
     assert report["checks"]["features_match"] is True
@@ -101,6 +103,12 @@ def check_exact_order(settings, run_service, spec: str, n: int, delay: int, enti
 @pytest.mark.parametrize("spec,delay", [(TREE, 0), (LOGREG, 100)], ids=["tree-delay0", "logreg-delay100"])
 def test_full_speed_replay_predicts_exactly_as_river_in_process(settings, run_service, spec, delay):
     check_exact_order(settings, run_service, spec, 20_000, delay)
+
+
+def test_batched_fetches_at_a_live_rate_predict_exactly_as_river_in_process(settings, run_service):
+    # kafka_fetch_batch_ms: the hot path's fetches wait for 64 KiB or 10 ms; live traffic then comes
+    # in larger batches, and nothing about the order may change.
+    check_exact_order(settings, run_service, LOGREG, 3_000, 100, rate=1_000, DRIFTLINE_KAFKA_FETCH_BATCH_MS="10")
 
 
 def test_empty_partitions_hold_nothing_back_once_the_services_before_say_nothing_older_is_coming(settings, run_service):

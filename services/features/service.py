@@ -188,8 +188,8 @@ class FeaturesWorker(StreamWorker):
         self.forget_forwards()
         # range: a member gets the same partitions of every topic with as many (events.valid k and
         # partition k of every internal topic), which makes it the one owner of key partition k.
-        c = kafka.consumer(self.settings, self.topics.group(self.service), **kafka.MERGING_CONSUMER,
-                           **{"partition.assignment.strategy": "range"})
+        c = kafka.consumer(self.settings, self.topics.group(self.service), **{
+            **kafka.MERGING_CONSUMER, **kafka.batched_fetch(self.settings), "partition.assignment.strategy": "range"})
         c.subscribe(self.input_topics(), on_assign=self._on_assign, on_revoke=self._on_revoke)
         return c
 

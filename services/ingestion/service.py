@@ -245,7 +245,6 @@ class IngestionWorker(StreamWorker):
     mark the claims published; every commit_interval_s (run) flush, mark the rest, commit."""
 
     service = SERVICE
-    consumer_config = kafka.INPUT_CONSUMER  # the producers' topics: no record of an aborted transaction
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         super().__init__(settings)
@@ -256,6 +255,11 @@ class IngestionWorker(StreamWorker):
         self.acknowledged: list[Claim] = []  # claims whose output Kafka acknowledged, not yet marked
         self.marked_at = 0.0
         self.commit_interval_s = settings.ingestion.commit_interval_s
+
+    @property
+    def consumer_config(self) -> dict:
+        """The producers' topics: no record of an aborted transaction; batched under kafka_fetch_batch_ms."""
+        return {**kafka.INPUT_CONSUMER, **kafka.batched_fetch(self.settings)}
 
     def input_topics(self) -> list[str]:
         return [self.topics.events, self.topics.labels]

@@ -56,7 +56,7 @@ class Inputs:
     def open(self, offsets: dict[tuple[str, int], int]) -> Consumer:
         self.label_partitions, self.feature_partitions, self.rescore_below, self.paused = [], [], {}, set()
         self.consumer = self.assign([self.topics.features, self.topics.labels_valid], offsets,
-                                    kafka.MERGING_CONSUMER)
+                                    {**kafka.MERGING_CONSUMER, **kafka.batched_fetch(self.settings)})
         self.control = self.assign([self.topics.retrain_requests, self.topics.model_swaps], offsets)
         return self.consumer
 

@@ -334,6 +334,12 @@ class Settings(BaseSettings):
     model_key: SecretStr = Field(
         SecretStr(""), description=f"HMAC key that signs model artifacts: at least {MIN_KEY_BYTES} bytes, never published"
     )
+    kafka_fetch_batch_ms: int = Field(
+        0, ge=0, le=500,
+        description="0 = the hot path's consumers (ingestion, features, learner) fetch as soon as a record is "
+                    "there; N = the broker holds each of their fetches until 64 KiB or N ms: fewer, larger "
+                    "batches under steady live traffic for more empty fetches when idle (docs/operations.md)",
+    )
     kafka_security: dict[str, str] = Field(
         default_factory=dict,
         description="librdkafka properties for every Kafka client: security.protocol, sasl.*, ssl.* (JSON object)",
