@@ -84,8 +84,6 @@ GC_THRESHOLDS = (20_000, 50, 100)
 # An event waiting for older labels asks whether any is on its way after this long (and then at
 # most this often): a few ms of broker round trips, against max_reorder_wait_ms.
 LABELS_CHECK_S = 0.02
-IDLE_POLL_S = 0.2
-ENDS_TIMEOUT_S = 2.0
 
 
 class FeaturesWorker(StreamWorker):
@@ -136,7 +134,6 @@ class FeaturesWorker(StreamWorker):
         # Has ingestion passed on all that was published to `events` / `labels`? (shared/upstream.py)
         self.ingestion_drained = UpstreamDrained(settings, self.topics.group("ingestion"), self.topics.events)
         self.labels_drained = UpstreamDrained(settings, self.topics.group("ingestion"), self.topics.labels)
-        self.admin = None  # asks for labels.valid's ends (let_go_what_nothing_holds)
         self.other_checked_at = -math.inf
 
     # -- the key fields' stages ----------------------------------------------------------------
@@ -372,8 +369,9 @@ class FeaturesWorker(StreamWorker):
         self.expect_assigned()
         handled = False
         if self.buffer.pending:
-            self.let_go_what_nothing_holds()
-            items = self.buffer.pop_ready(time.monotonic(), self.lagging())
+            lagging = self.lagging()
+            self.let_go_what_nothing_holds(lagging)
+            items = self.buffer.pop_ready(time.monotonic(), lagging)
             if items:
                 self.process(items)
                 handled = True
@@ -387,9 +385,9 @@ class FeaturesWorker(StreamWorker):
     @property
     def poll_timeout_s(self) -> float:
         """While items wait, the loop comes back often enough to let them go when they may."""
-        return LABELS_CHECK_S if self.buffer.pending else IDLE_POLL_S
+        return LABELS_CHECK_S if self.buffer.pending else StreamWorker.poll_timeout_s
 
-    def let_go_what_nothing_holds(self) -> None:
+    def let_go_what_nothing_holds(self, lagging: set[tuple[str, int]]) -> None:
         """Events that wait for older labels while no label is on its way: labels.valid's
         partitions here are read to their ends by the broker's count now, and ingestion has passed
         on all that was published to `labels`. Nothing older can come through driftline then, and
@@ -409,18 +407,10 @@ class FeaturesWorker(StreamWorker):
             return
         self.other_checked_at = now
         ours = [tp for tp in self._positions if tp[0] == self.topics.labels_valid]
-        # Ingestion's commits first: what it wrote before them is then below the ends asked after.
-        if self.lagging().intersection(ours) or not self.labels_drained():
+        if lagging.intersection(ours):
             return
-        try:
-            if self.admin is None:
-                self.admin = kafka.admin(self.settings)
-            ends = kafka.ends(self.admin, [TopicPartition(*tp) for tp in ours], ENDS_TIMEOUT_S)
-        except Exception:  # the broker away: the bounded wait applies
-            log.debug("the ends of labels.valid unavailable", exc_info=True)
-            self.admin = None
-            return
-        if all(ends.get(tp, math.inf) <= self._positions[tp] for tp in ours):
+        ends = self.labels_drained.ends_if_drained(TopicPartition(*tp) for tp in ours)
+        if ends is not None and all(ends.get(tp, math.inf) <= self._positions[tp] for tp in ours):
             self.buffer.caught_up(LABEL, waiting[1])
 
     def run_stages(self) -> bool:
@@ -723,7 +713,6 @@ class FeaturesWorker(StreamWorker):
     def close(self) -> None:
         self.ingestion_drained.close()
         self.labels_drained.close()
-        self.admin = None
         self.redis.close()
 
 

@@ -75,6 +75,18 @@ class DelayedJoin:
         if not in_order:
             self.waiting.sort(key=_ts)  # stable, and linear on the few sorted runs it gets
 
+    def first_after(self, ts: float) -> Label | None:
+        """The first waiting label (in ts order) later than `ts`: of those beyond the label
+        watermark, the one that has waited longest.
+
+            >>> join = DelayedJoin(0.0, 1.0, 30.0)
+            >>> join.add([Label(f"e{i}", "1", float(i), 0.0, b"", None, 0, i) for i in (3, 1, 2)])
+            >>> join.first_after(1.5).event_id, join.first_after(3.0)
+            ('e2', None)
+        """
+        i = bisect.bisect_right(self.waiting, ts, key=_ts)
+        return self.waiting[i] if i < len(self.waiting) else None
+
     # -- the rules ------------------------------------------------------------------------------
     def overdue(self, label: Label, now: float) -> bool:
         """Waited its grace, and its event could no longer be on its way (see the module doc)."""

@@ -44,7 +44,7 @@ class Outputs:
         self.codec = get_codec()
         # predictions and outcomes until `release`: (topic, value, key, headers)
         self.held_back: list[tuple[str, bytes, str, list[tuple[str, bytes]] | None]] = []
-        self.headers_of: dict[str, list[tuple[str, bytes]]] = {}  # role -> an outcome's headers
+        self.model_header = (OUTCOME_MODEL_HEADER, model.encode())
 
     def release(self) -> None:
         """Publish the predictions and outcomes held back: their snapshots are stored now."""
@@ -90,10 +90,7 @@ class Outputs:
              "label_partition": label.partition, "label_offset": label.offset,
              "error": error(answer["y_pred"], label.label) if regression else None,
              "known": answer.get("known")}
-        headers = self.headers_of.get(role)
-        if headers is None:
-            headers = self.headers_of[role] = [(OUTCOME_MODEL_HEADER, self.model.encode()),
-                                               (OUTCOME_ROLE_HEADER, role.encode())]
+        headers = [self.model_header, (OUTCOME_ROLE_HEADER, role.encode())]
         self.held_back.append((self.topics.outcomes, self.codec.encode("Outcome", o), fv["entity_id"], headers))
 
     def update(self, slot: Slot) -> None:

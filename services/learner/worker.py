@@ -29,10 +29,8 @@ read back so that those labels are re-learned in the same order without being pu
 
 from __future__ import annotations
 
-import bisect
 import logging
 import math
-import operator
 import time
 from typing import Any
 
@@ -73,7 +71,6 @@ FLOOR_CHECK_S = 0.1
 # With no event held (labels alone: the HTTP-only loop, docs/serving.md) the learner has nothing
 # else to do, and the question (4-14 ms) beats waiting for a later label on every other partition.
 LABEL_FLOOR_CHECK_S = 0.03
-_label_ts = operator.attrgetter("ts")
 
 
 class LearnerWorker(StreamWorker):
@@ -257,9 +254,8 @@ class LearnerWorker(StreamWorker):
         waited for the others' next ones, ~60 ms at 200 labels/s over 6 partitions.)"""
         if self.held:
             return mark < self.held.events[0].ts and now - self.held.events[0].seen >= FLOOR_CHECK_S
-        waiting = self.join.waiting  # ts order: the first one beyond the mark has waited longest
-        beyond = bisect.bisect_right(waiting, label_mark, key=_label_ts)
-        return beyond < len(waiting) and now - waiting[beyond].seen >= LABEL_FLOOR_CHECK_S
+        first = self.join.first_after(label_mark)
+        return first is not None and now - first.seen >= LABEL_FLOOR_CHECK_S
 
     def marks(self, feature_ends: list[tuple[int, bool]], now: float,
               floors_now: dict[tuple[str, int], tuple[int, float]] | None = None) -> tuple[float, float]:

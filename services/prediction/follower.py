@@ -425,7 +425,6 @@ class ModelFollower(BackgroundThread):
                 self._stop.wait(self.retry_s)
 
 
-
 def _created_s(m) -> float | None:
     """The message's producer timestamp in seconds (None when the broker stamped it instead)."""
     kind, ms = m.timestamp()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 
 from confluent_kafka import Consumer, TopicPartition
 
@@ -46,12 +47,18 @@ class UpstreamDrained:
         self.delays = None
 
     def __call__(self) -> bool:
+        return self.ends_if_drained() is not None
+
+    def ends_if_drained(self, ours: Iterable[TopicPartition] = ()) -> dict[tuple[str, int], int] | None:
+        """None unless drained; then the ends of `ours` (partitions after the upstream service), asked
+        in the same request as its inputs' ends: after its commits, so whatever it wrote before
+        committing is below them."""
         now = time.monotonic()
         if now - self.checked_at < self.check_s or now < self.retry_at:
-            return False
+            return None
         self.checked_at = now
         if DEPS.is_down("kafka"):
-            return False
+            return None
         try:
             if self.consumer is None:
                 self.consumer = kafka.consumer(self.settings, self.group)
@@ -62,18 +69,18 @@ class UpstreamDrained:
             if self.admin is None:
                 self.admin = kafka.admin(self.settings)
             # Asked after the commits: a record published in between makes it "no", never a wrong "yes".
-            ends = kafka.ends(self.admin, committed, self.timeout_s)
+            ends = kafka.ends(self.admin, [*committed, *ours], self.timeout_s)
             if any(ends[(tp.topic, tp.partition)] > max(tp.offset, 0) for tp in committed):
-                return False
+                return None
         except Exception:  # the broker away: nothing is taken as drained while it cannot be asked
             log.debug("%s's offsets on %s unavailable", self.group, self.topic, exc_info=True)
             self.delays = self.delays or backoff_delays()
             self.retry_at = time.monotonic() + next(self.delays)
             self.close()
-            return False
+            return None
         self.delays = None
         self.checked_at = -1e9  # a "yes" is not kept
-        return True
+        return ends
 
     def close(self) -> None:
         if self.consumer is not None:
