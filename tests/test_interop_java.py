@@ -118,10 +118,13 @@ def test_a_java_producer_feeds_the_real_services_and_a_java_consumer_reads_their
     assert len(lines) >= total
     theirs: dict[tuple, list[dict]] = {}
     for line in lines:
-        topic, text = line.split("\t", 1)
+        topic, headers, text = line.split("\t", 2)
         assert not ERROR.match(text), line
         record = parse_record(text)
-        theirs.setdefault((topic.removeprefix(settings.namespace + "."), ident(record)), []).append(record)
+        topic = topic.removeprefix(settings.namespace + ".")
+        theirs.setdefault((topic, ident(record)), []).append(record)
+        if topic == "outcomes":  # whose it is, in headers Kafka's own Java client reads
+            assert headers == f"driftline-model={record['model']};driftline-role={record['role']};", line
     # Every record driftline's decoder saw, the Java decoder saw too, with the same values (later
     # messages the Python side did not wait for may come on top).
     for topic in wanted:

@@ -22,6 +22,7 @@ import org.apache.kafka.clients.consumer.ConsumerRecord;
 import org.apache.kafka.clients.consumer.KafkaConsumer;
 import org.apache.kafka.clients.producer.KafkaProducer;
 import org.apache.kafka.clients.producer.ProducerRecord;
+import org.apache.kafka.common.header.Header;
 import org.apache.kafka.common.serialization.ByteArrayDeserializer;
 import org.apache.kafka.common.serialization.ByteArraySerializer;
 import org.apache.kafka.common.serialization.StringDeserializer;
@@ -236,6 +237,10 @@ public final class Interop {
         for (ConsumerRecord<String, byte[]> r : consumer.poll(Duration.ofMillis(200))) {
           lastMessage = System.nanoTime();
           out.append(r.topic()).append('\t');
+          for (Header h : r.headers()) {  // key=value;... (the record's Kafka headers, as text)
+            out.append(h.key()).append('=').append(new String(h.value(), StandardCharsets.UTF_8)).append(';');
+          }
+          out.append('\t');
           try {
             out.append(decoders.get(r.topic()).decode(r.value()));
           } catch (Exception e) {
