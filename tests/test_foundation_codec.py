@@ -56,6 +56,25 @@ def test_every_schema_round_trips(record):
     assert codec.decode(blob, expect=record) == SAMPLES[record]
 
 
+@pytest.mark.parametrize("features", [{"a": 1.5, "kind": "card", "b": -2.0}, None, {}])
+def test_a_nullable_map_is_written_with_its_branch_named_and_the_same_bytes(features):
+    """The codec names the branch of Outcome's nullable `features` (fast); fastavro choosing it
+    by validating the whole map writes exactly the same bytes, and a bad value is still refused."""
+    import io
+
+    import fastavro
+
+    codec = get_codec()
+    outcome = {**SAMPLES["Outcome"], "features": features}
+    plain = io.BytesIO()
+    fastavro.schemaless_writer(plain, codec.by_name["Outcome"].parsed, outcome)
+    assert codec.encode("Outcome", outcome) == codec.header("Outcome") + plain.getvalue()
+    assert outcome["features"] is features  # the caller's record is not changed
+    assert codec.decode(codec.encode("Outcome", outcome), expect="Outcome") == outcome
+    with pytest.raises(ValueError):
+        codec.encode("Outcome", {**outcome, "features": {"a": [1.0]}})
+
+
 def test_a_record_of_another_type_is_refused():
     codec = get_codec()
     blob = codec.encode("Label", SAMPLES["Label"])

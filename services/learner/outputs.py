@@ -81,11 +81,10 @@ class Outputs:
              "model_version": answer["model_version"], "role": role, "y_true": label.label,
              "y_pred": answer["y_pred"], "proba": answer["proba"], "position": position, "ts": fv["ts"],
              # what the offline store keeps (offline/store.py): the vector scored, and where the label was read
-             # ("map", ...) and each value's ("double" | "string", ...) name the union's branch:
-             # fastavro otherwise validates the map, then each value, against each branch before
-             # writing it (~9 of the record's ~23 µs); same bytes.
-             "features": None if fv["features"] is None else ("map", {
-                 k: ("string" if type(v) is str else "double", v) for k, v in fv["features"].items()}),
+             # each value's ("double" | "string", v) names its union branch, so fastavro need not
+             # try each branch (~2 µs of ~26 for 32 features; the codec names the map's own branch)
+             "features": None if fv["features"] is None else {
+                 k: ("string" if type(v) is str else "double", v) for k, v in fv["features"].items()},
              "feature_set": fv.get("feature_set"), "label_ts": label.ts,
              "label_partition": label.partition, "label_offset": label.offset,
              "error": error(answer["y_pred"], label.label) if regression else None,
