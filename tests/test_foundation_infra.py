@@ -45,7 +45,7 @@ def test_infra_up_creates_every_topic_and_down_leaves_nothing_listening(own_stac
     topics = AdminClient({"bootstrap.servers": own_stack.kafka_bootstrap}).list_topics(timeout=10).topics
     for spec in TOPIC_SPECS:
         assert spec.name in topics, spec.name
-        assert len(topics[spec.name].partitions) == spec.partitions
+        assert len(topics[spec.name].partitions) == spec.partition_count(own_stack.kafka_stream_partitions)
     assert redis_lib.Redis.from_url(own_stack.redis_url).ping()
 
     status = json.loads(cli(own_stack, "infra", "status", "--json").stdout)

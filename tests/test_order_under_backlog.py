@@ -29,6 +29,7 @@ from confluent_kafka import TopicPartition
 from driftline.replay.datasets import Dataset, _numeric, label_text
 from driftline.shared import kafka
 from driftline.shared.topics import Topics
+from conftest import make_settings
 from learner_harness import wait_for
 from pipeline import PIPELINE, metric, replay_report, start_pipeline
 
@@ -109,6 +110,15 @@ def test_batched_fetches_at_a_live_rate_predict_exactly_as_river_in_process(sett
     # kafka_fetch_batch_ms: the hot path's fetches wait for 64 KiB or 10 ms; live traffic then comes
     # in larger batches, and nothing about the order may change.
     check_exact_order(settings, run_service, LOGREG, 3_000, 100, rate=1_000, DRIFTLINE_KAFKA_FETCH_BATCH_MS="10")
+
+
+def test_streams_of_two_partitions_at_a_live_rate_predict_exactly_as_river_in_process(infra, tmp_path, run_service):
+    # kafka_stream_partitions: a single machine's stack may run its streams on fewer partitions
+    # (the learner then waits for fewer label partitions); the order must not change.
+    two = make_settings(infra, tmp_path, kafka_stream_partitions=2)
+    kafka.ensure_topics(two)
+    assert len(kafka.partitions_of(two, Topics(two.namespace).labels_valid)) == 2
+    check_exact_order(two, run_service, LOGREG, 3_000, 100, rate=1_000, settings_override=two)
 
 
 def test_empty_partitions_hold_nothing_back_once_the_services_before_say_nothing_older_is_coming(settings, run_service):

@@ -22,7 +22,8 @@ hot path -- with the model and features it needs, and replays Elec2 through them
 2. latency: events at 1,000 ev/s (labels 100 behind), through `serve all`; for each event, the
    time from its publication (`published_ms`, the producer's Kafka timestamp) to its prediction
    arriving on `predictions` (p50, p95, p99), over all events and over those after the first
-   STEADY_AFTER_S;
+   STEADY_AFTER_S; unless quick, the same again with the streams on FEW_PARTITIONS partitions
+   (`kafka_stream_partitions`, what one machine's stack may choose: `latency_few_partitions`);
 3. quality: Elec2 with the default features and label delay 0, through `serve all`: prequential
    accuracy, kappa and kappa-temporal of the default model (quick: the first 10,000 rows).
 
@@ -62,6 +63,7 @@ AIM_QUALITY = 0.89
 HOT_PATH = ("ingestion", "features", "learner")
 WHOLE = serve.SERVICES + serve.SINKS  # what `driftline serve all` runs
 THROUGHPUT_DELAY = 100
+FEW_PARTITIONS = 3  # the second latency phase's kafka_stream_partitions (the default is 6)
 STEADY_AFTER_S = 5.0  # the latency phase's steady figure leaves out its first seconds (see latency())
 # BENCH_PIPELINE_PROFILE=1: a py-spy flame graph of every service during each throughput phase
 # (profiles/pipeline-<model>-<service>.svg next to the JSON).
@@ -108,6 +110,10 @@ def run(out_dir: Path, quick: bool, redis_cluster: bool = False) -> dict:
             result["throughput_redis_cluster"] = throughput_through_cluster(bench, rows, result["throughput"])
         console.rule("latency at 1,000 ev/s, serve all")
         result["latency"] = bench.latency(rate=1000, seconds=latency_s)
+        if not quick:
+            console.rule(f"latency at 1,000 ev/s, serve all, streams of {FEW_PARTITIONS} partitions")
+            result["latency_few_partitions"] = bench.latency(rate=1000, seconds=latency_s,
+                                                             stream_partitions=FEW_PARTITIONS)
         console.rule("quality: Elec2, default features, label delay 0, serve all")
         report = bench.replay(DEFAULT_MODEL, "default", limit=quality_rows, label_delay=0)
         pq = report["prequential"]
@@ -208,10 +214,12 @@ class BenchStack:
         else:
             shutil.rmtree(self.home, ignore_errors=True)
 
-    def start(self, model: str, features: str, whole: bool = True) -> tuple[Settings, dict[str, int]]:
+    def start(self, model: str, features: str, whole: bool = True,
+              stream_partitions: int | None = None) -> tuple[Settings, dict[str, int]]:
         """A fresh namespace running the given model/features: `driftline serve all` (whole), or the
         hot path's three services. Returns the settings and each process's pid (the supervisor's too)."""
         settings = self.settings.model_copy(update={
+            "kafka_stream_partitions": stream_partitions or self.settings.kafka_stream_partitions,
             "namespace": f"bench-{uuid.uuid4().hex[:6]}",
             "ports": Ports(**{name: stack.free_port() for name in Ports.model_fields}),
             "offline": self.settings.offline.model_copy(update={"dir": self.home / "offline"}),
@@ -288,8 +296,8 @@ class BenchStack:
             console.print(f"warm-up {len(runs)}: broker {runs[-1]:g} µs of CPU per event")
         return runs
 
-    def latency(self, rate: int, seconds: float) -> dict:
-        settings, _pids = self.start(DEFAULT_MODEL, "raw")
+    def latency(self, rate: int, seconds: float, stream_partitions: int | None = None) -> dict:
+        settings, _pids = self.start(DEFAULT_MODEL, "raw", stream_partitions=stream_partitions)
         sink = PredictionSink(settings)
         try:
             report = replay(settings, load("elec2"), limit=int(rate * seconds), label_delay=THROUGHPUT_DELAY,
@@ -300,6 +308,7 @@ class BenchStack:
             sink.close()
             self.stop_services()
         out = {"rate_eps": rate, "seconds": seconds, "events": int(rate * seconds),
+               "stream_partitions": settings.kafka_stream_partitions,
                "predictions": len(sink.latencies_ms),
                "measured_from": "Event.published_ms (producer's Kafka timestamp) to arrival on predictions",
                "replay_wall_s": report["wall_s"]}

@@ -10,9 +10,10 @@ the real Redis read), and runs `driftline serve prediction` as a subprocess. The
   the same run: requests/s, p50 and p99 latency (`wrk --latency`), and the three ratios of the
   aims: predict p99, predict/health and health/bare throughput. The machine may be shared, so
   only ratios measured in one run compare; the load average is recorded before and after;
-- with `BENCH_PREDICT_PROFILE=1`, a py-spy flame graph of the service under /v1/predict load
-  (`profiles/predict.svg` next to the JSON; py-spy from PyPI; `=raw`: collapsed stacks, one line
-  per stack and its samples, in `profiles/predict.txt`);
+- with `BENCH_PREDICT_PROFILE=1`, py-spy flame graphs of the service (samples of the thread that
+  holds the GIL: where its CPU goes, not its waits) under /v1/predict load and under one batch at a
+  time (`profiles/predict.svg` and `predict-batch.svg` next to the JSON; py-spy from PyPI; `=raw`:
+  collapsed stacks, one line per stack and its samples, in `.txt` files);
 - the time a swap takes to reach every uvicorn worker: register a new version, make it champion,
   publish `model.swaps`, then poll the workers' `driftline_serving_model_version` gauges (one per
   process in multiprocess mode) until every worker serves the new version.
@@ -234,13 +235,14 @@ def start_bare(port: int, log_path: Path) -> subprocess.Popen:
 
 
 def profile(pid: int, svg: Path, seconds: int, fmt: str = "flamegraph") -> subprocess.Popen | None:
-    """py-spy record of a running process (all threads, GIL holders shown), in the background
-    (`fmt` "raw": collapsed stacks, one line per stack with its sample count)."""
+    """py-spy record of a running process in the background: samples of the thread holding the
+    GIL, so a thread waiting on a socket or a poll is not counted as busy (`fmt` "raw": collapsed
+    stacks, one line per stack with its sample count)."""
     exe = shutil.which("py-spy") or str(Path(os.sys.executable).with_name("py-spy"))
     if not Path(exe).exists():
         return None
     svg.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([exe, "record", "-p", str(pid), "-d", str(seconds), "-r", "200", "-o", str(svg),
+    return subprocess.Popen([exe, "record", "-p", str(pid), "-d", str(seconds), "-r", "200", "--gil", "-o", str(svg),
                              "--nonblocking", "-f", fmt], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
@@ -295,6 +297,11 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
             spy = profile(proc.pid, out_dir / "profiles" / ("predict.txt" if raw else "predict.svg"), seconds,
                           "raw" if raw else "flamegraph")
             wrk(url + "/v1/predict", 16, seconds, script)
+            if spy is not None:
+                spy.wait(seconds + 30)
+            spy = profile(proc.pid, out_dir / "profiles" / ("predict-batch.txt" if raw else "predict-batch.svg"),
+                          seconds, "raw" if raw else "flamegraph")
+            wrk(url + "/v1/predict/batch", 1, seconds, batch_script)
             if spy is not None:
                 spy.wait(seconds + 30)
         result["load_average_before"] = [round(x, 2) for x in os.getloadavg()]

@@ -48,11 +48,13 @@ def _pipeline(r: dict) -> Rows:
             rows.append((f"{name}, CPU µs per event", ", ".join(f"{k} {_n(v)}" for k, v in t["cpu_us_per_event"].items())))
         if "drift_events" in t:
             rows.append((f"{name}, drift events / swaps", f"{t['drift_events']} / {len(t.get('model_swaps', []))}"))
-    lat = r.get("latency", {})
-    steady = lat.get("steady_latency_ms") or lat.get("latency_ms")
-    if steady:
-        rows.append((f"publish → prediction at {_n(lat.get('rate_eps'))} ev/s, p50 / p95 / p99 ms",
-                     f"{steady['p50']} / {steady['p95']} / {steady['p99']}"))
+    for key, how in (("latency", ""), ("latency_few_partitions", ", streams of {} partitions")):
+        lat = r.get(key) or {}
+        steady = lat.get("steady_latency_ms") or lat.get("latency_ms")
+        if steady:
+            rows.append((f"publish → prediction at {_n(lat.get('rate_eps'))} ev/s"
+                         f"{how.format(lat.get('stream_partitions'))}, p50 / p95 / p99 ms",
+                         f"{steady['p50']} / {steady['p95']} / {steady['p99']}"))
     q = r.get("quality")
     if q:
         rows.append((f"quality: {q['dataset']}, {q['features']} features, delay {q['label_delay']}",
@@ -139,8 +141,12 @@ def figures(folder: Path = Path("reports/bench")) -> Rows:
                      f"{_n(lr['pipeline_events_per_s'])} ev/s = **{lr['ratio']}** of river in-process{extra}"))
     lat = (pipeline.get("latency") or {}).get("steady_latency_ms")
     if lat:
+        few = (pipeline.get("latency_few_partitions") or {})
+        extra = (f" ({few['steady_latency_ms']['p50']} / {few['steady_latency_ms']['p95']} / "
+                 f"{few['steady_latency_ms']['p99']} with streams of {few['stream_partitions']} partitions)"
+                 if few.get("steady_latency_ms") else "")
         rows.append((f"publish → prediction at {_n(pipeline['latency'].get('rate_eps'))} ev/s, p50 / p95 / p99",
-                     f"{lat['p50']} / {lat['p95']} / {lat['p99']} ms"))
+                     f"{lat['p50']} / {lat['p95']} / {lat['p99']} ms{extra}"))
     quality = pipeline.get("quality")
     if quality:
         kt = quality.get("kappa_temporal")

@@ -161,13 +161,15 @@ def produce(p: Producer, topic: str, value: bytes, key: str | bytes | None = Non
 
 
 def ensure_topics(settings: Settings, namespace: str | None = None, timeout: float = 30.0) -> list[str]:
-    """Create every topic of docs/DESIGN.md in the namespace; existing ones are left as they are.
-    Returns the topics that were created now."""
+    """Create every topic of docs/DESIGN.md in the namespace (the streams with
+    `kafka_stream_partitions` partitions); existing ones are left as they are. Returns the topics
+    that were created now."""
     topics = Topics(settings.namespace if namespace is None else namespace)
     client = admin(settings)
     existing = set(client.list_topics(timeout=timeout).topics)
     wanted = [
-        NewTopic(name, num_partitions=topics.spec(name).partitions, replication_factor=1)
+        NewTopic(name, num_partitions=topics.spec(name).partition_count(settings.kafka_stream_partitions),
+                 replication_factor=1)
         for name in topics.all()
         if name not in existing
     ]

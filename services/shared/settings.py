@@ -340,6 +340,13 @@ class Settings(BaseSettings):
                     "there; N = the broker holds each of their fetches until 64 KiB or N ms: fewer, larger "
                     "batches under steady live traffic for more empty fetches when idle (docs/operations.md)",
     )
+    kafka_stream_partitions: int = Field(
+        6, ge=1, le=1000,
+        description="partitions of each stream topic (events, labels, their .valid, features, predictions) that "
+                    "driftline creates: at most this many replicas of ingestion, features or prediction share a "
+                    "stream. Fewer cost the broker fewer requests and the learner fewer label partitions to wait "
+                    "for at live rates (docs/operations.md). Topics that exist keep theirs",
+    )
     kafka_security: dict[str, str] = Field(
         default_factory=dict,
         description="librdkafka properties for every Kafka client: security.protocol, sasl.*, ssl.* (JSON object)",

@@ -7,8 +7,14 @@
     't1.features'
 
 Keys are the entity id wherever the record has one, so one entity stays on one partition. The
-model-level topics (outcomes, drift.events, retrain.requests, model.swaps, model.updates) have one
-partition: one active learner writes them, and their consumers need them in order.
+stream topics (events, labels, their .valid, features, predictions) have
+`kafka_stream_partitions` partitions (6 unless set): at most that many replicas of a service share
+a stream. The model-level topics (outcomes, drift.events, retrain.requests, model.swaps,
+model.updates) have one partition: one active learner writes them, and their consumers need them
+in order.
+
+    >>> SPEC_BY_NAME["outcomes"].partition_count(stream_partitions=3), SPEC_BY_NAME["features"].partition_count(3)
+    (1, 3)
 
 Aggregates keyed by another field (a merchant) add the features service's internal topics
 (docs/features.md): `features.by.<key>.<source>`, one per key field and per partition of the stage
@@ -27,21 +33,24 @@ from dataclasses import dataclass
 class TopicSpec:
     name: str
     schema: str  # Avro record name in schemas/
-    partitions: int
+    partitions: int | None  # None: a stream topic, with the deployment's kafka_stream_partitions
     key: str  # what the message key holds
 
+    def partition_count(self, stream_partitions: int) -> int:
+        return self.partitions if self.partitions is not None else stream_partitions
 
-STREAM_PARTITIONS = 6
+
+STREAM = None  # a stream topic: settings.kafka_stream_partitions partitions
 
 TOPIC_SPECS: tuple[TopicSpec, ...] = (
-    TopicSpec("events", "Event", STREAM_PARTITIONS, "entity_id"),
-    TopicSpec("labels", "Label", STREAM_PARTITIONS, "event_id"),
-    TopicSpec("events.valid", "Event", STREAM_PARTITIONS, "entity_id"),
-    TopicSpec("labels.valid", "Label", STREAM_PARTITIONS, "event_id"),
+    TopicSpec("events", "Event", STREAM, "entity_id"),
+    TopicSpec("labels", "Label", STREAM, "event_id"),
+    TopicSpec("events.valid", "Event", STREAM, "entity_id"),
+    TopicSpec("labels.valid", "Label", STREAM, "event_id"),
     TopicSpec("events.dlq", "DeadLetter", 3, "original key"),
     TopicSpec("labels.dlq", "DeadLetter", 3, "original key"),
-    TopicSpec("features", "FeatureVector", STREAM_PARTITIONS, "entity_id"),
-    TopicSpec("predictions", "Prediction", STREAM_PARTITIONS, "entity_id"),
+    TopicSpec("features", "FeatureVector", STREAM, "entity_id"),
+    TopicSpec("predictions", "Prediction", STREAM, "entity_id"),
     TopicSpec("outcomes", "Outcome", 1, "entity_id"),
     TopicSpec("drift.events", "DriftEvent", 1, "model name"),
     TopicSpec("retrain.requests", "RetrainRequest", 1, "model name"),
@@ -77,7 +86,7 @@ class Topics:
     def spec(self, full: str) -> TopicSpec:
         base = self.base(full)
         if base.startswith(KEYED_PREFIX):
-            return TopicSpec(base, KEYED_SCHEMA, STREAM_PARTITIONS, "key entity")
+            return TopicSpec(base, KEYED_SCHEMA, STREAM, "key entity")  # events.valid's count, in fact
         return SPEC_BY_NAME[base]
 
     def keyed(self, key: str, source: int) -> str:
