@@ -343,9 +343,9 @@ class Settings(BaseSettings):
     kafka_stream_partitions: int = Field(
         6, ge=1, le=1000,
         description="partitions of each stream topic (events, labels, their .valid, features, predictions) that "
-                    "driftline creates: at most this many replicas of ingestion, features or prediction share a "
-                    "stream. Fewer cost the broker fewer requests and the learner fewer label partitions to wait "
-                    "for at live rates (docs/operations.md). Topics that exist keep theirs",
+                    "driftline creates: at most this many replicas of ingestion or features share a stream. Fewer "
+                    "cost the broker fewer requests and the learner fewer label partitions to wait for at live "
+                    "rates (docs/operations.md). Topics that exist keep theirs",
     )
     kafka_security: dict[str, str] = Field(
         default_factory=dict,

@@ -8,8 +8,8 @@
 
 Keys are the entity id wherever the record has one, so one entity stays on one partition. The
 stream topics (events, labels, their .valid, features, predictions) have
-`kafka_stream_partitions` partitions (6 unless set): at most that many replicas of a service share
-a stream. The model-level topics (outcomes, drift.events, retrain.requests, model.swaps,
+`kafka_stream_partitions` partitions (6 unless set): at most that many replicas of ingestion or
+features share a stream. The model-level topics (outcomes, drift.events, retrain.requests, model.swaps,
 model.updates) have one partition: one active learner writes them, and their consumers need them
 in order.
 
