@@ -54,13 +54,21 @@ def _pipeline(r: dict) -> Rows:
         if steady:
             rows.append((f"publish → prediction at {_n(lat.get('rate_eps'))} ev/s"
                          f"{how.format(lat.get('stream_partitions'))}, p50 / p95 / p99 ms",
-                         f"{steady['p50']} / {steady['p95']} / {steady['p99']}"))
+                         _p50_p95_p99(steady)))
     q = r.get("quality")
     if q:
         rows.append((f"quality: {q['dataset']}, {q['features']} features, delay {q['label_delay']}",
                      f"accuracy {q['accuracy']}, kappa-temporal {q.get('kappa_temporal', '-')} "
                      f"(no-change {q.get('no_change_accuracy', '-')})"))
     return rows
+
+
+def _p50_p95_p99(percentiles: dict) -> str:
+    """
+        >>> _p50_p95_p99({"p50": 46.2, "p95": 71.8, "p99": 89.6, "max": 120.7})
+        '46.2 / 71.8 / 89.6'
+    """
+    return f"{percentiles['p50']} / {percentiles['p95']} / {percentiles['p99']}"
 
 
 def _ingest(r: dict) -> Rows:
@@ -142,11 +150,10 @@ def figures(folder: Path = Path("reports/bench")) -> Rows:
     lat = (pipeline.get("latency") or {}).get("steady_latency_ms")
     if lat:
         few = (pipeline.get("latency_few_partitions") or {})
-        extra = (f" ({few['steady_latency_ms']['p50']} / {few['steady_latency_ms']['p95']} / "
-                 f"{few['steady_latency_ms']['p99']} with streams of {few['stream_partitions']} partitions)"
+        extra = (f" ({_p50_p95_p99(few['steady_latency_ms'])} with streams of {few['stream_partitions']} partitions)"
                  if few.get("steady_latency_ms") else "")
         rows.append((f"publish → prediction at {_n(pipeline['latency'].get('rate_eps'))} ev/s, p50 / p95 / p99",
-                     f"{lat['p50']} / {lat['p95']} / {lat['p99']} ms{extra}"))
+                     f"{_p50_p95_p99(lat)} ms{extra}"))
     quality = pipeline.get("quality")
     if quality:
         kt = quality.get("kappa_temporal")
