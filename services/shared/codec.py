@@ -26,7 +26,7 @@ output topics that `schema_registry_output` frames so; a producer's id is the re
 resolve (`SchemaRegistry.writer`), and `read` decodes any writer the same way.
 
 Schemas are parsed once, at first use; encoding and decoding are fastavro's schemaless reader and
-writer, which is the hot path of every service. A nullable map, array or record field (Outcome's
+writer, which is the hot path of every service. A nullable map or array field (Outcome's
 `features`) is written with its branch named (fastavro's tuple notation): otherwise fastavro
 validates the whole value against each branch to choose one, and then validates it again while
 writing it (an Outcome with 8 features: ~15.5 -> ~12.7 µs, more with more features; the same bytes).
@@ -60,17 +60,15 @@ class DecodeError(ValueError):
         self.detail = detail
 
 
-COMPLEX = ("map", "array", "record")
+def nullable_collections(schema: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """(field, "map" | "array") of each top-level field typed ["null", <map|array>]: the fields
+    whose non-null value `AvroCodec.encode` names the branch of.
 
-
-def nullable_complex_fields(schema: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-    """(field, branch) of each top-level field typed ["null", <map|array|record>]: the fields whose
-    non-null value `AvroCodec.encode` names the branch of.
-
-        >>> nullable_complex_fields({"type": "record", "name": "R", "fields": [
+        >>> nullable_collections({"type": "record", "name": "R", "fields": [
         ...     {"name": "a", "type": ["null", {"type": "map", "values": "double"}]},
-        ...     {"name": "b", "type": ["null", "string"]}]})
-        (('a', 'map'),)
+        ...     {"name": "b", "type": ["null", "string"]},
+        ...     {"name": "c", "type": [{"type": "array", "items": "int"}, "null"]}]})
+        (('a', 'map'), ('c', 'array'))
     """
     named = []
     for field in schema["fields"]:
@@ -78,8 +76,8 @@ def nullable_complex_fields(schema: dict[str, Any]) -> tuple[tuple[str, str], ..
         if isinstance(branches, list) and len(branches) == 2 and "null" in branches:
             other = branches[1] if branches[0] == "null" else branches[0]
             kind = other.get("type") if isinstance(other, dict) else None
-            if kind in COMPLEX:
-                named.append((field["name"], other["name"] if kind == "record" else kind))
+            if kind in ("map", "array"):
+                named.append((field["name"], kind))
     return tuple(named)
 
 
@@ -94,7 +92,7 @@ class RecordType:
     current: bool
     incompatible: str | None = None  # why the current version cannot read this one, if it cannot
     origin: str | None = None  # where a writer that is no released version came from ("registry schema id 7")
-    named_branches: tuple[tuple[str, str], ...] = ()  # nullable_complex_fields of the schema
+    named_branches: tuple[tuple[str, str], ...] = ()  # nullable_collections of the schema
 
     @property
     def described(self) -> str:
@@ -117,7 +115,7 @@ class AvroCodec:
                     self.by_fingerprint[old_fp] = RecordType(name, old.version, fastavro.parse_schema(old.raw),
                                                              old_fp, False, incompatibility(raw, old.raw))
             record = RecordType(name, number, fastavro.parse_schema(raw), fp, True,
-                                named_branches=nullable_complex_fields(raw))
+                                named_branches=nullable_collections(raw))
             self.by_name[name] = self.by_fingerprint[fp] = record
         # What driftline wrote before the fingerprint fix: its 8 bytes reversed. Named in the
         # refusal so an operator recognises old data (see README, "Upgrading").
