@@ -293,17 +293,13 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         wrk(url + "/v1/predict", 16, 2, script)  # warm-up: connections, caches, lazy imports
         wrk(bare_url + "/health", 16, 1)
         if os.environ.get("BENCH_PREDICT_PROFILE"):
-            raw = os.environ["BENCH_PREDICT_PROFILE"] == "raw"
-            spy = profile(proc.pid, out_dir / "profiles" / ("predict.txt" if raw else "predict.svg"), seconds,
-                          "raw" if raw else "flamegraph")
-            wrk(url + "/v1/predict", 16, seconds, script)
-            if spy is not None:
-                spy.wait(seconds + 30)
-            spy = profile(proc.pid, out_dir / "profiles" / ("predict-batch.txt" if raw else "predict-batch.svg"),
-                          seconds, "raw" if raw else "flamegraph")
-            wrk(url + "/v1/predict/batch", 1, seconds, batch_script)
-            if spy is not None:
-                spy.wait(seconds + 30)
+            fmt, suffix = ("raw", "txt") if os.environ["BENCH_PREDICT_PROFILE"] == "raw" else ("flamegraph", "svg")
+            for name, route, connections, lua in (("predict", "/v1/predict", 16, script),
+                                                  ("predict-batch", "/v1/predict/batch", 1, batch_script)):
+                spy = profile(proc.pid, out_dir / "profiles" / f"{name}.{suffix}", seconds, fmt)
+                wrk(url + route, connections, seconds, lua)
+                if spy is not None:
+                    spy.wait(seconds + 30)
         result["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
         for connections in (16,) if quick else (16, 64):
             predict = wrk(url + "/v1/predict", connections, seconds, script, pgid=proc.pid)
