@@ -114,6 +114,28 @@ def test_labels_held_back_alone_ask_the_services_before_us_once_the_oldest_has_w
     assert not worker.waits_on_upstream(mark=float("-inf"), label_mark=3.5, now=NOW + 60)  # none beyond
 
 
+def test_labels_alone_beyond_the_watermark_bring_the_loop_back_as_soon_as_they_may_ask_again():
+    # The HTTP-only loop: a label waits for the answer, not for a whole poll (50 ms) or a question
+    # paced for held events (100 ms); a question that lets nothing go is asked less often.
+    from driftline.learner.worker import FLOOR_CHECK_S, LABEL_FLOOR_CHECK_S, POLL_TIMEOUT_S, LearnerWorker
+
+    worker = LearnerWorker.__new__(LearnerWorker)
+    worker.held = HeldEvents()
+    worker.join = DelayedJoin(hold_s=0.0, patience_s=10.0, grace_s=30.0)
+    worker.label_floor_check_s = LABEL_FLOOR_CHECK_S
+    assert worker.poll_timeout_s == POLL_TIMEOUT_S  # no label waits
+    worker.join.add([label(1, seen=NOW)])
+    worker.join.label_mark = 1.0  # e1 (ts 1.5) is beyond it
+    assert worker.poll_timeout_s == worker.floor_check_s == LABEL_FLOOR_CHECK_S < POLL_TIMEOUT_S
+    worker.labels_asked(moved=False)
+    assert worker.poll_timeout_s == worker.floor_check_s == 2 * LABEL_FLOOR_CHECK_S
+    worker.join.label_mark = 2.0  # e1 is within it: it waits for its event, not for the labels
+    assert worker.poll_timeout_s == POLL_TIMEOUT_S
+    worker.join.label_mark = 1.0
+    worker.held.add([event(1)])  # events held: the pace of held events
+    assert worker.poll_timeout_s == POLL_TIMEOUT_S and worker.floor_check_s == FLOOR_CHECK_S
+
+
 def test_flow_control_pauses_the_side_that_runs_ahead_and_never_the_partition_that_sets_the_mark():
     from driftline.learner.ordering import FlowControl
     flow = FlowControl(max_held=100, max_waiting=100)

@@ -205,7 +205,8 @@ class Inputs:
         self.upstream_checked[side] = (time.monotonic(), drained)
         return drained
 
-    def upstream_floors(self) -> dict[tuple[str, int], tuple[int, float, float]] | None:
+    def upstream_floors(self, sides: tuple[str, ...] = ("labels", "features")
+                        ) -> dict[tuple[str, int], tuple[int, float, float]] | None:
         """Per partition of ours, ("features" | "labels", partition) -> (offset, lasting, now):
         every record written there from `offset` on has an event time at or after `lasting`, and
         of those already published, at or after `now` (as far as each upstream partition keeps its
@@ -223,20 +224,24 @@ class Inputs:
 
         Ingestion is asked before features, so that what it had passed on is then known to be
         through features or behind its commit. While the broker is away the answer is None
-        without asking, and a failed question is asked again only after a backoff."""
+        without asking, and a failed question is asked again only after a backoff. `sides`: only
+        the labels' floors when only labels wait (half the round trips)."""
         now = time.monotonic()
         if DEPS.is_down("kafka") or now < self.upstream_retry_at.get("floors", 0.0):
             return None
+        ours = {"labels": self.label_partitions, "features": self.feature_partitions}
         try:
             committed: dict[tuple[str, int], TopicPartition] = {}
             for side in ("labels", "features"):  # ingestion before features (see above)
+                if side not in sides:
+                    continue
                 for c, parts in self.upstream_consumers(side):
                     for tp in c.committed(parts, timeout=UPSTREAM_TIMEOUT_S):
                         committed[(tp.topic, tp.partition)] = tp
             if self.admin is None:
                 self.admin = kafka.admin(self.settings)
             wanted = [TopicPartition(t, p) for t, p in committed] + [
-                TopicPartition(tp.topic, tp.partition) for tp in self.feature_partitions + self.label_partitions]
+                TopicPartition(tp.topic, tp.partition) for side in sides for tp in ours[side]]
             ends = kafka.ends(self.admin, wanted, UPSTREAM_TIMEOUT_S)
         except Exception:  # the broker away: no floor now, asked again after a backoff
             log.debug("the upstream services' event times are unavailable", exc_info=True)
@@ -261,12 +266,16 @@ class Inputs:
                     lasting, at_once = min(lasting, bound), min(at_once, bound)
             return lasting, at_once
 
-        features = floor((self.topics.events, self.topics.events_valid, *self.keyed_topics()))
-        labels = floor((self.topics.labels,))
-        return {**{("features", tp.partition): (ends[(tp.topic, tp.partition)], *features)
-                   for tp in self.feature_partitions},
-                **{("labels", tp.partition): (ends[(tp.topic, tp.partition)], *labels)
-                   for tp in self.label_partitions}}
+        out = {}
+        if "features" in sides:
+            features = floor((self.topics.events, self.topics.events_valid, *self.keyed_topics()))
+            out.update({("features", tp.partition): (ends[(tp.topic, tp.partition)], *features)
+                        for tp in self.feature_partitions})
+        if "labels" in sides:
+            labels = floor((self.topics.labels,))
+            out.update({("labels", tp.partition): (ends[(tp.topic, tp.partition)], *labels)
+                        for tp in self.label_partitions})
+        return out
 
     def upstream_consumers(self, side: str) -> list[tuple[Consumer, list[TopicPartition]]]:
         """Per service before us, a consumer in its group (never subscribes: reads commits) and its
