@@ -474,9 +474,9 @@ def test_asking_whether_upstream_is_drained_with_the_broker_away_says_no_soon_an
     inputs = Inputs(s, Topics(s.namespace))
     for side in ("labels", "features"):
         started = time.monotonic()
-        assert inputs.upstream_drained(side) is False
+        assert inputs.drained_ends(side) is None
         assert time.monotonic() - started < UPSTREAM_TIMEOUT_S + 2
         started = time.monotonic()
-        assert inputs.upstream_drained(side) is False  # backing off: not asked again at once
+        assert inputs.drained_ends(side) is None  # backing off: not asked again at once
         assert time.monotonic() - started < 0.1
     inputs.close_control()

@@ -98,17 +98,20 @@ class Inputs:
         watermarks, no broker round trip)."""
         return self.ends(self.label_partitions, offsets, side="labels")
 
-    def feature_ends(self, offsets: dict[tuple[str, int], int], fresh: bool = False) -> list[tuple[int, bool]]:
-        """Each features partition and whether it is read to its end (`fresh`: ask the broker)."""
-        return self.ends(self.feature_partitions, offsets, fresh, side="features")
+    def feature_ends(self, offsets: dict[tuple[str, int], int], fresh: bool = False,
+                     known: dict[tuple[str, int], int] | None = None) -> list[tuple[int, bool]]:
+        """Each features partition and whether it is read to its end (`fresh`: ask the broker,
+        unless `known` says already)."""
+        return self.ends(self.feature_partitions, offsets, fresh, side="features", known=known)
 
     def ends(self, partitions: list[TopicPartition], offsets: dict[tuple[str, int], int],
-             fresh: bool = False, side: str = "") -> list[tuple[int, bool]]:
+             fresh: bool = False, side: str = "", known: dict[tuple[str, int], int] | None = None
+             ) -> list[tuple[int, bool]]:
         """A partition we paused is never at its end: it is not idle, we are holding it (and the
         consumer's cached high watermark of it is stale). Nor is one whose end the broker cannot
-        tell us now (away)."""
+        tell us now (away). `known`: fresh ends already asked (`drained_ends`)."""
         asked = [tp for tp in partitions if (side, tp.partition) not in self.paused]
-        marks = self.latest(asked) if fresh else {}
+        marks = (known if known is not None else self.latest(asked)) if fresh else {}
         out = []
         for tp in partitions:
             if (side, tp.partition) in self.paused:
@@ -157,14 +160,19 @@ class Inputs:
         log.debug("learner: paused %s", sorted(wanted))
         self.paused = set(wanted)
 
-    def upstream_drained(self, side: str = "features") -> bool:
+    def drained_ends(self, side: str = "features", ours: list[TopicPartition] = ()
+                     ) -> dict[tuple[str, int], int] | None:
         """Has everything published so far come through the services before us? For "features":
         ingestion has committed to the end of `events` and features to the end of `events.valid`;
-        for "labels": ingestion to the end of `labels`. Asked of the broker only when the answer
-        matters (a label about to be given up on, an event held back by a partition at its end); a
-        "no" is kept for UPSTREAM_CHECK_S, a "yes" never (the next record may come right after it).
-        Ingestion is asked before features, so that what it had passed on is then known to be
-        through features too.
+        for "labels": ingestion to the end of `labels`. None if not; if so, the ends of `ours` (our
+        own partitions after them), asked in the same request as their inputs' ends: after their
+        commits, so whatever they wrote before committing is below them. Asked of the broker only
+        when the answer matters (a label about to be given up on, an event held back by a
+        partition at its end); a "no" is kept for UPSTREAM_CHECK_S, a "yes" never (the next record
+        may come right after it). Every commit is read before any end, ingestion's before
+        features', so that what ingestion had passed on is then known to be through features too
+        or behind its commit (one OffsetFetch per service, then one ListOffsets: the HTTP-only loop
+        asks this for every label).
 
         While the broker is away the answer is "no" without asking (nothing is given up while it
         cannot be asked), and a failed question is asked again only after a backoff with short
@@ -173,21 +181,21 @@ class Inputs:
         now = time.monotonic()
         checked_at, drained = self.upstream_checked.get(side, (-1e9, False))
         if not drained and (now - checked_at < UPSTREAM_CHECK_S or now < self.upstream_retry_at.get(side, 0.0)):
-            return False
+            return None
         if DEPS.is_down("kafka"):
             self.upstream_checked[side] = (now, False)
-            return False
-        drained = True
+            return None
+        ends = None
         try:
-            for c, parts in self.upstream_consumers(side):
-                committed = c.committed(parts, timeout=UPSTREAM_TIMEOUT_S)
-                ends = self.latest(committed)
-                if len(ends) < len(committed):
-                    raise KafkaException(f"the ends of {sorted(ends)} only, of {len(committed)} partitions")
-                if any(ends[(tp.topic, tp.partition)] > 0 and tp.offset < ends[(tp.topic, tp.partition)]
+            committed = [tp for c, parts in self.upstream_consumers(side)
+                         for tp in c.committed(parts, timeout=UPSTREAM_TIMEOUT_S)]
+            asked = [*committed, *ours]
+            found = self.latest(asked)
+            if len(found) < len(asked):
+                raise KafkaException(f"the ends of {sorted(found)} only, of {len(asked)} partitions")
+            if not any(found[(tp.topic, tp.partition)] > 0 and tp.offset < found[(tp.topic, tp.partition)]
                        for tp in committed):
-                    drained = False
-                    break
+                ends = {(tp.topic, tp.partition): found[(tp.topic, tp.partition)] for tp in ours}
         except Exception as exc:  # the broker away: nothing is given up while it cannot be asked
             log.debug("upstream offsets unavailable", exc_info=True)
             delays = self.upstream_delays.setdefault(side, backoff_delays())
@@ -197,13 +205,12 @@ class Inputs:
                 log.warning("learner: the upstream services' offsets cannot be read (%s); events and labels "
                             "wait until they can", exc.args[0] if exc.args else exc)
             self.upstream_failed[side] = True
-            drained = False
         else:
             self.upstream_delays.pop(side, None)
             if self.upstream_failed.pop(side, False):
                 log.warning("learner: the upstream services' offsets can be read again")
-        self.upstream_checked[side] = (time.monotonic(), drained)
-        return drained
+        self.upstream_checked[side] = (time.monotonic(), ends is not None)
+        return ends
 
     def upstream_floors(self, sides: tuple[str, ...] = ("labels", "features")
                         ) -> dict[tuple[str, int], tuple[int, float, float]] | None:
@@ -219,7 +226,7 @@ class Inputs:
         features, at or after features'; one through both was acknowledged before those commits
         were read, so it is before our end, read after them. An upstream partition read to its end
         holds nothing back `now` (what it gets next is produced later, so newer: the rule of
-        `upstream_drained`), and for good only what its own order says. One not read to its end
+        `drained_ends`), and for good only what its own order says. One not read to its end
         and committed without an event time (not yet committed, an older driftline) leaves no floor.
 
         Ingestion is asked before features, so that what it had passed on is then known to be

@@ -235,11 +235,14 @@ class LearnerWorker(StreamWorker):
                 if not self.held:
                     self.labels_asked(moved=label_mark > before)
             self.join.label_mark = label_mark
-            if self.held and mark < min(label_mark, self.held.events[0].ts) and self.inputs.upstream_drained():
+            known = None
+            if self.held and mark < min(label_mark, self.held.events[0].ts):
+                known = self.inputs.drained_ends("features", self.inputs.feature_partitions)
+            if known is not None:
                 # Nothing left upstream: a features partition read to its (fresh) end is done,
                 # what it gets next is newer.
                 mark = min(label_mark, features_mark(self.feature_marks.ts_by_partition,
-                                                     self.inputs.feature_ends(self.offsets, fresh=True)))
+                                                     self.inputs.feature_ends(self.offsets, fresh=True, known=known)))
             # A chunk at a time, control read between chunks: behind a backlog thousands of held
             # events can be released at once, and a retrain request must not wait for all of them.
             while True:
@@ -433,24 +436,25 @@ class LearnerWorker(StreamWorker):
 
     def labels_drained(self, partition: int) -> bool:
         """Ingestion has read every label published, and we have read all it wrote to `partition`."""
-        return self.inputs.upstream_drained("labels") and self.read_to_end(self.inputs.label_partitions, partition,
-                                                                           "labels")
+        return self.read_to_end("labels", self.inputs.label_partitions, partition)
 
     def features_drained(self, partition: int) -> bool:
         """Ingestion and features have read everything published, and we all they wrote to `partition`."""
-        return self.inputs.upstream_drained("features") and self.read_to_end(self.inputs.feature_partitions,
-                                                                             partition, "features")
+        return self.read_to_end("features", self.inputs.feature_partitions, partition)
 
-    def read_to_end(self, partitions, partition: int, side: str) -> bool:
-        """Read to its end by the broker's count now, not the consumer's cached one."""
-        return all(end for _, end in self.inputs.ends([tp for tp in partitions if tp.partition == partition],
-                                                      self.offsets, fresh=True, side=side))
+    def read_to_end(self, side: str, partitions, partition: int | None = None) -> bool:
+        """The services before us have read everything published, and we have read `partition`
+        of theirs (None: every one) to its end by the broker's count now, not the consumer's
+        cached one (one question: `Inputs.drained_ends`)."""
+        ours = [tp for tp in partitions if partition is None or tp.partition == partition]
+        known = self.inputs.drained_ends(side, ours)
+        return known is not None and all(
+            end for _, end in self.inputs.ends(ours, self.offsets, fresh=True, side=side, known=known))
 
     def nothing_on_the_way(self) -> bool:
         """Ingestion and features have read everything published, and we have read all they wrote
         (watermarks asked of the broker, not the consumer's cached ones)."""
-        return self.inputs.upstream_drained() and all(
-            end for _, end in self.inputs.feature_ends(self.offsets, fresh=True))
+        return self.read_to_end("features", self.inputs.feature_partitions)
 
     def catch_up(self) -> None:
         """After a crash: re-learn the labels whose outcomes were already published, in that order."""
