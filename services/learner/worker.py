@@ -79,7 +79,7 @@ LABEL_FLOOR_CHECK_S = 0.01
 # batches come every few ms, and exporting after each one cost ~5% of the learner's CPU at 1,000
 # events/s. A scrape comes every few seconds.
 EXPORT_EVERY_S = 0.1
-POLL_TIMEOUT_S = 0.05
+POLL_TIMEOUT_S = 0.05  # the longest the loop waits for input (shorter while labels alone wait)
 
 
 class LearnerWorker(StreamWorker):
@@ -235,9 +235,8 @@ class LearnerWorker(StreamWorker):
                 if not self.held:
                     self.labels_asked(moved=label_mark > before)
             self.join.label_mark = label_mark
-            known = None
-            if self.held and mark < min(label_mark, self.held.events[0].ts):
-                known = self.inputs.drained_ends("features", self.inputs.feature_partitions)
+            known = self.inputs.drained_ends("features", self.inputs.feature_partitions) \
+                if self.held and mark < min(label_mark, self.held.events[0].ts) else None
             if known is not None:
                 # Nothing left upstream: a features partition read to its (fresh) end is done,
                 # what it gets next is newer.
@@ -581,8 +580,9 @@ class LearnerWorker(StreamWorker):
     def tick(self) -> None:
         now = time.monotonic()
         if (self.join.waiting or self.held) and not self.replay and now >= self.next_retry:
-            # labels past their hold, events whose labels are all in
-            self.next_retry = now + min(self.floor_check_s, POLL_TIMEOUT_S)
+            # labels past their hold, events whose labels are all in; labels alone beyond the
+            # watermark as soon as they may ask again (poll_timeout_s)
+            self.next_retry = now + self.poll_timeout_s
             self.handle([])
         if self.replay and now > self.replay.deadline:
             log.error("learner %s: %d published outcomes never came back to be re-learned; giving up the "
