@@ -5,6 +5,7 @@ with a list of events and labels, as river's progressive validation would."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -101,37 +102,45 @@ def test_the_features_mark_is_the_slowest_partition_still_being_read():
 def test_labels_held_back_alone_ask_the_services_before_us_once_the_oldest_has_waited():
     # The HTTP-only loop: no events, a label every few ms over every labels.valid partition. The
     # oldest label beyond the watermark decides; the newest is never old in a steady stream.
-    from driftline.learner.worker import LABEL_FLOOR_CHECK_S, LearnerWorker
+    from driftline.learner.worker import LABEL_FLOOR_CHECK_S, LABELS_ALONE_CHECK_S, LearnerWorker
 
     worker = LearnerWorker.__new__(LearnerWorker)
     worker.held = HeldEvents()
     worker.join = DelayedJoin(hold_s=0.0, patience_s=10.0, grace_s=30.0)
     worker.join.add([label(1, seen=NOW), label(2, seen=NOW + 0.02), label(3, seen=NOW + 0.04)])
-    later = NOW + LABEL_FLOOR_CHECK_S + 0.001
+    later = NOW + LABELS_ALONE_CHECK_S + 0.001
     assert worker.waits_on_upstream(mark=float("-inf"), label_mark=1.0, now=later)  # e1 (ts 1.5) waited
     assert not worker.waits_on_upstream(mark=float("-inf"), label_mark=1.0, now=later - 0.002)
     assert not worker.waits_on_upstream(mark=float("-inf"), label_mark=1.6, now=later)  # e2 has not waited
     assert not worker.waits_on_upstream(mark=float("-inf"), label_mark=3.5, now=NOW + 60)  # none beyond
+    # Events flowing (scored just now, none held): later labels soon come; the question waits longer.
+    worker.join.last_feature_at = time.time()
+    assert not worker.waits_on_upstream(mark=float("-inf"), label_mark=1.0, now=later)
+    assert worker.waits_on_upstream(mark=float("-inf"), label_mark=1.0, now=NOW + LABEL_FLOOR_CHECK_S + 0.001)
 
 
 def test_labels_alone_beyond_the_watermark_bring_the_loop_back_as_soon_as_they_may_ask_again():
     # The HTTP-only loop: a label waits for the answer, not for a whole poll (50 ms) or a question
-    # paced for held events (100 ms); a question that lets nothing go is asked less often.
-    from driftline.learner.worker import FLOOR_CHECK_S, LABEL_FLOOR_CHECK_S, POLL_TIMEOUT_S, LearnerWorker
+    # paced for held events (100 ms); a question that lets nothing go is asked less often. While
+    # events flow, the pace stays theirs.
+    from driftline.learner.worker import FLOOR_CHECK_S, LABELS_ALONE_CHECK_S, POLL_TIMEOUT_S, LearnerWorker
 
     worker = LearnerWorker.__new__(LearnerWorker)
     worker.held = HeldEvents()
     worker.join = DelayedJoin(hold_s=0.0, patience_s=10.0, grace_s=30.0)
-    worker.label_floor_check_s = LABEL_FLOOR_CHECK_S
+    worker.label_floor_check_s = LABELS_ALONE_CHECK_S
     assert worker.poll_timeout_s == POLL_TIMEOUT_S  # no label waits
     worker.join.add([label(1, seen=NOW)])
     worker.join.label_mark = 1.0  # e1 (ts 1.5) is beyond it
-    assert worker.poll_timeout_s == worker.floor_check_s == LABEL_FLOOR_CHECK_S < POLL_TIMEOUT_S
+    assert worker.poll_timeout_s == worker.floor_check_s == LABELS_ALONE_CHECK_S < POLL_TIMEOUT_S
     worker.labels_asked(moved=False)
-    assert worker.poll_timeout_s == worker.floor_check_s == 2 * LABEL_FLOOR_CHECK_S
+    assert worker.poll_timeout_s == worker.floor_check_s == 2 * LABELS_ALONE_CHECK_S
     worker.join.label_mark = 2.0  # e1 is within it: it waits for its event, not for the labels
     assert worker.poll_timeout_s == POLL_TIMEOUT_S
     worker.join.label_mark = 1.0
+    worker.join.last_feature_at = time.time()  # events scored just now: they flow, labels are not alone
+    assert worker.poll_timeout_s == POLL_TIMEOUT_S and worker.floor_check_s == FLOOR_CHECK_S
+    worker.join.last_feature_at = 0.0
     worker.held.add([event(1)])  # events held: the pace of held events
     assert worker.poll_timeout_s == POLL_TIMEOUT_S and worker.floor_check_s == FLOOR_CHECK_S
 

@@ -68,12 +68,16 @@ SERVICE = "learner"
 # 0.1 s by default. Live, an event waits a few ms for the next label of each partition: reading the
 # commits for each such wait blocked the loop up to ten times a second for nothing.
 FLOOR_CHECK_S = 0.1
-# With no event held (labels alone: the HTTP-only loop, docs/serving.md) the learner has nothing
-# else to do, and the question (two round trips: ingestion's commits on `labels`, then the ends)
-# beats waiting for a later label on every other partition. Asked every 10 ms while it lets labels
-# go (bench serving: the learner's latency per label p50 ~46 -> ~20 ms), less often (up to
-# FLOOR_CHECK_S) while it does not: a label ingestion has not passed on can wait long.
-LABEL_FLOOR_CHECK_S = 0.01
+# With no event held, a label beyond the label watermark asks once it has waited this long: while
+# events flow, later labels soon come on every partition (each question blocks the loop for a few
+# ms: at 10 ms, publish -> prediction at 1,000 events/s was ~5 ms slower at p50).
+LABEL_FLOOR_CHECK_S = 0.03
+# With labels alone (no event held or scored lately: the HTTP-only loop, docs/serving.md) the
+# learner has nothing else to do, and the question (two round trips: ingestion's commits on
+# `labels`, then the ends) beats waiting for a later label on every other partition. Asked every
+# 10 ms while it lets labels go (bench serving: the learner's latency per label p50 ~46 -> ~20 ms),
+# less often (up to FLOOR_CHECK_S) while it does not: a label ingestion has not passed on can wait.
+LABELS_ALONE_CHECK_S = 0.01
 # The role figures (accuracy, log loss, the drift error rate) go to Prometheus at most this often
 # (the tick comes at least every poll_timeout_s, so the last change is out soon after): live
 # batches come every few ms, and exporting after each one cost ~5% of the learner's CPU at 1,000
@@ -135,7 +139,7 @@ class LearnerWorker(StreamWorker):
         # comes there (Inputs.upstream_floors). What holds only now is read_floors' answer.
         self.floors: dict[tuple[str, int], tuple[int, float]] = {}
         self.floors_read_at = 0.0
-        self.label_floor_check_s = LABEL_FLOOR_CHECK_S  # labels alone: how often to ask (floor_check_s)
+        self.label_floor_check_s = LABELS_ALONE_CHECK_S  # labels alone: how often to ask (floor_check_s)
         self.out_of_order = 0  # labels learned after a later one since the lease was taken (logged, first few)
         self.replay = Replay()  # after a crash: labels to re-learn first, outcomes not to publish again
         self.next_retry = 0.0
@@ -230,9 +234,10 @@ class LearnerWorker(StreamWorker):
                 # Held back for a while: how far have the services before us got? (With labels
                 # alone, only how far the labels have got matters.)
                 before = label_mark
+                alone = self.labels_alone
                 label_mark, mark = self.marks(feature_ends, now,
-                                              self.read_floors(("labels", "features") if self.held else ("labels",)))
-                if not self.held:
+                                              self.read_floors(("labels",) if alone else ("labels", "features")))
+                if alone:
                     self.labels_asked(moved=label_mark > before)
             self.join.label_mark = label_mark
             known = self.inputs.drained_ends("features", self.inputs.feature_partitions) \
@@ -263,10 +268,18 @@ class LearnerWorker(StreamWorker):
         self.flush_batch()
 
     @property
+    def labels_alone(self) -> bool:
+        """No event held and none scored for FLOOR_CHECK_S: labels are all there is to do (the
+        HTTP-only loop, a stream's end), so they may ask how far the labels have got sooner. (While
+        events flow, a label beyond the watermark soon has later ones on every partition, and
+        questions every 10 ms would only slow the loop: publish -> prediction p50 +2-7 ms.)"""
+        return not self.held and time.time() - self.join.last_feature_at >= FLOOR_CHECK_S
+
+    @property
     def floor_check_s(self) -> float:
         """How often the services before us are asked how far they have got: with labels alone
-        (nothing held, so nothing else to do) from LABEL_FLOOR_CHECK_S up to FLOOR_CHECK_S."""
-        return FLOOR_CHECK_S if self.held else self.label_floor_check_s
+        from LABELS_ALONE_CHECK_S up to FLOOR_CHECK_S."""
+        return self.label_floor_check_s if self.labels_alone else FLOOR_CHECK_S
 
     def labels_asked(self, moved: bool) -> None:
         """Labels alone asked how far the labels have got: ask as often again while the answers
@@ -274,36 +287,38 @@ class LearnerWorker(StreamWorker):
         can wait long: no broker questions every 10 ms meanwhile).
 
             >>> worker = LearnerWorker.__new__(LearnerWorker)
-            >>> worker.label_floor_check_s = LABEL_FLOOR_CHECK_S
+            >>> worker.label_floor_check_s = LABELS_ALONE_CHECK_S
             >>> for _ in range(5):
             ...     worker.labels_asked(moved=False)
             >>> worker.label_floor_check_s == FLOOR_CHECK_S
             True
             >>> worker.labels_asked(moved=True)
-            >>> worker.label_floor_check_s == LABEL_FLOOR_CHECK_S
+            >>> worker.label_floor_check_s == LABELS_ALONE_CHECK_S
             True
         """
-        self.label_floor_check_s = LABEL_FLOOR_CHECK_S if moved else min(2 * self.label_floor_check_s, FLOOR_CHECK_S)
+        self.label_floor_check_s = LABELS_ALONE_CHECK_S if moved else min(2 * self.label_floor_check_s, FLOOR_CHECK_S)
 
     @property
     def poll_timeout_s(self) -> float:
         """While labels alone wait beyond the watermark, the loop comes back when they may ask
         again, not a whole poll later."""
-        if not self.held and self.join.first_after(self.join.label_mark) is not None:
+        if self.labels_alone and self.join.first_after(self.join.label_mark) is not None:
             return min(self.label_floor_check_s, POLL_TIMEOUT_S)
         return POLL_TIMEOUT_S
 
     def waits_on_upstream(self, mark: float, label_mark: float, now: float) -> bool:
         """An event held back for FLOOR_CHECK_S, or (none held) a label beyond the label watermark
-        for LABEL_FLOOR_CHECK_S: a stream's end, whose last labels wait for it, or labels arriving
-        only over HTTP, each waiting for a later one on every other labels.valid partition.
+        for LABEL_FLOOR_CHECK_S (LABELS_ALONE_CHECK_S with labels alone): a stream's end, whose last
+        labels wait for it, or labels arriving only over HTTP, each waiting for a later one on
+        every other labels.valid partition.
 
         (It asked of the newest label: in a steady stream of labels that is never old, and each
         waited for the others' next ones, ~60 ms at 200 labels/s over 6 partitions.)"""
         if self.held:
             return mark < self.held.events[0].ts and now - self.held.events[0].seen >= FLOOR_CHECK_S
         first = self.join.first_after(label_mark)
-        return first is not None and now - first.seen >= LABEL_FLOOR_CHECK_S
+        return first is not None and now - first.seen >= (
+            LABELS_ALONE_CHECK_S if self.labels_alone else LABEL_FLOOR_CHECK_S)
 
     def marks(self, feature_ends: list[tuple[int, bool]], now: float,
               floors_now: dict[tuple[str, int], tuple[int, float]] | None = None) -> tuple[float, float]:
