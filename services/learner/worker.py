@@ -270,9 +270,9 @@ class LearnerWorker(StreamWorker):
     @property
     def labels_alone(self) -> bool:
         """No event held and none scored for FLOOR_CHECK_S: labels are all there is to do (the
-        HTTP-only loop, a stream's end), so they may ask how far the labels have got sooner. (While
+        HTTP-only loop, a stream's end), so they may ask how far the labels have got sooner. While
         events flow, a label beyond the watermark soon has later ones on every partition, and
-        questions every 10 ms would only slow the loop: publish -> prediction p50 +2-7 ms.)"""
+        questions every 10 ms would only slow the loop (LABEL_FLOOR_CHECK_S)."""
         return not self.held and time.time() - self.join.last_feature_at >= FLOOR_CHECK_S
 
     @property
