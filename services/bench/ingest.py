@@ -104,7 +104,7 @@ class Events:
     the one before (the same cards and merchants), starting as many rounds of it back as `rows`
     events need, so that the last of them is still in the past."""
 
-    def __init__(self, dataset: str, header: bytes | None = None, rows: int = 250_000) -> None:
+    def __init__(self, dataset: str, rows: int, header: bytes | None = None) -> None:
         self.dataset = dataset
         self.header = header
         self.codec = get_codec()
@@ -217,7 +217,7 @@ class BenchStack:
             with console.status(f"starting {' and '.join(self.services)}"):
                 serve.wait_healthy(self.services, timeout=120, procs=self.procs, settings=self.settings)
             self.producer = kafka.producer(self.settings)
-            self.events = Events(self.dataset, self.header, self.rows)
+            self.events = Events(self.dataset, self.rows, self.header)
             self.sink = Sink(self.settings, self.topics.name(self.sink_topic))
             # events.valid too: the ingestion stage alone (first publish -> last events.valid)
             self.valid_sink = Sink(self.settings, self.topics.events_valid) if self.sink_topic != "events.valid" \

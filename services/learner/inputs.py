@@ -93,6 +93,10 @@ class Inputs:
             return control
         return control + [first, *self.consumer.consume(num_messages=batch_size - 1, timeout=0)]
 
+    def partitions(self, side: str) -> list[TopicPartition]:
+        """Ours after the services before us on one side: "labels" or "features"."""
+        return self.label_partitions if side == "labels" else self.feature_partitions
+
     def label_ends(self, offsets: dict[tuple[str, int], int]) -> list[tuple[int, bool]]:
         """Each labels.valid partition and whether it is read to its end (the consumer's cached
         watermarks, no broker round trip)."""
@@ -236,7 +240,6 @@ class Inputs:
         now = time.monotonic()
         if DEPS.is_down("kafka") or now < self.upstream_retry_at.get("floors", 0.0):
             return None
-        ours = {"labels": self.label_partitions, "features": self.feature_partitions}
         try:
             committed: dict[tuple[str, int], TopicPartition] = {}
             for side in ("labels", "features"):  # ingestion before features (see above)
@@ -248,7 +251,7 @@ class Inputs:
             if self.admin is None:
                 self.admin = kafka.admin(self.settings)
             wanted = [TopicPartition(t, p) for t, p in committed] + [
-                TopicPartition(tp.topic, tp.partition) for side in sides for tp in ours[side]]
+                TopicPartition(tp.topic, tp.partition) for side in sides for tp in self.partitions(side)]
             ends = kafka.ends(self.admin, wanted, UPSTREAM_TIMEOUT_S)
         except Exception:  # the broker away: no floor now, asked again after a backoff
             log.debug("the upstream services' event times are unavailable", exc_info=True)

@@ -450,17 +450,17 @@ class LearnerWorker(StreamWorker):
 
     def labels_drained(self, partition: int) -> bool:
         """Ingestion has read every label published, and we have read all it wrote to `partition`."""
-        return self.read_to_end("labels", self.inputs.label_partitions, partition)
+        return self.read_to_end("labels", partition)
 
     def features_drained(self, partition: int) -> bool:
         """Ingestion and features have read everything published, and we all they wrote to `partition`."""
-        return self.read_to_end("features", self.inputs.feature_partitions, partition)
+        return self.read_to_end("features", partition)
 
-    def read_to_end(self, side: str, partitions, partition: int | None = None) -> bool:
+    def read_to_end(self, side: str, partition: int | None = None) -> bool:
         """The services before us have read everything published, and we have read `partition`
         of theirs (None: every one) to its end by the broker's count now, not the consumer's
         cached one (one question: `Inputs.drained_ends`)."""
-        ours = [tp for tp in partitions if partition is None or tp.partition == partition]
+        ours = [tp for tp in self.inputs.partitions(side) if partition is None or tp.partition == partition]
         known = self.inputs.drained_ends(side, ours)
         return known is not None and all(
             end for _, end in self.inputs.ends(ours, self.offsets, fresh=True, side=side, known=known))
@@ -468,7 +468,7 @@ class LearnerWorker(StreamWorker):
     def nothing_on_the_way(self) -> bool:
         """Ingestion and features have read everything published, and we have read all they wrote
         (watermarks asked of the broker, not the consumer's cached ones)."""
-        return self.read_to_end("features", self.inputs.feature_partitions)
+        return self.read_to_end("features")
 
     def catch_up(self) -> None:
         """After a crash: re-learn the labels whose outcomes were already published, in that order."""

@@ -74,7 +74,7 @@ def _p50_p95_p99(percentiles: dict) -> str:
 def _ingest(r: dict) -> Rows:
     rows = [("events/s, ingestion → features end to end", _n(r.get("throughput_events_per_s"))),
             ("events/s, ingestion stage alone", _n(r.get("ingestion_stage_events_per_s")))]
-    for key in ("latency", "latency_sustained", "latency_at_half_throughput"):
+    for key in ("latency", "latency_sustained"):
         lat = r.get(key) or {}
         if isinstance(lat, dict) and lat.get("ms"):
             lost = f", {_n(lat['lost'])} of {_n(lat['lost'] + lat['events'])} never came" if lat.get("lost") else ""
