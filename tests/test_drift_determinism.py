@@ -20,6 +20,9 @@ from pipeline import metric, replay_report, start_pipeline
 
 from driftline.bench.drift import TREE, simulate
 from driftline.replay.datasets import load
+from driftline.shared.keys import Keys
+from driftline.shared.registry import ModelRegistry
+from driftline.shared.swaps import rollback_target
 
 pytestmark = pytest.mark.e2e
 DATASET, DELAY = "sea-abrupt", 50
@@ -82,15 +85,16 @@ def test_a_learner_behind_the_whole_stream_decides_as_in_process(settings, run_s
 
 @pytest.mark.parametrize("behind,checkpoint_interval_s", [(False, "1"), (True, "1"), (False, "600")],
                          ids=["at-full-speed", "behind-a-backlog", "every-decision-since-the-start"])
-def test_a_learner_killed_mid_stream_and_restarted_decides_as_in_process(settings, run_service, reference, behind,
-                                                                          checkpoint_interval_s):
+def test_a_learner_killed_mid_stream_and_restarted_decides_as_in_process(settings, redis_client, run_service, reference,
+                                                                          behind, checkpoint_interval_s):
     """Behind a backlog one batch releases thousands of events: checkpoints are still taken as it
     goes, and what a crash leaves published is re-learned from stored snapshots, in order. A role
     change the loop decides is not checkpointed at once: with no checkpoint since the start, the
     restarted learner takes every decision again, at the same positions, and the registry and
-    model.swaps see each once."""
+    model.swaps see each once. Retention keeps one artifact beyond what is needed meanwhile (a
+    replayed decision saves a pruned version again; tests/test_learner_service.py sees it prune)."""
     learner_env = dict(DRIFTLINE_LEARNER__CHECKPOINT_INTERVAL_S=checkpoint_interval_s,
-                       DRIFTLINE_LEARNER__CHECKPOINT_EVERY="1000000")
+                       DRIFTLINE_LEARNER__CHECKPOINT_EVERY="1000000", DRIFTLINE_LEARNER__KEEP_VERSIONS="1")
     procs = start_pipeline(run_service, SERVICES if behind else SERVICES + ("learner",), model=TREE,
                            features="raw", **({} if behind else learner_env))
     report: dict = {}
@@ -111,6 +115,10 @@ def test_a_learner_killed_mid_stream_and_restarted_decides_as_in_process(setting
     assert_same(decisions(report), reference)
     assert metric(learner, "driftline_scored_ahead_of_labels_total") == 0
     assert "giving up the ordered replay" not in learner.log_tail(10_000)
+    registry = ModelRegistry(redis_client, Keys(settings.namespace), settings.learner.model_name,
+                             settings.model_key.get_secret_value().encode())
+    for version in (registry.champion(), rollback_target(registry)):
+        registry.load(version)  # what serves and what a rollback goes back to are never pruned
 
 
 def learner_position(learner) -> int:

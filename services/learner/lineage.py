@@ -24,7 +24,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ..shared import metrics
+from ..shared import metrics, redis_clients
 from ..shared.registry import ModelRegistry, TamperedArtifact, UnknownVersion
 from ..shared.settings import LearnerSettings
 from .adaptation import Change
@@ -54,8 +54,7 @@ class Lineage:
     def challenger(self, request: dict, model: Any, parent: int, warm: int, position: int) -> int:
         """The version of the challenger `request` asks for (adaptation.Versions): a new one, or
         the one a learner that crashed before its checkpoint registered for the same request."""
-        version = next((m["version"] for m in self.registry.versions() if m.get("request_id") == request["request_id"]),
-                       None)
+        version = self.registry.version_of_request(request["request_id"])
         if version is None:
             self.flush()
             version = self.registry.register(
@@ -70,7 +69,8 @@ class Lineage:
         no warm start recorded), to enter the contest as it is (adaptation.Versions). A version a
         learner registered is warm-started again, the same way, by `challenger`: its artifact may
         have learned more since."""
-        meta = next((m for m in self.registry.versions() if m.get("request_id") == request["request_id"]), None)
+        version = self.registry.version_of_request(request["request_id"])
+        meta = None if version is None else self.registry.meta(version)
         if meta is None or "warm_start" in meta:
             return None
         try:
@@ -154,6 +154,20 @@ class Lineage:
                      slot.version, position, change.record["evidence"])
             return True
         return False
+
+    def prune(self, roles: Roles) -> list[int]:
+        """Retention after a role change (registry.prune): the artifacts of versions nothing needs
+        any more, beyond the newest `learner.keep_versions`, are deleted. Best effort: a Redis that
+        does not answer now is asked again at the next change."""
+        try:
+            pruned = self.registry.prune(self.cfg.keep_versions, protect={s.version for s in roles.every_slot()})
+        except redis_clients.UNAVAILABLE as exc:
+            log.warning("learner %s: retention postponed (%s)", self.name, exc)
+            return []
+        if pruned:
+            log.info("learner %s: artifacts of v%s pruned (retention keeps the newest %d and what is needed)",
+                     self.name, ", v".join(map(str, pruned)), self.cfg.keep_versions)
+        return pruned
 
     # -- changes made elsewhere ------------------------------------------------------------------
     def follow(self, roles: Roles, swap: dict, position: int) -> Slot | None:

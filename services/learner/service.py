@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import Body, FastAPI, HTTPException
 
 from ..shared.admin import AdminAction, admin_action  # the one admin guard of every service, audited
-from ..shared.registry import TamperedArtifact, UnknownVersion
+from ..shared.registry import PrunedArtifact, TamperedArtifact, UnknownVersion
 from ..shared.app import service_app
 from ..shared.process import configure_logging, run_app
 from ..shared.settings import Settings
@@ -37,6 +37,8 @@ def create_app(settings: Settings, worker: LearnerWorker | None = None) -> FastA
     def swap(version: int, reason: str) -> dict[str, Any]:
         try:
             from_version = make_champion(registry, version)
+        except PrunedArtifact as exc:
+            raise HTTPException(409, f"model {worker.name}: {exc}") from None
         except UnknownVersion:
             raise HTTPException(404, f"model {worker.name} has no version {version}") from None
         except TamperedArtifact:

@@ -397,6 +397,7 @@ class LearnerWorker(StreamWorker):
                     self.loop.followed(new)
                     self.out.update(new)  # its artifact from this position: replicas follow it from here
                     self.checkpoint_now = True
+                    self.lineage.prune(self.roles)
 
     def record(self, changes: list[Change], from_outside: bool = False) -> None:
         """What the drift loop decided: published (drift.events, retrain.requests) and written
@@ -417,8 +418,9 @@ class LearnerWorker(StreamWorker):
                 self.out.retrain_request(change.record)
             elif change.kind == "suppressed":
                 metrics.RETRAINS_SUPPRESSED.labels(self.name, change.record["reason"]).inc()
-            elif self.lineage.record(change) and from_outside:
-                self.checkpoint_now = True
+            elif self.lineage.record(change):
+                self.lineage.prune(self.roles)
+                self.checkpoint_now |= from_outside
 
     def step(self, events: list[Event], features_at_end: bool) -> None:
         """Score `events` (ts order), learning before each the labels due before it (join.py)."""

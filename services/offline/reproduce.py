@@ -53,7 +53,11 @@ def snapshot(registry, model: str, version: int) -> tuple[dict, bytes, Any]:
     may save a new revision while we read)."""
     for _ in range(20):
         meta = registry.meta(version)
-        blob = verify(registry.r.get(registry.keys.registry_artifact(model, version)), registry.key)
+        artifact = registry.r.get(registry.keys.registry_artifact(model, version))
+        if artifact is None:
+            raise NotReproducible(f"{model} v{version} has no artifact to compare with"
+                                  + (": retention pruned it (learner.keep_versions)" if "pruned_at" in meta else ""))
+        blob = verify(artifact, registry.key)
         if registry.meta(version).get("revision") == meta.get("revision"):
             return meta, blob, pickle.loads(blob)  # noqa: S301 -- verified above
     raise NotReproducible(f"{model} v{version} kept changing while it was read; try again")

@@ -66,7 +66,7 @@ ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "no `Authorization: Bearer` header, or a wrong token"},
     403: {"model": ErrorResponse, "description": "no admin token is configured: admin routes are closed"},
     404: {"model": ErrorResponse, "description": "no such version"},
-    409: {"model": ErrorResponse, "description": "nothing to roll back to, or the version's artifact was refused"},
+    409: {"model": ErrorResponse, "description": "nothing to roll back to, or the version's artifact was refused or pruned by retention"},
 }
 
 

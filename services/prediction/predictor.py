@@ -44,7 +44,7 @@ from ..ingestion.validate import check_fields
 from ..shared import kafka, metrics, redis_clients
 from ..shared.codec import get_codec
 from ..shared.keys import Keys
-from ..shared.registry import ModelRegistry, TamperedArtifact, UnknownVersion
+from ..shared.registry import ModelRegistry, PrunedArtifact, TamperedArtifact, UnknownVersion
 from ..shared.settings import Settings
 from ..shared.swaps import make_champion, position_of, publish_swap, rollback_target
 from ..shared.topics import Topics
@@ -368,6 +368,8 @@ class Predictor:
     def _make_champion(self, version: int, reason: str) -> dict[str, Any]:
         try:
             from_version = make_champion(self.registry, version)
+        except PrunedArtifact as exc:
+            raise AdminError(409, f"model {self.model_name!r}: {exc}") from None
         except UnknownVersion:
             raise AdminError(404, f"model {self.model_name!r} has no version {version}") from None
         except TamperedArtifact as exc:

@@ -80,6 +80,14 @@ class Keys:
         """Hash: version -> lineage JSON."""
         return self._model(model, "versions")
 
+    def registry_kept(self, model: str) -> str:
+        """Sorted set: the versions whose artifact is stored, scored by number (retention)."""
+        return self._model(model, "kept")
+
+    def registry_requests(self, model: str) -> str:
+        """Hash: retrain request id -> the version registered for it."""
+        return self._model(model, "requests")
+
     def registry_artifact(self, model: str, version: int) -> str:
         """String: the signed model artifact of one version."""
         return self._model(model, f"artifact:{version}")

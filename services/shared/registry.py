@@ -14,6 +14,14 @@ learning that version (None once the learner does not), and `digest`, the artifa
 (`digest.model_digest`). A prediction replica loads the artifact and learns the learner's outcomes
 from `next_position` on (docs/serving.md); `load` reads artifact and record in one transaction,
 so the two always belong together.
+
+Retention (`prune`): the drift loop registers a version for every challenger it tries, most of
+which lose their contest; their artifacts (megabytes for a forest) would grow Redis without end.
+The artifacts of versions older than the newest `keep` are deleted unless a role, the learner (a
+displaced champion still shadowing) or their lines of promotions (what rollbacks go back to) need
+them; every version's lineage record stays, marked `pruned_at`, and `load` refuses a
+pruned one with `PrunedArtifact`. `set_role` and the prune are atomic scripts on the model's keys,
+so neither can make a pruned version a champion nor prune one that just became a champion.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import json
 import logging
 import pickle
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import redis
@@ -42,6 +51,37 @@ class TamperedArtifact(RuntimeError):
 
 class UnknownVersion(KeyError):
     pass
+
+
+class PrunedArtifact(UnknownVersion):
+    """A version whose artifact retention deleted (`learner.keep_versions`); its lineage is kept."""
+
+    def __str__(self) -> str:
+        return (f"version {self.args[0]}'s artifact was pruned by retention (learner.keep_versions); "
+                "its lineage is kept")
+
+
+# KEYS: versions, artifact, roles; ARGV: version, role. 0: no such version; -1: its artifact is gone.
+_SET_ROLE = """
+if redis.call('hexists', KEYS[1], ARGV[1]) == 0 then return 0 end
+if redis.call('exists', KEYS[2]) == 0 then return -1 end
+redis.call('hset', KEYS[3], ARGV[2], ARGV[1])
+return 1
+"""
+# KEYS: roles, kept, then one artifact per ARGV version. Deletes those not in a role now; returns them.
+_PRUNE = """
+local in_role = {}
+for _, v in ipairs(redis.call('hvals', KEYS[1])) do in_role[v] = true end
+local pruned = {}
+for i, v in ipairs(ARGV) do
+  if not in_role[v] then
+    redis.call('del', KEYS[i + 2])
+    redis.call('zrem', KEYS[2], v)
+    pruned[#pruned + 1] = v
+  end
+end
+return pruned
+"""
 
 
 def sign(blob: bytes, key: bytes) -> bytes:
@@ -67,12 +107,37 @@ def loads_signed(artifact: bytes, key: bytes) -> Any:
     return pickle.loads(verify(artifact, key))  # noqa: S301 -- verified above
 
 
+def lines_back(starts: set[int], metas: dict[int, dict[str, Any]], depth: int) -> set[int]:
+    """`starts` and, from each, what it replaced (else its parent) and so on, up to `depth` back
+    among the versions of `metas` (those with stored artifacts): what successive rollbacks go
+    back to (`swaps.rollback_target`), also from a displaced champion that may be restored.
+
+        >>> lines_back({5}, {5: {"replaced": 3}, 3: {"parent": 1}, 1: {}, 4: {"parent": 3}}, depth=5)
+        {1, 3, 5}
+        >>> sorted(lines_back({5, 4}, {5: {"replaced": 3}, 3: {"parent": 1}, 1: {}, 4: {"parent": 3}}, depth=1))
+        [3, 4, 5]
+    """
+    lines = set(starts)
+    for version in starts:
+        for _ in range(depth):
+            meta = metas.get(version)
+            back = None if meta is None else (meta.get("replaced") or meta.get("parent"))
+            if back is None or int(back) not in metas:
+                break
+            version = int(back)
+            lines.add(version)
+    return lines
+
+
 class ModelRegistry:
     def __init__(self, client: redis.Redis, keys: Keys, model_name: str, signing_key: bytes) -> None:
         self.r = client
         self.keys = keys
         self.model = model_name
         self.key = signing_key
+        self._set_role = client.register_script(_SET_ROLE)
+        self._prune = client.register_script(_PRUNE)
+        self._indexed = False
 
     # -- writing ----------------------------------------------------------------------------
     def register(
@@ -109,9 +174,11 @@ class ModelRegistry:
             "next_position": next_position,
             "digest": model_digest(model),
         }
+        self._index_once()
         pipe = self.r.pipeline(transaction=True)
         pipe.set(self.keys.registry_artifact(self.model, version), dumps_signed(model, self.key))
         pipe.hset(self.keys.registry_versions(self.model), str(version), json.dumps(meta))
+        pipe.zadd(self.keys.registry_kept(self.model), {str(version): version})
         pipe.execute()
         return version
 
@@ -129,26 +196,93 @@ class ModelRegistry:
             meta["metrics"] = metrics
         if offsets is not None:
             meta["offsets"] = offsets
+        meta.pop("pruned_at", None)  # a learner replaying after a crash saves a pruned version again
+        self._index_once()
         pipe = self.r.pipeline(transaction=True)
         pipe.set(self.keys.registry_artifact(self.model, version), dumps_signed(model, self.key))
         pipe.hset(self.keys.registry_versions(self.model), str(version), json.dumps(meta))
+        pipe.zadd(self.keys.registry_kept(self.model), {str(version): version})
         pipe.execute()
         return meta["revision"]
 
     def annotate(self, version: int, **fields: Any) -> None:
-        """Merge fields into a version's lineage record (metrics at retirement, drop reason...)."""
+        """Merge fields into a version's lineage record (metrics at retirement, drop reason...); a
+        `request_id` is also indexed (`version_of_request`)."""
         meta = self.meta(version)
         meta.update(fields)
-        self.r.hset(self.keys.registry_versions(self.model), str(version), json.dumps(meta))
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.keys.registry_versions(self.model), str(version), json.dumps(meta))
+        if fields.get("request_id") is not None:
+            pipe.hset(self.keys.registry_requests(self.model), fields["request_id"], version)
+        pipe.execute()
 
     def set_role(self, role: str, version: int | None) -> None:
+        """UnknownVersion without such a version, PrunedArtifact when its artifact is gone."""
         assert role in ROLES
         if version is None:
             self.r.hdel(self.keys.registry_roles(self.model), role)
-        else:
-            if not self.r.hexists(self.keys.registry_versions(self.model), str(version)):
-                raise UnknownVersion(version)
-            self.r.hset(self.keys.registry_roles(self.model), role, version)
+            return
+        done = self._set_role(keys=[self.keys.registry_versions(self.model),
+                                    self.keys.registry_artifact(self.model, version),
+                                    self.keys.registry_roles(self.model)], args=[version, role])
+        if done == 0:
+            raise UnknownVersion(version)
+        if done == -1:
+            raise PrunedArtifact(version)
+
+    # -- retention --------------------------------------------------------------------------
+    def prune(self, keep: int, protect: Iterable[int] = ()) -> list[int]:
+        """Delete the artifacts of the versions older than the newest `keep` stored that neither
+        a role, `protect` (the learner's slots) nor their lines of promotions (up to `keep` back)
+        need; returns the versions pruned. Their lineage records stay (`pruned_at`).
+
+            reg.prune(20, protect={slot.version for slot in roles.every_slot()})
+        """
+        self._index_once()
+        kept = [int(v) for v in self.r.zrange(self.keys.registry_kept(self.model), 0, -1)]
+        if len(kept) <= keep:
+            return []
+        candidates = kept[:len(kept) - keep]
+        roles = {int(v) for v in self.r.hvals(self.keys.registry_roles(self.model))}
+        raw = self.r.hmget(self.keys.registry_versions(self.model), [str(v) for v in kept])
+        metas = {v: json.loads(m) for v, m in zip(kept, raw) if m is not None}
+        protected = lines_back(roles | set(protect), metas, depth=keep)
+        victims = [v for v in candidates if v not in protected]
+        if not victims:
+            return []
+        pruned = [int(v) for v in self._prune(
+            keys=[self.keys.registry_roles(self.model), self.keys.registry_kept(self.model),
+                  *(self.keys.registry_artifact(self.model, v) for v in victims)], args=victims)]
+        now = time.time()
+        for version in pruned:
+            self.annotate(version, pruned_at=now)
+        return pruned
+
+    def version_of_request(self, request_id: str) -> int | None:
+        """The version registered for a retrain request (`annotate(..., request_id=...)`), if any."""
+        self._index_once()
+        version = self.r.hget(self.keys.registry_requests(self.model), request_id)
+        return int(version) if version is not None else None
+
+    def _index_once(self) -> None:
+        """A registry written before the retention and request indexes: build them once from the
+        lineage records (the index of stored artifacts exists from the first version on)."""
+        if self._indexed:
+            return
+        kept = self.keys.registry_kept(self.model)
+        if self.r.exists(kept) or not self.r.hlen(self.keys.registry_versions(self.model)):
+            self._indexed = bool(self.r.exists(kept))  # an empty registry: asked again at its first version
+            return
+        metas = self.versions()
+        stored = [m["version"] for m in metas if self.r.exists(self.keys.registry_artifact(self.model, m["version"]))]
+        pipe = self.r.pipeline(transaction=True)
+        if stored:
+            pipe.zadd(kept, {str(v): v for v in stored})
+        for m in metas:
+            if m.get("request_id") is not None:
+                pipe.hset(self.keys.registry_requests(self.model), m["request_id"], m["version"])
+        pipe.execute()
+        self._indexed = True
 
     # -- reading ----------------------------------------------------------------------------
     def role(self, role: str) -> int | None:
@@ -178,6 +312,8 @@ class ModelRegistry:
         pipe.hget(self.keys.registry_versions(self.model), str(version))
         artifact, raw = pipe.execute()
         if artifact is None or raw is None:
+            if raw is not None and "pruned_at" in json.loads(raw):
+                raise PrunedArtifact(version)
             raise UnknownVersion(version)
         try:
             model = loads_signed(artifact, self.key)

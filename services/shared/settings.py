@@ -234,6 +234,10 @@ class LearnerSettings(BaseModel):
     max_waiting_labels: int = Field(
         20_000, description="labels waiting for their events before the labels.valid partitions running ahead are paused"
     )
+    keep_versions: int = Field(
+        20, ge=1, description="registry retention: the artifacts of the newest N versions are kept, beside those "
+                              "a role or a shadowing champion needs, or what rollbacks from them go back to; older ones "
+                              "are deleted (their lineage stays)")
     lease_ttl_s: float = Field(5.0, description="a standby takes over this long after the active learner dies")
     warm_start: int = Field(2000, description="challenger warm-up on the last W labelled examples (0 = fresh)")
     promotion_rule: Literal["mcnemar", "margin"] = Field(
