@@ -213,6 +213,48 @@ def outcomes_since(settings: Settings, topic: str, offset: int, model: str, time
         c.close()
 
 
+def requests_since(settings: Settings, topic: str, offsets: dict[tuple[str, int], int], model: str,
+                   origin: tuple[str, bytes], timeout_s: float = 15.0) -> set[str]:
+    """The ids of the retrain requests for `model` with the `origin` header (the learner's own)
+    published in `topic` from the checkpoint's `offsets` on (each partition read up to its high
+    watermark as of now; a partition the checkpoint has no offset of, from its beginning)."""
+    c = kafka.consumer(settings, f"{topic}.tail.{uuid.uuid4().hex[:8]}", **{"isolation.level": "read_uncommitted"})
+    codec = get_codec()
+    ids: set[str] = set()
+    try:
+        left: dict[int, int] = {}  # partition -> its high watermark, while not read up to it
+        starts = []
+        for tp in kafka.partitions_of(settings, topic):
+            low, high = c.get_watermark_offsets(tp, timeout=10.0, cached=False)
+            start = max(offsets.get((topic, tp.partition), low), low)
+            if start < high:
+                left[tp.partition] = high
+                starts.append(TopicPartition(topic, tp.partition, start))
+        if not starts:
+            return ids
+        c.assign(starts)
+        deadline = time.monotonic() + timeout_s
+        while left:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read {topic} up to {left} in {timeout_s}s")
+            for m in c.consume(num_messages=1000, timeout=0.5):
+                if m.error() is not None:
+                    continue
+                if m.offset() + 1 >= left.get(m.partition(), 0):
+                    left.pop(m.partition(), None)
+                if origin not in (m.headers() or ()):
+                    continue
+                try:
+                    r = codec.decode(m.value(), expect="RetrainRequest")
+                except DecodeError:
+                    continue
+                if r["model"] == model:
+                    ids.add(r["request_id"])
+        return ids
+    finally:
+        c.close()
+
+
 def high_watermark(c, topic: str) -> int:
     """The end of partition 0 of `topic`, asked of the broker (not the consumer's cache)."""
     _low, high = c.get_watermark_offsets(TopicPartition(topic, 0), timeout=10.0, cached=False)
@@ -232,12 +274,20 @@ class Replay:
     ['e1', 'e2']
     >>> replay.published("e1", "challenger"), replay.published("e1", "challenger")
     (True, False)
+
+    The retrain requests the loop published since the checkpoint are not published again either
+    when the replay takes the same decisions (same ids):
+
+    >>> replay = Replay(requests={"r1"})
+    >>> replay.requested("r1"), replay.requested("r2")
+    (True, False)
     """
 
-    def __init__(self, published: list[dict] = (), deadline: float = 0.0) -> None:
+    def __init__(self, published: list[dict] = (), deadline: float = 0.0, requests: set[str] = frozenset()) -> None:
         self.order: deque[str] = deque(o["event_id"] for o in published if o["role"] == "champion")
         self.suppress: set[tuple[str, str]] = {(o["event_id"], o["role"]) for o in published}
         self.deadline = deadline  # monotonic time after which the ordered replay is given up
+        self.requests = set(requests)
 
     def __len__(self) -> int:
         return len(self.order)
@@ -261,6 +311,10 @@ class Replay:
             self.suppress.discard((event_id, role))
             return True
         return False
+
+    def requested(self, request_id: str) -> bool:
+        """Was this retrain request published before the crash? (Then it is not published again.)"""
+        return request_id in self.requests
 
     def give_up(self) -> None:
         self.order.clear()

@@ -49,7 +49,7 @@ from ..shared.settings import Settings
 from .adaptation import Adaptation, Change
 from .champion import PUBLISHED, Roles
 from .checkpoint import (Lease, LearnerState, Replay, high_watermark, load_checkpoint, outcomes_since,
-                         save_checkpoint)
+                         requests_since, save_checkpoint)
 from .examples import ExampleBuffer
 from .inputs import Inputs
 from .join import DelayedJoin
@@ -406,16 +406,18 @@ class LearnerWorker(StreamWorker):
         A role change the stream decided is not checkpointed at once: after a crash, the replay
         since the last checkpoint takes the same decision at the same position, and the registry
         side is idempotent (lineage.py: the version of a request is kept, a promotion made already
-        is not published again). One that came from outside the stream (a retrain request read
-        from `retrain.requests`) is: the replay would take it at whatever position it reads it
-        again. (A checkpoint per change cost ~7% of `serve all`'s throughput on raw Elec2, where
-        the loop changes roles every second or so: each flushes the producer, asks the broker
-        where outcomes end and pickles the thousands of labels waiting behind a backlog.)"""
+        is not published again, nor is a retrain request (`Replay.requested`). One that came from
+        outside the stream (a retrain request read from `retrain.requests`) is checkpointed at
+        once: the replay would take it at whatever position it reads it again. (A checkpoint per
+        change cost ~7% of `serve all`'s throughput on raw Elec2, where the loop changes roles
+        every second or so: each flushes the producer, asks the broker where outcomes end and
+        pickles the thousands of labels waiting behind a backlog.)"""
         for change in changes:
             if change.kind == "alarm":
                 self.out.drift_event(change.record)
             elif change.kind == "request":
-                self.out.retrain_request(change.record)
+                if not self.replay.requested(change.record["request_id"]):
+                    self.out.retrain_request(change.record)
             elif change.kind == "suppressed":
                 metrics.RETRAINS_SUPPRESSED.labels(self.name, change.record["reason"]).inc()
             elif self.lineage.record(change):
@@ -685,7 +687,9 @@ class LearnerWorker(StreamWorker):
             self.checkpoint_now = True
             return
         self.replay = Replay(outcomes_since(self.settings, self.topics.outcomes, state.outcomes_offset, self.name),
-                             deadline=time.monotonic() + self.cfg.label_grace_s + 30)
+                             deadline=time.monotonic() + self.cfg.label_grace_s + 30,
+                             requests=requests_since(self.settings, self.topics.retrain_requests, state.offsets,
+                                                     self.name, (ORIGIN_HEADER, SERVICE.encode())))
         challenger = self.roles.challenger
         log.info("learner %s: restored checkpoint at position %d (champion v%d, challenger %s); %d outcomes "
                  "published since will be re-learned without publishing them again", self.name, self.position,
