@@ -16,6 +16,7 @@ import threading
 import time
 
 import pytest
+from learner_harness import read_all
 from pipeline import metric, replay_report, start_pipeline
 
 from driftline.bench.drift import TREE, simulate
@@ -23,6 +24,7 @@ from driftline.replay.datasets import load
 from driftline.shared.keys import Keys
 from driftline.shared.registry import ModelRegistry
 from driftline.shared.swaps import rollback_target
+from driftline.shared.topics import Topics
 
 pytestmark = pytest.mark.e2e
 DATASET, DELAY = "sea-abrupt", 50
@@ -91,8 +93,9 @@ def test_a_learner_killed_mid_stream_and_restarted_decides_as_in_process(setting
     goes, and what a crash leaves published is re-learned from stored snapshots, in order. A role
     change the loop decides is not checkpointed at once: with no checkpoint since the start, the
     restarted learner takes every decision again, at the same positions, and the registry and
-    model.swaps see each once. Retention keeps one artifact beyond what is needed meanwhile (a
-    replayed decision saves a pruned version again; tests/test_learner_service.py sees it prune)."""
+    model.swaps see each once, as do drift.events and retrain.requests. Retention keeps one
+    artifact beyond what is needed meanwhile (a replayed decision saves a pruned version again;
+    tests/test_learner_service.py sees it prune)."""
     learner_env = dict(DRIFTLINE_LEARNER__CHECKPOINT_INTERVAL_S=checkpoint_interval_s,
                        DRIFTLINE_LEARNER__CHECKPOINT_EVERY="1000000", DRIFTLINE_LEARNER__KEEP_VERSIONS="1")
     procs = start_pipeline(run_service, SERVICES if behind else SERVICES + ("learner",), model=TREE,
@@ -119,6 +122,11 @@ def test_a_learner_killed_mid_stream_and_restarted_decides_as_in_process(setting
                              settings.model_key.get_secret_value().encode())
     for version in (registry.champion(), rollback_target(registry)):
         registry.load(version)  # what serves and what a rollback goes back to are never pruned
+    # The restarted learner takes its decisions again but publishes none of them twice.
+    topics = Topics(settings.namespace)
+    alarms = [d["drift_id"] for d in read_all(settings, topics.drift_events, "DriftEvent")]
+    requests = [r["request_id"] for r in read_all(settings, topics.retrain_requests, "RetrainRequest")]
+    assert alarms and len(alarms) == len(set(alarms)) and len(requests) == len(set(requests))
 
 
 def learner_position(learner) -> int:

@@ -58,6 +58,7 @@ class LearnerState:
     label_ts_by_partition: dict[int, float] = field(default_factory=dict)
     examples: list | None = None  # the warm-start buffer's rows (examples.py); None: written before it was here
     adaptation: dict | None = None  # the drift loop's policy and data-drift monitor (Adaptation.state)
+    drift_events_offset: int | None = None  # drift.events' end when saved (None: written before it was here)
 
     # Behind a backlog tens of thousands of labels and events wait, and pickling them one object
     # at a time cost ~160 ms per 40,000 (~15% of the learner at full speed): they are kept as
@@ -75,6 +76,7 @@ class LearnerState:
     def __setstate__(self, state: dict) -> None:
         state.setdefault("examples", None)
         state.setdefault("adaptation", None)
+        state.setdefault("drift_events_offset", None)
         if "waiting_columns" in state:  # else a checkpoint written before the columns: objects as they are
             state = dict(state)
             state["waiting"] = [Label(*row) for row in zip(*state.pop("waiting_columns"))]
@@ -185,6 +187,13 @@ def load_checkpoint(client: redis.Redis, keys: Keys, model: str, signing_key: by
 def outcomes_since(settings: Settings, topic: str, offset: int, model: str, timeout_s: float = 15.0) -> list[dict]:
     """The outcomes of `model` published at or after `offset` of the single-partition outcomes
     topic, in order (read up to the high watermark as of now)."""
+    return records_since(settings, topic, offset, "Outcome", model, timeout_s)
+
+
+def records_since(settings: Settings, topic: str, offset: int, record: str, model: str,
+                  timeout_s: float = 15.0) -> list[dict]:
+    """The `record`s of `model` published at or after `offset` of a single-partition topic
+    (outcomes, drift.events), in order, read up to its high watermark as of now."""
     c = kafka.consumer(settings, f"{topic}.tail.{uuid.uuid4().hex[:8]}", **{"isolation.level": "read_uncommitted"})
     codec = get_codec()
     out: list[dict] = []
@@ -203,7 +212,7 @@ def outcomes_since(settings: Settings, topic: str, offset: int, model: str, time
                     continue
                 position = m.offset() + 1
                 try:
-                    o = codec.decode(m.value(), expect="Outcome")
+                    o = codec.decode(m.value(), expect=record)
                 except DecodeError:
                     continue
                 if o["model"] == model:
@@ -275,19 +284,21 @@ class Replay:
     >>> replay.published("e1", "challenger"), replay.published("e1", "challenger")
     (True, False)
 
-    The retrain requests the loop published since the checkpoint are not published again either
-    when the replay takes the same decisions (same ids):
+    The retrain requests and drift events the loop published since the checkpoint are not
+    published again either when the replay takes the same decisions (same ids):
 
-    >>> replay = Replay(requests={"r1"})
-    >>> replay.requested("r1"), replay.requested("r2")
-    (True, False)
+    >>> replay = Replay(requests={"r1"}, alarms={"d1"})
+    >>> replay.requested("r1"), replay.requested("r2"), replay.alarmed("d1"), replay.alarmed("d2")
+    (True, False, True, False)
     """
 
-    def __init__(self, published: list[dict] = (), deadline: float = 0.0, requests: set[str] = frozenset()) -> None:
+    def __init__(self, published: list[dict] = (), deadline: float = 0.0, requests: set[str] = frozenset(),
+                 alarms: set[str] = frozenset()) -> None:
         self.order: deque[str] = deque(o["event_id"] for o in published if o["role"] == "champion")
         self.suppress: set[tuple[str, str]] = {(o["event_id"], o["role"]) for o in published}
         self.deadline = deadline  # monotonic time after which the ordered replay is given up
         self.requests = set(requests)
+        self.alarms = set(alarms)
 
     def __len__(self) -> int:
         return len(self.order)
@@ -315,6 +326,10 @@ class Replay:
     def requested(self, request_id: str) -> bool:
         """Was this retrain request published before the crash? (Then it is not published again.)"""
         return request_id in self.requests
+
+    def alarmed(self, drift_id: str) -> bool:
+        """Was this drift event published before the crash? (Then it is not published again.)"""
+        return drift_id in self.alarms
 
     def give_up(self) -> None:
         self.order.clear()

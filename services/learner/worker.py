@@ -49,7 +49,7 @@ from ..shared.settings import Settings
 from .adaptation import Adaptation, Change
 from .champion import PUBLISHED, Roles
 from .checkpoint import (Lease, LearnerState, Replay, high_watermark, load_checkpoint, outcomes_since,
-                         requests_since, save_checkpoint)
+                         records_since, requests_since, save_checkpoint)
 from .examples import ExampleBuffer
 from .inputs import Inputs
 from .join import DelayedJoin
@@ -406,7 +406,7 @@ class LearnerWorker(StreamWorker):
         A role change the stream decided is not checkpointed at once: after a crash, the replay
         since the last checkpoint takes the same decision at the same position, and the registry
         side is idempotent (lineage.py: the version of a request is kept, a promotion made already
-        is not published again, nor is a retrain request (`Replay.requested`). One that came from
+        is not published again, nor is a retrain request or a drift event (`Replay`). One that came from
         outside the stream (a retrain request read from `retrain.requests`) is checkpointed at
         once: the replay would take it at whatever position it reads it again. (A checkpoint per
         change cost ~7% of `serve all`'s throughput on raw Elec2, where the loop changes roles
@@ -414,7 +414,8 @@ class LearnerWorker(StreamWorker):
         pickles the thousands of labels waiting behind a backlog.)"""
         for change in changes:
             if change.kind == "alarm":
-                self.out.drift_event(change.record)
+                if not self.replay.alarmed(change.record["drift_id"]):
+                    self.out.drift_event(change.record)
             elif change.kind == "request":
                 if not self.replay.requested(change.record["request_id"]):
                     self.out.retrain_request(change.record)
@@ -657,14 +658,16 @@ class LearnerWorker(StreamWorker):
             return False
         try:
             outcomes_end = high_watermark(self.consumer, self.topics.outcomes)
+            drift_events_end = high_watermark(self.consumer, self.topics.drift_events)
         except KafkaException as exc:  # the broker went away meanwhile: the next tick tries again
-            log.warning("learner %s: checkpoint postponed, the end of outcomes is unknown (%s)", self.name, exc)
+            log.warning("learner %s: checkpoint postponed, the ends of outcomes and drift.events are unknown (%s)",
+                        self.name, exc)
             return False
         loop = self.loop.state()
         state = LearnerState(self.cfg.model, self.roles, dict(self.offsets),
                              outcomes_end, self.join.waiting, self.position,
                              self.join.clock, self.held.events, self.held_control, self.watermark.ts_by_partition,
-                             loop.pop("examples"), adaptation=loop)
+                             loop.pop("examples"), adaptation=loop, drift_events_offset=drift_events_end)
         if not save_checkpoint(self.r, self.keys, self.name, self.lease, state, self.signing_key):
             log.error("learner %s: lease lost; checkpoint refused", self.name)
             return False
@@ -689,7 +692,11 @@ class LearnerWorker(StreamWorker):
         self.replay = Replay(outcomes_since(self.settings, self.topics.outcomes, state.outcomes_offset, self.name),
                              deadline=time.monotonic() + self.cfg.label_grace_s + 30,
                              requests=requests_since(self.settings, self.topics.retrain_requests, state.offsets,
-                                                     self.name, (ORIGIN_HEADER, SERVICE.encode())))
+                                                     self.name, (ORIGIN_HEADER, SERVICE.encode())),
+                             alarms=set() if state.drift_events_offset is None else {
+                                 d["drift_id"] for d in records_since(self.settings, self.topics.drift_events,
+                                                                      state.drift_events_offset, "DriftEvent",
+                                                                      self.name)})
         challenger = self.roles.challenger
         log.info("learner %s: restored checkpoint at position %d (champion v%d, challenger %s); %d outcomes "
                  "published since will be re-learned without publishing them again", self.name, self.position,
