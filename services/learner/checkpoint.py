@@ -191,14 +191,16 @@ def outcomes_since(settings: Settings, topic: str, offset: int, model: str, time
 
 
 def records_since(settings: Settings, topic: str, offset: int, record: str, model: str,
-                  timeout_s: float = 15.0) -> list[dict]:
-    """The `record`s of `model` published at or after `offset` of a single-partition topic
-    (outcomes, drift.events), in order, read up to its high watermark as of now."""
+                  timeout_s: float = 15.0, origin: tuple[str, bytes] | None = None) -> list[dict]:
+    """The `record`s of `model` published at or after `offset` (or the oldest one kept) of a
+    single-partition topic (outcomes, drift.events, retrain.requests), in order, read up to its
+    high watermark as of now; with `origin`, only messages carrying that header."""
     c = kafka.consumer(settings, f"{topic}.tail.{uuid.uuid4().hex[:8]}", **{"isolation.level": "read_uncommitted"})
     codec = get_codec()
     out: list[dict] = []
     try:
-        _low, high = c.get_watermark_offsets(TopicPartition(topic, 0), timeout=10.0, cached=False)
+        low, high = c.get_watermark_offsets(TopicPartition(topic, 0), timeout=10.0, cached=False)
+        offset = max(offset, low)
         if high <= offset:
             return out
         c.assign([TopicPartition(topic, 0, offset)])
@@ -211,6 +213,8 @@ def records_since(settings: Settings, topic: str, offset: int, record: str, mode
                 if m.error() is not None:
                     continue
                 position = m.offset() + 1
+                if origin is not None and origin not in (m.headers() or ()):
+                    continue
                 try:
                     o = codec.decode(m.value(), expect=record)
                 except DecodeError:
@@ -218,48 +222,6 @@ def records_since(settings: Settings, topic: str, offset: int, record: str, mode
                 if o["model"] == model:
                     out.append(o)
         return out
-    finally:
-        c.close()
-
-
-def requests_since(settings: Settings, topic: str, offsets: dict[tuple[str, int], int], model: str,
-                   origin: tuple[str, bytes], timeout_s: float = 15.0) -> set[str]:
-    """The ids of the retrain requests for `model` with the `origin` header (the learner's own)
-    published in `topic` from the checkpoint's `offsets` on (each partition read up to its high
-    watermark as of now; a partition the checkpoint has no offset of, from its beginning)."""
-    c = kafka.consumer(settings, f"{topic}.tail.{uuid.uuid4().hex[:8]}", **{"isolation.level": "read_uncommitted"})
-    codec = get_codec()
-    ids: set[str] = set()
-    try:
-        left: dict[int, int] = {}  # partition -> its high watermark, while not read up to it
-        starts = []
-        for tp in kafka.partitions_of(settings, topic):
-            low, high = c.get_watermark_offsets(tp, timeout=10.0, cached=False)
-            start = max(offsets.get((topic, tp.partition), low), low)
-            if start < high:
-                left[tp.partition] = high
-                starts.append(TopicPartition(topic, tp.partition, start))
-        if not starts:
-            return ids
-        c.assign(starts)
-        deadline = time.monotonic() + timeout_s
-        while left:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"could not read {topic} up to {left} in {timeout_s}s")
-            for m in c.consume(num_messages=1000, timeout=0.5):
-                if m.error() is not None:
-                    continue
-                if m.offset() + 1 >= left.get(m.partition(), 0):
-                    left.pop(m.partition(), None)
-                if origin not in (m.headers() or ()):
-                    continue
-                try:
-                    r = codec.decode(m.value(), expect="RetrainRequest")
-                except DecodeError:
-                    continue
-                if r["model"] == model:
-                    ids.add(r["request_id"])
-        return ids
     finally:
         c.close()
 

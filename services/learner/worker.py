@@ -49,7 +49,7 @@ from ..shared.settings import Settings
 from .adaptation import Adaptation, Change
 from .champion import PUBLISHED, Roles
 from .checkpoint import (Lease, LearnerState, Replay, high_watermark, load_checkpoint, outcomes_since,
-                         records_since, requests_since, save_checkpoint)
+                         records_since, save_checkpoint)
 from .examples import ExampleBuffer
 from .inputs import Inputs
 from .join import DelayedJoin
@@ -689,14 +689,18 @@ class LearnerWorker(StreamWorker):
             self.loop = self.adaptation(Roles(self.lineage.first_champion()))
             self.checkpoint_now = True
             return
-        self.replay = Replay(outcomes_since(self.settings, self.topics.outcomes, state.outcomes_offset, self.name),
-                             deadline=time.monotonic() + self.cfg.label_grace_s + 30,
-                             requests=requests_since(self.settings, self.topics.retrain_requests, state.offsets,
-                                                     self.name, (ORIGIN_HEADER, SERVICE.encode())),
-                             alarms=set() if state.drift_events_offset is None else {
-                                 d["drift_id"] for d in records_since(self.settings, self.topics.drift_events,
-                                                                      state.drift_events_offset, "DriftEvent",
-                                                                      self.name)})
+        # What was published since the checkpoint is not published again: outcomes, our own
+        # retrain requests (read from the checkpoint's position in that topic), drift events.
+        requests = self.topics.retrain_requests
+        ours = records_since(self.settings, requests, state.offsets.get((requests, 0), 0), "RetrainRequest",
+                             self.name, origin=(ORIGIN_HEADER, SERVICE.encode()))
+        self.replay = Replay(
+            outcomes_since(self.settings, self.topics.outcomes, state.outcomes_offset, self.name),
+            deadline=time.monotonic() + self.cfg.label_grace_s + 30,
+            requests={r["request_id"] for r in ours},
+            alarms=set() if state.drift_events_offset is None else {
+                d["drift_id"] for d in records_since(self.settings, self.topics.drift_events, state.drift_events_offset,
+                                                     "DriftEvent", self.name)})
         challenger = self.roles.challenger
         log.info("learner %s: restored checkpoint at position %d (champion v%d, challenger %s); %d outcomes "
                  "published since will be re-learned without publishing them again", self.name, self.position,

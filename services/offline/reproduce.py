@@ -55,8 +55,8 @@ def snapshot(registry, model: str, version: int) -> tuple[dict, bytes, Any]:
         meta = registry.meta(version)
         artifact = registry.r.get(registry.keys.registry_artifact(model, version))
         if artifact is None:
-            raise NotReproducible(f"{model} v{version} has no artifact to compare with"
-                                  + (": retention pruned it (learner.keep_versions)" if "pruned_at" in meta else ""))
+            raise NotReproducible(f"{model} v{version} has no artifact to compare with: "
+                                  f"{registry.absent(version, meta)}")
         blob = verify(artifact, registry.key)
         if registry.meta(version).get("revision") == meta.get("revision"):
             return meta, blob, pickle.loads(blob)  # noqa: S301 -- verified above

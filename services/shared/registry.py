@@ -50,7 +50,8 @@ class TamperedArtifact(RuntimeError):
 
 
 class UnknownVersion(KeyError):
-    pass
+    def __str__(self) -> str:  # KeyError's own is the bare repr of the version
+        return f"version {self.args[0]} is not in the registry, or has no artifact"
 
 
 class PrunedArtifact(UnknownVersion):
@@ -258,6 +259,12 @@ class ModelRegistry:
             self.annotate(version, pruned_at=now)
         return pruned
 
+    @staticmethod
+    def absent(version: int, meta: dict[str, Any]) -> UnknownVersion:
+        """Why a version with lineage `meta` has no artifact: PrunedArtifact when retention
+        deleted it, else UnknownVersion."""
+        return PrunedArtifact(version) if "pruned_at" in meta else UnknownVersion(version)
+
     def version_of_request(self, request_id: str) -> int | None:
         """The version registered for a retrain request (`annotate(..., request_id=...)`), if any."""
         self._index_once()
@@ -312,9 +319,7 @@ class ModelRegistry:
         pipe.hget(self.keys.registry_versions(self.model), str(version))
         artifact, raw = pipe.execute()
         if artifact is None or raw is None:
-            if raw is not None and "pruned_at" in json.loads(raw):
-                raise PrunedArtifact(version)
-            raise UnknownVersion(version)
+            raise UnknownVersion(version) if raw is None else self.absent(version, json.loads(raw))
         try:
             model = loads_signed(artifact, self.key)
         except TamperedArtifact:
