@@ -421,9 +421,12 @@ def test_a_standby_learner_takes_over_from_a_killed_one_without_skipping_or_doub
     s, _redis = own_redis
     dataset = write_dataset(tmp_path / "shops.csv")
     procs = start(run_service, s)
+    active = procs[2]
+    # /health answers before the worker has taken the lease: a standby started in between could take it first.
+    wait(lambda: httpx.get(active.url + "/health", timeout=5).json()["state"] == "active", 30,
+         "the first learner's lease")
     ports = s.ports.model_copy(update={"learner": stack.free_port()})
     standby = run_service("learner", settings_override=s.model_copy(update={"ports": ports}), **ENV)
-    active = procs[2]
     assert httpx.get(active.url + "/health", timeout=5).json()["state"] == "active"
     assert httpx.get(standby.url + "/health", timeout=5).json()["state"] == "standby"
     result: dict = {}
