@@ -173,6 +173,11 @@ def test_retrain_shadow_kill9_promote_and_rollback(settings, redis_client, run_s
     # Whose each outcome is, in its headers too (a prediction worker skips the challenger's undecoded).
     assert all(o["_headers"] == {"driftline-model": o["model"].encode(), "driftline-role": o["role"].encode()}
                for o in shadowed)
+    # The vector learned at a position travels once, on the champion's outcome.
+    vectors = {o["position"]: o["features"] for o in shadowed if o["role"] == "champion"}
+    challengers = [o for o in shadowed if o["role"] == "challenger"]
+    assert all(o["features"] is None and vectors.get(o["position"]) for o in challengers if o["position"] in vectors)
+    assert sum(o["position"] in vectors for o in challengers) >= 50
     learner.kill9()
     learner.restart()
     # Restored from the checkpoint, and the shared examples since then re-learned (not re-published).

@@ -85,6 +85,24 @@ def test_files_are_partitioned_by_model_and_date_and_keep_the_exact_vector(tmp_p
     assert (first["model"], first["y_true"], first["label_ts"], first["offset"]) == ("default", "0", 1.7e9 + 5, 0)
 
 
+def test_a_challengers_rows_are_read_with_the_vector_of_the_champions_row_of_the_same_example(tmp_path):
+    """A challenger's outcome carries no vector (the champion's at the same position has it):
+    reproduce reads a version's examples with it all the same, and an older row's own vector too."""
+    from driftline.offline.reproduce import stored
+
+    store = OfflineStore(tmp_path)
+    champion = [outcome(i) for i in range(6)]
+    challenger = [{**outcome(i), "model_version": 9, "role": "challenger", "features": None} for i in range(2, 5)]
+    older = {**outcome(5), "model_version": 9, "role": "challenger", "features": {"x": 5.0, "y": -1.0}}
+    rows = [row_of(o, "outcomes", 0, n) for n, o in enumerate([*champion, *challenger, older])]
+    store.write_batch("outcomes", 0, 0, len(rows) - 1, rows)
+    assert stored(store, "model = ? AND model_version = ?", ["default", 9]) == [
+        ({"x": float(i), "y": -1.0}, str(i % 2), i) for i in range(2, 6)]
+    assert stored(store, "model = ? AND model_version = ?", ["default", 9], limit=2) == [
+        ({"x": float(i), "y": -1.0}, str(i % 2), i) for i in range(2, 4)]
+    assert [p for _, _, p in stored(store, "model = ? AND role = 'champion' AND position >= ?", ["default", 4])] == [4, 5]
+
+
 def rows_of_live_store(store, tries: int = 20) -> list[dict]:
     """read_rows of a store the sink is writing: right after a restart it replaces the files of
     the batch it had not committed, and a file listed a moment earlier may be gone (read again)."""

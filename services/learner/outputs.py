@@ -80,10 +80,12 @@ class Outputs:
         o = {"event_id": fv["event_id"], "entity_id": fv["entity_id"], "model": self.model,
              "model_version": answer["model_version"], "role": role, "y_true": label.label,
              "y_pred": answer["y_pred"], "proba": answer["proba"], "position": position, "ts": fv["ts"],
-             # what the offline store keeps (offline/store.py): the vector scored, and where the label was read
-             # each value's ("double" | "string", v) names its union branch, so fastavro need not
+             # what the offline store keeps (offline/store.py): the vector scored, and where the label was read.
+             # Only the champion's outcome carries the vector: every role learned the same one at this
+             # position, and a challenger's copy cost its encoding, the broker and every reader again.
+             # Each value's ("double" | "string", v) names its union branch, so fastavro need not
              # try each branch (~2 µs of ~26 for 32 features; the codec names the map's own branch)
-             "features": None if fv["features"] is None else {
+             "features": None if fv["features"] is None or role != "champion" else {
                  k: ("string" if type(v) is str else "double", v) for k, v in fv["features"].items()},
              "feature_set": fv.get("feature_set"), "label_ts": label.ts,
              "label_partition": label.partition, "label_offset": label.offset,

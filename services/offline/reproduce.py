@@ -39,13 +39,26 @@ class NotReproducible(RuntimeError):
 
 
 def stored(store: OfflineStore, where: str, params: list[Any], limit: int | None = None) -> list[tuple]:
-    """(features, y_true, position) of the store's rows matching `where`, in position order."""
+    """(features, y_true, position) of the store's rows matching `where`, in position order. A
+    challenger's row has no vector of its own: it learned the champion's row's (the same example)."""
     if not store.files():
         return []
-    sql = (f"SELECT features, categories, y_true, position FROM read_parquet(?, hive_partitioning = true) WHERE {where} "
-           f"ORDER BY position, \"offset\"" + (f" LIMIT {int(limit)}" if limit is not None else ""))
-    return [(vector_of(f, c), y, position)
-            for f, c, y, position in duckdb.execute(sql, [store.glob(), *params]).fetchall()]
+    limit_sql = f"LIMIT {int(limit)}" if limit is not None else ""
+    sql = f"""WITH picked AS (
+                SELECT model, event_id, position, "offset", role, features, categories, y_true
+                FROM read_parquet(?, hive_partitioning = true) WHERE {where}
+                ORDER BY position, "offset" {limit_sql}),
+              vectors AS (
+                SELECT model, event_id, position, any_value(features) AS features, any_value(categories) AS categories
+                FROM read_parquet(?, hive_partitioning = true) WHERE role = 'champion' GROUP BY ALL)
+              SELECT CASE WHEN p.role = 'champion' THEN p.features ELSE coalesce(p.features, v.features) END,
+                     CASE WHEN p.role = 'champion' THEN p.categories ELSE coalesce(p.categories, v.categories) END,
+                     p.y_true, p.position
+              FROM picked p LEFT JOIN vectors v USING (model, event_id, position)
+              ORDER BY p.position, p."offset"
+    """
+    rows = duckdb.execute(sql, [store.glob(), *params, store.glob()]).fetchall()
+    return [(vector_of(f, c), y, position) for f, c, y, position in rows]
 
 
 def snapshot(registry, model: str, version: int) -> tuple[dict, bytes, Any]:

@@ -22,7 +22,7 @@ from ..shared import kafka
 from ..shared.codec import DecodeError, get_codec
 from ..shared.schema_registry import prepare_output
 from ..shared.settings import Settings
-from ..shared.topics import Topics
+from ..shared.topics import Topics, outcome_role
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Collected:
     events_dlq: list[dict] = field(default_factory=list)
     events_valid: set[str] = field(default_factory=set)  # ids seen on events.valid (a copy counts once)
     events_valid_raw: list[bytes] = field(default_factory=list)  # read, decoded after the run (count_valid)
-    outcomes_raw: list[tuple[bytes, int]] = field(default_factory=list)  # this run's (value, broker ms), not decoded yet
+    outcomes_raw: list[tuple[bytes, int]] = field(default_factory=list)  # this run's champion (value, broker ms), not decoded yet
     events_valid_copies: int = 0  # messages beyond the first per id: at-least-once after an ingestion crash
     drift: list[dict] = field(default_factory=list)
     swaps: list[dict] = field(default_factory=list)
@@ -130,22 +130,28 @@ class Collector(threading.Thread):
             return None
 
     def progress(self) -> tuple[int, int]:
-        """(labels accounted for, outcomes read and not decoded yet: challengers' among them)."""
+        """(labels accounted for, champion outcomes read and not decoded yet)."""
         with self.lock:
             return len(self.data.accounted), len(self.data.outcomes_raw)
 
     def _outcome(self, msg) -> None:
         # Kept as bytes, decoded when the count may be complete (decode_outcomes): decoding each
-        # outcome as it came (~37 µs) took CPU from the pipeline the replay measures.
+        # outcome as it came (~37 µs) took CPU from the pipeline the replay measures. A challenger's
+        # is only counted (its header says whose it is): the report is about what was served.
         key = msg.key()
         if not key or not key.startswith(self.entity_prefix):
             return
+        role = outcome_role(msg.headers())
         with self.lock:
-            self.data.outcomes_raw.append((msg.value(), msg.timestamp()[1]))
             self.data.last_progress = time.monotonic()
+            if role is not None and role != "champion":
+                self.data.challenger_outcomes += 1
+                return
+            self.data.outcomes_raw.append((msg.value(), msg.timestamp()[1]))
 
     def decode_outcomes(self) -> None:
-        """Decode the outcomes read so far: champion ones are learned labels, in arrival order."""
+        """Decode the outcomes read so far: champion ones are learned labels, in arrival order (one
+        without a role header, from an older learner, is told by its record)."""
         with self.lock:
             raw, self.data.outcomes_raw = self.data.outcomes_raw, []
         for value, broker_ms in raw:

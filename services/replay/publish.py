@@ -307,7 +307,7 @@ def _wait_accounted(settings, collector: Collector, labels_sent: int, stall_time
         if done + pending >= labels_sent or idle > stall_timeout_s:  # may be complete: count for real
             collector.decode_outcomes()
             done, pending = collector.progress()
-        bar.update(task, completed=min(labels_sent, done + pending))  # pending: challengers' too
+        bar.update(task, completed=min(labels_sent, done + pending))
         if done >= labels_sent:
             return
         if idle > stall_timeout_s:

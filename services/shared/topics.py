@@ -67,6 +67,19 @@ KEYED_PREFIX = "features.by."  # + key field + "." + source partition: the featu
 KEYED_SCHEMA = "KeyedEvents"
 
 
+def outcome_role(headers: list[tuple[str, bytes]] | None) -> str | None:
+    """The role an outcome's headers name, without decoding it (None: no such header, an older
+    learner's outcome, to be decoded and looked at).
+
+        >>> outcome_role([("driftline-model", b"m"), ("driftline-role", b"challenger")]), outcome_role(None)
+        ('challenger', None)
+    """
+    for key, value in headers or ():
+        if key == OUTCOME_ROLE_HEADER:
+            return value.decode()
+    return None
+
+
 class Topics:
     """Topic names as they are on the broker, for one namespace."""
 
