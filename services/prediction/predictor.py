@@ -41,6 +41,7 @@ import redis.asyncio
 from ..features.definitions import load_feature_set
 from ..features.store import FeatureStore, FieldNames
 from ..ingestion.validate import check_fields
+from ..learner.spec import ModelSpecError, parse_model
 from ..shared import kafka, metrics, redis_clients
 from ..shared.codec import get_codec
 from ..shared.keys import Keys
@@ -120,6 +121,13 @@ class Predictor:
         self.aredis = redis_clients.connect_async(self.settings.redis_url, socket_timeout=2.0,
                                                   socket_connect_timeout=1.0, health_check_interval=30)
         self.state_reads = CoalescedReads(self.aredis)  # concurrent requests share a round trip
+        # The modules a model of the configured spec is made of, imported before /health answers
+        # (river's submodules pull in scipy: ~0.7 s of CPU): else the first model's load pays for
+        # them beside the first events, and service_app's gc.freeze() would not cover them.
+        try:
+            parse_model(self.settings.learner.model)
+        except ModelSpecError as exc:  # the learner's to refuse; a model it registers still loads
+            log.warning("could not import the modules of the configured model: %s", exc)
         try:
             self.follower.sync_now()
         except redis_clients.UNAVAILABLE as exc:  # the follower retries; /ready says why meanwhile
