@@ -41,7 +41,7 @@ import redis.asyncio
 from ..features.definitions import load_feature_set
 from ..features.store import FeatureStore, FieldNames
 from ..ingestion.validate import check_fields
-from ..learner.spec import ModelSpecError, parse_model
+from ..learner.spec import parse_model
 from ..shared import kafka, metrics, redis_clients
 from ..shared.codec import get_codec
 from ..shared.keys import Keys
@@ -126,7 +126,7 @@ class Predictor:
         # them beside the first events, and service_app's gc.freeze() would not cover them.
         try:
             parse_model(self.settings.learner.model)
-        except ModelSpecError as exc:  # the learner's to refuse; a model it registers still loads
+        except Exception as exc:  # a warm-up only: the learner refuses a bad spec; what it registers still loads
             log.warning("could not import the modules of the configured model: %s", exc)
         try:
             self.follower.sync_now()
