@@ -131,9 +131,10 @@ return refused
 # of the input it was folded from ('' for none).
 SAVE_VECTORS_LUA = """
 for i = 1, #KEYS do
-  if ARGV[2 * i + 2] ~= '' then redis.call('hset', KEYS[i], ARGV[1], ARGV[2 * i + 2]) end
-  local marker = ARGV[2 * i + 3]
-  if marker ~= '' then redis.call('hset', KEYS[i], ARGV[3], marker) end
+  local vector, marker = ARGV[2 * i + 2], ARGV[2 * i + 3]
+  if vector ~= '' and marker ~= '' then redis.call('hset', KEYS[i], ARGV[1], vector, ARGV[3], marker)
+  elseif vector ~= '' then redis.call('hset', KEYS[i], ARGV[1], vector)
+  elseif marker ~= '' then redis.call('hset', KEYS[i], ARGV[3], marker) end
   redis.call('expire', KEYS[i], ARGV[2])
 end
 return #KEYS
@@ -188,10 +189,26 @@ def encode_value(value: Any) -> str | bytes:
     return str(value)
 
 
+# encode_value of the plain types, looked up by exact type (every state write runs it per field).
+_ENCODE_BY_TYPE: dict[type, Any] = {float: repr, int: repr, str: str, bytes: lambda v: v,
+                                    bool: lambda v: "1" if v else "0"}
+
+
 def encode_state(state: Mapping[str, Any], exclude: Iterable[str] = ()) -> dict[str, str | bytes]:
-    """The hash fields of a state (None values are left out: a missing field means unknown)."""
+    """The hash fields of a state (None values are left out: a missing field means unknown).
+
+        >>> encode_state({"n": 3, "x": 0.1, "label": "spam", "gone": None, "ok": True, "_v": 2}, exclude=["_v"])
+        {'n': '3', 'x': '0.1', 'label': 'spam', 'ok': '1'}
+    """
     skip = set(exclude)
-    return {k: encode_value(v) for k, v in state.items() if v is not None and k not in skip}
+    by_type = _ENCODE_BY_TYPE
+    fields: dict[str, str | bytes] = {}
+    for k, v in state.items():
+        if v is None or k in skip:
+            continue
+        encode = by_type.get(type(v))
+        fields[k] = encode(v) if encode is not None else encode_value(v)
+    return fields
 
 
 def decode_state(raw: Mapping[Any, Any]) -> State:
