@@ -47,7 +47,7 @@ def producer(settings: Settings, **overrides) -> Producer:
         **connection(settings),
         "enable.idempotence": True,
         "acks": "all",
-        "linger.ms": 5,
+        "linger.ms": settings.kafka_linger_ms,
         "batch.num.messages": 10_000,
         "compression.type": "lz4",
         "queue.buffering.max.messages": 500_000,

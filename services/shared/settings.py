@@ -344,6 +344,12 @@ class Settings(BaseSettings):
                     "there; N = the broker holds each of their fetches until 64 KiB or N ms: fewer, larger "
                     "batches under steady live traffic for more empty fetches when idle (docs/operations.md)",
     )
+    kafka_linger_ms: int = Field(
+        5, ge=0, le=1000,
+        description="how long driftline's producers wait to fill a batch (librdkafka linger.ms): each hop of an "
+                    "event through the services may wait this long at live rates; 0 sends at once, for more "
+                    "and smaller produce requests (docs/operations.md)",
+    )
     kafka_stream_partitions: int = Field(
         6, ge=1, le=1000,
         description="partitions of each stream topic (events, labels, their .valid, features, predictions) that "
