@@ -93,11 +93,11 @@ def test_a_challengers_rows_are_read_with_the_vector_of_the_champions_row_of_the
     store = OfflineStore(tmp_path)
     champion = [outcome(i) for i in range(6)]
     challenger = [{**outcome(i), "model_version": 9, "role": "challenger", "features": None} for i in range(2, 5)]
-    older = {**outcome(5), "model_version": 9, "role": "challenger", "features": {"x": 5.0, "y": -1.0}}
+    older = {**outcome(5), "model_version": 9, "role": "challenger", "features": {"x": 5.5}}  # its own, kept
     rows = [row_of(o, "outcomes", 0, n) for n, o in enumerate([*champion, *challenger, older])]
     store.write_batch("outcomes", 0, 0, len(rows) - 1, rows)
     assert stored(store, "model = ? AND model_version = ?", ["default", 9]) == [
-        ({"x": float(i), "y": -1.0}, str(i % 2), i) for i in range(2, 6)]
+        *(({"x": float(i), "y": -1.0}, str(i % 2), i) for i in range(2, 5)), ({"x": 5.5}, "1", 5)]
     assert stored(store, "model = ? AND model_version = ?", ["default", 9], limit=2) == [
         ({"x": float(i), "y": -1.0}, str(i % 2), i) for i in range(2, 4)]
     assert [p for _, _, p in stored(store, "model = ? AND role = 'champion' AND position >= ?", ["default", 4])] == [4, 5]
