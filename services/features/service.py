@@ -47,7 +47,6 @@ shows them all).
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import time
@@ -76,11 +75,6 @@ __all__ = ["SERVICE", "BAD", "EVENT", "LABEL", "Item", "ReorderBuffer", "Feature
 
 log = logging.getLogger(__name__)
 SERVICE = "features"
-# The cyclic collector's thresholds for this process: every event makes short-lived dicts, and the
-# states held between batches are many. At Python's (700, 10, 10), collections take ~19 µs per
-# event of `bench features` (py-spy puts it on whatever allocated); at these, ~3. Garbage is still
-# freed by reference counting at once; only cycles wait longer.
-GC_THRESHOLDS = (20_000, 50, 100)
 # An event waiting for older labels asks whether any is on its way after this long (and then at
 # most this often): a few ms of broker round trips, against max_reorder_wait_ms.
 LABELS_CHECK_S = 0.02
@@ -91,7 +85,6 @@ class FeaturesWorker(StreamWorker):
 
     def __init__(self, settings: Settings, feature_set: FeatureSet | None = None) -> None:
         super().__init__(settings)
-        gc.set_threshold(*GC_THRESHOLDS)
         self.batch_size = settings.features.batch_size
         self.commit_interval_s = settings.features.commit_interval_s
         self.codec = get_codec()

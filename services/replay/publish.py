@@ -24,6 +24,7 @@ Fields that name other entities (`Dataset.keys`: a merchant) get the run id as t
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import uuid
@@ -147,6 +148,7 @@ def replay(
             collector.read_to_end([collector.topics.drift_events, collector.topics.model_swaps])
     finally:
         collector.stop()  # also on Ctrl-C: no thread left polling a broker that goes away
+        gc.unfreeze()  # what _publish froze
     collector.decode_outcomes()
     collector.count_valid()
     data = collector.data
@@ -240,6 +242,9 @@ def _publish(settings: Settings, rows: list, run_id: str, label_delay: int, rate
             messages.append((None, topics.labels, f"{prefix}{i}", codec.encode("Label", {
                 "event_id": f"{prefix}{i}", "label": label, "ts": label_time(times, i, label_delay)})))
     bar.update(encode_task, completed=len(rows))
+    # Held until sent, like the rows: out of the cyclic collector's sight (replay() unfreezes), its
+    # full collections do not walk them while the pipeline is measured (~0.25 s of 45,000 rows).
+    gc.freeze()
     t_first = None
     events_sent = labels_sent = 0
     for i, topic, key, value in messages:
