@@ -42,7 +42,7 @@ class RestartLoop(Exception):
 # dicts, and what a worker holds between batches (states, scored events waiting for labels) is
 # much. At Python's (700, 10, 10), collections took ~19 µs per event of `bench features` (py-spy
 # puts them on whatever allocated), and 2-5% of the learner's, ingestion's and the offline sink's
-# CPU in a `serve all` replay (gc.callbacks); at these, ~3 µs and <1%. Garbage is still freed by
+# CPU in a `serve all` replay (gc.callbacks); at these, ~3 µs and 0-0.4%. Garbage is still freed by
 # reference counting at once; only cycles wait longer.
 GC_THRESHOLDS = (20_000, 50, 100)
 
