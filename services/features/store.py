@@ -177,19 +177,21 @@ def _text(value: Any) -> str:
 
 def encode_value(value: Any) -> str | bytes:
     """One state value as stored: numbers as their repr (exact round trip), strings as they are,
-    window series as their bytes."""
-    if isinstance(value, Series):
-        return value.to_bytes()
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return str(value)
+    window series as their bytes.
+
+        >>> [encode_value(v) for v in (3, 0.5, True, "spam", b"\\x01")]
+        ['3', '0.5', '1', 'spam', b'\\x01']
+    """
+    encode = _ENCODE_BY_TYPE.get(type(value))
+    if encode is None:
+        if isinstance(value, Series):
+            return value.to_bytes()
+        # a subclass of a plain type (numpy's float64, an IntEnum) is stored as that type
+        encode = next((_ENCODE_BY_TYPE[t] for t in type(value).__mro__ if t in _ENCODE_BY_TYPE), str)
+    return encode(value)
 
 
-# encode_value of the plain types, looked up by exact type (every state write runs it per field).
+# How the plain types are stored, looked up by exact type (every state write runs it per field).
 _ENCODE_BY_TYPE: dict[type, Any] = {float: repr, int: repr, str: str, bytes: lambda v: v,
                                     bool: lambda v: "1" if v else "0"}
 

@@ -148,7 +148,6 @@ def replay(
             collector.read_to_end([collector.topics.drift_events, collector.topics.model_swaps])
     finally:
         collector.stop()  # also on Ctrl-C: no thread left polling a broker that goes away
-        gc.unfreeze()  # what _publish froze
     collector.decode_outcomes()
     collector.count_valid()
     data = collector.data
@@ -242,26 +241,29 @@ def _publish(settings: Settings, rows: list, run_id: str, label_delay: int, rate
             messages.append((None, topics.labels, f"{prefix}{i}", codec.encode("Label", {
                 "event_id": f"{prefix}{i}", "label": label, "ts": label_time(times, i, label_delay)})))
     bar.update(encode_task, completed=len(rows))
-    # Held until sent, like the rows: out of the cyclic collector's sight (replay() unfreezes), its
-    # full collections do not walk them while the pipeline is measured (~0.25 s of 45,000 rows).
+    # Held until sent, like the rows: out of the cyclic collector's sight, its full collections do
+    # not walk them while the pipeline is measured (~0.25 s of 45,000 rows).
     gc.freeze()
-    t_first = None
-    events_sent = labels_sent = 0
-    for i, topic, key, value in messages:
-        if i is not None:  # an event
-            limiter.wait(i)
-            if t_first is None:
-                t_first = time.time()
-        kafka.produce(producer, topic, value, key=key, on_delivery=delivered)
-        if i is not None:
-            events_sent += 1
-        else:
-            labels_sent += 1
-        if (events_sent + labels_sent) % 500 == 0:
-            producer.poll(0)
-            bar.update(sent_task, completed=events_sent)
-            bar.update(learned_task, completed=sum(collector.progress()))
-    remaining = wait_delivered(producer)
+    try:
+        t_first = None
+        events_sent = labels_sent = 0
+        for i, topic, key, value in messages:
+            if i is not None:  # an event
+                limiter.wait(i)
+                if t_first is None:
+                    t_first = time.time()
+            kafka.produce(producer, topic, value, key=key, on_delivery=delivered)
+            if i is not None:
+                events_sent += 1
+            else:
+                labels_sent += 1
+            if (events_sent + labels_sent) % 500 == 0:
+                producer.poll(0)
+                bar.update(sent_task, completed=events_sent)
+                bar.update(learned_task, completed=sum(collector.progress()))
+        remaining = wait_delivered(producer)
+    finally:
+        gc.unfreeze()
     if remaining or failed:
         raise ReplayStalled(f"{remaining + len(failed)} messages could not be delivered to Kafka at "
                             f"{settings.kafka_bootstrap}" + (f", e.g. {failed[0]}" if failed else ""))
