@@ -6,7 +6,7 @@ updates, model swaps, the drift loop's alarms and retrain requests, and the labe
     out.outcome(event_vector, label, answer, "champion", position)
 
 Produce only: the worker flushes before each checkpoint (its commit). Predictions and outcomes
-are held back until the batch's snapshots are stored in Redis (`take`, then release.py): after a
+are held back until the worker has stored the batch's snapshots in Redis (`release`): after a
 crash, an outcome on the topic is re-learned from its event's stored snapshot, so none may be
 published before that snapshot is stored.
 """
@@ -46,18 +46,11 @@ class Outputs:
         self.held_back: list[tuple[str, bytes, str, list[tuple[str, bytes]] | None]] = []
         self.model_header = (OUTCOME_MODEL_HEADER, model.encode())
 
-    def take(self) -> list[tuple[str, bytes, str, list[tuple[str, bytes]] | None]]:
-        """The predictions and outcomes held back, to be published once their snapshots are
-        stored (release.py); counted as sent now."""
-        taken, self.held_back = self.held_back, []
-        for topic, *_ in taken:
-            self.telemetry.sent(topic)
-        return taken
-
-    def publish(self, topic: str, value: bytes, key: str | bytes | None = None,
-                headers: list[tuple[str, bytes]] | None = None) -> None:
-        """Produce one message taken from `take` (from the release thread: no telemetry here)."""
-        kafka.produce(self.producer, topic, value, key, headers=headers)
+    def release(self) -> None:
+        """Publish the predictions and outcomes held back: their snapshots are stored now."""
+        for topic, value, key, headers in self.held_back:
+            self.produce(topic, value, key, headers)
+        self.held_back.clear()
 
     def forget(self) -> None:
         """A new session starts from the checkpoint: what was held back will be decided again."""

@@ -56,7 +56,6 @@ from .join import DelayedJoin
 from .labels import is_regressor, label_problem
 from .lineage import Lineage
 from .outputs import ORIGIN_HEADER, Outputs
-from .release import Release
 from .ordering import INF, FlowControl, HeldEvents, LabelWatermark, features_mark
 from .records import Control, Event, Label, decode
 from .telemetry import Telemetry
@@ -106,7 +105,6 @@ class LearnerWorker(StreamWorker):
                                flush=self.publish_learned)
         self.lease = Lease(self.r, self.keys.lease(self.name), self.cfg.lease_ttl_s)
         self.snapshots = Snapshots(self.r, self.keys, settings.features.snapshot_ttl_s, SERVICE)
-        self.release = Release(self.snapshots, self.out.publish, self.name)  # store, then publish: off the loop
         self.hold_s = settings.features.max_reorder_wait_ms / 1000
         self.inputs = Inputs(settings, self.topics)
         self.state, self.loop = "standby", None
@@ -119,10 +117,6 @@ class LearnerWorker(StreamWorker):
     def reset_session(self, state: LearnerState | None = None) -> None:
         """Everything a checkpoint holds (from `state`), plus what only this run keeps (not checkpointed)."""
         self.loop: Adaptation | None = None
-        # What the last session submitted goes out (or is dropped after a failed write) and is
-        # acknowledged before the outcomes since the checkpoint are read back (restore).
-        self.release.settle()
-        self.producer.flush(10)
         self.out.forget()
         if state is not None:
             examples = state.examples
@@ -154,6 +148,7 @@ class LearnerWorker(StreamWorker):
         self.since_checkpoint = self.since_update = 0
         self.last_checkpoint = self.last_update = time.monotonic()
         self.update_pacer = UpdatePacer.from_settings(self.cfg)
+        self.pipe = None
         self.new_predictions: list[tuple[str, dict[str, bytes]]] = []  # scored in this batch, for Redis
 
     def adaptation(self, roles: Roles, state: dict | None = None) -> Adaptation:
@@ -206,7 +201,6 @@ class LearnerWorker(StreamWorker):
         return self.inputs.next_batch(self.batch_size, self.poll_timeout_s)
 
     def close(self) -> None:
-        self.release.wait()  # what was handled goes out, whether or not a checkpoint follows
         if self.lease.lost.is_set():
             log.error("learner %s: lease lost; stopping without a checkpoint", self.name)
         else:
@@ -228,6 +222,7 @@ class LearnerWorker(StreamWorker):
         self.watermark.saw_labels(((lb.partition, lb.ts) for lb in labels), now)
         self.join.add(labels)
         self.held.add(events)
+        self.pipe = self.r.pipeline(transaction=False)
         if self.replay:
             self.catch_up()
         if not self.replay:
@@ -576,22 +571,30 @@ class LearnerWorker(StreamWorker):
             metrics.DEAD_LETTERS.labels(SERVICE, base_topic(m.topic()), exc.reason).inc()
 
     def flush_batch(self) -> None:
-        """The batch's predictions into Redis, then its outputs to Kafka (release.py: in order,
-        off the loop)."""
-        self.release.submit(self.new_predictions, self.out.take())
-        self.new_predictions = []
+        self.store_scored()
+        self.pipe = None
+        self.out.release()  # now that the snapshots they come from are stored
         self.figures_changed = True  # exported by the tick (export_figures)
 
     def export_figures(self, now: float) -> None:
         self.telemetry.export(self.roles, self.loop.policy.error_rate if self.loop else None)
         self.exported_at, self.figures_changed = now, False
 
+    def store_scored(self) -> None:
+        """What the batch has written so far into Redis, with the snapshots of the events scored."""
+        self.snapshots.queue_predictions_if_present(self.pipe, self.new_predictions, keep_existing=True)
+        self.new_predictions = []
+        started = time.perf_counter()
+        self.pipe.execute()
+        metrics.REDIS_SECONDS.labels(SERVICE, "write").observe(time.perf_counter() - started)
+
     def publish_learned(self) -> None:
         """Before an artifact is saved (lineage.py): every outcome learned so far in Kafka, so
         first the snapshots they were learned from in Redis (mid-batch: a promotion, a snapshot)."""
-        self.release.submit(self.new_predictions, self.out.take())
-        self.new_predictions = []
-        self.release.wait()
+        if self.pipe is not None:
+            self.store_scored()
+            self.pipe = self.r.pipeline(transaction=False)
+        self.out.release()
         self.producer.flush(10)
 
     def between_chunks(self) -> None:
@@ -601,6 +604,7 @@ class LearnerWorker(StreamWorker):
         self.flush_batch()
         if self.checkpoint_due(time.monotonic()):
             self.checkpoint()
+        self.pipe = self.r.pipeline(transaction=False)
 
     def tick(self) -> None:
         now = time.monotonic()
@@ -649,7 +653,6 @@ class LearnerWorker(StreamWorker):
             return False
         if deps.DEPS.is_down("kafka") and not force:
             return False  # it cannot acknowledge our outputs nor say where outcomes end: after the outage
-        self.release.wait()
         if self.producer.flush(30) > 0:
             log.error("learner %s: producer did not flush; checkpoint postponed", self.name)
             return False
