@@ -17,8 +17,9 @@ hot path -- with the model and features it needs, and replays Elec2 through them
    first event published to the last label learned, next to river's predict_proba_one +
    learn_one loop on the same rows in this process, in this run, as a ratio; with each process's
    CPU microseconds per event (every service, the supervisor, the broker, Redis) and the drift
-   events and swaps the loop made. For logistic regression the same replay through the hot path
-   alone too (`hot_path`), and the ratio of the two;
+   events and swaps the loop made, and where the replay waited (`progress`: each stage's records
+   written and each process's share of a core, every 0.25 s; the plot's third panel). For logistic
+   regression the same replay through the hot path alone too (`hot_path`), and the ratio of the two;
 2. latency: events at 1,000 ev/s (labels 100 behind), through `serve all`; for each event, the
    time from its publication (`published_ms`, the producer's Kafka timestamp) to its prediction
    arriving on `predictions` (p50, p95, p99), over all events and over those after the first
@@ -143,6 +144,7 @@ def figures(report: dict, rows: int, in_process: float) -> dict:
         **report["timeline"],
         "steady_ratio": (round(report["timeline"]["steady_events_per_s"] / in_process, 3)
                          if report["timeline"] and in_process else None),
+        "progress": report.get("progress"),  # where it waited (Progress; the plot's third panel)
     }
 
 
@@ -269,6 +271,7 @@ class BenchStack:
         spies = [profile(pid, self.out_dir / "profiles" / f"{profile_as}-{name}.{PROFILE_SUFFIX}", seconds=120,
                          fmt=PROFILE_FORMAT) for name, pid in pids.items()] if profile_as else []
         before = {name: cpu_seconds(pid) for name, pid in (pids | infra).items()}
+        progress = Progress(settings, pids | infra)
         try:
             report = replay(settings, load("elec2"), limit=limit, label_delay=label_delay, rate=rate, model=model,
                             features=features, report_dir=None, stall_timeout_s=120, console=console,
@@ -276,9 +279,11 @@ class BenchStack:
             report["cpu_s"] = {name: round(cpu_seconds(pid) - before[name], 3) for name, pid in (pids | infra).items()}
             report["processes"] = "serve all" if whole else "hot path: " + ", ".join(HOT_PATH)
             report["timeline"] = outcome_timeline(report.pop("_learned_at_s"))
+            report["progress"] = progress.close()
             del report["_outcomes"]
             return report
         finally:
+            progress.close()
             for spy in spies:
                 if spy is not None:
                     spy.send_signal(signal.SIGINT)  # py-spy writes what it has so far
@@ -385,13 +390,79 @@ class PredictionSink:
         self.consumer.close()
 
 
+class Progress:
+    """Where a replay waits: every `sample_s`, how many records each stage has written so far (the
+    ends of its output topics, one ListOffsets request for them all: four small requests a second
+    beside the replay's thousands) and each process's CPU seconds, from a thread of the bench. Behind a backlog the stages do not move together: a
+    stage that is ahead shows as a line that rises early, one that waits as a flat stretch, and a
+    process alone on the cores as the others' CPU going to zero.
+
+        progress = Progress(settings, pids)   # starts sampling
+        ...; report["progress"] = progress.close()
+    """
+
+    STAGES = {"events": "events", "labels": "labels", "events.valid": "events_valid",
+              "labels.valid": "labels_valid", "features": "features", "outcomes": "outcomes"}
+
+    def __init__(self, settings: Settings, pids: dict[str, int], sample_s: float = 0.25) -> None:
+        topics = Topics(settings.namespace)
+        self.topics = {name: getattr(topics, attr) for name, attr in self.STAGES.items()}
+        self.partitions = [tp for t in self.topics.values() for tp in kafka.partitions_of(settings, t)]
+        self.admin = kafka.admin(settings)
+        self.pids = pids
+        self.sample_s = sample_s
+        self.samples: list[tuple[float, dict[str, int], dict[str, float]]] = []
+        self._halt = threading.Event()
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._halt.wait(self.sample_s):
+            try:
+                ends = kafka.ends(self.admin, self.partitions, timeout=5)
+                cpu = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+            except Exception:  # a sample lost (a process gone at the end): the next one counts
+                continue
+            written = {name: sum(end for (t, _), end in ends.items() if t == topic) for name, topic in self.topics.items()}
+            self.samples.append((time.monotonic() - self._started, written, cpu))
+
+    def close(self) -> dict:
+        """What was sampled (`progress_of`); sampling stops."""
+        self._halt.set()
+        self._thread.join(10)
+        return progress_of(self.samples, list(self.pids))
+
+
+def progress_of(samples: list[tuple[float, dict[str, int], dict[str, float]]], processes: list[str]) -> dict:
+    """(seconds, records written per stage, CPU seconds per process) samples, from the last one
+    before the first event was published: seconds since it, records written per stage, and each
+    process's share of one core over each interval.
+
+    >>> progress_of([(0.0, {"events": 0, "outcomes": 0}, {"learner": 1.0}),
+    ...              (0.25, {"events": 0, "outcomes": 0}, {"learner": 1.0}),
+    ...              (0.5, {"events": 10, "outcomes": 0}, {"learner": 1.1}),
+    ...              (0.75, {"events": 10, "outcomes": 6}, {"learner": 1.3})], ["learner"])
+    {'t_s': [0.0, 0.25, 0.5], 'written': {'events': [0, 10, 10], 'outcomes': [0, 0, 6]}, 'cores': {'learner': [0.4, 0.8]}}
+    """
+    first = next((i for i, s in enumerate(samples) if s[1]["events"] > 0), 0)
+    kept = samples[max(0, first - 1):]
+    if not kept:
+        return {"t_s": [], "written": {}, "cores": {}}
+    since_s = kept[0][0]
+    return {"t_s": [round(s[0] - since_s, 2) for s in kept],
+            "written": {name: [s[1][name] for s in kept] for name in kept[0][1]},
+            "cores": {name: [round((b[2].get(name, 0.0) - a[2].get(name, 0.0)) / max(b[0] - a[0], 1e-3), 2)
+                             for a, b in zip(kept, kept[1:])] for name in processes}}
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 3.6), dpi=100)
     names = list(result["throughput"])
     pipe = [result["throughput"][n]["pipeline_events_per_s"] for n in names]
     local = [result["throughput"][n]["in_process_events_per_s"] for n in names]
@@ -416,10 +487,30 @@ def plot(result: dict, path: Path) -> None:
     ax2.set_ylabel("ms")
     ax2.set_title(f"publish -> prediction at {result['latency']['rate_eps']:,} ev/s (steady); "
                   f"quality {result['quality']['accuracy']:.3f}", fontsize=10)
+    plot_progress(ax3, result["throughput"].get("logreg", {}).get("progress"))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_progress(ax, progress: dict | None) -> None:
+    """Each stage's records written as a share of what it wrote in all (lines), and the learner's
+    share of a core (shaded): the logistic-regression replay through `serve all`."""
+    if not progress or len(progress["t_s"]) < 3:
+        ax.set_axis_off()
+        return
+    t = progress["t_s"]
+    for name, written in progress["written"].items():
+        total = max(written[-1], 1)
+        ax.plot(t, [w / total for w in written], label=name, lw=1.2)
+    learner = progress["cores"].get("learner")
+    if learner:
+        ax.fill_between(t[1:], learner, step="pre", alpha=0.15, color="grey", label="learner, cores")
+    ax.set_xlabel("s after the first event was published")
+    ax.set_ylabel("share of the stream written")
+    ax.set_title("serve all, logreg: where the replay waits", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
 
 
 def _take(rows, n):
