@@ -28,6 +28,9 @@ from .shared.settings import InsecureSettings, Settings, check_secrets, get_sett
 
 SERVICES = ("ingestion", "features", "learner", "drift", "prediction")
 SINKS = ("offline",)  # beside the five: the offline store's sink reads outcomes, off the hot path
+# At the default CPU priority: the learner (in stream order, on one core: the pipeline's pace behind
+# a backlog) and the prediction service (HTTP answers); the others run at `service_nice`.
+CRITICAL_PATH = ("learner", "prediction")
 console = Console(stderr=True)
 
 
@@ -52,9 +55,11 @@ def serve(service: ServiceName = typer.Argument(..., help="a service, or 'all'")
     if service is ServiceName.all:
         serve_all()
         return
-    from .shared.process import configure_logging
+    from .shared.process import configure_logging, lower_priority
 
     configure_logging(settings)
+    if service.value not in CRITICAL_PATH:
+        lower_priority(settings.service_nice)
     module = importlib.import_module(f"driftline.{service.value}.{'sink' if service.value in SINKS else 'service'}")
     module.serve(settings)
 

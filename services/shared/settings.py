@@ -344,6 +344,13 @@ class Settings(BaseSettings):
                     "there; N = the broker holds each of their fetches until 64 KiB or N ms: fewer, larger "
                     "batches under steady live traffic for more empty fetches when idle (docs/operations.md)",
     )
+    service_nice: int = Field(
+        10, ge=0, le=19,
+        description="CPU priority of the services off the critical path (ingestion, features, drift, the offline "
+                    "sink) below the learner's and the prediction service's, as Unix nice (and, for a service "
+                    "`serve all` started, its Linux autogroup's): on a shared host behind a backlog the learner, "
+                    "which learns in stream order on one core, gets the CPU first; 0 turns it off (docs/operations.md)",
+    )
     kafka_linger_ms: int = Field(
         5, ge=0, le=1000,
         description="how long driftline's producers wait to fill a batch (librdkafka linger.ms): each hop of an "
