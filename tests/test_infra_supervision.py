@@ -134,6 +134,14 @@ def test_serve_all_restarts_a_service_killed_with_kill_9(settings, tmp_path):
         while "supervising them" not in (tmp_path / "serve-all.log").read_text():
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve-all.log").read_text()
             time.sleep(0.5)
+        # Off the critical path at service_nice, its session's scheduling group too; the learner
+        # and the prediction service at the default priority.
+        for name in ("ingestion", "features", "drift", "offline", "learner", "prediction"):
+            pid = int(pid_file(name, settings).read_text())
+            wanted = 0 if name in ("learner", "prediction") else settings.service_nice
+            assert nice_of(pid) == wanted, name
+            if os.path.exists(f"/proc/{pid}/autogroup"):
+                assert open(f"/proc/{pid}/autogroup").read().split()[-1] == str(wanted), name
         first = int(pid_file("drift", settings).read_text())
         os.killpg(first, signal.SIGKILL)
         deadline = time.monotonic() + 90
@@ -153,6 +161,26 @@ def test_serve_all_restarts_a_service_killed_with_kill_9(settings, tmp_path):
             proc.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def nice_of(pid: int) -> int:
+    """A process's nice (field 19 of /proc/<pid>/stat)."""
+    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[16])
+
+
+def test_a_service_off_the_critical_path_lowers_its_priority_and_only_its_own_sessions_group():
+    code = ("import os, sys; from driftline.shared.process import lower_priority; "
+            "print(lower_priority(int(sys.argv[1])), os.nice(0), "
+            "open('/proc/self/autogroup').read().split()[-1] if os.path.exists('/proc/self/autogroup') else '-')")
+    def run(nice, **kw):
+        out = subprocess.run([sys.executable, "-c", code, str(nice)], capture_output=True, text=True, check=True, **kw)
+        return out.stdout.split()
+    group = open("/proc/self/autogroup").read().split()[-1] if os.path.exists("/proc/self/autogroup") else "-"
+    # a session of its own (what serve all starts): the process and its scheduling group
+    assert run(7, start_new_session=True) == ["7", "7", "7" if group != "-" else "-"]
+    # in the caller's session (a terminal's): the process only, never the group it shares
+    assert run(7) == ["7", "7", group]
+    assert run(0, start_new_session=True)[:2] == ["0", "0"]
 
 
 def test_the_compose_healthcheck_stops_the_service_after_n_failures_in_a_row(fakes, tmp_path):
