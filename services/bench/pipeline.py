@@ -271,8 +271,9 @@ class BenchStack:
         spies = [profile(pid, self.out_dir / "profiles" / f"{profile_as}-{name}.{PROFILE_SUFFIX}", seconds=120,
                          fmt=PROFILE_FORMAT) for name, pid in pids.items()] if profile_as else []
         before = {name: cpu_seconds(pid) for name, pid in (pids | infra).items()}
-        progress = Progress(settings, pids | infra)
+        progress = None
         try:
+            progress = Progress(settings, pids | infra)
             report = replay(settings, load("elec2"), limit=limit, label_delay=label_delay, rate=rate, model=model,
                             features=features, report_dir=None, stall_timeout_s=120, console=console,
                             keep_outcomes=True)
@@ -283,7 +284,8 @@ class BenchStack:
             del report["_outcomes"]
             return report
         finally:
-            progress.close()
+            if progress is not None:
+                progress.close()
             for spy in spies:
                 if spy is not None:
                     spy.send_signal(signal.SIGINT)  # py-spy writes what it has so far
@@ -393,9 +395,10 @@ class PredictionSink:
 class Progress:
     """Where a replay waits: every `sample_s`, how many records each stage has written so far (the
     ends of its output topics, one ListOffsets request for them all: four small requests a second
-    beside the replay's thousands) and each process's CPU seconds, from a thread of the bench. Behind a backlog the stages do not move together: a
-    stage that is ahead shows as a line that rises early, one that waits as a flat stretch, and a
-    process alone on the cores as the others' CPU going to zero.
+    beside the replay's thousands) and each process's CPU seconds, from a thread of the bench.
+    Behind a backlog the stages do not move together: a stage that is ahead shows as a line that
+    rises early, one that waits as a flat stretch, and a process alone on the cores as the others'
+    CPU going to zero.
 
         progress = Progress(settings, pids)   # starts sampling
         ...; report["progress"] = progress.close()
