@@ -285,7 +285,7 @@ class BenchStack:
             return report
         finally:
             if progress is not None:
-                progress.close()
+                progress.stop()  # (already, unless the replay failed)
             for spy in spies:
                 if spy is not None:
                     spy.send_signal(signal.SIGINT)  # py-spy writes what it has so far
@@ -401,7 +401,7 @@ class Progress:
     CPU going to zero.
 
         progress = Progress(settings, pids)   # starts sampling
-        ...; report["progress"] = progress.close()
+        ...; report["progress"] = progress.close()   # stops it
     """
 
     STAGES = {"events": "events", "labels": "labels", "events.valid": "events_valid",
@@ -430,10 +430,13 @@ class Progress:
             written = {name: sum(end for (t, _), end in ends.items() if t == topic) for name, topic in self.topics.items()}
             self.samples.append((time.monotonic() - self._started, written, cpu))
 
-    def close(self) -> dict:
-        """What was sampled (`progress_of`); sampling stops."""
+    def stop(self) -> None:
         self._halt.set()
         self._thread.join(10)
+
+    def close(self) -> dict:
+        """Sampling stops; what was sampled (`progress_of`)."""
+        self.stop()
         return progress_of(self.samples, list(self.pids))
 
 
