@@ -175,7 +175,14 @@ def predictions(pipeline: Pipeline) -> dict[str, list]:
     return {"batch": [(a["prediction"], a["proba"]) for a in response.json()["items"]], "one_by_one": one_by_one}
 
 
-def run(s, data, services=("ingestion", "features", "learner"), during=None) -> dict:
+def run(s, data, services=("ingestion", "features", "learner"), during=None, again: bool = True) -> dict:
+    """The replay through `services` on `s` (`during()` a third of the way in), and what it left.
+
+    Once more on a fresh namespace if its order broke (`order_breaks`): the producer of a live
+    replay may deliver a label after a later event (librdkafka batches each partition apart, and
+    this test's replay shares two loaded cores with a Kafka, a cluster and the services), and no
+    service can wait for what is not in Kafka yet (docs/known-gaps.md, "Order"). What is
+    compared here is Redis parity, for which two runs must learn in the same order."""
     dataset, features_path = data
     kafka.ensure_topics(s)
     with Pipeline(s, s.home, features_path, services) as pipeline:
@@ -187,6 +194,15 @@ def run(s, data, services=("ingestion", "features", "learner"), during=None) -> 
         if "prediction" in services:
             got["predictions"] = predictions(pipeline)
         got["logs"] = {name: p.log_path.read_text(errors="replace") for name, p in pipeline.procs.items()}
+    if breaks := order_breaks(got):
+        (row, known, wanted), n = breaks[0], len(breaks)
+        message = f"{n} rows scored out of the stream's order, first row {row}: knowing {known} labels, not {wanted}"
+        assert again, message
+        print(f"{message}; once more on a fresh namespace")
+        home = s.home / "again"
+        home.mkdir()
+        return run(s.model_copy(update={"namespace": f"t{uuid.uuid4().hex[:10]}", "home": home}), data, services,
+                   during, again=False)
     return got
 
 
@@ -201,15 +217,27 @@ def on_cluster(infra, cluster: RedisCluster, tmp_path):
     return make_settings(infra, tmp_path, redis_url=cluster.settings.redis_url)
 
 
+def order_breaks(got: dict) -> list[tuple[str, int, int]]:
+    """(row, labels known when it was scored, labels published before it) for the rows scored
+    without every label published before them (`schedule`: event i follows the labels of rows
+    below i - LABEL_DELAY), or with one published after them; None (an answer kept in a snapshot
+    over a restart) says nothing.
+
+        >>> order_breaks({"outcomes": {"5": (1, 1, {}, 0, 5), "30": (1, 1, {}, 10, 30), "31": (1, 1, {}, 10, 31)}})
+        [('31', 10, 11)]
+    """
+    return [(row, o[3], max(0, int(row) - LABEL_DELAY)) for row, o in got["outcomes"].items()
+            if o[3] is not None and o[3] != max(0, int(row) - LABEL_DELAY)]
+
+
 def same_as(got: dict, want: dict) -> None:
     assert got["states"] == want["states"]
     assert len(got["vectors"]) == ROWS and got["vectors"] == want["vectors"]
     # The same examples learned, each once, with the same answers. The order is checked as a
     # permutation, not row by row: at a stream's end the learner may take two labels in either
-    # order whatever the Redis (the README's known gaps; seen once in a dozen runs here), which
-    # moves their positions and the last bits of later probabilities. `known` is left out: a
-    # learner that went back to its checkpoint learns the events it had scored with the
-    # prediction kept in their snapshot, which does not record it.
+    # order whatever the Redis (docs/known-gaps.md, "Order"; seen once in a dozen runs here),
+    # which moves their positions and the last bits of later probabilities. `known` was checked
+    # against the schedule by run() (order_breaks).
     assert got["outcomes"].keys() == want["outcomes"].keys()
     assert sorted(o[4] for o in got["outcomes"].values()) == list(range(ROWS))
     for row, (y_true, y_pred, proba, _known, _position) in got["outcomes"].items():
