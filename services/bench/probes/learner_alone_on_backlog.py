@@ -1,7 +1,11 @@
 """The learner alone on a full backlog (features + labels.valid filled while it is SIGSTOPped):
 python learner_alone_on_backlog.py [rows] [profile 0/1]. Prints its CPU share and outcomes every
-0.5 s, then its rate and CPU µs per event; with 1, py-spy's collapsed stacks in /tmp/alone.txt;
-with DUMP=1, py-spy dumps of its threads whenever it is under 40% busy (where it waits)."""
+0.5 s, then its rate and CPU µs per event, in all and per thread (Python's, librdkafka's rdk:*);
+with 1, py-spy's collapsed stacks in /tmp/alone.txt; with DUMP=1, py-spy dumps of its threads
+whenever it is under 40% busy (where it waits).
+
+2026-12-06, 30,000 raw Elec2 rows, LR: ~5,000 events/s while it had work (~90% of a core, then
+idle once all was learned), 179 µs of CPU per event: 172 in the Python thread, 6 in librdkafka's."""
 import os, signal, sys, threading, time, uuid
 from pathlib import Path
 from driftline import serve
@@ -22,9 +26,9 @@ with P.BenchStack(Path("/tmp/tp")) as b:
     env = {"DRIFTLINE_LEARNER__MODEL": P.MODELS["logreg"], "DRIFTLINE_FEATURES__SET": "raw",
            "DRIFTLINE_LEARNER__LEASE_TTL_S": "120"}
     logs = b.home / "logs"; logs.mkdir(parents=True, exist_ok=True)
-    started = {n: serve.start_service(n, env=env, log_path=logs / f"{n}.log", settings=s) for n in P.SERVICES}
+    started = {n: serve.start_service(n, env=env, log_path=logs / f"{n}.log", settings=s) for n in P.HOT_PATH}
     b.procs.extend(started.values())
-    serve.wait_healthy(P.SERVICES, timeout=180, procs=started, settings=s)
+    serve.wait_healthy(P.HOT_PATH, timeout=180, procs=started, settings=s)
     time.sleep(2)
     lp = started["learner"].pid
     os.kill(lp, signal.SIGSTOP)
@@ -39,6 +43,14 @@ with P.BenchStack(Path("/tmp/tp")) as b:
         time.sleep(0.5)
     time.sleep(1)
     spy = profile(lp, Path("/tmp/alone.txt"), seconds=120, fmt="raw") if prof else None
+    def threads(pid):  # thread name -> CPU seconds (librdkafka's threads are rdk:*)
+        out = {}
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            stat = (task / "stat").read_text()
+            name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return out
+    threads0 = threads(lp)
     cpu0 = P.cpu_seconds(lp); t0 = time.time()
     os.kill(lp, signal.SIGCONT)
     prev, last = cpu0, time.time()
@@ -54,5 +66,9 @@ with P.BenchStack(Path("/tmp/tp")) as b:
                 print(subprocess.run(["py-spy", "dump", "--pid", str(lp)], capture_output=True, text=True).stdout[-3000:], flush=True)
                 time.sleep(0.15)
     dt = time.time() - t0; cpu = P.cpu_seconds(lp) - cpu0
+    by_thread = threads(lp)
+    print("CPU us/event by thread:", {n: round((c - threads0.get(n, 0.0)) * 1e6 / rows)
+                                       for n, c in sorted(by_thread.items(), key=lambda kv: -kv[1])
+                                       if c - threads0.get(n, 0.0) > 0.01})
     if spy: spy.send_signal(signal.SIGINT); spy.wait(30)
     print(f"learner alone: {rows/dt:.0f} ev/s over {dt:.2f} s (incl. replay's wait), CPU {cpu*1e6/rows:.0f} us/ev, acc {out['r']['prequential']['accuracy']:.4f}")
