@@ -265,6 +265,21 @@ def test_a_learned_label_is_forgotten_duplicates_are_known_and_late_ones_flagged
     assert join.learn(label(2, ts=3.0))  # out of order: after a label of ts 5
 
 
+def test_a_label_learned_after_a_later_event_was_scored_is_out_of_order_too():
+    """No later label learned yet, but an event later than the label scored without it (the label
+    reached Kafka after that event): river's loop would have learned it first. A label older than
+    its own event, or as old as the newest scored event, is in order."""
+    join = new_join()
+    join.scored(event(1, ts=1.0), Snapshot({}, {}))
+    join.scored(event(2, ts=4.0), Snapshot({}, {}))
+    assert join.learn(label(1, ts=2.0), event_ts=1.0)
+    join = new_join()
+    join.scored(event(1, ts=4.0), Snapshot({}, {}))
+    assert not join.learn(label(1, ts=3.0), event_ts=4.0)  # a label clock behind: right after its event
+    assert not join.learn(label(2, ts=4.0), event_ts=2.0)  # ties are in order
+    assert not join.learn(label(3, ts=6.0))
+
+
 def test_settle_keeps_the_unlearned_and_does_not_look_up_a_missing_snapshot_again_at_once():
     join = new_join()
     a, b = label(1), label(2)

@@ -182,9 +182,22 @@ class DelayedJoin:
         """Was this event's label learned already? (Then scoring it now would leak its label.)"""
         return event_id in self.learned_ids
 
-    def learn(self, label: Label) -> bool:
-        """Record a label as learned; True when it comes after a later one (out of order)."""
-        late = label.ts < self.learned_ts
+    def learn(self, label: Label, event_ts: float | None = None) -> bool:
+        """Record a label as learned; True when the learning order left the stream's: a label of
+        a later ts was learned before it, or an event of a later ts than it (and than its own
+        event, `event_ts`: a label older than its event is learned right after it, as in river's
+        loop) was scored without it. The second is what a label that reached Kafka after a later
+        event looks like, when no later label had come yet.
+
+            >>> join = DelayedJoin(1.0, 1.0, 60.0)
+            >>> join.scored(Event("e1", 1.0, {}, "features", 0, 0, 0.0), Snapshot({}, {}))
+            >>> join.scored(Event("e2", 3.0, {}, "features", 0, 1, 0.0), Snapshot({}, {}))
+            >>> join.learn(Label("e1", "1", 2.0, 0.0, b"", None, 0, 0), event_ts=1.0)   # e2 was scored without it
+            True
+            >>> join.learn(Label("e2", "1", 2.5, 0.0, b"", None, 0, 1), event_ts=3.0)   # older than its event
+            False
+        """
+        late = label.ts < self.learned_ts or max(label.ts, event_ts if event_ts is not None else label.ts) < self.clock
         self.learned_ts = max(self.learned_ts, label.ts)
         self.recent.pop(label.event_id, None)
         self.learned_ids[label.event_id] = None

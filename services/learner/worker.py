@@ -548,14 +548,15 @@ class LearnerWorker(StreamWorker):
                 self.out.outcome(snap.vector, label, p, role, self.position, regression)
         for slot in self.roles.slots():
             self.telemetry.count("learned", slot.role)
-        learned_ts = self.join.learned_ts
-        if self.join.learn(label):
+        learned_ts, clock = self.join.learned_ts, self.join.clock
+        if self.join.learn(label, snap.vector.get("ts")):
             metrics.LABELS_OUT_OF_ORDER.labels(self.name).inc()
             self.out_of_order += 1
             if self.out_of_order <= 5 or self.out_of_order % 1000 == 0:  # enough to tell which, not a flood
-                log.warning("learner %s: label of %s (ts %.3f, labels.valid %d@%d) learned after one of ts %.3f "
-                            "(%d so far): learning order left the stream's", self.name, label.event_id, label.ts,
-                            label.partition, label.offset, learned_ts, self.out_of_order)
+                log.warning("learner %s: label of %s (ts %.3f, labels.valid %d@%d) learned after a label of ts %.3f "
+                            "and an event of ts %.3f (%d so far): learning order left the stream's", self.name,
+                            label.event_id, label.ts, label.partition, label.offset, learned_ts, clock,
+                            self.out_of_order)
         self.position += 1
         self.since_checkpoint += 1
         self.since_update += 1

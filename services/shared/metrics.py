@@ -84,7 +84,7 @@ EXAMPLES_LEARNED = Counter(
 )
 LABELS_OUT_OF_ORDER = Counter(
     "driftline_labels_out_of_order_total",
-    "Labels learned after one with a later ts: the learning order left the stream's (a labels.valid partition idle for learner.label_idle_s came back with older labels).",
+    "Labels learned after a label or an event of a later ts was: the learning order left the stream's (a labels.valid partition idle for learner.label_idle_s came back with older labels, or a label reached Kafka after a later event).",
     ["model"],
 )
 SCORED_AHEAD = Counter(
