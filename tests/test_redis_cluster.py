@@ -182,7 +182,8 @@ def run(s, data, services=("ingestion", "features", "learner"), during=None, aga
     replay may deliver a label after a later event (librdkafka batches each partition apart, and
     this test's replay shares two loaded cores with a Kafka, a cluster and the services), and no
     service can wait for what is not in Kafka yet (docs/known-gaps.md, "Order"). What is
-    compared here is Redis parity, for which two runs must learn in the same order."""
+    compared here is Redis parity, for which two runs must learn in the same order; the order
+    itself is tests/test_order_under_backlog.py's, from a backlog, with no second try."""
     dataset, features_path = data
     kafka.ensure_topics(s)
     with Pipeline(s, s.home, features_path, services) as pipeline:

@@ -197,7 +197,8 @@ class DelayedJoin:
             >>> join.learn(Label("e2", "1", 2.5, 0.0, b"", None, 0, 1), event_ts=3.0)   # older than its event
             False
         """
-        late = label.ts < self.learned_ts or max(label.ts, event_ts if event_ts is not None else label.ts) < self.clock
+        at = label.ts if event_ts is None else max(label.ts, event_ts)  # where river's loop learns it
+        late = label.ts < self.learned_ts or at < self.clock
         self.learned_ts = max(self.learned_ts, label.ts)
         self.recent.pop(label.event_id, None)
         self.learned_ids[label.event_id] = None
