@@ -242,8 +242,19 @@ def same_as(got: dict, want: dict) -> None:
     assert got["outcomes"].keys() == want["outcomes"].keys()
     assert sorted(o[4] for o in got["outcomes"].values()) == list(range(ROWS))
     for row, (y_true, y_pred, proba, _known, _position) in got["outcomes"].items():
-        assert (y_true, y_pred) == want["outcomes"][row][:2], row
-        assert proba == pytest.approx(want["outcomes"][row][2], rel=1e-9, abs=1e-12), row
+        assert (y_true, y_pred) == want["outcomes"][row][:2], why(row, got, want)
+        assert proba == pytest.approx(want["outcomes"][row][2], rel=1e-9, abs=1e-12), why(row, got, want)
+
+
+def why(row: str, got: dict, want: dict) -> str:
+    """What a failing row comparison needs beside the row: what each run knew when it scored
+    it, where each learned it, and what the services logged above INFO."""
+    def warnings(run: dict) -> list[str]:
+        return [line for log in run["logs"].values() for line in log.splitlines()
+                if " WARNING " in line or " ERROR " in line][-10:]
+    return (f"row {row}: known {got['outcomes'][row][3]} / {want['outcomes'][row][3]}, position "
+            f"{got['outcomes'][row][4]} / {want['outcomes'][row][4]} (this run / the one compared with); "
+            f"logged: {warnings(got)} / {warnings(want)}")
 
 
 def test_store_scripts_and_multi_key_writes_give_the_same_on_a_cluster_as_on_one_node(infra, redis_cluster):
