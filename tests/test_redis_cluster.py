@@ -22,6 +22,7 @@ import subprocess
 import threading
 import time
 import uuid
+import warnings
 
 import httpx
 import pytest
@@ -199,7 +200,7 @@ def run(s, data, services=("ingestion", "features", "learner"), during=None, aga
         (row, known, wanted), n = breaks[0], len(breaks)
         message = f"{n} rows scored out of the stream's order, first row {row}: knowing {known} labels, not {wanted}"
         assert again, message
-        print(f"{message}; once more on a fresh namespace")
+        warnings.warn(f"{message}; replayed once more on a fresh namespace", stacklevel=2)  # in the run's summary
         home = s.home / "again"
         home.mkdir()
         return run(s.model_copy(update={"namespace": f"t{uuid.uuid4().hex[:10]}", "home": home}), data, services,
