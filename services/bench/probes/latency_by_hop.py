@@ -10,7 +10,8 @@ and the p50 / p95 / p99 of each hop after the first STEADY_AFTER_S seconds; then
 CPU µs per event over the phase. JFR=/tmp/broker.jfr records the broker meanwhile (Java Flight
 Recorder; `jfr print --events jdk.ExecutionSample --stack-depth 64` to read it).
 
-2026-12-06 (6 runs at 1,000 events/s for 15 s): each service hop p50 9-36 ms, end to end p50
+2026-12-06 (6 runs at 1,000 events/s for 15 s, the later ones beside an idle broker and Redis
+that a crashed run of this probe had left): each service hop p50 9-36 ms, end to end p50
 50-124 ms, with the two cores busy 1.8-2.1 on average over the phase: the broker 730-915 µs of CPU
 per event (47 at full speed, where its requests are few and full), the learner ~340, this probe's
 replay and readers ~290, ingestion ~200, features ~125. In the broker's samples: produce requests
