@@ -27,6 +27,7 @@ import pytest
 from confluent_kafka import TopicPartition
 
 from driftline.replay.datasets import Dataset, _numeric, label_text
+from driftline.replay.publish import labels_before
 from driftline.shared import kafka
 from driftline.shared.topics import Topics
 from conftest import make_settings
@@ -85,7 +86,7 @@ def check_exact_order(settings, run_service, spec: str, n: int, delay: int, enti
     assert report["examples_learned"] == report["labels_sent"] == n and report["labels_dlq"] == 0
     outcomes = {int(o["event_id"].rsplit("-", 1)[1]): o for o in report["_outcomes"]}
     assert len(outcomes) == n
-    wrong_known = [j for j, o in outcomes.items() if o["known"] != max(0, j - delay)]
+    wrong_known = [j for j, o in outcomes.items() if o["known"] != labels_before(j, delay)]
     assert not wrong_known, f"{len(wrong_known)} events scored knowing the wrong labels: " + ", ".join(
         f"event {j} knew {outcomes[j]['known']}" for j in wrong_known[:5])
     differ = [j for j in range(n) if outcomes[j]["y_pred"] != expected[j]]

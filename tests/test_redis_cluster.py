@@ -33,6 +33,7 @@ from driftline.features.definitions import load_feature_set
 from driftline.features.store import OFFSET_FIELD, FeatureStore
 from driftline.infra.redis_cluster import RedisCluster, on_free_ports
 from driftline.replay.datasets import load
+from driftline.replay.publish import labels_before
 from driftline.shared import kafka, redis_clients
 from driftline.shared.keys import Keys
 from driftline.shared.settings import settings_env
@@ -220,16 +221,15 @@ def on_cluster(infra, cluster: RedisCluster, tmp_path):
 
 
 def order_breaks(got: dict) -> list[tuple[str, int, int]]:
-    """(row, labels known when it was scored, labels published before it) for the rows scored
-    without every label published before them (`schedule`: event i follows the labels of rows
-    below i - LABEL_DELAY), or with one published after them; None (an answer kept in a snapshot
-    over a restart) says nothing.
+    """(row, labels known when it was scored, labels published before it: `labels_before`) for
+    the rows scored knowing other labels than the schedule published before them; None (an
+    answer kept in a snapshot over a restart) says nothing.
 
         >>> order_breaks({"outcomes": {"5": (1, 1, {}, 0, 5), "30": (1, 1, {}, 10, 30), "31": (1, 1, {}, 10, 31)}})
         [('31', 10, 11)]
     """
-    return [(row, o[3], max(0, int(row) - LABEL_DELAY)) for row, o in got["outcomes"].items()
-            if o[3] is not None and o[3] != max(0, int(row) - LABEL_DELAY)]
+    wanted = {row: labels_before(int(row), LABEL_DELAY) for row in got["outcomes"]}
+    return [(row, o[3], wanted[row]) for row, o in got["outcomes"].items() if o[3] not in (None, wanted[row])]
 
 
 def same_as(got: dict, want: dict) -> None:

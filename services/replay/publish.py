@@ -77,6 +77,18 @@ def schedule(n: int, delay: int) -> Iterator[tuple[str, int]]:
         yield "label", j
 
 
+def labels_before(i: int, delay: int) -> int:
+    """How many labels `schedule` publishes before event i: what a model that learns in the
+    stream's order knows when it scores it (an outcome's `known`).
+
+    >>> order = list(schedule(4, 1))
+    >>> [labels_before(i, 1) for i in range(4)] == [sum(k == "label" for k, _ in order[:order.index(("event", i))])
+    ...                                              for i in range(4)]
+    True
+    """
+    return max(0, i - delay)
+
+
 class RateLimiter:
     """At most `rate` events per second on average (0 = as fast as it goes)."""
 
