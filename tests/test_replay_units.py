@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from driftline.replay import datasets
+from driftline.replay import datasets, order
 from driftline.replay.datasets import DatasetError, load
 from driftline.replay.plot import plot_report
 from driftline.replay.publish import LABEL_EPSILON_S, event_ts, label_ts, schedule
@@ -198,3 +198,51 @@ def test_the_replay_waits_for_a_broker_that_is_away_instead_of_giving_up_at_once
     assert wait_delivered(producer, timeout_s=2.5) == 1
     assert 2.5 <= time.monotonic() - started < 6
     producer.purge()
+
+
+# -- replay.order: the pipeline held to the order Kafka received the stream in ---------------------
+def _in_schedule(n: int, delay: int) -> tuple[list, dict]:
+    """Acks in the schedule's order, and the outcomes of a pipeline that learned in it."""
+    acks = list(schedule(n, delay))
+    outcomes = {j: {"known": max(0, j - delay), "position": j} for j in range(n)}
+    return acks, outcomes
+
+
+def test_a_stream_kafka_took_in_order_and_learned_in_order_is_the_schedule():
+    acks, outcomes = _in_schedule(50, 3)
+    result = order.check(outcomes, acks, 50, 3)
+    assert result.broken == [] and result.late_in_kafka == [] and result.learned_late == []
+    assert result.learned_before == [max(0, j - 3) for j in range(50)] and result.by_position == list(range(50))
+
+
+def test_a_label_kafka_took_after_later_events_may_be_learned_after_them_and_is_counted_late():
+    acks, outcomes = _in_schedule(20, 2)
+    acks.remove(("label", 5))
+    acks.insert(acks.index(("event", 10)) + 1, ("label", 5))  # sent after event 7, reached Kafka after event 10
+    # Labels 6 and 7 came in time and were learned before it: events 8, 9, 10 scored without label 5.
+    for row, position in ((6, 5), (7, 6), (5, 7)):
+        outcomes[row]["position"] = position
+    for j, known in ((8, 5), (9, 6), (10, 7)):
+        outcomes[j]["known"] = known
+    result = order.check(outcomes, acks, 20, 2)
+    assert result.broken == [] and result.late_in_kafka == [5] and result.learned_late == [5]
+    assert result.by_position[:9] == [0, 1, 2, 3, 4, 6, 7, 5, 8]
+    outcomes[11]["known"] = 7  # Kafka had labels 5 and 8 before event 11: an order-keeping pipeline learns them first
+    assert order.check(outcomes, acks, 20, 2).broken == [(11, "scored without label 5, which Kafka had before it")]
+
+
+def test_a_label_known_too_early_and_an_event_scored_out_of_its_order_are_broken():
+    acks, outcomes = _in_schedule(20, 2)
+    outcomes[6]["known"] = 5  # label 4 follows event 6: leakage
+    assert order.check(outcomes, acks, 20, 2).broken == [(6, "scored knowing label 4, not older than it")]
+    acks, outcomes = _in_schedule(20, 2)
+    outcomes[9]["known"] = 6  # event 8 already knew 6 labels, so event 9 was scored before it
+    outcomes[8]["known"] = 7
+    assert [j for j, _ in order.check(outcomes, acks, 20, 2).broken] == [8, 9]
+
+
+def test_labels_learned_in_another_order_than_their_times_are_late():
+    acks, outcomes = _in_schedule(10, 0)
+    outcomes[3]["position"], outcomes[4]["position"] = 4, 3  # label 4 learned before label 3
+    result = order.check(outcomes, acks, 10, 0)
+    assert result.learned_late == [3] and result.by_position[3:5] == [4, 3]

@@ -121,9 +121,12 @@ def replay(
 ) -> dict[str, Any]:
     """Publish, wait for every label to be accounted for, build (and write) the report.
     With `keep_outcomes`, `report["_outcomes"]` holds the champion outcomes as they came
-    (tests use it to prove nothing was learned twice) and `report["_learned_at_s"]` when each
-    came, in seconds after the first event was published (the bench's timeline); neither is
-    written to report.json.
+    (tests use it to prove nothing was learned twice), `report["_learned_at_s"]` when each
+    came, in seconds after the first event was published (the bench's timeline), and
+    `report["_acks"]` the order in which Kafka acknowledged the events and labels, ("event" |
+    "label", row) each: the order they reached the broker, which a producer's per-partition
+    batches can make differ from the order they were sent in (`ack_positions`). None of them
+    is written to report.json.
 
     Raises ReplayStalled when nothing new comes back for `stall_timeout_s` seconds while labels
     are still missing."""
@@ -148,9 +151,10 @@ def replay(
         with _progress(console, progress) as bar:
             sent_task = bar.add_task("publish", total=n)
             learned_task = bar.add_task("learned", total=n)
+            acks: list[tuple[str, int]] | None = [] if keep_outcomes else None
             events_sent, labels_sent, t_first = _publish(settings, rows, run_id, label_delay, rate, collector, bar,
                                                          sent_task, learned_task, times=times_of(dataset, rows),
-                                                         keys=dataset.keys)
+                                                         keys=dataset.keys, acks=acks)
             publish_s = time.time() - (t_first or time.time())
             with collector.lock:  # the stall clock starts when publishing ends
                 collector.data.last_progress = max(collector.data.last_progress, time.monotonic())
@@ -185,6 +189,7 @@ def replay(
     if keep_outcomes:
         report["_outcomes"] = list(data.outcomes)
         report["_learned_at_s"] = [t - t_first for t in data.learned_at_s] if t_first is not None else []
+        report["_acks"] = acks
     if progress:
         console.print(summary_table(report))
         if report_dir is not None:
@@ -220,8 +225,10 @@ def label_time(times: list[float], i: int, delay: int) -> float:
 
 def _publish(settings: Settings, rows: list, run_id: str, label_delay: int, rate: float, collector: Collector,
              bar, sent_task, learned_task, times: list[float] | None = None,
-             keys: tuple[str, ...] = ()) -> tuple[int, int, float | None]:
-    """Events and labels in `schedule` order through the `events` and `labels` doors."""
+             keys: tuple[str, ...] = (), acks: list[tuple[str, int]] | None = None) -> tuple[int, int, float | None]:
+    """Events and labels in `schedule` order through the `events` and `labels` doors; `acks`, when
+    given, gets ("event" | "label", row) of each as Kafka acknowledges it (one broker, one
+    connection: the order the broker appended them in)."""
     times = times if times is not None else [event_ts(i) for i in range(len(rows))]
     topics = Topics(settings.namespace)
     codec = get_codec()
@@ -231,6 +238,14 @@ def _publish(settings: Settings, rows: list, run_id: str, label_delay: int, rate
     def delivered(err, _msg) -> None:
         if err is not None:
             failed.append(err)
+
+    def delivered_as(kind: str, i: int):
+        def report(err, _msg) -> None:
+            if err is not None:
+                failed.append(err)
+            else:
+                acks.append((kind, i))
+        return report
 
     limiter = RateLimiter(rate)
     prefix = f"{run_id}-"
@@ -246,12 +261,12 @@ def _publish(settings: Settings, rows: list, run_id: str, label_delay: int, rate
                 fields = {k: f"{run_id}/{v}" if k in keys and isinstance(v, str) else v for k, v in fields.items()}
             messages.append((i, topics.events, entity, codec.encode("Event", {
                 "event_id": f"{prefix}{i}", "entity_id": entity, "ts": times[i], "fields": fields,
-                "published_ms": None})))
+                "published_ms": None}), i))
             if i % 1000 == 0:
                 bar.update(encode_task, completed=i)
         else:
             messages.append((None, topics.labels, f"{prefix}{i}", codec.encode("Label", {
-                "event_id": f"{prefix}{i}", "label": label, "ts": label_time(times, i, label_delay)})))
+                "event_id": f"{prefix}{i}", "label": label, "ts": label_time(times, i, label_delay)}), i))
     bar.update(encode_task, completed=len(rows))
     # Held until sent, like the rows: out of the cyclic collector's sight, its full collections do
     # not walk them while the pipeline is measured (~0.25 s of 45,000 rows).
@@ -259,12 +274,13 @@ def _publish(settings: Settings, rows: list, run_id: str, label_delay: int, rate
     try:
         t_first = None
         events_sent = labels_sent = 0
-        for i, topic, key, value in messages:
+        for i, topic, key, value, row in messages:
             if i is not None:  # an event
                 limiter.wait(i)
                 if t_first is None:
                     t_first = time.time()
-            kafka.produce(producer, topic, value, key=key, on_delivery=delivered)
+            on_delivery = delivered if acks is None else delivered_as("label" if i is None else "event", row)
+            kafka.produce(producer, topic, value, key=key, on_delivery=on_delivery)
             if i is not None:
                 events_sent += 1
             else:
