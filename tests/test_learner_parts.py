@@ -197,6 +197,39 @@ def test_a_label_as_old_as_its_event_is_learned_right_after_it_as_in_rivers_loop
     assert plan == [("Event", "e1"), ("Event", "e2"), ("Label", "e2")]
 
 
+def test_the_rules_skip_their_scans_only_when_no_waiting_label_could_pass_them():
+    """`waiting_since` lets due() and expire() skip a scan of every waiting label while none has
+    waited long enough: over random walks they decide exactly as with the scans always made."""
+    import random
+
+    rng = random.Random(7)
+    for _ in range(40):
+        fast, slow = new_join(hold_s=0.5, patience_s=2.0, grace_s=5.0), new_join(hold_s=0.5, patience_s=2.0, grace_s=5.0)
+        now, i = NOW, 0
+        for _ in range(60):
+            now += rng.choice((0.01, 0.3, 1.0, 3.0))
+            fresh = [label(i + k, ts=rng.uniform(0, 100), seen=now) for k in range(rng.randint(0, 4))]
+            i += len(fresh)
+            held = {f"e{rng.randrange(max(i, 1))}"} if rng.random() < 0.3 else set()
+            events = sorted((event(1000 + k, ts=rng.uniform(0, 100)) for k in range(rng.randint(0, 3))),
+                            key=lambda e: e.ts)
+            current = rng.random() < 0.8
+            for join in (fast, slow):
+                join.add(fresh)
+                join.current = current
+            slow.waiting_since = float("-inf")  # always scans
+            due_fast, due_slow = fast.due(events, held, now), slow.due(events, held, now)
+            assert [lb.event_id for lb in due_fast] == [lb.event_id for lb in due_slow]
+            learned = {id(lb) for lb in due_fast if rng.random() < 0.7}
+            slow_learned = {id(b) for a, b in zip(due_fast, due_slow) if id(a) in learned}
+            fast.settle(due_fast, learned, (), now)
+            slow.settle(due_slow, slow_learned, (), now)
+            slow.waiting_since = float("-inf")
+            assert [lb.event_id for lb in fast.expire(now, held)] == [lb.event_id for lb in slow.expire(now, held)]
+            assert [lb.event_id for lb in fast.waiting] == [lb.event_id for lb in slow.waiting]
+            assert fast.waiting_since <= min((lb.seen for lb in fast.waiting), default=float("inf"))
+
+
 def test_a_label_ahead_of_every_event_waits_until_the_stream_is_idle_for_the_hold():
     join = new_join()
     join.add([label(9, ts=9.5)])
@@ -374,6 +407,64 @@ def test_a_displaced_champion_that_does_not_do_better_stops_shadowing():
     assert roles.learn({}, "1", same).recall is None
     assert roles.learn({}, "1", same).recall == "drop"
     assert roles.forget_previous().version == 1 and roles.every_slot() == [roles.champion]
+
+
+def test_the_model_the_loop_started_from_shadows_for_good_and_comes_back_when_it_wins():
+    """"Never worse than not adapting": once displaced, the never retrained model (the baseline)
+    shadows every later champion, beside the champion each promotion displaced (`previous`)."""
+    contest = lambda: Contest("margin", promote_after=2, window=2, margin=0.1, max_shadow=4)  # noqa: E731
+    roles = Roles(slot("champion", 1))
+    roles.start(slot("challenger", 2), contest())
+    roles.promote(recall=contest(), anchor=contest())
+    assert (roles.baseline.version, roles.baseline.role, roles.previous) == (1, "baseline", None)
+    roles.start(slot("challenger", 3), contest())
+    _, _, gone = roles.promote(recall=contest(), anchor=contest())
+    assert gone is None and [(s.role, s.version) for s in roles.every_slot()] == [
+        ("champion", 3), ("previous", 2), ("baseline", 1)]
+    assert [s.role for s in roles.slots()] == ["champion"] and set(roles.score({})) == {"champion", "previous", "baseline"}
+    baseline_right = {"champion": {"model_version": 3, "y_pred": "0", "proba": {}},
+                      "previous": {"model_version": 2, "y_pred": "0", "proba": {}},
+                      "baseline": {"model_version": 1, "y_pred": "1", "proba": {}}}
+    assert roles.learn({}, "1", baseline_right).anchor is None
+    assert roles.learn({}, "1", baseline_right).anchor == "promote"
+    gone, back, also = roles.restore_baseline()
+    assert (gone.version, back.version, back.role, also.version) == (3, 1, "champion", 2)
+    assert roles.every_slot() == [back] and roles.baseline_version == 1
+
+
+def test_the_baseline_is_not_let_go_when_it_does_not_win_and_can_be_turned_off():
+    from driftline.learner.adaptation import Adaptation
+    from driftline.shared.settings import DriftSettings, LearnerSettings
+
+    def promoted(cfg: LearnerSettings) -> Adaptation:
+        loop = Adaptation.fresh("dummy.NoChangeClassifier()", cfg, DriftSettings(), "t")
+        loop.roles.start(slot("challenger", 2), Contest.from_settings(cfg))
+        change = loop._conclude("promote", 10)
+        assert (change.kind, change.slot.version, change.other.version) == ("promoted", 2, 1)
+        return loop
+
+    loop = promoted(LearnerSettings())
+    first = loop.roles.anchor
+    assert loop.roles.baseline.version == 1 and loop._anchor("drop", 20) == []
+    assert loop.roles.baseline.version == 1 and loop.roles.anchor is not first  # a new contest, not a goodbye
+    [change] = loop._anchor("promote", 30)
+    assert (change.kind, change.slot.version, change.other.version) == ("restored", 1, 2)
+    assert loop.roles.champion.version == 1 and loop.policy.version == 1
+
+    off = promoted(LearnerSettings(keep_baseline=False))  # the old rule: it shadows as any displaced champion
+    assert off.roles.baseline is None and off.roles.previous.version == 1
+
+
+def test_a_champion_chosen_by_an_operator_is_the_baseline_from_then_on():
+    roles = Roles(slot("champion", 1))
+    roles.start(slot("challenger", 2), Contest("margin", 1, 10, 0.0, 100))
+    roles.promote(recall=Contest("margin", 1, 10, 0.0, 100), anchor=Contest("margin", 1, 10, 0.0, 100))
+    roles.replace_champion(slot("champion", 9))
+    assert (roles.baseline, roles.anchor, roles.baseline_version) == (None, None, 9)
+    # A checkpoint written before the baseline existed: its champion is where "not adapting" starts.
+    old = Roles.__new__(Roles)
+    old.__setstate__({"champion": slot("champion", 5), "challenger": None, "contest": None})
+    assert (old.baseline, old.previous, old.baseline_version) == (None, None, 5)
 
 
 # -- records and checkpoint ------------------------------------------------------------------------

@@ -103,6 +103,8 @@ class Adaptation:
                  new_model: Callable[[], Any] | None = None) -> None:
         self.roles = roles
         self.cfg = cfg
+        if not cfg.keep_baseline:  # turned off since the checkpoint: the baseline stops shadowing
+            roles.baseline, roles.anchor = None, None
         self.drift = drift
         self.name = name
         self.versions = versions
@@ -165,6 +167,8 @@ class Adaptation:
             changes.append(self._conclude(learned.verdict, position + 1))
         if learned.recall is not None and self.roles.recall is not None:
             changes.append(self._recall(learned.recall, position + 1))
+        if learned.anchor is not None and self.roles.anchor is not None:
+            changes += self._anchor(learned.anchor, position + 1)
         return Step(learned, changes)
 
     def request(self, req: dict, position: int) -> list[Change]:
@@ -219,7 +223,7 @@ class Adaptation:
     def _conclude(self, verdict: str, position: int) -> Change:
         evidence = self.roles.contest.report()
         if verdict == "promote":
-            old, new, gone = self.roles.promote(recall=Contest.from_settings(self.cfg))
+            old, new, gone = self.roles.promote(recall=Contest.from_settings(self.cfg), anchor=self._anchor_contest())
             self.policy.swap(new.version)
             return Change("promoted", {"evidence": evidence, "forgotten": gone}, slot=new, other=old,
                           position=position)
@@ -228,8 +232,23 @@ class Adaptation:
     def _recall(self, verdict: str, position: int) -> Change:
         evidence = self.roles.recall.report()
         if verdict == "promote":
-            gone, back = self.roles.restore_previous(Contest.from_settings(self.cfg))
+            gone, back = self.roles.restore_previous(Contest.from_settings(self.cfg), self._anchor_contest())
             self.policy.swap(back.version)
             return Change("restored", {"evidence": evidence}, slot=back, other=gone, position=position)
         return Change("forgotten", {"evidence": evidence}, slot=self.roles.forget_previous(), position=position)
+
+    def _anchor_contest(self) -> Contest | None:
+        """The baseline's next contest (None: `keep_baseline` is off, it leaves as any displaced champion)."""
+        return Contest.from_settings(self.cfg) if self.cfg.keep_baseline else None
+
+    def _anchor(self, verdict: str, position: int) -> list[Change]:
+        """The baseline's contest: back as champion when it wins, else a new contest (never let go)."""
+        evidence = self.roles.anchor.report()
+        if verdict == "promote":
+            gone, back, also = self.roles.restore_baseline(Contest.from_settings(self.cfg))
+            self.policy.swap(back.version)
+            return [Change("restored", {"evidence": evidence, "forgotten": also}, slot=back, other=gone,
+                           position=position)]
+        self.roles.anchor_again(Contest.from_settings(self.cfg))
+        return []
 

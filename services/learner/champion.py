@@ -30,8 +30,12 @@ a stream of short regimes (Elec2) that alone promoted models that then did worse
 
 A promotion is not final: the champion it displaced keeps learning and shadowing as `previous`
 for `max_shadow` examples, in a contest of its own against the new champion under the same rule,
-and comes back if it wins (a recurring concept, or a promotion that did not pay). A challenger
-that has not won after `max_shadow` shared examples is dropped. Plain picklable state: it lives in
+and comes back if it wins (a recurring concept, or a promotion that did not pay). The model the
+loop started from (`baseline`: never retrained, it learns every label) is never let go once
+displaced: it shadows every champion after it, its contest starting again every `max_shadow`
+examples, and comes back whenever it wins. That is what "never worse than not adapting" asks: the
+model that did not adapt is always there to be compared with. A challenger that has not won
+after `max_shadow` shared examples is dropped. Plain picklable state: it lives in
 the learner's checkpoint, so a crash while a challenger is shadowing loses nothing.
 
 `Roles` holds the slots and their contests and does one example's test-then-train for all of them;
@@ -236,12 +240,13 @@ def warm_start(model: Any, examples: Iterable[tuple[dict, str, bool | None, int 
 class Learned:
     """What one labelled example did: each role's hit (for the versions that answered it), the
     answers to publish as outcomes (role, Prediction), and each contest's verdict: the
-    challenger's (`verdict`) and the displaced champion's (`recall`)."""
+    challenger's (`verdict`), the displaced champion's (`recall`) and the baseline's (`anchor`)."""
 
     hits: dict[str, bool]
     answers: list[tuple[str, dict]]
     verdict: Verdict = None
     recall: Verdict = None
+    anchor: Verdict = None
 
 
 PUBLISHED = ("champion", "challenger")  # the roles whose answers go to predictions and outcomes
@@ -250,7 +255,8 @@ PUBLISHED = ("champion", "challenger")  # the roles whose answers go to predicti
 @dataclass
 class Roles:
     """The champion, the challenger shadowing it (or None), the champion a promotion displaced
-    (`previous`, or None) and their contests.
+    (`previous`, or None), the model the loop started from once displaced (`baseline`, or None;
+    `baseline_version` names it while it is champion) and their contests.
 
     >>> roles = Roles(Slot("champion", 1, parse_model("dummy.NoChangeClassifier()"), Prequential()))
     >>> answers = roles.score({"a": 1.0})          # before the label: {role: Prediction fields}
@@ -265,9 +271,18 @@ class Roles:
     contest: Contest | None = None
     previous: Slot | None = None
     recall: Contest | None = None  # the previous champion's contest against the one that replaced it
+    baseline: Slot | None = None
+    anchor: Contest | None = None  # the baseline's contest against the champion
+    baseline_version: int | None = None  # the never retrained model's version (None: the first champion's)
 
-    def __setstate__(self, state: dict) -> None:  # a checkpoint written before `previous` existed
-        self.__dict__.update({"previous": None, "recall": None, **state})
+    def __post_init__(self) -> None:
+        if self.baseline_version is None:
+            self.baseline_version = self.champion.version
+
+    def __setstate__(self, state: dict) -> None:  # a checkpoint written before `previous` or `baseline`
+        self.__dict__.update({"previous": None, "recall": None, "baseline": None, "anchor": None, **state})
+        if self.__dict__.get("baseline_version") is None:  # its champion is where it starts from
+            self.baseline_version = self.champion.version
 
     @staticmethod
     def describe(roles: Roles | None) -> dict[str, Any]:
@@ -279,15 +294,17 @@ class Roles:
                 "challenger": slot(roles.challenger if roles else None),
                 "contest": roles.contest.report() if roles and roles.contest else None,
                 "previous": slot(roles.previous if roles else None),
-                "recall": roles.recall.report() if roles and roles.recall else None}
+                "recall": roles.recall.report() if roles and roles.recall else None,
+                "baseline": slot(roles.baseline if roles else None),
+                "anchor": roles.anchor.report() if roles and roles.anchor else None}
 
     def slots(self) -> list[Slot]:
         """The roles that answer in public (predictions, outcomes, telemetry)."""
         return [s for s in (self.champion, self.challenger) if s is not None]
 
     def every_slot(self) -> list[Slot]:
-        """Every model that scores and learns: the public roles and the displaced champion."""
-        return [s for s in (self.champion, self.challenger, self.previous) if s is not None]
+        """Every model that scores and learns: the public roles, the displaced champion and the baseline."""
+        return [s for s in (self.champion, self.challenger, self.previous, self.baseline) if s is not None]
 
     def score(self, x: dict[str, float]) -> dict[str, dict]:
         """Each role's answer for an event, before its label: {role: {model_version, y_pred, proba}}."""
@@ -324,35 +341,66 @@ class Roles:
         if self.recall is not None and "champion" in hits and "previous" in hits:
             self.recall.record(hits["champion"], hits["previous"])
             learned.recall = self.recall.verdict()
+        if self.anchor is not None and "champion" in hits and "baseline" in hits:
+            self.anchor.record(hits["champion"], hits["baseline"])
+            learned.anchor = self.anchor.verdict()
         return learned
 
     def start(self, challenger: Slot, contest: Contest) -> None:
         self.challenger, self.contest = challenger, contest
 
-    def promote(self, recall: Contest | None = None) -> tuple[Slot, Slot, Slot | None]:
+    def promote(self, recall: Contest | None = None, anchor: Contest | None = None) -> tuple[Slot, Slot, Slot | None]:
         """The challenger becomes the champion: (old champion, new champion, the earlier previous
-        champion that leaves now, if any). With `recall`, the old champion stays as `previous`."""
+        champion that leaves now, if any). With `recall`, the old champion stays as `previous`,
+        or as `baseline` when it is the model the loop started from (with `anchor`); a baseline
+        shadowing already starts its contest again (`anchor`) against the new champion."""
         old, new, gone = self.champion, self.challenger, self.previous
         assert new is not None
         new.role = "champion"
         self.champion, self.challenger, self.contest = new, None, None
         self.previous, self.recall = None, None
-        if recall is not None:
+        if recall is not None and old.version == self.baseline_version and anchor is not None:
+            old.role = "baseline"
+            self.baseline, self.anchor = old, anchor
+        elif recall is not None:
             old.role = "previous"
             self.previous, self.recall = old, recall
+        if self.baseline is not None and self.baseline is not old:
+            self.anchor = anchor
         return old, new, gone
 
-    def restore_previous(self, contest: Contest | None = None) -> tuple[Slot, Slot]:
+    def restore_previous(self, contest: Contest | None = None, anchor: Contest | None = None) -> tuple[Slot, Slot]:
         """The displaced champion won its contest: it is the champion again and the one that
         replaced it leaves (its promotion is undone). A shadowing challenger restarts its contest
-        (`contest`). Returns (the champion that leaves, the one restored)."""
+        (`contest`), and the baseline its own (`anchor`). Returns (the champion that leaves, the
+        one restored)."""
         gone, back = self.champion, self.previous
         assert back is not None
         back.role = "champion"
         self.champion, self.previous, self.recall = back, None, None
         if self.contest is not None:
             self.contest = contest
+        if self.anchor is not None:
+            self.anchor = anchor
         return gone, back
+
+    def restore_baseline(self, contest: Contest | None = None) -> tuple[Slot, Slot, Slot | None]:
+        """The baseline won its contest: it is the champion again; the champion it beat leaves, and
+        so does a displaced champion shadowing (it was a model of the same retraining). A
+        shadowing challenger restarts its contest (`contest`). Returns (the champion that leaves,
+        the baseline, the previous champion that leaves, if any)."""
+        gone, back, also = self.champion, self.baseline, self.previous
+        assert back is not None
+        back.role = "champion"
+        self.champion, self.baseline, self.anchor = back, None, None
+        self.previous, self.recall = None, None
+        if self.contest is not None:
+            self.contest = contest
+        return gone, back, also
+
+    def anchor_again(self, anchor: Contest) -> None:
+        """The baseline did not win within its contest: it is not let go, a new contest starts."""
+        self.anchor = anchor
 
     def drop(self) -> Slot:
         """The challenger goes: it did not win."""
@@ -379,5 +427,7 @@ class Roles:
         elif self.contest is not None:
             self.contest = contest
         self.previous, self.recall = None, None
+        # An operator chose: the model chosen is what "not adapting" means from here on.
+        self.baseline, self.anchor, self.baseline_version = None, None, new.version
         self.champion = new
         return old

@@ -55,6 +55,10 @@ class DelayedJoin:
         # Labels read, not yet learned, in ts order (arrival order among equal ts): the due ones
         # are then mostly a prefix, found by bisection, not a scan of a backlog's worth of labels.
         self.waiting: list[Label] = sorted(waiting, key=_ts)
+        # No later than the earliest `seen` among them (kept exact by `add` and every full scan; a
+        # label learned since may leave it earlier than it is): the rules that need a label to
+        # have waited some time skip their scan of every waiting label while none can have.
+        self.waiting_since = min((lb.seen for lb in self.waiting), default=float("inf"))
         self._prefix = 0  # how many of `waiting` the last due() took by ts alone
         self.clock = clock  # event time of the latest scored event
         self.recent: OrderedDict[str, Snapshot] = OrderedDict()  # scored events whose label has not come
@@ -72,6 +76,7 @@ class DelayedJoin:
             return
         in_order = not self.waiting or new[0].ts >= self.waiting[-1].ts
         self.waiting.extend(new)
+        self.waiting_since = min(self.waiting_since, min(lb.seen for lb in new))
         if not in_order:
             self.waiting.sort(key=_ts)  # stable, and linear on the few sorted runs it gets
 
@@ -109,6 +114,9 @@ class DelayedJoin:
         due = [lb for lb in self.waiting[:cut] if lb.event_id not in held]
         if not self.current:  # no early release and nothing overdue while something is on its way
             return due
+        waited = now - self.waiting_since  # no label beyond the prefix has waited longer
+        if not idle and waited < self.grace_s and not (early and waited >= self.patience_s):
+            return due  # none can be released early or be overdue: no scan
         in_order = self.label_mark  # an early release waits for the labels older than it, as an event does
         return due + [lb for lb in self.waiting[cut:] if lb.event_id not in held and (
             (idle and now - lb.seen >= self.hold_s and lb.ts <= in_order)
@@ -228,8 +236,11 @@ class DelayedJoin:
         """Remove and return the overdue labels (for the DLQ); those of `held` events are not lost."""
         if not self.current:
             return []  # nothing is overdue while something is on its way (see `overdue`)
+        if now - self.waiting_since < self.grace_s:
+            return []  # none has waited its grace yet: no scan (run at every step of the worker)
         keep, gone = [], []
         for lb in self.waiting:
             (gone if lb.event_id not in held and self.overdue(lb, now) else keep).append(lb)
         self.waiting = keep
+        self.waiting_since = min((lb.seen for lb in keep), default=float("inf"))
         return gone

@@ -130,6 +130,10 @@ class Lineage:
             self.registry.annotate(slot.version, restored_at=position, shadowing=False,
                                    recall=change.record["evidence"])
             self.registry.annotate(other.version, retired_at=position, retired_by=slot.version)
+            gone = change.record.get("forgotten")  # a displaced champion leaving with it (the baseline's return)
+            if gone is not None:
+                gone.revision = self.save(gone, None)
+                self.registry.annotate(gone.version, shadowing=False, next_position=None)
             if not already:
                 self.publish(other.version, slot.version, "restored")
             log.info("learner %s: v%d is the champion again at position %d: it did better than v%d, which "
@@ -179,7 +183,7 @@ class Lineage:
             return None
         if new is roles.challenger:
             self.telemetry.retire(new)
-        leaving = [s for s in (roles.champion, roles.previous) if s is not None and s is not new]
+        leaving = [s for s in (roles.champion, roles.previous, roles.baseline) if s is not None and s is not new]
         old = roles.replace_champion(new, Contest.from_settings(self.cfg))
         for slot in leaving:
             slot.revision = self.save(slot, None)
@@ -219,8 +223,9 @@ class Lineage:
         if challenger is not None and challenger.version == target:
             self.registry.set_role("challenger", None)
             return challenger
-        if roles.previous is not None and roles.previous.version == target:
-            return roles.previous  # a rollback to the champion it replaced, which has kept learning
+        for shadow in (roles.previous, roles.baseline):
+            if shadow is not None and shadow.version == target:
+                return shadow  # a rollback to a champion it replaced, which has kept learning
         try:
             model, meta = self.registry.load(target)
         except (TamperedArtifact, UnknownVersion) as exc:

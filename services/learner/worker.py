@@ -457,6 +457,8 @@ class LearnerWorker(StreamWorker):
         # label waits on the answer. (Asked at every step behind a backlog read into memory, these
         # broker questions once took half the learner's time.)
         early = not self.held
+        if now - self.join.waiting_since < (min(grace, hold) if early else grace):
+            return True  # no label has waited long enough to need the answer (no scan)
         if not any(now - lb.seen >= grace or (early and now - lb.seen >= hold and lb.ts > clock)
                    for lb in self.join.waiting):
             return True  # no label waits on the answer

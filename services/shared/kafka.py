@@ -49,7 +49,7 @@ def producer(settings: Settings, **overrides) -> Producer:
         "acks": "all",
         "linger.ms": settings.kafka_linger_ms,
         "batch.num.messages": 10_000,
-        "compression.type": "lz4",
+        "compression.type": settings.kafka_compression,
         "queue.buffering.max.messages": 500_000,
         "message.max.bytes": 2_000_000,
     }

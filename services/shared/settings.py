@@ -252,6 +252,10 @@ class LearnerSettings(BaseModel):
                                                         "1 / (1 - confidence) (a likelihood ratio)")
     max_shadow: int = Field(5000, description="a challenger that has not won after this many shared examples is "
                                               "dropped; a displaced champion shadows this long for its way back")
+    keep_baseline: bool = Field(True, description="the model the loop started from (never retrained) keeps learning "
+                                                  "and shadowing for good once displaced, and comes back whenever it "
+                                                  "wins its contest: the loop is held to never retraining (costs one "
+                                                  "more model's learning per label after the first promotion)")
     max_ensemble: int = Field(100, description="largest n_models (or list of models) a model spec may ask for")
 
 
@@ -356,6 +360,12 @@ class Settings(BaseSettings):
         description="how long driftline's producers wait to fill a batch (librdkafka linger.ms): each hop of an "
                     "event through the services may wait this long at live rates; 0 sends at once, for more "
                     "and smaller produce requests (docs/operations.md)",
+    )
+    kafka_compression: Literal["none", "lz4", "zstd", "snappy", "gzip"] = Field(
+        "lz4",
+        description="compression of the batches driftline's producers write (librdkafka compression.type): "
+                    "some CPU in every producer, consumer and the broker for less network and disk; on one "
+                    "host, alternating serve all replays with lz4 and none did not tell them apart",
     )
     kafka_stream_partitions: int = Field(
         6, ge=1, le=1000,
