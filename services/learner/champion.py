@@ -365,7 +365,7 @@ class Roles:
         elif recall is not None:
             old.role = "previous"
             self.previous, self.recall = old, recall
-        if self.baseline is not None and self.baseline is not old:
+        if self.baseline is not None and self.baseline is not old and anchor is not None:
             self.anchor = anchor
         return old, new, gone
 
@@ -380,7 +380,7 @@ class Roles:
         self.champion, self.previous, self.recall = back, None, None
         if self.contest is not None:
             self.contest = contest
-        if self.anchor is not None:
+        if self.anchor is not None and anchor is not None:
             self.anchor = anchor
         return gone, back
 

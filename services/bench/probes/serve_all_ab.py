@@ -2,7 +2,8 @@
 setting, on one warm bench stack: python serve_all_ab.py SETTING A B [pairs] [rows], e.g.
 `serve_all_ab.py KAFKA_COMPRESSION lz4 none 3`. Prints each run's events/s and CPU µs per event of
 every process, then each value's median. The value reaches the services through the environment
-(DRIFTLINE_<SETTING>) and the replay's own producer through its settings."""
+(DRIFTLINE_<SETTING>, e.g. LEARNER__KEEP_BASELINE) and, for a top-level setting, the replay's
+own producer through its settings."""
 import os, statistics, sys
 from pathlib import Path
 from driftline.bench import pipeline as P
@@ -19,8 +20,9 @@ with P.BenchStack(Path("/tmp/serve-all-ab")) as bench:
     for i in range(pairs):
         for value in ((a, b) if i % 2 == 0 else (b, a)):
             os.environ[f"DRIFTLINE_{name}"] = value
-            bench.settings = base.model_copy(update={field: type(getattr(base, field))(value)
-                                                     if not isinstance(getattr(base, field), str) else value})
+            if "__" not in name:  # a top-level setting: the replay's own producer too (nested ones are the services')
+                bench.settings = base.model_copy(update={field: type(getattr(base, field))(value)
+                                                         if not isinstance(getattr(base, field), str) else value})
             report = bench.replay(P.MODELS["logreg"], "raw", limit=rows, label_delay=P.THROUGHPUT_DELAY)
             rate = rows / report["wall_s"]
             cpu = {k: round(v / rows * 1e6) for k, v in report["cpu_s"].items()}
