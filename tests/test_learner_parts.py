@@ -455,6 +455,31 @@ def test_the_baseline_is_not_let_go_when_it_does_not_win_and_can_be_turned_off()
     assert off.roles.baseline is None and off.roles.previous.version == 1
 
 
+def test_a_verdict_is_about_the_contest_that_gave_it_not_one_a_decision_of_the_same_example_made():
+    """The displaced champion and the baseline both beat the champion on the same label: the
+    first restore changes the champion, so the baseline's verdict (about the one that left) is not
+    applied to the one restored; the baseline shadows on, in a new contest."""
+    from driftline.learner.adaptation import Adaptation
+    from driftline.shared.settings import DriftSettings, LearnerSettings
+
+    ready = lambda: Contest("margin", promote_after=1, window=1, margin=0.5, max_shadow=10)  # noqa: E731
+    loop = Adaptation.fresh("dummy.NoChangeClassifier()", LearnerSettings(), DriftSettings(), "t")
+    roles = loop.roles
+    roles.start(slot("challenger", 2), ready())
+    roles.promote(recall=ready(), anchor=ready())   # v1 shadows as the baseline
+    roles.start(slot("challenger", 3), ready())
+    roles.promote(recall=ready(), anchor=ready())   # v2 as the previous champion
+    anchor = roles.anchor
+    answers = {"champion": {"model_version": 3, "y_pred": "0", "proba": {}},
+               "previous": {"model_version": 2, "y_pred": "1", "proba": {}},
+               "baseline": {"model_version": 1, "y_pred": "1", "proba": {}}}
+    step = loop.learn({}, "1", answers, position=0)
+    assert (step.learned.recall, step.learned.anchor) == ("promote", "promote")
+    assert [(c.kind, c.slot.version, c.other.version) for c in step.changes] == [("restored", 2, 3)]
+    assert roles.champion.version == 2 and roles.baseline.version == 1
+    assert roles.anchor is not anchor and roles.anchor.shared == 0
+
+
 def test_a_champion_chosen_by_an_operator_is_the_baseline_from_then_on():
     roles = Roles(slot("champion", 1))
     roles.start(slot("challenger", 2), Contest("margin", 1, 10, 0.0, 100))

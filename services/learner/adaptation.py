@@ -155,6 +155,10 @@ class Adaptation:
         on the champion's answer, then the contests' verdicts."""
         champion = self.roles.champion
         learned = self.roles.learn(x, y, answers)
+        # A verdict is about the contest that gave it: one that a decision of this same example
+        # replaced (a retrain replacing the challenger, a promotion or a restore changing the
+        # champion) says nothing about the new one.
+        contest, recall, anchor = self.roles.contest, self.roles.recall, self.roles.anchor
         hit = learned.hits.get("champion")
         self.examples.add(position, x, y, hit, champion.version)
         changes: list[Change] = []
@@ -163,11 +167,11 @@ class Adaptation:
             changes += self._act(self.policy.observe(position, bool(hit) if not regression else False,
                                                      champion.version, float(hit) if regression else None),
                                  position + 1)
-        if learned.verdict is not None and self.roles.contest is not None:
+        if learned.verdict is not None and contest is not None and self.roles.contest is contest:
             changes.append(self._conclude(learned.verdict, position + 1))
-        if learned.recall is not None and self.roles.recall is not None:
+        if learned.recall is not None and recall is not None and self.roles.recall is recall:
             changes.append(self._recall(learned.recall, position + 1))
-        if learned.anchor is not None and self.roles.anchor is not None:
+        if learned.anchor is not None and anchor is not None and self.roles.anchor is anchor:
             changes += self._anchor(learned.anchor, position + 1)
         return Step(learned, changes)
 
