@@ -125,7 +125,7 @@ def replay(
     came, in seconds after the first event was published (the bench's timeline), and
     `report["_acks"]` the order in which Kafka acknowledged the events and labels, ("event" |
     "label", row) each: the order they reached the broker, which a producer's per-partition
-    batches can make differ from the order they were sent in (`ack_positions`). None of them
+    batches can make differ from the order they were sent in (`replay.order.check`). None of them
     is written to report.json.
 
     Raises ReplayStalled when nothing new comes back for `stall_timeout_s` seconds while labels
