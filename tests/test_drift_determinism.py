@@ -19,7 +19,7 @@ import pytest
 from learner_harness import read_all
 from pipeline import metric, replay_report, start_pipeline
 
-from driftline.bench.drift import TREE, simulate
+from driftline.bench.drift import LOGREG, TREE, simulate
 from driftline.replay.datasets import load
 from driftline.shared.keys import Keys
 from driftline.shared.registry import ModelRegistry
@@ -68,6 +68,25 @@ def test_full_speed_with_every_service_up_decides_as_in_process(settings, run_se
     start_pipeline(run_service, SERVICES + ("learner",), model=TREE, features="raw")
     report = replay_report(settings, DATASET, label_delay=DELAY, model=TREE, features="raw", stall_timeout_s=180)
     assert report["examples_learned"] == load(DATASET).size
+    assert_same(decisions(report), reference)
+
+
+def test_the_never_retrained_model_comes_back_through_the_services_as_in_process(settings, run_service):
+    """Raw Elec2 with logistic regression and labels at once: two promotions, then the model the
+    loop started from (the baseline, shadowing since the first) wins its contest and is restored,
+    through the registry, model.swaps and the prediction service, at the position the in-process
+    loop restores it."""
+    rows = 20_000
+    sim = simulate("elec2", LOGREG, label_delay=0, limit=rows)
+    reference = {"alarms": [(a["kind"], a["position"], a["feature"]) for a in sim["alarms"] if a["level"] == "drift"],
+                 "swaps": [(s["position"], s["from_version"], s["to_version"], REASONS[s["reason"]])
+                           for s in sim["swaps"]],
+                 "predictions": sim["predictions"]}
+    assert any(to == 1 and reason == "restored" for _, _, to, reason in reference["swaps"]), reference["swaps"]
+    start_pipeline(run_service, SERVICES + ("learner",), model=LOGREG, features="raw")
+    report = replay_report(settings, "elec2", limit=rows, label_delay=0, model=LOGREG, features="raw",
+                           stall_timeout_s=180)
+    assert report["examples_learned"] == rows
     assert_same(decisions(report), reference)
 
 
