@@ -65,15 +65,12 @@ def in_process(rows, spec: str, delay: int) -> list[str | None]:
     """river in-process with the replay's rule: label i is learned after event i + delay is scored."""
     from river import evaluate, metrics
 
-    from driftline.learner.champion import predict
     from driftline.learner.labels import to_river
     from driftline.learner.spec import parse_model
 
-    model, preds = parse_model(spec), []
-    for j, (x, y, _) in enumerate(rows):
-        preds.append(predict(model, x))  # river's predict_proba_one, as the label text the learner publishes
-        if j - delay >= 0:
-            model.learn_one(rows[j - delay][0], to_river(rows[j - delay][1]))
+    n = len(rows)
+    preds = as_learned(rows, spec, learning_order.Order(learned_before=[labels_before(j, delay) for j in range(n)],
+                                                         by_position=list(range(n))))
     # The same loop is river's own progressive validation at delay + 1 (see the module doc).
     river = evaluate.progressive_val_score(((x, to_river(y)) for x, y, _ in rows), parse_model(spec),
                                            metrics.Accuracy(), delay=delay + 1).get()
@@ -83,8 +80,8 @@ def in_process(rows, spec: str, delay: int) -> list[str | None]:
 
 
 def as_learned(rows, spec: str, order: learning_order.Order) -> list[str | None]:
-    """river in-process, each event scored knowing the labels the learner had learned, in the
-    order it learned them."""
+    """river in-process, each event scored knowing the labels the learner had learned (river's
+    predict_proba_one, as the label text the learner publishes), in the order it learned them."""
     from driftline.learner.champion import predict
     from driftline.learner.labels import to_river
     from driftline.learner.spec import parse_model

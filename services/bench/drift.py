@@ -66,12 +66,15 @@ def prequential_errors(dataset: str, spec: str, limit: int | None = None) -> lis
     return errors
 
 
-def prequential_hits(dataset: str, spec: str, limit: int | None = None, label_delay: int = 0) -> list[int]:
+def prequential_hits(dataset: str, spec: str, limit: int | None = None, label_delay: int = 0,
+                     rows: list | None = None) -> list[int]:
     """1/0 per example for a model that is never retrained: river's own loop, each example
-    predicted, then the label of the one `label_delay` before it learned (test-then-train at 0)."""
+    predicted, then the label of the one `label_delay` before it learned (test-then-train at 0).
+    `rows` (as `simulate` takes them) instead of the dataset's."""
     model = parse_model(spec)
     hits, pending = [], deque()
-    for x, y, _ in itertools.islice(load(dataset).rows(), limit):
+    source = rows if rows is not None else load(dataset).rows()
+    for x, y, _ in itertools.islice(source, limit):
         hits.append(int(predict(model, x) == y))
         pending.append((x, y))
         if len(pending) > label_delay:

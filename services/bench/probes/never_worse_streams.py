@@ -12,26 +12,11 @@ from river import datasets as rd
 from river.datasets import synth
 
 from driftline.bench.drift import LOGREG, TREE, mean, prequential_hits, simulate
-from driftline.learner.champion import predict
-from driftline.learner.labels import learn
-from driftline.learner.spec import parse_model
-from driftline.replay.datasets import _numeric, label_text
+from driftline.replay.datasets import _river_rows
 
 
 def rows_of(stream):
-    return [(_numeric(x), label_text(y), "e") for x, y in stream]
-
-
-def never_retrained(rows, spec: str, delay: int) -> list[int]:
-    model, hits, pending = parse_model(spec), [], []
-    for x, y, _ in rows:
-        pending.append((x, y, predict(model, x)))
-        while len(pending) > delay:
-            lx, ly, lp = pending.pop(0)
-            hits.append(int(lp == ly))
-            learn(model, lx, ly)
-    hits += [int(lp == ly) for _, ly, lp in pending]
-    return hits
+    return list(_river_rows(lambda: stream, None, "e")())  # the whole stream
 
 
 STREAMS = {
@@ -49,9 +34,7 @@ STREAMS = {
 for name, rows in STREAMS.items():
     for spec in (LOGREG, TREE):
         for delay in (0, 100):
-            if rows is None:
-                sim, never = simulate(name, spec, label_delay=delay), prequential_hits(name, spec, label_delay=delay)
-            else:
-                sim, never = simulate(name, spec, label_delay=delay, rows=rows), never_retrained(rows, spec, delay)
+            sim = simulate(name, spec, label_delay=delay, rows=rows)
+            never = prequential_hits(name, spec, label_delay=delay, rows=rows)
             print(f"{name:18s} {spec[:14]:14s} delay {delay:<3d} driftline {mean(sim['hits']):.4f} "
                   f"never {mean(never):.4f} swaps {len(sim['swaps'])} restored {len(sim['restored'])}", flush=True)
