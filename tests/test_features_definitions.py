@@ -7,7 +7,7 @@ import math
 import pytest
 
 from driftline.features.definitions import FeatureSet, FeatureSpec, load_feature_set
-from driftline.features.store import decode_state, encode_state
+from driftline.features.store import STALE_TEXT_FIELD, decode_state, encode_state
 
 
 def run(fs: FeatureSet, events: list[tuple[float, dict[str, float]]]) -> tuple[list[dict], dict]:
@@ -165,9 +165,36 @@ def test_state_survives_the_redis_hash_encoding_exactly():
     _, state = run(fs, [(0.1, {"a": 1 / 3, "b": -2.5e-9}), (7.3, {"a": 1e300, "b": 0.1 + 0.2})])
     fs.apply_label(state, "spam", 7.3)
     state["_off"], state["_p"] = 41, 3
-    stored = {k.encode(): v.encode() for k, v in encode_state(state).items()}  # as HGETALL returns it
+    encoded = encode_state(state)
+    stored = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in encoded.items()}  # as HGETALL returns it
     assert decode_state(stored) == state
     assert fs.vector(decode_state(stored), {"a": 2.0, "b": 1.0}, 9.0) == fs.vector(state, {"a": 2.0, "b": 1.0}, 9.0)
+    # The numbers are packed (two fields, not one each); counters, the label and its time stay text.
+    assert {"_x", "_xn", "n", "label", "label_ts", "_off", "_p"} == set(encoded)
+    assert encoded["label_ts"] == "7.3"  # the label script compares it as a number
+
+
+def test_a_state_stored_with_numbers_as_text_still_reads_and_its_next_write_drops_them():
+    # What a driftline before the packing wrote: every number its own text field.
+    fs = load_feature_set("default")
+    _, state = run(fs, [(0.1, {"a": 1 / 3, "b": -2.5e-9}), (7.3, {"a": 1e300, "b": 0.1 + 0.2})])
+    old = {k.encode(): repr(v).encode() if isinstance(v, (int, float)) else v.encode() for k, v in state.items()}
+    decoded = decode_state(old)
+    stale = decoded.pop(STALE_TEXT_FIELD)
+    assert decoded == state
+    assert sorted(stale) == sorted(k for k, v in state.items() if isinstance(v, float))
+    # Half-migrated (text copies beside the packed numbers): the packed ones win.
+    newer = {**state, "ts": 99.0}
+    both = {**old, **{k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in encode_state(newer).items()}}
+    assert {k: v for k, v in decode_state(both).items() if k != STALE_TEXT_FIELD} == newer
+    assert STALE_TEXT_FIELD not in encode_state(decode_state(both))  # never written back
+
+
+def test_a_number_whose_name_holds_a_nul_stays_a_text_field():
+    encoded = encode_state({"a\0b": 1.5, "c": 2.5})
+    assert encoded["a\0b"] == "1.5" and encoded["_xn"] == "c"
+    stored = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in encoded.items()}
+    assert decode_state(stored) == {"a\0b": 1.5, "c": 2.5}
 
 
 # -- windowed aggregates ---------------------------------------------------------------------

@@ -21,7 +21,7 @@ import redis as redis_lib
 from conftest import make_settings
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-from driftline.features.store import OFFSET_FIELD, PARTITION_FIELD
+from driftline.features.store import OFFSET_FIELD, PARTITION_FIELD, decode_state
 from driftline.infra import stack
 from driftline.replay.datasets import load
 from driftline.shared import kafka, redis_clients
@@ -67,11 +67,11 @@ def stop(procs) -> None:
 
 
 def entity_states(s, entities: int = ENTITIES) -> dict[str, dict]:
-    client = redis_clients.connect(s.redis_url, decode_responses=True)  # one node or a cluster
+    client = redis_clients.connect(s.redis_url)  # one node or a cluster
     keys = Keys(s.namespace)
     out = {}
     for i in range(entities):
-        state = client.hgetall(keys.entity(f"shop{i}"))
+        state = decode_state(client.hgetall(keys.entity(f"shop{i}")))
         # The offsets differ between two runs when a redelivery put a duplicate into events.valid.
         out[f"shop{i}"] = {k: v for k, v in state.items() if k not in (OFFSET_FIELD, PARTITION_FIELD)}
     client.close()

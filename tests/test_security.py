@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr, ValidationError
 
 from driftline.features.definitions import load_feature_set
-from driftline.features.store import FeatureStore, FieldNames
+from driftline.features.store import FeatureStore, FieldNames, decode_state
 from driftline.infra import stack
 from driftline.ingestion.api import TooManyItems, iter_items
 from driftline.ingestion.validate import check_event_json
@@ -279,7 +279,7 @@ def test_an_entity_tracks_at_most_max_entity_fields_distinct_fields(settings, re
         ("e3", "too_many_entity_fields"), ("e4", "too_many_entity_fields")}
     assert {v["event_id"] for v in vectors} == {"e0", "e1", "e2", "other"}
     state = redis_client.hgetall(Keys(settings.namespace).entity("greedy"))
-    assert load_feature_set("default").tracked({k.decode(): v for k, v in state.items()}) == {"x0", "x1", "x2"}
+    assert load_feature_set("default").tracked(decode_state(state)) == {"x0", "x1", "x2"}
 
 
 def test_field_names_are_admitted_atomically_up_to_the_bound(settings, redis_client):

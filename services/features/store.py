@@ -13,7 +13,9 @@ and never issue one Redis round trip per field or per event of a batch.
 
 Layout (keys from `Keys`, hash-tagged by entity or event: on a Redis Cluster every script and
 multi-key command below runs on keys of one slot, a batch's scripts once per slot):
-- `Keys.entity(entity_id)` — hash, the entity state: numbers as `repr` strings, `label` as the
+- `Keys.entity(entity_id)` — hash, the entity state: its numbers packed in two fields (`_xn`,
+  their names joined by NUL; `_x`, their values as little-endian doubles, in that order: one
+  field to read and parse instead of one text field each), counters as text, `label` as the
   label string, plus bookkeeping fields that start with `_`: `_off`/`_p`, the events.valid offset
   and partition of the last event folded into the state (a redelivered event at an offset <= `_off`
   is not applied twice; one entity lives on one partition because events are keyed by entity).
@@ -30,7 +32,10 @@ multi-key command below runs on keys of one slot, a batch's scripts once per slo
 - `Keys.features_applied()` — hash "topic/partition" -> the next input offset whose effects are
   in Redis (`queue_applied`, last in each batch's pipeline).
 
-Window series (`w:` fields) are binary in both hashes; everything else is text.
+Window series (`w:` fields) and the packed numbers are binary in both hashes; everything else is
+text (`label_ts` too: the label script compares it). A number stored as text by a driftline
+before the packing (or whose name holds a NUL) still reads; the next write of that state deletes
+the text copy of each number it packs.
 
 Entity states expire after `features.entity_ttl_s` without a write, key entities after twice
 their longest window and an hour (or that TTL if shorter); `FieldNames` bounds the distinct field
@@ -44,7 +49,9 @@ the label and the entity's events are handled by different replicas.
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from array import array
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +79,11 @@ VERSION_FIELD = "_v"  # a key entity's write count (compare-and-set)
 GUARD_PREFIX = "_o:"  # a key entity's last folded offset per events.valid partition
 INT_FIELDS = frozenset({"n", OFFSET_FIELD, PARTITION_FIELD, VERSION_FIELD})
 WINDOW_PREFIX = "w:"  # a window series, binary (windows.Series.to_bytes)
+NUMBERS_FIELD = "_x"  # a state's numbers, packed: little-endian doubles...
+NUMBER_NAMES_FIELD = "_xn"  # ...and their names, joined by NUL, in the same order
+# In a decoded state: its numbers found as text fields (written before the packing), which the
+# next write of the state deletes. Never stored.
+STALE_TEXT_FIELD = "_stale_text"
 
 # KEYS[1] a key entity's state; ARGV[1] the version read ('' = none), ARGV[2] the TTL (0 = none),
 # then field, value pairs. Writes only when no other worker wrote since the read, then bumps the
@@ -197,33 +209,54 @@ _ENCODE_BY_TYPE: dict[type, Any] = {float: repr, int: repr, str: str, bytes: lam
 
 
 def encode_state(state: Mapping[str, Any], exclude: Iterable[str] = ()) -> dict[str, str | bytes]:
-    """The hash fields of a state (None values are left out: a missing field means unknown).
+    """The hash fields of a state (None values are left out: a missing field means unknown), its
+    numbers packed into NUMBER_NAMES_FIELD and NUMBERS_FIELD.
 
         >>> encode_state({"n": 3, "x": 0.1, "label": "spam", "gone": None, "ok": True, "_v": 2}, exclude=["_v"])
-        {'n': '3', 'x': '0.1', 'label': 'spam', 'ok': '1'}
+        {'n': '3', 'label': 'spam', 'ok': '1', '_xn': 'x', '_x': b'\\x9a\\x99\\x99\\x99\\x99\\x99\\xb9?'}
     """
     skip = set(exclude)
+    skip.add(STALE_TEXT_FIELD)
     by_type = _ENCODE_BY_TYPE
     fields: dict[str, str | bytes] = {}
+    names: list[str] = []
+    numbers = array("d")
     for k, v in state.items():
         if v is None or k in skip:
             continue
+        if isinstance(v, float) and k not in _TEXT_NUMBERS and "\0" not in k:
+            names.append(k)
+            numbers.append(v)
+            continue
         encode = by_type.get(type(v))
         fields[k] = encode(v) if encode is not None else encode_value(v)
+    if names:
+        if _BIG_ENDIAN:
+            numbers.byteswap()
+        fields[NUMBER_NAMES_FIELD] = "\0".join(names)
+        fields[NUMBERS_FIELD] = numbers.tobytes()
     return fields
 
 
-def decode_state(raw: Mapping[Any, Any]) -> State:
-    """A state from HGETALL (bytes or str): `label` stays a string, counters are ints, window
-    series stay bytes (decoded when a feature reads them), the rest floats.
+_TEXT_NUMBERS = frozenset({"label_ts"})  # numbers a Lua script reads (SET_LABEL_LUA): kept as text
+_BIG_ENDIAN = sys.byteorder == "big"
 
-        >>> decode_state({b"label": b"spam", b"n": b"3", b"price_last": b"0.5", b"w:x": b"\\x01"})
-        {'label': 'spam', 'n': 3, 'price_last': 0.5, 'w:x': b'\\x01'}
+
+def decode_state(raw: Mapping[Any, Any]) -> State:
+    """A state from HGETALL (bytes or str): the packed numbers as floats, `label` a string,
+    counters ints, window series bytes (decoded when a feature reads them).
+
+        >>> decode_state({b"label": b"spam", b"n": b"3", b"_xn": b"price_last", b"w:x": b"\\x01",
+        ...               b"_x": b"\\x00\\x00\\x00\\x00\\x00\\x00\\xe0?"})
+        {'label': 'spam', 'n': 3, 'w:x': b'\\x01', 'price_last': 0.5}
 
     Read for every prediction and every event, with the same few field names each time: what a
-    name is (`_kind`) is remembered, and numbers are parsed from the bytes as they come."""
+    name is (`_kind`) is remembered, and the numbers are one array read from their bytes (parsing
+    a number from text costs ~0.3 µs, ten times a packed one)."""
     state: State = {}
     kinds = _FIELD_KINDS
+    names = packed = None
+    stale = []
     for key, value in raw.items():
         name, kind = kinds.get(key) or _kind(key)
         if kind is _FLOAT:
@@ -231,16 +264,31 @@ def decode_state(raw: Mapping[Any, Any]) -> State:
                 state[name] = float(value)
             except ValueError:  # a field some newer writer added; keep it rather than fail
                 state[name] = _text(value)
+            else:
+                if name not in _TEXT_NUMBERS and "\0" not in name:
+                    stale.append(name)
         elif kind is _RAW:
             state[name] = value
         elif kind is _INT:
             state[name] = int(value)
+        elif kind is _PACKED:
+            packed = value
+        elif kind is _PACKED_NAMES:
+            names = _text(value)
         else:
             state[name] = _text(value)
+    if packed is not None and names is not None:
+        numbers = array("d")
+        numbers.frombytes(packed)
+        if _BIG_ENDIAN:
+            numbers.byteswap()
+        state.update(zip(names.split("\0"), numbers))  # over any text copy: the packed one is newer
+    if stale:
+        state[STALE_TEXT_FIELD] = stale
     return state
 
 
-_RAW, _STRING, _INT, _FLOAT = "raw", "string", "int", "float"
+_RAW, _STRING, _INT, _FLOAT, _PACKED, _PACKED_NAMES = "raw", "string", "int", "float", "packed", "packed names"
 _FIELD_KINDS: dict[Any, tuple[str, str]] = {}  # a stored field name -> (its name, how its value reads)
 _MAX_FIELD_KINDS = 65_536  # names are bounded per model and per entity; this bounds the memory of them all
 
@@ -249,6 +297,10 @@ def _kind(key: Any) -> tuple[str, str]:
     name = _text(key)
     if name.startswith(WINDOW_PREFIX):
         kind = _RAW
+    elif name == NUMBERS_FIELD:
+        kind = _PACKED
+    elif name == NUMBER_NAMES_FIELD:
+        kind = _PACKED_NAMES
     elif name in STRING_FIELDS:
         kind = _STRING
     elif name in INT_FIELDS or name.startswith(GUARD_PREFIX):
@@ -429,6 +481,9 @@ class FeatureStore:
             mapping = encode_state(state, exclude=LABEL_FIELDS)
             if mapping:
                 key = self.keys.entity(entity_id)
+                stale = state.pop(STALE_TEXT_FIELD, None)
+                if stale:  # text copies of numbers now packed (a state written before the packing)
+                    pipe.hdel(key, *stale)
                 pipe.hset(key, mapping=mapping)
                 if self.entity_ttl_s > 0:
                     pipe.expire(key, self.entity_ttl_s)
@@ -438,6 +493,9 @@ class FeatureStore:
         (its `_v`); the reply in the pipeline is 1, or 0 for "someone else wrote it". `ttl_s`: the
         key's (`FeatureSet.key_ttl_s`)."""
         version = state.get(VERSION_FIELD)
+        stale = state.pop(STALE_TEXT_FIELD, None)
+        if stale:  # text copies of numbers now packed: stale in every version of the state
+            pipe.hdel(self.keys.keyed_entity(key, value), *stale)
         args: list[Any] = ["" if version is None else str(version), ttl_s]
         for field_, encoded in encode_state(state, exclude=(VERSION_FIELD,)).items():
             args += [field_, encoded]
