@@ -169,10 +169,8 @@ class Series:
         self.spec = spec
         self.shift: float | None = None
         self.newest = -math.inf  # the latest event time folded
-        # The tail, sorted by time (equal times in folding order), and its values (hashes for
-        # distinct): arrays of doubles too, written as they are.
-        self.ts = array("d")
-        self.xs = array("d")
+        self.ts: list[float] = []  # the tail, sorted by time (equal times in folding order)
+        self.xs: list[float] = []  # its values (hashes for distinct)
         # Tiles, columnar and sorted by index (tile k holds times in [k * width, (k + 1) * width)):
         # index, events, then per kind (numbers) shifted sum, shifted squares, min, max, last;
         # (distinct) a saturated flag and its sorted hashes (a list of arrays); both end with the
@@ -338,14 +336,14 @@ class Series:
         t = self.tile
         n_tiles = len(t["idx"])
         parts = [array("d", (FORMAT, self.shift if self.shift is not None else math.nan, self.newest,
-                             len(self.ts), n_tiles)), self.ts, self.xs]
+                             len(self.ts), n_tiles)), array("d", self.ts), array("d", self.xs)]
         for name in (_DISTINCT_COLUMNS if self.spec.distinct else _NUMERIC_COLUMNS):
             if name == "hashes":
                 parts.append(array("d", [len(h) for h in t["hashes"]]))
                 parts += t["hashes"]
             else:
                 parts.append(t[name])
-        return b"".join(parts)  # arrays are bytes-like: joined without a copy each
+        return b"".join(parts)  # arrays are bytes-like: joined as they are, not copied to bytes each first
 
     @classmethod
     def decode(cls, spec: SeriesSpec, blob: bytes | None) -> "Series":
@@ -361,7 +359,7 @@ class Series:
         s.newest = data[2]
         n_tail, n_tiles = int(data[3]), int(data[4])
         at = 5
-        s.ts, s.xs = data[at:at + n_tail], data[at + n_tail:at + 2 * n_tail]
+        s.ts, s.xs = data[at:at + n_tail].tolist(), data[at + n_tail:at + 2 * n_tail].tolist()
         at += 2 * n_tail
         for name in (_DISTINCT_COLUMNS if spec.distinct else _NUMERIC_COLUMNS):
             if name == "hashes":
