@@ -14,7 +14,7 @@ from confluent_kafka import TopicPartition
 
 from driftline.features.definitions import FeatureSet, FeatureSpec, load_feature_set
 from driftline.features.service import EVENT, FeaturesWorker, Item
-from driftline.features.store import LABEL_FIELDS, FeatureStore
+from driftline.features.store import LABEL_FIELDS, FeatureStore, decode_state
 from driftline.shared import kafka
 from driftline.shared.codec import get_codec
 from driftline.shared.keys import Keys
@@ -338,3 +338,26 @@ def test_a_copy_of_an_event_published_again_upstream_is_folded_once(settings, re
     finally:
         c.close()
     assert total == 7 and sorted(fv["event_id"] for fv in vectors) == [f"c{i}" for i in range(7)]
+
+
+def test_a_state_stored_before_the_numbers_were_packed_gives_the_same_vector_and_is_packed_by_its_next_write(
+        settings, redis_client):
+    """What a driftline before the packing left in Redis (each number its own text field) reads as
+    it was, and the next write of that state packs its numbers and deletes their text copies."""
+    topics, keys = Topics(settings.namespace), Keys(settings.namespace)
+    fs = FeatureSet(HAND)
+    state: dict = {}
+    for i in range(3):
+        fs.apply_event(state, {"x": float(i) / 3}, float(i))
+    redis_client.hset(keys.entity("old"), mapping={k: repr(v) for k, v in state.items()})  # the old layout
+    want = fs.vector(state, {"x": 5.0}, 3.5)
+
+    worker = FeaturesWorker(settings, fs)
+    worker.process([Item(EVENT, 3.5, topics.events_valid, 1, 10, event("p3", "old", 3.5, x=5.0))])
+    worker.producer.flush(10)
+    assert read_topic(settings, "features", 1)[0]["features"] == want
+
+    stored = redis_client.hgetall(keys.entity("old"))
+    assert {b"_x", b"_xn"} <= set(stored) and not {b"ts", b"prev:x"} & set(stored)  # no text copies left
+    fs.apply_event(state, {"x": 5.0}, 3.5)
+    assert {k: v for k, v in decode_state(stored).items() if k not in ("_off", "_p")} == state
