@@ -190,6 +190,10 @@ def test_a_state_stored_with_numbers_as_text_still_reads_and_its_next_write_drop
     assert STALE_TEXT_FIELD not in encode_state(decode_state(both))  # never written back
 
 
+def test_packed_numbers_that_are_not_whole_doubles_are_left_out_not_a_crash():
+    assert decode_state({b"n": b"2", b"_xn": b"a", b"_x": b"\x00" * 7}) == {"n": 2}
+
+
 def test_a_number_whose_name_holds_a_nul_stays_a_text_field():
     encoded = encode_state({"a\0b": 1.5, "c": 2.5})
     assert encoded["a\0b"] == "1.5" and encoded["_xn"] == "c"

@@ -277,7 +277,7 @@ def decode_state(raw: Mapping[Any, Any]) -> State:
             names = _text(value)
         else:
             state[name] = _text(value)
-    if packed is not None and names is not None:
+    if packed is not None and names is not None and len(packed) % 8 == 0:  # else not ours: left out
         numbers = array("d")
         numbers.frombytes(packed)
         if _BIG_ENDIAN:
