@@ -160,13 +160,18 @@ def test_the_name_carries_a_hash_of_the_definitions():
     assert a.name == FeatureSet(FeatureSpec(name="s", count=True)).name
 
 
+def as_stored(encoded: dict) -> dict[bytes, bytes]:
+    """`encode_state`'s fields as HGETALL returns them."""
+    return {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in encoded.items()}
+
+
 def test_state_survives_the_redis_hash_encoding_exactly():
     fs = load_feature_set("default")
     _, state = run(fs, [(0.1, {"a": 1 / 3, "b": -2.5e-9}), (7.3, {"a": 1e300, "b": 0.1 + 0.2})])
     fs.apply_label(state, "spam", 7.3)
     state["_off"], state["_p"] = 41, 3
     encoded = encode_state(state)
-    stored = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in encoded.items()}  # as HGETALL returns it
+    stored = as_stored(encoded)
     assert decode_state(stored) == state
     assert fs.vector(decode_state(stored), {"a": 2.0, "b": 1.0}, 9.0) == fs.vector(state, {"a": 2.0, "b": 1.0}, 9.0)
     # The numbers are packed (two fields, not one each); counters, the label and its time stay text.
@@ -185,7 +190,7 @@ def test_a_state_stored_with_numbers_as_text_still_reads_and_its_next_write_drop
     assert sorted(stale) == sorted(k for k, v in state.items() if isinstance(v, float))
     # Half-migrated (text copies beside the packed numbers): the packed ones win.
     newer = {**state, "ts": 99.0}
-    both = {**old, **{k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in encode_state(newer).items()}}
+    both = {**old, **as_stored(encode_state(newer))}
     assert {k: v for k, v in decode_state(both).items() if k != STALE_TEXT_FIELD} == newer
     assert STALE_TEXT_FIELD not in encode_state(decode_state(both))  # never written back
 
@@ -197,7 +202,7 @@ def test_packed_numbers_that_are_not_whole_doubles_are_left_out_not_a_crash():
 def test_a_number_whose_name_holds_a_nul_stays_a_text_field():
     encoded = encode_state({"a\0b": 1.5, "c": 2.5})
     assert encoded["a\0b"] == "1.5" and encoded["_xn"] == "c"
-    stored = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in encoded.items()}
+    stored = as_stored(encoded)
     assert decode_state(stored) == {"a\0b": 1.5, "c": 2.5}
 
 
@@ -264,7 +269,7 @@ def test_window_state_survives_the_redis_hash_encoding_exactly():
     for i in range(100):
         fs.apply_event(state, {"amount": float(i % 13)}, i * 0.7)
     encoded = encode_state(state)
-    stored = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in encoded.items()}
+    stored = as_stored(encoded)
     assert fs.vector(decode_state(stored), {"amount": 1.0}, 71.0) == fs.vector(state, {"amount": 1.0}, 71.0)
 
 

@@ -224,7 +224,7 @@ def encode_state(state: Mapping[str, Any], exclude: Iterable[str] = ()) -> dict[
     for k, v in state.items():
         if v is None or k in skip:
             continue
-        if isinstance(v, float) and k not in _TEXT_NUMBERS and "\0" not in k:
+        if isinstance(v, float) and _packable(k):
             names.append(k)
             numbers.append(v)
             continue
@@ -238,8 +238,13 @@ def encode_state(state: Mapping[str, Any], exclude: Iterable[str] = ()) -> dict[
     return fields
 
 
-_TEXT_NUMBERS = frozenset({"label_ts"})  # numbers a Lua script reads (SET_LABEL_LUA): kept as text
 _BIG_ENDIAN = sys.byteorder == "big"
+
+
+def _packable(name: str) -> bool:
+    """Whether a number of this name goes into the packed fields: not the label fields (the label
+    script reads `label_ts` as text), nor a name holding the NUL that separates packed names."""
+    return name not in LABEL_FIELDS and "\0" not in name
 
 
 def decode_state(raw: Mapping[Any, Any]) -> State:
@@ -265,7 +270,7 @@ def decode_state(raw: Mapping[Any, Any]) -> State:
             except ValueError:  # a field some newer writer added; keep it rather than fail
                 state[name] = _text(value)
             else:
-                if name not in _TEXT_NUMBERS and "\0" not in name:
+                if _packable(name):
                     stale.append(name)
         elif kind is _RAW:
             state[name] = value
@@ -493,9 +498,6 @@ class FeatureStore:
         (its `_v`); the reply in the pipeline is 1, or 0 for "someone else wrote it". `ttl_s`: the
         key's (`FeatureSet.key_ttl_s`)."""
         version = state.get(VERSION_FIELD)
-        stale = state.pop(STALE_TEXT_FIELD, None)
-        if stale:  # text copies of numbers now packed: stale in every version of the state
-            pipe.hdel(self.keys.keyed_entity(key, value), *stale)
         args: list[Any] = ["" if version is None else str(version), ttl_s]
         for field_, encoded in encode_state(state, exclude=(VERSION_FIELD,)).items():
             args += [field_, encoded]
