@@ -312,3 +312,12 @@ def test_two_aggregates_may_not_share_a_name():
 def test_a_key_field_must_be_a_name_an_internal_topic_can_carry(key):
     with pytest.raises(ValueError, match="key must name an event field"):
         FeatureSet(FeatureSpec(aggregate=[{"key": key, "fn": "count", "window": "1h", "name": "n"}]))
+
+
+def test_the_packed_numbers_read_back_with_the_standard_library_struct():
+    # An independent reader of the layout (docs/features.md): NUL-joined names, little-endian doubles.
+    import struct
+    encoded = encode_state({"n": 4, "ts": 1700000000.25, "prev:x": -2.5e-9, "ewm:0.5:x": 1e300})
+    names = encoded["_xn"].split("\0")
+    assert dict(zip(names, struct.unpack(f"<{len(names)}d", encoded["_x"]))) == {
+        "ts": 1700000000.25, "prev:x": -2.5e-9, "ewm:0.5:x": 1e300}
