@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import math
 import re
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 _INT = re.compile(r"[+-]?\d{1,18}")
 
 
+@functools.lru_cache(maxsize=4096)  # asked for every label by every role; a stream has few label values
 def to_river(label: str) -> int | str:
     """The value river learns for a label string."""
     return int(label) if _INT.fullmatch(label) else label
@@ -37,11 +39,16 @@ def to_text(y: Any) -> str | None:
     return str(y)
 
 
+# A class's text, per class value and type (True, 1 and 1.0 are equal keys but typed apart here):
+# asked for every class of every answer of every role.
+_class_text = functools.lru_cache(maxsize=4096, typed=True)(to_text)
+
+
 def proba_to_text(proba: dict[Any, float] | None) -> dict[str, float]:
     """predict_proba_one's answer with text keys (classes merged if two map to the same text)."""
     out: dict[str, float] = {}
     for k, v in (proba or {}).items():
-        key = to_text(k)
+        key = _class_text(k)
         if key is not None:
             out[key] = out.get(key, 0.0) + float(v)
     return out
@@ -154,7 +161,7 @@ def _call(model: Any, method: str, x: dict[str, Any], *args: Any) -> Any:
     one_hot_mode = getattr(model, _ONE_HOT, None)
     if one_hot_mode:
         return getattr(model, method)(one_hot(x), *args)
-    if one_hot_mode is None and method == "learn_one" and any(isinstance(v, str) for v in x.values()):
+    if one_hot_mode is None and method == "learn_one" and _has_text(x):
         one_hot_mode = not _learns_text(model, x, *args)
         setattr(model, _ONE_HOT, one_hot_mode)
         return getattr(model, method)(one_hot(x) if one_hot_mode else x, *args)
@@ -164,6 +171,15 @@ def _call(model: Any, method: str, x: dict[str, Any], *args: Any) -> Any:
         if one_hot_mode is not None or not any(isinstance(v, str) for v in x.values()):
             raise
         return getattr(model, method)(one_hot(x), *args)  # no text learned yet: the codes are unknown to it
+
+
+def _has_text(x: dict[str, Any]) -> bool:
+    """Whether any value of `x` is text (a str, or a subclass of it).
+
+        >>> _has_text({"a": 1.0, "b": "KR"}), _has_text({"a": 1.0}), _has_text({})
+        (True, False, False)
+    """
+    return any(map(isinstance, x.values(), itertools.repeat(str)))  # no generator: asked at every example learned
 
 
 def _learns_text(model: Any, x: dict[str, Any], *args: Any) -> bool:
