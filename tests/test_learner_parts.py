@@ -620,3 +620,30 @@ def test_asking_whether_upstream_is_drained_with_the_broker_away_says_no_soon_an
         assert inputs.drained_ends(side) is None  # backing off: not asked again at once
         assert time.monotonic() - started < 0.1
     inputs.close_control()
+
+
+@pytest.mark.parametrize("regression", [False, True])
+def test_an_outcome_names_its_union_branches_and_encodes_as_the_plain_record(regression):
+    """The learner names the branch of each nullable field it fills (fastavro's tuple notation,
+    which spares fastavro trying each branch): the bytes are those of the plain record."""
+    from driftline.learner.outputs import Outputs
+    from driftline.learner.telemetry import Telemetry
+    from driftline.shared.topics import Topics
+
+    codec = get_codec()
+    out = Outputs(None, Topics("t"), "m", Telemetry("m"))
+    fv = {"event_id": "e1", "entity_id": "a", "ts": 5.0, "features": {"x": 1.5, "country": "KR"},
+          "feature_set": "default@1"}
+    label = Label("e1", "2.5" if regression else "1", 6.0, 0.0, b"", b"e1", 3, 17)
+    answer = {"model_version": 2, "y_pred": "2.0" if regression else "1", "proba": {} if regression else {"1": 0.75, "0": 0.25},
+              "known": 9}
+    for role in ("champion", "challenger"):
+        out.outcome(fv, label, answer, role, 41, regression)
+    for (_topic, blob, _key, _headers), role in zip(out.held_back, ("champion", "challenger")):
+        plain = {"event_id": "e1", "entity_id": "a", "model": "m", "model_version": 2, "role": role,
+                 "y_true": label.label, "y_pred": answer["y_pred"], "proba": answer["proba"], "position": 41, "ts": 5.0,
+                 "features": fv["features"] if role == "champion" else None, "feature_set": "default@1",
+                 "label_ts": 6.0, "label_partition": 3, "label_offset": 17, "error": -0.5 if regression else None,
+                 "known": 9}
+        assert blob == codec.encode("Outcome", plain)
+        assert codec.decode(blob, expect="Outcome") == plain

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import os
+import random
 import re
 import shutil
 import signal
@@ -52,8 +53,43 @@ def port_open(host: str, port: int, timeout: float = 0.3) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range of local ports for outgoing connections (Linux's setting; its default
+    where there is none to read)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A port nothing is bound to, below the kernel's ephemeral range, and not one this process
+    gave out before. Below that range no outgoing connection takes it as its local port, so a
+    server killed and started again on it (the chaos tests) can always bind it again: on an
+    ephemeral port a client's connection could hold it meanwhile, even a reconnecting client's
+    own, connected to itself (bind: Address already in use).
+
+        >>> port = free_port()
+        >>> 1024 <= port < ephemeral_ports()[0] or ephemeral_ports()[0] <= 11024
+        True
+    """
+    low, _high = ephemeral_ports()
+    if low > 11024:
+        for port in random.sample(range(max(1024, low - 20000), low), 200):
+            if port in _handed_out:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a machine with (almost) no ports below it
         s.bind((host, 0))
         return s.getsockname()[1]
 
