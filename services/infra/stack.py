@@ -64,6 +64,7 @@ def ephemeral_ports() -> tuple[int, int]:
 
 
 _handed_out: set[int] = set()
+_pick = random.SystemRandom()  # not the random module's: a test's seed would give two processes the same ports
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -79,7 +80,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     """
     low, _high = ephemeral_ports()
     if low > 11024:
-        for port in random.sample(range(max(1024, low - 20000), low), 200):
+        for port in _pick.sample(range(max(1024, low - 20000), low), 200):
             if port in _handed_out:
                 continue
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
