@@ -2,28 +2,31 @@
 of the same 1,000 `SET NX GET EX`: Redis' CPU and this client's CPU per id, on a Redis of its own.
 Run: .venv/bin/python services/bench/probes/redis_script_vs_pipeline.py
 
-2026-12-06, two runs of two alternating rounds each: the script 2.89 / 4.72 and 3.80 / 4.84 µs of
-Redis CPU per id, 2.18 / 2.49 and 2.77 / 2.73 of the client's; the pipeline 2.84 / 2.70 and 2.97 /
-2.47, and 19.69 / 15.69 and 16.29 / 17.53. Lua's `redis.call` costs Redis ~1-2 µs more per id; the
-pipeline costs the client ~14 more (redis-py building and parsing a thousand commands)."""
-import shutil, subprocess, tempfile, time
+2026-12-06, each run two alternating rounds of each. A bare redis-server (no append-only file),
+two runs: the script 2.89 / 4.72 and 3.80 / 4.84 µs of Redis CPU per id, 2.18 / 2.49 and 2.77 /
+2.73 of the client's; the pipeline 2.84 / 2.70 and 2.97 / 2.47, and 19.69 / 15.69 and 16.29 /
+17.53. With the local stack's config (append-only file on), one run: the script 5.49 / 6.90 and
+2.95 / 3.20, the pipeline 4.30 / 3.97 and 20.77 / 21.42. Lua's `redis.call` costs Redis ~1-3 µs
+more per id; the pipeline costs the client ~14-18 more (redis-py building and parsing a thousand
+commands)."""
+import shutil, tempfile, time
+from pathlib import Path
 
 import redis
 
 from driftline.infra import stack
 from driftline.ingestion.dedup import _CLAIM
+from driftline.shared.settings import Settings
 
-port, folder = stack.free_port(), tempfile.mkdtemp()
-server = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", folder],
-                          stdout=subprocess.DEVNULL)
+home = Path(tempfile.mkdtemp())
+server = stack.Redis(Settings(redis_url=f"redis://127.0.0.1:{stack.free_port()}/0", home=home))  # the stack's own config
+server.start()
 try:
-    r = redis.Redis(port=port)
-    for _ in range(50):
-        try:
-            r.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.1)
+    deadline = time.monotonic() + 20
+    while not server.ready():
+        assert time.monotonic() < deadline, "redis-server did not come up"
+        time.sleep(0.1)
+    r = redis.Redis.from_url(server.settings.redis_url)
     N, ROUNDS = 1000, 30
 
     def server_cpu() -> float:
@@ -48,6 +51,5 @@ try:
         s1, c1 = server_cpu(), time.process_time()
         print(f"{name:8s}: Redis {(s1 - s0) / (ROUNDS * N) * 1e6:.2f} µs per id, client {(c1 - c0) / (ROUNDS * N) * 1e6:.2f}")
 finally:
-    server.terminate()
-    server.wait(10)
-    shutil.rmtree(folder, ignore_errors=True)
+    server.stop()
+    shutil.rmtree(home, ignore_errors=True)
