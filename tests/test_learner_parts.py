@@ -623,9 +623,9 @@ def test_asking_whether_upstream_is_drained_with_the_broker_away_says_no_soon_an
 
 
 @pytest.mark.parametrize("regression", [False, True])
-def test_an_outcome_names_its_union_branches_and_encodes_as_the_plain_record(regression):
-    """The learner names the branch of each nullable field it fills (fastavro's tuple notation,
-    which spares fastavro trying each branch): the bytes are those of the plain record."""
+def test_an_outcome_encodes_as_the_plain_record(regression):
+    """The Outcome the learner publishes is the plain record (the vector's values named by branch
+    for fastavro give the same bytes): only the champion's carries the vector."""
     from driftline.learner.outputs import Outputs
     from driftline.learner.telemetry import Telemetry
     from driftline.shared.topics import Topics

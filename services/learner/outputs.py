@@ -77,28 +77,20 @@ class Outputs:
 
     def outcome(self, fv: dict, label: Label, answer: dict, role: str, position: int,
                 regression: bool = False) -> None:
-        # Every nullable field's value that is there names its union branch, ("string", v) and so
-        # on (fastavro's tuple notation), so that fastavro need not try each branch: ~2 µs of ~14
-        # for an Outcome with 8 features; the same bytes.
-        y_pred, feature_set, known = answer["y_pred"], fv.get("feature_set"), answer.get("known")
-        loss = error(y_pred, label.label) if regression else None
         o = {"event_id": fv["event_id"], "entity_id": fv["entity_id"], "model": self.model,
              "model_version": answer["model_version"], "role": role, "y_true": label.label,
-             "y_pred": None if y_pred is None else ("string", y_pred), "proba": answer["proba"],
-             "position": position, "ts": fv["ts"],
+             "y_pred": answer["y_pred"], "proba": answer["proba"], "position": position, "ts": fv["ts"],
              # what the offline store keeps (offline/store.py): the vector scored, and where the label was read.
              # Only the champion's outcome carries the vector: every role learned the same one at this
              # position, and a challenger's copy cost its encoding, the broker and every reader again.
-             # Each value's ("double" | "string", v) names its branch too (~2 µs of ~26 for 32
-             # features; the codec names the map's own branch)
+             # Each value's ("double" | "string", v) names its union branch, so fastavro need not
+             # try each branch (~2 µs of ~26 for 32 features; the codec names the map's own branch)
              "features": None if fv["features"] is None or role != "champion" else {
                  k: ("string" if type(v) is str else "double", v) for k, v in fv["features"].items()},
-             "feature_set": None if feature_set is None else ("string", feature_set),
-             "label_ts": None if label.ts is None else ("double", label.ts),
-             "label_partition": None if label.partition is None else ("int", label.partition),
-             "label_offset": None if label.offset is None else ("long", label.offset),
-             "error": None if loss is None else ("double", loss),
-             "known": None if known is None else ("long", known)}
+             "feature_set": fv.get("feature_set"), "label_ts": label.ts,
+             "label_partition": label.partition, "label_offset": label.offset,
+             "error": error(answer["y_pred"], label.label) if regression else None,
+             "known": answer.get("known")}
         headers = [self.model_header, (OUTCOME_ROLE_HEADER, role.encode())]
         self.held_back.append((self.topics.outcomes, self.codec.encode("Outcome", o), fv["entity_id"], headers))
 
