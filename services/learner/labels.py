@@ -168,7 +168,7 @@ def _call(model: Any, method: str, x: dict[str, Any], *args: Any) -> Any:
     try:
         return getattr(model, method)(x, *args)
     except (TypeError, ValueError):
-        if one_hot_mode is not None or not any(isinstance(v, str) for v in x.values()):
+        if one_hot_mode is not None or not _has_text(x):
             raise
         return getattr(model, method)(one_hot(x), *args)  # no text learned yet: the codes are unknown to it
 
