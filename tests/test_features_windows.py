@@ -104,6 +104,23 @@ def test_an_event_older_than_the_lateness_is_dropped_and_changes_nothing():
     assert s.fold(1010.0, 1.0) == IN_ORDER
 
 
+def test_a_count_alone_is_the_summarys_count_in_and_out_of_order_and_among_tiles():
+    """`count` (what a count aggregate reads) takes a shorter path than `summary`: it must agree
+    with it at every time, for the tail and the tiles, late events placed and too-late dropped."""
+    rng = random.Random(11)
+    spec = SeriesSpec(None, W, tiles=10, lateness_s=120.0)
+    s = Series.new(spec)
+    now, outcomes = 0.0, set()
+    for i in range(3000):
+        now += rng.expovariate(1 / 4.0)
+        ts = now - rng.choice((0.0, 0.0, 0.0, rng.uniform(0, 60), rng.uniform(100, 200)))
+        outcomes.add(s.fold(ts, 0.0))
+        if i % 7 == 0:
+            for t in (ts, now, now - rng.uniform(0, 100), now + rng.uniform(0, W), s.newest):
+                assert s.count(t) == s.summary(t).n
+    assert outcomes == {IN_ORDER, LATE, DROPPED} and s.tile["idx"]  # every path was taken
+
+
 def test_memory_stays_bounded_however_long_the_stream():
     spec = SeriesSpec("amount", 60.0, tiles=12, lateness_s=30.0)
     s = Series.new(spec)

@@ -426,7 +426,7 @@ def _series(state: State, spec: SeriesSpec) -> Series | None:
     """The series a state holds for `spec`, decoded once (Redis gives its bytes) and kept in the
     state as an object until the state is written back."""
     held = state.get(spec.id)
-    if held is None or isinstance(held, Series):
+    if held is None or held.__class__ is Series:
         return held
     series = Series.decode(spec, held)
     state[spec.id] = series
@@ -438,7 +438,14 @@ _EMPTY = Summary()
 
 def _read_windows(windows: _KeyWindows, state: State, ts: float, x: dict) -> None:
     for spec, needs, aggregates in windows.series:
-        series = _series(state, spec)
+        series = state.get(spec.id)
+        if series is not None and series.__class__ is not Series:
+            series = _series(state, spec)
+        if not needs and not spec.distinct:  # counts alone: no summary to build
+            n = float(series.count(ts)) if series is not None else 0.0
+            for _fn, name in aggregates:
+                x[name] = n
+            continue
         summary = series.summary(ts, needs) if series is not None else _EMPTY
         for fn, name in aggregates:
             value = _value(fn, summary)
@@ -450,20 +457,25 @@ def _fold_windows(windows: _KeyWindows, state: State, fields: dict[str, float | 
                   entity_id: str | None = None) -> int:
     outcome = IN_ORDER
     for spec, _needs, _aggregates in windows.series:
-        if spec.field is None:
+        field_ = spec.field
+        if field_ is None:
             value = 0.0  # count: every event of the key
         else:
-            value = entity_id if spec.field == ENTITY_KEY else fields.get(spec.field)
+            value = entity_id if field_ == ENTITY_KEY else fields.get(field_)
             if value is None:
                 continue
             if spec.distinct:
                 value = value_hash(value)
             elif isinstance(value, str):  # text in a numeric aggregate's field: it has no number to add
                 continue
-        series = _series(state, spec)
+        series = state.get(spec.id)
         if series is None:
             series = state[spec.id] = Series.new(spec)
-        outcome = max(outcome, series.fold(ts, value))
+        elif series.__class__ is not Series:
+            series = _series(state, spec)
+        folded = series.fold(ts, value)
+        if folded > outcome:
+            outcome = folded
     return outcome
 
 
