@@ -206,6 +206,7 @@ def test_batch_answers_every_item_with_one_version_and_is_bounded(served):
         ({"entity_id": "e", "fields": {}, "ts": "yesterday"}, ["body", "ts"]),
         ({"entity_id": "\ud800", "fields": {}}, ["body", "entity_id"]),  # a lone surrogate: not UTF-8
         ({"entity_id": "e", "fields": {"\udc00": 1.0}}, ["body", "fields", None, "[key]"]),  # None: any name
+        ({"entity_id": "e", "fields": {"a": "\udc00"}}, ["body", "fields", "a"]),
     ],
 )
 def test_input_that_does_not_fit_the_schema_is_422_naming_the_field(served, body, loc):
@@ -217,7 +218,16 @@ def test_input_that_does_not_fit_the_schema_is_422_naming_the_field(served, body
     assert loc in locs, r.json()
 
 
-@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
+@pytest.mark.parametrize("value, kind", [(True, "number_or_string"), ([1.5], "number_or_string"),
+                                         ({"x": 1}, "number_or_string"), (None, "number_or_string")])
+def test_a_field_value_that_is_neither_a_number_nor_text_is_one_error_at_the_field_in_a_batch_too(served, value, kind):
+    r = served[0].post("/v1/predict/batch", json={"items": [{"entity_id": "e", "fields": {"a": 1.0}},
+                                                            {"entity_id": "e", "fields": {"a": value}}]})
+    assert r.status_code == 422, r.text
+    assert [(e["loc"], e["type"]) for e in r.json()["detail"]] == [(["body", "items", 1, "fields", "a"], kind)]
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999", "1" + "0" * 400])
 def test_non_finite_numbers_are_422_even_though_python_json_accepts_them(served, literal):
     raw = '{"entity_id": "e", "fields": {"a": %s}}' % literal
     r = served[0].post("/v1/predict", content=raw, headers={"content-type": "application/json"})

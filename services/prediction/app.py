@@ -51,6 +51,8 @@ from .schemas import (
     ReadyResponse,
     RollbackRequest,
     SwapResponse,
+    field_value_errors,
+    lone_surrogate_at,
 )
 
 SERVICE = "prediction"
@@ -101,7 +103,7 @@ def parse_body(model: type[RequestModel], body: bytes) -> RequestModel:
             # pydantic's parser refuses what Python's json reads (a lone surrogate escape): parse
             # it as before, so the 422 names the field, or says where the JSON is broken.
             return _validate_python(model, body)
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
+        raise _refused(errors) from None
 
 
 def _validate_python(model: type[RequestModel], body: bytes) -> RequestModel:
@@ -110,10 +112,18 @@ def _validate_python(model: type[RequestModel], body: bytes) -> RequestModel:
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise RequestValidationError([{"loc": ("body", getattr(exc, "pos", 0)), "msg": "JSON decode error",
                                        "type": "json_invalid"}]) from None
+    at = lone_surrogate_at(data)
+    if at is not None:
+        raise RequestValidationError([{"loc": ("body", *at), "msg": "not valid UTF-8 text (lone surrogate)",
+                                       "type": "string_unicode"}])
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+        raise _refused(exc.errors()) from None
+
+
+def _refused(errors: list[dict[str, Any]]) -> RequestValidationError:
+    return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in field_value_errors(errors)])
 
 
 def _printable(part: Any) -> Any:

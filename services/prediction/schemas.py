@@ -4,53 +4,85 @@ Numbers must be finite JSON numbers: Python's `json` accepts the non-standard li
 `Infinity` (and turns `1e999` into infinity), so the models refuse non-finite values explicitly
 (422 naming the field). Strings are never coerced to numbers, nor booleans. A field value is a
 finite number or a string (a category).
+
+Every rule is one pydantic-core knows (lengths, strict types, finiteness): a request is validated
+in Rust, with no Python call per field (a batch of 100 rows of 6 fields: ~320 -> ~130 µs). A field
+value's two branches each report their error; `field_value_errors` makes them one, at the field.
+Text must be valid UTF-8: pydantic's JSON parser refuses a lone surrogate escape outright, and the
+route's fallback through Python's `json` (app.py) finds it with `lone_surrogate_at`.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-import math
-
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
-from pydantic_core import PydanticCustomError
-
-
-def _utf8(value: str) -> str:
-    # JSON may carry lone surrogates ("\ud800"); they cannot become a Redis key or an Avro string.
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("not valid UTF-8 text (lone surrogate)") from None
-    return value
-
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-Id = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_utf8)]
-FieldName = Annotated[str, Field(max_length=256), AfterValidator(_utf8)]
+Id = Annotated[str, Field(min_length=1, max_length=256)]
+FieldName = Annotated[str, Field(max_length=256)]
+FieldValue = FiniteFloat | StrictStr  # a number (ints become floats), or text: a category
 
 
-def _field_value(value: Any) -> float | str:
-    """A finite number, or text (a category; its length bound is ingestion.max_category_chars, checked
-    with the other field rules). One validator, so that an error's loc is the field itself."""
+def field_value_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """pydantic's errors with the two union branches of a field value (`fields.<name>.float`,
+    `fields.<name>.str`) made one error at the field itself: `finite_number` for a number out of
+    range, else `number_or_string`.
+
+        >>> field_value_errors([
+        ...     {"type": "finite_number", "loc": ("fields", "a", "float"), "msg": "...", "input": float("inf")},
+        ...     {"type": "string_type", "loc": ("fields", "a", "str"), "msg": "...", "input": float("inf")}])
+        [{'type': 'finite_number', 'loc': ('fields', 'a'), 'msg': 'Input should be a finite number'}]
+    """
+    out, merged = [], set()
+    for e in errors:
+        loc = e["loc"]
+        if len(loc) >= 3 and loc[-3] == "fields" and loc[-1] in ("float", "str"):
+            at = loc[:-1]
+            if at in merged:
+                continue
+            merged.add(at)
+            branch = {x["loc"][-1]: x for x in errors if x["loc"][:-1] == at}
+            number = branch.get("float", {})
+            if number.get("type") == "finite_number" or (
+                    number.get("type") == "float_type" and type(number.get("input")) is int):  # beyond a double
+                out.append({"type": "finite_number", "loc": at, "msg": "Input should be a finite number"})
+            else:
+                out.append({"type": "number_or_string", "loc": at,
+                            "msg": "Input should be a number or a string (a category)"})
+        else:
+            out.append(e)
+    return out
+
+
+def lone_surrogate_at(value: Any, loc: tuple = ()) -> tuple | None:
+    """Where a decoded JSON value holds text that is not valid UTF-8 (a lone surrogate, which can
+    become neither a Redis key nor an Avro string), as pydantic would name it; None if nowhere.
+
+        >>> lone_surrogate_at({"entity_id": "e", "fields": {"\\udc00": 1.0}})
+        ('fields', '\\udc00', '[key]')
+    """
     if isinstance(value, str):
         try:
-            return _utf8(value)
-        except ValueError as exc:
-            raise PydanticCustomError("string_unicode", str(exc)) from None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        try:
-            number = float(value)
-        except OverflowError:
-            number = math.inf
-        if not math.isfinite(number):
-            raise PydanticCustomError("finite_number", "Input should be a finite number")
-        return number
-    raise PydanticCustomError("number_or_string", "Input should be a number or a string (a category)")
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return loc
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and lone_surrogate_at(key) is not None:
+                return (*loc, key, "[key]")
+            found = lone_surrogate_at(item, (*loc, key))
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = lone_surrogate_at(item, (*loc, index))
+            if found is not None:
+                return found
+    return None
 
 
-FieldValue = Annotated[float | str, PlainValidator(_field_value),
-                       WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "string"}]})]
 MAX_FIELDS = 1024
 
 
