@@ -12,13 +12,15 @@ import uuid
 import pytest
 import redis as redis_lib
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from fastapi.exceptions import RequestValidationError
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from river import linear_model, preprocessing
 
 from driftline.features.definitions import load_feature_set
 from driftline.features.store import FeatureStore
-from driftline.prediction.app import create_app
+from driftline.prediction.app import create_app, parse_body
+from driftline.prediction.schemas import PredictRequest, field_value_errors
 from driftline.learner.labels import proba_to_text
 from driftline.shared.swaps import publish_swap
 from driftline.shared import kafka
@@ -225,6 +227,22 @@ def test_a_field_value_that_is_neither_a_number_nor_text_is_one_error_at_the_fie
                                                             {"entity_id": "e", "fields": {"a": value}}]})
     assert r.status_code == 422, r.text
     assert [(e["loc"], e["type"]) for e in r.json()["detail"]] == [(["body", "items", 1, "fields", "a"], kind)]
+
+
+def test_a_field_names_own_error_stays_beside_the_one_error_of_its_value():
+    errors = [{"type": "string_too_long", "loc": ("fields", "a", "[key]")},
+              {"type": "float_type", "loc": ("fields", "a", "float"), "input": True},
+              {"type": "string_type", "loc": ("fields", "a", "str"), "input": True}]
+    assert [(e["loc"], e["type"]) for e in field_value_errors(errors)] == [
+        (("fields", "a", "[key]"), "string_too_long"), (("fields", "a"), "number_or_string")]
+
+
+def test_json_nested_deeper_than_the_parsers_take_is_a_422_not_a_crash():
+    for depth in (300, 5000):  # past pydantic's parser (its fallback is Python's json), past Python's
+        body = ('{"entity_id": "e", "fields": {}, "x": ' + "[" * depth + '"\\ud800"' + "]" * depth + "}").encode()
+        with pytest.raises(RequestValidationError) as refused:
+            parse_body(PredictRequest, body)
+        assert refused.value.errors()[0]["loc"][:2] in (("body", "x"), ("body",))
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999", "1" + "0" * 400])

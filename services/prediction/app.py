@@ -109,10 +109,12 @@ def parse_body(model: type[RequestModel], body: bytes) -> RequestModel:
 def _validate_python(model: type[RequestModel], body: bytes) -> RequestModel:
     try:
         data = json.loads(body)
+        at = lone_surrogate_at(data)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise RequestValidationError([{"loc": ("body", getattr(exc, "pos", 0)), "msg": "JSON decode error",
                                        "type": "json_invalid"}]) from None
-    at = lone_surrogate_at(data)
+    except RecursionError:
+        raise RequestValidationError([{"loc": ("body",), "msg": "JSON nested too deeply", "type": "json_invalid"}]) from None
     if at is not None:
         raise RequestValidationError([{"loc": ("body", *at), "msg": "not valid UTF-8 text (lone surrogate)",
                                        "type": "string_unicode"}])

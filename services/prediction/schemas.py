@@ -34,24 +34,29 @@ def field_value_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ...     {"type": "string_type", "loc": ("fields", "a", "str"), "msg": "...", "input": float("inf")}])
         [{'type': 'finite_number', 'loc': ('fields', 'a'), 'msg': 'Input should be a finite number'}]
     """
+    def field_of(loc: tuple) -> tuple | None:  # the field's loc, for an error of one of its branches
+        return loc[:-1] if len(loc) >= 3 and loc[-3] == "fields" and loc[-1] in ("float", "str") else None
+
+    branches: dict[tuple, dict[str, dict[str, Any]]] = {}  # the field's loc -> its branches' errors
+    for e in errors:
+        at = field_of(e["loc"])
+        if at is not None:
+            branches.setdefault(at, {})[e["loc"][-1]] = e
     out, merged = [], set()
     for e in errors:
-        loc = e["loc"]
-        if len(loc) >= 3 and loc[-3] == "fields" and loc[-1] in ("float", "str"):
-            at = loc[:-1]
-            if at in merged:
-                continue
-            merged.add(at)
-            branch = {x["loc"][-1]: x for x in errors if x["loc"][:-1] == at}
-            number = branch.get("float", {})
-            if number.get("type") == "finite_number" or (
-                    number.get("type") == "float_type" and type(number.get("input")) is int):  # beyond a double
-                out.append({"type": "finite_number", "loc": at, "msg": "Input should be a finite number"})
-            else:
-                out.append({"type": "number_or_string", "loc": at,
-                            "msg": "Input should be a number or a string (a category)"})
-        else:
+        at = field_of(e["loc"])
+        if at is None:
             out.append(e)
+            continue
+        if at in merged:  # its other branch's error: said already
+            continue
+        merged.add(at)
+        number = branches[at].get("float", {})
+        if number.get("type") == "finite_number" or (
+                number.get("type") == "float_type" and type(number.get("input")) is int):  # beyond a double
+            out.append({"type": "finite_number", "loc": at, "msg": "Input should be a finite number"})
+        else:
+            out.append({"type": "number_or_string", "loc": at, "msg": "Input should be a number or a string (a category)"})
     return out
 
 
