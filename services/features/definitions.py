@@ -438,9 +438,7 @@ _EMPTY = Summary()
 
 def _read_windows(windows: _KeyWindows, state: State, ts: float, x: dict) -> None:
     for spec, needs, aggregates in windows.series:
-        series = state.get(spec.id)
-        if series is not None and series.__class__ is not Series:
-            series = _series(state, spec)
+        series = _series(state, spec)
         if not needs and not spec.distinct:  # counts alone: no summary to build
             n = float(series.count(ts)) if series is not None else 0.0
             for _fn, name in aggregates:
@@ -468,11 +466,9 @@ def _fold_windows(windows: _KeyWindows, state: State, fields: dict[str, float | 
                 value = value_hash(value)
             elif isinstance(value, str):  # text in a numeric aggregate's field: it has no number to add
                 continue
-        series = state.get(spec.id)
+        series = _series(state, spec)
         if series is None:
             series = state[spec.id] = Series.new(spec)
-        elif series.__class__ is not Series:
-            series = _series(state, spec)
         folded = series.fold(ts, value)
         if folded > outcome:
             outcome = folded

@@ -189,7 +189,8 @@ class Series:
         count). Returns IN_ORDER, LATE (placed by its time) or DROPPED (older than retained)."""
         spec = self.spec
         times = self.ts
-        if ts < self.newest:
+        late = ts < self.newest
+        if late:
             if ts < self.newest - spec.lateness:
                 return DROPPED
             at = bisect_right(times, ts)
@@ -203,12 +204,9 @@ class Series:
             self.shift = value
         if len(times) > TAIL:
             self._compact(times.pop(0), self.xs.pop(0))
-        if self.newest != ts:
+        if late:
             return LATE
-        # What is kept reaches back from the newest event: only a newer one moves that edge.
-        cutoff = ts - spec.reach
-        if times[0] < cutoff or (self.tile["idx"] and (self.tile["idx"][0] + 1) * spec.width <= cutoff):
-            self._prune()
+        self._prune()  # what is kept reaches back from the newest event: only a newer one moves that edge
         return IN_ORDER
 
     def _compact(self, ts: float, value: float) -> None:
