@@ -624,8 +624,8 @@ def test_asking_whether_upstream_is_drained_with_the_broker_away_says_no_soon_an
 
 @pytest.mark.parametrize("regression", [False, True])
 def test_an_outcome_encodes_as_the_plain_record(regression):
-    """The Outcome the learner publishes is the plain record (the vector's values named by branch
-    for fastavro give the same bytes): only the champion's carries the vector."""
+    """The Outcome the learner publishes encodes as the plain record would: only the champion's
+    carries the vector."""
     from driftline.learner.outputs import Outputs
     from driftline.learner.telemetry import Telemetry
     from driftline.shared.topics import Topics
