@@ -111,3 +111,47 @@ def test_admin_guard_closed_without_token_401_without_header_or_with_a_wrong_tok
     assert status("t0k", "Bearer t0K") == 401
     assert status("t0k", "Basic t0k") == 401
     assert status("t0k", "Bearer t0k") == 200
+
+
+def test_a_request_route_answers_as_its_endpoint_does_documents_its_models_and_refuses_other_params():
+    """RequestRoute skips FastAPI's request machinery: the endpoint's own response comes back,
+    exception handlers still apply, the OpenAPI still names the response model and the body, and
+    an endpoint that asks for more than the Request is refused when the route is made."""
+    from fastapi import FastAPI, Query
+    from fastapi.exceptions import RequestValidationError
+    from pydantic import BaseModel
+
+    from driftline.shared.app import RequestRoute
+
+    class Answer(BaseModel):
+        echoed: int
+
+    app = FastAPI()
+
+    async def echo(request: Request) -> JSONResponse:
+        body = await request.body()
+        if not body.isdigit():
+            raise RequestValidationError([{"loc": ("body",), "msg": "digits only", "type": "digits"}])
+        return JSONResponse({"echoed": int(body)}, headers={"x-kind": "raw"})
+
+    extra = {"requestBody": {"required": True, "content": {"text/plain": {"schema": {"type": "string"}}}}}
+    app.router.add_api_route("/echo", echo, methods=["POST"], route_class_override=RequestRoute,
+                             response_model=Answer, openapi_extra=extra)
+
+    async def run() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return [await client.post("/echo", content=b"41"), await client.post("/echo", content=b"x")]
+
+    ok, refused = asyncio.run(run())
+    assert (ok.status_code, ok.json(), ok.headers["x-kind"]) == (200, {"echoed": 41}, "raw")
+    assert refused.status_code == 422 and refused.json()["detail"][0]["msg"] == "digits only"
+    post = app.openapi()["paths"]["/echo"]["post"]
+    assert post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/Answer")
+    assert post["requestBody"] == extra["requestBody"]
+
+    async def with_query(request: Request, n: int = Query(1)) -> JSONResponse:
+        return JSONResponse({})
+
+    with pytest.raises(TypeError, match="takes the Request alone"):
+        app.router.add_api_route("/q", with_query, methods=["POST"], route_class_override=RequestRoute)

@@ -30,12 +30,13 @@ from fastapi import Body, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
+from pydantic_core import to_json
 from starlette.concurrency import run_in_threadpool
 
 from ..shared import metrics, redis_clients
 from ..shared.admin import AdminAction, admin_action
 from ..shared.doors import DOOR_RESPONSES, DoorGuard
-from ..shared.app import service_app
+from ..shared.app import RequestRoute, service_app
 from ..shared.settings import Settings, get_settings
 from .models import NonFiniteOutput
 from .predictor import AdminError, FieldsRefused, NotReady, Predictor
@@ -135,6 +136,15 @@ def _printable(part: Any) -> Any:
     return str(part).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+class AnswerResponse(JSONResponse):
+    """JSON written by pydantic-core's serializer: ~0.6 µs for a prediction against ~4 for
+    `json.dumps`, ~10x less for a batch. The same JSON but for how a float is spelt (1e-7, not
+    1e-07), which reads back as the same float; answers are finite (NonFiniteOutput)."""
+
+    def render(self, content: Any) -> bytes:
+        return to_json(content)
+
+
 def validation_error(loc: tuple, msg: str, kind: str) -> RequestValidationError:
     return RequestValidationError([{"loc": loc, "msg": msg, "type": kind}])
 
@@ -196,19 +206,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # -- predictions ---------------------------------------------------------------------------
     # All on the event loop: the Redis round trip is awaited (asyncio client), so requests overlap
-    # their waits without a thread-pool hop; the answer (already in the PredictResponse shape) is
-    # returned as a response, which skips FastAPI's second validation of it. The header names the
-    # worker process. The guard admits the caller before the body is read; the body is parsed by
-    # `parse_body` (the OpenAPI still names the request model: openapi_extra).
-    @app.post("/v1/predict", response_model=PredictResponse, responses=PREDICT_ERRORS, tags=["predict"],
-              summary="Predict for one event with the champion", openapi_extra=PREDICT_BODY)
+    # their waits without a thread-pool hop. Each route takes the Request and returns its response
+    # (RequestRoute: no dependency solving, no second validation of an answer already in the
+    # PredictResponse shape); the OpenAPI still names both models. The guard admits the caller
+    # before the body is read; `parse_body` parses it. The header names the worker process.
+    def hot_route(path: str, **documented: Any) -> Any:
+        def add(endpoint: Any) -> Any:
+            app.router.add_api_route(path, endpoint, methods=["POST"], route_class_override=RequestRoute, **documented)
+            return endpoint
+        return add
+
+    @hot_route("/v1/predict", response_model=PredictResponse, responses=PREDICT_ERRORS, tags=["predict"],
+               summary="Predict for one event with the champion", openapi_extra=PREDICT_BODY)
     async def predict(request: Request) -> JSONResponse:
         guard.admit(request.headers.get("authorization"))
         req = parse_body(PredictRequest, await request.body())
-        return JSONResponse(await predictor.apredict(req), headers={"x-driftline-worker": worker})
+        return AnswerResponse(await predictor.apredict(req), headers={"x-driftline-worker": worker})
 
-    @app.post("/v1/predict/batch", response_model=BatchResponse, responses=PREDICT_ERRORS, tags=["predict"],
-              summary="Predict for many events, all with one model version", openapi_extra=BATCH_BODY)
+    @hot_route("/v1/predict/batch", response_model=BatchResponse, responses=PREDICT_ERRORS, tags=["predict"],
+               summary="Predict for many events, all with one model version", openapi_extra=BATCH_BODY)
     async def predict_batch(request: Request) -> JSONResponse:
         guard.admit(request.headers.get("authorization"))
         batch = parse_body(BatchRequest, await request.body())
@@ -217,7 +233,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                    f"(prediction.max_batch), got {len(batch.items)}", "too_long")
         items, version = await run_in_threadpool(predictor.predict_batch, batch.items)
         # Already in the BatchResponse shape: returned as it is, not validated again item by item.
-        return JSONResponse({"items": items, "model_version": version}, headers={"x-driftline-worker": worker})
+        return AnswerResponse({"items": items, "model_version": version}, headers={"x-driftline-worker": worker})
 
     # The router tries its routes in order, a pattern match each: the prediction routes, most of
     # the traffic, go before /docs, /health and the rest (no two patterns overlap), which saves a

@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -66,6 +67,29 @@ class HttpMetrics:
             count, seconds = self.children(path, scope["method"], status)
             count.inc()
             seconds.observe(time.perf_counter() - started)
+
+
+class RequestRoute(APIRoute):
+    """A route whose endpoint takes the `Request` alone and returns its `Response` itself (it reads,
+    validates and renders on its own): FastAPI's per-request machinery around it (dependency
+    solving, the response model's validation and serialisation, the telemetry hooks) is skipped,
+    ~30 µs of the ~160 a `/v1/predict` costs in process; the OpenAPI still shows the route's
+    `response_model`, `responses` and `openapi_extra`. Exception handlers apply as on any route.
+
+        app.router.add_api_route("/v1/predict", predict, methods=["POST"], route_class_override=RequestRoute)
+
+    An endpoint that asks FastAPI for anything else (a query parameter, a dependency, a body
+    model) would get nothing: it is refused when the route is made.
+    """
+
+    def get_route_handler(self) -> Callable[[Any], Any]:
+        d = self.dependant
+        extra = [p.name for p in (*d.path_params, *d.query_params, *d.header_params, *d.cookie_params,
+                                  *d.body_params)] + [sub.name or "a dependency" for sub in d.dependencies]
+        if d.request_param_name is None or extra:
+            raise TypeError(f"{self.path}: a RequestRoute endpoint takes the Request alone "
+                            f"(it declares {extra or 'no Request'})")
+        return self.endpoint  # called with the Request; a plain `def` runs in the thread pool
 
 
 def service_app(
