@@ -43,7 +43,7 @@ from ..shared.topics import Topics
 from .cache import StateCache
 from .definitions import FeatureSet, State
 from .merge import Pending, WatermarkMerge
-from .store import GUARD_PREFIX, VERSION_FIELD, FeatureStore, decode_state
+from .store import GUARD_PREFIX, VERSION_FIELD, FeatureStore, decode_state, hashes_reply, queue_read_hashes
 from .windows import DROPPED, IN_ORDER, LATE, key_text, value_hash
 
 log = logging.getLogger(__name__)
@@ -289,10 +289,9 @@ class KeyStage:
                 out[name] = state
         if missing:
             pipe = self.store.client.pipeline(transaction=False)
-            for name in missing:
-                pipe.hgetall(self.store.keys.keyed_entity(self.key, name))
-            for name, raw in zip(missing, self.store.execute(pipe, f"read_{self.key}")):
-                out[name] = decode_state(raw or {})
+            groups = queue_read_hashes(pipe, [self.store.keys.keyed_entity(self.key, name) for name in missing])
+            for name, raw in zip(missing, hashes_reply(groups, self.store.execute(pipe, f"read_{self.key}"))):
+                out[name] = decode_state(raw)
                 self.cache.put(name, out[name])
         return out
 

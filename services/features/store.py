@@ -152,6 +152,22 @@ end
 return #KEYS
 """
 
+# Many hashes read in one command (one per slot on a cluster), each key's HGETALL as its flat
+# field/value array: a pipeline of HGETALLs costs redis-py ~9 µs per key to pack and parse, one
+# script call ~3 (100 states: 1.13 -> 0.28 ms of CPU, sync client on loopback).
+READ_HASHES_LUA = """
+local out = {}
+for i = 1, #KEYS do out[i] = redis.call('hgetall', KEYS[i]) end
+return out
+"""
+
+# The fields ARGV of many hashes, one command: per key its HMGET (false -> nil where none).
+READ_FIELDS_LUA = """
+local out = {}
+for i = 1, #KEYS do out[i] = redis.call('hmget', KEYS[i], unpack(ARGV)) end
+return out
+"""
+
 # The folded markers of some snapshots, one command (false -> nil where there is none).
 READ_FOLDED_LUA = """
 local out = {}
@@ -176,6 +192,32 @@ for k = 1, #KEYS do
 end
 return written
 """
+
+
+def queue_read_hashes(pipe: Any, keys: list[str]) -> list[list[int]]:
+    """The whole hashes of `keys`, asked in a pipeline of the caller's (sync or asyncio, one node
+    or a cluster): one script call per slot group. `hashes_reply` reads the replies of the calls
+    it returns."""
+    return queue_script_per_slot(pipe, READ_HASHES_LUA, keys, [()] * len(keys))
+
+
+def hashes_reply(groups: list[list[int]], replies: list) -> list[dict]:
+    """Each key's hash as HGETALL gives it (field -> value; {} for a missing key), in key order.
+
+        >>> hashes_reply([[0, 2], [1]], [[[b"n", b"3"], []], [[b"a", b"1", b"b", b"2"]]])
+        [{b'n': b'3'}, {b'a': b'1', b'b': b'2'}, {}]
+    """
+    out = []
+    for flat in per_key(groups, replies):
+        pairs = iter(flat)
+        out.append(dict(zip(pairs, pairs)))
+    return out
+
+
+def queue_read_fields(pipe: Any, keys: list[str], fields: Iterable[str]) -> list[list[int]]:
+    """The values of `fields` in each hash of `keys` (HMGET), one script call per slot group; the
+    replies read back with `per_key` (per key a list of values, None where a field is missing)."""
+    return queue_script_per_slot(pipe, READ_FIELDS_LUA, keys, [()] * len(keys), tuple(fields))
 
 
 def prediction_field(role: str) -> str:
@@ -401,37 +443,36 @@ class FeatureStore:
         labels_of = list(dict.fromkeys(labels_of))
         if not entity_ids and not event_ids and not folded_of and not keyed and not labels_of:
             return BatchRead()
+        # Scripts that read many keys each, one call per slot group (none for no keys): a pipeline
+        # of one command per key costs the client several times the CPU (READ_HASHES_LUA).
         pipe = self.client.pipeline(transaction=False)
-        for entity_id in entity_ids:
-            pipe.hgetall(self.keys.entity(entity_id))
-        for key, value in keyed:
-            pipe.hgetall(self.keys.keyed_entity(key, value))
-        for entity_id in labels_of:
-            pipe.hmget(self.keys.entity(entity_id), *LABEL_FIELDS)
-        for event_id in event_ids:
-            pipe.hget(self.keys.snapshot(event_id), SNAPSHOT_FIELD)
-        folded_groups = self.snapshots.queue_folded(pipe, folded_of) if folded_of else []
+        hash_groups = queue_read_hashes(pipe, [self.keys.entity(e) for e in entity_ids]
+                                        + [self.keys.keyed_entity(k, v) for k, v in keyed])
+        label_groups = queue_read_fields(pipe, [self.keys.entity(e) for e in labels_of], LABEL_FIELDS)
+        snapshot_groups = queue_read_fields(pipe, [self.keys.snapshot(e) for e in event_ids], (SNAPSHOT_FIELD,))
+        folded_groups = self.snapshots.queue_folded(pipe, folded_of)
         started = time.perf_counter()
-        replies = pipe.execute()
+        replies = iter(pipe.execute())
         metrics.REDIS_SECONDS.labels(self.service, "read_batch").observe(time.perf_counter() - started)
+
+        def answered(groups: list[list[int]]) -> tuple[list[list[int]], list]:  # its calls' replies, in order
+            return groups, [next(replies) for _ in groups]
+
         out = BatchRead()
-        out.states = {e: decode_state(r or {}) for e, r in zip(entity_ids, replies)}
-        at = len(entity_ids)
-        out.keyed = {k: decode_state(r or {}) for k, r in zip(keyed, replies[at:at + len(keyed)])}
-        at += len(keyed)
-        for entity_id, (label, label_ts) in zip(labels_of, replies[at:at + len(labels_of)]):
+        hashes = hashes_reply(*answered(hash_groups))
+        out.states = {e: decode_state(r) for e, r in zip(entity_ids, hashes)}
+        out.keyed = {k: decode_state(r) for k, r in zip(keyed, hashes[len(entity_ids):])}
+        for entity_id, (label, label_ts) in zip(labels_of, per_key(*answered(label_groups))):
             out.labels[entity_id] = (None if label is None else _text(label),
                                      None if label_ts is None else float(_text(label_ts)))
-        at += len(labels_of)
-        for event_id, blob in zip(event_ids, replies[at:at + len(event_ids)]):
+        for event_id, (blob,) in zip(event_ids, per_key(*answered(snapshot_groups))):
             if blob is None:
                 continue
             try:
                 out.snapshots[event_id] = self.codec.decode(blob, expect="FeatureVector")
             except DecodeError:
                 continue
-        out.folded = (self.snapshots.folded_reply(folded_of, folded_groups, replies[len(replies) - len(folded_groups):])
-                      if folded_of else {})
+        out.folded = self.snapshots.folded_reply(folded_of, *answered(folded_groups))
         return out
 
     def read_snapshots(self, event_ids: Iterable[str]) -> dict[str, dict]:
@@ -462,9 +503,8 @@ class FeatureStore:
             return self.feature_set.vector({}, fields, ts)
         started = time.perf_counter()
         pipe = self.client.pipeline(transaction=False)
-        for key in keys:
-            pipe.hgetall(key)
-        replies = pipe.execute()
+        groups = queue_read_hashes(pipe, keys)
+        replies = hashes_reply(groups, pipe.execute())
         metrics.REDIS_SECONDS.labels(self.service, "read_state").observe(time.perf_counter() - started)
         return self.vector_from(replies, fields, ts)
 

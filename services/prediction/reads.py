@@ -1,10 +1,11 @@
 """Entity-state reads of concurrent `/v1/predict` requests, coalesced into one pipelined round trip.
 
 Each request awaits `read(key)`; the first one in a loop iteration schedules a flush with
-`call_soon`, so every request that reaches its read in the same iteration joins the same HGETALL
-pipeline. One round trip of the asyncio Redis client costs ~150 µs of CPU, one read more in a
-pipeline ~20 µs: under 16 connections this is most of what a prediction costs the server (measured in
-`driftline bench predict`). Alone, a request waits for nothing: its flush runs in the next iteration.
+`call_soon`, so every request that reaches its read in the same iteration joins the same read: one
+script call that returns every hash (`store.queue_read_hashes`; one per slot on a cluster). One
+round trip of the asyncio Redis client costs ~120 µs of CPU; six keys as six pipelined HGETALLs
+~195, as one script call ~135. Alone, a request waits for nothing: its flush runs in the next
+iteration.
 A failed round trip fails every request of that batch with the same error (a 503 each).
 
     reads = CoalescedReads(async_client)
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+
+from ..features.store import hashes_reply, queue_read_hashes
 
 
 class CoalescedReads:
@@ -44,9 +47,8 @@ class CoalescedReads:
         self.reads += len(batch)
         try:
             pipe = self.client.pipeline(transaction=False)
-            for key in batch:
-                pipe.hgetall(key)
-            replies: list[Any] = await pipe.execute()
+            groups = queue_read_hashes(pipe, list(batch))
+            replies: list[Any] = hashes_reply(groups, await pipe.execute())
         except BaseException as exc:  # every waiter gets the error (a cancelled batch: CancelledError)
             for futures in batch.values():
                 for future in futures:
