@@ -670,22 +670,22 @@ class Snapshots:
         """One pipelined round trip: the predictions of the `scored` events, the vector and the
         predictions of the `labelled` ones. Every id asked for has an entry (empty when missing);
         a field that does not decode is left out (and logged)."""
-        roles = tuple(roles)
-        fields = [prediction_field(r) for r in roles]
-        pipe = self.client.pipeline(transaction=False)
-        asked: list[tuple[str, list[str]]] = []
-        for event_id in scored:
-            asked.append((event_id, fields))
-        for event_id in labelled:
-            asked.append((event_id, fields + [SNAPSHOT_FIELD]))
-        if not asked:
+        scored, labelled = list(scored), list(labelled)
+        if not scored and not labelled:
             return {}
-        for event_id, names in asked:
-            pipe.hmget(self.keys.snapshot(event_id), *names)
+        fields = [prediction_field(r) for r in roles]
+        read_scored = scored if fields else []  # no role asked: nothing to read of a scored event
+        # One script call per slot group and field list, not an HMGET per event (READ_FIELDS_LUA).
+        pipe = self.client.pipeline(transaction=False)
+        scored_groups = queue_read_fields(pipe, [self.keys.snapshot(e) for e in read_scored], fields)
+        labelled_groups = queue_read_fields(pipe, [self.keys.snapshot(e) for e in labelled], fields + [SNAPSHOT_FIELD])
         started = time.perf_counter()
         replies = pipe.execute()
         metrics.REDIS_SECONDS.labels(self.service, op).observe(time.perf_counter() - started)
-        out: dict[str, Snapshot] = {}
+        at = len(scored_groups)
+        asked = [*((e, fields) for e in read_scored), *((e, fields + [SNAPSHOT_FIELD]) for e in labelled)]
+        replies = per_key(scored_groups, replies[:at]) + per_key(labelled_groups, replies[at:])
+        out: dict[str, Snapshot] = {e: Snapshot() for e in scored}
         for (event_id, names), values in zip(asked, replies):
             snap = out.setdefault(event_id, Snapshot())
             for name, raw in zip(names, values):
