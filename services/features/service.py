@@ -20,8 +20,9 @@ How a batch goes (`FeaturesWorker.handle`):
    that the batch's labels refer to (when the event is not in the batch itself);
 4. in Python, in merged order: vector from the state, then `apply_event`; labels `apply_label`;
 5. one pipelined Redis write: snapshots (with TTL), then each entity's state with its last applied
-   offset in one HSET (atomic per key; keys are hash-tagged per entity, so cluster-ready), then the
-   labels through a one-key script that keeps the label of the latest event;
+   offset (one script call for the batch's states, atomic per key; keys are hash-tagged per
+   entity, so cluster-ready: one call per slot there), then the labels through a script that keeps
+   the label of the latest event;
 6. produce the vectors, flush, commit the offsets up to the first item still waiting.
 
 Bounds (untrusted input must not grow Redis or the model without end): an event that would bring
@@ -599,8 +600,7 @@ class FeaturesWorker(StreamWorker):
             # snapshots before states: a state's `_off` then implies its events' snapshots exist
             self.store.queue_snapshot_blobs(pipe, snapshot_blobs)
             self.store.queue_states(pipe, {e: states[e] for e in dirty})
-            for entity_id, (label, event_ts) in labels.items():
-                self.store.queue_label(pipe, entity_id, label, event_ts)
+            self.store.queue_labels(pipe, labels)
             if moved:
                 pipe.hset(self.order_key, mapping={f"{self.topics.events_valid}/{p}": repr(order[p]) for p in moved})
             # Last: how far this batch's effects go (the AOF keeps a prefix of the writes).

@@ -41,8 +41,8 @@ Entity states expire after `features.entity_ttl_s` without a write, key entities
 their longest window and an hour (or that TTL if shorter); `FieldNames` bounds the distinct field
 names of a model (a Redis set per model).
 
-Labels are folded in by a one-key Lua script that keeps the label of the latest event (by event
-time), so a label never overwrites a later one and a redelivered label changes nothing, even when
+Labels are folded in by a Lua script (a batch's labels in one call) that keeps the label of the
+latest event (by event time), so a label never overwrites a later one and a redelivered label changes nothing, even when
 the label and the entity's events are handled by different replicas.
 """
 
@@ -73,7 +73,7 @@ FOLDED_FIELD = "f"
 ROLES = ("champion", "challenger", "previous")  # previous: a displaced champion, kept for its contest only
 OFFSET_FIELD = "_off"
 PARTITION_FIELD = "_p"
-LABEL_FIELDS = ("label", "label_ts")  # written only by SET_LABEL_LUA
+LABEL_FIELDS = ("label", "label_ts")  # written only by SET_LABELS_LUA
 STRING_FIELDS = frozenset({"label"})
 VERSION_FIELD = "_v"  # a key entity's write count (compare-and-set)
 GUARD_PREFIX = "_o:"  # a key entity's last folded offset per events.valid partition
@@ -96,15 +96,36 @@ if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return 1
 """
 
-# KEYS[1] entity hash; ARGV: label, event ts (repr). Same rule as FeatureSet.apply_label:
-# a label of an earlier event than the known one is ignored; equal ts overwrites (idempotent).
-# ARGV[3]: the entity TTL in seconds (0 = none), refreshed like any write to the state.
-SET_LABEL_LUA = """
-local known = redis.call('HGET', KEYS[1], 'label_ts')
-if known and tonumber(known) > tonumber(ARGV[2]) then return 0 end
-redis.call('HSET', KEYS[1], 'label', ARGV[1], 'label_ts', ARGV[2])
-if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
-return 1
+# Entity states, many in one call: ARGV = the TTL in seconds (0 = none), then per key its number of
+# fields and the field/value pairs. One call per slot group instead of an HSET and an EXPIRE per
+# entity (redis-py's cost is per command more than per argument).
+WRITE_STATES_LUA = """
+local at = 2
+for k = 1, #KEYS do
+  local n = tonumber(ARGV[at])
+  redis.call('HSET', KEYS[k], unpack(ARGV, at + 1, at + 2 * n))
+  if tonumber(ARGV[1]) > 0 then redis.call('EXPIRE', KEYS[k], ARGV[1]) end
+  at = at + 1 + 2 * n
+end
+return #KEYS
+"""
+
+# Labels into entity hashes, many in one call: ARGV = the entity TTL in seconds (0 = none; refreshed
+# like any write to the state), then per key its label and its event's ts (repr). Same rule as
+# FeatureSet.apply_label: a label of an earlier event than the known one is ignored; an equal ts
+# overwrites (idempotent). Returns how many were written.
+SET_LABELS_LUA = """
+local written = 0
+for k = 1, #KEYS do
+  local label, ts = ARGV[2 * k], ARGV[2 * k + 1]
+  local known = redis.call('HGET', KEYS[k], 'label_ts')
+  if not (known and tonumber(known) > tonumber(ts)) then
+    redis.call('HSET', KEYS[k], 'label', label, 'label_ts', ts)
+    if tonumber(ARGV[1]) > 0 then redis.call('EXPIRE', KEYS[k], ARGV[1]) end
+    written = written + 1
+  end
+end
+return written
 """
 
 # KEYS[1] a snapshot hash; ARGV: TTL, then field, value pairs. Writes only when the key does not
@@ -519,9 +540,12 @@ class FeatureStore:
         self.snapshots.queue_vectors(pipe, blobs)
 
     def queue_states(self, pipe, states: Mapping[str, State]) -> None:
-        """One HSET per entity with every field (offsets included): atomic per key. Label fields
-        are left to `queue_label`, whose script never lets an older label win. With an entity TTL,
-        a state not written for that long is forgotten (bounded memory for one-off entities)."""
+        """Every field of each state (offsets included), in one script call per slot group
+        (WRITE_STATES_LUA): atomic per key. Label fields are left to `queue_labels`, whose script
+        never lets an older label win. With an entity TTL, a state not written for that long is
+        forgotten (bounded memory for one-off entities)."""
+        keys: list[str] = []
+        key_args: list[list[Any]] = []
         for entity_id, state in states.items():
             mapping = encode_state(state, exclude=LABEL_FIELDS)
             if mapping:
@@ -529,9 +553,13 @@ class FeatureStore:
                 stale = state.pop(STALE_TEXT_FIELD, None)
                 if stale:  # text copies of numbers now packed (a state written before the packing)
                     pipe.hdel(key, *stale)
-                pipe.hset(key, mapping=mapping)
-                if self.entity_ttl_s > 0:
-                    pipe.expire(key, self.entity_ttl_s)
+                args: list[Any] = [len(mapping)]
+                for field_, encoded in mapping.items():
+                    args += (field_, encoded)
+                keys.append(key)
+                key_args.append(args)
+        if keys:
+            queue_script_per_slot(pipe, WRITE_STATES_LUA, keys, key_args, (self.entity_ttl_s,))
 
     def queue_keyed(self, pipe, key: str, value: str, state: State, ttl_s: int) -> None:
         """Write a key entity's state if no other worker wrote it since the version this one knows
@@ -549,9 +577,16 @@ class FeatureStore:
         if applied:
             pipe.hset(self.keys.features_applied(), mapping={f"{t}/{p}": o for (t, p), o in applied.items()})
 
+    def queue_labels(self, pipe, labels: Mapping[str, tuple[str, float]]) -> None:
+        """entity_id -> (label, its event's ts) into the entity states, one script call per slot
+        group (SET_LABELS_LUA: a label never overwrites a later event's)."""
+        entity_ids = list(labels)
+        queue_script_per_slot(pipe, SET_LABELS_LUA, [self.keys.entity(e) for e in entity_ids],
+                              [(labels[e][0], encode_value(float(labels[e][1]))) for e in entity_ids],
+                              (self.entity_ttl_s,))
+
     def queue_label(self, pipe, entity_id: str, label: str, event_ts: float) -> None:
-        eval_script(pipe, SET_LABEL_LUA, [self.keys.entity(entity_id)],
-                    [label, encode_value(float(event_ts)), self.entity_ttl_s])
+        self.queue_labels(pipe, {entity_id: (label, event_ts)})
 
     def save_snapshots(self, vectors: Iterable[Mapping[str, Any]]) -> None:
         """Keep these FeatureVector dicts under their event ids with the TTL (one round trip)."""
