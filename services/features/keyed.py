@@ -39,6 +39,7 @@ from confluent_kafka import Producer
 from ..shared import kafka, metrics
 from ..shared.codec import AvroCodec, DecodeError
 from ..shared.loop import RestartLoop
+from ..shared.redis_clients import per_key
 from ..shared.topics import Topics
 from .cache import StateCache
 from .definitions import FeatureSet, State
@@ -263,12 +264,12 @@ class KeyStage:
             self.store.queue_snapshot_blobs(pipe, [(event_id, blob, "") for event_id, _, blob in vectors])
         first = len(pipe)
         names = list(dirty)
-        for name in names:
-            self.store.queue_keyed(pipe, self.key, name, dirty[name], self.ttl_s)
+        groups = self.store.queue_keyed(pipe, self.key, dirty, self.ttl_s)
         self.store.queue_applied(pipe, applied)
         replies = self.store.execute(pipe, f"write_{self.key}")
-        lost = [name for name, ok in zip(names, replies[first:first + len(names)]) if not ok]
-        for name, ok in zip(names, replies[first:first + len(names)]):
+        written = per_key(groups, replies[first:first + len(groups)])
+        lost = [name for name, ok in zip(names, written) if not ok]
+        for name, ok in zip(names, written):
             if ok:
                 state = dirty[name]
                 state[VERSION_FIELD] = int(state.get(VERSION_FIELD) or 0) + 1

@@ -28,7 +28,7 @@ multi-key command below runs on keys of one slot, a batch's scripts once per slo
   `_o:<partition>`, the events.valid offset of the last event folded in from each partition
   (events of one merchant come from every partition), and `_v`, a version that every write
   bumps. One worker owns a key entity (keyed.py); `queue_keyed` still writes only if `_v` is the
-  one it knows (compare-and-set in one script, one key): two owners never overwrite each other.
+  one it knows (compare-and-set in a script, atomic per key): two owners never overwrite each other.
 - `Keys.features_applied()` — hash "topic/partition" -> the next input offset whose effects are
   in Redis (`queue_applied`, last in each batch's pipeline).
 
@@ -42,8 +42,8 @@ their longest window and an hour (or that TTL if shorter); `FieldNames` bounds t
 names of a model (a Redis set per model).
 
 Labels are folded in by a Lua script (a batch's labels in one call) that keeps the label of the
-latest event (by event time), so a label never overwrites a later one and a redelivered label changes nothing, even when
-the label and the entity's events are handled by different replicas.
+latest event (by event time), so a label never overwrites a later one and a redelivered label
+changes nothing, even when the label and the entity's events are handled by different replicas.
 """
 
 from __future__ import annotations
@@ -85,15 +85,25 @@ NUMBER_NAMES_FIELD = "_xn"  # ...and their names, joined by NUL, in the same ord
 # next write of the state deletes. Never stored.
 STALE_TEXT_FIELD = "_stale_text"
 
-# KEYS[1] a key entity's state; ARGV[1] the version read ('' = none), ARGV[2] the TTL (0 = none),
-# then field, value pairs. Writes only when no other worker wrote since the read, then bumps the
-# version: returns 1, or 0 for "read again".
+# Key entities' states, many in one call, each written only when no other worker wrote it since it
+# was read (compare-and-set on `_v`, which the write bumps). ARGV = the TTL (0 = none), then per key:
+# the version read ('' = none), its number of fields, the field/value pairs. Returns per key 1, or 0
+# for "read again".
 SET_KEYED_LUA = """
-local v = redis.call('HGET', KEYS[1], '_v')
-if (v or '') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], '_v', (tonumber(v) or 0) + 1, unpack(ARGV, 3))
-if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
-return 1
+local out, at = {}, 2
+for k = 1, #KEYS do
+  local version, n = ARGV[at], tonumber(ARGV[at + 1])
+  local v = redis.call('HGET', KEYS[k], '_v')
+  if (v or '') ~= version then
+    out[k] = 0
+  else
+    redis.call('HSET', KEYS[k], '_v', (tonumber(v) or 0) + 1, unpack(ARGV, at + 2, at + 1 + 2 * n))
+    if tonumber(ARGV[1]) > 0 then redis.call('EXPIRE', KEYS[k], ARGV[1]) end
+    out[k] = 1
+  end
+  at = at + 2 + 2 * n
+end
+return out
 """
 
 # Entity states, many in one call: ARGV = the TTL in seconds (0 = none), then per key its number of
@@ -561,15 +571,23 @@ class FeatureStore:
         if keys:
             queue_script_per_slot(pipe, WRITE_STATES_LUA, keys, key_args, (self.entity_ttl_s,))
 
-    def queue_keyed(self, pipe, key: str, value: str, state: State, ttl_s: int) -> None:
-        """Write a key entity's state if no other worker wrote it since the version this one knows
-        (its `_v`); the reply in the pipeline is 1, or 0 for "someone else wrote it". `ttl_s`: the
-        key's (`FeatureSet.key_ttl_s`)."""
-        version = state.get(VERSION_FIELD)
-        args: list[Any] = ["" if version is None else str(version), ttl_s]
-        for field_, encoded in encode_state(state, exclude=(VERSION_FIELD,)).items():
-            args += [field_, encoded]
-        pipe.eval(SET_KEYED_LUA, 1, self.keys.keyed_entity(key, value), *args)
+    def queue_keyed(self, pipe, key: str, states: Mapping[str, State], ttl_s: int) -> list[list[int]]:
+        """Write the states of key field `key`'s entities (its text -> state), each only if no other
+        worker wrote it since the version this one knows (its `_v`), one script call per slot
+        group (SET_KEYED_LUA). `ttl_s`: the keys' (`FeatureSet.key_ttl_s`). Returns the calls'
+        groups: `per_key` of their replies is 1 per entity written, 0 for "someone else wrote it"."""
+        values = list(states)
+        key_args: list[list[Any]] = []
+        for value in values:
+            state = states[value]
+            version = state.get(VERSION_FIELD)
+            mapping = encode_state(state, exclude=(VERSION_FIELD,))
+            args: list[Any] = ["" if version is None else str(version), len(mapping)]
+            for field_, encoded in mapping.items():
+                args += (field_, encoded)
+            key_args.append(args)
+        return queue_script_per_slot(pipe, SET_KEYED_LUA, [self.keys.keyed_entity(key, v) for v in values],
+                                     key_args, (ttl_s,))
 
     def queue_applied(self, pipe, applied: Mapping[tuple[str, int], int]) -> None:
         """How far each input partition's effects go ((topic, partition) -> next offset): queued last
