@@ -12,7 +12,7 @@ from pydantic import SecretStr
 from river import linear_model, tree
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from driftline.shared.admin import check_admin
@@ -153,5 +153,9 @@ def test_a_request_route_answers_as_its_endpoint_does_documents_its_models_and_r
     async def with_query(request: Request, n: int = Query(1)) -> JSONResponse:
         return JSONResponse({})
 
-    with pytest.raises(TypeError, match="takes the Request alone"):
-        app.router.add_api_route("/q", with_query, methods=["POST"], route_class_override=RequestRoute)
+    async def with_response(request: Request, response: Response) -> JSONResponse:
+        return JSONResponse({})
+
+    for endpoint in (with_query, with_response):
+        with pytest.raises(TypeError, match="takes the Request alone"):
+            app.router.add_api_route("/q", endpoint, methods=["POST"], route_class_override=RequestRoute)

@@ -86,6 +86,8 @@ class RequestRoute(APIRoute):
         d = self.dependant
         extra = [p.name for p in (*d.path_params, *d.query_params, *d.header_params, *d.cookie_params,
                                   *d.body_params)] + [sub.name or "a dependency" for sub in d.dependencies]
+        extra += [name for name in (d.response_param_name, d.background_tasks_param_name, d.websocket_param_name,
+                                    d.http_connection_param_name, d.security_scopes_param_name) if name]
         if d.request_param_name is None or extra:
             raise TypeError(f"{self.path}: a RequestRoute endpoint takes the Request alone "
                             f"(it declares {extra or 'no Request'})")
