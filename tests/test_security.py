@@ -412,7 +412,7 @@ def redis_with_password(tmp_path_factory):
     component = stack.Redis(s)
     component.start()
     try:
-        stack._wait(component, 30)
+        stack.wait_ready(component, 30)
         yield s.redis_url, password, component.pid()
     finally:
         component.stop()

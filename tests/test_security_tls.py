@@ -71,8 +71,8 @@ def tls_stack(infra, tmp_path_factory):
     try:
         server.start()
         broker.start()
-        stack._wait(server, 30)
-        stack._wait(broker, 120)
+        stack.wait_ready(server, 30)
+        stack.wait_ready(broker, 120)
         yield tls
     finally:
         broker.stop()

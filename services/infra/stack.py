@@ -500,7 +500,9 @@ def install(settings: Settings) -> None:
         component.install()
 
 
-def _wait(component: Component, timeout: float) -> float:
+def wait_ready(component: Component, timeout: float) -> float:
+    """Wait until a started component answers; the seconds it took (InfraError if it exits or
+    does not answer in time, with the end of its log)."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         if component.ready():
@@ -534,7 +536,7 @@ def up(settings: Settings, timeout: float = 90.0, create_topics: bool = True,
         started.append(component)
     timings = {}
     for component in wanted:
-        timings[component.name] = _wait(component, timeout) if component in started else 0.0
+        timings[component.name] = wait_ready(component, timeout) if component in started else 0.0
     if create_topics:
         from ..shared.kafka import ensure_topics
 

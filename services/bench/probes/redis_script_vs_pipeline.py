@@ -22,10 +22,7 @@ home = Path(tempfile.mkdtemp())
 server = stack.Redis(Settings(redis_url=f"redis://127.0.0.1:{stack.free_port()}/0", home=home))  # the stack's own config
 server.start()
 try:
-    deadline = time.monotonic() + 20
-    while not server.ready():
-        assert time.monotonic() < deadline, "redis-server did not come up"
-        time.sleep(0.1)
+    stack.wait_ready(server, 20)
     r = redis.Redis.from_url(server.settings.redis_url)
     N, ROUNDS = 1000, 30
 

@@ -56,10 +56,7 @@ home = Path(tempfile.mkdtemp())
 server = stack.Redis(Settings(redis_url=f"redis://127.0.0.1:{stack.free_port()}/0", home=home))
 server.start()
 try:
-    deadline = time.monotonic() + 20
-    while not server.ready():
-        assert time.monotonic() < deadline, "redis-server did not come up"
-        time.sleep(0.1)
+    stack.wait_ready(server, 20)
     client = redis.Redis.from_url(server.settings.redis_url)
     pid = int(client.info("server")["process_id"])
 
