@@ -59,7 +59,7 @@ from typing import Any
 from ..shared import metrics
 from ..shared.codec import DecodeError, get_codec
 from ..shared.keys import Keys
-from ..shared.redis_clients import eval_script, per_key, queue_script_per_slot
+from ..shared.redis_clients import eval_script, per_key, per_key_calls, queue_script_per_slot
 from .definitions import FeatureSet, State
 from .windows import Series
 
@@ -199,13 +199,6 @@ for i = 1, #KEYS do out[i] = redis.call('hmget', KEYS[i], unpack(ARGV)) end
 return out
 """
 
-# The folded markers of some snapshots, one command (false -> nil where there is none).
-READ_FOLDED_LUA = """
-local out = {}
-for i = 1, #KEYS do out[i] = redis.call('hget', KEYS[i], ARGV[1]) end
-return out
-"""
-
 # Predictions into the snapshots that exist, many events in one call: ARGV = mode ('nx' | 'set'),
 # then per key its number of fields and the field/value pairs. Returns how many keys existed.
 SET_PREDICTIONS_LUA = """
@@ -238,11 +231,24 @@ def hashes_reply(groups: list[list[int]], replies: list) -> list[dict]:
         >>> hashes_reply([[0, 2], [1]], [[[b"n", b"3"], []], [[b"a", b"1", b"b", b"2"]]])
         [{b'n': b'3'}, {b'a': b'1', b'b': b'2'}, {}]
     """
-    out = []
-    for flat in per_key(groups, replies):
-        pairs = iter(flat)
-        out.append(dict(zip(pairs, pairs)))
-    return out
+    return [_as_hash(flat) for flat in per_key(groups, replies)]
+
+
+def _as_hash(flat: list) -> dict:
+    pairs = iter(flat)  # field, value, field, value, ...
+    return dict(zip(pairs, pairs))
+
+
+def _counted_pairs(mapping: Mapping[Any, Any], *before: Any) -> list[Any]:
+    """A key's arguments for the many-key write scripts: `before`, the number of pairs, the pairs.
+
+        >>> _counted_pairs({"a": 1, "b": 2}, "v3")
+        ['v3', 2, 'a', 1, 'b', 2]
+    """
+    args = [*before, len(mapping)]
+    for item in mapping.items():
+        args += item
+    return args
 
 
 def queue_read_fields(pipe: Any, keys: list[str], fields: Iterable[str]) -> list[list[int]]:
@@ -463,7 +469,7 @@ class FeatureStore:
     def read_batch(self, entity_ids: Iterable[str], event_ids: Iterable[str], folded_of: Iterable[str] = (),
                    keyed: Iterable[tuple[str, str]] = (), labels_of: Iterable[str] = ()) -> "BatchRead":
         """Entity states, the snapshot vectors (`fv`, decoded) of `event_ids`, the fold markers
-        of `folded_of` (`Snapshots.queue_folded`), the states of the key entities `keyed`
+        (FOLDED_FIELD) of `folded_of`, the states of the key entities `keyed`
         ((key field, key text) pairs: /v1/predict/batch) and the label fields of `labels_of` (the
         entities whose state the caller holds: any replica may write their label), one round
         trip. Events whose snapshot is missing or unreadable are absent from the snapshots."""
@@ -481,29 +487,26 @@ class FeatureStore:
                                         + [self.keys.keyed_entity(k, v) for k, v in keyed])
         label_groups = queue_read_fields(pipe, [self.keys.entity(e) for e in labels_of], LABEL_FIELDS)
         snapshot_groups = queue_read_fields(pipe, [self.keys.snapshot(e) for e in event_ids], (SNAPSHOT_FIELD,))
-        folded_groups = self.snapshots.queue_folded(pipe, folded_of)
+        folded_groups = queue_read_fields(pipe, [self.keys.snapshot(e) for e in folded_of], (FOLDED_FIELD,))
         started = time.perf_counter()
-        replies = iter(pipe.execute())
+        replies = pipe.execute()
         metrics.REDIS_SECONDS.labels(self.service, "read_batch").observe(time.perf_counter() - started)
-
-        def answered(groups: list[list[int]]) -> tuple[list[list[int]], list]:  # its calls' replies, in order
-            return groups, [next(replies) for _ in groups]
-
+        hashes, labels, snapshots, folded = per_key_calls(replies, hash_groups, label_groups, snapshot_groups,
+                                                          folded_groups)
         out = BatchRead()
-        hashes = hashes_reply(*answered(hash_groups))
-        out.states = {e: decode_state(r) for e, r in zip(entity_ids, hashes)}
-        out.keyed = {k: decode_state(r) for k, r in zip(keyed, hashes[len(entity_ids):])}
-        for entity_id, (label, label_ts) in zip(labels_of, per_key(*answered(label_groups))):
+        out.states = {e: decode_state(_as_hash(r)) for e, r in zip(entity_ids, hashes)}
+        out.keyed = {k: decode_state(_as_hash(r)) for k, r in zip(keyed, hashes[len(entity_ids):])}
+        for entity_id, (label, label_ts) in zip(labels_of, labels):
             out.labels[entity_id] = (None if label is None else _text(label),
                                      None if label_ts is None else float(_text(label_ts)))
-        for event_id, (blob,) in zip(event_ids, per_key(*answered(snapshot_groups))):
+        for event_id, (blob,) in zip(event_ids, snapshots):
             if blob is None:
                 continue
             try:
                 out.snapshots[event_id] = self.codec.decode(blob, expect="FeatureVector")
             except DecodeError:
                 continue
-        out.folded = self.snapshots.folded_reply(folded_of, *answered(folded_groups))
+        out.folded = {e: _text(marker) for e, (marker,) in zip(folded_of, folded) if marker is not None}
         return out
 
     def read_snapshots(self, event_ids: Iterable[str]) -> dict[str, dict]:
@@ -563,11 +566,8 @@ class FeatureStore:
                 stale = state.pop(STALE_TEXT_FIELD, None)
                 if stale:  # text copies of numbers now packed (a state written before the packing)
                     pipe.hdel(key, *stale)
-                args: list[Any] = [len(mapping)]
-                for field_, encoded in mapping.items():
-                    args += (field_, encoded)
                 keys.append(key)
-                key_args.append(args)
+                key_args.append(_counted_pairs(mapping))
         if keys:
             queue_script_per_slot(pipe, WRITE_STATES_LUA, keys, key_args, (self.entity_ttl_s,))
 
@@ -576,17 +576,12 @@ class FeatureStore:
         worker wrote it since the version this one knows (its `_v`), one script call per slot
         group (SET_KEYED_LUA). `ttl_s`: the keys' (`FeatureSet.key_ttl_s`). Returns the calls'
         groups: `per_key` of their replies is 1 per entity written, 0 for "someone else wrote it"."""
-        values = list(states)
-        key_args: list[list[Any]] = []
-        for value in values:
-            state = states[value]
+        key_args = []
+        for state in states.values():
             version = state.get(VERSION_FIELD)
-            mapping = encode_state(state, exclude=(VERSION_FIELD,))
-            args: list[Any] = ["" if version is None else str(version), len(mapping)]
-            for field_, encoded in mapping.items():
-                args += (field_, encoded)
-            key_args.append(args)
-        return queue_script_per_slot(pipe, SET_KEYED_LUA, [self.keys.keyed_entity(key, v) for v in values],
+            key_args.append(_counted_pairs(encode_state(state, exclude=(VERSION_FIELD,)),
+                                           "" if version is None else str(version)))
+        return queue_script_per_slot(pipe, SET_KEYED_LUA, [self.keys.keyed_entity(key, v) for v in states],
                                      key_args, (ttl_s,))
 
     def queue_applied(self, pipe, applied: Mapping[tuple[str, int], int]) -> None:
@@ -672,18 +667,6 @@ class Snapshots:
         if keys:
             queue_script_per_slot(pipe, SAVE_VECTORS_LUA, keys, values, (SNAPSHOT_FIELD, self.ttl_s, FOLDED_FIELD))
 
-    def queue_folded(self, pipe, event_ids: list[str]) -> list[list[int]]:
-        """Which input each event's snapshot was folded from (FOLDED_FIELD), asked in a pipeline of
-        the caller's, one script call for them all (one per slot on a cluster); `folded_reply`
-        reads the replies of the calls it returns."""
-        keys = [self.keys.snapshot(e) for e in event_ids]
-        return queue_script_per_slot(pipe, READ_FOLDED_LUA, keys, [()] * len(keys), (FOLDED_FIELD,))
-
-    @staticmethod
-    def folded_reply(event_ids: list[str], groups: list[list[int]], replies: list) -> dict[str, str]:
-        """event_id -> its marker, for those that have one."""
-        return {e: _text(r) for e, r in zip(event_ids, per_key(groups, replies)) if r is not None}
-
     def queue_new(self, pipe, event_id: str, vector: bytes, predictions: Mapping[str, bytes]) -> None:
         """A whole snapshot (the vector, role -> Prediction), written only where the event has none
         yet: a /v1/predict request must never replace the vector of an event the features service
@@ -706,10 +689,7 @@ class Snapshots:
         key_args: list[list[Any]] = []
         for event_id, blobs in predictions:
             keys.append(self.keys.snapshot(event_id))
-            args: list[Any] = [len(blobs)]
-            for role, blob in blobs.items():
-                args += [prediction_field(role), blob]
-            key_args.append(args)
+            key_args.append(_counted_pairs({prediction_field(role): blob for role, blob in blobs.items()}))
         if keys:
             queue_script_per_slot(pipe, SET_PREDICTIONS_LUA, keys, key_args, ("nx" if keep_existing else "set",))
 
@@ -735,9 +715,9 @@ class Snapshots:
         started = time.perf_counter()
         replies = pipe.execute()
         metrics.REDIS_SECONDS.labels(self.service, op).observe(time.perf_counter() - started)
-        at = len(scored_groups)
+        of_scored, of_labelled = per_key_calls(replies, scored_groups, labelled_groups)
         asked = [*((e, fields) for e in read_scored), *((e, fields + [SNAPSHOT_FIELD]) for e in labelled)]
-        replies = per_key(scored_groups, replies[:at]) + per_key(labelled_groups, replies[at:])
+        replies = of_scored + of_labelled
         out: dict[str, Snapshot] = {e: Snapshot() for e in scored}
         for (event_id, names), values in zip(asked, replies):
             snap = out.setdefault(event_id, Snapshot())

@@ -344,3 +344,14 @@ def per_key(groups: list[list[int]], replies: Sequence[Sequence[Any]]) -> list:
         for i, value in zip(group, reply):
             out[i] = value
     return out
+
+
+def per_key_calls(replies: Sequence[Any], *calls: list[list[int]]) -> list[list]:
+    """The replies of a pipeline that queued several `queue_script_per_slot` calls in this order
+    (each call's groups), each call's back in key order (`per_key`).
+
+        >>> per_key_calls(["a", "b", ["c"]], [[0], [1]], [], [[0]])
+        [['a', 'b'], [], ['c']]
+    """
+    replies = iter(replies)
+    return [per_key(groups, [next(replies) for _ in groups]) for groups in calls]

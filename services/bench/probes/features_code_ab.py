@@ -16,19 +16,12 @@ came out 15.8 / 16.8 and 17.3 / 18.8: differences under ~10% need a quiet host e
 Against HEAD (the same code both ways): 43.4 / 43.4 and 14.4 / 14.0. After the loops went back to
 calling `_series` and a fold to leaving its pruning to `_prune`: 35.1 -> 37.0 and 41.9 -> 43.9
 against the inlined code, 43.8 -> 38.5 and 55.0 -> 49.9 against 9ec9331."""
-import atexit
-import importlib
-import io
-import shutil
 import statistics
-import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 from itertools import islice
-from pathlib import Path
 
+from _probes import import_revision
 from driftline.features import definitions as ours
 from driftline.features.windows import key_text
 from driftline.replay.datasets import FEATURES_DIR, load
@@ -36,15 +29,7 @@ from driftline.replay.payments import endless
 
 ROUNDS = 10
 rev = sys.argv[1] if len(sys.argv) > 1 else "HEAD"
-root = Path(__file__).resolve().parents[3]
-where = Path(tempfile.mkdtemp(prefix="features-ab-"))
-atexit.register(shutil.rmtree, where, True)
-archive = subprocess.run(["git", "-C", str(root), "archive", rev, "services"], capture_output=True, check=True).stdout
-with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-    tar.extractall(where, filter="data")
-(where / "services").rename(where / "theirs")
-sys.path.insert(0, str(where))
-theirs = importlib.import_module("theirs.features.definitions")
+theirs = import_revision(rev, "features.definitions")
 
 payments = list(islice(endless(1.7e9), 30_000))
 elec2 = list(load("elec2").rows())[:20_000]

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import redis
 
+from _probes import redis_cpu_s
+
 from driftline.infra import stack
 from driftline.ingestion.dedup import _CLAIM
 from driftline.shared.settings import Settings
@@ -25,10 +27,6 @@ try:
     stack.wait_ready(server, 20)
     r = redis.Redis.from_url(server.settings.redis_url)
     N, ROUNDS = 1000, 30
-
-    def server_cpu() -> float:
-        info = r.info("cpu")
-        return info["used_cpu_sys"] + info["used_cpu_user"]
 
     def script(k: int):
         keys = [f"seen:{k}:{i}" for i in range(N)]
@@ -42,10 +40,10 @@ try:
 
     for name, call, base in (("script", script, 0), ("pipeline", pipeline, 1000), ("script", script, 2000),
                              ("pipeline", pipeline, 3000)):
-        s0, c0 = server_cpu(), time.process_time()
+        s0, c0 = redis_cpu_s(r), time.process_time()
         for k in range(ROUNDS):
             call(base + k)
-        s1, c1 = server_cpu(), time.process_time()
+        s1, c1 = redis_cpu_s(r), time.process_time()
         print(f"{name:8s}: Redis {(s1 - s0) / (ROUNDS * N) * 1e6:.2f} µs per id, client {(c1 - c0) / (ROUNDS * N) * 1e6:.2f}")
 finally:
     server.stop()

@@ -9,13 +9,13 @@ events (~400 cards and ~150 merchants each), the stack's Redis (append-only file
 the client's writes 46.0 / 50.4 -> 40.1 / 41.5 µs per event, its reads 16.0 / 18.1 -> 8.9 / 9.5;
 redis-server's writes 15.8 / 17.0 -> 18.8 / 20.3, its reads 2.3 / 2.5 -> 8.8 / 10.3.
 """
-import atexit, importlib, io, shutil, statistics, subprocess, sys, tarfile, tempfile, time
+import shutil, statistics, sys, tempfile, time
 from itertools import islice
 from pathlib import Path
 
 import redis
 
-import driftline.shared.metrics
+from _probes import ROOT, import_revision, redis_cpu_s
 from driftline.features import store as ours
 from driftline.features.definitions import load_feature_set
 from driftline.infra import stack
@@ -24,20 +24,10 @@ from driftline.shared.keys import Keys
 from driftline.shared.settings import Settings
 
 rev = sys.argv[1] if len(sys.argv) > 1 else "HEAD"
-root = Path(__file__).resolve().parents[3]
-where = Path(tempfile.mkdtemp(prefix="store-ab-"))
-atexit.register(shutil.rmtree, where, True)
-archive = subprocess.run(["git", "-C", str(root), "archive", rev, "services", "schemas"], capture_output=True,
-                         check=True).stdout
-with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-    tar.extractall(where, filter="data")
-(where / "services").rename(where / "theirs")
-sys.path.insert(0, str(where))
-sys.modules["theirs.shared.metrics"] = driftline.shared.metrics  # one Prometheus registry for both
-theirs = importlib.import_module("theirs.features.store")
+theirs = import_revision(rev, "features.store")
 
 BATCH, EVENTS, ROUNDS = 500, 20_000, 8
-fs = load_feature_set(str(root / "services" / "features" / "payments.toml"))
+fs = load_feature_set(str(ROOT / "services" / "features" / "payments.toml"))
 batches = []  # (card states, merchant states, labels) as the features service would write them
 cards: dict = {}
 merchants: dict = {}
@@ -58,18 +48,12 @@ server.start()
 try:
     stack.wait_ready(server, 20)
     client = redis.Redis.from_url(server.settings.redis_url)
-    pid = int(client.info("server")["process_id"])
-
-    def server_cpu() -> float:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / 100
-
     def run(module) -> tuple[float, float, float, float]:
         client.flushall()
         store = module.FeatureStore(client, Keys("ab"), fs, 3600, entity_ttl_s=86_400)
         cpu = {"write": 0.0, "read": 0.0, "redis write": 0.0, "redis read": 0.0}
         for card_states, merchant_states, labels in batches:
-            t, r = time.process_time(), server_cpu()
+            t, r = time.process_time(), redis_cpu_s(client)
             pipe = client.pipeline(transaction=False)
             store.queue_states(pipe, {e: dict(s) for e, s in card_states.items()})
             if hasattr(store, "queue_labels"):
@@ -85,12 +69,12 @@ try:
                 for m, s in merchant_states.items():
                     store.queue_keyed(pipe, "merchant", m, dict(s), 7200)
             pipe.execute()
-            t2, r2 = time.process_time(), server_cpu()
+            t2, r2 = time.process_time(), redis_cpu_s(client)
             store.read_batch(list(card_states), [], keyed=[("merchant", m) for m in merchant_states])
             cpu["write"] += t2 - t
             cpu["redis write"] += r2 - r
             cpu["read"] += time.process_time() - t2
-            cpu["redis read"] += server_cpu() - r2
+            cpu["redis read"] += redis_cpu_s(client) - r2
         return tuple(v / EVENTS * 1e6 for v in cpu.values())
 
     runs: dict[str, list] = {"this tree": [], rev: []}
