@@ -83,10 +83,7 @@ class Outputs:
              # what the offline store keeps (offline/store.py): the vector scored, and where the label was read.
              # Only the champion's outcome carries the vector: every role learned the same one at this
              # position, and a challenger's copy cost its encoding, the broker and every reader again.
-             # Each value's ("double" | "string", v) names its union branch, so fastavro need not
-             # try each branch (~2 µs of ~26 for 32 features; the codec names the map's own branch)
-             "features": None if fv["features"] is None or role != "champion" else {
-                 k: ("string" if type(v) is str else "double", v) for k, v in fv["features"].items()},
+             "features": None if role != "champion" else fv["features"],
              "feature_set": fv.get("feature_set"), "label_ts": label.ts,
              "label_partition": label.partition, "label_offset": label.offset,
              "error": error(answer["y_pred"], label.label) if regression else None,
