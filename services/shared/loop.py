@@ -72,6 +72,7 @@ class StreamWorker(BackgroundThread):
         self.started_at = time.time()
         self.batches = 0
         self._last_lag = 0.0
+        self._sent: dict[str, Any] = {}  # topic -> its MESSAGES_OUT child (labels() cost ~1 µs a message)
         self._error_logged: dict[int, float] = {}
         self._last_probe = 0.0
         self.kafka_answered_at = time.monotonic()  # when Kafka last answered (a commit or a probe)
@@ -253,7 +254,10 @@ class StreamWorker(BackgroundThread):
 
     def produce(self, topic: str, value: bytes, key: str | bytes | None = None) -> None:
         kafka.produce(self.producer, topic, value, key)
-        metrics.MESSAGES_OUT.labels(self.service, base_topic(topic)).inc()
+        sent = self._sent.get(topic)
+        if sent is None:
+            sent = self._sent[topic] = metrics.MESSAGES_OUT.labels(self.service, base_topic(topic))
+        sent.inc()
 
     # -- thread control (shared/threads.py) -------------------------------------------------
     @property
