@@ -26,7 +26,7 @@ output topics that `schema_registry_output` frames so; a producer's id is the re
 resolve (`SchemaRegistry.writer`), and `read` decodes any writer the same way.
 
 Schemas are parsed once, at first use. Encoding and decoding, the hot path of every service, run
-code generated for each current schema (`avro_codegen.py`: the same bytes, 2-2.5x faster than
+code generated for each current schema (`avro_codegen.py`: the same bytes, 1.3-4x faster than
 fastavro's interpreter), and fastavro's schemaless reader and writer whenever that code does not
 answer: older writers, values or bodies off its road, and the errors. On fastavro's road a nullable
 map or array field (Outcome's `features`) is written with its branch named (its tuple notation):
