@@ -178,7 +178,10 @@ def test_the_hot_records_take_the_generated_road():
                                                                                 "fields": []}]}]},
     {"type": "record", "name": "L", "fields": [{"name": "d", "type": {"type": "int", "logicalType": "date"}}]},
     {"type": "record", "name": "Node", "fields": [{"name": "next", "type": ["null", "Node"]}]},
-], ids=["enum", "fixed", "record-in-union", "logical-type", "recursive"])
+    {"type": "record", "name": "Pair", "namespace": "a", "fields": [
+        {"name": "x", "type": {"type": "record", "name": "V", "fields": []}},
+        {"name": "y", "type": {"type": "record", "name": "V", "namespace": "b", "fields": []}}]},
+], ids=["enum", "fixed", "record-in-union", "logical-type", "recursive", "one-short-name-two-records"])
 def test_shapes_left_to_fastavro_are_refused_when_compiling(schema):
     with pytest.raises(Unsupported):
         compile_record(schema)

@@ -139,7 +139,11 @@ def _named_types(schema: Any, found: dict[str, dict] | None = None, namespace: s
         if kind == "record":
             namespace = schema.get("namespace", namespace)
             name = schema["name"]
-            found[name] = found[name if "." in name else f"{namespace}.{name}".lstrip(".")] = schema
+            full = name if "." in name else f"{namespace}.{name}".lstrip(".")
+            short = name.rsplit(".", 1)[-1]
+            if found.get(short, schema) is not schema:  # a name would not say which record it means
+                raise Unsupported(f"two records named {short!r}")
+            found[short] = found[full] = schema
             for field in schema["fields"]:
                 _named_types(field["type"], found, namespace)
         elif kind == "map":
