@@ -25,8 +25,9 @@ text = st.text(max_size=12) | st.sampled_from(["", "é", "x" * 70, "\U0001f600"]
 
 
 def values(schema, named, off_road: bool):
-    """Values of an Avro type; with `off_road`, also values the generated encoder leaves to
-    fastavro (ints for doubles, bools, str subclasses, out-of-range ints, tuples)."""
+    """Values of an Avro type; with `off_road`, also unusual ones (ints and bools for doubles, str
+    subclasses, out-of-range ints, tuples, bytearrays), some of which the generated encoder leaves
+    to fastavro."""
     if isinstance(schema, str) and schema in named:
         schema = named[schema]
     if isinstance(schema, dict) and schema["type"] in ("null", "boolean", "int", "long", "float", "double",
