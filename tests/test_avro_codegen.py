@@ -188,6 +188,18 @@ def test_shapes_left_to_fastavro_are_refused_when_compiling(schema):
         compile_record(schema)
 
 
+def test_a_varint_beyond_64_bits_is_left_to_fastavro():
+    """Its tenth byte carries more than the long's last bit: the generated code does not read it
+    (fastavro wraps it, Java's decoder refuses it), so the codec gives fastavro's answer."""
+    with pytest.raises(ValueError):
+        read_long(b"\x80" * 9 + b"\x02", 0)
+    codec = get_codec()
+    blob = bytearray(codec.encode("ModelUpdate", {"model": "m", "version": 1, "examples_seen": 1 << 62,
+                                                  "revision": 0, "ts": 0.0}))
+    blob[blob.index(b"\x01", 13)] = 0x02  # the varint's tenth byte
+    assert codec.decode(bytes(blob)) == fastavro_value("ModelUpdate", bytes(blob[10:]))[0]
+
+
 @given(st.integers(-(1 << 63), (1 << 63) - 1))
 def test_varints_round_trip_as_fastavro_writes_them(n):
     buf = io.BytesIO()

@@ -84,6 +84,8 @@ def read_long(b: bytes, pos: int) -> tuple[int, int]:
         byte = b[end]
         n |= (byte & 0x7F) << shift
         if byte < 0x80:
+            if n >> 64:  # more than 64 bits: fastavro wraps such a value, Java refuses it; we ask fastavro
+                raise ValueError("varint beyond 64 bits")
             return (n >> 1) ^ -(n & 1), end + 1
         shift += 7
     raise ValueError("varint longer than 10 bytes")
