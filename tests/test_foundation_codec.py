@@ -58,8 +58,9 @@ def test_every_schema_round_trips(record):
 
 @pytest.mark.parametrize("features", [{"a": 1.5, "kind": "card", "b": -2.0}, None, {}])
 def test_a_nullable_map_is_written_with_its_branch_named_and_the_same_bytes(features):
-    """The codec names the branch of Outcome's nullable `features` (fast); fastavro choosing it
-    by validating the whole map writes exactly the same bytes, and a bad value is still refused."""
+    """Outcome's nullable `features`, written by the codec (its generated code; fastavro with the
+    branch named for what that code leaves): exactly the bytes of fastavro choosing the branch by
+    validating the whole map, and a bad value is still refused."""
     import io
 
     import fastavro

@@ -35,6 +35,7 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, Message, Produc
 from fastapi import FastAPI
 
 from ..shared import deps, kafka, metrics, redis_clients
+from ..shared.avro_codegen import write_long
 from ..shared.codec import get_codec
 from ..shared.deadletter import dead_letter, fit_payload
 from ..shared.doors import DoorGuard
@@ -202,16 +203,6 @@ def _published_ms_is_last() -> bool:
 PUBLISHED_MS_IS_LAST = _published_ms_is_last()
 
 
-def _zigzag_varint(n: int) -> bytes:
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def stamp_published_ms(blob: bytes, old: int | None, ts_ms: int) -> bytes:
     """An Avro Event's bytes with `published_ms` = ts_ms, without decoding and encoding it again
     (the hot path): published_ms is Event's last field, so it is the tail of the message, a union
@@ -225,8 +216,8 @@ def stamp_published_ms(blob: bytes, old: int | None, ts_ms: int) -> bytes:
     if not PUBLISHED_MS_IS_LAST:  # the schema changed shape: do it the slow, sure way
         record = get_codec().decode(blob, expect="Event")
         return get_codec().encode("Event", {**record, "published_ms": ts_ms})
-    tail = 1 if old is None else 1 + len(_zigzag_varint(old))
-    return blob[:-tail] + b"\x02" + _zigzag_varint(ts_ms)
+    tail = 1 if old is None else 1 + len(write_long(old))
+    return blob[:-tail] + b"\x02" + write_long(ts_ms)
 
 
 def json_bytes(item: Any) -> bytes:
