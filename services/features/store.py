@@ -358,7 +358,7 @@ def decode_state(raw: Mapping[Any, Any]) -> State:
         elif kind is _PACKED:
             packed = value
         elif kind is _PACKED_NAMES:
-            names = _text(value)
+            names = _PACKED_NAME_LISTS.get(value) or _packed_names(value)
         else:
             state[name] = _text(value)
     if packed is not None and names is not None and len(packed) % 8 == 0:  # else not ours: left out
@@ -366,7 +366,7 @@ def decode_state(raw: Mapping[Any, Any]) -> State:
         numbers.frombytes(packed)
         if _BIG_ENDIAN:
             numbers.byteswap()
-        state.update(zip(names.split("\0"), numbers))  # over any text copy: the packed one is newer
+        state.update(zip(names, numbers))  # over any text copy: the packed one is newer
     if stale:
         state[STALE_TEXT_FIELD] = stale
     return state
@@ -375,6 +375,19 @@ def decode_state(raw: Mapping[Any, Any]) -> State:
 _RAW, _STRING, _INT, _FLOAT, _PACKED, _PACKED_NAMES = "raw", "string", "int", "float", "packed", "packed names"
 _FIELD_KINDS: dict[Any, tuple[str, str]] = {}  # a stored field name -> (its name, how its value reads)
 _MAX_FIELD_KINDS = 65_536  # names are bounded per model and per entity; this bounds the memory of them all
+
+
+# The packed names of a state, as stored -> split: an entity's names change only when a new field
+# or feature appears, and every entity of a feature set shares the same few lists.
+_PACKED_NAME_LISTS: dict[Any, tuple[str, ...]] = {}
+_MAX_PACKED_NAME_LISTS = 4_096
+
+
+def _packed_names(value: Any) -> tuple[str, ...]:
+    if len(_PACKED_NAME_LISTS) >= _MAX_PACKED_NAME_LISTS:
+        _PACKED_NAME_LISTS.clear()
+    names = _PACKED_NAME_LISTS[value] = tuple(_text(value).split("\0"))
+    return names
 
 
 def _kind(key: Any) -> tuple[str, str]:

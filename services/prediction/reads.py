@@ -6,6 +6,11 @@ script call that returns every hash (`store.queue_read_hashes`; one per slot on 
 round trip of the asyncio Redis client costs ~120 µs of CPU; six keys as six pipelined HGETALLs
 ~195, as one script call ~135. Alone, a request waits for nothing: its flush runs in the next
 iteration.
+
+One round trip is in flight at a time: the reads that come while it is out wait for it and go
+together as the next, as a pipelined client would send them. Under load the batches grow by
+themselves (16 connections: ~5.5 keys a round trip when each iteration sent its own, 8 with one
+in flight, ~6% less CPU per prediction); an idle service sends a read at once.
 A failed round trip fails every request of that batch with the same error (a 503 each).
 
     reads = CoalescedReads(async_client)
@@ -25,6 +30,7 @@ class CoalescedReads:
         self.client = client
         self._pending: dict[str, list[asyncio.Future]] = {}
         self._scheduled = False
+        self._in_flight = False
         self.round_trips = 0
         self.reads = 0
 
@@ -32,7 +38,7 @@ class CoalescedReads:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending.setdefault(key, []).append(future)
-        if not self._scheduled:
+        if not self._scheduled and not self._in_flight:
             self._scheduled = True
             loop.call_soon(self._flush)
         return await future
@@ -40,7 +46,15 @@ class CoalescedReads:
     def _flush(self) -> None:
         batch, self._pending, self._scheduled = self._pending, {}, False
         if batch:
-            asyncio.ensure_future(self._round_trip(batch))
+            self._in_flight = True
+            asyncio.ensure_future(self._round_trip(batch)).add_done_callback(self._next)
+
+    def _next(self, _done: asyncio.Future) -> None:
+        """The round trip is back (or failed): the reads that waited for it go now."""
+        self._in_flight = False
+        if self._pending and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     async def _round_trip(self, batch: dict[str, list[asyncio.Future]]) -> None:
         self.round_trips += 1
