@@ -7,6 +7,12 @@ event beside it:
     JVM_GC=-XX:+UseG1GC python broker_jit_cost.py 4 10000                # with another collector
 
 (Compare variants in alternating rounds, on a quiet machine.)
+
+2026-12-07, 6 runs of 10,000 rows each way (serve all, the host's speed drifting during the first):
+first tier only, request handlers 214 -> 125 µs per event and the compiler 25 -> 3; with the
+optimising JIT, handlers 87-119 and the compiler still 28-43 in the last runs: at a like host
+speed (the learner at ~215 µs per event) the broker's total was ~150 and ~155-165. The first tier
+only stays.
 """
 import sys, os, re, collections, json
 from pathlib import Path
@@ -31,9 +37,8 @@ def threads(pid):
     return out
 with P.BenchStack(Path("/tmp/tp")) as b:
     for i in range(runs):
-        s = b.start(P.MODELS["logreg"], "raw")
-        kpid = {c.name: c.pid() for c in stack.components(b.settings) if c.running()}["kafka"]
-        pids = {n: proc.pid for n, proc in zip(P.SERVICES, b.procs[-len(P.SERVICES):])}
+        s, pids = b.start(P.MODELS["logreg"], "raw")  # serve all: the supervisor and every service
+        kpid = {name: pid for c in stack.components(b.settings) for name, pid in c.pids().items()}["kafka"]
         cb = {n: P.cpu_seconds(p) for n, p in pids.items()}
         before = threads(kpid)
         r = replay(s, load("elec2"), limit=rows, label_delay=P.THROUGHPUT_DELAY, model=P.MODELS["logreg"], features="raw", report_dir=None, stall_timeout_s=120, console=P.console)
