@@ -279,19 +279,24 @@ class Supervisor:
 
 def serve_all() -> None:
     settings = get_settings()
-    procs = {name: start_service(name) for name in SERVICES + SINKS}
-    supervisor = Supervisor(procs, start=start_service,
-                            url_of=lambda name: f"http://{settings.host}:{settings.port_of(name)}")
+    # SIGTERM stops everything as Ctrl-C does, from the first moment: with the default action, one
+    # that came while the services were starting (a service manager, a bench giving up) ended this
+    # process alone and left its services running, orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    supervisor = None
     try:
+        procs = {name: start_service(name) for name in SERVICES + SINKS}
+        supervisor = Supervisor(procs, start=start_service,
+                                url_of=lambda name: f"http://{settings.host}:{settings.port_of(name)}")
         wait_healthy(SERVICES + SINKS, procs=procs)
         console.print("[green]all five services and the offline store's sink are up[/]; supervising them; "
                       "Ctrl-C stops them")
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         while True:
             supervisor.check()
             time.sleep(1.0)
     except KeyboardInterrupt:
         pass
     finally:
-        supervisor.close()
-        stop_services(SERVICES + SINKS)
+        if supervisor is not None:
+            supervisor.close()
+        stop_services(SERVICES + SINKS)  # by their pid files: those started so far, whatever came first

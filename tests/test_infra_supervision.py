@@ -163,6 +163,43 @@ def test_serve_all_restarts_a_service_killed_with_kill_9(settings, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.e2e
+def test_serve_all_stopped_while_its_services_start_stops_them_too(settings, tmp_path):
+    """A SIGTERM before the services are healthy (a service manager, a bench giving up) stops the
+    services with `serve all`, instead of ending it alone and leaving them running."""
+    from driftline.infra.stack import pid_alive
+
+    names = ("ingestion", "features", "learner", "drift", "prediction", "offline")
+    env = {**os.environ, **settings_env(settings)}
+    log = open(tmp_path / "serve-all.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "driftline.cli", "serve", "all"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    pids: dict[str, int] = {}
+    try:
+        deadline = time.monotonic() + 60
+        while len(pids) < len(names):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve-all.log").read_text()
+            for name in names:
+                try:
+                    pids[name] = int(pid_file(name, settings).read_text())
+                except (OSError, ValueError):
+                    pass
+            time.sleep(0.05)
+        assert "supervising them" not in (tmp_path / "serve-all.log").read_text()  # still starting
+        os.kill(proc.pid, signal.SIGTERM)  # the supervisor alone: its services are in sessions of their own
+        proc.wait(60)
+        deadline = time.monotonic() + 5
+        while any(pid_alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [name for name, pid in pids.items() if pid_alive(pid)], (tmp_path / "serve-all.log").read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in pids.values():
+            if pid_alive(pid):
+                os.killpg(pid, signal.SIGKILL)
+
+
 def nice_of(pid: int) -> int:
     """A process's nice (field 19 of /proc/<pid>/stat)."""
     return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[16])
