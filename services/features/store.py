@@ -358,7 +358,7 @@ def decode_state(raw: Mapping[Any, Any]) -> State:
         elif kind is _PACKED:
             packed = value
         elif kind is _PACKED_NAMES:
-            names = _PACKED_NAME_LISTS.get(value) or _packed_names(value)
+            names = _packed_names(value)
         else:
             state[name] = _text(value)
     if packed is not None and names is not None and len(packed) % 8 == 0:  # else not ours: left out
@@ -384,9 +384,20 @@ _MAX_PACKED_NAME_LISTS = 4_096
 
 
 def _packed_names(value: Any) -> tuple[str, ...]:
-    if len(_PACKED_NAME_LISTS) >= _MAX_PACKED_NAME_LISTS:
-        _PACKED_NAME_LISTS.clear()
-    names = _PACKED_NAME_LISTS[value] = tuple(_text(value).split("\0"))
+    """The names of a packed field, as stored (bytes or str), split.
+
+        >>> _packed_names(b"ts\\0prev:x"), _packed_names(bytearray(b"n"))
+        (('ts', 'prev:x'), ('n',))
+    """
+    try:
+        return _PACKED_NAME_LISTS[value]
+    except (KeyError, TypeError):  # not seen yet, or not hashable (a bytearray): split below
+        pass
+    names = tuple(_text(value).split("\0"))
+    if isinstance(value, (bytes, str)):
+        if len(_PACKED_NAME_LISTS) >= _MAX_PACKED_NAME_LISTS:
+            _PACKED_NAME_LISTS.clear()
+        _PACKED_NAME_LISTS[value] = names
     return names
 
 

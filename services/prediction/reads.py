@@ -10,7 +10,7 @@ iteration.
 One round trip is in flight at a time: the reads that come while it is out wait for it and go
 together as the next, as a pipelined client would send them. Under load the batches grow by
 themselves (16 connections: ~5.5 keys a round trip when each iteration sent its own, 8 with one
-in flight, ~6% less CPU per prediction); an idle service sends a read at once.
+in flight, ~8% less CPU per prediction); an idle service sends a read at once.
 A failed round trip fails every request of that batch with the same error (a 503 each).
 
     reads = CoalescedReads(async_client)

@@ -8,7 +8,7 @@ Run: .venv/bin/python services/bench/probes/redis_packer_ab.py
 before), 40 batches of 500 payments events: the client's writes 70.8 -> 50.2 µs per event, its
 reads 17.2 -> 14.6; redis-server's the same (31.4 / 30.7 writes, 16.1 / 15.0 reads).
 """
-import shutil, statistics, sys, tempfile, time
+import shutil, statistics, tempfile, time
 from itertools import islice
 from pathlib import Path
 
@@ -16,11 +16,11 @@ import redis
 
 from _probes import ROOT, redis_cpu_s
 from driftline.features import store as ours
-from driftline.shared.redis_clients import HiredisPacker
 from driftline.features.definitions import load_feature_set
 from driftline.infra import stack
 from driftline.replay.payments import endless
 from driftline.shared.keys import Keys
+from driftline.shared.redis_clients import HiredisPacker
 from driftline.shared.settings import Settings
 
 BATCH, EVENTS, ROUNDS = 500, 20_000, 8
