@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -277,12 +278,21 @@ class Supervisor:
         self.say(f"[yellow]{w.name}: restarted (restart {w.restarts}, pid {w.proc.pid})[/]")
 
 
+def sigterm_as_interrupt() -> None:
+    """SIGTERM takes the same clean way out as Ctrl-C (a KeyboardInterrupt in the main thread)."""
+    if threading.current_thread() is threading.main_thread():
+        def raise_interrupt(*_):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, raise_interrupt)
+
+
 def serve_all() -> None:
     settings = get_settings()
-    # SIGTERM stops everything as Ctrl-C does, from the first moment: with the default action, one
-    # that came while the services were starting (a service manager, a bench giving up) ended this
-    # process alone and left its services running, orphaned.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # From the first moment: with the default action, a SIGTERM that came while the services were
+    # starting (a service manager, a bench giving up) ended this process alone and left its
+    # services running, orphaned.
+    sigterm_as_interrupt()
     supervisor = None
     try:
         procs = {name: start_service(name) for name in SERVICES + SINKS}

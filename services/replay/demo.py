@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ..infra import stack
-from ..serve import SERVICES as FIVE, SINKS, Supervisor, start_service, stop_services, wait_healthy
+from ..serve import (SERVICES as FIVE, SINKS, Supervisor, sigterm_as_interrupt, start_service, stop_services,
+                     wait_healthy)
 from ..shared.kafka import admin, ensure_topics
 from ..shared.settings import Settings, ensure_local_secrets, get_settings, redact_url, settings_env
 from ..shared.topics import Topics
@@ -80,7 +81,7 @@ def demo(
     settings = demo_settings(base, model, features, uuid.uuid4().hex[:6])
     t0 = time.monotonic()
     already = {c.name for c in stack.components(base) if c.running()}
-    _sigterm_as_interrupt()
+    sigterm_as_interrupt()
     started_services = False
     procs: dict[str, subprocess.Popen] = {}
     watching: threading.Event | None = None
@@ -207,12 +208,3 @@ def _drop_namespace(settings: Settings) -> None:
                 pass
     except Exception:
         pass
-
-
-def _sigterm_as_interrupt() -> None:
-    """SIGTERM takes the same clean way out as Ctrl-C."""
-    if threading.current_thread() is threading.main_thread():
-        def raise_interrupt(*_):
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGTERM, raise_interrupt)
