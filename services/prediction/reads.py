@@ -38,10 +38,14 @@ class CoalescedReads:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending.setdefault(key, []).append(future)
-        if not self._scheduled and not self._in_flight:
+        self._schedule(loop)
+        return await future
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A flush in the next iteration, unless one is queued or a round trip is out."""
+        if self._pending and not self._scheduled and not self._in_flight:
             self._scheduled = True
             loop.call_soon(self._flush)
-        return await future
 
     def _flush(self) -> None:
         batch, self._pending, self._scheduled = self._pending, {}, False
@@ -49,12 +53,10 @@ class CoalescedReads:
             self._in_flight = True
             asyncio.ensure_future(self._round_trip(batch)).add_done_callback(self._next)
 
-    def _next(self, _done: asyncio.Future) -> None:
+    def _next(self, done: asyncio.Future) -> None:
         """The round trip is back (or failed): the reads that waited for it go now."""
         self._in_flight = False
-        if self._pending and not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        self._schedule(done.get_loop())
 
     async def _round_trip(self, batch: dict[str, list[asyncio.Future]]) -> None:
         self.round_trips += 1
