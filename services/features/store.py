@@ -48,6 +48,7 @@ changes nothing, even when the label and the entity's events are handled by diff
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -358,7 +359,10 @@ def decode_state(raw: Mapping[Any, Any]) -> State:
         elif kind is _PACKED:
             packed = value
         elif kind is _PACKED_NAMES:
-            names = _packed_names(value)
+            try:
+                names = _split_names(value)
+            except TypeError:  # a bytearray is not hashable: split it without the cache
+                names = _split_names.__wrapped__(value)
         else:
             state[name] = _text(value)
     if packed is not None and names is not None and len(packed) % 8 == 0:  # else not ours: left out
@@ -377,28 +381,14 @@ _FIELD_KINDS: dict[Any, tuple[str, str]] = {}  # a stored field name -> (its nam
 _MAX_FIELD_KINDS = 65_536  # names are bounded per model and per entity; this bounds the memory of them all
 
 
-# The packed names of a state, as stored -> split: an entity's names change only when a new field
-# or feature appears, and every entity of a feature set shares the same few lists.
-_PACKED_NAME_LISTS: dict[Any, tuple[str, ...]] = {}
-_MAX_PACKED_NAME_LISTS = 4_096
+@functools.lru_cache(maxsize=4096)  # every entity of a feature set shares the same few lists
+def _split_names(value: bytes | str) -> tuple[str, ...]:
+    """The names of a packed field, as stored, split.
 
-
-def _packed_names(value: Any) -> tuple[str, ...]:
-    """The names of a packed field, as stored (bytes or str), split.
-
-        >>> _packed_names(b"ts\\0prev:x"), _packed_names(bytearray(b"n"))
-        (('ts', 'prev:x'), ('n',))
+        >>> _split_names(b"ts\\0prev:x")
+        ('ts', 'prev:x')
     """
-    try:
-        return _PACKED_NAME_LISTS[value]
-    except (KeyError, TypeError):  # not seen yet, or not hashable (a bytearray): split below
-        pass
-    names = tuple(_text(value).split("\0"))
-    if isinstance(value, (bytes, str)):
-        if len(_PACKED_NAME_LISTS) >= _MAX_PACKED_NAME_LISTS:
-            _PACKED_NAME_LISTS.clear()
-        _PACKED_NAME_LISTS[value] = names
-    return names
+    return tuple(_text(value).split("\0"))
 
 
 def _kind(key: Any) -> tuple[str, str]:
