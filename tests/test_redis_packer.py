@@ -67,3 +67,10 @@ def test_a_one_node_client_packs_with_it(redis_url):
     pipe.hgetall("packer:test")
     pipe.delete("packer:test")
     assert pipe.execute()[1] == {b"x": b"0.1", b"n": b"3", b"s": "é".encode(), b"b": b"\x00\xff"}
+
+
+@pytest.mark.parametrize("url, options", [("redis://127.0.0.1:6379/0?encoding=latin-1", {}),
+                                          ("redis://127.0.0.1:6379/0", {"encoding_errors": "replace"})])
+def test_a_client_that_encodes_text_otherwise_keeps_redis_pys_packer(url, options):
+    client = redis_clients.connect(url, **options)  # no connection is made yet
+    assert "command_packer" not in client.connection_pool.connection_kwargs

@@ -159,15 +159,27 @@ class HiredisPacker:
             return self.fallback.pack(*args)
 
 
+def _encodes_utf8(url: str, options: dict[str, Any]) -> bool:
+    """Whether a one-node client's connections encode text as UTF-8, strictly (redis-py's default,
+    and what hiredis writes): not when the URL's query or the options name another encoding.
+
+        >>> _encodes_utf8("redis://h:6379/0", {}), _encodes_utf8("redis://h:6379/0?encoding=latin-1", {})
+        (True, False)
+    """
+    given = {**redis.connection.parse_url(url), **options}
+    return given.get("encoding", "utf-8") == "utf-8" and given.get("encoding_errors", "strict") == "strict"
+
+
 def connect(url: str, *, wait: "OutageWait | None" = None, **options: Any) -> redis.Redis | RedisCluster:
     """A client for `url`. `wait` (deps.WaitOutOutage): each command and pipeline waits out an
     outage instead of failing (worker loops); without it a command fails within a few retries
     (HTTP paths, tools). `options` go to every connection (socket timeouts...). On one node the
-    connections pack commands with `HiredisPacker` (a cluster client takes no packer: redis-py's)."""
+    connections pack commands with `HiredisPacker` when they encode text as it does (a cluster
+    client takes no packer: redis-py's)."""
     address = parse(url)
     if not address.cluster:
-        return redis.Redis.from_url(url, **({"retry": wait} if wait is not None else {}),
-                                    command_packer=HiredisPacker(), **options)
+        packer = {"command_packer": HiredisPacker()} if _encodes_utf8(url, options) else {}
+        return redis.Redis.from_url(url, **({"retry": wait} if wait is not None else {}), **packer, **options)
     others = [ClusterNode(host, port) for host, port in address.seeds[1:]]
     if wait is None:
         return RedisCluster(url=address.node_url, startup_nodes=others, **options)
