@@ -27,6 +27,8 @@ def test_a_short_soak_samples_every_services_memory_and_lag_and_plots_them(tmp_p
         assert 20 < s["rss_mb_end"] < 2000, (name, s)
         assert s["lag_end"] is not None
     assert (tmp_path / "soak.png").stat().st_size > 10_000
+    # how fast the host ran Python before and after: results of other moments compare through it
+    assert all(out["measured"][f"river_lr_events_per_s_{when}"] > 1_000 for when in ("before", "after"))
 
 
 def test_soak_is_not_part_of_the_default_bench_run():

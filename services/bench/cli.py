@@ -19,8 +19,21 @@ EXTRA = ("soak",)  # long: only when named (`driftline bench soak`)
 console = Console()
 
 
+def host_speed() -> float:
+    """How fast this host runs Python now: river's logistic regression in this process, events/s
+    (predict then learn, the fastest of three passes over Elec2's first 20,000 rows). A shared
+    host's speed moves by 30% within minutes, so each result carries this figure from before and
+    after it: results of different moments compare through it, and a run whose two figures differ
+    much was measured while the host changed pace."""
+    from ..shared.settings import DEFAULT_MODEL
+    from .pipeline import in_process_rate
+
+    return round(in_process_rate(DEFAULT_MODEL, 20_000))
+
+
 def measured_under(quick: bool) -> dict:
-    """When, on which commit and under what load a result was measured (docs/benchmarks.md shows it)."""
+    """When, on which commit, under what load and at what host speed (`host_speed`) a result was
+    measured (docs/benchmarks.md shows it)."""
     import datetime as dt
     import subprocess
 
@@ -30,7 +43,8 @@ def measured_under(quick: bool) -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
-            "cores": os.cpu_count(), "load_average_before": round(os.getloadavg()[0], 1), "quick": quick}
+            "cores": os.cpu_count(), "load_average_before": round(os.getloadavg()[0], 1), "quick": quick,
+            "river_lr_events_per_s_before": host_speed()}
 
 
 def bench(
@@ -69,7 +83,8 @@ def bench(
         if name == "pipeline" and redis_cluster:
             extra["redis_cluster"] = True
         result = module.run(out_dir=out, quick=quick, **extra)
-        result["measured"] = {**before, "load_average_after": round(os.getloadavg()[0], 1)}
+        result["measured"] = {**before, "load_average_after": round(os.getloadavg()[0], 1),
+                              "river_lr_events_per_s_after": host_speed()}
         suffix = "".join(f"-{v}" for v, default in ((framing, "single-object"), (dataset, "synthetic")) if v != default)
         path = out / (f"{name}{suffix}.json" if name == "ingest" else f"{name}.json")
         path.write_text(json.dumps(result, indent=2))

@@ -19,7 +19,11 @@ Generated from `reports/bench/*.json` by `driftline reference benchmarks --write
 was written by `driftline bench NAME` (`make bench` runs them all), which starts its own Kafka,
 Redis and services on free ports, measures, and stops them. Speed and memory targets are checked
 here, never in timed tests. The machine is the development machine (2 cores, 24 GiB); on two
-shared cores only ratios measured in one run compare, and each table says the load it ran under.
+shared cores only ratios measured in one run compare, and each table says the load it ran under
+and, since 2026-12-07, how fast the host ran Python before and after it
+(`river_lr_events_per_s_before`/`_after`: river's logistic regression in process, Elec2): its pace
+moves by 30% within minutes, and a result of a slow moment compares with one of a fast moment
+through that figure.
 """
 
 Rows = list[tuple[str, str]]
