@@ -1,6 +1,7 @@
 """The ceiling for `driftline bench predict`: a bare FastAPI app with one `/health` route, served by
-uvicorn with the same options as a driftline service (one worker, no access log). It is what this
-machine's Python, uvicorn and FastAPI can do at all; the service's own `/health` is compared with it.
+uvicorn with the same options as a driftline service (one worker, no access log, FastAPI's own
+OpenTelemetry as `service_app` sets it). It is what this machine's Python, uvicorn and FastAPI can
+do at all; the service's own `/health` is compared with it.
 
     $ python -m driftline.bench.bare 18080
 """
@@ -11,7 +12,9 @@ import sys
 
 from fastapi import FastAPI
 
-app = FastAPI()
+from ..shared.app import native_telemetry
+
+app = FastAPI(**native_telemetry())
 
 
 @app.get("/health")
