@@ -18,6 +18,7 @@ from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.routing import request_response as starlette_request_response
 
 from . import metrics
 from .bodylimit import BodyLimit
@@ -81,6 +82,13 @@ class RequestRoute(APIRoute):
     An endpoint that asks FastAPI for anything else (a query parameter, a dependency, a body
     model) would get nothing: it is refused when the route is made.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Starlette's own request/response wrapper, not FastAPI's copy of it: FastAPI's opens two
+        # AsyncExitStacks per request for dependencies with `yield` and uploaded files, which such an
+        # endpoint never has. The app's exception handlers apply the same way in both.
+        self.app = starlette_request_response(self.get_route_handler())
 
     def get_route_handler(self) -> Callable[[Any], Any]:
         d = self.dependant
