@@ -14,7 +14,7 @@ from driftline.shared import app as shared_app
 from driftline.shared.keys import Keys
 from driftline.shared.registry import ModelRegistry
 from driftline.shared.settings import Ports, PredictionSettings, Settings, ensure_local_secrets
-home = Path(tempfile.mkdtemp(prefix="s48-inproc-"))
+home = Path(tempfile.mkdtemp(prefix="fastapi-telemetry-ab-"))
 infra = Settings()
 settings = ensure_local_secrets(Settings(kafka_bootstrap=f"127.0.0.1:{stack.free_port()}",
     redis_url=f"redis://127.0.0.1:{stack.free_port()}/0", namespace="bench", home=home, cache_dir=infra.cache_dir,
