@@ -94,6 +94,29 @@ def toy_model(seed: int, n: int = 500):
     return model
 
 
+def bench_settings(home: Path, workers: int) -> Settings:
+    """Settings of a bench stack under `home`: Kafka, Redis and the services on free ports."""
+    return ensure_local_secrets(Settings(
+        kafka_bootstrap=f"127.0.0.1:{stack.free_port()}",
+        redis_url=f"redis://127.0.0.1:{stack.free_port()}/0",
+        namespace="bench",
+        home=home,
+        cache_dir=Settings().cache_dir,
+        ports=Ports(**{name: stack.free_port() for name in Ports.model_fields}),
+        prediction=PredictionSettings(workers=workers),
+        log_level="WARNING",
+    ))
+
+
+def seed_champion(settings: Settings, client: redis.Redis) -> tuple[ModelRegistry, list[dict[str, Any]]]:
+    """A toy champion in the registry and online state for its entities (`seed_entities`): the
+    registry, and request bodies for those entities."""
+    registry = ModelRegistry(client, Keys(settings.namespace), settings.learner.model_name,
+                             settings.model_key.get_secret_value().encode())
+    registry.set_role("champion", registry.register(toy_model(seed=1), spec="bench", reason="initial"))
+    return registry, seed_entities(settings, client)
+
+
 def seed_entities(settings: Settings, client: redis.Redis) -> list[dict[str, Any]]:
     """Online state for ENTITIES entities (written as the features service writes it); returns
     request bodies for them."""
@@ -251,28 +274,14 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
     seconds = 3 if quick else 10
     workers = int(os.environ.get("BENCH_PREDICT_WORKERS", "1"))
     home = Path(tempfile.mkdtemp(prefix="driftline-bench-predict-"))
-    infra = Settings()
-    settings = Settings(
-        kafka_bootstrap=f"127.0.0.1:{stack.free_port()}",
-        redis_url=f"redis://127.0.0.1:{stack.free_port()}/0",
-        namespace="bench",
-        home=home,
-        cache_dir=infra.cache_dir,
-        ports=Ports(**{name: stack.free_port() for name in Ports.model_fields}),
-        prediction=PredictionSettings(workers=workers),
-        log_level="WARNING",
-    )
-    settings = ensure_local_secrets(settings)
+    settings = bench_settings(home, workers)
     out_dir.mkdir(parents=True, exist_ok=True)
     proc = bare = None
     result: dict[str, Any] = {"workers": workers, "duration_s": seconds, "cpus": os.cpu_count()}
     try:
         stack.up(settings)
         client = redis.Redis.from_url(settings.redis_url)
-        registry = ModelRegistry(client, Keys(settings.namespace), settings.learner.model_name,
-                                 settings.model_key.get_secret_value().encode())
-        registry.set_role("champion", registry.register(toy_model(seed=1), spec="bench", reason="initial"))
-        bodies = seed_entities(settings, client)
+        registry, bodies = seed_champion(settings, client)
         script = home / "predict.lua"
         script.write_text(LUA % ("{" + ", ".join(json.dumps(json.dumps(b)) for b in bodies) + "}"))
         batch_script = home / "batch.lua"

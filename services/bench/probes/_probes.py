@@ -1,11 +1,12 @@
 """What several probes share: another git revision's code imported beside this tree's,
-redis-server's own CPU time, and the feature store's writes and reads of payments batches on a
-Redis of the probe's own.
+redis-server's own CPU time, the feature store's writes and reads of payments batches on a
+Redis of the probe's own, variants run in alternating rounds, and one ASGI request in process.
 
     theirs = import_revision("9ec9331", "features.definitions")   # that revision's module
     fs, batches = payments_batches(500, 20_000)
     with redis_of_its_own() as url: ...
     print_store_rounds(alternate({"a": run_a, "b": run_b}, rounds=8))
+    status = await asgi_request(app, "/v1/predict", "POST", b'{"entity_id": "e", "fields": {}}')
 """
 import atexit
 import importlib
@@ -140,3 +141,26 @@ def print_store_rounds(runs: dict[str, list]) -> None:
         medians = [round(statistics.median(v[i] for v in values), 2) for i in range(4)]
         print(f"{name}: µs per event, client write {medians[0]} read {medians[1]}, "
               f"redis-server write {medians[2]} read {medians[3]}")
+
+
+async def asgi_request(app, path: str, method: str = "GET", body: bytes = b"") -> int:
+    """One request to an ASGI app in this process, no sockets: its status code (the answer's
+    body is dropped). The body comes in one message; a second receive hears a disconnect."""
+    headers = [(b"host", b"x")]
+    if body:
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    messages = iter([{"type": "http.request", "body": body, "more_body": False}])
+    status = []
+
+    async def receive():
+        return next(messages, {"type": "http.disconnect"})
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+
+    await app(scope, receive, send)
+    return status[0]

@@ -5,71 +5,65 @@ sockets), alternating; CPU µs per request. Run: .venv/bin/python fastapi_teleme
 
 2026-12-07 (FastAPI 0.165, a slow and noisy hour of the host), 20 rounds each: /v1/predict 224.4 ->
 203.1 µs at the median (paired difference 17.7), /health 109.0 -> 99.7 (11.4)."""
-import asyncio, json, statistics, tempfile, time, sys
+import asyncio
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import time
 from pathlib import Path
+
 import redis
-from driftline.bench import predict as bp
+
+from driftline.bench.predict import bench_settings, seed_champion
 from driftline.infra import stack
 from driftline.shared import app as shared_app
-from driftline.shared.keys import Keys
-from driftline.shared.registry import ModelRegistry
-from driftline.shared.settings import Ports, PredictionSettings, Settings, ensure_local_secrets
-home = Path(tempfile.mkdtemp(prefix="fastapi-telemetry-ab-"))
-infra = Settings()
-settings = ensure_local_secrets(Settings(kafka_bootstrap=f"127.0.0.1:{stack.free_port()}",
-    redis_url=f"redis://127.0.0.1:{stack.free_port()}/0", namespace="bench", home=home, cache_dir=infra.cache_dir,
-    ports=Ports(**{n: stack.free_port() for n in Ports.model_fields}), prediction=PredictionSettings(workers=1), log_level="WARNING"))
+
+from _probes import alternate, asgi_request
+
+rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+settings = bench_settings(Path(tempfile.mkdtemp(prefix="fastapi-telemetry-ab-")), workers=1)
 stack.up(settings)
-def scope(path, method, body_len):
-    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-            "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-            "headers": [(b"host", b"x"), (b"content-type", b"application/json"), (b"content-length", str(body_len).encode())],
-            "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
-async def call(app, path, method, body):
-    sent = False
-    async def receive():
-        nonlocal sent
-        if sent:
-            await asyncio.sleep(3600)
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-    status = []
-    async def send(m):
-        if m["type"] == "http.response.start": status.append(m["status"])
-    await app(scope(path, method, len(body)), receive, send)
-    assert status == [200], status
 try:
-    client = redis.Redis.from_url(settings.redis_url)
-    registry = ModelRegistry(client, Keys(settings.namespace), settings.learner.model_name, settings.model_key.get_secret_value().encode())
-    registry.set_role("champion", registry.register(bp.toy_model(seed=1), spec="bench", reason="initial"))
-    bodies = [json.dumps(b).encode() for b in bp.seed_entities(settings, client)]
+    _registry, bodies = seed_champion(settings, redis.Redis.from_url(settings.redis_url))
+    bodies = [json.dumps(b).encode() for b in bodies]
     from driftline.prediction.app import create_app
-    new = create_app(settings)
-    real = shared_app.native_telemetry
-    shared_app.native_telemetry = lambda: {}
-    old = create_app(settings)
-    shared_app.native_telemetry = real
-    print("telemetry enabled? new", new._native_telemetry.enabled(), new._telemetry["tracing"], "old", old._telemetry["tracing"])
-    async def run_round(app, path, method, n=40):
-        t = time.process_time()
+    apps = {"telemetry off": create_app(settings)}
+    built = shared_app.native_telemetry
+    shared_app.native_telemetry = lambda: {}  # FastAPI's default
+    apps["FastAPI's default"] = create_app(settings)
+    shared_app.native_telemetry = built
+    loop = asyncio.new_event_loop()
+
+    async def per_request(app, path: str, method: str, n: int = 40) -> float:
+        """CPU µs per request over n rounds of 16 at once."""
+        started = time.process_time()
         for k in range(n):
-            await asyncio.gather(*(call(app, path, method, bodies[(k * 16 + j) % len(bodies)] if method == "POST" else b"") for j in range(16)))
-        return (time.process_time() - t) / (n * 16) * 1e6
-    async def main():
-        res = {("new", "p"): [], ("old", "p"): [], ("new", "h"): [], ("old", "h"): []}
-        async with new.router.lifespan_context(new), old.router.lifespan_context(old):
-            await asyncio.sleep(3)
-            for app in (new, old):
-                await run_round(app, "/v1/predict", "POST", 20); await run_round(app, "/health", "GET", 20)
-            for r in range(int(sys.argv[1]) if len(sys.argv) > 1 else 20):
-                order = [("new", new), ("old", old)] if r % 2 == 0 else [("old", old), ("new", new)]
-                for name, app in order:
-                    res[(name, "p")].append(await run_round(app, "/v1/predict", "POST"))
-                    res[(name, "h")].append(await run_round(app, "/health", "GET"))
-        for k, v in res.items():
-            print(k, "median", round(statistics.median(v), 1), "min", round(min(v), 1))
-        print("paired predict diffs (old-new) median", round(statistics.median(o - n for o, n in zip(res[("old","p")], res[("new","p")])), 1),
-              "health", round(statistics.median(o - n for o, n in zip(res[("old","h")], res[("new","h")])), 1))
-    asyncio.run(main())
+            statuses = await asyncio.gather(*(asgi_request(app, path, method, bodies[(k * 16 + j) % len(bodies)]
+                                                           if method == "POST" else b"") for j in range(16)))
+            assert set(statuses) == {200}, statuses
+        return (time.process_time() - started) / (n * 16) * 1e6
+
+    async def both(app) -> tuple[float, float]:
+        return await per_request(app, "/v1/predict", "POST"), await per_request(app, "/health", "GET")
+
+    with contextlib.ExitStack() as lifespans:
+        for app in apps.values():
+            context = app.router.lifespan_context(app)
+            loop.run_until_complete(context.__aenter__())
+            lifespans.callback(lambda c=context: loop.run_until_complete(c.__aexit__(None, None, None)))
+        loop.run_until_complete(asyncio.sleep(3))
+        for app in apps.values():  # warm-up
+            loop.run_until_complete(both(app))
+        runs = alternate({name: (lambda app=app: loop.run_until_complete(both(app))) for name, app in apps.items()},
+                         rounds)
+    for name, values in runs.items():
+        print(f"{name}: /v1/predict {statistics.median(v[0] for v in values):.1f} µs, "
+              f"/health {statistics.median(v[1] for v in values):.1f} µs at the median")
+    (off, default) = runs.values()
+    print("paired differences at the median: /v1/predict",
+          round(statistics.median(d[0] - o[0] for o, d in zip(off, default)), 1),
+          "/health", round(statistics.median(d[1] - o[1] for o, d in zip(off, default)), 1))
 finally:
     stack.down(settings)
