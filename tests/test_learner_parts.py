@@ -5,6 +5,8 @@ with a list of events and labels, as river's progressive validation would."""
 from __future__ import annotations
 
 import json
+import sys
+import threading
 import time
 
 import pytest
@@ -647,3 +649,36 @@ def test_an_outcome_encodes_as_the_plain_record(regression):
                  "known": 9}
         assert blob == codec.encode("Outcome", plain)
         assert codec.decode(blob, expect="Outcome") == plain
+
+
+def test_the_contest_reports_while_the_learner_records_in_another_thread():
+    # /health reads the contest from a server thread while the learner's loop records into it.
+    contest = Contest("margin", promote_after=10**9, window=2000, margin=0.0, max_shadow=10**9)
+    for i in range(2000):
+        contest.record(i % 3 == 0, i % 2 == 0)
+    stop, failures = threading.Event(), []
+
+    def learner_loop():
+        i = 0
+        while not stop.is_set():
+            contest.record(i % 3 == 0, i % 2 == 0)
+            i += 1
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, so a report that iterates the live window would meet a change
+    recorder = threading.Thread(target=learner_loop)
+    recorder.start()
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            try:
+                report = contest.report()
+            except RuntimeError as exc:
+                failures.append(exc)
+                break
+            assert report["window"] in (2000, 2001) and report["challenger_wins"] >= 0  # 2001: mid-record
+    finally:
+        stop.set()
+        recorder.join()
+        sys.setswitchinterval(before)
+    assert failures == []

@@ -320,7 +320,7 @@ class KeyStage:
                 if merge.queued(s) > self.queue_limit}
 
     def waiting(self) -> int:
-        return sum(m.pending for m in self.merges.values())
+        return sum(m.pending for m in tuple(self.merges.values()))  # a copy: /health asks from another thread
 
 
 @lru_cache(maxsize=65_536)

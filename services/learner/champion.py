@@ -46,6 +46,7 @@ both run these through `adaptation.Adaptation`, so the benchmark measures the le
 from __future__ import annotations
 
 import math
+import sys
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -104,6 +105,9 @@ def judge(model: Any, x: dict[str, float], y: str) -> bool | float | None:
     return y_pred == y
 
 
+LOG_FLOAT_MAX = math.log(sys.float_info.max)
+
+
 def evidence_for(wins: int, losses: int) -> float:
     """The likelihood ratio that the challenger wins more than half of the discordant pairs,
     against exactly half: a uniform mixture over win rates in (1/2, 1]. Under "no better" it is a
@@ -111,12 +115,15 @@ def evidence_for(wins: int, losses: int) -> float:
 
         >>> round(evidence_for(0, 0), 3), round(evidence_for(30, 10), 1), round(evidence_for(10, 30), 3)
         (1.0, 63.2, 0.046)
+        >>> evidence_for(3000, 10)  # past a float's range: a long contest under the margin rule
+        inf
     """
     n = wins + losses
     tail = 1.0 - float(betainc(wins + 1, losses + 1, 0.5))  # the mass of the mixture above one half
     if tail <= 0.0:
         return 0.0
-    return math.exp((n + 1) * math.log(2.0) + float(betaln(wins + 1, losses + 1)) + math.log(tail))
+    log_ratio = (n + 1) * math.log(2.0) + float(betaln(wins + 1, losses + 1)) + math.log(tail)
+    return math.exp(log_ratio) if log_ratio < LOG_FLOAT_MAX else math.inf
 
 
 @dataclass
@@ -180,11 +187,15 @@ class Contest:
     def disagreements(self) -> tuple[int, int]:
         """(challenger right where the champion is wrong, the reverse) over the window; for errors,
         (challenger's error smaller, the reverse)."""
+        # A copy first: /health reads this from another thread while the learner appends, and a
+        # Python loop over the deque itself may then fail with "deque mutated during iteration"
+        # (tuple() of a deque is one C call, so it runs without a thread switch).
+        recent = tuple(self.recent)
         if self.regression:
-            return (sum(1 for champion, challenger in self.recent if challenger < champion),
-                    sum(1 for champion, challenger in self.recent if champion < challenger))
-        wins = sum(1 for champion, challenger in self.recent if challenger and not champion)
-        losses = sum(1 for champion, challenger in self.recent if champion and not challenger)
+            return (sum(1 for champion, challenger in recent if challenger < champion),
+                    sum(1 for champion, challenger in recent if champion < challenger))
+        wins = sum(1 for champion, challenger in recent if challenger and not champion)
+        losses = sum(1 for champion, challenger in recent if champion and not challenger)
         return wins, losses
 
     @property
