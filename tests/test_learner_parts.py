@@ -682,3 +682,15 @@ def test_the_contest_reports_while_the_learner_records_in_another_thread():
         recorder.join()
         sys.setswitchinterval(before)
     assert failures == []
+
+
+def test_a_long_contest_under_the_margin_rule_reports_its_evidence_past_a_floats_range():
+    # 1,200 discordant wins and no loss, the lead under the margin all along: the likelihood ratio
+    # is ~2^1200; the report (asked at every verdict that ends a contest) caps it, not raises.
+    contest = Contest("margin", promote_after=10, window=10_000, margin=0.9, max_shadow=10**6)
+    for i in range(6000):
+        contest.record(True, True)
+        if i % 5 == 0:
+            contest.record(False, True)
+    assert contest.verdict() is None and contest.evidence() == float("inf")
+    assert contest.report()["evidence"] == 1e12
