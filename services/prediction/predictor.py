@@ -354,7 +354,7 @@ class Predictor:
             "serving_revision": served.revision if served else None,
             "serving_examples_seen": served.examples if served else None,
             "replicas": replicas,
-            "refused": {str(v): why for v, why in self.holder.refused.items()},
+            "refused": {str(v): why for v, why in dict(self.holder.refused).items()},  # a copy: the follower adds
             "versions": self.registry.versions(),
             "canary": self.canary.state(),
         }
