@@ -68,6 +68,15 @@ def test_adwin_alarm_on_improvement_is_ignored_not_acted_upon():
     assert alarms[0].error_before == pytest.approx(0.40, abs=0.03)
 
 
+@pytest.mark.parametrize("detector", ["ADWIN", "PageHinkley", "KSWIN"])
+def test_a_diverged_regressors_vast_errors_raise_alarms_not_overflow(detector):
+    # Its answers go from ~1 off to 1e200 off (finite): the change point squares the errors.
+    monitor, rng = ConceptMonitor(detector), random.Random(5)
+    errors = [rng.random() for _ in range(1500)] + [1e200 * (1 + rng.random()) for _ in range(500)]
+    alarms = [a for e in errors if (a := monitor.update(e))]
+    assert alarms and all(math.isfinite(a.error_after) for a in alarms) and math.isfinite(monitor.error_rate)
+
+
 def test_a_rise_smaller_than_min_error_increase_is_not_concept_drift():
     policy = RetrainPolicy(DriftSettings(min_error_increase=0.5), model="m")
     actions = run(policy, outcomes([(3000, 0.10), (3000, 0.40)]))

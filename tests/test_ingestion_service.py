@@ -111,6 +111,7 @@ def test_every_event_ends_in_exactly_one_of_valid_dlq_or_duplicate_through_both_
         "noid": ("missing_id", avro("Event", event(""))),
         "longid": ("id_too_long", avro("Event", event("L" * 300))),
         "nan": ("non_finite", avro("Event", event("nan", x=math.nan))),
+        "vast": ("number_out_of_range", avro("Event", event("vast", x=1e200))),
         "future": ("bad_ts", avro("Event", event("future", ts=NOW + 10 * 86400))),
         "past": ("bad_ts", avro("Event", event("past", ts=-1.0))),
     }
@@ -130,6 +131,7 @@ def test_every_event_ends_in_exactly_one_of_valid_dlq_or_duplicate_through_both_
                 ({"event_id": "m", "ts": NOW, "fields": {}}, "missing_id"),
                 (5, "not_an_object"),
                 (event("n", x=math.nan), "non_finite"),  # the JSON text carries NaN
+                (event("v", x=-1e200), "number_out_of_range"),
                 (event("b", x=True), "non_numeric")]
     body += [item for item, _ in bad_http]
     r = post(svc.url, "/v1/events", body)

@@ -107,6 +107,8 @@ def test_a_valid_avro_label_decodes():
     (event(fields={"price": math.nan}), "non_finite"),
     (event(fields={"price": -math.inf}), "non_finite"),
     (event(fields={"price": 10**400}), "non_finite"),
+    (event(fields={"price": 1e200}), "number_out_of_range"),  # finite, but its square is not
+    (event(fields={"price": -1.5e30}), "number_out_of_range"),
     (event(fields={f"f{i}": 1.0 for i in range(9)}), "too_many_fields"),
     (event(fields={"": 1.0}), "bad_field_name"),
     (event(fields={"y" * 17: 1.0}), "bad_field_name"),
@@ -162,6 +164,7 @@ def test_an_event_whose_avro_form_is_too_large_is_oversized():
     (avro_event(ts=-5.0), "bad_ts"),
     (avro_event(ts=math.nan), "bad_ts"),
     (avro_event(fields={"price": math.inf}), "non_finite"),
+    (avro_event(fields={"price": -1e300}), "number_out_of_range"),
     (avro_event(fields={f"f{i}": 1.0 for i in range(9)}), "too_many_fields"),
     (avro_event(fields={" ": 1.0}), "bad_field_name"),
 ])

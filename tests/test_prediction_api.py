@@ -254,6 +254,18 @@ def test_non_finite_numbers_are_422_even_though_python_json_accepts_them(served,
     assert r.json()["detail"][0]["type"] == "finite_number"
 
 
+@pytest.mark.parametrize("route, body, loc", [
+    ("/v1/predict", {"entity_id": "e", "fields": {"a": 1e200}}, ["body", "fields"]),
+    ("/v1/predict/batch", {"items": [{"entity_id": "e", "fields": {"a": 1.0}},
+                                     {"entity_id": "e", "fields": {"a": -2e30}}]}, ["body", "items", 1, "fields"]),
+])
+def test_numbers_beyond_what_a_model_can_square_are_422_as_at_ingestion(served, route, body, loc):
+    # Finite, but a tree's Gaussian estimate of 1e200 raises OverflowError: refused before scoring.
+    r = served[0].post(route, json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["type"] == "number_out_of_range" and r.json()["detail"][0]["loc"] == loc
+
+
 def test_body_over_the_limit_is_413_before_it_is_parsed(served):
     client = served[0]
     not_json = b"x" * 4001  # would be a 422 if anything parsed it

@@ -38,6 +38,11 @@ from river import drift
 
 from ..shared.vocabulary import DRIFT_DETECTORS, WARNING_DETECTORS
 
+# A regressor's error beyond this counts as this: the squares the statistics take (a variance, a
+# change point's score, RMSE) then stay finite doubles over thousands of errors. A diverged model
+# can answer 1e200 from inputs in range, and Python raises OverflowError on 1e200 ** 2.
+MAX_ABS_ERROR = 1e100
+
 DETECTORS = tuple(DRIFT_DETECTORS)
 Z_UP = 3.0  # z-score a rise of the error rate needs to count as "up"
 # Integer-valued parameters, so that a TOML/env float (e.g. 100.0) still builds the detector.
@@ -107,7 +112,8 @@ class ConceptMonitor:
         if isinstance(error, float) and math.isfinite(error):
             self.real = True
         if getattr(self, "real", False):  # (monitors pickled before regression have no `real`)
-            x = abs(float(error)) if isinstance(error, (int, float)) and math.isfinite(error) else 0.0
+            x = min(abs(float(error)), MAX_ABS_ERROR) if isinstance(error, (int, float)) and math.isfinite(error) \
+                else 0.0
             binary = x > (self.total_errors / self.n if self.n else 0.0)
         else:
             x = 1 if error else 0

@@ -29,6 +29,12 @@ from ..shared.settings import IngestionSettings
 
 Record = dict[str, Any]
 
+# A number's magnitude that every model and statistic downstream can square (and square again)
+# without leaving a double's range: river's trees, Gaussian estimators and error metrics raise
+# OverflowError on a finite 1e200, which would stop the service that met it. No measurement of
+# the physical world comes near (Avogadro's number is 6e23; a nanosecond epoch 1.8e18).
+MAX_ABS_NUMBER = 1e30
+
 
 class Reader(Protocol):
     """What reads an Avro message: the codec (single-object) or a `SchemaRegistry` (both framings)."""
@@ -163,11 +169,13 @@ def check_event(record: Record, limits: IngestionSettings, now: float) -> Record
 
 def check_fields(fields: dict[str, float | str], limits: IngestionSettings) -> Rejection | None:
     """The field rules, shared by ingestion and the prediction service (`/v1/predict`): how many,
-    which names (and, with `allowed_fields`, only those), finite numbers, bounded text values
-    (categories: `{"country": "KR"}`).
+    which names (and, with `allowed_fields`, only those), finite numbers within ±MAX_ABS_NUMBER,
+    bounded text values (categories: `{"country": "KR"}`).
 
         >>> check_fields({"x": 1.0}, IngestionSettings(allowed_fields=["y"])).reason
         'unknown_field'
+        >>> check_fields({"x": -3e31}, IngestionSettings()).detail
+        "field 'x' is -3e+31, beyond ±1e+30"
         >>> check_fields({"country": "K" * 200}, IngestionSettings(max_category_chars=128)).reason
         'category_too_long'
     """
@@ -186,6 +194,9 @@ def check_fields(fields: dict[str, float | str], limits: IngestionSettings) -> R
                                  f"blank or longer than max_category_chars={limits.max_category_chars}")
         elif not math.isfinite(value):
             return Rejection("non_finite", f"field {_short(name)!r} is {value}")
+        elif not -MAX_ABS_NUMBER <= value <= MAX_ABS_NUMBER:
+            return Rejection("number_out_of_range", f"field {_short(name)!r} is {value:g}, beyond "
+                             f"±{MAX_ABS_NUMBER:g}")
     return None
 
 

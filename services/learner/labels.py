@@ -17,6 +17,8 @@ import math
 import re
 from typing import Any
 
+from ..ingestion.validate import MAX_ABS_NUMBER  # what ingestion lets through as a field, a regression label too
+
 _INT = re.compile(r"[+-]?\d{1,18}")
 
 
@@ -116,7 +118,7 @@ def to_target(model: Any, label: str) -> int | str | float:
         >>> to_target(linear_model.LinearRegression(), "spam")
         Traceback (most recent call last):
         ...
-        driftline.learner.labels.LabelError: label 'spam' is not a finite number; a regression model learns numbers
+        driftline.learner.labels.LabelError: label 'spam' is not a number within ±1e+30 (a regressor learns numbers)
     """
     if not is_regressor(model):
         return to_river(label)
@@ -124,8 +126,8 @@ def to_target(model: Any, label: str) -> int | str | float:
         value = float(label)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value):
-        raise LabelError(f"label {label[:40]!r} is not a finite number; a regression model learns numbers")
+    if not -MAX_ABS_NUMBER <= value <= MAX_ABS_NUMBER:  # NaN fails it too
+        raise LabelError(f"label {label[:40]!r} is not a number within ±{MAX_ABS_NUMBER:g} (a regressor learns numbers)")
     return value
 
 

@@ -14,6 +14,8 @@ the last `window`):
     (2.0, 1.0, None)
     >>> reg.mae, reg.window_mae, reg.n
     (1.5, 1.5, 3)
+    >>> reg.update_error(1.0, 1e200)  # a diverged model's answer: counted as the largest error
+    1e+100
 
 Each update scores the prediction that was made at event time, before the label was learned, so
 these are honest online figures. Plain picklable state: it lives in the learner's checkpoint.
@@ -25,6 +27,8 @@ import math
 from collections import deque
 
 from river import metrics, utils
+
+from ..drift.detectors import MAX_ABS_ERROR
 
 EPS = 1e-15
 
@@ -55,7 +59,8 @@ class Prequential:
         self.correct += hit
         self.recent.append(int(hit))
         if proba:
-            p = min(max(proba.get(y_true, 0.0), EPS), 1.0)
+            p = proba.get(y_true, 0.0)
+            p = min(max(p, EPS), 1.0) if p == p else EPS  # NaN (a diverged model): the worst, not NaN
             self.loss_sum -= math.log(p)
             self.loss_n += 1
         return hit
@@ -66,6 +71,7 @@ class Prequential:
         if y_pred is None:
             return None
         self.scored += 1
+        y_pred = min(max(y_pred, y_true - MAX_ABS_ERROR), y_true + MAX_ABS_ERROR)  # RMSE squares it
         for metric in (self.mae_metric, self.rmse_metric, self.r2_metric, self.window_mae_metric):
             metric.update(y_true, y_pred)
         return abs(y_pred - y_true)

@@ -34,6 +34,7 @@ REASONS: dict[str, str] = {
     "non_numeric": "a field value that is neither a number nor a string (a category)",
     "category_too_long": "a text (categorical) field value empty or longer than ingestion.max_category_chars",
     "non_finite": "a field value that is NaN or infinite",
+    "number_out_of_range": "a field value beyond ±1e30 (ingestion.validate.MAX_ABS_NUMBER)",
     "too_many_fields": "more fields than ingestion.max_fields",
     "bad_field_name": "a field name that is empty or longer than ingestion.max_id_chars",
     "empty_label": "a label that is absent, empty or blank",
@@ -46,7 +47,7 @@ REASONS: dict[str, str] = {
     "too_many_categories": "a new text value of a field that has features.max_categories distinct ones already",
     # the join (learner)
     "unknown_event": "a label whose event has no feature snapshot within learner.label_grace_s",
-    "non_numeric_label": "a label that is not a finite number, for a regression model",
+    "non_numeric_label": "a label that is not a finite number within ±1e30, for a regression model",
 }
 
 
