@@ -77,6 +77,19 @@ def test_a_diverged_regressors_vast_errors_raise_alarms_not_overflow(detector):
     assert alarms and all(math.isfinite(a.error_after) for a in alarms) and math.isfinite(monitor.error_rate)
 
 
+@pytest.mark.parametrize("step", [5.0, 50.0])
+def test_a_large_step_detected_within_a_few_errors_is_judged_again_and_counts_as_up(step):
+    # ADWIN flags a step of the residuals 3 errors after it: the change point then cannot leave
+    # fewer than min_side (30) errors on the newest side, most of them from before, and the rise
+    # is not significant. Judged again 30 errors later, it is: before, such a drift went unanswered.
+    monitor, rng = ConceptMonitor("ADWIN", min_side=30), random.Random(5)
+    errors = [rng.random() for _ in range(1500)] + [step * (1 + rng.random()) for _ in range(500)]
+    alarms = [a for e in errors if (a := monitor.update(e))]
+    assert alarms[0].position < 1510 and alarms[0].direction != "up"  # the first judgement
+    up = [a for a in alarms if a.direction == "up"]
+    assert up and 1500 + 30 <= up[0].position <= 1500 + 40 and up[0].error_after > step
+
+
 def test_a_rise_smaller_than_min_error_increase_is_not_concept_drift():
     policy = RetrainPolicy(DriftSettings(min_error_increase=0.5), model="m")
     actions = run(policy, outcomes([(3000, 0.10), (3000, 0.40)]))

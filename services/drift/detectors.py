@@ -22,6 +22,11 @@ by Welch's z on the two sides:
     >>> [(a.direction, a.error_after > a.error_before) for a in alarms if a][0]
     ('up', True)
 
+A large step is flagged within a few errors of it (ADWIN: 3 residuals after a 10-fold rise),
+while the split keeps at least `min_side` errors on each side, most of the newest from before the
+step: too few to call it a rise. Such an alarm, whose best split is the newest one allowed, is
+judged once more `min_side` errors later, and counts as "up" then if it is one.
+
 It must never raise on odd input (anything truthy is an error) and never keep unbounded memory.
 """
 
@@ -101,6 +106,10 @@ class ConceptMonitor:
         self.warning_since: int | None = None
         self.total_errors = 0
         self.real = False  # real-valued errors (a regressor's absolute residuals)
+        # A drift alarm whose change point fell in its last `min_side` errors (a large step is
+        # detected within a few errors): judged again, once, `min_side` errors later. (n then, the
+        # position the alarm's span started at.)
+        self.rejudge: tuple[int, int] | None = None
 
     @property
     def error_rate(self) -> float:
@@ -130,6 +139,12 @@ class ConceptMonitor:
                 self.segment_start = self.n  # too early to judge: start the regime afresh
                 return None
             return self._alarm("drift", position, width_before)
+        due = getattr(self, "rejudge", None)  # (monitors pickled before it have none)
+        if due is not None and self.n >= due[0]:
+            self.rejudge = None
+            alarm = self._alarm("drift", position, None, since=due[1])
+            if alarm.direction == "up":
+                return alarm
         warning = bool(getattr(self.detector, "warning_detected", False)) and self.n > self.warmup
         if warning and self.warning_since is None:
             self.warning_since = position
@@ -139,10 +154,10 @@ class ConceptMonitor:
         return None
 
     # -- evidence -----------------------------------------------------------------------------
-    def _alarm(self, level: str, position: int, width_before: int | None) -> Alarm:
+    def _alarm(self, level: str, position: int, width_before: int | None, since: int | None = None) -> Alarm:
         # The current regime: since the last change (or, for ADWIN, its window before this update),
-        # within the bounded history.
-        span = self.n - self.segment_start
+        # within the bounded history; judged again: since where the first judgement's span began.
+        span = self.n - (self.segment_start if since is None else since)
         if width_before is not None:
             span = min(span, int(width_before) + 1)
         span = min(span, len(self.errors))
@@ -165,8 +180,11 @@ class ConceptMonitor:
             direction = "up"
         else:
             direction = "down" if delta < 0 else "flat"
-        if level == "drift":
+        if level == "drift" and (since is None or direction == "up"):
             self.segment_start = self.n - recent  # the new regime starts at the change point
+            # Too recent to judge: the best split left the least it may on the newest side.
+            too_recent = since is None and direction != "up" and span >= 2 * self.min_side and recent == self.min_side
+            self.rejudge = (self.n + self.min_side, self.n - span) if too_recent else None
         return Alarm(level, position, round(before, 6), round(after, 6), direction, recent)
 
     def _mean_last(self, k: int, skip: int) -> float:
