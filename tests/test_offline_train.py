@@ -62,12 +62,17 @@ def test_a_candidate_trained_from_history_enters_the_contest_and_is_reproduced(s
                         until=lambda o: any(x["model_version"] == version for x in o))
     assert any(o["role"] == "challenger" and o["model_version"] == version for o in outcomes)
 
-    # Rebuilt from its lineage (the 700 stored examples, then those it learned as challenger, as
-    # far as its registered artifact has): the same bytes, the model being deterministic.
+    # Rebuilt from its lineage (the 700 stored examples, then the 200 it learned since, as
+    # challenger and, if it won its contest, as champion: the first labels after a promotion are
+    # of events the champion before it answered, stored under that version): the same bytes, the
+    # model being deterministic. Its last artifact first: the learner saves it as it learns.
     wait_rows(store, 1100)
+    deadline = time.monotonic() + 60
+    while registry.meta(version)["examples_seen"] < 900 and time.monotonic() < deadline:
+        time.sleep(0.3)
     proof = reproduce(settings, "default", version)
     assert proof["reproduced"] and proof["identical_bytes"], proof
-    assert proof["examples"] == 700 + proof["after_registration"] == registry.meta(version)["examples_seen"]
+    assert proof["examples"] == 700 + proof["after_registration"] == registry.meta(version)["examples_seen"] == 900
     # The live champion too (fresh, then every example it learned, as far as its last checkpoint):
     # an unseeded tree's rng differs, so the proof is its answers on the examples that came next.
     v1 = reproduce(settings, "default", 1)

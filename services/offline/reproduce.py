@@ -8,8 +8,11 @@ A version's model is its spec (a seed is an argument of the spec), fresh, taught
    (`train.Selection`, re-run and checked by its hash and count), or the warm start of a
    drift-triggered challenger (the `warm_start` champion examples just before its `position`), or
    nothing (a first version);
-2. then every example it learned while it served or shadowed: the store's rows that carry its
-   version, in stream position order, up to the `examples_seen` of the artifact being checked.
+2. then every example it learned while it served or shadowed, up to the `examples_seen` of the
+   artifact being checked: while the learner keeps learning it, the stream positions just before
+   the artifact's `next_position`, one example each (every role learns every label, with an
+   answer of its own or not: the labels that come just after a promotion are of events the champion
+   before it answered); once it does not, the store's rows that carry its version.
 The rebuilt model is compared with the registered artifact (its signature checked first): byte for
 byte when the model is deterministic, else by its probabilities on the next 1,000 stored examples
 (the last 1,000 it learned when none came after it yet).
@@ -122,7 +125,14 @@ def reproduce(settings: Settings, model: str, version: int, next_n: int = NEXT) 
     meta, stored_blob, stored_model = snapshot(registry, model, version)
     data, source = initial_examples(store, model, meta)
     later = int(meta.get("examples_seen", 0)) - len(data)
-    continued = stored(store, "model = ? AND model_version = ?", [model, version], limit=later) if later > 0 else []
+    upto = meta.get("next_position")
+    if later <= 0:
+        continued = []
+    elif upto is not None:
+        continued = stored(store, "model = ? AND role = 'champion' AND position >= ? AND position < ?",
+                           [model, int(upto) - later, int(upto)])
+    else:
+        continued = stored(store, "model = ? AND model_version = ?", [model, version], limit=later)
     if len(continued) < later:
         raise NotReproducible(f"{model} v{version} learned {later} examples after it was registered; the offline "
                               f"store under {store.root} has {len(continued)} of them (is the sink behind, or was it "
