@@ -9,10 +9,10 @@ A version's model is its spec (a seed is an argument of the spec), fresh, taught
    drift-triggered challenger (the `warm_start` champion examples just before its `position`), or
    nothing (a first version);
 2. then every example it learned while it served or shadowed, up to the `examples_seen` of the
-   artifact being checked: while the learner keeps learning it, the stream positions just before
-   the artifact's `next_position`, one example each (every role learns every label, with an
-   answer of its own or not: the labels that come just after a promotion are of events the champion
-   before it answered); once it does not, the store's rows that carry its version.
+   artifact being checked: while the learner keeps learning it in one stretch, the stream positions
+   just before the artifact's `next_position`, one example each (every role learns every label,
+   with an answer of its own or not: the labels that come just after a promotion are of events
+   the champion before it answered); otherwise the store's rows that carry its version.
 The rebuilt model is compared with the registered artifact (its signature checked first): byte for
 byte when the model is deterministic, else by its probabilities on the next 1,000 stored examples
 (the last 1,000 it learned when none came after it yet).
@@ -62,6 +62,15 @@ def stored(store: OfflineStore, where: str, params: list[Any], limit: int | None
     """
     rows = duckdb.execute(sql, [store.glob(), *params, store.glob()]).fetchall()
     return [(vector_of(f, c), y, position) for f, c, y, position in rows]
+
+
+def first_position(store: OfflineStore, model: str, version: int) -> int | None:
+    """The earliest stream position of a row that carries `version` (None: there is none)."""
+    if not store.files():
+        return None
+    found = duckdb.execute("SELECT min(position) FROM read_parquet(?, hive_partitioning = true) "
+                           "WHERE model = ? AND model_version = ?", [store.glob(), model, version]).fetchone()
+    return None if found is None or found[0] is None else int(found[0])
 
 
 def snapshot(registry, model: str, version: int) -> tuple[dict, bytes, Any]:
@@ -125,10 +134,11 @@ def reproduce(settings: Settings, model: str, version: int, next_n: int = NEXT) 
     meta, stored_blob, stored_model = snapshot(registry, model, version)
     data, source = initial_examples(store, model, meta)
     later = int(meta.get("examples_seen", 0)) - len(data)
-    upto = meta.get("next_position")
+    upto, first = meta.get("next_position"), first_position(store, model, version)
     if later <= 0:
         continued = []
-    elif upto is not None:
+    elif upto is not None and first is not None and first >= int(upto) - later:
+        # One stretch up to now (no rollback took it up again after a pause): every position in it.
         continued = stored(store, "model = ? AND role = 'champion' AND position >= ? AND position < ?",
                            [model, int(upto) - later, int(upto)])
     else:
