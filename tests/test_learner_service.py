@@ -41,6 +41,25 @@ def in_process_accuracy(rows) -> float:
     return hits / len(rows)
 
 
+def test_labels_the_model_cannot_learn_go_to_the_dlq_and_the_learner_goes_on(settings, redis_client, run_service):
+    # The default model is a binary classifier: river raises on "yes" (and would learn "7" as 1).
+    learner = run_service("learner")
+    driver = Driver(settings, redis_client)
+    rows = make_rows(300)
+    odd = {60: "yes", 150: "7", 240: "  spam"}
+    rows = [(e, x, odd.get(i, y)) for i, (e, x, y) in enumerate(rows)]
+    driver.send(rows)
+
+    outcomes = read_all(settings, driver.topics.outcomes, "Outcome", until=lambda o: len(o) >= 297)
+    assert len(outcomes) == 297 and not {f"e{i}" for i in odd} & {o["event_id"] for o in outcomes}
+    assert [o["position"] for o in champion_outcomes(outcomes)] == list(range(297))
+    dead = read_all(settings, driver.topics.labels_dlq, "DeadLetter", until=lambda d: len(d) >= 3)
+    assert sorted(d["key"] for d in dead) == sorted(f"e{i}".encode() for i in odd)
+    assert all(d["reason"] == "unlearnable_label" and "binary classifier" in d["detail"] for d in dead)
+    live = wait_for(lambda: (s := status(learner)["live"])["champion"]["examples"] == 297 and s)
+    assert live["state"] == "active"
+
+
 def test_learner_learns_each_label_once_and_dead_letters_unknown_events(settings, redis_client, run_service):
     learner = run_service("learner", DRIFTLINE_LEARNER__LABEL_GRACE_S="1.0")
     driver = Driver(settings, redis_client)

@@ -34,13 +34,41 @@ def test_the_task_follows_from_the_model(spec, regression):
 
 def test_a_text_label_for_a_regressor_is_refused_before_anything_is_learned():
     model = parse_model("linear_model.LinearRegression()")
-    assert "not a number" in label_problem(model, "spam")
+    assert label_problem(model, "spam")[0] == "non_numeric_label" and "not a number" in label_problem(model, "spam")[1]
     assert label_problem(model, "nan") and label_problem(model, "12.5") is None
-    assert "within ±1e+30" in label_problem(model, "-2e30") and label_problem(model, "1e30") is None
+    assert "within ±1e+30" in label_problem(model, "-2e30")[1] and label_problem(model, "1e30") is None
     for beyond in ("inf", "1e200"):  # 1e200 would overflow river's RMSE (it squares the error)
         with pytest.raises(LabelError):
             learn(model, {"a": 1.0}, beyond)
-    assert label_problem(parse_model("linear_model.LogisticRegression()"), "spam") is None
+
+
+@pytest.mark.parametrize("spec", ["preprocessing.StandardScaler() | linear_model.LogisticRegression()",
+                                  "linear_model.Perceptron()", "tree.HoeffdingTreeClassifier()",
+                                  "forest.ARFClassifier(n_models=2, seed=1)", "naive_bayes.GaussianNB()"])
+def test_a_label_a_classifier_cannot_learn_is_refused_and_the_model_learns_on(spec):
+    # Labels 0/1 first; then "yes" (river's binary classifiers raise on it; a tree or a forest keeps
+    # it among its classes and fails on every example after it), and "7" (a binary one learns it as 1).
+    roles = Roles(Slot("champion", 1, parse_model(spec), Prequential(100)))
+    rng, refused = random.Random(3), []
+    for i in range(300):
+        x = {"a": rng.uniform(-1, 1)}
+        y = {100: "yes", 200: "7"}.get(i, "1" if x["a"] > 0 else "0")
+        problem = label_problem(roles.champion.model, y, roles.classes)
+        if problem:
+            refused.append((y, problem[0]))
+            continue
+        roles.learn(x, y, roles.score(x))
+    binary = not roles.champion.model._multiclass
+    assert refused == ([("yes", "unlearnable_label"), ("7", "unlearnable_label")] if binary
+                       else [("yes", "unlearnable_label")])  # a multiclass model may learn a class 7
+    assert roles.classes == "number" and roles.champion.stats.accuracy > 0.7
+
+
+def test_a_multiclass_model_of_text_classes_refuses_numbers():
+    roles = Roles(Slot("champion", 1, parse_model("tree.HoeffdingTreeClassifier()"), Prequential(100)))
+    roles.learn({"a": 1.0}, "cat", roles.score({"a": 1.0}))
+    assert roles.classes == "text" and label_problem(roles.champion.model, "dog", roles.classes) is None
+    assert label_problem(roles.champion.model, "3", roles.classes)[0] == "unlearnable_label"
 
 
 def category_rows(n: int, seed: int = 3):

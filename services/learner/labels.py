@@ -131,12 +131,49 @@ def to_target(model: Any, label: str) -> int | str | float:
     return value
 
 
-def label_problem(model: Any, label: str) -> str | None:
-    """Why `model` cannot learn `label` (for the dead letter), or None."""
-    try:
-        to_target(model, label)
-    except LabelError as exc:
-        return str(exc)
+def label_kind(label: str) -> str:
+    """"number" for a label river learns as an int, else "text" (a class of another kind).
+
+        >>> label_kind("1"), label_kind("-3"), label_kind("spam"), label_kind("1.5")
+        ('number', 'number', 'text', 'text')
+    """
+    return "number" if isinstance(to_river(label), int) else "text"
+
+
+def label_problem(model: Any, label: str, classes: str | None = None) -> tuple[str, str] | None:
+    """Why `model` cannot learn `label`: (the dead letter's reason, its detail), or None.
+    `classes`: the `label_kind` of what it learned so far (None: nothing yet).
+
+    river raises on such a label, and a tree's class counts keep it: every later example would
+    fail too. So it never reaches the model: a binary classifier (river's LogisticRegression,
+    Perceptron, ...) learns the labels 0 and 1 only, and a multiclass one cannot mix numbers and
+    text (its classes are sorted).
+
+        >>> from river import linear_model, tree
+        >>> label_problem(linear_model.LogisticRegression(), "1") is None
+        True
+        >>> label_problem(linear_model.LogisticRegression(), "yes")[0]
+        'unlearnable_label'
+        >>> label_problem(tree.HoeffdingTreeClassifier(), "yes", classes="number")[1]
+        "label 'yes' is text where the model's classes are numbers: river cannot order the two kinds"
+        >>> label_problem(linear_model.LinearRegression(), "spam")[0]
+        'non_numeric_label'
+    """
+    if is_regressor(model):
+        try:
+            to_target(model, label)
+        except LabelError as exc:
+            return "non_numeric_label", str(exc)
+        return None
+    if not getattr(model, "_multiclass", True):  # river learns y as a bool: 7 would be True, "yes" raises
+        if to_river(label) in (0, 1):
+            return None
+        return "unlearnable_label", (f"label {label[:40]!r} is not 0 or 1, the classes of a binary classifier "
+                                     "(river's multiclass.OneVsRestClassifier(...) learns any)")
+    kind = label_kind(label)
+    if classes is not None and kind != classes:
+        return "unlearnable_label", (f"label {label[:40]!r} is {kind} where the model's classes are "
+                                     f"{'numbers' if classes == 'number' else 'text'}: river cannot order the two kinds")
     return None
 
 

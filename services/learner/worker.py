@@ -539,10 +539,10 @@ class LearnerWorker(StreamWorker):
             return True
         x = snap.vector["features"]
         regression = is_regressor(self.roles.champion.model)
-        problem = label_problem(self.roles.champion.model, label.label) if regression else None
-        if problem:  # a text label for a regressor: nothing to learn
+        problem = label_problem(self.roles.champion.model, label.label, self.roles.classes)
+        if problem:  # text for a regressor, "yes" for a binary classifier: nothing any role could learn
             self.join.learn(label)
-            self.out.dead_letter(label.raw, label.key, label.partition, label.offset, "non_numeric_label", problem)
+            self.out.dead_letter(label.raw, label.key, label.partition, label.offset, *problem)
             return True
         step = self.loop.learn(x, label.label, snap.predictions, self.position)
         for role, p in step.learned.answers:

@@ -48,6 +48,8 @@ REASONS: dict[str, str] = {
     # the join (learner)
     "unknown_event": "a label whose event has no feature snapshot within learner.label_grace_s",
     "non_numeric_label": "a label that is not a finite number within ±1e30, for a regression model",
+    "unlearnable_label": "a label the classifier cannot learn: not 0 or 1 for a binary one, or text where its "
+                         "classes are numbers (or the reverse)",
 }
 
 
