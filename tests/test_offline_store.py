@@ -198,3 +198,16 @@ def test_every_learned_example_reaches_the_store_and_export_and_the_readme_query
     scope: dict = {}
     exec(compile(code, "docs/offline-store.md", "exec"), scope)
     assert [r[0] for r in scope["rows"]] == [r["event_id"] for r in sorted(champion, key=lambda r: r["event_ts"])]
+
+
+def test_train_refuses_a_spec_that_cannot_learn_the_stored_labels(tmp_path):
+    """A binary classifier over text classes: a clear error before anything is learned or registered."""
+    from driftline.offline.train import train
+    from driftline.shared.settings import OfflineSettings, Settings
+
+    store = OfflineStore(tmp_path)
+    rows = [row_of({**outcome(i), "y_true": "spam" if i % 2 else "ham"}, "outcomes", 0, i) for i in range(20)]
+    store.write_batch("outcomes", 0, 0, 19, rows)
+    settings = Settings(namespace="", home=tmp_path, offline=OfflineSettings(dir=tmp_path))
+    with pytest.raises(ValueError, match="cannot learn the selection's labels: label 'ham' is not 0 or 1"):
+        train(settings, since=None, until=None, spec="linear_model.LogisticRegression()")
