@@ -54,7 +54,7 @@ from typing import Any, Literal
 
 from scipy.special import betainc, betaln
 
-from .labels import answer, error, is_regressor, label_kind, learn
+from .labels import answer, error, is_regressor, learn
 from .prequential import Prequential
 from .spec import parse_model  # noqa: F401 -- the examples above use it
 
@@ -285,14 +285,14 @@ class Roles:
     baseline: Slot | None = None
     anchor: Contest | None = None  # the baseline's contest against the champion
     baseline_version: int | None = None  # the never retrained model's version (None: the first champion's)
-    classes: str | None = None  # a classifier's kind of label learned so far (labels.label_kind; None: none yet)
+    classes: set[str] = field(default_factory=set)  # a classifier's labels learned so far (labels.label_problem)
 
     def __post_init__(self) -> None:
         if self.baseline_version is None:
             self.baseline_version = self.champion.version
 
     def __setstate__(self, state: dict) -> None:  # a checkpoint written before `previous` or `baseline`
-        self.__dict__.update({"previous": None, "recall": None, "baseline": None, "anchor": None, "classes": None,
+        self.__dict__.update({"previous": None, "recall": None, "baseline": None, "anchor": None, "classes": set(),
                               **state})
         if self.__dict__.get("baseline_version") is None:  # its champion is where it starts from
             self.baseline_version = self.champion.version
@@ -347,8 +347,8 @@ class Roles:
                 published.append((slot.role, p))
         for slot in self.every_slot():
             slot.learn(x, y)
-        if self.classes is None and not is_regressor(self.champion.model):
-            self.classes = label_kind(y)  # what the learner's `label_problem` holds the next labels to
+        if y not in self.classes and not is_regressor(self.champion.model):
+            self.classes.add(y)  # what the learner's `label_problem` holds the next labels to
         learned = Learned(hits, published)
         if self.contest is not None and "champion" in hits and "challenger" in hits:
             self.contest.record(hits["champion"], hits["challenger"])

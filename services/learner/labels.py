@@ -15,6 +15,7 @@ import functools
 import itertools
 import math
 import re
+from collections.abc import Collection
 from typing import Any
 
 from ..ingestion.validate import MAX_ABS_NUMBER  # what ingestion lets through as a field, a regression label too
@@ -140,22 +141,25 @@ def label_kind(label: str) -> str:
     return "number" if isinstance(to_river(label), int) else "text"
 
 
-def label_problem(model: Any, label: str, classes: str | None = None) -> tuple[str, str] | None:
+def label_problem(model: Any, label: str, classes: Collection[str] = (), max_classes: int | None = None
+                  ) -> tuple[str, str] | None:
     """Why `model` cannot learn `label`: (the dead letter's reason, its detail), or None.
-    `classes`: the `label_kind` of what it learned so far (None: nothing yet).
+    `classes`: a classifier's labels learned so far; `max_classes`: how many it may learn.
 
     river raises on such a label, and a tree's class counts keep it: every later example would
     fail too. So it never reaches the model: a binary classifier (river's LogisticRegression,
     Perceptron, ...) learns the labels 0 and 1 only, and a multiclass one cannot mix numbers and
-    text (its classes are sorted).
+    text (its classes are sorted) nor, from untrusted input, grow without end.
 
         >>> from river import linear_model, tree
         >>> label_problem(linear_model.LogisticRegression(), "1") is None
         True
         >>> label_problem(linear_model.LogisticRegression(), "yes")[0]
         'unlearnable_label'
-        >>> label_problem(tree.HoeffdingTreeClassifier(), "yes", classes="number")[1]
+        >>> label_problem(tree.HoeffdingTreeClassifier(), "yes", classes={"0", "1"})[1]
         "label 'yes' is text where the model's classes are numbers: river cannot order the two kinds"
+        >>> label_problem(tree.HoeffdingTreeClassifier(), "c", classes={"a", "b"}, max_classes=2)[0]
+        'too_many_classes'
         >>> label_problem(linear_model.LinearRegression(), "spam")[0]
         'non_numeric_label'
     """
@@ -170,10 +174,14 @@ def label_problem(model: Any, label: str, classes: str | None = None) -> tuple[s
             return None
         return "unlearnable_label", (f"label {label[:40]!r} is not 0 or 1, the classes of a binary classifier "
                                      "(river's multiclass.OneVsRestClassifier(...) learns any)")
-    kind = label_kind(label)
-    if classes is not None and kind != classes:
+    if not classes or label in classes:
+        return None
+    kind, known = label_kind(label), label_kind(next(iter(classes)))
+    if kind != known:
         return "unlearnable_label", (f"label {label[:40]!r} is {kind} where the model's classes are "
-                                     f"{'numbers' if classes == 'number' else 'text'}: river cannot order the two kinds")
+                                     f"{'numbers' if known == 'number' else 'text'}: river cannot order the two kinds")
+    if max_classes is not None and len(classes) >= max_classes:
+        return "too_many_classes", f"label {label[:40]!r} would be class {len(classes) + 1}; learner.max_classes is {max_classes}"
     return None
 
 

@@ -539,7 +539,7 @@ class LearnerWorker(StreamWorker):
             return True
         x = snap.vector["features"]
         regression = is_regressor(self.roles.champion.model)
-        problem = label_problem(self.roles.champion.model, label.label, self.roles.classes)
+        problem = label_problem(self.roles.champion.model, label.label, self.roles.classes, self.cfg.max_classes)
         if problem:  # text for a regressor, "yes" for a binary classifier: nothing any role could learn
             self.join.learn(label)
             self.out.dead_letter(label.raw, label.key, label.partition, label.offset, *problem)

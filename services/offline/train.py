@@ -25,7 +25,7 @@ from typing import Any
 import duckdb
 
 from ..learner.champion import predict
-from ..learner.labels import label_kind, label_problem, to_river
+from ..learner.labels import label_problem, to_river
 from ..learner.prequential import Prequential
 from ..learner.spec import describe, parse_model
 from ..shared.settings import Settings
@@ -129,9 +129,8 @@ def train(settings: Settings, *, since: float | None, until: float | None, spec:
     if not data:
         raise ValueError(f"the offline store under {store.root} has no examples of model {name!r} in that range")
     model = parse_model(spec)
-    first = label_kind(data[0][1])
     for y in dict.fromkeys(y for _, y in data):  # a stream has few label values
-        problem = label_problem(model, y, first)
+        problem = label_problem(model, y, {data[0][1]})
         if problem:
             raise ValueError(f"{spec} cannot learn the selection's labels: {problem[1]}")
     stats = learn(model, data)

@@ -50,6 +50,7 @@ REASONS: dict[str, str] = {
     "non_numeric_label": "a label that is not a finite number within ±1e30, for a regression model",
     "unlearnable_label": "a label the classifier cannot learn: not 0 or 1 for a binary one, or text where its "
                          "classes are numbers (or the reverse)",
+    "too_many_classes": "a new label when the classifier has learned learner.max_classes already",
 }
 
 

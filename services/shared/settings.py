@@ -210,6 +210,8 @@ class FeatureSettings(BaseModel):
 class LearnerSettings(BaseModel):
     model: str = Field(DEFAULT_MODEL, description="the river model: a safely parsed expression of river classes, literal arguments and |")
     model_name: str = Field("default", description="one active learner per model name")
+    max_classes: int = Field(1000, description="distinct labels a classifier may learn; a label that would be "
+                                               "one more goes to the DLQ (every class costs memory in every leaf)")
     # Mostly time-driven, as Flink's and Kafka Streams' commits are: a checkpoint flushes the
     # producer and pickles what is held, so one every 1,000 labels cost ~10% of the learner at
     # thousands of labels/s. The count bounds the work a restart replays at higher rates.
