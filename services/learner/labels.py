@@ -128,7 +128,8 @@ def to_target(model: Any, label: str) -> int | str | float:
     except ValueError:
         value = math.nan
     if not -MAX_ABS_NUMBER <= value <= MAX_ABS_NUMBER:  # NaN fails it too
-        raise LabelError(f"label {label[:40]!r} is not a number within ±{MAX_ABS_NUMBER:g} (a regressor learns numbers)")
+        raise LabelError(f"label {label[:40]!r} is not a number within ±{MAX_ABS_NUMBER:g} "
+                         "(a regressor learns numbers)")
     return value
 
 
@@ -181,7 +182,8 @@ def label_problem(model: Any, label: str, classes: Collection[str] = (), max_cla
         return "unlearnable_label", (f"label {label[:40]!r} is {kind} where the model's classes are "
                                      f"{'numbers' if known == 'number' else 'text'}: river cannot order the two kinds")
     if max_classes is not None and len(classes) >= max_classes:
-        return "too_many_classes", f"label {label[:40]!r} would be class {len(classes) + 1}; learner.max_classes is {max_classes}"
+        return "too_many_classes", (f"label {label[:40]!r} would be class {len(classes) + 1}; "
+                                    f"learner.max_classes is {max_classes}")
     return None
 
 
