@@ -81,7 +81,8 @@ def test_a_diverged_regressors_vast_errors_raise_alarms_not_overflow(detector):
 def test_a_large_step_detected_within_a_few_errors_is_judged_again_and_counts_as_up(step):
     # ADWIN flags a step of the residuals 3 errors after it: the change point then cannot leave
     # fewer than min_side (30) errors on the newest side, most of them from before, and the rise
-    # is not significant. Judged again 30 errors later, it is: before, such a drift went unanswered.
+    # is not significant. Judged again 30 errors later, it is (without that second look, such a
+    # drift goes unanswered).
     monitor, rng = ConceptMonitor("ADWIN", min_side=30), random.Random(5)
     errors = [rng.random() for _ in range(1500)] + [step * (1 + rng.random()) for _ in range(500)]
     alarms = [a for e in errors if (a := monitor.update(e))]
