@@ -182,8 +182,9 @@ class ConceptMonitor:
             direction = "down" if delta < 0 else "flat"
         if level == "drift" and (since is None or direction == "up"):
             self.segment_start = self.n - recent  # the new regime starts at the change point
-            # Too recent to judge: the best split left the least it may on the newest side.
-            too_recent = since is None and direction != "up" and span >= 2 * self.min_side and recent == self.min_side
+            # Too recent to judge (a first judgement, here, when not "up"): the best split left the
+            # least it may on the newest side.
+            too_recent = direction != "up" and span >= 2 * self.min_side and recent == self.min_side
             self.rejudge = (self.n + self.min_side, self.n - span) if too_recent else None
         return Alarm(level, position, round(before, 6), round(after, 6), direction, recent)
 
