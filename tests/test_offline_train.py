@@ -116,3 +116,55 @@ def test_a_drift_style_challenger_is_rebuilt_from_its_warm_start_and_what_it_lea
     proof = reproduce(settings, "default", version)
     assert proof["before_registration"] == "warm start of 300 examples", proof
     assert proof["reproduced"] and proof["identical_bytes"], json.dumps(proof)
+
+
+@pytest.mark.e2e
+def test_a_dropped_challenger_is_rebuilt_with_the_labels_it_learned_without_an_answer_of_its_own(settings,
+                                                                                                 run_service):
+    """A challenger learns every label from its request on, the first ones of events the champion
+    answered before it existed: once it is dropped, the learner no longer learns it, and it is
+    rebuilt from the positions its last artifact learned, not only from its own rows."""
+    import threading
+
+    from driftline.drift.policy import retrain_request
+    from driftline.shared import kafka
+    from driftline.shared.codec import get_codec
+
+    # A margin no challenger can lead by: dropped after 100 shared examples, whatever it learned;
+    # snapshots for serving save its artifact while it shadows.
+    start_pipeline(run_service, (*PIPELINE, "offline"), model=LINEAR, features="raw",
+                   DRIFTLINE_OFFLINE__FLUSH_INTERVAL_S="0.5", DRIFTLINE_LEARNER__WARM_START="300",
+                   DRIFTLINE_LEARNER__PROMOTION_RULE="margin", DRIFTLINE_LEARNER__PROMOTE_MARGIN="2",
+                   DRIFTLINE_LEARNER__MAX_SHADOW="100", DRIFTLINE_LEARNER__UPDATE_INTERVAL_S="0.2")
+    replay_report(settings, "sea-abrupt", limit=500, label_delay=5)
+    registry = registry_of(settings)
+    # The request comes while events wait for their labels (20 behind): the challenger's first
+    # labels are of events only the champion answered.
+    later = threading.Thread(target=replay_report, args=(settings, "sea-abrupt"),
+                             kwargs={"limit": 400, "label_delay": 20, "rate": 150})
+    later.start()
+    try:
+        deadline = time.monotonic() + 30
+        while registry.meta(1)["examples_seen"] < 560 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        producer = kafka.producer(settings)
+        kafka.produce(producer, Topics(settings.namespace).retrain_requests, get_codec().encode(
+            "RetrainRequest", retrain_request("default", "demand", version=1, position=0)), key="default")
+        producer.flush(10)
+        deadline = time.monotonic() + 60
+        while registry.challenger() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        version = registry.challenger()
+        assert version is not None
+    finally:
+        later.join(120)
+    deadline = time.monotonic() + 60
+    while "dropped_at" not in registry.meta(version) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    meta = registry.meta(version)
+    assert "dropped_at" in meta and meta["next_position"] is None, meta
+    assert meta["examples_seen"] > 300 + 20, meta  # it had learned in the stream when last saved
+    wait_rows(OfflineStore.from_settings(settings), 900)
+    proof = reproduce(settings, "default", version)
+    assert proof["examples"] == meta["examples_seen"], proof
+    assert proof["reproduced"] and proof["identical_bytes"], json.dumps(proof)

@@ -11,8 +11,9 @@ A version's model is its spec (a seed is an argument of the spec), fresh, taught
 2. then every example it learned while it served or shadowed, up to the `examples_seen` of the
    artifact being checked: while the learner keeps learning it in one stretch, the stream positions
    just before the artifact's `next_position`, one example each (every role learns every label,
-   with an answer of its own or not: the labels that come just after a promotion are of events
-   the champion before it answered); otherwise the store's rows that carry its version.
+   with an answer of its own or not: the labels that come just after a promotion, or just after a
+   challenger's request, are of events the champion before it answered), also once the learner
+   has stopped learning it (`learned_until`); otherwise the store's rows that carry its version.
 The rebuilt model is compared with the registered artifact (its signature checked first): byte for
 byte when the model is deterministic, else by its probabilities on the next 1,000 stored examples
 (the last 1,000 it learned when none came after it yet).
@@ -134,11 +135,12 @@ def reproduce(settings: Settings, model: str, version: int, next_n: int = NEXT) 
     meta, stored_blob, stored_model = snapshot(registry, model, version)
     data, source = initial_examples(store, model, meta)
     later = int(meta.get("examples_seen", 0)) - len(data)
-    upto, first = meta.get("next_position"), first_position(store, model, version)
+    upto = meta.get("learned_until", meta.get("next_position"))  # records before learned_until: next_position
+    first = first_position(store, model, version)
     if later <= 0:
         continued = []
     elif upto is not None and first is not None and first >= int(upto) - later:
-        # One stretch up to now (no rollback took it up again after a pause): every position in it.
+        # One stretch up to its artifact (no rollback took it up again after a pause): every position in it.
         continued = stored(store, "model = ? AND role = 'champion' AND position >= ? AND position < ?",
                            [model, int(upto) - later, int(upto)])
     else:

@@ -8,9 +8,9 @@ An artifact is `MAGIC | hmac(32 bytes) | pickle`. `load` checks the HMAC before 
 raises TamperedArtifact otherwise: a blob that this deployment's key did not sign never becomes a
 model (unpickling is code execution, so this check is the line that must never be skipped).
 
-A version's record also says where its artifact stands in the learner's stream: `next_position`,
-the position of the first labelled example the artifact has not learned while the learner keeps
-learning that version (None once the learner does not), and `digest`, the artifact's content hash
+A version's record also says where its artifact stands in the learner's stream: `learned_until`,
+the position of the first labelled example the artifact has not learned; `next_position`, the
+same while the learner keeps learning that version (None once it does not); and `digest`, the artifact's content hash
 (`digest.model_digest`). A prediction replica loads the artifact and learns the learner's outcomes
 from `next_position` on (docs/serving.md); `load` reads artifact and record in one transaction,
 so the two always belong together.
@@ -173,6 +173,7 @@ class ModelRegistry:
             "offsets": offsets or {},
             "revision": 0,
             "next_position": next_position,
+            "learned_until": next_position,
             "digest": model_digest(model),
         }
         self._index_once()
@@ -184,14 +185,17 @@ class ModelRegistry:
         return version
 
     def update(self, version: int, model: Any, *, examples_seen: int, metrics: dict[str, float] | None = None,
-               offsets: dict[str, int] | None = None, next_position: int | None = None) -> int:
+               offsets: dict[str, int] | None = None, next_position: int | None = None,
+               learned_until: int | None = None) -> int:
         """Replace a version's artifact as it keeps learning; returns the new revision.
-        `next_position`: the learner's stream position it has learned up to (see the module's doc)."""
+        `next_position`: the learner's stream position it has learned up to, None when it stops
+        learning it; `learned_until`: that position also then (see the module's doc)."""
         meta = self.meta(version)
         meta["revision"] = int(meta.get("revision", 0)) + 1
         meta["examples_seen"] = examples_seen
         meta["updated_at"] = time.time()
         meta["next_position"] = next_position
+        meta["learned_until"] = next_position if learned_until is None else learned_until
         meta["digest"] = model_digest(model)
         if metrics is not None:
             meta["metrics"] = metrics
