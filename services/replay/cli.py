@@ -6,8 +6,10 @@ from pathlib import Path
 
 import typer
 
-DATASET_HELP = ("elec2, agrawal-abrupt, agrawal-gradual, sea-abrupt, hyperplane, agrawal-stationary, "
-                "sea-stationary, friedman-abrupt, friedman-gradual (regression), or csv:PATH (with --target)")
+from .datasets import NAMES, REGRESSION
+
+DATASET_HELP = (", ".join(f"{n} (regression)" if n in REGRESSION else n for n in NAMES[:-1])
+                + f", or {NAMES[-1]} (with --target); payments comes with its feature file (payments.toml)")
 
 
 def replay(
