@@ -13,7 +13,7 @@ from river import dummy, linear_model, preprocessing
 from driftline.infra import stack
 from driftline.learner.labels import argmax, proba_to_text, to_river
 from driftline.shared.keys import Keys
-from driftline.shared.registry import ModelRegistry, PrunedArtifact, TamperedArtifact
+from driftline.shared.registry import ModelRegistry, TamperedArtifact, UnknownVersion
 from driftline.shared.settings import FeatureSettings, Ports
 
 from learner_harness import T0, Driver, champion_outcomes, make_rows, read_all, status, wait_for
@@ -265,7 +265,7 @@ def test_a_useless_challenger_is_dropped_and_retrains_while_shadowing_are_ignore
                                                                                   run_service):
     env = {"DRIFTLINE_LEARNER__WARM_START": "0", "DRIFTLINE_LEARNER__PROMOTE_AFTER": "100",
            "DRIFTLINE_LEARNER__PROMOTE_MARGIN": "0.5", "DRIFTLINE_LEARNER__MAX_SHADOW": "150",
-           "DRIFTLINE_LEARNER__KEEP_VERSIONS": "1"}
+           "DRIFTLINE_LEARNER__KEEP_VERSIONS": "1", "DRIFTLINE_LEARNER__KEEP_RECORDS": "1"}
     learner = run_service("learner", **env)
     driver = Driver(settings, redis_client)
     rows = make_rows(500, seed=9)
@@ -289,11 +289,12 @@ def test_a_useless_challenger_is_dropped_and_retrains_while_shadowing_are_ignore
     assert httpx.post(learner.url + "/v1/models/rollback").status_code == 403  # no admin token: closed
 
     # Retention: the next challenger's registration prunes the dropped one's artifact (keep 1),
-    # never the champion's; the lineage stays and says so.
+    # never the champion's, and then its lineage record (keep 1 record beside what is needed).
     driver.retrain("demand", drift_id=None)
     wait_for(lambda: reg.challenger() == 3, what="the next challenger is registered")
-    wait_for(lambda: "pruned_at" in reg.meta(2), what="the dropped challenger's artifact is pruned")
-    with pytest.raises(PrunedArtifact):
+    wait_for(lambda: reg.count() == 2, what="the dropped challenger's record is deleted")
+    with pytest.raises(UnknownVersion):
         reg.load(2)
     assert reg.load(1)[1]["version"] == 1 and reg.load(3)[1]["version"] == 3
-    assert "dropped_at" in reg.meta(2)
+    models = httpx.get(learner.url + "/v1/models", params={"limit": 1}).json()
+    assert [v["version"] for v in models["versions"]] == [3] and models["versions_total"] == 2

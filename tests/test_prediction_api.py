@@ -317,6 +317,9 @@ def test_rollback_and_promote_change_the_champion_and_publish_model_swaps(settin
     assert models["champion"] == v1 and models["serving"] == v1
     assert [v["version"] for v in models["versions"]] == [v1, v2]
     assert models["versions"][1]["parent"] == v1  # lineage
+    newest = client.get("/v1/models", params={"limit": 1}).json()
+    assert [v["version"] for v in newest["versions"]] == [v2] and newest["versions_total"] == 2
+    assert client.get("/v1/models", params={"limit": 0}).status_code == 422
 
     assert client.post("/v1/models/rollback", headers=auth).status_code == 409  # v1 has no parent
     assert client.post("/v1/models/99/promote", headers=auth).status_code == 404

@@ -83,3 +83,33 @@ def test_requests_are_indexed_and_a_registry_from_before_the_indexes_is_indexed_
     assert older.version_of_request("req-c") == v3 and older.version_of_request("req-a") == v2
     assert [int(v) for v in redis_client.zrange(registry.keys.registry_kept("m"), 0, -1)] == [v2, v3]
     assert json.loads(redis_client.hget(registry.keys.registry_versions("m"), str(v3)))["request_id"] == "req-c"
+
+
+def test_lineage_records_beyond_the_newest_are_forgotten_unless_a_role_or_a_line_needs_them(registry, redis_client):
+    v1 = registry.register(dummy.NoChangeClassifier(), spec="s", reason="initial")
+    registry.set_role("champion", v1)
+    losers = register(registry, 5, parent=v1)  # 2..6, each for a retrain request
+    for i, v in enumerate(losers):
+        registry.annotate(v, request_id=f"req-{i}")
+    v7 = registry.register(dummy.NoChangeClassifier(), spec="s", reason="concept_drift", parent=v1)
+    registry.annotate(v7, replaced=v1)
+    registry.set_role("champion", v7)
+    newer = register(registry, 6, parent=v7)  # 8..13
+    shadowing = losers[1]
+    assert registry.forget(3, protect={shadowing}) == []  # every artifact is still stored: nothing to forget
+
+    registry.prune(3, protect={shadowing})
+    forgotten = registry.forget(3, protect={shadowing})
+
+    # The records of pruned versions older than the newest 3 go, but not the champion's line (v7,
+    # and v1, which a rollback goes back to) nor what the learner holds.
+    assert sorted(forgotten) == sorted([losers[0], *losers[2:], *newer[:3]])
+    assert [m["version"] for m in registry.versions()] == [v1, shadowing, v7, *newer[3:]]
+    assert registry.count() == 6 and registry.forget(3, protect={shadowing}) == []
+    assert registry.version_of_request("req-0") is None and registry.version_of_request("req-1") == shadowing
+    with pytest.raises(UnknownVersion):
+        registry.meta(losers[0])
+    assert rollback_target(registry) == v1 and make_champion(registry, v1) == v7
+    # Listing the newest: oldest first, as many as asked.
+    assert [m["version"] for m in registry.versions(2)] == newer[4:]
+    assert [m["version"] for m in registry.versions(100)] == [v1, shadowing, v7, *newer[3:]]

@@ -161,16 +161,22 @@ class Lineage:
 
     def prune(self, roles: Roles) -> list[int]:
         """Retention after a role change (registry.prune): the artifacts of versions nothing needs
-        any more, beyond the newest `learner.keep_versions`, are deleted. Best effort: a Redis that
-        does not answer now is asked again at the next change."""
+        any more, beyond the newest `learner.keep_versions`, are deleted, and their lineage records
+        beyond the newest `learner.keep_records`. Best effort: a Redis that does not answer now is
+        asked again at the next change."""
+        held = {s.version for s in roles.every_slot()}
         try:
-            pruned = self.registry.prune(self.cfg.keep_versions, protect={s.version for s in roles.every_slot()})
+            pruned = self.registry.prune(self.cfg.keep_versions, protect=held)
+            forgotten = self.registry.forget(self.cfg.keep_records, protect=held, depth=self.cfg.keep_versions)
         except redis_clients.UNAVAILABLE as exc:
             log.warning("learner %s: retention postponed (%s)", self.name, exc)
             return []
         if pruned:
             log.info("learner %s: artifacts of v%s pruned (retention keeps the newest %d and what is needed)",
                      self.name, ", v".join(map(str, pruned)), self.cfg.keep_versions)
+        if forgotten:
+            log.info("learner %s: lineage records of v%s deleted (retention keeps the newest %d and what is needed)",
+                     self.name, ", v".join(map(str, forgotten)), self.cfg.keep_records)
         return pruned
 
     # -- changes made elsewhere ------------------------------------------------------------------

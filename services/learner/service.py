@@ -12,10 +12,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import Body, FastAPI, HTTPException
+from fastapi import Body, FastAPI, HTTPException, Query
 
 from ..shared.admin import AdminAction, admin_action  # the one admin guard of every service, audited
-from ..shared.registry import PrunedArtifact, TamperedArtifact, UnknownVersion
+from ..shared.registry import MAX_VERSIONS_LISTED, VERSIONS_LISTED, PrunedArtifact, TamperedArtifact, UnknownVersion
 from ..shared.app import service_app
 from ..shared.process import configure_logging, run_app
 from ..shared.settings import Settings
@@ -29,10 +29,12 @@ def create_app(settings: Settings, worker: LearnerWorker | None = None) -> FastA
     app = service_app(SERVICE, worker=worker, title="driftline learner")
     registry = worker.registry
 
-    @app.get("/v1/models", tags=["models"], summary="Champion, challenger, every version and its lineage")
-    def models() -> dict[str, Any]:
+    @app.get("/v1/models", tags=["models"], summary="Champion, challenger, the newest versions and their lineage")
+    def models(limit: int = Query(VERSIONS_LISTED, ge=1, le=MAX_VERSIONS_LISTED,
+                                  description="how many of the newest versions to list")
+               ) -> dict[str, Any]:
         return {"model": worker.name, "champion": registry.champion(), "challenger": registry.challenger(),
-                "versions": registry.versions(), "live": worker.status()}
+                "versions": registry.versions(limit), "versions_total": registry.count(), "live": worker.status()}
 
     def swap(version: int, reason: str) -> dict[str, Any]:
         try:

@@ -37,6 +37,7 @@ from ..shared import metrics, redis_clients
 from ..shared.admin import AdminAction, admin_action
 from ..shared.doors import DOOR_RESPONSES, DoorGuard
 from ..shared.app import RequestRoute, service_app
+from ..shared.registry import MAX_VERSIONS_LISTED, VERSIONS_LISTED
 from ..shared.settings import Settings, get_settings
 from .models import NonFiniteOutput
 from .predictor import AdminError, FieldsRefused, NotReady, Predictor
@@ -243,10 +244,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # -- models --------------------------------------------------------------------------------
     @app.get("/v1/models", response_model=ModelsResponse, tags=["models"],
-             summary="Champion, challenger, this worker's version and how fresh it is, every version with its lineage")
-    def models(digest: bool = Query(False, description="also each served model's content hash (docs/serving.md)")
-               ) -> dict[str, Any]:
-        return {**predictor.models(digest=digest), "worker": os.getpid()}
+             summary="Champion, challenger, this worker's version and how fresh it is, the newest versions with "
+                     "their lineage")
+    def models(digest: bool = Query(False, description="also each served model's content hash (docs/serving.md)"),
+               limit: int = Query(VERSIONS_LISTED, ge=1, le=MAX_VERSIONS_LISTED,
+                                  description="how many of the newest versions to list")) -> dict[str, Any]:
+        return {**predictor.models(digest=digest, limit=limit), "worker": os.getpid()}
 
     @app.post("/v1/models/rollback", response_model=SwapResponse, responses=ADMIN_ERRORS, tags=["models"],
               summary="Admin: make the champion's parent (or a given version) the champion")

@@ -337,9 +337,10 @@ class Predictor:
         return ready, reasons
 
     # -- the registry view and admin actions --------------------------------------------------
-    def models(self, digest: bool = False) -> dict[str, Any]:
-        """The registry's view and this worker's; with `digest`, each served model's content hash
-        (a pickle of the model: for a large forest, a noticeable pause of this worker)."""
+    def models(self, digest: bool = False, limit: int = 100) -> dict[str, Any]:
+        """The registry's view (its newest `limit` versions) and this worker's; with `digest`, each
+        served model's content hash (a pickle of the model: for a large forest, a noticeable pause
+        of this worker)."""
         served = self.holder.current
         replicas = self.follower.freshness()
         if digest:
@@ -355,7 +356,8 @@ class Predictor:
             "serving_examples_seen": served.examples if served else None,
             "replicas": replicas,
             "refused": {str(v): why for v, why in dict(self.holder.refused).items()},  # a copy: the follower adds
-            "versions": self.registry.versions(),
+            "versions": self.registry.versions(limit),
+            "versions_total": self.registry.count(),
             "canary": self.canary.state(),
         }
 

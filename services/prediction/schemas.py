@@ -205,7 +205,8 @@ class ModelsResponse(BaseModel):
     worker: int = Field(description="process id of the worker that answered (several uvicorn workers)")
     refused: dict[str, str] = Field(default_factory=dict,
                                     description="versions whose artifact this worker refused, and why")
-    versions: list[VersionInfo] = Field(description="every version, oldest first, with lineage")
+    versions: list[VersionInfo] = Field(description="the newest versions (`limit`), oldest first, with lineage")
+    versions_total: int = Field(0, description="lineage records in the registry (learner.keep_records bounds them)")
     canary: CanaryState | None = Field(None, description="canary routing as this worker sees it")
 
 

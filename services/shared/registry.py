@@ -19,8 +19,9 @@ Retention (`prune`): the drift loop registers a version for every challenger it 
 which lose their contest; their artifacts (megabytes for a forest) would grow Redis without end.
 The artifacts of versions older than the newest `keep` are deleted unless a role, the learner (a
 displaced champion still shadowing) or their lines of promotions (what rollbacks go back to) need
-them; every version's lineage record stays, marked `pruned_at`, and `load` refuses a
-pruned one with `PrunedArtifact`. `set_role` and the prune are atomic scripts on the model's keys,
+them; their lineage records stay, marked `pruned_at`, and `load` refuses a
+pruned one with `PrunedArtifact`. The records too are bounded (`forget`): beyond the newest
+`learner.keep_records`, those of pruned versions that no role or line needs are deleted. `set_role` and the prune are atomic scripts on the model's keys,
 so neither can make a pruned version a champion nor prune one that just became a champion.
 """
 
@@ -61,6 +62,8 @@ class PrunedArtifact(UnknownVersion):
         return (f"version {self.args[0]}'s artifact was pruned by retention (learner.keep_versions); "
                 "its lineage is kept")
 
+
+VERSIONS_LISTED, MAX_VERSIONS_LISTED = 100, 10_000  # GET /v1/models: the newest versions, by default and at most
 
 # KEYS: versions, artifact, roles; ARGV: version, role. 0: no such version; -1: its artifact is gone.
 _SET_ROLE = """
@@ -263,6 +266,54 @@ class ModelRegistry:
             self.annotate(version, pruned_at=now)
         return pruned
 
+    def forget(self, keep: int, protect: Iterable[int] = (), depth: int = 20) -> list[int]:
+        """Delete the lineage records of the versions older than the newest `keep` records whose
+        artifacts retention deleted already, unless a role, `protect` or their lines of promotions
+        (up to `depth` back) name them, with their retrain requests' index entries; returns them.
+        A long-running drift loop registers versions without end (some 500 per million examples of
+        a drifting stream): their records would grow Redis and every `GET /v1/models`.
+
+            reg.forget(1000, protect={slot.version for slot in roles.every_slot()})
+        """
+        self._index_once()
+        numbers = sorted(int(v) for v in self.r.hkeys(self.keys.registry_versions(self.model)))
+        if len(numbers) <= keep:
+            return []
+        stored = {int(v) for v in self.r.zrange(self.keys.registry_kept(self.model), 0, -1)}
+        candidates = [v for v in numbers[:len(numbers) - keep] if v not in stored]
+        if not candidates:
+            return []
+        starts = {int(v) for v in self.r.hvals(self.keys.registry_roles(self.model))} | set(protect)
+        needed = self._lines(starts, depth)
+        victims = [v for v in candidates if v not in needed]
+        if not victims:
+            return []
+        raw = self.r.hmget(self.keys.registry_versions(self.model), [str(v) for v in victims])
+        requests = [meta["request_id"] for meta in (json.loads(m) for m in raw if m is not None)
+                    if meta.get("request_id") is not None]
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hdel(self.keys.registry_versions(self.model), *(str(v) for v in victims))
+        if requests:
+            pipe.hdel(self.keys.registry_requests(self.model), *requests)
+        pipe.execute()
+        return victims
+
+    def _lines(self, starts: set[int], depth: int) -> set[int]:
+        """`starts` and what each replaced (else its parent), and so on, `depth` back, by their records."""
+        lines: set[int] = set()
+        for version in starts:
+            for _ in range(depth + 1):
+                if version in lines:
+                    break
+                lines.add(version)
+                raw = self.r.hget(self.keys.registry_versions(self.model), str(version))
+                meta = {} if raw is None else json.loads(raw)
+                back = meta.get("replaced") or meta.get("parent")
+                if back is None:
+                    break
+                version = int(back)
+        return lines
+
     @staticmethod
     def absent(version: int, meta: dict[str, Any]) -> UnknownVersion:
         """Why a version with lineage `meta` has no artifact: PrunedArtifact when retention
@@ -312,9 +363,18 @@ class ModelRegistry:
             raise UnknownVersion(version)
         return json.loads(raw)
 
-    def versions(self) -> list[dict[str, Any]]:
-        raw = self.r.hgetall(self.keys.registry_versions(self.model))
-        return sorted((json.loads(v) for v in raw.values()), key=lambda m: m["version"])
+    def versions(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """The lineage records, oldest first: every one, or the newest `limit`."""
+        if limit is None:
+            raw = self.r.hgetall(self.keys.registry_versions(self.model)).values()
+        else:
+            numbers = sorted(int(v) for v in self.r.hkeys(self.keys.registry_versions(self.model)))[-limit:]
+            raw = self.r.hmget(self.keys.registry_versions(self.model), [str(v) for v in numbers]) if numbers else []
+        return sorted((json.loads(v) for v in raw if v is not None), key=lambda m: m["version"])
+
+    def count(self) -> int:
+        """How many lineage records there are (`forget` bounds them)."""
+        return int(self.r.hlen(self.keys.registry_versions(self.model)))
 
     def load(self, version: int) -> tuple[Any, dict[str, Any]]:
         """The model of a version (signature checked) and its lineage, read together."""

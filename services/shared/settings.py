@@ -240,6 +240,10 @@ class LearnerSettings(BaseModel):
         20, ge=1, description="registry retention: the artifacts of the newest N versions are kept, beside those "
                               "a role or a shadowing champion needs, or what rollbacks from them go back to; older ones "
                               "are deleted (their lineage stays)")
+    keep_records: int = Field(
+        1000, ge=1, description="registry retention of lineage records: beyond the newest N, the records of versions "
+                                "whose artifacts were deleted (keep_versions) and that no role or line of "
+                                "promotions needs are deleted too, with their retrain requests' index entries")
     lease_ttl_s: float = Field(5.0, description="a standby takes over this long after the active learner dies")
     warm_start: int = Field(2000, description="challenger warm-up on the last W labelled examples (0 = fresh)")
     promotion_rule: Literal["mcnemar", "margin"] = Field(
