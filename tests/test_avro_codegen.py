@@ -206,3 +206,17 @@ def test_varints_round_trip_as_fastavro_writes_them(n):
     fastavro.schemaless_writer(buf, {"type": "long"}, n)
     assert write_long(n) == buf.getvalue()
     assert read_long(buf.getvalue(), 0) == (n, len(buf.getvalue()))
+
+
+def test_map_keys_are_written_from_a_bounded_cache_with_the_same_bytes():
+    from driftline.shared.avro_codegen import MAX_CACHED_KEYS
+
+    schema = {"type": "record", "name": "M", "fields": [{"name": "x", "type": {"type": "map", "values": "double"}}]}
+    codec = compile_record(schema)
+    parsed = fastavro.parse_schema(schema)
+    many = {f"f{i}": float(i) for i in range(MAX_CACHED_KEYS + 500)}  # more names than it keeps
+    for value in ({"x": many}, {"x": many}, {"x": {"f1": 2.0, "é" * 70: 1.0}}, {"x": {"f1": 2.0, "é" * 70: 1.0}}):
+        out = io.BytesIO()
+        fastavro.schemaless_writer(out, parsed, value)
+        assert codec.encode(value) == out.getvalue()
+    assert len(codec.encode.__globals__["KEYS"]) == MAX_CACHED_KEYS

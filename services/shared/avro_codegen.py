@@ -71,6 +71,7 @@ def write_long(n: int) -> bytes:
 
 
 _SMALL = [bytes((i,)) for i in range(0x80)]  # the one-byte varints, ready made
+MAX_CACHED_KEYS = 4096  # map keys whose encoding a codec keeps: bounded, whatever the input
 
 
 def read_long(b: bytes, pos: int) -> tuple[int, int]:
@@ -123,8 +124,17 @@ def compile_record(schema: dict[str, Any], header: bytes = b"") -> SpecificCodec
     gen.read(schema, "value", 1)
     gen.line(1, "return value, pos")
     source = "\n".join(gen.lines)
-    namespace = {"HEADER": header, "SMALL": _SMALL, "write_long": write_long, "read_long": read_long,
-                 "read_length": read_length, "pack_d": _DOUBLE.pack, "unpack_d": _DOUBLE.unpack_from,
+    keys: dict[str, bytes] = {}
+
+    def key_bytes(key: str) -> bytes:
+        text = key.encode()  # AttributeError for anything but text: fastavro decides
+        encoded = (_SMALL[len(text) << 1] if len(text) < 64 else write_long(len(text))) + text
+        if len(keys) < MAX_CACHED_KEYS and key.__class__ is str:
+            keys[key] = encoded
+        return encoded
+
+    namespace = {"HEADER": header, "SMALL": _SMALL, "KEYS": keys, "key_bytes": key_bytes, "write_long": write_long,
+                 "read_long": read_long, "read_length": read_length, "pack_d": _DOUBLE.pack, "unpack_d": _DOUBLE.unpack_from,
                  "pack_f": _FLOAT.pack, "unpack_f": _FLOAT.unpack_from, **gen.constants}
     exec(compile(source, f"<avro {schema.get('name')}>", "exec"), namespace)  # noqa: S102 (our own source)
     return SpecificCodec(namespace["encode"], namespace["decode"], source)
@@ -247,7 +257,10 @@ class _Generator:
             line(indent, f"if {m}:")
             line(indent + 1, f"o.append(write_long(len({m})))")
             line(indent + 1, f"for {k}, {v} in {m}.items():")
-            self.write("string", k, indent + 2)
+            # A map's keys come again and again (feature names): each one's bytes are made once.
+            kb = self.var("kb")
+            line(indent + 2, f"{kb} = KEYS.get({k})")
+            line(indent + 2, f"o.append({kb} if {kb} is not None else key_bytes({k}))")
             self.write(schema["values"], v, indent + 2)
             line(indent, "o.append(b'\\x00')")
         elif kind == "array":

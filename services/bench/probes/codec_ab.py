@@ -6,7 +6,11 @@ Run: .venv/bin/python services/bench/probes/codec_ab.py [rounds]
 2026-12-06, a quiet moment (µs per record, fastavro -> generated; fastavro's Outcome without the
 union tags the learner used to add for it, ~12.7 with them): Event read 5.1 -> 3.0, write 5.6 -> 2.8;
 FeatureVector 8.1 -> 4.2, 7.4 -> 3.6; Label 1.6 -> 0.5, 1.8 -> 0.4; Prediction 4.4 -> 2.2,
-4.5 -> 1.8; Outcome 12.5 -> 6.5, 15.0 -> 5.6; KeyedEvents per event 8.9 -> 6.7, 7.9 -> 4.6."""
+4.5 -> 1.8; Outcome 12.5 -> 6.5, 15.0 -> 5.6; KeyedEvents per event 8.9 -> 6.7, 7.9 -> 4.6.
+2026-12-07, a slower host (fastavro ~40% slower than the day before), map keys written from a
+cache of their bytes (generated write, before -> after, fastavro alike in both runs): FeatureVector
+4.89 -> 4.08, Event 3.71 -> 3.32, Outcome 7.56 -> 6.84, KeyedEvents 6.23 -> 5.26; decoding keys
+through a cache too was no faster (6.36 -> 6.43 for the FeatureVector) and was left out."""
 import io
 import statistics
 import sys
