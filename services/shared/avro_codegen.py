@@ -134,8 +134,9 @@ def compile_record(schema: dict[str, Any], header: bytes = b"") -> SpecificCodec
         return encoded
 
     namespace = {"HEADER": header, "SMALL": _SMALL, "KEYS": keys, "key_bytes": key_bytes, "write_long": write_long,
-                 "read_long": read_long, "read_length": read_length, "pack_d": _DOUBLE.pack, "unpack_d": _DOUBLE.unpack_from,
-                 "pack_f": _FLOAT.pack, "unpack_f": _FLOAT.unpack_from, **gen.constants}
+                 "read_long": read_long, "read_length": read_length, "pack_d": _DOUBLE.pack,
+                 "unpack_d": _DOUBLE.unpack_from, "pack_f": _FLOAT.pack, "unpack_f": _FLOAT.unpack_from,
+                 **gen.constants}
     exec(compile(source, f"<avro {schema.get('name')}>", "exec"), namespace)  # noqa: S102 (our own source)
     return SpecificCodec(namespace["encode"], namespace["decode"], source)
 

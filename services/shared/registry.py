@@ -10,8 +10,8 @@ model (unpickling is code execution, so this check is the line that must never b
 
 A version's record also says where its artifact stands in the learner's stream: `learned_until`,
 the position of the first labelled example the artifact has not learned; `next_position`, the
-same while the learner keeps learning that version (None once it does not); and `digest`, the artifact's content hash
-(`digest.model_digest`). A prediction replica loads the artifact and learns the learner's outcomes
+same while the learner keeps learning that version (None once it does not); and `digest`, the
+artifact's content hash (`digest.model_digest`). A prediction replica loads the artifact and learns the learner's outcomes
 from `next_position` on (docs/serving.md); `load` reads artifact and record in one transaction,
 so the two always belong together.
 
@@ -19,10 +19,11 @@ Retention (`prune`): the drift loop registers a version for every challenger it 
 which lose their contest; their artifacts (megabytes for a forest) would grow Redis without end.
 The artifacts of versions older than the newest `keep` are deleted unless a role, the learner (a
 displaced champion still shadowing) or their lines of promotions (what rollbacks go back to) need
-them; their lineage records stay, marked `pruned_at`, and `load` refuses a
-pruned one with `PrunedArtifact`. The records too are bounded (`forget`): beyond the newest
-`learner.keep_records`, those of pruned versions that no role or line needs are deleted. `set_role` and the prune are atomic scripts on the model's keys,
-so neither can make a pruned version a champion nor prune one that just became a champion.
+them; their lineage records stay, marked `pruned_at`, and `load` refuses a pruned one with
+`PrunedArtifact`. `set_role` and the prune are atomic scripts on the model's keys, so neither can
+make a pruned version a champion nor prune one that just became a champion. The records are
+bounded too (`forget`): beyond the newest `learner.keep_records`, those of pruned versions that no
+role or line needs are deleted.
 """
 
 from __future__ import annotations
