@@ -168,3 +168,5 @@ def test_a_dropped_challenger_is_rebuilt_with_the_labels_it_learned_without_an_a
     proof = reproduce(settings, "default", version)
     assert proof["examples"] == meta["examples_seen"], proof
     assert proof["reproduced"] and proof["identical_bytes"], json.dumps(proof)
+    with pytest.raises(NotReproducible, match="no version 99 in the registry"):
+        reproduce(settings, "default", 99)

@@ -30,7 +30,7 @@ from typing import Any
 import duckdb
 
 from ..learner.spec import parse_model
-from ..shared.registry import verify
+from ..shared.registry import UnknownVersion, verify
 from ..shared.settings import Settings
 from .store import OfflineStore, vector_of
 from .train import Selection, environment, examples, learn, registry_of
@@ -78,7 +78,11 @@ def snapshot(registry, model: str, version: int) -> tuple[dict, bytes, Any]:
     """The version's lineage, signed artifact payload and model, all of one revision (the learner
     may save a new revision while we read)."""
     for _ in range(20):
-        meta = registry.meta(version)
+        try:
+            meta = registry.meta(version)
+        except UnknownVersion:
+            raise NotReproducible(f"{model} has no version {version} in the registry (never registered, or its "
+                                  "lineage record deleted by retention: learner.keep_records)") from None
         artifact = registry.r.get(registry.keys.registry_artifact(model, version))
         if artifact is None:
             raise NotReproducible(f"{model} v{version} has no artifact to compare with: "
