@@ -287,6 +287,7 @@ def test_a_useless_challenger_is_dropped_and_retrains_while_shadowing_are_ignore
     assert_once(outcomes, 500)
     assert sum(o["role"] == "challenger" for o in outcomes) == 150
     assert httpx.post(learner.url + "/v1/models/rollback").status_code == 403  # no admin token: closed
+    assert "server" not in httpx.get(learner.url + "/health").headers  # the software is not advertised
 
     # Retention: the next challenger's registration prunes the dropped one's artifact (keep 1),
     # never the champion's, and then its lineage record (keep 1 record beside what is needed).
