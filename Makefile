@@ -20,7 +20,7 @@ demo: setup
 	$(BIN)/driftline demo elec2
 
 test: setup
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra --durations=30
 
 # Every test that needs no broker or Redis: starts nothing, a couple of minutes.
 test-unit: $(STAMP)
