@@ -546,12 +546,13 @@ def up(settings: Settings, timeout: float = 90.0, create_topics: bool = True,
     return timings
 
 
-def down(settings: Settings) -> list[str]:
-    """Stop Prometheus, Redis and Kafka (those driftline started). Returns what was stopped.
+def down(settings: Settings, timeout: float = 30.0) -> list[str]:
+    """Stop Prometheus, Redis and Kafka (those driftline started), each given `timeout` seconds to
+    shut down cleanly before it is killed. Returns what was stopped.
     (`driftline infra down` first stops the services `serve all` left: serve.stop_services.)"""
     stopped = []
     for component in [Prometheus(settings), *reversed(components(settings))]:
-        if component.stop():
+        if component.stop(timeout):
             stopped.append(component.name)
     return stopped
 
