@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 
 import pytest
 from learner_harness import read_all
@@ -21,6 +22,7 @@ from pipeline import metric, replay_report, start_pipeline
 
 from driftline.bench.drift import LOGREG, TREE, simulate
 from driftline.replay.datasets import load
+from driftline.shared import kafka
 from driftline.shared.keys import Keys
 from driftline.shared.registry import ModelRegistry
 from driftline.shared.swaps import rollback_target
@@ -90,13 +92,26 @@ def test_the_never_retrained_model_comes_back_through_the_services_as_in_process
     assert_same(decisions(report), reference)
 
 
+def featurized(settings, n: int, timeout: float = 180.0) -> None:
+    """Wait until the features topic holds `n` vectors: the learner started then is behind all of them."""
+    c = kafka.consumer(settings, f"probe-{uuid.uuid4().hex[:8]}")
+    parts = kafka.partitions_of(settings, Topics(settings.namespace).features)
+    deadline = time.monotonic() + timeout
+    try:
+        while sum(c.get_watermark_offsets(tp, timeout=10)[1] for tp in parts) < n:
+            assert time.monotonic() < deadline, f"the features topic did not reach {n} vectors in {timeout:g} s"
+            time.sleep(0.25)
+    finally:
+        c.close()
+
+
 def test_a_learner_behind_the_whole_stream_decides_as_in_process(settings, run_service, reference):
     start_pipeline(run_service, SERVICES, model=TREE, features="raw")
     report: dict = {}
     replaying = threading.Thread(target=lambda: report.update(replay_report(
         settings, DATASET, label_delay=DELAY, model=TREE, features="raw", stall_timeout_s=300)))
     replaying.start()
-    time.sleep(15)  # the stream is published and featurized while no learner reads it
+    featurized(settings, load(DATASET).size)  # the whole stream, while no learner reads it
     start_pipeline(run_service, ("learner",), model=TREE, features="raw",
                    DRIFTLINE_LEARNER__MAX_HELD_EVENTS="2000", DRIFTLINE_LEARNER__MAX_WAITING_LABELS="2000")
     replaying.join(600)
@@ -124,7 +139,7 @@ def test_a_learner_killed_mid_stream_and_restarted_decides_as_in_process(setting
         settings, DATASET, label_delay=DELAY, model=TREE, features="raw", stall_timeout_s=300)))
     replaying.start()
     if behind:
-        time.sleep(15)  # the stream is published and featurized while no learner reads it
+        featurized(settings, load(DATASET).size)  # the whole stream, while no learner reads it
         procs.update(start_pipeline(run_service, ("learner",), model=TREE, features="raw", **learner_env))
     learner = procs["learner"]
     deadline = time.monotonic() + 300
