@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 
 import pytest
-from learner_harness import read_all
+from learner_harness import read_all, wait_for
 from pipeline import metric, replay_report, start_pipeline
 
 from driftline.bench.drift import LOGREG, TREE, simulate
@@ -92,17 +91,10 @@ def test_the_never_retrained_model_comes_back_through_the_services_as_in_process
     assert_same(decisions(report), reference)
 
 
-def featurized(settings, n: int, timeout: float = 180.0) -> None:
+def featurized(settings, n: int) -> None:
     """Wait until the features topic holds `n` vectors: the learner started then is behind all of them."""
-    c = kafka.consumer(settings, f"probe-{uuid.uuid4().hex[:8]}")
-    parts = kafka.partitions_of(settings, Topics(settings.namespace).features)
-    deadline = time.monotonic() + timeout
-    try:
-        while sum(c.get_watermark_offsets(tp, timeout=10)[1] for tp in parts) < n:
-            assert time.monotonic() < deadline, f"the features topic did not reach {n} vectors in {timeout:g} s"
-            time.sleep(0.25)
-    finally:
-        c.close()
+    client, parts = kafka.admin(settings), kafka.partitions_of(settings, Topics(settings.namespace).features)
+    wait_for(lambda: sum(kafka.ends(client, parts, 10).values()) >= n, 180, f"{n} vectors on the features topic")
 
 
 def test_a_learner_behind_the_whole_stream_decides_as_in_process(settings, run_service, reference):

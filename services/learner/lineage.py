@@ -123,7 +123,7 @@ class Lineage:
             return True
         if kind == "restored":
             self.telemetry.retire(other)
-            other.revision = self.save(other, None, at=position)  # it leaves: what it had learned, frozen
+            other.revision = self.save(other, position, leaves=True)  # what it had learned, frozen
             slot.revision = self.save(slot, position)
             already = self.registry.champion() == slot.version
             self.registry.set_role("champion", slot.version)
@@ -132,7 +132,7 @@ class Lineage:
             self.registry.annotate(other.version, retired_at=position, retired_by=slot.version)
             gone = change.record.get("forgotten")  # a displaced champion leaving with it (the baseline's return)
             if gone is not None:
-                gone.revision = self.save(gone, None, at=position)
+                gone.revision = self.save(gone, position, leaves=True)
                 self.registry.annotate(gone.version, shadowing=False, next_position=None)
             if not already:
                 self.publish(other.version, slot.version, "restored")
@@ -192,7 +192,7 @@ class Lineage:
         leaving = [s for s in (roles.champion, roles.previous, roles.baseline) if s is not None and s is not new]
         old = roles.replace_champion(new, Contest.from_settings(self.cfg))
         for slot in leaving:
-            slot.revision = self.save(slot, None, at=position)
+            slot.revision = self.save(slot, position, leaves=True)
         new.revision = self.save(new, position)  # it learns the stream from here on
         self.telemetry.retire(old)
         log.info("learner %s: champion is now v%d (%s, from v%s)", self.name, new.version, swap["reason"],
@@ -241,10 +241,10 @@ class Lineage:
         return self.slot("champion", target, model, examples=int(meta.get("examples_seen", 0)),
                          revision=int(meta.get("revision", 0)))
 
-    def save(self, slot: Slot, position: int | None, offsets: dict[str, int] | None = None,
-             at: int | None = None) -> int:
-        """The slot's model and statistics into its version, learned up to stream `position` (None:
-        the learner stops learning it here, at `at`); returns the new revision."""
+    def save(self, slot: Slot, position: int, offsets: dict[str, int] | None = None, leaves: bool = False) -> int:
+        """The slot's model and statistics into its version, learned up to stream `position` (with
+        `leaves`, the learner stops learning it here); returns the new revision."""
         self.flush()
         return self.registry.update(slot.version, slot.model, examples_seen=slot.examples, metrics=slot.stats.as_dict(),
-                                    offsets=offsets, next_position=position, learned_until=at)
+                                    offsets=offsets, next_position=None if leaves else position,
+                                    learned_until=position)

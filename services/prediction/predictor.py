@@ -45,7 +45,7 @@ from ..learner.spec import parse_model
 from ..shared import kafka, metrics, redis_clients
 from ..shared.codec import get_codec
 from ..shared.keys import Keys
-from ..shared.registry import ModelRegistry, PrunedArtifact, TamperedArtifact, UnknownVersion
+from ..shared.registry import VERSIONS_LISTED, ModelRegistry, PrunedArtifact, TamperedArtifact, UnknownVersion
 from ..shared.settings import Settings
 from ..shared.swaps import make_champion, position_of, publish_swap, rollback_target
 from ..shared.topics import Topics
@@ -337,7 +337,7 @@ class Predictor:
         return ready, reasons
 
     # -- the registry view and admin actions --------------------------------------------------
-    def models(self, digest: bool = False, limit: int = 100) -> dict[str, Any]:
+    def models(self, digest: bool = False, limit: int = VERSIONS_LISTED) -> dict[str, Any]:
         """The registry's view (its newest `limit` versions) and this worker's; with `digest`, each
         served model's content hash (a pickle of the model: for a large forest, a noticeable pause
         of this worker)."""

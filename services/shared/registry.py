@@ -114,7 +114,8 @@ def loads_signed(artifact: bytes, key: bytes) -> Any:
 
 def lines_back(starts: set[int], metas: dict[int, dict[str, Any]], depth: int) -> set[int]:
     """`starts` and, from each, what it replaced (else its parent) and so on, up to `depth` back
-    among the versions of `metas` (those with stored artifacts): what successive rollbacks go
+    among the versions of `metas` (`prune`: those with stored artifacts; `forget`: every record):
+    what successive rollbacks go
     back to (`swaps.rollback_target`), also from a displaced champion that may be restored.
 
         >>> lines_back({5}, {5: {"replaced": 3}, 3: {"parent": 1}, 1: {}, 4: {"parent": 3}}, depth=5)
@@ -277,43 +278,23 @@ class ModelRegistry:
             reg.forget(1000, protect={slot.version for slot in roles.every_slot()})
         """
         self._index_once()
-        numbers = sorted(int(v) for v in self.r.hkeys(self.keys.registry_versions(self.model)))
-        if len(numbers) <= keep:
+        raw = self.r.hgetall(self.keys.registry_versions(self.model))  # at most ~keep of them: bounded here
+        if len(raw) <= keep:
             return []
+        metas = {int(v): json.loads(m) for v, m in raw.items()}
         stored = {int(v) for v in self.r.zrange(self.keys.registry_kept(self.model), 0, -1)}
-        candidates = [v for v in numbers[:len(numbers) - keep] if v not in stored]
-        if not candidates:
-            return []
         starts = {int(v) for v in self.r.hvals(self.keys.registry_roles(self.model))} | set(protect)
-        needed = self._lines(starts, depth)
-        victims = [v for v in candidates if v not in needed]
+        needed = lines_back(starts, metas, depth)
+        victims = [v for v in sorted(metas)[:len(metas) - keep] if v not in stored and v not in needed]
         if not victims:
             return []
-        raw = self.r.hmget(self.keys.registry_versions(self.model), [str(v) for v in victims])
-        requests = [meta["request_id"] for meta in (json.loads(m) for m in raw if m is not None)
-                    if meta.get("request_id") is not None]
+        requests = [metas[v]["request_id"] for v in victims if metas[v].get("request_id") is not None]
         pipe = self.r.pipeline(transaction=True)
         pipe.hdel(self.keys.registry_versions(self.model), *(str(v) for v in victims))
         if requests:
             pipe.hdel(self.keys.registry_requests(self.model), *requests)
         pipe.execute()
         return victims
-
-    def _lines(self, starts: set[int], depth: int) -> set[int]:
-        """`starts` and what each replaced (else its parent), and so on, `depth` back, by their records."""
-        lines: set[int] = set()
-        for version in starts:
-            for _ in range(depth + 1):
-                if version in lines:
-                    break
-                lines.add(version)
-                raw = self.r.hget(self.keys.registry_versions(self.model), str(version))
-                meta = {} if raw is None else json.loads(raw)
-                back = meta.get("replaced") or meta.get("parent")
-                if back is None:
-                    break
-                version = int(back)
-        return lines
 
     @staticmethod
     def absent(version: int, meta: dict[str, Any]) -> UnknownVersion:
