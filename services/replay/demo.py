@@ -101,7 +101,7 @@ def demo(
             wait_healthy(SERVICES, timeout=180, procs=procs)
         except (RuntimeError, TimeoutError) as exc:
             raise DemoError(f"{exc}\n{_log_tail(base, exc)}") from None
-        console.print(f"all five services are up after {time.monotonic() - t0:.1f} s; replaying")
+        console.print(f"all five services and the offline sink are up after {time.monotonic() - t0:.1f} s; replaying")
         # A service that exits or stays unhealthy is restarted while the replay runs.
         supervisor = Supervisor(procs, start=lambda name: start_service(name, env=env),
                                 url_of=lambda name: f"http://{settings.host}:{settings.port_of(name)}",
