@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 BENCHMARKS = ("ingest", "features", "pipeline", "predict", "serving", "drift", "doors")
 EXTRA = ("soak",)  # long: only when named (`driftline bench soak`)
@@ -29,6 +30,24 @@ def host_speed() -> float:
     from .pipeline import in_process_rate
 
     return round(in_process_rate(DEFAULT_MODEL, 20_000))
+
+
+def summary(name: str, result: dict) -> Table:
+    """The headline figures of a result (what docs/benchmarks.md shows of it), for the console: the
+    JSON file has them all, with each phase's progress.
+
+        >>> summary("predict", {"c16": {"predict": {"requests_per_s": 4000, "p50_ms": 3.8, "p99_ms": 7.3,
+        ...     "server_cpu_ms_per_request": 0.25}, "ratio": 0.56, "health_ratio": 0.82}}).row_count
+        2
+    """
+    from ..reference.benchmarks import headline
+
+    table = Table(title=f"bench {name}", show_header=False, title_justify="left")
+    table.add_column("what")
+    table.add_column("figure", justify="right")
+    for what, figure in headline(name, result):
+        table.add_row(what, figure)
+    return table
 
 
 def measured_under(quick: bool) -> dict:
@@ -88,5 +107,5 @@ def bench(
         suffix = "".join(f"-{v}" for v, default in ((framing, "single-object"), (dataset, "synthetic")) if v != default)
         path = out / (f"{name}{suffix}.json" if name == "ingest" else f"{name}.json")
         path.write_text(json.dumps(result, indent=2))
-        console.print_json(json.dumps(result))
-        console.print(f"[green]wrote {path}[/]")
+        console.print(summary(path.stem, result))
+        console.print(f"[green]wrote {path}[/] (every figure, and each phase's progress)")

@@ -123,6 +123,53 @@ def _drift(r: dict) -> Rows:
     return rows
 
 
+def _features(r: dict) -> Rows:
+    """
+        >>> _features({"events": 1000, "aggregates": 10, "keys": ["entity_id", "merchant"], "cpu_us_per_event": 159.4,
+        ...     "aim_cpu_us_per_event": 100.0, "events_per_s": 5046.1, "stage_wall_us_per_event": {"decode": 23.4}})[0]
+        ('10 aggregates over entity_id, merchant: CPU µs per event', '159.4 (aim 100.0)')
+    """
+    rows = [(f"{r.get('aggregates')} aggregates over {', '.join(r.get('keys', []))}: CPU µs per event",
+             f"{r.get('cpu_us_per_event')} (aim {r.get('aim_cpu_us_per_event')})"),
+            ("events/s, the worker alone on a backlog of its input", _n(r.get("events_per_s")))]
+    stages = r.get("stage_wall_us_per_event") or {}
+    if stages:
+        rows.append(("wall µs per event by stage", ", ".join(f"{k} {v}" for k, v in stages.items())))
+    return rows
+
+
+def _serving(r: dict) -> Rows:
+    """One row per HTTP-only loop: the served accuracy against river's own loop.
+
+        >>> _serving({"runs": {"lr-phishing": {"model": "linear_model.LogisticRegression()", "dataset": "Phishing",
+        ...     "served_accuracy": 0.8888, "river_accuracy": 0.8928, "points_behind_river": 0.4, "aim_points": 1.0,
+        ...     "rows_per_s": 199.5, "behind_client": {"p50": 6}}}})[0][1]
+        '0.8888 / 0.8928 (0.4 points; aim 1.0), 199.5 rows/s, 6 labels behind'
+    """
+    rows: Rows = []
+    for run in r.get("runs", {}).values():
+        model = run["model"].split("|")[-1].strip().split(".")[-1].split("(")[0]
+        rows.append((f"{run['dataset']}, {model}: served / river's accuracy at delay {r.get('label_delay', 0)}",
+                     f"{run['served_accuracy']} / {run['river_accuracy']} ({run['points_behind_river']} points; "
+                     f"aim {run['aim_points']}), {run['rows_per_s']} rows/s, "
+                     f"{_n((run.get('behind_client') or {}).get('p50'))} labels behind"))
+    return rows
+
+
+def _soak(r: dict) -> Rows:
+    """
+        >>> _soak({"minutes": 20.0, "rate_eps": 100.0, "events_sent": 120000, "examples_learned": 120000,
+        ...     "services": {"learner": {"rss_mb_end": 200.2, "rss_growth_second_half_mb": -1.1, "lag_end": 1.0}}})[1]
+        ('learner: RSS at the end, growth over the second half (MB); lag at the end', '200.2, -1.1; 1')
+    """
+    rows = [(f"{_n(r.get('minutes'), 1)} minutes at {_n(r.get('rate_eps'))} events/s: events sent / learned",
+             f"{_n(r.get('events_sent'))} / {_n(r.get('examples_learned'))}")]
+    for name, s in (r.get("services") or {}).items():
+        rows.append((f"{name}: RSS at the end, growth over the second half (MB); lag at the end",
+                     f"{s.get('rss_mb_end')}, {s.get('rss_growth_second_half_mb')}; {_n(s.get('lag_end'))}"))
+    return rows
+
+
 def _generic(r: dict) -> Rows:
     """Any other result: its top-level numbers and flags."""
     return [(k, _n(v, 3) if isinstance(v, float) else str(v)) for k, v in r.items()
@@ -130,7 +177,8 @@ def _generic(r: dict) -> Rows:
 
 
 HEADLINES: dict[str, Callable[[dict], Rows]] = {"pipeline": _pipeline, "ingest": _ingest, "predict": _predict,
-                                                "drift": _drift}
+                                                "drift": _drift, "features": _features, "serving": _serving,
+                                                "soak": _soak}
 
 
 def headline(name: str, result: dict) -> Rows:
