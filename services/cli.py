@@ -7,6 +7,8 @@ inside the commands so that `driftline --help` is instant.
 
 from __future__ import annotations
 
+import inspect
+
 import typer
 
 from .bench.cli import bench
@@ -51,6 +53,20 @@ app.command()(offline.export)
 app.command()(offline.train)
 app.command()(offline.reproduce)
 app.command()(reference)
+
+
+def one_line_summaries(typer_app: typer.Typer) -> None:
+    """`driftline --help` lists each command with its docstring's first paragraph, and typer keeps
+    that paragraph's line breaks there: each command gets it as one line instead."""
+    for info in typer_app.registered_commands:
+        if info.short_help is None and info.callback is not None:
+            info.short_help = " ".join(inspect.cleandoc(info.callback.__doc__ or "").split("\n\n")[0].split())
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            one_line_summaries(group.typer_instance)
+
+
+one_line_summaries(app)
 
 if __name__ == "__main__":
     app()

@@ -39,6 +39,16 @@ def test_every_command_the_readme_shows_exists_in_the_cli():
         assert result.exit_code == 0, (command, result.output)
 
 
+def test_driftline_help_sums_up_each_command_in_one_paragraph():
+    """A docstring's first paragraph is wrapped in the source; `driftline --help` must not show
+    those breaks (typer keeps them in its command list)."""
+    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"})  # rich reads the width there
+    replay = next(line for line in result.output.splitlines() if "│ replay" in line)
+    assert "wait until every label is learned, and write report.json and report.png." in replay
+    infra = CliRunner().invoke(app, ["infra", "--help"], env={"COLUMNS": "200"}).output
+    assert "create every topic. Without DRIFTLINE_MODEL_KEY" in next(line for line in infra.splitlines() if "│ up" in line)
+
+
 def test_the_readme_is_a_front_door_not_a_notebook():
     assert len(README.splitlines()) <= 350
     assert max(len(line) for line in README.splitlines()) <= 400  # table rows, not essays
