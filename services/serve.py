@@ -46,7 +46,7 @@ class ServiceName(str, Enum):
 
 
 def serve(service: ServiceName = typer.Argument(..., help="a service, or 'all'")) -> None:
-    """Run a service (or all five) on the host and ports the settings name."""
+    """Run a service (or all: the five and the offline sink) on the host and ports the settings name."""
     settings = get_settings()
     try:
         check_secrets(settings)  # before anything listens: a guessable key is remote code execution
