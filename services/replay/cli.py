@@ -56,7 +56,8 @@ def demo(
     stall_timeout: float = typer.Option(60.0, help="give up when nothing comes back for this many seconds"),
     keep: bool = typer.Option(False, help="keep the demo's topics and Redis keys afterwards"),
 ) -> None:
-    """infra up, serve all (the five services and the offline sink), replay (Elec2 by default), report, and stop what it started."""
+    """infra up, serve all (the five services and the offline sink), replay (Elec2 by default),
+    report, and stop what it started."""
     from rich.console import Console
 
     from ..infra.stack import InfraError
