@@ -195,8 +195,19 @@ def replay_with_outage(s, dataset, component, services, on_outage=None) -> dict:
     return result["report"]
 
 
+_REFERENCE: dict[str, tuple[dict, dict]] = {}
+
+
 def reference_run(run_service, s, dataset) -> tuple[dict, dict]:
-    """The entity states and feature vectors of an uninterrupted run (own namespace, same servers)."""
+    """The entity states and feature vectors of an uninterrupted run (own namespace, same servers),
+    run once per session: they depend on the stream alone (a test whose outage changes nothing of
+    them is the point), so every test of this module compares with the same run."""
+    if "run" not in _REFERENCE:
+        _REFERENCE["run"] = _reference_run(run_service, s, dataset)
+    return _REFERENCE["run"]
+
+
+def _reference_run(run_service, s, dataset) -> tuple[dict, dict]:
     reference = s.model_copy(update={"namespace": f"t{uuid.uuid4().hex[:10]}"})
     kafka.ensure_topics(reference)
     procs = start(run_service, reference)
