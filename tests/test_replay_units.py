@@ -246,3 +246,16 @@ def test_labels_learned_in_another_order_than_their_times_are_late():
     outcomes[3]["position"], outcomes[4]["position"] = 4, 3  # label 4 learned before label 3
     result = order.check(outcomes, acks, 10, 0)
     assert result.learned_late == [3] and result.by_position[3:5] == [4, 3]
+
+
+def test_hat_reference_runs_its_seeds_side_by_side_and_gives_the_sequential_answer(monkeypatch):
+    """`bench drift` and the drift end-to-end tests compare with the mean of HAT's seeds: run in
+    processes of their own on several cores, the same per-example shares as one after another."""
+    from driftline.bench import drift
+
+    monkeypatch.setattr(drift.os, "cpu_count", lambda: 2)
+    side_by_side = drift.hat_hits("sea-abrupt", limit=300)
+    monkeypatch.setattr(drift.os, "cpu_count", lambda: 1)
+    one_by_one = drift.hat_hits("sea-abrupt", limit=300)
+    assert side_by_side == one_by_one and len(one_by_one) == 300
+    assert any(0 < share < 1 for share in one_by_one)  # the seeds do differ: a mean, not one run
