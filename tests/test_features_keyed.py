@@ -7,13 +7,13 @@ stale only after features.keyed_hold_ms, by exactly its gap, and says so."""
 from __future__ import annotations
 
 import math
-from bisect import bisect_left, bisect_right
 import os
 import random
 import re
 import signal
 import threading
 import time
+from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from pathlib import Path
 

@@ -200,8 +200,8 @@ _REFERENCE: dict[str, tuple[dict, dict]] = {}
 
 def reference_run(run_service, s, dataset) -> tuple[dict, dict]:
     """The entity states and feature vectors of an uninterrupted run (own namespace, same servers),
-    run once per session: they depend on the stream alone (a test whose outage changes nothing of
-    them is the point), so every test of this module compares with the same run."""
+    made once per session: they depend on the stream alone (that an outage changes nothing of them
+    is what the tests check), so every test of this module compares with the same run."""
     if "run" not in _REFERENCE:
         _REFERENCE["run"] = _reference_run(run_service, s, dataset)
     return _REFERENCE["run"]
