@@ -170,6 +170,14 @@ def _soak(r: dict) -> Rows:
     return rows
 
 
+def _doors(r: dict) -> Rows:
+    """
+        >>> _doors({"calls_per_round": 1000, "us_per_request": {"open": 0.41, "100 tokens": 2.3}})
+        [('the client door, µs per request: open', '0.41'), ('the client door, µs per request: 100 tokens', '2.3')]
+    """
+    return [(f"the client door, µs per request: {case}", str(us)) for case, us in r.get("us_per_request", {}).items()]
+
+
 def _generic(r: dict) -> Rows:
     """Any other result: its top-level numbers and flags."""
     return [(k, _n(v, 3) if isinstance(v, float) else str(v)) for k, v in r.items()
@@ -178,7 +186,7 @@ def _generic(r: dict) -> Rows:
 
 HEADLINES: dict[str, Callable[[dict], Rows]] = {"pipeline": _pipeline, "ingest": _ingest, "predict": _predict,
                                                 "drift": _drift, "features": _features, "serving": _serving,
-                                                "soak": _soak}
+                                                "soak": _soak, "doors": _doors}
 
 
 def headline(name: str, result: dict) -> Rows:
