@@ -109,7 +109,8 @@ def check_exact_order(settings, run_service, spec: str, n: int, delay: int, enti
     assert len(outcomes) == n
     order = learning_order.check(outcomes, report["_acks"], n, delay)
     assert not order.broken, f"{len(order.broken)} events scored out of Kafka's order: " + ", ".join(
-        f"event {j}: {why}" for j, why in order.broken[:5])
+        f"event {j}: {why}" for j, why in order.broken[:5]) + "".join(
+        f"\n--- {name}'s log, last lines ---\n{proc.log_tail(60)}" for name, proc in procs.items())
     if order.learned_before != [labels_before(j, delay) for j in range(n)] or order.by_position != list(range(n)):
         # Only labels that reached Kafka after a later event (checked above): river in that order.
         warnings.warn(f"{len(order.late_in_kafka)} labels reached Kafka after a later event "
