@@ -33,6 +33,7 @@ import os
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,7 @@ def hat_hits(dataset: str, limit: int | None = None) -> list[float]:
     workers = min(len(specs), os.cpu_count() or 1)
     if workers > 1:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            runs = list(pool.map(prequential_hits, [dataset] * len(specs), specs, [limit] * len(specs)))
+            runs = list(pool.map(partial(prequential_hits, dataset, limit=limit), specs))
     else:
         runs = [prequential_hits(dataset, spec, limit) for spec in specs]
     return [sum(hits) / len(runs) for hits in zip(*runs)]

@@ -13,6 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..replay.report import short_model_name
+from .configuration import table_cell
+
 HEADER = """# Benchmarks
 
 Generated from `reports/bench/*.json` by `driftline reference benchmarks --write`; each result
@@ -148,7 +151,7 @@ def _serving(r: dict) -> Rows:
     """
     rows: Rows = []
     for run in r.get("runs", {}).values():
-        model = run["model"].split("|")[-1].strip().split(".")[-1].split("(")[0]
+        model = short_model_name(run["model"])
         rows.append((f"{run['dataset']}, {model}: served / river's accuracy at delay {r.get('label_delay', 0)}",
                      f"{run['served_accuracy']} / {run['river_accuracy']} ({run['points_behind_river']} points; "
                      f"aim {run['aim_points']}), {run['rows_per_s']} rows/s, "
@@ -263,7 +266,7 @@ README_START, README_END = "<!-- figures: driftline reference benchmarks --write
 
 def readme_with_figures(readme: str, folder: Path = Path("reports/bench")) -> str:
     """The README with its figures table (between the markers) made from the results."""
-    table = "\n".join(["| what | figure |", "|---|---|", *(f"| {k} | {v} |" for k, v in figures(folder))])
+    table = "\n".join(["| what | figure |", "|---|---|", *(f"| {table_cell(k)} | {table_cell(v)} |" for k, v in figures(folder))])
     start, end = readme.index(README_START) + len(README_START), readme.index(README_END)
     return readme[:start] + "\n" + table + "\n" + readme[end:]
 
@@ -276,5 +279,5 @@ def render(folder: Path = Path("reports/bench")) -> str:
         when = ", ".join(f"{k} {v}" for k, v in measured.items()) or "(not recorded)"
         lines += ["", f"## {path.stem}", "", f"[{path.name}](../reports/bench/{path.name}) — measured: {when}", "",
                   "| figure | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in headline(path.stem, result)]
+        lines += [f"| {table_cell(k)} | {table_cell(v)} |" for k, v in headline(path.stem, result)]
     return "\n".join(lines) + "\n"

@@ -69,8 +69,13 @@ def settings_rows(model: type[BaseModel] = Settings, prefix: str = PREFIX, secti
         yield from settings_rows(annotation, f"{prefix}{name.upper()}__", name)
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+def table_cell(text: str) -> str:
+    """Text for a Markdown table's cell: a `|` in it would end the cell.
+
+        >>> table_cell("StandardScaler | LogisticRegression")
+        'StandardScaler \\\\| LogisticRegression'
+    """
+    return str(text).replace("|", "\\|")
 
 
 def render() -> str:
@@ -80,6 +85,6 @@ def render() -> str:
         if row.section != section:
             section = row.section
             lines += ["", f"## {section or 'general'}", "", "| variable | default | meaning |", "|---|---|---|"]
-        default = f"`{_cell(row.default)}`" if row.default not in ("", "(unset)", "(required)") else row.default
-        lines.append(f"| `{row.variable}` | {default} | {_cell(row.meaning)} |")
+        default = f"`{table_cell(row.default)}`" if row.default not in ("", "(unset)", "(required)") else row.default
+        lines.append(f"| `{row.variable}` | {default} | {table_cell(row.meaning)} |")
     return "\n".join(lines) + "\n"

@@ -115,8 +115,8 @@ def loads_signed(artifact: bytes, key: bytes) -> Any:
 def lines_back(starts: set[int], metas: dict[int, dict[str, Any]], depth: int) -> set[int]:
     """`starts` and, from each, what it replaced (else its parent) and so on, up to `depth` back
     among the versions of `metas` (`prune`: those with stored artifacts; `forget`: every record):
-    what successive rollbacks go
-    back to (`swaps.rollback_target`), also from a displaced champion that may be restored.
+    what successive rollbacks go back to (`swaps.rollback_target`), also from a displaced champion
+    that may be restored.
 
         >>> lines_back({5}, {5: {"replaced": 3}, 3: {"parent": 1}, 1: {}, 4: {"parent": 3}}, depth=5)
         {1, 3, 5}
