@@ -234,7 +234,7 @@ def test_a_label_kafka_took_after_later_events_may_be_learned_after_them_and_is_
 def test_a_label_known_too_early_and_an_event_scored_out_of_its_order_are_broken():
     acks, outcomes = _in_schedule(20, 2)
     outcomes[6]["known"] = 5  # label 4 follows event 6: leakage
-    assert order.check(outcomes, acks, 20, 2).broken == [(6, "scored knowing label 4, not older than it")]
+    assert order.check(outcomes, acks, 20, 2).broken == [(6, "scored knowing label 4, not older than it (Kafka had the event first)")]
     acks, outcomes = _in_schedule(20, 2)
     outcomes[9]["known"] = 6  # event 8 already knew 6 labels, so event 9 was scored before it
     outcomes[8]["known"] = 7

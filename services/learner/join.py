@@ -69,6 +69,7 @@ class DelayedJoin:
         # Every label up to this ts is read (the worker's label watermark): a label released early
         # must not be, or an older one still on its way would be learned after it.
         self.label_mark = float("inf")
+        self.ahead = 0  # labels due() gave before event time reached them (early or overdue), all told
 
     def add(self, labels: Iterable[Label]) -> None:
         new = sorted(labels, key=_ts)
@@ -118,10 +119,12 @@ class DelayedJoin:
         if not idle and waited < self.grace_s and not (early and waited >= self.patience_s):
             return due  # none can be released early or be overdue: no scan
         in_order = self.label_mark  # an early release waits for the labels older than it, as an event does
-        return due + [lb for lb in self.waiting[cut:] if lb.event_id not in held and (
+        ahead = [lb for lb in self.waiting[cut:] if lb.event_id not in held and (
             (idle and now - lb.seen >= self.hold_s and lb.ts <= in_order)
             or (early and lb.event_id in self.recent and now - lb.seen >= self.patience_s and lb.ts <= in_order)
             or self.overdue(lb, now))]
+        self.ahead += len(ahead)
+        return due + ahead
 
     def to_look_up(self, due: list[Label], now: float, events: list[Event] = ()) -> list[Label]:
         """The due labels whose event is not in memory (read their snapshot from Redis). A label

@@ -84,6 +84,7 @@ LABELS_ALONE_CHECK_S = 0.01
 # events/s. A scrape comes every few seconds.
 EXPORT_EVERY_S = 0.1
 POLL_TIMEOUT_S = 0.05  # the longest the loop waits for input (shorter while labels alone wait)
+AHEAD_LOG_S = 10.0  # labels learned ahead of event time are said in the log at most this often
 
 
 class LearnerWorker(StreamWorker):
@@ -108,6 +109,7 @@ class LearnerWorker(StreamWorker):
         self.hold_s = settings.features.max_reorder_wait_ms / 1000
         self.inputs = Inputs(settings, self.topics)
         self.state, self.loop = "standby", None
+        self.ahead_said_at, self.ahead_unsaid = -math.inf, 0  # say_ahead
         self.reset_session()
 
     @property
@@ -429,7 +431,10 @@ class LearnerWorker(StreamWorker):
         """Score `events` (ts order), learning before each the labels due before it (join.py)."""
         now, held = time.time(), self.held.ids()
         self.join.current = self.pipeline_current(now, features_at_end)
+        ahead = self.join.ahead
         due = self.join.due(events, held, now)
+        if self.join.ahead > ahead:
+            self.say_ahead(now, self.join.ahead - ahead, due)
         if not due and not events:
             return
         stored = self.snapshots.fetch([e.event_id for e in events if self.inputs.maybe_scored(e)],
@@ -446,6 +451,18 @@ class LearnerWorker(StreamWorker):
                              f"no feature snapshot for event {lb.event_id!r} after {self.cfg.label_grace_s:g}s: the "
                              f"event is unknown, or its snapshot expired "
                              f"(snapshot_ttl_s={self.settings.features.snapshot_ttl_s})")
+
+    def say_ahead(self, now: float, n: int, due: list[Label]) -> None:
+        """Labels learned before event time reached them: the end of a stream (nothing else can be),
+        a label clock running ahead, or one overdue. Said in the log at most every AHEAD_LOG_S, as
+        what an event scored later after such a label would have known too early comes from here."""
+        self.ahead_unsaid += n
+        if now - self.ahead_said_at < AHEAD_LOG_S:
+            return
+        log.info("learner %s: %d labels learned before event time reached them (latest ts %.3f, events scored up "
+                 "to ts %.3f, features quiet for %.2fs, nothing on its way)", self.name, self.ahead_unsaid,
+                 max(lb.ts for lb in due), self.join.clock, now - self.join.last_feature_at)
+        self.ahead_said_at, self.ahead_unsaid = now, 0
 
     def pipeline_current(self, now: float, features_at_end: bool) -> bool:
         """Nothing on its way to us (join.py's `current`): asked of the broker only when a label

@@ -89,7 +89,9 @@ def check(outcomes: Mapping[int, Mapping[str, Any]], acks: Sequence[tuple[str, i
             unlearned.add(row)
         older = labels_before(j, delay)
         if newest_learned >= older:
-            order.broken.append((j, f"scored knowing label {newest_learned}, not older than it"))
+            when = ("the event reached Kafka after it" if acked[("event", j)] > acked[("label", newest_learned)]
+                    else "Kafka had the event first")
+            order.broken.append((j, f"scored knowing label {newest_learned}, not older than it ({when})"))
         unlearned = {row for row in unlearned if position[row] >= known}
         for row in sorted(unlearned):
             late.add(row)
