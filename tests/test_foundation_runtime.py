@@ -108,3 +108,41 @@ def test_a_worker_committing_at_an_interval_hands_partitions_over_without_handli
         copied += batch
     c.close()
     assert sorted(copied, key=int) == [str(i).encode() for i in range(n)], "each input copied exactly once"
+
+
+class FailingCopier(Copier):
+    """Copies its first `good` messages, then fails a batch halfway: the messages it let go of in
+    that batch were never produced (as the features service's merge can pop records and then fail)."""
+
+    def __init__(self, settings: Settings, good: int) -> None:
+        super().__init__(settings, interval_s=60.0)
+        self.good = good
+
+    def handle(self, messages) -> None:
+        if self.handled + len(messages) > self.good:
+            raise RuntimeError("a batch cut short")
+        super().handle(messages)
+
+
+def test_a_worker_whose_batch_fails_commits_nothing_it_did_not_produce(settings):
+    """Closing the consumer of a failed loop hands its partitions back (a revoke): that must not
+    commit the failed batch, whose inputs were consumed and never copied. The next owner reads
+    them again."""
+    topics = Topics(settings.namespace)
+    src, out = topics.name("copy.in"), topics.name("copy.out")
+    admin = kafka.admin(settings)
+    for f in admin.create_topics([NewTopic(src, 1, 1), NewTopic(out, 1, 1)]).values():
+        f.result(30)
+    producer = kafka.producer(settings)
+    for n in range(100):
+        kafka.produce(producer, src, str(n).encode(), "k")
+    producer.flush(10)
+    worker = FailingCopier(settings, good=30)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while worker.error is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker.stop()
+    assert isinstance(worker.error, RuntimeError), worker.error
+    assert 0 < worker.handled <= 30
+    assert committed_total(settings, src, topics.group("copier")) <= worker.handled

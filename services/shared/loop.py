@@ -185,6 +185,12 @@ class StreamWorker(BackgroundThread):
             if self.unsettled_since is not None and not unacknowledged:
                 self.settle()
             self.close()
+        except BaseException:
+            # Nothing more is committed, not even by the revoke that closing the consumer brings:
+            # a batch cut short may have let go of records it never produced (the features
+            # service's merge). Whoever reads the partitions next reads them again.
+            self.unsettled_since = None
+            raise
         finally:
             self.producer.flush(10)
             self.consumer.close()
