@@ -113,3 +113,5 @@ def test_lineage_records_beyond_the_newest_are_forgotten_unless_a_role_or_a_line
     # Listing the newest: oldest first, as many as asked.
     assert [m["version"] for m in registry.versions(2)] == newer[4:]
     assert [m["version"] for m in registry.versions(100)] == [v1, shadowing, v7, *newer[3:]]
+    newest, total = registry.listing(2)  # /v1/models: the newest and the count, read together
+    assert [m["version"] for m in newest] == newer[4:] and total == registry.count() == 6

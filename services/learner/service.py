@@ -33,8 +33,9 @@ def create_app(settings: Settings, worker: LearnerWorker | None = None) -> FastA
     def models(limit: int = Query(VERSIONS_LISTED, ge=1, le=MAX_VERSIONS_LISTED,
                                   description="how many of the newest versions to list")
                ) -> dict[str, Any]:
+        versions, total = registry.listing(limit)
         return {"model": worker.name, "champion": registry.champion(), "challenger": registry.challenger(),
-                "versions": registry.versions(limit), "versions_total": registry.count(), "live": worker.status()}
+                "versions": versions, "versions_total": total, "live": worker.status()}
 
     def swap(version: int, reason: str) -> dict[str, Any]:
         try:

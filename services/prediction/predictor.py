@@ -347,6 +347,7 @@ class Predictor:
             for role, holder in self.follower.holders.items():
                 if role in replicas and holder.current is not None:
                     replicas[role]["digest"] = holder.current.digest()
+        versions, total = self.registry.listing(limit)
         return {
             "model": self.model_name,
             "champion": self.registry.champion(),
@@ -356,8 +357,8 @@ class Predictor:
             "serving_examples_seen": served.examples if served else None,
             "replicas": replicas,
             "refused": {str(v): why for v, why in dict(self.holder.refused).items()},  # a copy: the follower adds
-            "versions": self.registry.versions(limit),
-            "versions_total": self.registry.count(),
+            "versions": versions,
+            "versions_total": total,
             "canary": self.canary.state(),
         }
 

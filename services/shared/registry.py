@@ -347,16 +347,22 @@ class ModelRegistry:
 
     def versions(self, limit: int | None = None) -> list[dict[str, Any]]:
         """The lineage records, oldest first: every one, or the newest `limit`."""
-        if limit is None:
-            raw = self.r.hgetall(self.keys.registry_versions(self.model)).values()
-        else:
-            numbers = sorted(int(v) for v in self.r.hkeys(self.keys.registry_versions(self.model)))[-limit:]
-            raw = self.r.hmget(self.keys.registry_versions(self.model), [str(v) for v in numbers]) if numbers else []
+        if limit is not None:
+            return self.listing(limit)[0]
+        raw = self.r.hgetall(self.keys.registry_versions(self.model)).values()
         return sorted((json.loads(v) for v in raw if v is not None), key=lambda m: m["version"])
 
     def count(self) -> int:
         """How many lineage records there are (`forget` bounds them)."""
         return int(self.r.hlen(self.keys.registry_versions(self.model)))
+
+    def listing(self, limit: int) -> tuple[list[dict[str, Any]], int]:
+        """The newest `limit` lineage records, oldest first, and how many there are in all: two
+        round trips, the count read off the same key listing."""
+        numbers = sorted(int(v) for v in self.r.hkeys(self.keys.registry_versions(self.model)))
+        raw = self.r.hmget(self.keys.registry_versions(self.model), [str(v) for v in numbers[-limit:]]) \
+            if numbers and limit > 0 else []
+        return sorted((json.loads(v) for v in raw if v is not None), key=lambda m: m["version"]), len(numbers)
 
     def load(self, version: int) -> tuple[Any, dict[str, Any]]:
         """The model of a version (signature checked) and its lineage, read together."""
