@@ -108,7 +108,7 @@ def _predict(r: dict) -> Rows:
 def _drift(r: dict) -> Rows:
     rows: Rows = []
     for row in r.get("rows", []):
-        model = row["model"].split(".")[-1].split("(")[0]
+        model = short_model_name(row["model"])
         if "drift_at" in row:
             rows.append((f"{row['dataset']}, {model}: accuracy over the 10,000 rows after the drift "
                          f"(driftline / never retrained / HAT); swap after",
@@ -118,7 +118,7 @@ def _drift(r: dict) -> Rows:
             rows.append((f"{row['dataset']}, {model}: accuracy (driftline / never retrained); false alarms",
                          f"{row['accuracy']} / {row['accuracy_never_retrained']}; {row['false_alarms']}"))
     for row in r.get("recurring_rows", []):
-        model = row["model"].split(".")[-1].split("(")[0]
+        model = short_model_name(row["model"])
         rows.append((f"{row['dataset']}, {model}, label delay {row['label_delay']}: accuracy (driftline / never "
                      f"retrained), kappa-temporal, swaps (restored)",
                      f"{row['accuracy']} / {row['accuracy_never_retrained']}, {row['kappa_temporal']} / "
