@@ -39,7 +39,7 @@ from driftline.replay.publish import labels_before
 from driftline.shared import kafka
 from driftline.shared.topics import Topics
 from conftest import make_settings
-from learner_harness import wait_for
+from learner_harness import read_all, wait_for
 from pipeline import PIPELINE, metric, replay_report, start_pipeline
 
 pytestmark = pytest.mark.e2e
@@ -96,11 +96,17 @@ def as_learned(rows, spec: str, order: learning_order.Order) -> list[str | None]
 
 
 def check_exact_order(settings, run_service, spec: str, n: int, delay: int, entities: int = 4, rate: float = 0.0,
-                      **env) -> dict:
+                      meanwhile=None, **env) -> dict:
+    """`meanwhile(procs)`, if given, runs beside the replay (a crash, say)."""
     procs = start_pipeline(run_service, model=spec, features="raw", **{**BOUNDS, **env})
     dataset = agrawal(n, entities)
+    beside = threading.Thread(target=meanwhile, args=(procs,), daemon=True) if meanwhile else None
+    if beside is not None:
+        beside.start()
     report = replay_report(settings, dataset, label_delay=delay, rate=rate, model=spec, features="raw",
                            stall_timeout_s=120)
+    if beside is not None:
+        beside.join(60)
     rows = list(dataset.rows())
     expected = in_process(rows, spec, delay)
     assert report["checks"]["features_match"] is True
@@ -127,6 +133,7 @@ def check_exact_order(settings, run_service, spec: str, n: int, delay: int, enti
     learner = procs["learner"]
     assert metric(learner, "driftline_labels_out_of_order_total") == len(order.learned_late)
     assert metric(learner, "driftline_scored_ahead_of_labels_total") == 0
+    report["_duplicates"] = metric(learner, "driftline_duplicates_total", topic="features")
     return report
 
 
@@ -139,6 +146,27 @@ def test_batched_fetches_at_a_live_rate_predict_exactly_as_river_in_process(sett
     # kafka_fetch_batch_ms: the hot path's fetches wait for 64 KiB or 10 ms; live traffic then comes
     # in larger batches, and nothing about the order may change.
     check_exact_order(settings, run_service, LOGREG, 3_000, 100, rate=1_000, DRIFTLINE_KAFKA_FETCH_BATCH_MS="10")
+
+
+def test_vectors_a_restarted_features_service_publishes_again_are_scored_once(settings, run_service):
+    """kill -9 of the features service mid-stream, with a commit due only every 2 s: after its
+    restart it reads again what it had published and not committed, and publishes those vectors
+    again. The learner scores each event once (one champion prediction each, the first copy's),
+    and the order holds as if nothing had happened."""
+    def crash(procs) -> None:
+        features = procs["features"]
+        wait_for(lambda: metric(features, "driftline_messages_out_total", topic="features") >= 1_000,
+                 what="the features service halfway through the stream")
+        features.kill9()
+        features.restart()
+
+    report = check_exact_order(settings, run_service, LOGREG, 3_000, 100, rate=1_000, meanwhile=crash,
+                               DRIFTLINE_FEATURES__COMMIT_INTERVAL_S="2")
+    assert report["_duplicates"] > 0, "no vector came twice: the crash came after the last commit"
+    predictions = read_all(settings, Topics(settings.namespace).predictions, "Prediction",
+                           until=lambda got: sum(p["role"] == "champion" for p in got) >= 3_000)
+    scored = [p["event_id"] for p in predictions if p["role"] == "champion"]
+    assert len(scored) == len(set(scored)) == 3_000, f"{len(scored) - len(set(scored))} events scored twice"
 
 
 def test_streams_of_two_partitions_at_a_live_rate_predict_exactly_as_river_in_process(infra, tmp_path, run_service):

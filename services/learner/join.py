@@ -185,6 +185,30 @@ class DelayedJoin:
             self.recent.popitem(last=False)  # older ones are read back from their snapshot
         self.clock = max(self.clock, event.ts)
 
+    def first_copies(self, events: list[Event], held: set[str]) -> list[Event]:
+        """The events not seen before, in their order. A vector published again (a features
+        service that restarted before committing what it had published reads it and sends it
+        once more) is the same event: it was scored by its first copy, or waits `held`, and a
+        second scoring would publish a second prediction, made by a model that may know labels
+        newer than the event.
+
+            >>> join = DelayedJoin(0.2, 10.0, 30.0)
+            >>> first = Event("e1", 1.0, {}, "features", 0, 0, 0.0)
+            >>> join.scored(first, Snapshot({}, {}))
+            >>> again = [Event(i, 1.0, {}, "features", 0, n, 0.0) for n, i in enumerate(("e1", "e2", "e2", "e3"), 7)]
+            >>> [e.event_id for e in join.first_copies(again, held={"e3"})]
+            ['e2']
+        """
+        seen: set[str] = set()  # in this batch
+        out = []
+        for event in events:
+            i = event.event_id
+            if i in seen or i in held or i in self.recent or i in self.learned_ids:
+                continue
+            seen.add(i)
+            out.append(event)
+        return out
+
     def learned_before(self, label: Label) -> bool:
         """A label delivered twice (its event's label was learned already)."""
         return label.event_id in self.learned_ids

@@ -223,7 +223,10 @@ class LearnerWorker(StreamWorker):
             self.feature_marks.saw_labels(((e.partition, e.ts) for e in events), now)
         self.watermark.saw_labels(((lb.partition, lb.ts) for lb in labels), now)
         self.join.add(labels)
-        self.held.add(events)
+        firsts = self.join.first_copies(events, self.held.ids())
+        if len(firsts) < len(events):
+            metrics.DUPLICATES.labels(SERVICE, "features").inc(len(events) - len(firsts))
+        self.held.add(firsts)
         self.pipe = self.r.pipeline(transaction=False)
         if self.replay:
             self.catch_up()

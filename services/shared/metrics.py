@@ -245,6 +245,9 @@ def start_at_zero(service: str, settings) -> None:
     elif service in ("features", "drift", "learner"):
         if service == "features":
             DUPLICATES.labels(service, "events.valid")
+        if service == "learner":  # a vector published again, and a label
+            DUPLICATES.labels(service, "features")
+            DUPLICATES.labels(service, "labels.valid")
         for topic in consumed:
             if topic in ("events.valid", "labels.valid", "outcomes", "features"):
                 for reason in DECODE_REASONS:
