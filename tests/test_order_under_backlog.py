@@ -162,11 +162,33 @@ def test_vectors_a_restarted_features_service_publishes_again_are_scored_once(se
 
     report = check_exact_order(settings, run_service, LOGREG, 3_000, 100, rate=1_000, meanwhile=crash,
                                DRIFTLINE_FEATURES__COMMIT_INTERVAL_S="2")
+    print("copies dropped:", report["_duplicates"])
     assert report["_duplicates"] > 0, "no vector came twice: the crash came after the last commit"
     predictions = read_all(settings, Topics(settings.namespace).predictions, "Prediction",
                            until=lambda got: sum(p["role"] == "champion" for p in got) >= 3_000)
     scored = [p["event_id"] for p in predictions if p["role"] == "champion"]
     assert len(scored) == len(set(scored)) == 3_000, f"{len(scored) - len(set(scored))} events scored twice"
+
+
+def test_a_restarted_ingestion_service_reads_again_and_changes_nothing(settings, run_service):
+    """kill -9 of ingestion mid-stream, with a commit due only every 2 s: after its restart it
+    reads again events and labels it had published and not committed, and drops them as
+    duplicates (their first-seen claims were marked as Kafka acknowledged them). Nothing is
+    published twice that the order would see: it is exactly river's."""
+    crashed = {}
+
+    def crash(procs) -> None:
+        ingestion = crashed["ingestion"] = procs["ingestion"]
+        wait_for(lambda: metric(ingestion, "driftline_messages_out_total", topic="events.valid") >= 1_000,
+                 what="ingestion halfway through the stream")
+        ingestion.kill9()
+        ingestion.restart()
+
+    check_exact_order(settings, run_service, LOGREG, 3_000, 100, rate=1_000, meanwhile=crash,
+                      DRIFTLINE_INGESTION__COMMIT_INTERVAL_S="2")
+    print("copies dropped:", metric(crashed["ingestion"], "driftline_duplicates_total"))
+    assert metric(crashed["ingestion"], "driftline_duplicates_total") > 0, \
+        "nothing was read again: the crash came after the last commit"
 
 
 def test_streams_of_two_partitions_at_a_live_rate_predict_exactly_as_river_in_process(infra, tmp_path, run_service):
