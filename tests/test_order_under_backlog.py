@@ -191,6 +191,20 @@ def test_a_restarted_ingestion_service_reads_again_and_changes_nothing(settings,
         "nothing was read again: the crash came after the last commit"
 
 
+def test_a_learner_killed_mid_stream_and_restarted_predicts_exactly_as_river_in_process(settings, run_service):
+    """kill -9 of the learner mid-stream: its successor takes the checkpoint's positions, re-learns
+    the labels learned since without publishing them again, keeps the predictions stored for the
+    events scored since, and the order is exactly river's."""
+    def crash(procs) -> None:
+        learner = procs["learner"]
+        wait_for(lambda: metric(learner, "driftline_examples_learned_total", role="champion") >= 1_000,
+                 what="the learner halfway through the stream")
+        learner.kill9()
+        learner.restart()
+
+    check_exact_order(settings, run_service, LOGREG, 3_000, 100, rate=1_000, meanwhile=crash)
+
+
 def test_streams_of_two_partitions_at_a_live_rate_predict_exactly_as_river_in_process(infra, tmp_path, run_service):
     # kafka_stream_partitions: a single machine's stack may run its streams on fewer partitions
     # (the learner then waits for fewer label partitions); the order must not change.

@@ -289,7 +289,7 @@ def test_store_scripts_and_multi_key_writes_give_the_same_on_a_cluster_as_on_one
 
         pipe = client.pipeline(transaction=False)
         store.snapshots.queue_predictions_if_present(
-            pipe, [(f"e{i}", {"champion": prediction(f"e{i}", "1")}) for i in range(0, 320, 9)])
+            pipe, [(f"e{i}", {"champion": prediction(f"e{i}", "1")}, i if i % 2 else None) for i in range(0, 320, 9)])
         for i in (5, 400):
             store.snapshots.queue_new(pipe, f"e{i}", store.codec.encode("FeatureVector", vectors[i % 300]),
                                       {"champion": prediction(f"e{i}", "0")})
@@ -297,6 +297,8 @@ def test_store_scripts_and_multi_key_writes_give_the_same_on_a_cluster_as_on_one
         out.append((sum(replies[:-2]), replies[-2:]))
         out.append({e: (s.vector and s.vector["entity_id"], s.predictions) for e, s in
                     store.snapshots.fetch([f"e{i}" for i in range(0, 40, 9)], ["e5", "e400", "e1"]).items()})
+        # A prediction says the labels learned when it was made, when the snapshot kept that.
+        assert out[-1]["e9"][1]["champion"]["known"] == 9 and "known" not in out[-1]["e0"][1]["champion"]
         out.append(FieldNames(client, keys, "default", limit=3).admit(["b", "a", "c", "d", "e"]))
         out.append(Categories(client, keys, "default", limit=2).admit({"country": ["KR", "FR", "DE"]}))
         dedup = Dedup(client, keys, ttl_s=60)

@@ -21,7 +21,9 @@ multi-key command below runs on keys of one slot, a batch's scripts once per slo
   is not applied twice; one entity lives on one partition because events are keyed by entity).
 - `Keys.snapshot(event_id)` — hash with a TTL; field `fv` = the Avro FeatureVector the event was
   scored with, fields `p.<role>` = the Avro Prediction each role made for it (written by the learner
-  and the prediction service). `Snapshots` below is the only code that reads or writes this hash.
+  and the prediction service), `k` = the labels the learner had learned when it scored it (an
+  outcome's `known`), `f` = the input it was folded from. `Snapshots` below is the only code that
+  reads or writes this hash.
 
 - `Keys.keyed_entity(key, value)` — hash, the state of an entity another field of the event
   names (`merchant` = `m-17`): its windowed aggregates' series (`w:...`, binary, windows.py),
@@ -71,6 +73,9 @@ SNAPSHOT_FIELD = "fv"
 # and its published mark) then has another marker and is not folded a second time, for as long
 # as the snapshot lives (features.snapshot_ttl_s). /v1/predict's snapshots have no marker.
 FOLDED_FIELD = "f"
+# How many labels the learner had learned when it scored the event (the outcome's `known`), kept
+# beside its predictions: an outcome joined after a learner restart says it too.
+KNOWN_FIELD = "k"
 ROLES = ("champion", "challenger", "previous")  # previous: a displaced champion, kept for its contest only
 OFFSET_FIELD = "_off"
 PARTITION_FIELD = "_p"
@@ -657,7 +662,7 @@ class Snapshot:
 
 
 class Snapshots:
-    """The per-event snapshot hashes (`fv`, `p.<role>`): the one place that knows their fields.
+    """The per-event snapshot hashes (`fv`, `p.<role>`, `k`): the one place that knows their fields.
 
         snapshots = Snapshots(redis_client, Keys("t1"), ttl_s=3600, service="learner")
         found = snapshots.fetch(scored=["e1"], labelled=["e2"])   # {event_id: Snapshot}
@@ -694,16 +699,19 @@ class Snapshots:
         """A role's Prediction next to a vector queued in the same pipeline (HSET keeps the TTL)."""
         pipe.hset(self.keys.snapshot(event_id), prediction_field(role), blob)
 
-    def queue_predictions_if_present(self, pipe, predictions: Iterable[tuple[str, Mapping[str, bytes]]],
+    def queue_predictions_if_present(self, pipe, predictions: Iterable[tuple[str, Mapping[str, bytes], int | None]],
                                      keep_existing: bool = True) -> None:
-        """(event_id, role -> encoded Prediction) pairs into the snapshots that exist, in one
-        script call however many (a batch's worth: one call, not one per event; one per slot on
-        a cluster); `keep_existing` keeps a prediction stored earlier for the same role."""
+        """(event_id, role -> encoded Prediction, labels learned when scored or None) into the
+        snapshots that exist, in one script call however many (a batch's worth: one call, not one
+        per event; one per slot on a cluster); `keep_existing` keeps what was stored earlier."""
         keys: list[str] = []
         key_args: list[list[Any]] = []
-        for event_id, blobs in predictions:
+        for event_id, blobs, known in predictions:
             keys.append(self.keys.snapshot(event_id))
-            key_args.append(_counted_pairs({prediction_field(role): blob for role, blob in blobs.items()}))
+            fields: dict[str, Any] = {prediction_field(role): blob for role, blob in blobs.items()}
+            if known is not None:
+                fields[KNOWN_FIELD] = known
+            key_args.append(_counted_pairs(fields))
         if keys:
             queue_script_per_slot(pipe, SET_PREDICTIONS_LUA, keys, key_args, ("nx" if keep_existing else "set",))
 
@@ -716,11 +724,14 @@ class Snapshots:
               op: str = "fetch") -> dict[str, Snapshot]:
         """One pipelined round trip: the predictions of the `scored` events, the vector and the
         predictions of the `labelled` ones. Every id asked for has an entry (empty when missing);
-        a field that does not decode is left out (and logged)."""
+        a field that does not decode is left out (and logged). Each prediction says `known`, the
+        labels learned when it was made, when the snapshot kept it."""
         scored, labelled = list(scored), list(labelled)
         if not scored and not labelled:
             return {}
         fields = [prediction_field(r) for r in roles]
+        if fields:
+            fields.append(KNOWN_FIELD)
         read_scored = scored if fields else []  # no role asked: nothing to read of a scored event
         # One script call per slot group and field list, not an HMGET per event (READ_FIELDS_LUA).
         pipe = self.client.pipeline(transaction=False)
@@ -734,15 +745,20 @@ class Snapshots:
         replies = of_scored + of_labelled
         out: dict[str, Snapshot] = {e: Snapshot() for e in scored}
         for (event_id, names), values in zip(asked, replies):
-            snap = out.setdefault(event_id, Snapshot())
+            snap, known = out.setdefault(event_id, Snapshot()), None
             for name, raw in zip(names, values):
                 if raw is None:
                     continue
                 try:
                     if name == SNAPSHOT_FIELD:
                         snap.vector = self.codec.decode(raw, expect="FeatureVector")
+                    elif name == KNOWN_FIELD:
+                        known = int(raw)
                     else:
                         snap.predictions[name[2:]] = self.codec.decode(raw, expect="Prediction")
-                except DecodeError as exc:
+                except (DecodeError, ValueError) as exc:
                     log.error("snapshot %s field %s does not decode: %s", event_id, name, exc)
+            if known is not None:
+                for answer in snap.predictions.values():
+                    answer["known"] = known
         return out

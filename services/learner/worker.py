@@ -151,7 +151,7 @@ class LearnerWorker(StreamWorker):
         self.last_checkpoint = self.last_update = time.monotonic()
         self.update_pacer = UpdatePacer.from_settings(self.cfg)
         self.pipe = None
-        self.new_predictions: list[tuple[str, dict[str, bytes]]] = []  # scored in this batch, for Redis
+        self.new_predictions: list[tuple[str, dict[str, bytes], int]] = []  # scored in this batch, for Redis
 
     def adaptation(self, roles: Roles, state: dict | None = None) -> Adaptation:
         """The drift loop over these roles (adaptation.py), numbering challengers in the registry."""
@@ -545,7 +545,7 @@ class LearnerWorker(StreamWorker):
                                                                        publish=slot.role in PUBLISHED)
             answers[slot.role]["known"] = self.position  # labels learned when scored (in the outcome)
         if blobs:
-            self.new_predictions.append((event.event_id, blobs))  # into Redis with the batch (flush_batch)
+            self.new_predictions.append((event.event_id, blobs, self.position))  # into Redis with the batch
         self.join.scored(event, Snapshot(fv, answers))
         self.record(self.loop.saw(fv["features"]))
 
