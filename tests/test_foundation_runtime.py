@@ -50,6 +50,16 @@ class Copier(StreamWorker):
         self.handled += len(messages)
 
 
+def copy_topics(settings: Settings, partitions: int) -> tuple[str, str]:
+    """A copier's input and output topics, made with that many partitions each."""
+    topics = Topics(settings.namespace)
+    src, out = topics.name("copy.in"), topics.name("copy.out")
+    admin = kafka.admin(settings)  # kept until the futures are done: a dropped client cancels them
+    for f in admin.create_topics([NewTopic(src, partitions, 1), NewTopic(out, partitions, 1)]).values():
+        f.result(30)
+    return src, out
+
+
 def committed_total(settings: Settings, topic: str, group: str) -> int:
     c = kafka.consumer(settings, group)
     try:
@@ -66,10 +76,7 @@ def test_a_worker_committing_at_an_interval_hands_partitions_over_without_handli
     exactly once. Once the input pauses, everything handled is committed without waiting for the
     interval to pass again."""
     topics = Topics(settings.namespace)
-    src, out = topics.name("copy.in"), topics.name("copy.out")
-    admin = kafka.admin(settings)
-    for f in admin.create_topics([NewTopic(src, 6, 1), NewTopic(out, 6, 1)]).values():
-        f.result(30)
+    src, out = copy_topics(settings, partitions=6)
     producer = kafka.producer(settings)
     first, second = Copier(settings, 2.0), Copier(settings, 2.0)
     first.start()
@@ -129,10 +136,7 @@ def test_a_worker_whose_batch_fails_commits_nothing_it_did_not_produce(settings)
     commit the failed batch, whose inputs were consumed and never copied. The next owner reads
     them again."""
     topics = Topics(settings.namespace)
-    src, out = topics.name("copy.in"), topics.name("copy.out")
-    admin = kafka.admin(settings)
-    for f in admin.create_topics([NewTopic(src, 1, 1), NewTopic(out, 1, 1)]).values():
-        f.result(30)
+    src, _out = copy_topics(settings, partitions=1)
     producer = kafka.producer(settings)
     for n in range(100):
         kafka.produce(producer, src, str(n).encode(), "k")

@@ -148,18 +148,25 @@ def test_batched_fetches_at_a_live_rate_predict_exactly_as_river_in_process(sett
     check_exact_order(settings, run_service, LOGREG, 3_000, 100, rate=1_000, DRIFTLINE_KAFKA_FETCH_BATCH_MS="10")
 
 
+def kill_9_mid_stream(name: str, counter: str, crashed: dict | None = None, **labels):
+    """A `meanwhile` for check_exact_order: kill -9 of service `name` once its `counter` (with
+    these labels) reaches 1,000, a third of the stream, then its restart (kept in `crashed`)."""
+    def crash(procs) -> None:
+        victim = procs[name]
+        if crashed is not None:
+            crashed[name] = victim
+        wait_for(lambda: metric(victim, counter, **labels) >= 1_000, what=f"{name} a third through the stream")
+        victim.kill9()
+        victim.restart()
+    return crash
+
+
 def test_vectors_a_restarted_features_service_publishes_again_are_scored_once(settings, run_service):
     """kill -9 of the features service mid-stream, with a commit due only every 2 s: after its
     restart it reads again what it had published and not committed, and publishes those vectors
     again. The learner scores each event once (one champion prediction each, the first copy's),
     and the order holds as if nothing had happened."""
-    def crash(procs) -> None:
-        features = procs["features"]
-        wait_for(lambda: metric(features, "driftline_messages_out_total", topic="features") >= 1_000,
-                 what="the features service halfway through the stream")
-        features.kill9()
-        features.restart()
-
+    crash = kill_9_mid_stream("features", "driftline_messages_out_total", topic="features")
     report = check_exact_order(settings, run_service, LOGREG, 3_000, 100, rate=1_000, meanwhile=crash,
                                DRIFTLINE_FEATURES__COMMIT_INTERVAL_S="2")
     print("copies dropped:", report["_duplicates"])
@@ -175,15 +182,8 @@ def test_a_restarted_ingestion_service_reads_again_and_changes_nothing(settings,
     reads again events and labels it had published and not committed, and drops them as
     duplicates (their first-seen claims were marked as Kafka acknowledged them). Nothing is
     published twice that the order would see: it is exactly river's."""
-    crashed = {}
-
-    def crash(procs) -> None:
-        ingestion = crashed["ingestion"] = procs["ingestion"]
-        wait_for(lambda: metric(ingestion, "driftline_messages_out_total", topic="events.valid") >= 1_000,
-                 what="ingestion halfway through the stream")
-        ingestion.kill9()
-        ingestion.restart()
-
+    crashed: dict = {}
+    crash = kill_9_mid_stream("ingestion", "driftline_messages_out_total", crashed, topic="events.valid")
     check_exact_order(settings, run_service, LOGREG, 3_000, 100, rate=1_000, meanwhile=crash,
                       DRIFTLINE_INGESTION__COMMIT_INTERVAL_S="2")
     print("copies dropped:", metric(crashed["ingestion"], "driftline_duplicates_total"))
@@ -195,13 +195,7 @@ def test_a_learner_killed_mid_stream_and_restarted_predicts_exactly_as_river_in_
     """kill -9 of the learner mid-stream: its successor takes the checkpoint's positions, re-learns
     the labels learned since without publishing them again, keeps the predictions stored for the
     events scored since, and the order is exactly river's."""
-    def crash(procs) -> None:
-        learner = procs["learner"]
-        wait_for(lambda: metric(learner, "driftline_examples_learned_total", role="champion") >= 1_000,
-                 what="the learner halfway through the stream")
-        learner.kill9()
-        learner.restart()
-
+    crash = kill_9_mid_stream("learner", "driftline_examples_learned_total", role="champion")
     check_exact_order(settings, run_service, LOGREG, 3_000, 100, rate=1_000, meanwhile=crash)
 
 
