@@ -131,11 +131,13 @@ def test_a_dropped_challenger_is_rebuilt_with_the_labels_it_learned_without_an_a
     from driftline.shared.codec import get_codec
 
     # A margin no challenger can lead by: dropped after 100 shared examples, whatever it learned;
-    # snapshots for serving save its artifact while it shadows.
+    # snapshots for serving save its artifact while it shadows (~0.7 s), every 0.2 s: never paced
+    # by what the last one cost (on a loaded host, 40 ms of pickling put the next one 0.76 s off).
     start_pipeline(run_service, (*PIPELINE, "offline"), model=LINEAR, features="raw",
                    DRIFTLINE_OFFLINE__FLUSH_INTERVAL_S="0.5", DRIFTLINE_LEARNER__WARM_START="300",
                    DRIFTLINE_LEARNER__PROMOTION_RULE="margin", DRIFTLINE_LEARNER__PROMOTE_MARGIN="2",
-                   DRIFTLINE_LEARNER__MAX_SHADOW="100", DRIFTLINE_LEARNER__UPDATE_INTERVAL_S="0.2")
+                   DRIFTLINE_LEARNER__MAX_SHADOW="100", DRIFTLINE_LEARNER__UPDATE_INTERVAL_S="0.2",
+                   DRIFTLINE_LEARNER__UPDATE_MAX_SHARE="1")
     replay_report(settings, "sea-abrupt", limit=500, label_delay=5)
     registry = registry_of(settings)
     # The request comes while events wait for their labels (20 behind): the challenger's first
