@@ -16,6 +16,10 @@ acknowledged its records, and `replay.order.check` holds the pipeline to that or
 Kafka had before an event is learned before it is scored, and river's predictions are rebuilt in
 the order the learner did learn.
 
+Three live-rate replays kill ingestion, features or the learner mid-stream (kill -9, then a
+restart) and are held to the same rule: what a restarted service reads or publishes again must
+change no prediction and double none.
+
 The flow-control bounds are set low so that the partitions running ahead really are paused.
 `make test` replays 20,000 rows (4 entities, so 4 features partitions); the 200,000-row run
 is marked `slow` and runs only with SLOW_TESTS=1 (several minutes at today's throughput).
