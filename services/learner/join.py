@@ -69,7 +69,7 @@ class DelayedJoin:
         # Every label up to this ts is read (the worker's label watermark): a label released early
         # must not be, or an older one still on its way would be learned after it.
         self.label_mark = float("inf")
-        self.ahead = 0  # labels due() gave before event time reached them (early or overdue), all told
+        self.ahead = 0  # of the labels the last due() gave, those event time had not reached (early, overdue)
 
     def add(self, labels: Iterable[Label]) -> None:
         new = sorted(labels, key=_ts)
@@ -103,6 +103,7 @@ class DelayedJoin:
     def due(self, events: list[Event], held: set[str], now: float) -> list[Label]:
         """The waiting labels to try now, as these `events` (ts order) are about to be scored."""
         horizon = max([self.clock] + [e.ts for e in events])
+        self.ahead = 0
         if events:
             self.last_feature_at = now
         # A label later than every event seen waits for the events before it; it is released early
@@ -123,7 +124,7 @@ class DelayedJoin:
             (idle and now - lb.seen >= self.hold_s and lb.ts <= in_order)
             or (early and lb.event_id in self.recent and now - lb.seen >= self.patience_s and lb.ts <= in_order)
             or self.overdue(lb, now))]
-        self.ahead += len(ahead)
+        self.ahead = len(ahead)
         return due + ahead
 
     def to_look_up(self, due: list[Label], now: float, events: list[Event] = ()) -> list[Label]:

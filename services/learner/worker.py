@@ -434,10 +434,9 @@ class LearnerWorker(StreamWorker):
         """Score `events` (ts order), learning before each the labels due before it (join.py)."""
         now, held = time.time(), self.held.ids()
         self.join.current = self.pipeline_current(now, features_at_end)
-        ahead = self.join.ahead
         due = self.join.due(events, held, now)
-        if self.join.ahead > ahead:
-            self.say_ahead(now, self.join.ahead - ahead, due)
+        if self.join.ahead:
+            self.say_ahead(now, self.join.ahead, due)
         if not due and not events:
             return
         stored = self.snapshots.fetch([e.event_id for e in events if self.inputs.maybe_scored(e)],

@@ -264,9 +264,18 @@ def figures(folder: Path = Path("reports/bench")) -> Rows:
 README_START, README_END = "<!-- figures: driftline reference benchmarks --write -->", "<!-- /figures -->"
 
 
+def table_rows(rows: Rows) -> list[str]:
+    """(figure, value) pairs as the rows of a two-column Markdown table.
+
+        >>> table_rows([("model", "A | B")])
+        ['| model | A \\\\| B |']
+    """
+    return [f"| {table_cell(k)} | {table_cell(v)} |" for k, v in rows]
+
+
 def readme_with_figures(readme: str, folder: Path = Path("reports/bench")) -> str:
     """The README with its figures table (between the markers) made from the results."""
-    table = "\n".join(["| what | figure |", "|---|---|", *(f"| {table_cell(k)} | {table_cell(v)} |" for k, v in figures(folder))])
+    table = "\n".join(["| what | figure |", "|---|---|", *table_rows(figures(folder))])
     start, end = readme.index(README_START) + len(README_START), readme.index(README_END)
     return readme[:start] + "\n" + table + "\n" + readme[end:]
 
@@ -279,5 +288,5 @@ def render(folder: Path = Path("reports/bench")) -> str:
         when = ", ".join(f"{k} {v}" for k, v in measured.items()) or "(not recorded)"
         lines += ["", f"## {path.stem}", "", f"[{path.name}](../reports/bench/{path.name}) — measured: {when}", "",
                   "| figure | value |", "|---|---|"]
-        lines += [f"| {table_cell(k)} | {table_cell(v)} |" for k, v in headline(path.stem, result)]
+        lines += table_rows(headline(path.stem, result))
     return "\n".join(lines) + "\n"
