@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 
+from driftline.replay import order as learning_order
 from driftline.replay.datasets import Dataset, load
 from driftline.replay.publish import replay
 
@@ -73,3 +74,19 @@ def features_in_time_order(fs, events: list[dict]) -> dict[str, dict]:
         for key, state in named.items():
             fs.apply_keyed(key, state, ev["fields"], ev["ts"], ev["entity_id"])
     return out
+
+
+def as_learned(rows, spec: str, order: learning_order.Order) -> list[str | None]:
+    """river in-process, each event scored knowing the labels the learner had learned (river's
+    predict_proba_one, as the label text the learner publishes), in the order it learned them."""
+    from driftline.learner.champion import predict
+    from driftline.learner.labels import to_river
+    from driftline.learner.spec import parse_model
+
+    model, preds, learned = parse_model(spec), [], 0
+    for j, (x, _, _) in enumerate(rows):
+        for row in order.by_position[learned:order.learned_before[j]]:
+            model.learn_one(rows[row][0], to_river(rows[row][1]))
+        learned = max(learned, order.learned_before[j])
+        preds.append(predict(model, x))
+    return preds

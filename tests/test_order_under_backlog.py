@@ -44,7 +44,7 @@ from driftline.shared import kafka
 from driftline.shared.topics import Topics
 from conftest import make_settings
 from learner_harness import read_all, wait_for
-from pipeline import PIPELINE, metric, replay_report, start_pipeline
+from pipeline import PIPELINE, as_learned, metric, replay_report, start_pipeline
 
 pytestmark = pytest.mark.e2e
 
@@ -80,22 +80,6 @@ def in_process(rows, spec: str, delay: int) -> list[str | None]:
                                            metrics.Accuracy(), delay=delay + 1).get()
     accuracy = sum(p == y for p, (_, y, _) in zip(preds, rows)) / len(rows)
     assert accuracy == pytest.approx(river, abs=1e-3)
-    return preds
-
-
-def as_learned(rows, spec: str, order: learning_order.Order) -> list[str | None]:
-    """river in-process, each event scored knowing the labels the learner had learned (river's
-    predict_proba_one, as the label text the learner publishes), in the order it learned them."""
-    from driftline.learner.champion import predict
-    from driftline.learner.labels import to_river
-    from driftline.learner.spec import parse_model
-
-    model, preds, learned = parse_model(spec), [], 0
-    for j, (x, _, _) in enumerate(rows):
-        for row in order.by_position[learned:order.learned_before[j]]:
-            model.learn_one(rows[row][0], to_river(rows[row][1]))
-        learned = max(learned, order.learned_before[j])
-        preds.append(predict(model, x))
     return preds
 
 

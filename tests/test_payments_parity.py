@@ -16,6 +16,7 @@ import pytest
 
 from driftline.features.definitions import load_feature_set
 from driftline.features.store import Snapshots
+from driftline.replay import order as learning_order
 from driftline.replay.datasets import FEATURES_DIR, load
 from driftline.replay.publish import times_of
 from driftline.shared import kafka
@@ -23,13 +24,14 @@ from driftline.shared.codec import get_codec
 from driftline.shared.keys import Keys
 from driftline.shared.topics import Topics
 from driftline.client import Producer
-from pipeline import features_in_time_order, replay_report, start_pipeline
+from pipeline import as_learned, features_in_time_order, metric, replay_report, start_pipeline
 
 pytestmark = pytest.mark.e2e
 PAYMENTS = str(FEATURES_DIR / "payments.toml")
 LOGREG = "preprocessing.StandardScaler() | linear_model.LogisticRegression()"
 ROWS = None  # the whole stream: three days, every attack and rush
 PROBES = 12
+LABEL_DELAY = 100
 
 
 def as_replayed(ds, rows: list, run_id: str) -> list[dict]:
@@ -87,7 +89,7 @@ def test_payments_vectors_scored_served_and_recomputed_by_one_process_agree(sett
                            model=LOGREG, features=PAYMENTS)
     ds = load("payments")
     started = time.monotonic()
-    report = replay_report(settings, ds, limit=ROWS, label_delay=100, model=LOGREG, features=PAYMENTS)
+    report = replay_report(settings, ds, limit=ROWS, label_delay=LABEL_DELAY, model=LOGREG, features=PAYMENTS)
     rows = list(ds.rows())[:ROWS]
     assert report["examples_learned"] == report["labels_sent"] == len(rows)
     events = as_replayed(ds, rows, report["run_id"])
@@ -98,6 +100,17 @@ def test_payments_vectors_scored_served_and_recomputed_by_one_process_agree(sett
     assert not wrong, f"{len(wrong)} scored vectors differ from one process in time order, e.g. " \
                       f"{[(e, windowed(scored[e], fs), windowed(expected[e], fs)) for e in wrong[:2]]}"
     assert any(x["merchant_cards_10m"] >= 10 for x in scored.values())  # card-testing bursts were in it
+
+    # Learned in the stream's order: each event scored knowing exactly the labels Kafka had before
+    # it, and its prediction river's, scoring these very vectors and learning in that order.
+    outcomes = {int(o["event_id"].rsplit("-", 1)[1]): o for o in report["_outcomes"]}
+    order = learning_order.check(outcomes, report["_acks"], len(rows), LABEL_DELAY)
+    assert not order.broken, f"{len(order.broken)} events scored out of Kafka's order, e.g. {order.broken[:3]}"
+    assert metric(procs["learner"], "driftline_scored_ahead_of_labels_total") == 0
+    in_order = [(expected[e["event_id"]], label, None) for e, (_, label, _, _) in zip(events, rows)]
+    river = as_learned(in_order, LOGREG, order)
+    differ = [j for j in range(len(rows)) if outcomes[j]["y_pred"] != river[j]]
+    assert not differ, f"{len(differ)} of {len(rows)} predictions differ from river in-process, first {differ[:5]}"
 
     # Probes: /v1/predict first (the state the stream left), then the same events through the pipeline.
     probes = probes_after(events, PROBES)

@@ -233,6 +233,19 @@ class FeatureSet:
         self._key_fields = frozenset(self.keys)
 
     @property
+    def stages(self) -> tuple[str, ...]:
+        """The features service's stages after an event's own entity, each with its internal topics
+        (`features.by.<stage>.<source>`): one per key field, then `entity_id`, the vectors' stage,
+        which brings each event back to its own entity's partition to publish (keyed.py).
+
+            >>> FeatureSet(FeatureSpec(aggregate=[{"key": "merchant", "fn": "count", "window": "1h", "name": "n"}])).stages
+            ('merchant', 'entity_id')
+            >>> FeatureSet(FeatureSpec()).stages
+            ()
+        """
+        return (*self.keys, ENTITY_KEY) if self.keys else ()
+
+    @property
     def stateful(self) -> bool:
         s = self.spec
         return bool(s.count or s.since_last or s.delta or s.ewm_alphas or s.last_label or self._own)

@@ -13,14 +13,22 @@ many), so one worker reads and writes all the entities of key partition k.
 That worker merges the sources of partition k by event time (`merge.WatermarkMerge`) and, for each
 event in that order, reads its key entity's aggregates into the vector, then folds the event in: the
 order one process reading the whole stream would follow. Then it sends the event on to the next key
-field's stage (`Forwarder`), or, at the last one, publishes the whole vector to `features` and keeps
-it as the event's snapshot. What is scored is therefore what was computed here, once.
+field's stage (`Forwarder`). After the last key field comes the vectors' stage (key `entity_id`,
+`features.by.entity_id.<source>`): each event goes back to its own entity's partition (the
+events.valid partition it came from), whose owner merges what every key partition sends it by event
+time again, publishes the whole vector to that partition of `features` and keeps it as the event's
+snapshot. What is scored is therefore what was computed here, once, and each features partition has
+one writer and the stream's order, as without key fields (published straight from the last key
+field's stage, a features partition interleaved what every merchant partition let go: days of event
+time out of order, and the learner, which reads a partition's latest event time as how far it has
+got, learned labels before the events they follow).
 
 It must never fold an event twice: each key entity keeps, per events.valid partition (and key
 partitions it came through: `guard_field`), the offset of the last event folded from it, written
-with the state; an event at or below it was folded before a crash, and is not again. A stage sends an event on only after the broker has
-acknowledged what it sent before writing the states that say so (`flush` first), and the last stage
-keeps the vector before the state (a redelivered event is published again from its snapshot).
+with the state; an event at or below it was folded before a crash, and is not again. A stage sends
+an event on only after the broker has acknowledged what it sent before writing the states that say
+so (`flush` first). The vectors' stage keeps no state: a redelivered event is published again, the
+same vector, and the learner drops the copy.
 Entities are cached here (the owner is their only writer); a write that finds another writer's
 version (`_v`, compare-and-set) means two workers thought they owned them: the loop starts over.
 """
@@ -42,7 +50,7 @@ from ..shared.loop import RestartLoop
 from ..shared.redis_clients import per_key
 from ..shared.topics import Topics
 from .cache import StateCache
-from .definitions import FeatureSet, State
+from .definitions import ENTITY_KEY, FeatureSet, State
 from .merge import Pending, WatermarkMerge
 from .store import GUARD_PREFIX, VERSION_FIELD, FeatureStore, decode_state, hashes_reply, queue_read_hashes
 from .windows import DROPPED, IN_ORDER, LATE, key_text, value_hash
@@ -85,10 +93,12 @@ class Forwarder:
 
     def send(self, source: int, order: tuple[float, int, int], event: dict[str, Any], to: str,
              route: list[int]) -> None:
-        """Queue an event for the partition key value `to` hashes to; `event` has the event's
-        record fields and `features`; `route`: the key partitions it went through before (its
-        copies keep their order along it)."""
-        self.queued.setdefault((source, key_partition(to, self.partitions)), []).append(
+        """Queue an event for the partition key value `to` hashes to (to the vectors' stage: the
+        events.valid partition it came from, its own entity's); `event` has the event's record
+        fields and `features`; `route`: the key partitions it went through before (its copies keep
+        their order along it)."""
+        partition = order[1] if self.key == ENTITY_KEY else key_partition(to, self.partitions)
+        self.queued.setdefault((source, partition), []).append(
             {**event, "order_ts": order[0], "origin_partition": order[1], "origin_offset": order[2], "route": route})
 
     def flush(self) -> None:
@@ -125,10 +135,11 @@ class Forwarder:
 
 class KeyStage:
     """The stage of one key field in one worker: the merges of the key partitions it owns, their
-    entities' states (cached, bounded), and what goes on (`forward`, or the last stage's vectors)."""
+    entities' states (cached, bounded), and what goes on (`forward`). With key `entity_id`, the
+    vectors' stage: no state; it publishes each event's vector to its partition of `features`."""
 
     def __init__(self, *, feature_set: FeatureSet, key: str, store: FeatureStore, topics: Topics,
-                 codec: AvroCodec, partitions: int, produce: Callable[[str, bytes, str], None],
+                 codec: AvroCodec, partitions: int, produce: Callable[[str, bytes, str, int], None],
                  flush: Callable[[], None], forward: Forwarder | None, idle_wait_s: float, hold_s: float,
                  cache_entities: int, queue_limit: int, service: str) -> None:
         self.fs = feature_set
@@ -139,7 +150,8 @@ class KeyStage:
         self.partitions = partitions
         self.produce = produce
         self.flush = flush
-        self.forward = forward  # None: the last key field, which publishes the vectors
+        self.forward = forward  # None: the vectors' stage, which publishes
+        self.aggregates = key != ENTITY_KEY  # False: the vectors' stage
         self.idle_wait_s = idle_wait_s
         self.hold_s = hold_s
         self.queue_limit = queue_limit
@@ -148,11 +160,14 @@ class KeyStage:
         self.source_of = {t: s for s, t in enumerate(self.topic_of)}
         self.merges: dict[int, WatermarkMerge] = {}  # key partition -> its sources' merge
         self.cache = StateCache(cache_entities)  # key text -> state (this worker is its only writer)
-        self.ttl_s = feature_set.key_ttl_s(key, store.entity_ttl_s)
-        self.counts = {"keyed_events": 0, "keyed_duplicates": 0, "keyed_stale": 0}
-        self.late = {outcome: metrics.LATE_EVENTS.labels(key, handling) for outcome, handling in HANDLING.items()}
-        self.staleness = metrics.KEYED_STALENESS.labels(key)
-        self.stale = metrics.KEYED_STALE.labels(key)
+        if self.aggregates:
+            self.ttl_s = feature_set.key_ttl_s(key, store.entity_ttl_s)
+            self.counts = {"keyed_events": 0, "keyed_duplicates": 0, "keyed_stale": 0}
+            self.late = {outcome: metrics.LATE_EVENTS.labels(key, handling) for outcome, handling in HANDLING.items()}
+            self.staleness = metrics.KEYED_STALENESS.labels(key)
+            self.stale = metrics.KEYED_STALE.labels(key)
+        else:
+            self.counts = {"vectors_published": 0}
         self.seconds = metrics.PROCESSING_SECONDS.labels(service, "keyed")
 
     # -- partitions ------------------------------------------------------------------------------
@@ -196,26 +211,23 @@ class KeyStage:
             return {}
         started = time.perf_counter()
         states = self._states({key_text(r.value["fields"][self.key]) for _, r in released
-                                if self.key in r.value["fields"]})
+                               if self.key in r.value["fields"]}) if self.aggregates else {}
         fs, key = self.fs, self.key
         dirty: set[str] = set()
-        vectors: list[tuple[str, str, bytes]] = []  # event id, entity id, FeatureVector
-        again: list[str] = []
+        vectors: list[tuple[str, str, int, bytes]] = []  # event id, entity id, features partition, FeatureVector
         applied: dict[tuple[str, int], int] = {}
         for k, r in released:
             ev = r.value
             fields = ev["fields"]
             applied[(self.topic_of[r.source], k)] = r.offset + 1
             _ts, origin, offset = r.order
-            value = fields.get(key)
+            value = fields.get(key) if self.aggregates else None
             if value is not None:
                 name = key_text(value)
                 state = states[name]
                 guard = guard_field(origin, tuple(ev["route"]))
-                if state.get(guard, -1) >= offset:  # folded before a crash: sent on (or kept) then
+                if state.get(guard, -1) >= offset:  # folded before a crash: sent on then
                     self.counts["keyed_duplicates"] += 1
-                    if self.forward is None:
-                        again.append(ev["event_id"])
                     continue
                 fs.key_features(key, state, ev["ts"], ev["features"])
                 outcome = fs.apply_keyed(key, state, fields, ev["ts"], ev["entity_id"])
@@ -224,24 +236,19 @@ class KeyStage:
                 if outcome != IN_ORDER:
                     self.late[outcome].inc()
                 self._observe(r.staleness)
-            self.counts["keyed_events"] += 1
             if self.forward is not None:
+                self.counts["keyed_events"] += 1
                 to = fields.get(self.forward.key)
                 self.forward.send(k, r.order, ev, ev["entity_id"] if to is None else key_text(to), [*ev["route"], k])
             else:
-                vectors.append((ev["event_id"], ev["entity_id"], self.codec.encode("FeatureVector", {
+                self.counts["vectors_published"] += 1
+                vectors.append((ev["event_id"], ev["entity_id"], k, self.codec.encode("FeatureVector", {
                     "event_id": ev["event_id"], "entity_id": ev["entity_id"], "ts": ev["ts"],
                     "features": {**fs.field_features(fields), **ev["features"]},
                     "feature_set": fs.name, "published_ms": ev.get("published_ms")})))
         self._write(vectors, {name: states[name] for name in dirty}, applied)
-        for _event_id, entity_id, blob in vectors:
-            self.produce(self.topics.features, blob, entity_id)
-        if again:
-            found = self.store.read_snapshots(again)
-            for event_id in again:
-                if event_id in found:
-                    fv = found[event_id]
-                    self.produce(self.topics.features, self.codec.encode("FeatureVector", fv), fv["entity_id"])
+        for _event_id, entity_id, partition, blob in vectors:
+            self.produce(self.topics.features, blob, entity_id, partition)
         self.seconds.observe(time.perf_counter() - started)
         return applied
 
@@ -252,19 +259,19 @@ class KeyStage:
         if staleness is not None:
             self.staleness.observe(staleness)
 
-    def _write(self, vectors: list[tuple[str, str, bytes]], dirty: dict[str, State],
+    def _write(self, vectors: list[tuple[str, str, int, bytes]], dirty: dict[str, State],
                applied: dict[tuple[str, int], int]) -> None:
         """What was sent on is acknowledged first (a state that says "folded" implies it), then one
-        pipeline: the last stage's snapshots, the states (compare-and-set), the applied offsets."""
+        pipeline: the vectors' snapshots, the states (compare-and-set), the applied offsets."""
         if self.forward is not None:
             self.forward.flush()
             self.flush()
         pipe = self.store.client.pipeline(transaction=False)
         if vectors:
-            self.store.queue_snapshot_blobs(pipe, [(event_id, blob, "") for event_id, _, blob in vectors])
+            self.store.queue_snapshot_blobs(pipe, [(event_id, blob, "") for event_id, _, _, blob in vectors])
         first = len(pipe)
         names = list(dirty)
-        groups = self.store.queue_keyed(pipe, self.key, dirty, self.ttl_s)
+        groups = self.store.queue_keyed(pipe, self.key, dirty, self.ttl_s) if dirty else []
         self.store.queue_applied(pipe, applied)
         replies = self.store.execute(pipe, f"write_{self.key}")
         written = per_key(groups, replies[first:first + len(groups)])

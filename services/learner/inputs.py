@@ -305,15 +305,16 @@ class Inputs:
 
     def keyed_topics(self) -> list[str]:
         """The features service's internal topics (aggregates keyed by another field: events on
-        their way to a key field's stage), asked after events.valid: what features passed on is
-        then known to be through them or behind their commits."""
+        their way to a key field's stage, then to the vectors' stage), in the stages' order, asked
+        after events.valid: what each stage passed on is then known to be through the next or
+        behind its commits."""
         if self._keyed is None:
             try:
-                keys = load_feature_set(self.settings.features.set).keys
+                stages = load_feature_set(self.settings.features.set).stages
             except ValueError:  # the features service says what is wrong with it
-                keys = ()
-            n = len(kafka.partitions_of(self.settings, self.topics.events_valid, timeout=UPSTREAM_TIMEOUT_S)) if keys else 0
-            self._keyed = [self.topics.keyed(k, s) for k in keys for s in range(n)]
+                stages = ()
+            n = len(kafka.partitions_of(self.settings, self.topics.events_valid, timeout=UPSTREAM_TIMEOUT_S)) if stages else 0
+            self._keyed = [self.topics.keyed(k, s) for k in stages for s in range(n)]
         return self._keyed
 
     def close_upstream(self, side: str) -> None:

@@ -258,8 +258,8 @@ class StreamWorker(BackgroundThread):
         except Exception:  # lag is best effort; never let it stop the loop
             log.debug("lag export failed", exc_info=True)
 
-    def produce(self, topic: str, value: bytes, key: str | bytes | None = None) -> None:
-        kafka.produce(self.producer, topic, value, key)
+    def produce(self, topic: str, value: bytes, key: str | bytes | None = None, **kwargs) -> None:
+        kafka.produce(self.producer, topic, value, key, **kwargs)
         sent = self._sent.get(topic)
         if sent is None:
             sent = self._sent[topic] = metrics.MESSAGES_OUT.labels(self.service, base_topic(topic))
