@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from driftline.replay.datasets import FEATURES_DIR
 from driftline.replay.publish import ReplayStalled
 from pipeline import replay_report, start_pipeline
 
@@ -20,6 +21,21 @@ def test_stalled_pipeline_gives_up_and_names_the_service_that_is_not_there(setti
     assert "looks stuck: learner" in message
 
 
+def test_a_stall_report_lists_the_topics_each_service_reads_with_key_fields(settings, run_service):
+    """With aggregates keyed by another field, the features service's line names its internal
+    topics (where a stuck key stage shows), and not labels.valid, which that feature set never reads."""
+    payments = str(FEATURES_DIR / "payments.toml")
+    start_pipeline(run_service, services=("ingestion", "features"), features=payments)
+    with pytest.raises(ReplayStalled) as err:
+        replay_report(settings, "payments", limit=300, stall_timeout_s=6, features=payments)
+    message = str(err.value)
+    line = next(x for x in message.splitlines() if x.strip().startswith("features"))
+    assert line.startswith("  features   healthy") and "labels.valid" not in line, line
+    assert "features.by.merchant." in line and "features.by.entity_id." in line, line
+    # its stages' watermarks past the last commit are no sign of being stuck: the missing learner is
+    assert "looks stuck: learner" in message, message
+
+
 def test_a_stall_report_gives_the_learners_own_account_of_where_it_is(settings, run_service):
     """The learner answers but learns nothing (no features service): the report says whether it
     is active, how far it has got and what it holds back, next to the service that is missing."""
@@ -28,6 +44,7 @@ def test_a_stall_report_gives_the_learners_own_account_of_where_it_is(settings, 
         replay_report(settings, "sea-stationary", limit=200, stall_timeout_s=4)
     message = str(err.value)
     assert "learner    healthy (state active, position 0, waiting_labels 200, held_events 0)" in message, message
+    assert "ingestion  healthy; nothing behind on events, labels" in message, message
     assert "features   not answering" in message and "looks stuck: features" in message
 
 

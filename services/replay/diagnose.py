@@ -12,28 +12,49 @@ from confluent_kafka import KafkaException
 
 from ..shared import kafka
 from ..shared.settings import Settings
-from ..shared.topics import Topics
+from ..shared.topics import KEYED_PREFIX, Topics
 
 PIPELINE = ("ingestion", "features", "learner")  # what a replay needs
 
 
-def group_lag(settings: Settings, group: str, topic_names: list[str]) -> int | None:
-    """Messages a consumer group has not committed on these topics; None if it never committed."""
+def group_lag(settings: Settings, group: str, topic_names: list[str]) -> dict[str, int] | None:
+    """Per topic the group has committed on, the messages it has not; None if it never committed.
+    (A topic it never committed on is left out: labels.valid, for a feature set that does not read
+    it.)"""
     c = kafka.consumer(settings, group)
     try:
         parts = [tp for t in topic_names for tp in kafka.partitions_of(settings, t)]
         committed = c.committed(parts, timeout=5)
-        if all(tp.offset < 0 for tp in committed):
+        read = {tp.topic for tp in committed if tp.offset >= 0}
+        if not read:
             return None
-        lag = 0
+        lag = {t: 0 for t in topic_names if t in read}
         for tp in committed:
-            _low, high = c.get_watermark_offsets(tp, timeout=5)
-            lag += max(0, high - max(tp.offset, 0))
+            if tp.topic in read:
+                _low, high = c.get_watermark_offsets(tp, timeout=5)
+                lag[tp.topic] += max(0, high - max(tp.offset, 0))
         return lag
     except KafkaException:
         return None
     finally:
         c.close()
+
+
+def service_inputs(settings: Settings) -> dict[str, list[str]]:
+    """The topics each pipeline service may read: the features service's include the key fields'
+    internal topics there are (where a stuck stage of theirs shows), found on the broker."""
+    topics = Topics(settings.namespace)
+    internal = topics.name(KEYED_PREFIX)
+    try:
+        keyed = sorted((t for t in kafka.admin(settings).list_topics(timeout=5).topics if t.startswith(internal)),
+                       key=lambda t: (t.rsplit(".", 2)[-2], int(t.rsplit(".", 1)[1])))
+    except (KafkaException, ValueError):
+        keyed = []
+    return {
+        "ingestion": [topics.events, topics.labels],
+        "features": [topics.events_valid, topics.labels_valid, *keyed],
+        "learner": [topics.features, topics.labels_valid],
+    }
 
 
 def diagnose(settings: Settings, prefix: str, labels_sent: int, accounted: set[str], idle_s: float) -> str:
@@ -48,11 +69,7 @@ def diagnose(settings: Settings, prefix: str, labels_sent: int, accounted: set[s
         f"after {idle_s:.0f} s without progress (first missing: event ids "
         f"{', '.join(f'{prefix}{i}' for i in missing[:5])}).",
     ]
-    inputs = {
-        "ingestion": [topics.events, topics.labels],
-        "features": [topics.events_valid, topics.labels_valid],
-        "learner": [topics.features, topics.labels_valid],
-    }
+    inputs = service_inputs(settings)
     suspects = []
     for service in PIPELINE:
         url = f"http://{settings.host}:{settings.port_of(service)}/health"
@@ -68,10 +85,19 @@ def diagnose(settings: Settings, prefix: str, labels_sent: int, accounted: set[s
         except (httpx.HTTPError, ValueError):
             ok, health = False, f"not answering on {url}"
         lag = group_lag(settings, topics.group(service), inputs[service])
-        backlog = ("no committed offsets on its input topics" if lag is None else f"{lag:,} messages behind on "
-                   f"{', '.join(topics.base(t) for t in inputs[service])}")
+        if lag is None:
+            backlog = "no committed offsets on its input topics"
+        else:
+            behind = {t: n for t, n in lag.items() if n}
+            level = [t for t in lag if not lag[t]]
+            backlog = "; ".join(filter(None, (
+                behind and f"{sum(behind.values()):,} messages behind: " + ", ".join(
+                    f"{n:,} on {name}" for name, n in zip(_named(topics, behind), behind.values())),
+                level and f"nothing behind on {', '.join(_named(topics, level, collapse=True))}")))
         lines.append(f"  {service:<10} {health}; {backlog}")
-        if not ok or lag:
+        # The key fields' internal topics always have a few messages past the last commit (their
+        # stages' watermarks, every 0.5 s): shown, but no sign of a stuck service by themselves.
+        if not ok or (lag and any(n for t, n in lag.items() if not topics.base(t).startswith(KEYED_PREFIX))):
             suspects.append(service)
     if suspects:
         lines.append(f"looks stuck: {suspects[0]} (see its log; `driftline serve {suspects[0]}` runs it).")
@@ -120,6 +146,23 @@ def check_pipeline(settings: Settings, model: str, features: str, outcomes: list
         console.print(f"[yellow]warning:[/] the features service computes {checks['features_running']!r}, not "
                       f"{features!r}; restart it with DRIFTLINE_FEATURES__SET")
     return checks
+
+
+def _named(topics: Topics, names, collapse: bool = False) -> list[str]:
+    """Topic names without the namespace; `collapse`: a key field's internal topics as one,
+    `features.by.merchant.*`.
+
+        >>> _named(Topics("t"), ["t.events.valid", "t.features.by.merchant.0", "t.features.by.merchant.1"], True)
+        ['events.valid', 'features.by.merchant.*']
+    """
+    out: list[str] = []
+    for t in names:
+        name = topics.base(t)
+        if collapse and name.startswith(KEYED_PREFIX):
+            name = name.rsplit(".", 1)[0] + ".*"
+        if name not in out:
+            out.append(name)
+    return out
 
 
 def _same_spec(a: str, b: str) -> bool:
