@@ -4,8 +4,9 @@ It starts its own Kafka and Redis (free ports, a temporary home), publishes the 
 (`replay/payments.endless`: cards paying merchants, days of it) to events.valid, and then runs
 the features worker (`FeaturesWorker`, the loop `driftline serve features` runs) in this process
 over that backlog with `features/payments.toml`: 10 aggregates over the card (entity_id) and the
-merchant, so every event goes through the card's stage, the internal topic and the merchant's
-stage before its vector reaches `features`. It reports the CPU time of this process per event (all
+merchant, so every event goes through the card's stage, an internal topic, the merchant's stage,
+another internal topic and the vectors' stage (back on the card's partition) before its vector
+reaches `features`. It reports the CPU time of this process per event (all
 its threads, librdkafka's included; the aim: at most 100 µs) and the wall time of each stage.
 
     result = run(Path("reports/bench"), quick=True)
@@ -71,7 +72,7 @@ def run(out_dir: Path, quick: bool, profile: bool = False) -> dict:
             spy.wait(60)
         spent = {s: _seconds(s) - v for s, v in before.items()}
         counts = dict(worker.counts)
-        keyed = {k: sum(stage.counts[k] for stage in worker.stages) for k in ("keyed_events", "keyed_stale")}
+        keyed = {k: sum(stage.counts.get(k, 0) for stage in worker.stages) for k in ("keyed_events", "keyed_stale")}
     finally:
         if worker is not None:
             worker.stop()
@@ -99,14 +100,14 @@ def publish(settings: Settings, n: int) -> None:
 
 
 def _wait_done(worker: FeaturesWorker, n: int, timeout: float) -> bool:
-    """Every event's vector published: by the card's stage (no merchant), else by the merchant's."""
+    """Every event's vector published: by the card's stage (no merchant), else by the vectors' stage."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if worker.error is not None:
             raise RuntimeError(f"the features worker died: {worker.error!r}")
         published = worker.counts["events"] - worker.counts["forwarded"]
         if worker.stages:
-            published += worker.stages[-1].counts["keyed_events"]
+            published += worker.stages[-1].counts["vectors_published"]
         if published >= n:
             return True
         time.sleep(0.05)

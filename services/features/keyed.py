@@ -236,21 +236,32 @@ class KeyStage:
                 if outcome != IN_ORDER:
                     self.late[outcome].inc()
                 self._observe(r.staleness)
-            if self.forward is not None:
-                self.counts["keyed_events"] += 1
-                to = fields.get(self.forward.key)
-                self.forward.send(k, r.order, ev, ev["entity_id"] if to is None else key_text(to), [*ev["route"], k])
-            else:
+            if self.forward is None:  # the vectors' stage
                 self.counts["vectors_published"] += 1
-                vectors.append((ev["event_id"], ev["entity_id"], k, self.codec.encode("FeatureVector", {
-                    "event_id": ev["event_id"], "entity_id": ev["entity_id"], "ts": ev["ts"],
-                    "features": {**fs.field_features(fields), **ev["features"]},
-                    "feature_set": fs.name, "published_ms": ev.get("published_ms")})))
+                vectors.append((ev["event_id"], ev["entity_id"], k, ev["vector"] or self._vector(ev)))
+                continue
+            self.counts["keyed_events"] += 1
+            route = [*ev["route"], k]
+            if self.forward.key == ENTITY_KEY:
+                # The last key field: the vector is whole. It goes on encoded as it will be published
+                # (the vectors' stage only orders it), without the fields and features it holds.
+                self.forward.send(k, r.order, {**ev, "fields": {}, "features": {}, "vector": self._vector(ev)},
+                                  ev["entity_id"], route)
+            else:
+                to = fields.get(self.forward.key)
+                self.forward.send(k, r.order, ev, ev["entity_id"] if to is None else key_text(to), route)
         self._write(vectors, {name: states[name] for name in dirty}, applied)
         for _event_id, entity_id, partition, blob in vectors:
             self.produce(self.topics.features, blob, entity_id, partition)
         self.seconds.observe(time.perf_counter() - started)
         return applied
+
+    def _vector(self, ev: dict[str, Any]) -> bytes:
+        """The event's whole FeatureVector, encoded: its fields' features and those computed so far."""
+        return self.codec.encode("FeatureVector", {
+            "event_id": ev["event_id"], "entity_id": ev["entity_id"], "ts": ev["ts"],
+            "features": {**self.fs.field_features(ev["fields"]), **ev["features"]},
+            "feature_set": self.fs.name, "published_ms": ev.get("published_ms")})
 
     def _observe(self, staleness: float | None) -> None:
         if staleness is None or staleness > 0:
