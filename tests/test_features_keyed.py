@@ -118,9 +118,11 @@ def metric(text: str, name: str, **labels) -> float:
     return total
 
 
-def vectors_of(settings, event_ids: set[str], timeout: float) -> dict[str, list[dict]]:
+def vectors_of(settings, event_ids: set[str], timeout: float,
+               order: dict[int, list[float]] | None = None) -> dict[str, list[dict]]:
     """Every vector on `features` until each of these events has one (a redelivery may publish one
-    twice: all copies are kept)."""
+    twice: all copies are kept); `order`, if given, gets each partition's event times, first
+    copies only, in the order they came."""
     codec = get_codec()
     c = kafka.consumer(settings, f"probe-{time.monotonic_ns()}")
     c.subscribe([Topics(settings.namespace).features])
@@ -131,6 +133,8 @@ def vectors_of(settings, event_ids: set[str], timeout: float) -> dict[str, list[
             for m in c.consume(500, timeout=0.5):
                 if m.error() is None:
                     fv = codec.decode(m.value(), expect="FeatureVector")
+                    if order is not None and fv["event_id"] not in out:
+                        order.setdefault(m.partition(), []).append(fv["ts"])
                     out[fv["event_id"]].append(fv["features"])
     finally:
         c.close()
@@ -203,11 +207,16 @@ def test_replicas_on_a_backlog_with_a_kill_give_every_event_its_single_process_v
     time.sleep(1.0)
     victim.restart()
     survivors = [r for r in replicas if r is not victim]
-    got = vectors_of(settings, {e["event_id"] for e in events}, timeout=240)
+    order: dict[int, list[float]] = {}
+    got = vectors_of(settings, {e["event_id"] for e in events}, timeout=240, order=order)
     expected = features_in_time_order(fs, events)
     assert got.keys() == expected.keys()
     wrong = {e: (xs, expected[e]) for e, xs in got.items() if any(x != expected[e] for x in xs)}
     assert not wrong, f"{len(wrong)} events differ from one process in time order, e.g. {sorted(wrong.items())[:2]}"
+    # features in the stream's order, partition by partition (the learner reads it so), events
+    # that name no key entity (one in two hundred) among the others
+    behind = {p: sum(b < a for a, b in zip(ts, ts[1:])) for p, ts in order.items()}
+    assert not any(behind.values()), f"vectors behind an earlier one on their features partition: {behind}"
     # and each key entity holds each of its events once: what /v1/predict reads after the stream
     probe_ts = events[-1]["ts"] + 1.0
     store = FeatureStore(redis_client, Keys(settings.namespace), fs, 60)

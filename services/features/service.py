@@ -34,10 +34,11 @@ distinct values, goes to events.dlq (`too_many_feature_names`, `too_many_entity_
 Idempotence: an event at an offset <= its entity's `_off` was applied before a crash; it is not
 applied again, its vector is re-published from its snapshot. Labels are idempotent by design.
 
-Aggregates keyed by another field (a merchant; keyed.py, docs/features.md): an event that names
-such an entity is not published here. Its own entity's features go with it, in merge order, to the
-stage of its first key field (`Forwarder`); each key field's stage (`KeyStage`, in the worker that
-owns that key partition) adds its aggregates and sends it on, the last one publishes it. Step 5
+Aggregates keyed by another field (a merchant; keyed.py, docs/features.md): no event is published
+here. Its own entity's features go with it, in merge order, to the stage of the first key field
+(`Forwarder`); each key field's stage (`KeyStage`, in the worker that owns that key partition)
+adds its aggregates, if the event names such an entity, and sends it on; the vectors' stage, back
+on the event's own partition, publishes it in the stream's order. Step 5
 then waits for the broker to acknowledge what was sent on before it writes the states that say
 the events were folded, and keeps each partition's merge time (`features:order`) with them.
 
@@ -565,9 +566,10 @@ class FeaturesWorker(StreamWorker):
                         metrics.DUPLICATES.labels(SERVICE, "events.valid").inc()
                         continue
                     state = states.get(ev["entity_id"], {})
-                    names = fs.key_values(ev["fields"]) if keyed else None
                     if _applied(state, item):
-                        if not names:  # one sent on was acknowledged before its state was written
+                        # One sent on was acknowledged before its state was written: the stages
+                        # after this one have it. One published here is published again.
+                        if not keyed:
                             redelivered.append(ev["event_id"])
                         continue
                     new = fs.untracked(state, ev["fields"]) if fs.stateful else ()
@@ -577,8 +579,11 @@ class FeaturesWorker(StreamWorker):
                                     f"{self.max_entity_fields} distinct fields (features.max_entity_fields)")
                         in_batch.pop(ev["event_id"], None)  # its label must not reach the state either
                         continue
-                    if names:  # its vector is completed (and kept) by its key fields' stages
-                        self.send_on(item, fs.own_features(state, ev["fields"], ev["ts"]), names)
+                    if keyed:
+                        # Its vector is completed (and kept) by the stages after this one; one that
+                        # names no key entity goes through them too, to keep its place in the
+                        # stream's order on `features` (the vectors' stage publishes).
+                        self.send_on(item, fs.own_features(state, ev["fields"], ev["ts"]), fs.key_values(ev["fields"]))
                         snapshot_blobs.append((ev["event_id"], b"", marker))
                     else:
                         fv = self.vector_of(ev, fs.vector(state, ev["fields"], ev["ts"]))
@@ -656,8 +661,9 @@ class FeaturesWorker(StreamWorker):
         return states, read
 
     def send_on(self, item: Item, own: dict[str, float], names: dict[str, str]) -> None:
-        """An event that names a key entity goes to its first key field's stage, with its own
-        entity's features and its merge order: (the partition's merge time, partition, offset)."""
+        """An event goes to the first key field's stage (to the partition of the key entity it
+        names there, else of its own), with its own entity's features and its merge order: (the
+        partition's merge time, partition, offset)."""
         ev = item.value
         p = item.partition
         payload = {"event_id": ev["event_id"], "entity_id": ev["entity_id"], "ts": ev["ts"], "fields": ev["fields"],
