@@ -101,6 +101,8 @@ def close(a, b) -> bool:
         return a == b or (a is not None and b is not None and abs(a - b) <= 1e-9 * max(1.0, abs(a)))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b))
     return a == b
 
 

@@ -36,7 +36,10 @@ SAMPLES = {
     "KeyedEvents": {"mark": 1.7e9, "idle": False, "events": [
         {"order_ts": 1.7e9, "origin_partition": 2, "origin_offset": 17, "route": [4], "event_id": "e-1",
          "entity_id": "card-7", "ts": 1.7e9, "fields": {"merchant": "m-1"}, "published_ms": None,
-         "features": {"_count": 0.0}}]},
+         "features": {"_count": 0.0}, "vector": None},
+        {"order_ts": 1.7e9, "origin_partition": 2, "origin_offset": 18, "route": [4, 1], "event_id": "e-2",
+         "entity_id": "card-7", "ts": 1.7e9, "fields": {}, "published_ms": 1_700_000_000_000, "features": {},
+         "vector": b"\xc3\x01vector"}]},
     "DeadLetter": {"source_topic": "events", "reason": "not_avro", "detail": "no magic", "service": "ingestion",
                    "key": b"k", "payload": b"\x00junk", "partition": 2, "offset": 17, "ts": 1.7e9},
 }
