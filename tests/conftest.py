@@ -200,10 +200,18 @@ class ServiceProcess:
             return ""
 
 
+SCORED_AHEAD = "scored after learning a label"  # the learner's error when it leaves the stream's order
+
+
 @pytest.fixture
-def run_service(settings, tmp_path):
+def run_service(settings, tmp_path, request):
     """Start services of this test's pipeline: `run_service("features", **extra_settings)`.
-    Extra keyword arguments override settings for that process only. All are stopped after the test."""
+    Extra keyword arguments override settings for that process only. All are stopped after the test.
+
+    Every test that runs a learner also checks, after it, that the learner never scored an event
+    after learning a label that follows it (its logs, across restarts and kills): the stream's
+    order is the product's promise, whatever else the test looks at. A test that gives the order
+    up on purpose says so with `@pytest.mark.order_given_up(reason)`."""
     started: list[ServiceProcess] = []
 
     def start(name: str, wait: bool = True, settings_override: Settings | None = None, **env) -> ServiceProcess:
@@ -216,3 +224,11 @@ def run_service(settings, tmp_path):
     yield start
     for sp in reversed(started):
         sp.stop()
+    if request.node.get_closest_marker("order_given_up") is None:
+        for path in sorted({sp.log_path for sp in started if sp.name in ("learner", "all")}):
+            try:
+                ahead = [line for line in path.read_text(errors="replace").splitlines() if SCORED_AHEAD in line]
+            except OSError:
+                continue
+            assert not ahead, f"{len(ahead)} events scored out of the stream's order ({path.name}), e.g.\n" + \
+                "\n".join(ahead[:3])
