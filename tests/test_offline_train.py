@@ -36,6 +36,7 @@ def wait_rows(store: OfflineStore, n: int, timeout: float = 60.0) -> list[dict]:
 
 
 @pytest.mark.e2e
+@pytest.mark.order_given_up("a second replay starts its event times over, before the labels the first one taught")
 def test_a_candidate_trained_from_history_enters_the_contest_and_is_reproduced(settings, run_service):
     start_pipeline(run_service, (*PIPELINE, "offline"), model=TREE, features="raw",
                    DRIFTLINE_OFFLINE__FLUSH_INTERVAL_S="0.5")
@@ -91,6 +92,7 @@ def test_a_candidate_trained_from_history_enters_the_contest_and_is_reproduced(s
 
 
 @pytest.mark.e2e
+@pytest.mark.order_given_up("a second replay starts its event times over, before the labels the first one taught")
 def test_a_drift_style_challenger_is_rebuilt_from_its_warm_start_and_what_it_learned_since(settings, run_service):
     """A challenger the learner built itself (warm-started on the last examples before its
     request) is rebuilt from the store alone, to the same bytes."""
@@ -119,6 +121,7 @@ def test_a_drift_style_challenger_is_rebuilt_from_its_warm_start_and_what_it_lea
 
 
 @pytest.mark.e2e
+@pytest.mark.order_given_up("a second replay starts its event times over, before the labels the first one taught")
 def test_a_dropped_challenger_is_rebuilt_with_the_labels_it_learned_without_an_answer_of_its_own(settings,
                                                                                                  run_service):
     """A challenger learns every label from its request on, the first ones of events the champion

@@ -18,7 +18,7 @@ from driftline.features.definitions import load_feature_set
 from driftline.features.store import Snapshots
 from driftline.replay import order as learning_order
 from driftline.replay.datasets import FEATURES_DIR, load
-from driftline.replay.publish import times_of
+from driftline.replay.publish import label_time, times_of
 from driftline.shared import kafka
 from driftline.shared.codec import get_codec
 from driftline.shared.keys import Keys
@@ -43,11 +43,11 @@ def as_replayed(ds, rows: list, run_id: str) -> list[dict]:
     return out
 
 
-def probes_after(events: list[dict], n: int) -> list[dict]:
-    """`n` new events after the stream, each of a card and a merchant that no other probe names
-    (so each sees the state the stream left), from the busiest of them."""
+def probes_after(events: list[dict], n: int, last: float) -> list[dict]:
+    """`n` new events after `last` (the stream's last label: the learner has learned it, and an
+    event older than it would come out of the stream's order), each of a card and a merchant that
+    no other probe names (so each sees the state the stream left), from the busiest of them."""
     cards, merchants, out = set(), set(), []
-    last = max(e["ts"] for e in events)
     for ev in reversed(events):
         card, merchant = ev["entity_id"], ev["fields"]["merchant"]
         if card in cards or merchant in merchants:
@@ -113,7 +113,7 @@ def test_payments_vectors_scored_served_and_recomputed_by_one_process_agree(sett
     assert not differ, f"{len(differ)} of {len(rows)} predictions differ from river in-process, first {differ[:5]}"
 
     # Probes: /v1/predict first (the state the stream left), then the same events through the pipeline.
-    probes = probes_after(events, PROBES)
+    probes = probes_after(events, PROBES, last=label_time([e["ts"] for e in events], len(events) - 1, LABEL_DELAY))
     prediction = procs["prediction"]
     served_ids = {}
     for p in probes:

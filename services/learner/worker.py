@@ -110,6 +110,7 @@ class LearnerWorker(StreamWorker):
         self.inputs = Inputs(settings, self.topics)
         self.state, self.loop = "standby", None
         self.ahead_said_at, self.ahead_unsaid = -math.inf, 0  # say_ahead
+        self.scored_ahead_said_at, self.scored_ahead_unsaid = -math.inf, 0  # say_scored_ahead
         self.reset_session()
 
     @property
@@ -454,6 +455,19 @@ class LearnerWorker(StreamWorker):
                              f"event is unknown, or its snapshot expired "
                              f"(snapshot_ttl_s={self.settings.features.snapshot_ttl_s})")
 
+    def say_scored_ahead(self, event: Event) -> None:
+        """An event scored after a label that follows it: said at once, then at most every
+        AHEAD_LOG_S with how many came meanwhile (a replay run again over the same event times
+        scores every event so: one line each would bury the log)."""
+        self.scored_ahead_unsaid += 1
+        now = time.monotonic()
+        if now - self.scored_ahead_said_at < AHEAD_LOG_S:
+            return
+        log.error("learner %s: event %s (ts %s) scored after learning a label of ts %s (%d such events since "
+                  "the last line like this)", self.name, event.event_id, event.ts, self.join.learned_ts,
+                  self.scored_ahead_unsaid)
+        self.scored_ahead_said_at, self.scored_ahead_unsaid = now, 0
+
     def say_ahead(self, now: float, n: int, due: list[Label]) -> None:
         """Labels learned before event time reached them: the end of a stream (nothing else can be),
         a label clock running ahead, or one overdue. Said in the log at most every AHEAD_LOG_S, as
@@ -531,8 +545,7 @@ class LearnerWorker(StreamWorker):
         if not answers and (self.join.learned_ts > event.ts or self.join.learned_before_event(event.event_id)):
             # Never expected: the model knows a label from this event's future (its own or later).
             metrics.SCORED_AHEAD.labels(self.name).inc()
-            log.error("learner %s: event %s (ts %s) scored after learning a label of ts %s", self.name,
-                      event.event_id, event.ts, self.join.learned_ts)
+            self.say_scored_ahead(event)
         if fv.get("published_ms"):
             metrics.END_TO_END_SECONDS.observe(max(0.0, time.time() - fv["published_ms"] / 1000))
         blobs = {}
