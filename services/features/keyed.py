@@ -139,7 +139,7 @@ class KeyStage:
     vectors' stage: no state; it publishes each event's vector to its partition of `features`."""
 
     def __init__(self, *, feature_set: FeatureSet, key: str, store: FeatureStore, topics: Topics,
-                 codec: AvroCodec, partitions: int, produce: Callable[[str, bytes, str, int], None],
+                 codec: AvroCodec, partitions: int, produce: Callable[..., None],
                  flush: Callable[[], None], forward: Forwarder | None, idle_wait_s: float, hold_s: float,
                  cache_entities: int, queue_limit: int, service: str) -> None:
         self.fs = feature_set
@@ -152,6 +152,7 @@ class KeyStage:
         self.flush = flush
         self.forward = forward  # None: the vectors' stage, which publishes
         self.aggregates = key != ENTITY_KEY  # False: the vectors' stage
+        self.last_key = forward is not None and forward.key == ENTITY_KEY  # sends whole vectors on
         self.idle_wait_s = idle_wait_s
         self.hold_s = hold_s
         self.queue_limit = queue_limit
@@ -238,11 +239,11 @@ class KeyStage:
                 self._observe(r.staleness)
             if self.forward is None:  # the vectors' stage
                 self.counts["vectors_published"] += 1
-                vectors.append((ev["event_id"], ev["entity_id"], k, ev["vector"] or self._vector(ev)))
+                vectors.append((ev["event_id"], ev["entity_id"], k, ev["vector"]))
                 continue
             self.counts["keyed_events"] += 1
             route = [*ev["route"], k]
-            if self.forward.key == ENTITY_KEY:
+            if self.last_key:
                 # The last key field: the vector is whole. It goes on encoded as it will be published
                 # (the vectors' stage only orders it), without the fields and features it holds.
                 self.forward.send(k, r.order, {**ev, "fields": {}, "features": {}, "vector": self._vector(ev)},
@@ -252,7 +253,7 @@ class KeyStage:
                 self.forward.send(k, r.order, ev, ev["entity_id"] if to is None else key_text(to), route)
         self._write(vectors, {name: states[name] for name in dirty}, applied)
         for _event_id, entity_id, partition, blob in vectors:
-            self.produce(self.topics.features, blob, entity_id, partition)
+            self.produce(self.topics.features, blob, entity_id, partition=partition)
         self.seconds.observe(time.perf_counter() - started)
         return applied
 

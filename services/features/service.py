@@ -143,12 +143,12 @@ class FeaturesWorker(StreamWorker):
         try:
             partitions = len(kafka.partitions_of(self.settings, self.topics.events_valid))
             outputs = len(kafka.partitions_of(self.settings, self.topics.features))
-            kafka.ensure_internal_topics(self.settings, [self.topics.keyed(k, s) for k in stages
-                                                         for s in range(partitions)], partitions)
+            kafka.ensure_internal_topics(self.settings, self.topics.internal(stages, partitions), partitions)
         except (KafkaException, TimeoutError) as exc:  # the broker away or slow: asked again
             raise RestartLoop(f"could not make the key fields' internal topics: {exc}") from exc
         if outputs != partitions:
-            # The vectors' stage publishes to its events.valid partition's number: as many are needed.
+            # The vectors' stage publishes to its events.valid partition's number (the entity's
+            # partition: both topics are keyed by it): as many are needed.
             raise RestartLoop(f"features has {outputs} partitions and events.valid {partitions}: aggregates "
                               f"keyed by another field need as many (one writer per features partition)")
         hold_s = self.settings.features.keyed_hold_ms / 1000.0
@@ -157,18 +157,13 @@ class FeaturesWorker(StreamWorker):
         self.forward = forwards[0]
         for i, key in enumerate(stages):
             stage = KeyStage(feature_set=fs, key=key, store=self.store, topics=self.topics, codec=self.codec,
-                             partitions=partitions, produce=self._produce_vector, flush=self._flush_forwards,
+                             partitions=partitions, produce=self.produce, flush=self._flush_forwards,
                              forward=forwards[i + 1] if i + 1 < len(forwards) else None,
                              idle_wait_s=idle_wait_s, hold_s=hold_s,
                              cache_entities=self.settings.features.cache_entities,
                              queue_limit=self.batch_size, service=SERVICE)
             self.stages.append(stage)
             self.stage_of.update({t: stage for t in stage.topics_read()})
-
-    def _produce_vector(self, topic: str, blob: bytes, key: str, partition: int) -> None:
-        """The vectors' stage publishes to the partition of its merge: the entity's own, the one
-        its key hashes to (events.valid and features have as many, both keyed by the entity)."""
-        self.produce(topic, blob, key=key, partition=partition)
 
     def _flush_forwards(self) -> None:
         """Events sent on must be acknowledged before the states that say they were folded are

@@ -314,7 +314,7 @@ class Inputs:
             except ValueError:  # the features service says what is wrong with it
                 stages = ()
             n = len(kafka.partitions_of(self.settings, self.topics.events_valid, timeout=UPSTREAM_TIMEOUT_S)) if stages else 0
-            self._keyed = [self.topics.keyed(k, s) for k in stages for s in range(n)]
+            self._keyed = self.topics.internal(stages, n)
         return self._keyed
 
     def close_upstream(self, side: str) -> None:

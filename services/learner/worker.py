@@ -87,6 +87,28 @@ POLL_TIMEOUT_S = 0.05  # the longest the loop waits for input (shorter while lab
 AHEAD_LOG_S = 10.0  # labels learned ahead of event time are said in the log at most this often
 
 
+class Tally:
+    """A count said at most every `period_s`: `add` returns what to say now (all since the last
+    time), or 0 to keep counting.
+
+        >>> t = Tally(10.0)
+        >>> t.add(1, now=0.0), t.add(2, now=5.0), t.add(1, now=10.0)
+        (1, 0, 3)
+    """
+
+    def __init__(self, period_s: float) -> None:
+        self.period_s = period_s
+        self.said_at = -math.inf
+        self.unsaid = 0
+
+    def add(self, n: int, now: float) -> int:
+        self.unsaid += n
+        if now - self.said_at < self.period_s:
+            return 0
+        said, self.said_at, self.unsaid = self.unsaid, now, 0
+        return said
+
+
 class LearnerWorker(StreamWorker):
     service = SERVICE
     batch_size = 1000
@@ -109,8 +131,8 @@ class LearnerWorker(StreamWorker):
         self.hold_s = settings.features.max_reorder_wait_ms / 1000
         self.inputs = Inputs(settings, self.topics)
         self.state, self.loop = "standby", None
-        self.ahead_said_at, self.ahead_unsaid = -math.inf, 0  # say_ahead
-        self.scored_ahead_said_at, self.scored_ahead_unsaid = -math.inf, 0  # say_scored_ahead
+        self.learned_ahead = Tally(AHEAD_LOG_S)  # say_ahead
+        self.scored_ahead = Tally(AHEAD_LOG_S)  # say_scored_ahead
         self.reset_session()
 
     @property
@@ -459,26 +481,20 @@ class LearnerWorker(StreamWorker):
         """An event scored after a label that follows it: said at once, then at most every
         AHEAD_LOG_S with how many came meanwhile (a replay run again over the same event times
         scores every event so: one line each would bury the log)."""
-        self.scored_ahead_unsaid += 1
-        now = time.monotonic()
-        if now - self.scored_ahead_said_at < AHEAD_LOG_S:
-            return
-        log.error("learner %s: event %s (ts %s) scored after learning a label of ts %s (%d such events since "
-                  "the last line like this)", self.name, event.event_id, event.ts, self.join.learned_ts,
-                  self.scored_ahead_unsaid)
-        self.scored_ahead_said_at, self.scored_ahead_unsaid = now, 0
+        n = self.scored_ahead.add(1, time.monotonic())
+        if n:
+            log.error("learner %s: event %s (ts %s) scored after learning a label of ts %s (%d such events since "
+                      "the last line like this)", self.name, event.event_id, event.ts, self.join.learned_ts, n)
 
     def say_ahead(self, now: float, n: int, due: list[Label]) -> None:
         """Labels learned before event time reached them: the end of a stream (nothing else can be),
         a label clock running ahead, or one overdue. Said in the log at most every AHEAD_LOG_S, as
         what an event scored later after such a label would have known too early comes from here."""
-        self.ahead_unsaid += n
-        if now - self.ahead_said_at < AHEAD_LOG_S:
-            return
-        log.info("learner %s: %d labels learned before event time reached them (latest ts %.3f, events scored up "
-                 "to ts %.3f, features quiet for %.2fs, nothing on its way)", self.name, self.ahead_unsaid,
-                 max(lb.ts for lb in due), self.join.clock, now - self.join.last_feature_at)
-        self.ahead_said_at, self.ahead_unsaid = now, 0
+        n = self.learned_ahead.add(n, now)
+        if n:
+            log.info("learner %s: %d labels learned before event time reached them (latest ts %.3f, events scored "
+                     "up to ts %.3f, features quiet for %.2fs, nothing on its way)", self.name, n,
+                     max(lb.ts for lb in due), self.join.clock, now - self.join.last_feature_at)
 
     def pipeline_current(self, now: float, features_at_end: bool) -> bool:
         """Nothing on its way to us (join.py's `current`): asked of the broker only when a label

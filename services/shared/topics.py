@@ -107,6 +107,15 @@ class Topics:
         `source` of the stage before (events.valid for the first key field)."""
         return self.name(f"{KEYED_PREFIX}{key}.{source}")
 
+    def internal(self, stages: tuple[str, ...], partitions: int) -> list[str]:
+        """Every internal topic of the features service's stages (`FeatureSet.stages`), stage by
+        stage, one per source partition.
+
+            >>> Topics("t1").internal(("merchant", "entity_id"), 2)
+            ['t1.features.by.merchant.0', 't1.features.by.merchant.1', 't1.features.by.entity_id.0', 't1.features.by.entity_id.1']
+        """
+        return [self.keyed(stage, source) for stage in stages for source in range(partitions)]
+
     def all(self) -> list[str]:
         return [self.name(spec.name) for spec in TOPIC_SPECS]
 
