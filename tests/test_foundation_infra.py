@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import redis as redis_lib
+from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from driftline.infra import stack
@@ -94,3 +95,37 @@ def test_topic_creation_is_idempotent(settings):
     assert ensure_topics(settings) == []
     topics = AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).list_topics(timeout=10).topics
     assert set(Topics(settings.namespace).all()) <= set(topics)
+
+
+def test_dropping_a_namespace_deletes_its_internal_topics_groups_and_keys_and_nothing_else(settings, infra):
+    from confluent_kafka import Consumer
+    from confluent_kafka.admin import NewTopic
+
+    from driftline.replay.demo import _drop_namespace
+
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    ours, other = Topics(settings.namespace), Topics(settings.namespace + "0")  # a prefix of it, not it
+    created = [ours.keyed("merchant", 0), ours.keyed("entity_id", 0), other.name("events")]
+    for future in admin.create_topics([NewTopic(t, 1, 1) for t in created]).values():
+        future.result(timeout=30)
+    groups = [ours.group("learner"), other.group("learner")]
+    for group in groups:  # a group the broker keeps: one with a committed offset
+        consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
+        consumer.commit(offsets=[TopicPartition(ours.events, 0, 0)], asynchronous=False)
+        consumer.close()
+    client = redis_lib.Redis.from_url(settings.redis_url)
+    client.set(f"dl:{settings.namespace}:x", 1)
+    client.set(f"dl:{settings.namespace}0:x", 1)
+
+    _drop_namespace(settings)
+
+    left = set(admin.list_topics(timeout=10).topics)
+    assert not [t for t in left if t.startswith(f"{settings.namespace}.")], left
+    assert other.name("events") in left
+    listed = {g.group_id for g in admin.list_consumer_groups().result(timeout=10).valid}
+    assert ours.group("learner") not in listed and other.group("learner") in listed
+    assert client.keys(f"dl:{settings.namespace}:*") == [] and client.get(f"dl:{settings.namespace}0:x") == b"1"
+    admin.delete_topics([other.name("events")])
+    admin.delete_consumer_groups([other.group("learner")])
+    client.delete(f"dl:{settings.namespace}0:x")
+    client.close()

@@ -183,7 +183,7 @@ def _log_tail(base: Settings, exc: Exception, lines: int = 15) -> str:
 
 
 def _drop_namespace(settings: Settings) -> None:
-    """Delete the demo's topics and Redis keys (only its own namespace, only if reachable)."""
+    """Delete the demo's topics, consumer groups and Redis keys (only its own namespace, only if reachable)."""
     from ..shared import redis_clients
 
     try:
@@ -200,7 +200,16 @@ def _drop_namespace(settings: Settings) -> None:
     except Exception:
         pass
     try:
-        futures = admin(settings).delete_topics(Topics(settings.namespace).all(), operation_timeout=10)
+        client = admin(settings)
+        topics = Topics(settings.namespace)
+        # Every topic of the namespace the broker has, the features service's internal ones too
+        # (`features.by.<key>.<source>`, which exist only with key fields), then its consumer groups.
+        owned = [t for t in client.list_topics(timeout=10).topics if topics.owns(t)]
+        futures = dict(client.delete_topics(owned, operation_timeout=10)) if owned else {}
+        groups = [g.group_id for g in client.list_consumer_groups().result(timeout=10).valid
+                  if topics.owns_group(g.group_id)]
+        if groups:
+            futures.update(client.delete_consumer_groups(groups, request_timeout=10))
         for future in futures.values():
             try:
                 future.result(timeout=15)

@@ -119,6 +119,19 @@ class Topics:
     def all(self) -> list[str]:
         return [self.name(spec.name) for spec in TOPIC_SPECS]
 
+    def owns(self, full: str) -> bool:
+        """Whether a broker topic belongs to this namespace (never, for the unnamed one: it has no
+        prefix to tell its topics from anyone else's).
+
+            >>> Topics("demo-1").owns("demo-1.features.by.merchant.0"), Topics("demo-1").owns("demo-10.events")
+            (True, False)
+        """
+        return bool(self.namespace) and full.startswith(f"{self.namespace}.")
+
+    def owns_group(self, group_id: str) -> bool:
+        """Whether a consumer group is one of this namespace's services' (`group`)."""
+        return bool(self.namespace) and group_id.startswith(f"driftline.{self.namespace}.")
+
     def group(self, service: str, suffix: str = "") -> str:
         """Consumer group id of a service in this namespace."""
         parts = ["driftline", self.namespace, service, suffix]
