@@ -62,9 +62,12 @@ def write_long(n: int) -> bytes:
     n = (n << 1) ^ (n >> 63)
     if n < 0x80:
         return _SMALL[n]
-    out = bytearray()
+    if n < 0x4000:  # two bytes (counts, offsets, positions): no loop
+        return bytes((n & 0x7F | 0x80, n >> 7))
+    out = [n & 0x7F | 0x80]
+    n >>= 7
     while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
+        out.append(n & 0x7F | 0x80)
         n >>= 7
     out.append(n)
     return bytes(out)
@@ -80,14 +83,18 @@ def read_long(b: bytes, pos: int) -> tuple[int, int]:
         >>> read_long(b"\\x80\\x01", 0), read_long(b"\\x05", 0)
         ((64, 2), (-3, 1))
     """
-    n = shift = 0
-    for end in range(pos, pos + 10):
+    byte = b[pos]
+    if byte < 0x80:
+        return (byte >> 1) ^ -(byte & 1), pos + 1
+    n, shift, end = byte & 0x7F, 7, pos + 1
+    while shift < 70:
         byte = b[end]
+        end += 1
         n |= (byte & 0x7F) << shift
         if byte < 0x80:
             if n >> 64:  # more than 64 bits: fastavro wraps such a value, Java refuses it; we ask fastavro
                 raise ValueError("varint beyond 64 bits")
-            return (n >> 1) ^ -(n & 1), end + 1
+            return (n >> 1) ^ -(n & 1), end
         shift += 7
     raise ValueError("varint longer than 10 bytes")
 
@@ -256,7 +263,7 @@ class _Generator:
             line(indent, f"{m} = {expr}")
             line(indent, f"if {m}.__class__ is not dict: raise TypeError('not a dict')")
             line(indent, f"if {m}:")
-            line(indent + 1, f"o.append(write_long(len({m})))")
+            line(indent + 1, f"o.append(SMALL[len({m}) << 1] if len({m}) < 64 else write_long(len({m})))")
             line(indent + 1, f"for {k}, {v} in {m}.items():")
             # A map's keys come again and again (feature names): each one's bytes are made once.
             kb = self.var("kb")
@@ -269,7 +276,7 @@ class _Generator:
             line(indent, f"{a} = {expr}")
             line(indent, f"if {a}.__class__ is not list: raise TypeError('not a list')")
             line(indent, f"if {a}:")
-            line(indent + 1, f"o.append(write_long(len({a})))")
+            line(indent + 1, f"o.append(SMALL[len({a}) << 1] if len({a}) < 64 else write_long(len({a})))")
             line(indent + 1, f"for {v} in {a}:")
             self.write(schema["items"], v, indent + 2)
             line(indent, "o.append(b'\\x00')")
