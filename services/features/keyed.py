@@ -95,11 +95,13 @@ class Forwarder:
              route: list[int]) -> None:
         """Queue an event for the partition key value `to` hashes to (to the vectors' stage: the
         events.valid partition it came from, its own entity's); `event` has the event's record
-        fields and `features`; `route`: the key partitions it went through before (its copies keep
+        fields and `features`, and becomes the KeyedEvent itself (completed here, not copied: the
+        caller hands it over); `route`: the key partitions it went through before (its copies keep
         their order along it)."""
         partition = order[1] if self.key == ENTITY_KEY else key_partition(to, self.partitions)
-        self.queued.setdefault((source, partition), []).append(
-            {**event, "order_ts": order[0], "origin_partition": order[1], "origin_offset": order[2], "route": route})
+        event["order_ts"], event["origin_partition"], event["origin_offset"], event["route"] = \
+            order[0], order[1], order[2], route
+        self.queued.setdefault((source, partition), []).append(event)
 
     def flush(self) -> None:
         """Write what `send` queued: one message per (source, partition), its events in order."""
@@ -246,8 +248,9 @@ class KeyStage:
             if self.last_key:
                 # The last key field: the vector is whole. It goes on encoded as it will be published
                 # (the vectors' stage only orders it), without the fields and features it holds.
-                self.forward.send(k, r.order, {**ev, "fields": {}, "features": {}, "vector": self._vector(ev)},
-                                  ev["entity_id"], route)
+                self.forward.send(k, r.order, {"event_id": ev["event_id"], "entity_id": ev["entity_id"],
+                                               "ts": ev["ts"], "fields": {}, "published_ms": ev.get("published_ms"),
+                                               "features": {}, "vector": self._vector(ev)}, ev["entity_id"], route)
             else:
                 to = fields.get(self.forward.key)
                 self.forward.send(k, r.order, ev, ev["entity_id"] if to is None else key_text(to), route)
