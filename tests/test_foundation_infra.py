@@ -104,7 +104,7 @@ def test_dropping_a_namespace_deletes_its_internal_topics_groups_and_keys_and_no
     from driftline.replay.demo import _drop_namespace
 
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
-    ours, other = Topics(settings.namespace), Topics(settings.namespace + "0")  # a prefix of it, not it
+    ours, other = Topics(settings.namespace), Topics(settings.namespace + "0")  # ours is a prefix of its name
     created = [ours.keyed("merchant", 0), ours.keyed("entity_id", 0), other.name("events")]
     for future in admin.create_topics([NewTopic(t, 1, 1) for t in created]).values():
         future.result(timeout=30)
