@@ -187,10 +187,7 @@ class FeatureSettings(BaseModel):
     max_categories: int = Field(
         1000, description="distinct text values one field may take for one model; events with more go to the DLQ"
     )
-    batch_size: int = Field(
-        4000, ge=1, description="most messages read and handled as one batch: at live rates a batch is what has "
-                                "come, on a backlog this many, each entity's state then written once for all "
-                                "its events in it (docs/features.md, Speed)")
+    batch_size: int = Field(1000, description="most messages read and handled as one batch")
     commit_interval_s: float = Field(
         0.1, description="reads on while its output is acknowledged, and commits at most this long after a "
                          "batch (or when its input pauses); 0 = wait and commit after every batch"
