@@ -58,9 +58,14 @@ def test_a_faust_worker_publishes_events_and_labels_and_reads_predictions_and_dr
                 x = (i * 37 % 100) / 100
                 positive = (x > 0.5) != (i >= {flip})  # the concept flips half way
                 eid = f"f-{{i}}"
-                await events.send(key=f"ent-{{i % 3}}",
-                                  value=Event(event_id=eid, entity_id=f"ent-{{i % 3}}", ts=base + i, fields={{"x": x}}))
-                await labels.send(key=eid, value=Label(event_id=eid, label="1" if positive else "0", ts=base + i))
+                # Each record on the broker before the next is sent: from a producer's buffer a
+                # label could otherwise reach the broker before an older event of another
+                # partition, an order no service can know (and the learner's order check is kept).
+                sent = await events.send(key=f"ent-{{i % 3}}", value=Event(
+                    event_id=eid, entity_id=f"ent-{{i % 3}}", ts=base + i, fields={{"x": x}}))
+                await sent
+                sent = await labels.send(key=eid, value=Label(event_id=eid, label="1" if positive else "0", ts=base + i))
+                await sent
 
         @app.agent(predictions)
         async def on_prediction(stream):
