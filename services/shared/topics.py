@@ -130,7 +130,7 @@ class Topics:
 
     def owns_group(self, group_id: str) -> bool:
         """Whether a consumer group is one of this namespace's services' (`group`)."""
-        return bool(self.namespace) and group_id.startswith(f"driftline.{self.namespace}.")
+        return bool(self.namespace) and group_id.startswith(self.group("") + ".")
 
     def group(self, service: str, suffix: str = "") -> str:
         """Consumer group id of a service in this namespace."""
